@@ -1,0 +1,185 @@
+"""Ops, op ids, hash chains and version vectors: the protocol-free heart of the log.
+
+Invariants:
+
+1. An op is identified by ``(origin, seq)``; ``seq`` starts at 1 and is
+   contiguous per origin.
+2. Every op carries ``prev``, the hash of its origin's previous op
+   (:data:`GENESIS` for seq 1). :func:`op_hash` covers every field but ``sig``,
+   so a relayed op cannot be altered without breaking its origin's chain.
+3. A version vector maps each origin to the highest *contiguous* seq held.
+   Two replicas with equal version vectors hold the same set of ops.
+4. Values are msgpack bytes; :func:`encode_value` refuses anything msgpack
+   cannot carry before a single byte is written.
+
+Nothing here touches SQLite, asyncio or the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, NewType
+
+import msgpack
+
+from syncfw.errors import DecodeError, ValueEncodingError
+
+__all__ = [
+    "GENESIS",
+    "NodeId",
+    "Op",
+    "OpId",
+    "VersionVector",
+    "decode_value",
+    "encode_value",
+    "op_hash",
+    "vv_digest",
+    "vv_dominates",
+    "vv_merge",
+]
+
+NodeId = NewType("NodeId", str)
+OpId = tuple[str, int]
+VersionVector = dict[str, int]
+
+GENESIS = b"\x00" * 32
+"""``prev`` of every origin's first op."""
+
+_HASH_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One immutable entry of the replicated log.
+
+    Attributes:
+        origin: id of the node that wrote it.
+        seq: position in the origin's own sequence, from 1, contiguous.
+        hlc: hybrid logical timestamp at the origin (see :mod:`syncfw.clock`).
+        zone: the zone prefix the origin wrote under.
+        epoch: the ownership epoch of ``zone`` the origin saw.
+        key: the key written.
+        kind: the CRDT type the op applies to (``lww``, ``counter``, ...).
+        value: msgpack payload, meaning defined by ``kind``.
+        prev: hash of the origin's previous op (``GENESIS`` for seq 1).
+        sig: optional signature over the chain head.
+    """
+
+    origin: str
+    seq: int
+    hlc: int
+    zone: str
+    epoch: int
+    key: str
+    kind: str
+    value: bytes
+    prev: bytes = GENESIS
+    sig: bytes | None = None
+
+    @property
+    def id(self) -> OpId:
+        """``(origin, seq)``."""
+        return (self.origin, self.seq)
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """A plain tuple, the form ops take on the wire and in SQLite rows."""
+        return (
+            self.origin,
+            self.seq,
+            self.hlc,
+            self.zone,
+            self.epoch,
+            self.key,
+            self.kind,
+            self.value,
+            self.prev,
+            self.sig,
+        )
+
+    @classmethod
+    def from_tuple(cls, t: Any) -> Op:
+        """Build an op from :meth:`to_tuple`'s form, checking every field's type.
+
+        Raises:
+            DecodeError: the tuple is not a well-formed op.
+        """
+        try:
+            origin, seq, hlc, zone, epoch, key, kind, value, prev, sig = t
+        except (TypeError, ValueError) as exc:
+            raise DecodeError(f"an op has 10 fields: {exc}") from None
+        if not (isinstance(origin, str) and origin and len(origin) <= 256):
+            raise DecodeError("op origin must be a non-empty string of at most 256 chars")
+        if type(seq) is not int or seq < 1:
+            raise DecodeError("op seq must be an int >= 1")
+        if type(hlc) is not int or not 0 <= hlc < 1 << 64:
+            raise DecodeError("op hlc must be a 64-bit unsigned int")
+        if type(epoch) is not int or epoch < 0:
+            raise DecodeError("op epoch must be an int >= 0")
+        if not (isinstance(zone, str) and isinstance(key, str) and isinstance(kind, str)):
+            raise DecodeError("op zone, key and kind must be strings")
+        if not isinstance(value, bytes):
+            raise DecodeError("op value must be bytes")
+        if not (isinstance(prev, bytes) and len(prev) == 32):
+            raise DecodeError("op prev must be 32 bytes")
+        if sig is not None and not isinstance(sig, bytes):
+            raise DecodeError("op sig must be bytes or absent")
+        return cls(origin, seq, hlc, zone, epoch, key, kind, value, prev, sig)
+
+
+def op_hash(op: Op) -> bytes:
+    """SHA-256 over every field of ``op`` but ``sig``: the next op's ``prev``."""
+    return hashlib.sha256(
+        _HASH_PACKER.pack(
+            (op.origin, op.seq, op.hlc, op.zone, op.epoch, op.key, op.kind, op.value, op.prev)
+        )
+    ).digest()
+
+
+def encode_value(value: Any) -> bytes:
+    """Encode an application value as msgpack.
+
+    Raises:
+        ValueEncodingError: the value (or something inside it) is not
+            representable: arbitrary objects, ints beyond 64 bits, sets, ...
+    """
+    try:
+        return msgpack.packb(value, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueEncodingError(
+            f"value of type {type(value).__name__} cannot be stored: {exc}"
+        ) from None
+
+
+def decode_value(data: bytes) -> Any:
+    """Decode msgpack written by :func:`encode_value`.
+
+    Raises:
+        DecodeError: the bytes are not one well-formed msgpack object.
+    """
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"malformed msgpack value: {exc}") from None
+
+
+def vv_merge(*vvs: Mapping[str, int]) -> VersionVector:
+    """Pointwise maximum of version vectors."""
+    out: VersionVector = {}
+    for vv in vvs:
+        for origin, seq in vv.items():
+            if seq > out.get(origin, 0):
+                out[origin] = seq
+    return out
+
+
+def vv_dominates(a: Mapping[str, int], b: Mapping[str, int]) -> bool:
+    """True if ``a`` holds every op ``b`` holds."""
+    return all(a.get(origin, 0) >= seq for origin, seq in b.items())
+
+
+def vv_digest(vv: Mapping[str, int]) -> bytes:
+    """A 16-byte digest of a version vector; equal vectors give equal digests."""
+    items: Iterable[tuple[str, int]] = sorted((o, s) for o, s in vv.items() if s > 0)
+    return hashlib.blake2b(msgpack.packb(list(items)), digest_size=16).digest()

@@ -1,0 +1,212 @@
+"""Owned key zones: who may write where, at which ownership epoch.
+
+Invariants:
+
+1. A zone is a key prefix with a set of owners at an epoch. ``"*"`` among the
+   owners makes the zone shared: every node may write and CRDT merge rules
+   reconcile the writes.
+2. The grant history is append-only: ``(prefix, epoch) -> owners`` never
+   changes once known. Grants come only from the fleet bootstrap (identical on
+   every node) and from ``grant`` ops written by the fleet authority, which the
+   log applies in the authority's seq order, so every replica judges an op
+   against the same history and reaches the same verdict.
+3. Per-node zones (``Fleet.node_zones``, e.g. ``fleet/{node}/``) are owned by
+   that node at epoch 0 on every replica, with no grant op needed.
+4. ``sys/`` is owned by the authority at epoch 0; a node never grants itself a
+   zone.
+
+Verdicts on a remote op (:meth:`ZoneTable.judge`): ``ACCEPT``; ``REJECT`` with
+a reason (recorded, never merged); or ``WAIT`` when the op names an epoch this
+replica has not yet seen (held like a gap until the grant arrives).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from syncfw.errors import ZoneOwnershipError
+from syncfw.log import Op
+
+__all__ = [
+    "ANYONE",
+    "GRANT_KIND",
+    "SYS_PREFIX",
+    "Fleet",
+    "Grant",
+    "Verdict",
+    "ZoneTable",
+]
+
+ANYONE = "*"
+SYS_PREFIX = "sys/"
+GRANT_KIND = "grant"
+GRANT_KEY_PREFIX = "sys/zones/"
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """Ownership of a key prefix at an epoch.
+
+    Attributes:
+        prefix: the zone, a key prefix such as ``"trucks/t7/"``.
+        owners: node ids allowed to write; ``"*"`` means everyone.
+        epoch: ownership epoch; a transfer is a grant with a higher epoch.
+    """
+
+    prefix: str
+    owners: frozenset[str]
+    epoch: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.prefix:
+            raise ValueError("a zone prefix must not be empty")
+        if self.epoch < 0:
+            raise ValueError("a zone epoch must be >= 0")
+        if not self.owners:
+            raise ValueError(f"zone {self.prefix!r} needs at least one owner")
+
+    @classmethod
+    def of(cls, prefix: str, *owners: str, epoch: int = 1) -> Grant:
+        """Shorthand: ``Grant.of("site/", "*")``."""
+        return cls(prefix, frozenset(owners), epoch)
+
+    def allows(self, node_id: str) -> bool:
+        """True if ``node_id`` may write in this zone at this epoch."""
+        return ANYONE in self.owners or node_id in self.owners
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What every node of a fleet must agree on before it writes anything.
+
+    Attributes:
+        fleet_id: name of the fleet; peers of another fleet are refused.
+        authority: node id of the fleet authority (the cloud in production),
+            the only node that may grant zones.
+        grants: bootstrap grants known to every node at open.
+        node_zones: per-node zone templates (``{node}`` is replaced by the node
+            id), owned by that node at epoch 0.
+        telemetry: prefixes whose ops are telemetry: bounded by retention.
+    """
+
+    fleet_id: str = "default"
+    authority: str = "cloud"
+    grants: tuple[Grant, ...] = ()
+    node_zones: tuple[str, ...] = ("fleet/{node}/", "results/{node}/", "telemetry/{node}/")
+    telemetry: tuple[str, ...] = ("telemetry/",)
+
+    def __post_init__(self) -> None:
+        for template in self.node_zones:
+            if "{node}" not in template or not template.endswith("/"):
+                raise ValueError(f"node zone template {template!r} must contain {{node}} and end in '/'")
+
+
+class Verdict(enum.Enum):
+    """What to do with a remote op, as far as zones are concerned."""
+
+    ACCEPT = "accept"
+    REJECT = "reject"
+    WAIT = "wait"
+
+
+@dataclass
+class ZoneTable:
+    """The grant history of one replica, and the write checks built on it."""
+
+    fleet: Fleet
+    _history: dict[str, dict[int, frozenset[str]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._add(Grant(SYS_PREFIX, frozenset({self.fleet.authority}), 0))
+        for grant in self.fleet.grants:
+            self._add(grant)
+
+    def _add(self, grant: Grant) -> bool:
+        epochs = self._history.setdefault(grant.prefix, {})
+        if grant.epoch in epochs:
+            return False
+        epochs[grant.epoch] = grant.owners
+        return True
+
+    def add_grant(self, grant: Grant) -> bool:
+        """Record a grant; False if ``(prefix, epoch)`` was already granted (first wins)."""
+        return self._add(grant)
+
+    def grants(self) -> Iterator[Grant]:
+        """Every known grant (bootstrap and applied), by prefix then epoch."""
+        for prefix in sorted(self._history):
+            for epoch, owners in sorted(self._history[prefix].items()):
+                yield Grant(prefix, owners, epoch)
+
+    def latest(self, prefix: str) -> Grant | None:
+        """The highest-epoch grant of ``prefix``, if any."""
+        epochs = self._history.get(prefix)
+        if not epochs:
+            return None
+        epoch = max(epochs)
+        return Grant(prefix, epochs[epoch], epoch)
+
+    def _node_zone(self, node_id: str, key: str) -> str | None:
+        for template in self.fleet.node_zones:
+            prefix = template.replace("{node}", node_id)
+            if key.startswith(prefix):
+                return prefix
+        return None
+
+    def zone_for_write(self, node_id: str, key: str) -> tuple[str, int]:
+        """The ``(zone, epoch)`` a local write of ``key`` by ``node_id`` goes under.
+
+        The most specific zone wins: a per-node zone, else the longest granted
+        prefix of the key, at its latest epoch.
+
+        Raises:
+            ZoneOwnershipError: ``node_id`` does not own that zone now (or no
+                zone covers the key).
+        """
+        own = self._node_zone(node_id, key)
+        if own is not None:
+            return own, 0
+        best: Grant | None = None
+        for prefix in self._history:
+            if key.startswith(prefix) and (best is None or len(prefix) > len(best.prefix)):
+                best = self.latest(prefix)
+        if best is None:
+            raise ZoneOwnershipError(f"no zone covers key {key!r}; node {node_id!r} cannot write it")
+        if not best.allows(node_id):
+            owners = ", ".join(sorted(best.owners))
+            raise ZoneOwnershipError(
+                f"key {key!r} is in zone {best.prefix!r} (epoch {best.epoch}) owned by "
+                f"{owners}; node {node_id!r} cannot write it"
+            )
+        return best.prefix, best.epoch
+
+    def judge(self, op: Op) -> tuple[Verdict, str]:
+        """Decide whether a remote op's origin owned its zone at the op's epoch."""
+        if not op.key.startswith(op.zone):
+            return Verdict.REJECT, f"key {op.key!r} is outside the zone {op.zone!r} it names"
+        if op.epoch == 0 and self._node_zone(op.origin, op.key) == op.zone:
+            return Verdict.ACCEPT, ""
+        epochs = self._history.get(op.zone)
+        if epochs is None or op.epoch not in epochs:
+            if epochs is not None and op.epoch < max(epochs):
+                return Verdict.REJECT, f"zone {op.zone!r} was never granted at epoch {op.epoch}"
+            return Verdict.WAIT, f"zone {op.zone!r} epoch {op.epoch} not known yet"
+        owners = epochs[op.epoch]
+        if ANYONE in owners or op.origin in owners:
+            return Verdict.ACCEPT, ""
+        return (
+            Verdict.REJECT,
+            f"origin {op.origin!r} did not own zone {op.zone!r} at epoch {op.epoch}",
+        )
+
+    @staticmethod
+    def grant_key(prefix: str) -> str:
+        """The ``sys/`` key a grant op for ``prefix`` is written under."""
+        return GRANT_KEY_PREFIX + prefix
+
+
+def grants_from(items: Iterable[tuple[str, Iterable[str], int]]) -> tuple[Grant, ...]:
+    """Build grants from ``(prefix, owners, epoch)`` triples (config files, CLI)."""
+    return tuple(Grant(p, frozenset(o), e) for p, o, e in items)

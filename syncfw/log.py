@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, NewType
+from typing import Any, NewType, Protocol
 
 import msgpack
 
@@ -28,6 +28,8 @@ from syncfw.errors import DecodeError, ValueEncodingError
 
 __all__ = [
     "GENESIS",
+    "ApplyResult",
+    "Replica",
     "NodeId",
     "Op",
     "OpId",
@@ -183,3 +185,71 @@ def vv_digest(vv: Mapping[str, int]) -> bytes:
     """A 16-byte digest of a version vector; equal vectors give equal digests."""
     items: Iterable[tuple[str, int]] = sorted((o, s) for o, s in vv.items() if s > 0)
     return hashlib.blake2b(msgpack.packb(list(items)), digest_size=16).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    """What :meth:`Replica.apply_remote` did with a batch of ops.
+
+    Attributes:
+        applied: ops newly merged into state.
+        duplicates: ops already held (no-ops).
+        pending: ops held back: a gap in their origin's sequence, a zone epoch
+            not yet known, or a timestamp too far ahead (clock skew).
+        rejected: ops recorded as rejected (zone ownership) and never merged.
+    """
+
+    applied: int = 0
+    duplicates: int = 0
+    pending: int = 0
+    rejected: int = 0
+
+
+class Replica(Protocol):
+    """What the sync protocol, the mesh and the simulator need of a node.
+
+    :class:`syncfw.node.Node` implements it over SQLite; the sync layer never
+    knows more than this.
+    """
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def fleet_id(self) -> str: ...
+
+    def hlc_now(self) -> int:
+        """A fresh hybrid timestamp of this node."""
+        ...
+
+    async def version_vector(self) -> VersionVector:
+        """Highest contiguous seq held per origin (applied or rejected)."""
+        ...
+
+    async def ops_since(
+        self, vv: Mapping[str, int], *, limit: int = 10_000, max_bytes: int | None = None
+    ) -> list[Op]:
+        """Ops this replica holds beyond ``vv``, each origin's in seq order.
+
+        At most ``limit`` ops and (roughly) ``max_bytes`` of op values per call;
+        call again with the grown vector for more.
+        """
+        ...
+
+    async def apply_remote(self, ops: list[Op]) -> ApplyResult:
+        """Merge a batch of remote ops, atomically.
+
+        Raises:
+            ChainError: an op's ``prev`` does not extend its origin's chain.
+            ForkError: an op differs from the one held at its (origin, seq).
+            In both cases nothing of the batch is applied.
+        """
+        ...
+
+    async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
+        """Durably record the version vector ``peer`` acknowledged holding."""
+        ...
+
+    async def peer_ack(self, peer: str) -> VersionVector:
+        """The last version vector ``peer`` acknowledged (empty if none)."""
+        ...

@@ -45,7 +45,7 @@ def generate(out_dir: Path) -> list[Path]:
         if rc != 0:
             raise RuntimeError(f"protoc failed on {proto} (exit {rc})")
     written: list[Path] = []
-    for name, proto in MODULES.items():
+    for _name, proto in MODULES.items():
         stem = proto[: -len(".proto")]
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
             src = tmp / (stem + suffix)
@@ -55,7 +55,12 @@ def generate(out_dir: Path) -> list[Path]:
             text = re.sub(rf"^from {re.escape(pkg)} import ", "from . import ", text, flags=re.M)
             # grpcio-tools stamps its own version into the _grpc stub; drop it so the
             # check does not fail on a harmless tools upgrade
-            text = re.sub(r"^GRPC_GENERATED_VERSION = .*$", "GRPC_GENERATED_VERSION = '1.60.0'", text, flags=re.M)
+            text = re.sub(
+                r"^GRPC_GENERATED_VERSION = .*$",
+                "GRPC_GENERATED_VERSION = '1.60.0'",
+                text,
+                flags=re.M,
+            )
             dst = out_dir / (Path(stem).name + suffix)
             dst.write_text(text)
             written.append(dst)
@@ -69,6 +74,8 @@ def generate(out_dir: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "syncfw" / "transport" / "_pb"
+    target = (
+        Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT.parent / "syncfw" / "transport" / "_pb"
+    )
     for path in generate(target):
         print(path)

@@ -1,0 +1,193 @@
+"""The versioned op-batch format carried inside ``Ops`` frames.
+
+Layout of a batch::
+
+    byte 0      format version (``BATCH_VERSION``, currently 1)
+    byte 1      compression: 0 = none, 1 = zstd
+    bytes 2..   msgpack array of op tuples (:meth:`syncfw.log.Op.to_tuple`),
+                zstd-compressed when byte 1 says so
+
+Invariants:
+
+1. :func:`decode_batch` either returns every op of the batch, each validated by
+   :meth:`Op.from_tuple`, or raises :class:`DecodeError`; never a partial list.
+2. Nothing larger than the caps is ever allocated while decoding: the
+   compressed size is checked first, the zstd frame's declared content size is
+   checked before decompressing, and decompression reads through a bounded
+   stream so a frame that lies about (or omits) its size is cut at
+   ``max_decompressed + 1`` bytes and refused (a zstd bomb costs at most the cap).
+3. Compression is used only when the peer advertised ``zstd`` and the packed
+   batch is at least ``compress_threshold`` bytes.
+
+Pure: no I/O, no asyncio; imports only :mod:`syncfw.log` and :mod:`syncfw.errors`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import msgpack
+import zstandard
+
+from syncfw.errors import DecodeError
+from syncfw.log import Op
+
+__all__ = [
+    "BATCH_VERSION",
+    "COMPRESS_NONE",
+    "COMPRESS_ZSTD",
+    "DEFAULT_LIMITS",
+    "BatchLimits",
+    "decode_batch",
+    "encode_batch",
+    "packed_size",
+]
+
+BATCH_VERSION = 1
+COMPRESS_NONE = 0
+COMPRESS_ZSTD = 1
+_HEADER = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """Hard caps on one batch.
+
+    Attributes:
+        max_compressed: largest batch accepted on the wire, header included.
+        max_decompressed: largest msgpack payload accepted after decompression.
+        max_ops: most ops in one batch.
+        compress_threshold: packed size from which :func:`encode_batch` compresses.
+        zstd_level: compression level used when compressing.
+    """
+
+    max_compressed: int = 4 * 1024 * 1024
+    max_decompressed: int = 16 * 1024 * 1024
+    max_ops: int = 50_000
+    compress_threshold: int = 1024
+    zstd_level: int = 3
+
+
+DEFAULT_LIMITS = BatchLimits()
+
+_PACKER = msgpack.Packer(use_bin_type=True)
+_ZC: dict[int, zstandard.ZstdCompressor] = {}
+_ZD = zstandard.ZstdDecompressor()
+
+
+def packed_size(op: Op) -> int:
+    """The msgpack size of one op inside a batch (for batching decisions)."""
+    return len(_PACKER.pack(op.to_tuple()))
+
+
+def encode_batch(
+    ops: Sequence[Op], *, zstd: bool = False, limits: BatchLimits = DEFAULT_LIMITS
+) -> bytes:
+    """Pack ops into one batch.
+
+    Args:
+        ops: the ops, in the order the receiver should apply them.
+        zstd: the peer advertised zstd; compress if the batch is large enough.
+        limits: caps; the batch must fit in them (the receiver enforces the same).
+
+    Returns:
+        The batch bytes.
+
+    Raises:
+        ValueError: the batch exceeds ``limits`` (the caller batched wrongly).
+    """
+    if len(ops) > limits.max_ops:
+        raise ValueError(f"{len(ops)} ops exceed the batch cap of {limits.max_ops}")
+    payload = _PACKER.pack([op.to_tuple() for op in ops])
+    if len(payload) > limits.max_decompressed:
+        raise ValueError(f"batch of {len(payload)} bytes exceeds {limits.max_decompressed}")
+    mode = COMPRESS_NONE
+    if zstd and len(payload) >= limits.compress_threshold:
+        zc = _ZC.get(limits.zstd_level)
+        if zc is None:
+            zc = _ZC[limits.zstd_level] = zstandard.ZstdCompressor(
+                level=limits.zstd_level, write_content_size=True
+            )
+        compressed = zc.compress(payload)
+        if len(compressed) < len(payload):
+            payload, mode = compressed, COMPRESS_ZSTD
+    data = bytes((BATCH_VERSION, mode)) + payload
+    if len(data) > limits.max_compressed:
+        raise ValueError(f"encoded batch of {len(data)} bytes exceeds {limits.max_compressed}")
+    return data
+
+
+def _inflate(data: bytes, cap: int) -> bytes:
+    try:
+        params = zstandard.get_frame_parameters(data)
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"malformed zstd frame: {exc}") from None
+    declared = params.content_size
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > cap:
+        raise DecodeError(f"zstd frame declares {declared} bytes, over the cap of {cap}")
+    try:
+        with _ZD.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
+            out = reader.read(cap + 1)
+            # a truncated or corrupt frame raises here or returns short; a frame
+            # followed by junk leaves bytes unread
+            tail = reader.read(1) if len(out) <= cap else b""
+    except zstandard.ZstdError as exc:
+        raise DecodeError(f"corrupt zstd data: {exc}") from None
+    if len(out) > cap:
+        raise DecodeError(f"zstd payload inflates beyond the cap of {cap} bytes")
+    if tail:
+        raise DecodeError("zstd frame longer than its stream")
+    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != len(out):
+        raise DecodeError(f"zstd frame declares {declared} bytes but holds {len(out)}")
+    return out
+
+
+def decode_batch(data: bytes, *, limits: BatchLimits = DEFAULT_LIMITS) -> list[Op]:
+    """Unpack a batch made by :func:`encode_batch`.
+
+    Args:
+        data: the batch bytes, from the wire.
+        limits: caps enforced before anything large is allocated.
+
+    Returns:
+        The ops, every field validated.
+
+    Raises:
+        DecodeError: anything malformed: unknown version or compression, over a
+            cap, corrupt zstd, bad msgpack, trailing bytes, a malformed op.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise DecodeError("a batch must be bytes")
+    if len(data) > limits.max_compressed:
+        raise DecodeError(f"batch of {len(data)} bytes exceeds the cap of {limits.max_compressed}")
+    if len(data) < _HEADER:
+        raise DecodeError("batch shorter than its header")
+    version, mode = data[0], data[1]
+    if version != BATCH_VERSION:
+        raise DecodeError(f"unknown batch format version {version}")
+    body = bytes(data[_HEADER:])
+    if mode == COMPRESS_ZSTD:
+        body = _inflate(body, limits.max_decompressed)
+    elif mode != COMPRESS_NONE:
+        raise DecodeError(f"unknown batch compression {mode}")
+    elif len(body) > limits.max_decompressed:
+        raise DecodeError(f"batch payload exceeds the cap of {limits.max_decompressed}")
+    try:
+        items = msgpack.unpackb(
+            body,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            max_array_len=max(limits.max_ops, 16),
+            max_map_len=0,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"malformed batch msgpack: {exc}") from None
+    if not isinstance(items, list):
+        raise DecodeError("a batch must be a msgpack array of ops")
+    if len(items) > limits.max_ops:
+        raise DecodeError(f"{len(items)} ops exceed the batch cap of {limits.max_ops}")
+    return [Op.from_tuple(item) for item in items]

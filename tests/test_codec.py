@@ -1,0 +1,167 @@
+"""The op-batch codec: round trips, caps, zstd bombs and a fuzzed decoder."""
+
+from __future__ import annotations
+
+import contextlib
+
+import msgpack
+import pytest
+import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from syncfw.codec import (
+    BATCH_VERSION,
+    COMPRESS_NONE,
+    COMPRESS_ZSTD,
+    BatchLimits,
+    decode_batch,
+    encode_batch,
+)
+from syncfw.errors import DecodeError
+from syncfw.testing.ops import chain
+
+
+def test_round_trip_plain_and_compressed() -> None:
+    ops = chain("a", 200, value_size=64)
+    plain = encode_batch(ops)
+    packed = encode_batch(ops, zstd=True)
+    assert plain[1] == COMPRESS_NONE
+    assert packed[1] == COMPRESS_ZSTD
+    assert len(packed) < len(plain)
+    assert decode_batch(plain) == ops
+    assert decode_batch(packed) == ops
+
+
+def test_small_batches_stay_uncompressed_even_with_zstd() -> None:
+    ops = chain("a", 1)
+    assert encode_batch(ops, zstd=True)[1] == COMPRESS_NONE
+
+
+def test_empty_batch() -> None:
+    assert decode_batch(encode_batch([])) == []
+
+
+def test_encoder_refuses_batches_over_the_caps() -> None:
+    with pytest.raises(ValueError, match="batch cap"):
+        encode_batch(chain("a", 5), limits=BatchLimits(max_ops=4))
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_batch(chain("a", 5, value_size=100), limits=BatchLimits(max_decompressed=200))
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "shorter"),
+        (b"\x01", "shorter"),
+        (b"\x09\x00\x90", "version"),
+        (b"\x01\x07\x90", "compression"),
+        (b"\x01\x00\xc1", "msgpack"),
+        (b"\x01\x00\x90\x90", "msgpack"),  # trailing data
+        (b"\x01\x00\x01", "array"),
+        (b"\x01\x00\x91\x01", "10 fields"),
+        (b"\x01\x01not zstd", "zstd"),
+    ],
+)
+def test_malformed_batches_raise_decode_error(data: bytes, match: str) -> None:
+    with pytest.raises(DecodeError, match=match):
+        decode_batch(data)
+
+
+def test_truncated_batches_raise_decode_error() -> None:
+    for zstd in (False, True):
+        data = encode_batch(chain("a", 100, value_size=50), zstd=zstd)
+        for cut in (3, len(data) // 2, len(data) - 1):
+            with pytest.raises(DecodeError):
+                decode_batch(data[:cut])
+
+
+def test_oversized_batch_is_refused_before_decoding() -> None:
+    data = encode_batch(chain("a", 50, value_size=100))
+    with pytest.raises(DecodeError, match="cap"):
+        decode_batch(data, limits=BatchLimits(max_compressed=len(data) - 1))
+
+
+def test_invalid_op_field_is_refused() -> None:
+    bad = chain("a", 1)[0].to_tuple()
+    bad = (*bad[:8], b"short", None)
+    with pytest.raises(DecodeError, match="prev"):
+        decode_batch(bytes((BATCH_VERSION, COMPRESS_NONE)) + msgpack.packb([bad]))
+
+
+def _bomb(size: int, *, declare: bool) -> bytes:
+    zc = zstandard.ZstdCompressor(level=1, write_content_size=declare)
+    # streamed in 1 MiB chunks so that building the bomb does not allocate it;
+    # without a size hint the frame does not declare its content size
+    obj = zc.compressobj(size=size) if declare else zc.compressobj()
+    chunk = b"\x00" * (1 << 20)
+    out = b"".join(obj.compress(chunk) for _ in range(size >> 20))
+    return out + obj.flush()
+
+
+def test_zstd_bomb_declaring_its_size_is_refused_without_inflating() -> None:
+    bomb = _bomb(256 << 20, declare=True)  # 256 MiB of zeros in a few KiB
+    assert len(bomb) < 100_000
+    with pytest.raises(DecodeError, match="declares"):
+        decode_batch(bytes((BATCH_VERSION, COMPRESS_ZSTD)) + bomb)
+
+
+def test_zstd_bomb_hiding_its_size_is_cut_at_the_cap() -> None:
+    import resource
+
+    bomb = _bomb(64 << 20, declare=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    limits = BatchLimits(max_decompressed=1 << 20)
+    with pytest.raises(DecodeError, match="cap"):
+        decode_batch(bytes((BATCH_VERSION, COMPRESS_ZSTD)) + bomb, limits=limits)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 * 1024, f"decoding a bomb grew RSS by {grown_kib} KiB"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_fuzz_random_bytes_only_ever_raise_decode_error(data: bytes) -> None:
+    try:
+        ops = decode_batch(data)
+    except DecodeError:
+        return
+    assert isinstance(ops, list)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_fuzz_mutated_valid_batches(data: st.DataObject) -> None:
+    zstd = data.draw(st.booleans())
+    raw = bytearray(
+        encode_batch(chain("n", data.draw(st.integers(0, 30)), value_size=40), zstd=zstd)
+    )
+    for _ in range(data.draw(st.integers(1, 4))):
+        if not raw:
+            break
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    with contextlib.suppress(DecodeError):
+        decode_batch(bytes(raw))
+
+
+_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.binary(max_size=20)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=11) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_values, max_size=5))
+def test_fuzz_structured_msgpack_payloads(items: list[object]) -> None:
+    body = msgpack.packb(items, use_bin_type=True)
+    for mode in (COMPRESS_NONE, COMPRESS_ZSTD):
+        payload = zstandard.ZstdCompressor().compress(body) if mode else body
+        with contextlib.suppress(DecodeError):
+            decode_batch(bytes((BATCH_VERSION, mode)) + payload)

@@ -130,6 +130,28 @@ class ZoneTable:
         epochs[grant.epoch] = grant.owners
         return True
 
+    def copy(self) -> ZoneTable:
+        """An independent copy (grants staged in a batch are discarded on rollback)."""
+        clone = ZoneTable(self.fleet)
+        clone._history = {p: dict(e) for p, e in self._history.items()}
+        return clone
+
+    def check_grant(self, issuer: str, grant: Grant) -> str | None:
+        """Why a grant op by ``issuer`` is invalid, or None if it may be applied.
+
+        Only the authority grants; each grant of a prefix raises its epoch by
+        exactly one, so every replica agrees on which epochs exist.
+        """
+        if issuer != self.fleet.authority:
+            return f"only the fleet authority {self.fleet.authority!r} may grant zones"
+        if grant.prefix.startswith(SYS_PREFIX):
+            return "the sys/ zone belongs to the authority and cannot be granted"
+        latest = self.latest(grant.prefix)
+        expected = 1 if latest is None else latest.epoch + 1
+        if grant.epoch != expected:
+            return f"grant of {grant.prefix!r} at epoch {grant.epoch}, expected epoch {expected}"
+        return None
+
     def add_grant(self, grant: Grant) -> bool:
         """Record a grant; False if ``(prefix, epoch)`` was already granted (first wins)."""
         return self._add(grant)

@@ -1,0 +1,83 @@
+"""syncfw: offline-first edge fleets.
+
+Each node keeps its state in SQLite-backed CRDTs stamped with hybrid logical
+clocks, partitioned into owned key zones; every change is an op in a
+replicated log that peers merge into the same state.
+
+Quick start::
+
+    import syncfw
+
+    fleet = syncfw.Fleet(authority="cloud", grants=(syncfw.Grant.of("site/", "*"),))
+    async with syncfw.Node.open("truck-7.db", node_id="t7", fleet=fleet) as node:
+        await node.put("fleet/t7/position", {"lat": -22.3, "lon": 118.6})
+        await node.counter("site/ore-tonnes").add(40)
+"""
+
+from syncfw.clock import HLC, NtpResult, check_ntp
+from syncfw.errors import (
+    ChainError,
+    ClockError,
+    ClockSkewError,
+    CorruptDatabaseError,
+    DecodeError,
+    ForeignDatabaseError,
+    ForkError,
+    InferenceError,
+    NotAuthorityError,
+    OpError,
+    ProtocolError,
+    SchemaVersionError,
+    StorageError,
+    StorageFullError,
+    StoreClosedError,
+    SyncfwError,
+    ValueEncodingError,
+    ZoneError,
+    ZoneOwnershipError,
+)
+from syncfw.log import ApplyResult, Op, Replica, VersionVector
+from syncfw.node import Counter, Node, ORSet, Register
+from syncfw.store import Change, ChangeFeedLagged, StoreConfig
+from syncfw.zones import Fleet, Grant
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HLC",
+    "ApplyResult",
+    "ChainError",
+    "Change",
+    "ChangeFeedLagged",
+    "ClockError",
+    "ClockSkewError",
+    "CorruptDatabaseError",
+    "Counter",
+    "DecodeError",
+    "Fleet",
+    "ForeignDatabaseError",
+    "ForkError",
+    "Grant",
+    "InferenceError",
+    "Node",
+    "NotAuthorityError",
+    "NtpResult",
+    "ORSet",
+    "Op",
+    "OpError",
+    "ProtocolError",
+    "Register",
+    "Replica",
+    "SchemaVersionError",
+    "StorageError",
+    "StorageFullError",
+    "StoreClosedError",
+    "StoreConfig",
+    "SyncfwError",
+    "ValueEncodingError",
+    "VersionVector",
+    "ZoneError",
+    "ZoneOwnershipError",
+    "__version__",
+    "check_ntp",
+]

@@ -1,0 +1,111 @@
+"""Embedded inference: ONNX models run next to the log, results written as ops.
+
+Owns: the ONNX Runtime engine (:class:`Engine`: provider choice TensorRT → CUDA →
+CPU with the provider actually used recorded, warm-up, signature checks, a
+per-call watchdog, micro-batching, hot swap), per-stage latency histograms,
+result and sample ops with provenance, the degradation ladder, and the script
+that makes the shipped models (``python -m syncfw.inference.train``).
+
+May import: :mod:`syncfw.errors`, :mod:`syncfw.log` (for ``Op``), numpy,
+onnxruntime and onnx. It talks to a node only through the small
+:class:`ResultSink` protocol (``node_id`` + async ``put``), never by importing
+:mod:`syncfw.node`, and never imports gRPC or the store.
+"""
+
+from __future__ import annotations
+
+from syncfw.inference.engine import (
+    Engine,
+    EscalationRequest,
+    InferenceResult,
+    ModelInfo,
+    Prediction,
+    TensorSpec,
+    top_k,
+)
+from syncfw.inference.errors import (
+    EngineStateError,
+    InferenceError,
+    InferenceRunError,
+    InferenceTimeoutError,
+    InputSignatureError,
+    ModelLoadError,
+    NonFiniteInputError,
+    OutputSignatureError,
+    ProviderError,
+    SignatureError,
+)
+from syncfw.inference.ladder import (
+    POLICIES,
+    Conditions,
+    Ladder,
+    Limits,
+    Mode,
+    ModePolicy,
+    PowerReading,
+    Transition,
+    decide,
+    step,
+)
+from syncfw.inference.latency import Histogram, LatencyBook, LatencySummary, Stage, StageTimes
+from syncfw.inference.providers import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    AcceleratorInfo,
+    ProviderPlan,
+    plan_providers,
+    resolve_actual,
+    trt_cache_key,
+)
+from syncfw.inference.sampling import Sampler, SamplingPolicy, decode_sample, encode_sample
+from syncfw.inference.sink import ResultSink, StatusHost
+
+__all__ = [
+    "CPU",
+    "CUDA",
+    "POLICIES",
+    "TENSORRT",
+    "AcceleratorInfo",
+    "Conditions",
+    "Engine",
+    "EngineStateError",
+    "EscalationRequest",
+    "Histogram",
+    "InferenceError",
+    "InferenceResult",
+    "InferenceRunError",
+    "InferenceTimeoutError",
+    "InputSignatureError",
+    "Ladder",
+    "LatencyBook",
+    "LatencySummary",
+    "Limits",
+    "Mode",
+    "ModePolicy",
+    "ModelInfo",
+    "ModelLoadError",
+    "NonFiniteInputError",
+    "OutputSignatureError",
+    "PowerReading",
+    "Prediction",
+    "ProviderError",
+    "ProviderPlan",
+    "ResultSink",
+    "Sampler",
+    "SamplingPolicy",
+    "SignatureError",
+    "Stage",
+    "StageTimes",
+    "StatusHost",
+    "TensorSpec",
+    "Transition",
+    "decide",
+    "decode_sample",
+    "encode_sample",
+    "plan_providers",
+    "resolve_actual",
+    "step",
+    "top_k",
+    "trt_cache_key",
+]

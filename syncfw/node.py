@@ -1,0 +1,428 @@
+"""The composition root: :class:`Node` wires the store, zones and CRDT handles together.
+
+A node keeps working alone: every write lands in its own SQLite file, stamped
+by its hybrid logical clock, checked against its zones, and becomes an op any
+other replica can merge (:meth:`Node.ops_since` / :meth:`Node.apply_remote`,
+which the sync protocol uses and which work without any network too).
+
+May import: everything below it (store, zones, crdt, log, clock, errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pycrdt
+
+from syncfw.clock import wall_ms
+from syncfw.crdt import COUNTER, MVREG, ORSET, YDOC
+from syncfw.crdt.lww import TOMBSTONE
+from syncfw.errors import NotAuthorityError, ZoneOwnershipError
+from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
+from syncfw.store import Change, Store, StoreConfig
+from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
+
+__all__ = ["Counter", "Node", "ORSet", "Register"]
+
+log = logging.getLogger("syncfw.node")
+
+
+class Node:
+    """One edge node: a replica of the fleet's log with its own SQLite file.
+
+    Open with ``await Node.open(...)`` or ``async with Node.open(...) as node``.
+    It implements :class:`syncfw.log.Replica`.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._docs: dict[str, pycrdt.Doc] = {}
+        self._doc_writes: set[asyncio.Task[Op]] = set()
+        self._applying_remote = False
+        self._status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        store.add_listener(self._on_applied)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        node_id: str,
+        fleet: Fleet | None = None,
+        config: StoreConfig | None = None,
+        clock: Callable[[], int] = wall_ms,
+    ) -> _Opening:
+        """Open the node stored at ``path`` (created if absent).
+
+        Args:
+            path: the node's SQLite file.
+            node_id: this node's id; a file remembers the node it belongs to.
+            fleet: the fleet bootstrap (authority and initial grants); every
+                node of a fleet must be given the same one.
+            config: storage tuning (durability, size cap, batching).
+            clock: wall clock in milliseconds (injected by tests and the simulator).
+
+        Raises:
+            CorruptDatabaseError, ForeignDatabaseError, SchemaVersionError,
+            StorageError: see :meth:`syncfw.store.Store.open`.
+        """
+        return _Opening(cls, path, node_id, fleet or Fleet(), config, clock)
+
+    # ----------------------------------------------------------------- identity
+
+    @property
+    def node_id(self) -> str:
+        return self._store.node_id
+
+    @property
+    def fleet(self) -> Fleet:
+        return self._store.fleet
+
+    @property
+    def fleet_id(self) -> str:
+        return self._store.fleet.fleet_id
+
+    @property
+    def store(self) -> Store:
+        """The underlying store (for tools and tests)."""
+        return self._store
+
+    @property
+    def zones(self) -> ZoneTable:
+        """The zone table as of the last commit."""
+        return self._store.zones
+
+    def hlc_now(self) -> int:
+        """A fresh hybrid timestamp."""
+        return self._store.clock.now()
+
+    def writable(self, key: str) -> bool:
+        """True if this node may write ``key`` now."""
+        try:
+            self._store.zones.zone_for_write(self.node_id, key)
+        except ZoneOwnershipError:
+            return False
+        return True
+
+    # ----------------------------------------------------------------- lww keys
+
+    def _zone(self, key: str) -> tuple[str, int]:
+        if not isinstance(key, str) or not key:
+            raise ValueError("a key must be a non-empty string")
+        return self._store.zones.zone_for_write(self.node_id, key)
+
+    async def put(self, key: str, value: Any) -> Op:
+        """Set ``key`` to ``value`` (last writer wins). Returns the op once durable.
+
+        Raises:
+            ValueEncodingError: ``value`` is not representable in msgpack.
+            ZoneOwnershipError: this node does not own ``key``'s zone.
+            StorageFullError: the size cap or disk is full.
+        """
+        zone, epoch = self._zone(key)
+        return await self._store.write("lww", key, zone, epoch, encode_value(value))
+
+    async def delete(self, key: str) -> Op:
+        """Delete ``key`` (a tombstone that wins like any later write)."""
+        zone, epoch = self._zone(key)
+        return await self._store.write("lww", key, zone, epoch, TOMBSTONE)
+
+    async def get(self, key: str, default: Any = None) -> Any:
+        """The current value of ``key``, or ``default`` when absent or deleted."""
+        payload = await self._store.read_lww(key)
+        return default if payload is None else decode_value(payload)
+
+    async def scan(self, prefix: str) -> dict[str, Any]:
+        """Every present key under ``prefix`` with its value."""
+        return await self._store.scan_lww(prefix)
+
+    # ----------------------------------------------------------------- other CRDTs
+
+    def counter(self, key: str) -> Counter:
+        """A PN-counter handle for ``key``."""
+        return Counter(self, key)
+
+    def set(self, key: str) -> ORSet:
+        """An add-wins set handle for ``key``."""
+        return ORSet(self, key)
+
+    def register(self, key: str) -> Register:
+        """A multi-value register handle for ``key``."""
+        return Register(self, key)
+
+    async def doc(self, key: str, *, readonly: bool = False) -> pycrdt.Doc:
+        """The live Yjs document at ``key``; local edits become ops, remote ones arrive.
+
+        Each node session edits with a fresh Yjs client id, as Yjs requires.
+        Call :meth:`flush` to wait until local edits are durable.
+
+        Raises:
+            ZoneOwnershipError: this node cannot write ``key`` (pass
+                ``readonly=True`` to follow a document someone else writes;
+                local edits to it are then not recorded).
+        """
+        doc = self._docs.get(key)
+        if doc is not None:
+            return doc
+        zone_epoch = None if readonly else self._zone(key)
+        state = await self._store.read_state("ydoc", key)
+        doc = self._docs.get(key)  # another caller may have opened it meanwhile
+        if doc is not None:
+            return doc
+        doc = pycrdt.Doc()
+        self._applying_remote = True
+        try:
+            doc.apply_update(state)
+        finally:
+            self._applying_remote = False
+        if zone_epoch is not None:
+            zone, epoch = zone_epoch
+
+            def on_update(event: pycrdt.TransactionEvent) -> None:
+                if self._applying_remote:
+                    return  # remote applies are never re-emitted
+                task = asyncio.get_running_loop().create_task(
+                    self._store.write("ydoc", key, zone, epoch, bytes(event.update))
+                )
+                self._doc_writes.add(task)
+                task.add_done_callback(self._doc_write_done)
+
+            doc.observe(on_update)
+        self._docs[key] = doc
+        return doc
+
+    def _doc_write_done(self, task: asyncio.Task[Op]) -> None:
+        self._doc_writes.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a document edit could not be stored: %s", task.exception())
+
+    async def flush(self) -> None:
+        """Wait until every local document edit made so far is durable.
+
+        Raises:
+            SyncfwError: the first error met storing an edit.
+        """
+        while self._doc_writes:
+            await asyncio.gather(*list(self._doc_writes))
+
+    def _on_applied(self, ops: list[Op], local: bool) -> None:
+        if local or not self._docs:
+            return
+        for op in ops:
+            doc = self._docs.get(op.key) if op.kind == YDOC.name else None
+            if doc is None:
+                continue
+            self._applying_remote = True
+            try:
+                doc.apply_update(op.value)
+            except Exception:
+                log.exception("remote update to document %r could not be applied", op.key)
+            finally:
+                self._applying_remote = False
+
+    # ----------------------------------------------------------------- zones
+
+    async def grant(self, prefix: str, *owners: str) -> Op:
+        """Grant ``prefix`` to ``owners`` at the next epoch (the fleet authority only).
+
+        A transfer (a dead truck's zone handed to its replacement) is a grant
+        with the new owner: the epoch rises and later writes by the old owner
+        under the old epoch are still judged by the old grant.
+
+        Raises:
+            NotAuthorityError: this node is not the fleet authority.
+        """
+        if self.node_id != self.fleet.authority:
+            raise NotAuthorityError(
+                f"node {self.node_id!r} is not the fleet authority {self.fleet.authority!r}"
+            )
+        if not owners:
+            raise ValueError("a grant needs at least one owner ('*' for a shared zone)")
+        if not prefix or prefix.startswith(SYS_PREFIX):
+            raise ValueError(f"cannot grant {prefix!r}")
+
+        def payload(zones: ZoneTable) -> bytes:
+            latest = zones.latest(prefix)
+            epoch = 1 if latest is None else latest.epoch + 1
+            return encode_value({"prefix": prefix, "owners": sorted(owners), "epoch": epoch})
+
+        return await self._store.write(GRANT_KIND, ZoneTable.grant_key(prefix), SYS_PREFIX, 0, payload)
+
+    # ----------------------------------------------------------------- Replica
+
+    async def version_vector(self) -> VersionVector:
+        return self._store.version_vector
+
+    async def ops_since(
+        self, vv: Mapping[str, int], *, limit: int = 10_000, max_bytes: int | None = None
+    ) -> list[Op]:
+        return await self._store.ops_since(vv, limit=limit, max_bytes=max_bytes)
+
+    async def apply_remote(self, ops: Sequence[Op]) -> ApplyResult:
+        return await self._store.apply_remote(ops)
+
+    async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
+        await self._store.acknowledge(peer, vv)
+
+    async def peer_ack(self, peer: str) -> VersionVector:
+        return (await self._store.peer_acks()).get(peer, {})
+
+    # ----------------------------------------------------------------- feed, status, upkeep
+
+    def changes(self) -> AsyncIterator[Change]:
+        """Every change applied from now on, local and remote, in commit order."""
+        return self._store.changes()
+
+    def add_status_source(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        """Include ``fn()`` under ``name`` in :meth:`status` (inference, mesh, ...)."""
+        self._status_sources[name] = fn
+
+    async def status(self) -> dict[str, Any]:
+        """A snapshot of this node's health: clock, log, zones, and attached sources."""
+        st = await self._store.stats()
+        out: dict[str, Any] = {
+            "node_id": self.node_id,
+            "fleet_id": self.fleet_id,
+            "hlc": self._store.clock.last,
+            "version_vector": self._store.version_vector,
+            "pending": sum(len(d) for d in self._store.pending().values()),
+            "rejected": st.rejected,
+            "ops": st.ops,
+            "keys": st.keys,
+            "file_bytes": st.file_bytes,
+        }
+        for name, fn in self._status_sources.items():
+            try:
+                out[name] = fn()
+            except Exception as exc:  # a broken source must not hide the rest
+                out[name] = {"error": str(exc)}
+        return out
+
+    async def compact(self) -> int:
+        """Drop ops every known peer acknowledged (their effect stays in state)."""
+        return await self._store.compact()
+
+    async def close(self) -> None:
+        """Wait for pending document edits, then close the store. Idempotent."""
+        if self._doc_writes:
+            await asyncio.gather(*list(self._doc_writes), return_exceptions=True)
+        await self._store.aclose()
+
+    aclose = close
+
+    async def __aenter__(self) -> Node:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _Opening:
+    """What :meth:`Node.open` returns: await it, or use it with ``async with``."""
+
+    def __init__(
+        self,
+        cls: type[Node],
+        path: str | Path,
+        node_id: str,
+        fleet: Fleet,
+        config: StoreConfig | None,
+        clock: Callable[[], int],
+    ) -> None:
+        self._args = (cls, path, node_id, fleet, config, clock)
+        self._node: Node | None = None
+
+    async def _open(self) -> Node:
+        cls, path, node_id, fleet, config, clock = self._args
+        store = await Store.open(path, node_id=node_id, fleet=fleet, wall=clock, config=config)
+        return cls(store)
+
+    def __await__(self) -> Generator[Any, None, Node]:
+        return self._open().__await__()
+
+    async def __aenter__(self) -> Node:
+        self._node = await self._open()
+        return self._node
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._node is not None:
+            await self._node.close()
+
+
+class Counter:
+    """A PN-counter at one key. Each node's increments are its own total."""
+
+    def __init__(self, node: Node, key: str) -> None:
+        self._node = node
+        self.key = key
+
+    async def add(self, delta: int = 1) -> Op:
+        """Add ``delta`` (negative to subtract)."""
+        if type(delta) is not int:
+            raise TypeError("a counter is changed by whole numbers")
+        zone, epoch = self._node._zone(self.key)
+        me = self._node.node_id
+        return await self._node.store.write(
+            COUNTER.name, self.key, zone, epoch, lambda s: COUNTER.op_payload(s, me, delta)
+        )
+
+    async def value(self) -> int:
+        return int(COUNTER.read(await self._node.store.read_state(COUNTER.name, self.key)))
+
+
+class ORSet:
+    """An add-wins observed-remove set at one key."""
+
+    def __init__(self, node: Node, key: str) -> None:
+        self._node = node
+        self.key = key
+
+    async def add(self, element: Any) -> Op:
+        zone, epoch = self._node._zone(self.key)
+        payload = ORSET.add_payload(encode_value(element))
+        return await self._node.store.write(ORSET.name, self.key, zone, epoch, payload)
+
+    async def remove(self, element: Any) -> Op:
+        """Remove ``element`` as observed here; a concurrent add elsewhere survives."""
+        zone, epoch = self._node._zone(self.key)
+        packed = encode_value(element)
+        return await self._node.store.write(
+            ORSET.name, self.key, zone, epoch, lambda s: ORSET.remove_payload(s, packed)
+        )
+
+    async def items(self) -> list[Any]:
+        """Present elements, in a deterministic order."""
+        return ORSET.items(await self._node.store.read_state(ORSET.name, self.key))
+
+    async def contains(self, element: Any) -> bool:
+        state = await self._node.store.read_state(ORSET.name, self.key)
+        return encode_value(element) in ORSET.read(state)
+
+
+class Register:
+    """A multi-value register at one key: concurrent writes are all kept."""
+
+    def __init__(self, node: Node, key: str) -> None:
+        self._node = node
+        self.key = key
+
+    async def set(self, value: Any) -> Op:
+        """Write ``value``, superseding every value visible here."""
+        zone, epoch = self._node._zone(self.key)
+        packed = encode_value(value)
+        return await self._node.store.write(
+            MVREG.name, self.key, zone, epoch, lambda s: MVREG.write_payload(s, packed)
+        )
+
+    async def values(self) -> list[Any]:
+        """Surviving values, oldest first (more than one after concurrent writes)."""
+        return MVREG.values(await self._node.store.read_state(MVREG.name, self.key))

@@ -1,0 +1,20 @@
+"""The SQLite store: replicated log, version vector, pending and rejected ops,
+materialized CRDT state, peers' acknowledgements, compaction.
+
+Owns: every SQL statement of syncfw. May import: the pure core (clock, crdt,
+log, zones, errors), aiosqlite, msgpack. Knows nothing of sync sessions,
+transports or gRPC.
+"""
+
+from syncfw.store.schema import APPLICATION_ID, SCHEMA_VERSION
+from syncfw.store.store import Change, ChangeFeedLagged, Store, StoreConfig, StoreStats
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "Change",
+    "ChangeFeedLagged",
+    "Store",
+    "StoreConfig",
+    "StoreStats",
+]

@@ -1,0 +1,1063 @@
+"""The node's replicated log and materialized state in one SQLite file (aiosqlite, WAL).
+
+Invariants:
+
+1. One writer. Every mutation runs on the store's single writer task, so the
+   version vector, chain heads, pending set and zone table kept in memory are
+   always those of the last committed transaction.
+2. One transaction per step: appending ops, updating materialized state, the
+   version vector, pending ops and the clock's high-water mark commit together
+   or not at all. In-memory mirrors change only after COMMIT returns.
+3. Group commit: local writes waiting in the queue are stamped and committed in
+   one transaction; each caller's ``await`` returns only after that commit.
+4. Per-origin contiguity: an op is applied only after its origin's previous op,
+   and only if its ``prev`` names that op's hash. Ops past a gap, with a zone
+   epoch not yet granted here, or from too far in the future wait in
+   ``pending``.
+5. Idempotence: an op already held is a no-op; a *different* op at a held
+   (origin, seq) is a fork and refuses the whole batch.
+6. A remote op whose origin did not own its zone at its epoch is stored as
+   rejected (it stays in its origin's chain and is relayed) and never merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import aiosqlite
+import msgpack
+
+from syncfw.clock import HLC, wall_ms
+from syncfw.crdt import KINDS, LWW, OpView
+from syncfw.errors import (
+    ChainError,
+    ClockSkewError,
+    CorruptDatabaseError,
+    DecodeError,
+    ForeignDatabaseError,
+    ForkError,
+    SchemaVersionError,
+    StorageError,
+    StorageFullError,
+    StoreClosedError,
+    SyncfwError,
+)
+from syncfw.log import GENESIS, ApplyResult, Op, VersionVector, decode_value, op_hash
+from syncfw.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from syncfw.zones import GRANT_KEY_PREFIX, GRANT_KIND, Fleet, Grant, Verdict, ZoneTable
+
+__all__ = ["Change", "ChangeFeedLagged", "Store", "StoreConfig", "StoreStats"]
+
+log = logging.getLogger("syncfw.store")
+
+T = TypeVar("T")
+PayloadFn = Callable[[Any], bytes]
+
+_CHUNK = 500  # host parameters per IN (...) query, well under SQLite's limit
+
+_INSERT_OP = (
+    "INSERT INTO ops (origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The LWW rule of syncfw.crdt.lww, as one guarded upsert: the write with the
+# greatest (hlc, origin, payload) wins, whatever order writes arrive in.
+_UPSERT_LWW = (
+    "INSERT INTO state (kind, key, hlc, origin, data) VALUES ('lww', ?, ?, ?, ?) "
+    "ON CONFLICT (kind, key) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, "
+    "data = excluded.data "
+    "WHERE (excluded.hlc, excluded.origin, excluded.data) > (state.hlc, state.origin, state.data)"
+)
+_UPSERT_STATE = "INSERT OR REPLACE INTO state (kind, key, hlc, origin, data) VALUES (?, ?, ?, '', ?)"
+_UPSERT_HEAD = (
+    "INSERT INTO heads (origin, seq, hash) VALUES (?, ?, ?) "
+    "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
+)
+
+
+class ChangeFeedLagged(SyncfwError):
+    """A change subscriber fell further behind than its buffer; re-read and resubscribe."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """Tuning of the SQLite store.
+
+    Attributes:
+        synchronous: SQLite durability. ``"FULL"`` fsyncs every commit;
+            ``"NORMAL"`` (WAL) may lose the last commits on power loss, never
+            on a process crash.
+        max_bytes: size cap of the database file; a write that would exceed
+            it raises :class:`StorageFullError` and writes nothing.
+        max_batch: most local writes grouped into one transaction.
+        max_offset_ms: how far ahead of local time a remote op may be.
+        max_pending: most ops held back at once (the farthest ahead are
+            dropped beyond it; they are resent by the next exchange).
+        changes_buffer: per-subscriber buffer of the change feed.
+    """
+
+    synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
+    max_bytes: int | None = None
+    max_batch: int = 2048
+    max_offset_ms: int = 500
+    max_pending: int = 100_000
+    changes_buffer: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An op as it was applied to state, for :meth:`Store.changes`.
+
+    Attributes:
+        key: the key changed.
+        kind: its CRDT type.
+        origin, seq, hlc: the op that changed it.
+        local: True for this node's own writes.
+    """
+
+    key: str
+    kind: str
+    origin: str
+    seq: int
+    hlc: int
+    local: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Sizes and counts, for ``syncfw inspect`` and node status."""
+
+    file_bytes: int
+    ops: int
+    pending: int
+    rejected: int
+    keys: int
+    peers: int
+
+
+@dataclass(slots=True)
+class _Write:
+    kind: str
+    key: str
+    zone: str
+    epoch: int
+    payload: bytes | PayloadFn
+    future: asyncio.Future[Op]
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+
+_Job = _Write | _Call | None
+
+
+def _translate(exc: sqlite3.Error) -> StorageError:
+    """Map a sqlite3 error to the syncfw error users see."""
+    text = str(exc).lower()
+    if "full" in text:
+        return StorageFullError(f"storage is full ({exc}); the batch was rolled back")
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return CorruptDatabaseError(f"the database file is damaged: {exc}")
+    return StorageError(f"SQLite error: {exc}")
+
+
+def _chunks(items: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _op_row(op: Op, status: int) -> tuple[Any, ...]:
+    return (*op.to_tuple(), status)
+
+
+def _pack_op(op: Op) -> bytes:
+    return msgpack.packb(op.to_tuple(), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def _unpack_op(data: bytes) -> Op:
+    return Op.from_tuple(msgpack.unpackb(data, raw=False))
+
+
+class Store:
+    """A node's SQLite-backed log and state. Open with :meth:`open`; close with :meth:`aclose`.
+
+    Most applications use :class:`syncfw.Node`, which wraps a store.
+    """
+
+    def __init__(
+        self,
+        conn: aiosqlite.Connection,
+        path: str,
+        node_id: str,
+        fleet: Fleet,
+        clock: HLC,
+        config: StoreConfig,
+    ) -> None:
+        self._conn = conn
+        self.path = path
+        self.node_id = node_id
+        self.fleet = fleet
+        self.clock = clock
+        self.config = config
+        self.zones = ZoneTable(fleet)
+        self._vv: VersionVector = {}
+        self._heads: dict[str, bytes] = {}
+        self._compacted: dict[str, int] = {}
+        self._pending: dict[str, dict[int, tuple[Op, str]]] = {}
+        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._writer_task: asyncio.Task[None] | None = None
+        self._subscribers: set[asyncio.Queue[Change | None]] = set()
+        self._listeners: list[Callable[[list[Op], bool], None]] = []
+        self._closed = False
+
+    # ------------------------------------------------------------------ open/close
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | Path,
+        *,
+        node_id: str,
+        fleet: Fleet,
+        wall: Callable[[], int] = wall_ms,
+        config: StoreConfig | None = None,
+    ) -> Store:
+        """Open (creating if needed) the store at ``path``.
+
+        Raises:
+            CorruptDatabaseError: the file is not a readable SQLite database.
+            ForeignDatabaseError: a SQLite file syncfw did not create, or one
+                created for another node id or fleet.
+            SchemaVersionError: the file's schema is newer than this syncfw.
+            StorageError: the file cannot be opened at all.
+        In every case the file is left untouched.
+        """
+        if not node_id:
+            raise ValueError("node_id must not be empty")
+        config = config or StoreConfig()
+        path = str(path)
+        try:
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open {path!r}: {exc}") from None
+        try:
+            await _check_and_migrate(conn, path, node_id, fleet, config)
+            store = cls(conn, path, node_id, fleet, HLC(wall, max_offset_ms=config.max_offset_ms), config)
+            await store._load()
+        except BaseException:
+            await conn.close()
+            raise
+        store._writer_task = asyncio.get_running_loop().create_task(
+            store._writer(), name=f"syncfw-writer-{node_id}"
+        )
+        return store
+
+    async def _load(self) -> None:
+        try:
+            for origin, seq, hsh, compacted in await self._conn.execute_fetchall(
+                "SELECT origin, seq, hash, compacted FROM heads"
+            ):
+                self._vv[origin] = seq
+                self._heads[origin] = hsh
+                if compacted:
+                    self._compacted[origin] = compacted
+            for prefix, epoch, owners in await self._conn.execute_fetchall(
+                "SELECT prefix, epoch, owners FROM grants ORDER BY prefix, epoch"
+            ):
+                self.zones.add_grant(Grant(prefix, frozenset(msgpack.unpackb(owners)), epoch))
+            for origin, seq, blob, reason in await self._conn.execute_fetchall(
+                "SELECT origin, seq, op, reason FROM pending"
+            ):
+                self._pending.setdefault(origin, {})[seq] = (_unpack_op(blob), reason)
+            rows = list(await self._conn.execute_fetchall("SELECT v FROM meta WHERE k = 'hlc'"))
+            high = int(rows[0][0]) if rows else 0
+            rows = list(
+                await self._conn.execute_fetchall(
+                    "SELECT max(hlc) FROM ops WHERE origin = ?", (self.node_id,)
+                )
+            )
+            if rows and rows[0][0] is not None:
+                high = max(high, int(rows[0][0]))
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        except DecodeError as exc:
+            raise CorruptDatabaseError(f"pending op in {self.path!r} is damaged: {exc}") from None
+        # A restart with the wall clock set in the past never issues a smaller timestamp.
+        self.clock.advance_to(high)
+
+    async def aclose(self) -> None:
+        """Finish queued writes, stop the writer and close the file. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer_task is not None:
+            await self._queue.put(None)
+            await self._writer_task
+        for q in self._subscribers:
+            q.put_nowait(None)
+        await self._conn.close()
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def version_vector(self) -> VersionVector:
+        """A copy of the version vector (applied and rejected ops, contiguous)."""
+        return dict(self._vv)
+
+    def head(self, origin: str) -> bytes:
+        """Hash of the last contiguous op held from ``origin``."""
+        return self._heads.get(origin, GENESIS)
+
+    # ------------------------------------------------------------------ the writer
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreClosedError("the store is closed")
+
+    async def write(
+        self, kind: str, key: str, zone: str, epoch: int, payload: bytes | PayloadFn
+    ) -> Op:
+        """Append one local op (group-committed) and return it once durable.
+
+        ``payload`` is the op's bytes, or a function of the key's current
+        state returning them (for types whose ops depend on it: counters,
+        OR-set removes, registers). Zone checks are the caller's job.
+        """
+        self._check_open()
+        fut: asyncio.Future[Op] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Write(kind, key, zone, epoch, payload, fut))
+        return await fut
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` on the writer task, between group commits."""
+        self._check_open()
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Call(fn, fut))
+        return await fut
+
+    async def _writer(self) -> None:
+        carry: _Job = None
+        while True:
+            job = carry if carry is not None else await self._queue.get()
+            carry = None
+            if job is None:
+                return
+            if isinstance(job, _Call):
+                try:
+                    result = await job.fn()
+                except BaseException as exc:  # delivered to the caller, never kills the writer
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                else:
+                    if not job.future.done():
+                        job.future.set_result(result)
+                continue
+            batch = [job]
+            while len(batch) < self.config.max_batch and not self._queue.empty():
+                nxt = self._queue.get_nowait()
+                if not isinstance(nxt, _Write):
+                    carry = nxt
+                    if nxt is None:
+                        carry = None
+                        await self._commit_local(batch)
+                        return
+                    break
+                batch.append(nxt)
+            await self._commit_local(batch)
+
+    async def _load_states(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        """Decoded states of non-lww (kind, key) pairs, empty where absent."""
+        wanted = sorted(set(keys))
+        states: dict[tuple[str, str], Any] = {}
+        by_kind: dict[str, list[str]] = defaultdict(list)
+        for kind, key in wanted:
+            by_kind[kind].append(key)
+            states[(kind, key)] = KINDS[kind].empty()
+        for kind, klist in by_kind.items():
+            crdt = KINDS[kind]
+            for chunk in _chunks(klist):
+                marks = ",".join("?" * len(chunk))
+                for key, data in await self._conn.execute_fetchall(
+                    f"SELECT key, data FROM state WHERE kind = ? AND key IN ({marks})",
+                    (kind, *chunk),
+                ):
+                    states[(kind, key)] = crdt.decode(data)
+        return states
+
+    async def _commit_local(self, batch: list[_Write]) -> None:
+        me = self.node_id
+        seq = self._vv.get(me, 0)
+        head = self._heads.get(me, GENESIS)
+        try:
+            states = await self._load_states(
+                (w.kind, w.key) for w in batch if w.kind in KINDS and w.kind != "lww"
+            )
+        except (sqlite3.Error, DecodeError) as exc:
+            err = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+            for w in batch:
+                if not w.future.done():
+                    w.future.set_exception(err)
+            return
+        ops: list[Op] = []
+        done: list[_Write] = []
+        stage = _Stage()
+        zones = self.zones
+        for w in batch:
+            if w.future.done():  # the caller was cancelled before its turn
+                continue
+            try:
+                if callable(w.payload):
+                    # A grant's payload is a function of the zone table (its epoch).
+                    state = zones if w.kind == GRANT_KIND else states[(w.kind, w.key)]
+                    payload = w.payload(state)
+                else:
+                    payload = w.payload
+                op = Op(me, seq + 1, self.clock.now(), w.zone, w.epoch, w.key, w.kind, payload, head)
+                if op.kind == GRANT_KIND:
+                    zones = zones.copy() if zones is self.zones else zones
+                    reason = _stage_grant(zones, op, stage)
+                    if reason is not None:
+                        raise ValueError(reason)
+                else:
+                    stage.apply(op, states)
+            except (SyncfwError, ValueError, TypeError) as exc:
+                w.future.set_exception(exc)
+                continue
+            seq += 1
+            head = op_hash(op)
+            ops.append(op)
+            done.append(w)
+        if not ops:
+            return
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.executemany(_INSERT_OP, [_op_row(op, 0) for op in ops])
+                await stage.flush(self._conn, states)
+                await self._conn.execute(_UPSERT_HEAD, (me, seq, head))
+                await self._save_hlc()
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            err = _translate(exc)
+            for w in done:
+                w.future.set_exception(err)
+            return
+        self._vv[me] = seq
+        self._heads[me] = head
+        self.zones = zones
+        for w, op in zip(done, ops, strict=True):
+            w.future.set_result(op)
+        self._notify(ops, local=True)
+
+    async def _rollback(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            await self._conn.execute("ROLLBACK")
+
+    async def _save_hlc(self) -> None:
+        await self._conn.execute(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES ('hlc', ?)", (self.clock.last,)
+        )
+
+    # ------------------------------------------------------------------ remote ops
+
+    async def apply_remote(self, ops: Sequence[Op]) -> ApplyResult:
+        """Merge a batch of ops from a peer, atomically (see the module invariants).
+
+        Raises:
+            ChainError: an op's ``prev`` does not extend its origin's chain.
+            ForkError: an op differs from the one held at its (origin, seq).
+            StorageFullError: no room; nothing of the batch was applied.
+        """
+        if not ops:
+            return ApplyResult()
+        return await self._call(lambda: self._apply_remote(list(ops)))
+
+    async def retry_pending(self) -> ApplyResult:
+        """Re-judge held-back ops (after a grant, or once local time caught up)."""
+        return await self._call(lambda: self._apply_remote([]))
+
+    async def _apply_remote(self, incoming: list[Op]) -> ApplyResult:
+        vv = self._vv
+        fresh: dict[str, dict[int, Op]] = defaultdict(dict)
+        held: list[Op] = []
+        duplicates = 0
+        for op in incoming:
+            if op.seq <= vv.get(op.origin, 0):
+                held.append(op)
+                continue
+            seen = fresh[op.origin].get(op.seq)
+            if seen is None:
+                pend = self._pending.get(op.origin, {}).get(op.seq)
+                seen = pend[0] if pend is not None else None
+            if seen is not None:
+                if seen.to_tuple()[:9] != op.to_tuple()[:9]:
+                    raise ForkError(f"two different ops at ({op.origin!r}, {op.seq})")
+                duplicates += 1
+                continue
+            fresh[op.origin][op.seq] = op
+        if held:
+            duplicates += await self._check_forks(held)
+
+        origins = set(fresh) | set(self._pending)
+        candidates: dict[str, dict[int, tuple[Op, bool]]] = {}
+        for origin in origins:
+            cand = {s: (op, False) for s, (op, _) in self._pending.get(origin, {}).items()}
+            cand.update({s: (op, True) for s, op in fresh.get(origin, {}).items()})
+            candidates[origin] = cand
+        if not any(
+            vv.get(o, 0) + 1 in cand for o, cand in candidates.items()
+        ) and not any(fresh.values()):
+            return ApplyResult(duplicates=duplicates)
+
+        states = await self._load_states(
+            (op.kind, op.key)
+            for cand in candidates.values()
+            for op, _ in cand.values()
+            if op.kind in KINDS and op.kind != "lww"
+        )
+        zones = self.zones.copy()
+        stage = _Stage()
+        nxt = {o: vv.get(o, 0) + 1 for o in origins}
+        heads = {o: self._heads.get(o, GENESIS) for o in origins}
+        waiting: dict[str, str] = {}
+        broken: set[tuple[str, int]] = set()
+        accepted: list[Op] = []
+        rejected: list[tuple[Op, str]] = []
+        authority = self.fleet.authority
+        order = sorted(origins, key=lambda o: (o != authority, o))
+        progress = True
+        while progress:
+            progress = False
+            for origin in order:
+                cand = candidates[origin]
+                while (entry := cand.get(nxt[origin])) is not None:
+                    op, is_fresh = entry
+                    if op.prev != heads[origin]:
+                        if is_fresh:
+                            raise ChainError(
+                                f"op ({op.origin!r}, {op.seq}) does not extend its origin's chain"
+                            )
+                        # A held-back op that turns out not to chain is dropped;
+                        # the genuine one can still arrive.
+                        log.warning("dropping pending op (%s, %d): broken chain", op.origin, op.seq)
+                        broken.add(op.id)
+                        del cand[op.seq]
+                        break
+                    try:
+                        self.clock.check(op.hlc)
+                    except ClockSkewError as exc:
+                        waiting[origin] = f"clock skew: {exc}"
+                        break
+                    verdict, reason = zones.judge(op)
+                    if verdict is Verdict.WAIT:
+                        waiting[origin] = reason
+                        break
+                    if verdict is Verdict.ACCEPT:
+                        reason = self._stage_remote(op, zones, stage, states) or ""
+                    if reason:
+                        rejected.append((op, reason))
+                    else:
+                        accepted.append(op)
+                    heads[origin] = op_hash(op)
+                    nxt[origin] += 1
+                    waiting.pop(origin, None)
+                    progress = True
+
+        # What stays held back: everything not consumed, with why.
+        new_pending: dict[str, dict[int, tuple[Op, str]]] = {}
+        for origin, cand in candidates.items():
+            keep = {
+                s: (op, waiting.get(origin, "gap: waiting for earlier ops of this origin"))
+                for s, (op, _) in cand.items()
+                if s >= nxt[origin]
+            }
+            if keep:
+                new_pending[origin] = keep
+        new_pending = self._bound_pending(new_pending)
+        old_keys = {(o, s) for o, d in self._pending.items() for s in d}
+        new_keys = {(o, s) for o, d in new_pending.items() for s in d}
+        to_delete = sorted(old_keys - new_keys)
+        to_insert = [
+            (o, s, _pack_op(new_pending[o][s][0]), new_pending[o][s][1])
+            for o, s in sorted(new_keys - old_keys)
+        ]
+        progressed = [o for o in origins if nxt[o] != vv.get(o, 0) + 1]
+        if accepted:
+            self.clock.observe(max(op.hlc for op in accepted))
+
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                rows = [_op_row(op, 0) for op in accepted]
+                rows += [_op_row(op, 1) for op, _ in rejected]
+                if rows:
+                    await self._conn.executemany(_INSERT_OP, rows)
+                if rejected:
+                    await self._conn.executemany(
+                        "INSERT INTO rejected (origin, seq, key, reason) VALUES (?, ?, ?, ?)",
+                        [(op.origin, op.seq, op.key, why) for op, why in rejected],
+                    )
+                await stage.flush(self._conn, states)
+                if progressed:
+                    await self._conn.executemany(
+                        _UPSERT_HEAD, [(o, nxt[o] - 1, heads[o]) for o in progressed]
+                    )
+                if to_delete:
+                    await self._conn.executemany(
+                        "DELETE FROM pending WHERE origin = ? AND seq = ?", to_delete
+                    )
+                if to_insert:
+                    await self._conn.executemany(
+                        "INSERT OR REPLACE INTO pending (origin, seq, op, reason) VALUES (?, ?, ?, ?)",
+                        to_insert,
+                    )
+                await self._save_hlc()
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+
+        for o in progressed:
+            self._vv[o] = nxt[o] - 1
+            self._heads[o] = heads[o]
+        self._pending = new_pending
+        self.zones = zones
+        if rejected:
+            for op, why in rejected:
+                log.warning("rejected op (%s, %d) on %r: %s", op.origin, op.seq, op.key, why)
+        self._notify(accepted, local=False)
+        pending = sum(len(d) for d in new_pending.values())
+        return ApplyResult(
+            applied=len(accepted), duplicates=duplicates, pending=pending, rejected=len(rejected)
+        )
+
+    def _stage_remote(
+        self, op: Op, zones: ZoneTable, stage: _Stage, states: dict[tuple[str, str], Any]
+    ) -> str | None:
+        """Stage an accepted op; return a rejection reason if it cannot be merged."""
+        if op.kind == GRANT_KIND:
+            return _stage_grant(zones, op, stage)
+        if op.kind not in KINDS:
+            return f"unknown op kind {op.kind!r}"
+        try:
+            if op.kind == "lww" and op.value:
+                decode_value(op.value)
+            stage.apply(op, states)
+        except DecodeError as exc:
+            return f"malformed {op.kind} payload: {exc}"
+        return None
+
+    def _bound_pending(
+        self, pending: dict[str, dict[int, tuple[Op, str]]]
+    ) -> dict[str, dict[int, tuple[Op, str]]]:
+        total = sum(len(d) for d in pending.values())
+        excess = total - self.config.max_pending
+        if excess <= 0:
+            return pending
+        # Drop the ops farthest ahead of their origin: they are the last needed
+        # and the next exchange sends them again.
+        ranked = sorted(
+            ((s - self._vv.get(o, 0), o, s) for o, d in pending.items() for s in d), reverse=True
+        )
+        for _, o, s in ranked[:excess]:
+            del pending[o][s]
+        log.warning("pending ops over max_pending: dropped %d, to be resent", excess)
+        return {o: d for o, d in pending.items() if d}
+
+    async def _check_forks(self, held: list[Op]) -> int:
+        """Compare ops we already hold against the stored ones. Returns the count."""
+        stored: dict[tuple[str, int], tuple[Any, ...]] = {}
+        by_origin: dict[str, list[int]] = defaultdict(list)
+        for op in held:
+            by_origin[op.origin].append(op.seq)
+        try:
+            for origin, seqs in by_origin.items():
+                for chunk in _chunks(seqs):
+                    marks = ",".join("?" * len(chunk))
+                    for row in await self._conn.execute_fetchall(
+                        "SELECT origin, seq, hlc, zone, epoch, key, kind, value, prev "
+                        f"FROM ops WHERE origin = ? AND seq IN ({marks})",
+                        (origin, *chunk),
+                    ):
+                        stored[(row[0], row[1])] = tuple(row)
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        for op in held:
+            row = stored.get(op.id)
+            # Compacted ops are no longer comparable; their chain was verified at apply.
+            if row is not None and row != op.to_tuple()[:9]:
+                raise ForkError(f"two different ops at ({op.origin!r}, {op.seq})")
+        return len(held)
+
+    # ------------------------------------------------------------------ export
+
+    async def ops_since(
+        self, vv: Mapping[str, int], *, limit: int = 10_000, max_bytes: int | None = None
+    ) -> list[Op]:
+        """Ops held here beyond ``vv``, each origin's in seq order (see :class:`Replica`).
+
+        Ops already compacted away cannot be exported; such an origin is
+        skipped with a warning (a state snapshot transfer is future work).
+        """
+        self._check_open()
+        out: list[Op] = []
+        size = 0
+        try:
+            for origin in sorted(self._vv):
+                have = self._vv[origin]
+                start = vv.get(origin, 0)
+                if have <= start:
+                    continue
+                if start < self._compacted.get(origin, 0):
+                    log.warning(
+                        "peer lacks ops (%s, %d..%d) already compacted here", origin, start + 1,
+                        self._compacted[origin],
+                    )
+                    continue
+                rows = await self._conn.execute_fetchall(
+                    "SELECT origin, seq, hlc, zone, epoch, key, kind, value, prev, sig FROM ops "
+                    "WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
+                    (origin, start, limit - len(out)),
+                )
+                for row in rows:
+                    op = Op(*row)
+                    out.append(op)
+                    size += len(op.value) + len(op.key) + 64
+                    if max_bytes is not None and size >= max_bytes:
+                        return out
+                if len(out) >= limit:
+                    return out
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        return out
+
+    # ------------------------------------------------------------------ reads
+
+    async def read_lww(self, key: str) -> bytes | None:
+        """The winning payload of an lww key (None when absent or deleted)."""
+        rows = await self._fetch(
+            "SELECT hlc, origin, data FROM state WHERE kind = 'lww' AND key = ?", (key,)
+        )
+        if not rows:
+            return None
+        hlc, origin, data = rows[0]
+        return LWW.read((hlc, origin, data))
+
+    async def scan_lww(self, prefix: str) -> dict[str, Any]:
+        """Every present lww key under ``prefix`` with its decoded value."""
+        rows = await self._fetch(
+            "SELECT key, data FROM state WHERE kind = 'lww' AND key >= ? AND key < ? ORDER BY key",
+            (prefix, prefix + "\U0010ffff"),
+        )
+        return {key: decode_value(data) for key, data in rows if data}
+
+    async def read_state(self, kind: str, key: str) -> Any:
+        """The decoded CRDT state of a non-lww key (its empty state if absent)."""
+        return (await self._load_states([(kind, key)]))[(kind, key)]
+
+    async def rejected(self) -> list[tuple[str, int, str, str]]:
+        """Rejected ops as ``(origin, seq, key, reason)``, by origin and seq."""
+        rows = await self._fetch("SELECT origin, seq, key, reason FROM rejected ORDER BY origin, seq")
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    def pending(self) -> dict[str, dict[int, str]]:
+        """Held-back ops: origin -> seq -> reason."""
+        return {o: {s: why for s, (_, why) in d.items()} for o, d in self._pending.items()}
+
+    async def stats(self) -> StoreStats:
+        """Counts and the file size."""
+        (pc,), (ps,) = (await self._fetch("PRAGMA page_count"))[0], (
+            await self._fetch("PRAGMA page_size")
+        )[0]
+        counts = [
+            (await self._fetch(f"SELECT count(*) FROM {t}"))[0][0]
+            for t in ("ops", "pending", "rejected", "state", "peers")
+        ]
+        return StoreStats(pc * ps, *counts)
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self._check_open()
+        try:
+            return list(await self._conn.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+
+    # ------------------------------------------------------------------ peers, compaction
+
+    async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
+        """Durably record the version vector ``peer`` acknowledged."""
+        blob = msgpack.packb(dict(vv))
+
+        async def run() -> None:
+            await self._execute_one(
+                "INSERT OR REPLACE INTO peers (peer, vv) VALUES (?, ?)", (peer, blob)
+            )
+
+        await self._call(run)
+
+    async def forget_peer(self, peer: str) -> None:
+        """Stop counting ``peer`` as a replica (it no longer holds back compaction)."""
+
+        async def run() -> None:
+            await self._execute_one("DELETE FROM peers WHERE peer = ?", (peer,))
+
+        await self._call(run)
+
+    async def peer_acks(self) -> dict[str, VersionVector]:
+        """Every known peer's acknowledged version vector."""
+        rows = await self._fetch("SELECT peer, vv FROM peers")
+        return {peer: msgpack.unpackb(blob, strict_map_key=False) for peer, blob in rows}
+
+    async def _execute_one(self, sql: str, params: Sequence[Any]) -> None:
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._conn.execute(sql, params)
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+
+    async def compact(self) -> int:
+        """Drop ops every known peer has acknowledged; their effect stays in state.
+
+        With no known peer nothing is compacted: an op no other replica holds
+        is not yet causally stable. Returns the number of ops removed.
+        """
+        return await self._call(self._compact)
+
+    async def _compact(self) -> int:
+        acks = await self.peer_acks()
+        if not acks:
+            return 0
+        bounds = {
+            o: min(min(vv.get(o, 0) for vv in acks.values()), have) for o, have in self._vv.items()
+        }
+        todo = {o: b for o, b in bounds.items() if b > self._compacted.get(o, 0)}
+        if not todo:
+            return 0
+        removed = 0
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for o, b in todo.items():
+                    cur = await self._conn.execute(
+                        "DELETE FROM ops WHERE origin = ? AND seq <= ?", (o, b)
+                    )
+                    removed += cur.rowcount
+                    await self._conn.execute(
+                        "UPDATE heads SET compacted = ? WHERE origin = ?", (b, o)
+                    )
+                await self._conn.execute("COMMIT")
+            except BaseException:
+                await self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            raise _translate(exc) from None
+        self._compacted.update(todo)
+        return removed
+
+    async def expire(self, retention_ms: int, *, now_ms: int | None = None) -> int:
+        """Drop telemetry state older than ``retention_ms`` (see ``Fleet.telemetry``).
+
+        Returns the number of keys expired.
+        """
+
+        async def run() -> int:
+            cutoff = ((now_ms if now_ms is not None else self.clock._wall()) - retention_ms) << 16
+            removed = 0
+            try:
+                await self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    for prefix in self.fleet.telemetry:
+                        cur = await self._conn.execute(
+                            "DELETE FROM state WHERE key >= ? AND key < ? AND hlc < ?",
+                            (prefix, prefix + "\U0010ffff", cutoff),
+                        )
+                        removed += cur.rowcount
+                    await self._conn.execute("COMMIT")
+                except BaseException:
+                    await self._rollback()
+                    raise
+            except sqlite3.Error as exc:
+                raise _translate(exc) from None
+            return removed
+
+        return await self._call(run)
+
+    # ------------------------------------------------------------------ change feed
+
+    def add_listener(self, fn: Callable[[list[Op], bool], None]) -> None:
+        """Call ``fn(ops, local)`` synchronously after every commit that applied ops."""
+        self._listeners.append(fn)
+
+    def _notify(self, ops: list[Op], *, local: bool) -> None:
+        if not ops:
+            return
+        for fn in self._listeners:
+            try:
+                fn(ops, local)
+            except Exception:  # a listener's bug must not break the writer
+                log.exception("store listener failed")
+        if not self._subscribers:
+            return
+        changes = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
+        for q in list(self._subscribers):
+            if q.maxsize and q.qsize() + len(changes) >= q.maxsize:
+                # Too far behind: end this subscription rather than grow without bound.
+                self._subscribers.discard(q)
+                q.put_nowait(None)
+                continue
+            for ch in changes:
+                q.put_nowait(ch)
+
+    async def changes(self) -> AsyncIterator[Change]:
+        """Every change applied from now on, local and remote, in commit order.
+
+        Raises:
+            ChangeFeedLagged: the subscriber fell ``changes_buffer`` changes behind.
+        """
+        q: asyncio.Queue[Change | None] = asyncio.Queue(self.config.changes_buffer + 1)
+        self._subscribers.add(q)
+        try:
+            while True:
+                ch = await q.get()
+                if ch is None:
+                    if self._closed:
+                        return
+                    raise ChangeFeedLagged(
+                        f"change subscriber fell {self.config.changes_buffer} changes behind"
+                    )
+                yield ch
+        finally:
+            self._subscribers.discard(q)
+
+
+class _Stage:
+    """State changes of one transaction, folded in memory before they are written."""
+
+    __slots__ = ("grants", "lww", "touched")
+
+    def __init__(self) -> None:
+        self.lww: dict[str, tuple[int, str, bytes]] = {}
+        self.touched: dict[tuple[str, str], int] = {}
+        self.grants: list[Grant] = []
+
+    def apply(self, op: Op, states: dict[tuple[str, str], Any]) -> None:
+        if op.kind == "lww":
+            cand = (op.hlc, op.origin, op.value)
+            cur = self.lww.get(op.key)
+            if cur is None or cand > cur:
+                self.lww[op.key] = cand
+            return
+        crdt = KINDS.get(op.kind)
+        if crdt is None:
+            raise DecodeError(f"unknown op kind {op.kind!r}")
+        k = (op.kind, op.key)
+        states[k] = crdt.apply(states[k], OpView(op.origin, op.seq, op.hlc, op.value))
+        self.touched[k] = max(self.touched.get(k, 0), op.hlc)
+
+    async def flush(self, conn: aiosqlite.Connection, states: dict[tuple[str, str], Any]) -> None:
+        if self.lww:
+            await conn.executemany(
+                _UPSERT_LWW, [(k, h, o, p) for k, (h, o, p) in self.lww.items()]
+            )
+        if self.touched:
+            await conn.executemany(
+                _UPSERT_STATE,
+                [(kind, key, hlc, KINDS[kind].encode(states[(kind, key)]))
+                 for (kind, key), hlc in self.touched.items()],
+            )
+        if self.grants:
+            await conn.executemany(
+                "INSERT OR IGNORE INTO grants (prefix, epoch, owners) VALUES (?, ?, ?)",
+                [(g.prefix, g.epoch, msgpack.packb(sorted(g.owners))) for g in self.grants],
+            )
+
+
+def _stage_grant(zones: ZoneTable, op: Op, stage: _Stage) -> str | None:
+    """Apply a grant op to ``zones`` (a staged copy); return why it is invalid, if it is."""
+    try:
+        raw = decode_value(op.value)
+        grant = Grant(str(raw["prefix"]), frozenset(str(o) for o in raw["owners"]), int(raw["epoch"]))
+    except (DecodeError, KeyError, TypeError, ValueError) as exc:
+        return f"malformed grant: {exc}"
+    if op.key != GRANT_KEY_PREFIX + grant.prefix:
+        return f"grant of {grant.prefix!r} written under the wrong key {op.key!r}"
+    reason = zones.check_grant(op.origin, grant)
+    if reason is not None:
+        return reason
+    zones.add_grant(grant)
+    stage.grants.append(grant)
+    return None
+
+
+async def _check_and_migrate(
+    conn: aiosqlite.Connection, path: str, node_id: str, fleet: Fleet, config: StoreConfig
+) -> None:
+    """Refuse foreign, newer or damaged files before writing; then migrate and configure."""
+    try:
+        app_id = (await conn.execute_fetchall("PRAGMA application_id"))[0][0]  # type: ignore[index]
+        version = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]  # type: ignore[index]
+        tables = list(await conn.execute_fetchall("SELECT name FROM sqlite_master"))
+    except sqlite3.DatabaseError as exc:
+        raise CorruptDatabaseError(f"{path!r} is not a readable SQLite database: {exc}") from None
+    if app_id != APPLICATION_ID and (app_id != 0 or tables):
+        raise ForeignDatabaseError(f"{path!r} is a SQLite database, but not a syncfw store")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path!r} has schema version {version}; this syncfw knows up to {SCHEMA_VERSION}"
+        )
+    try:
+        if version:
+            meta = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
+            if meta.get("node_id") != node_id:
+                raise ForeignDatabaseError(
+                    f"{path!r} belongs to node {meta.get('node_id')!r}, not {node_id!r}"
+                )
+            if meta.get("fleet_id") != fleet.fleet_id:
+                raise ForeignDatabaseError(
+                    f"{path!r} belongs to fleet {meta.get('fleet_id')!r}, not {fleet.fleet_id!r}"
+                )
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {config.synchronous}")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                if step == 1:
+                    await conn.executemany(
+                        "INSERT INTO meta (k, v) VALUES (?, ?)",
+                        [("node_id", node_id), ("fleet_id", fleet.fleet_id)],
+                    )
+                    await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                await conn.execute(f"PRAGMA user_version = {step}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+                raise
+        if config.max_bytes is not None:
+            page_size = (await conn.execute_fetchall("PRAGMA page_size"))[0][0]  # type: ignore[index]
+            await conn.execute(f"PRAGMA max_page_count = {max(1, config.max_bytes // page_size)}")
+    except sqlite3.DatabaseError as exc:
+        raise _translate(exc) from None

@@ -1,0 +1,181 @@
+"""Two sessions joined by a fake link, driven without an event loop (tests, benchmarks).
+
+:class:`SessionPair` performs each session's effects against a replica whose
+coroutines never suspend (such as :class:`syncfw.testing.memory.MemoryReplica`)
+by stepping them by hand; a replica that really awaits I/O needs the async
+runner in :mod:`syncfw.transport.runner` instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from syncfw.log import Replica
+from syncfw.sync.frames import Frame, Status
+from syncfw.sync.session import (
+    Acknowledge,
+    ApplyOps,
+    Effect,
+    End,
+    FetchOps,
+    LearnPeers,
+    Send,
+    Session,
+    SessionConfig,
+)
+
+__all__ = ["PairResult", "SessionPair", "drive"]
+
+T = TypeVar("T")
+
+
+def drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends and return its result.
+
+    Raises:
+        RuntimeError: the coroutine suspended (it needs an event loop).
+    """
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    coro.close()
+    raise RuntimeError("the replica suspended; drive it with the async runner instead")
+
+
+@dataclass(slots=True)
+class PairResult:
+    """How a paired exchange went.
+
+    Attributes:
+        a: the initiator's end status and reason.
+        b: the responder's end status and reason.
+        frames: frames delivered, both directions.
+        wire_bytes: bytes delivered, when the pair encodes frames.
+        rounds: lockstep delivery rounds (a round trip is two rounds).
+        learned: peer lists each side learned, by side.
+    """
+
+    a: tuple[Status, str] | None = None
+    b: tuple[Status, str] | None = None
+    frames: int = 0
+    wire_bytes: int = 0
+    rounds: int = 0
+    learned: dict[str, list[Any]] = field(default_factory=lambda: {"a": [], "b": []})
+
+    @property
+    def round_trips(self) -> int:
+        """Round trips the exchange took, the initiator speaking first."""
+        return (self.rounds + 1) // 2
+
+
+class SessionPair:
+    """Connects two replicas' sessions with an in-process, lockstep link.
+
+    Args:
+        a: the initiating replica.
+        b: the responding replica; its session starts on the first frame it gets.
+        config_a: session tunables of ``a``.
+        config_b: session tunables of ``b``.
+        encode: turns a frame into wire bytes (e.g. the transport's protobuf);
+            when given with ``decode``, every frame crosses the link as bytes.
+        decode: turns wire bytes back into a frame.
+        tamper: called on each frame in flight with its sender ("a" or "b");
+            returns the frame to deliver (tests inject faults with it).
+    """
+
+    def __init__(
+        self,
+        a: Replica,
+        b: Replica,
+        *,
+        config_a: SessionConfig | None = None,
+        config_b: SessionConfig | None = None,
+        encode: Callable[[Frame], bytes] | None = None,
+        decode: Callable[[bytes], Frame] | None = None,
+        tamper: Callable[[str, Frame], Frame | None] | None = None,
+    ) -> None:
+        self.replicas = {"a": a, "b": b}
+        self.sessions = {
+            "a": Session(a.node_id, a.fleet_id, hlc=a.hlc_now(), config=config_a),
+            "b": Session(b.node_id, b.fleet_id, hlc=b.hlc_now(), config=config_b),
+        }
+        self._encode = encode
+        self._decode = decode
+        self._tamper = tamper
+        self.outbox: dict[str, list[Frame]] = {"a": [], "b": []}
+        self.result = PairResult()
+
+    def run(self, *, cut_after: int | None = None, max_rounds: int = 100_000) -> PairResult:
+        """Run the exchange to its end (or until ``cut_after`` frames were delivered).
+
+        A cut aborts both sessions with ``ABORTED`` mid-flight, as a dropped
+        connection would.
+        """
+        res = self.result
+        self._perform("a", self.sessions["a"].start(drive(self.replicas["a"].version_vector())))
+        while not (self.sessions["a"].ended and self.sessions["b"].ended):
+            if res.rounds >= max_rounds:
+                raise RuntimeError("exchange did not end")
+            flights = {side: self.outbox[side] for side in ("a", "b")}
+            self.outbox = {"a": [], "b": []}
+            if not flights["a"] and not flights["b"]:
+                for side in ("a", "b"):  # nothing in flight: the link is idle, both hang up
+                    self._perform(side, self.sessions[side].abort(Status.ABORTED, "link idle"))
+                break
+            res.rounds += 1
+            for sender, frames in flights.items():
+                receiver = "b" if sender == "a" else "a"
+                for frame in frames:
+                    if cut_after is not None and res.frames >= cut_after:
+                        for side in ("a", "b"):
+                            self._perform(side, self.sessions[side].abort(Status.ABORTED, "cut"))
+                        return res
+                    delivered = self._carry(sender, frame)
+                    if delivered is None:
+                        continue
+                    res.frames += 1
+                    session = self.sessions[receiver]
+                    if receiver == "b" and session.state.value == "idle":
+                        self._perform("b", session.start(drive(self.replicas["b"].version_vector())))
+                    self._perform(receiver, session.receive(delivered))
+        return res
+
+    def _carry(self, sender: str, frame: Frame) -> Frame | None:
+        if self._tamper is not None:
+            tampered = self._tamper(sender, frame)
+            if tampered is None:
+                return None
+            frame = tampered
+        if self._encode is not None and self._decode is not None:
+            data = self._encode(frame)
+            self.result.wire_bytes += len(data)
+            return self._decode(data)
+        return frame
+
+    def _perform(self, side: str, effects: list[Effect]) -> None:
+        session = self.sessions[side]
+        replica = self.replicas[side]
+        queue = list(effects)
+        while queue:
+            effect = queue.pop(0)
+            if isinstance(effect, Send):
+                self.outbox[side].append(effect.frame)
+            elif isinstance(effect, FetchOps):
+                ops = drive(replica.ops_since(effect.vv, limit=effect.limit, max_bytes=effect.max_bytes))
+                queue.extend(session.ops_fetched(ops))
+            elif isinstance(effect, ApplyOps):
+                try:
+                    drive(replica.apply_remote(list(effect.ops)))
+                except Exception as exc:
+                    queue.extend(session.apply_failed(exc))
+                else:
+                    queue.extend(session.ops_applied(drive(replica.version_vector())))
+            elif isinstance(effect, Acknowledge):
+                drive(replica.acknowledge(effect.peer, effect.vv))
+            elif isinstance(effect, LearnPeers):
+                self.result.learned[side].append(effect.peers)
+            elif isinstance(effect, End):
+                setattr(self.result, side, (effect.status, effect.reason))

@@ -1,0 +1,530 @@
+"""One anti-entropy exchange between this replica and one peer, as a state machine.
+
+Invariants (everything that affects the state machine lives in this file):
+
+1. The session performs no I/O. Its inputs are :meth:`Session.start`,
+   :meth:`Session.receive` (a frame from the peer) and the answers to the
+   effects it asked for (:meth:`ops_fetched`, :meth:`ops_applied`,
+   :meth:`apply_failed`); its outputs are lists of effects, to be performed in
+   order. It never asks for an answer while another answer is outstanding.
+2. Both sides run the same machine. Each sends ``Hello`` and ``Digest`` at once;
+   equal digests end the exchange after one round trip. Otherwise each sends a
+   ``Summary`` and streams, in batches, what the other's summary lacks, then an
+   empty ``Ops(last=True)``. The receiver applies each batch whole
+   (:class:`ApplyOps`) and answers it with an ``Ack`` carrying its new version
+   vector, which the sender persists (:class:`Acknowledge`).
+3. At most ``window`` batches are un-acknowledged at once, so a slow receiver
+   bounds the sender's memory (backpressure end to end).
+4. A batch is applied whole or not at all: anything wrong with it (malformed,
+   over the caps, a gap in an origin's seq, a forged ``prev``, a fork) ends the
+   exchange with :class:`End` before or instead of :class:`ApplyOps`. Because
+   every applied batch is durable and every ack is a version vector, a cut at
+   any frame leaves both replicas consistent, and the next exchange resumes
+   from their version vectors.
+5. The session ends exactly once, with one :class:`End` effect as the last
+   effect it ever emits; after that every input returns no effects.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from syncfw.codec import BatchLimits, decode_batch, encode_batch, packed_size
+from syncfw.errors import ChainError, DecodeError, ForkError, SyncfwError
+from syncfw.log import Op, VersionVector, vv_digest
+from syncfw.sync.frames import (
+    PROTOCOL_VERSION,
+    Ack,
+    Close,
+    Digest,
+    Frame,
+    Hello,
+    Ops,
+    PeerInfo,
+    Peers,
+    Status,
+    Summary,
+)
+
+__all__ = [
+    "Acknowledge",
+    "ApplyOps",
+    "Effect",
+    "End",
+    "FetchOps",
+    "LearnPeers",
+    "Send",
+    "Session",
+    "SessionConfig",
+    "SessionState",
+]
+
+ZSTD = "zstd"
+
+
+# -- effects -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    """Send ``frame`` to the peer."""
+
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class FetchOps:
+    """Read ops beyond ``vv`` (``Replica.ops_since``); answer with :meth:`Session.ops_fetched`."""
+
+    vv: Mapping[str, int]
+    limit: int
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyOps:
+    """Apply a batch atomically (``Replica.apply_remote``), then answer with
+    :meth:`Session.ops_applied` (the new version vector) or :meth:`Session.apply_failed`."""
+
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Acknowledge:
+    """Durably record that ``peer`` holds ``vv`` (``Replica.acknowledge``)."""
+
+    peer: str
+    vv: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class LearnPeers:
+    """The peer gossiped its member list."""
+
+    peers: tuple[PeerInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The exchange is over; ``status`` says how. Always the last effect."""
+
+    status: Status
+    reason: str
+
+
+Effect = Send | FetchOps | ApplyOps | Acknowledge | LearnPeers | End
+
+
+# -- configuration and state ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Tunables of one exchange.
+
+    Attributes:
+        max_batch_bytes: largest encoded batch this side accepts, and sends.
+        batch_ops: most ops fetched per batch.
+        window: most un-acknowledged batches in flight.
+        zstd: this side speaks zstd (advertised in ``Hello``).
+        limits: codec caps; ``max_compressed`` is raised to ``max_batch_bytes``.
+    """
+
+    max_batch_bytes: int = 1 << 20
+    batch_ops: int = 2_000
+    window: int = 4
+    zstd: bool = True
+    limits: BatchLimits = field(default_factory=BatchLimits)
+
+    def batch_limits(self) -> BatchLimits:
+        """Codec caps matching ``max_batch_bytes``."""
+        lim = self.limits
+        return BatchLimits(
+            max_compressed=self.max_batch_bytes,
+            max_decompressed=max(lim.max_decompressed, self.max_batch_bytes),
+            max_ops=max(lim.max_ops, self.batch_ops),
+            compress_threshold=lim.compress_threshold,
+            zstd_level=lim.zstd_level,
+        )
+
+
+class SessionState(enum.Enum):
+    """Where an exchange stands."""
+
+    IDLE = "idle"  # not started
+    HELLO = "hello"  # sent Hello+Digest, awaiting the peer's Hello
+    DIGEST = "digest"  # awaiting the peer's Digest
+    SUMMARY = "summary"  # digests differ, awaiting the peer's Summary
+    STREAMING = "streaming"  # ops flowing both ways
+    DONE = "done"  # ended in sync (End(OK))
+    FAILED = "failed"  # ended otherwise
+
+
+# which frames each state accepts (Peers and Close are accepted in every live state)
+_ACCEPTS: dict[SessionState, tuple[type, ...]] = {
+    SessionState.HELLO: (Hello,),
+    SessionState.DIGEST: (Digest,),
+    SessionState.SUMMARY: (Summary,),
+    SessionState.STREAMING: (Ops, Ack),
+}
+_LIVE = frozenset(_ACCEPTS)
+
+
+class Session:
+    """One exchange with one peer; see the module docstring for the protocol.
+
+    Args:
+        node_id: this replica's id.
+        fleet_id: this replica's fleet; a peer of another fleet is refused.
+        hlc: this replica's clock reading, sent in ``Hello``.
+        config: tunables.
+        peers: a member list to gossip to the peer (after ``Hello``), if any.
+        expect_peer: when set, a peer that says hello under another id is refused.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        fleet_id: str,
+        *,
+        hlc: int = 0,
+        config: SessionConfig | None = None,
+        peers: Sequence[PeerInfo] = (),
+        expect_peer: str | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.fleet_id = fleet_id
+        self.config = config or SessionConfig()
+        self._limits = self.config.batch_limits()
+        self._hlc = hlc
+        self._gossip = tuple(peers)
+        self._expect_peer = expect_peer
+        self.state = SessionState.IDLE
+        self.peer: Hello | None = None
+        self.status: Status | None = None
+        self.reason = ""
+        self._vv: VersionVector = {}
+        self._peer_vv: VersionVector | None = None
+        # send side
+        self._cursor: VersionVector = {}
+        self._fetching = False
+        self._inflight = 0
+        self._sent_last = False
+        # receive side
+        self._recv_cursor: VersionVector = {}
+        self._applying: tuple[Op, ...] | None = None
+        self._rx: deque[Ops] = deque()
+        self._recv_last = False
+        # counters, for tests and metrics
+        self.ops_sent = 0
+        self.ops_received = 0
+        self.batches_sent = 0
+
+    # -- properties ------------------------------------------------------------
+
+    @property
+    def ended(self) -> bool:
+        """True once :class:`End` was emitted."""
+        return self.state in (SessionState.DONE, SessionState.FAILED)
+
+    @property
+    def peer_id(self) -> str | None:
+        """The peer's node id, once it said hello."""
+        return self.peer.node_id if self.peer else None
+
+    @property
+    def peer_vv(self) -> VersionVector | None:
+        """The version vector the peer summarized, if it did."""
+        return self._peer_vv
+
+    # -- inputs ----------------------------------------------------------------
+
+    def start(self, vv: Mapping[str, int]) -> list[Effect]:
+        """Begin the exchange from this replica's current version vector ``vv``."""
+        if self.state is not SessionState.IDLE:
+            raise RuntimeError("a session starts once")
+        self._vv = dict(vv)
+        self._recv_cursor = dict(vv)
+        self.state = SessionState.HELLO
+        hello = Hello(
+            protocol=PROTOCOL_VERSION,
+            fleet_id=self.fleet_id,
+            node_id=self.node_id,
+            hlc=self._hlc,
+            features=(ZSTD,) if self.config.zstd else (),
+            max_batch_bytes=self.config.max_batch_bytes,
+        )
+        out: list[Effect] = [Send(hello)]
+        if self._gossip:
+            out.append(Send(Peers(self._gossip)))
+        out.append(Send(Digest(vv_digest(self._vv))))
+        return out
+
+    def receive(self, frame: Frame) -> list[Effect]:
+        """Feed one frame from the peer."""
+        if self.ended:
+            return []
+        if self.state is SessionState.IDLE:
+            raise RuntimeError("start() the session before feeding it frames")
+        if isinstance(frame, Close):
+            return self._end(frame.code, f"peer closed: {frame.reason}", tell=False)
+        if isinstance(frame, Peers):
+            if self.peer is None:
+                return self._fail(Status.INVALID_ARGUMENT, "Peers before Hello")
+            return [LearnPeers(frame.peers)]
+        if not isinstance(frame, _ACCEPTS[self.state]):
+            return self._fail(
+                Status.INVALID_ARGUMENT,
+                f"unexpected {type(frame).__name__} frame in state {self.state.value}",
+            )
+        if isinstance(frame, Hello):
+            return self._on_hello(frame)
+        if isinstance(frame, Digest):
+            return self._on_digest(frame)
+        if isinstance(frame, Summary):
+            return self._on_summary(frame)
+        if isinstance(frame, Ops):
+            return self._on_ops(frame)
+        assert isinstance(frame, Ack)
+        return self._on_ack(frame)
+
+    def ops_fetched(self, ops: Sequence[Op]) -> list[Effect]:
+        """Answer a :class:`FetchOps`: the ops beyond the vector it named."""
+        if self.ended:
+            return []
+        if not self._fetching:
+            raise RuntimeError("ops_fetched without a FetchOps outstanding")
+        self._fetching = False
+        if not ops:
+            self._sent_last = True
+            out: list[Effect] = [Send(Ops(encode_batch([], limits=self._limits), last=True))]
+            return out + self._maybe_done()
+        cursor = self._cursor
+        for op in ops:
+            if op.seq > cursor.get(op.origin, 0):
+                cursor[op.origin] = op.seq
+        out = []
+        for batch in self._split(list(ops)):
+            if batch is None:
+                return self._fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"an op is larger than the peer's batch cap of {self._peer_cap()} bytes",
+                )
+            out.append(Send(Ops(batch)))
+            self._inflight += 1
+            self.batches_sent += 1
+        self.ops_sent += len(ops)
+        return out + self._pump()
+
+    def ops_applied(self, vv: Mapping[str, int]) -> list[Effect]:
+        """Answer an :class:`ApplyOps`: the batch is durable; ``vv`` is the new vector."""
+        if self.ended:
+            return []
+        if self._applying is None:
+            raise RuntimeError("ops_applied without an ApplyOps outstanding")
+        self.ops_received += len(self._applying)
+        self._applying = None
+        self._vv = dict(vv)
+        out: list[Effect] = [Send(Ack(dict(vv)))]
+        return out + self._drain()
+
+    def apply_failed(self, error: BaseException) -> list[Effect]:
+        """Answer an :class:`ApplyOps` that raised; nothing of the batch was applied."""
+        if self.ended:
+            return []
+        self._applying = None
+        if isinstance(error, ChainError | ForkError):
+            return self._fail(Status.DATA_LOSS, f"refused a batch: {error}")
+        if isinstance(error, SyncfwError):
+            return self._fail(Status.INTERNAL, f"could not apply a batch: {error}")
+        return self._fail(Status.INTERNAL, f"could not apply a batch: {error!r}")
+
+    def abort(self, status: Status, reason: str) -> list[Effect]:
+        """End the exchange from outside (link cut, deadline, shutdown); tells the peer."""
+        if self.ended:
+            return []
+        return self._end(status, reason, tell=True)
+
+    # -- transitions -------------------------------------------------------------
+
+    def _on_hello(self, hello: Hello) -> list[Effect]:
+        if hello.protocol != PROTOCOL_VERSION:
+            return self._fail(
+                Status.FAILED_PRECONDITION,
+                f"peer speaks sync protocol {hello.protocol}, this node speaks {PROTOCOL_VERSION}",
+            )
+        if hello.fleet_id != self.fleet_id:
+            return self._fail(
+                Status.FAILED_PRECONDITION,
+                f"peer {hello.node_id!r} belongs to fleet {hello.fleet_id!r}, not {self.fleet_id!r}",
+            )
+        if not hello.node_id or hello.node_id == self.node_id:
+            return self._fail(Status.FAILED_PRECONDITION, f"peer claims node id {hello.node_id!r}")
+        if self._expect_peer is not None and hello.node_id != self._expect_peer:
+            return self._fail(
+                Status.FAILED_PRECONDITION,
+                f"expected peer {self._expect_peer!r}, it says it is {hello.node_id!r}",
+            )
+        if hello.max_batch_bytes < 64:
+            return self._fail(Status.INVALID_ARGUMENT, "peer batch cap is below 64 bytes")
+        self.peer = hello
+        self.state = SessionState.DIGEST
+        return []
+
+    def _on_digest(self, digest: Digest) -> list[Effect]:
+        assert self.peer is not None
+        if digest.digest == vv_digest(self._vv):
+            self._peer_vv = dict(self._vv)
+            return [
+                Acknowledge(self.peer.node_id, dict(self._vv)),
+                *self._end(Status.OK, "in sync", tell=False),
+            ]
+        self.state = SessionState.SUMMARY
+        return [Send(Summary(dict(self._vv)))]
+
+    def _on_summary(self, summary: Summary) -> list[Effect]:
+        assert self.peer is not None
+        vv: VersionVector = {}
+        for origin, seq in summary.vv.items():
+            if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
+                return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Summary")
+            if seq:
+                vv[origin] = seq
+        self._peer_vv = vv
+        self._cursor = dict(vv)
+        self.state = SessionState.STREAMING
+        return [Acknowledge(self.peer.node_id, dict(vv)), *self._pump()]
+
+    def _on_ops(self, frame: Ops) -> list[Effect]:
+        if self._recv_last:
+            return self._fail(Status.INVALID_ARGUMENT, "Ops after the peer's last batch")
+        self._rx.append(frame)
+        return self._drain()
+
+    def _on_ack(self, ack: Ack) -> list[Effect]:
+        assert self.peer is not None
+        if self._inflight <= 0:
+            return self._fail(Status.INVALID_ARGUMENT, "Ack with no batch in flight")
+        vv: VersionVector = {}
+        for origin, seq in ack.vv.items():
+            if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
+                return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Ack")
+            if seq:
+                vv[origin] = seq
+        self._inflight -= 1
+        return [Acknowledge(self.peer.node_id, vv), *self._pump()]
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _drain(self) -> list[Effect]:
+        """Take the next queued batch, if none is being applied."""
+        out: list[Effect] = []
+        while self._applying is None and self._rx:
+            frame = self._rx.popleft()
+            if len(frame.batch) > self.config.max_batch_bytes:
+                return out + self._fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"batch of {len(frame.batch)} bytes exceeds the cap of "
+                    f"{self.config.max_batch_bytes}",
+                )
+            try:
+                ops = decode_batch(frame.batch, limits=self._limits)
+            except DecodeError as exc:
+                return out + self._fail(Status.INVALID_ARGUMENT, f"malformed batch: {exc}")
+            problem = self._check_contiguous(ops)
+            if problem:
+                return out + self._fail(Status.INVALID_ARGUMENT, problem)
+            if frame.last:
+                self._recv_last = True
+                if self._rx:
+                    return out + self._fail(Status.INVALID_ARGUMENT, "Ops after the last batch")
+            if ops:
+                self._applying = tuple(ops)
+                out.append(ApplyOps(self._applying))
+            elif not frame.last:
+                return out + self._fail(Status.INVALID_ARGUMENT, "empty batch not marked last")
+        return out + self._maybe_done()
+
+    def _check_contiguous(self, ops: Sequence[Op]) -> str:
+        """Each origin's ops must continue what this side holds (or has been sent)."""
+        cursor = self._recv_cursor
+        for op in ops:
+            have = cursor.get(op.origin, 0)
+            if op.seq > have + 1:
+                return (
+                    f"gap in origin {op.origin!r}: op {op.seq} after {have}; nothing applied"
+                )
+            if op.seq == have + 1:
+                cursor[op.origin] = op.seq
+        return ""
+
+    def _pump(self) -> list[Effect]:
+        """Ask for more ops to send, within the window."""
+        if self._sent_last or self._fetching or self.ended:
+            return self._maybe_done()
+        if self._inflight >= self.config.window:
+            return []
+        self._fetching = True
+        max_bytes = max(64, min(self._peer_cap(), self.config.max_batch_bytes) * 3 // 4)
+        return [FetchOps(dict(self._cursor), self.config.batch_ops, max_bytes)]
+
+    def _peer_cap(self) -> int:
+        cap = self.peer.max_batch_bytes if self.peer else self.config.max_batch_bytes
+        return min(cap, self.config.max_batch_bytes)
+
+    def _split(self, ops: list[Op]) -> list[bytes | None]:
+        """Encode ``ops`` into batches under the peer's cap (None: one op is too big)."""
+        zstd = self.config.zstd and self.peer is not None and ZSTD in self.peer.features
+        cap = self._peer_cap()
+        limits = BatchLimits(
+            max_compressed=1 << 62,
+            max_decompressed=1 << 62,
+            max_ops=max(len(ops), 1),
+            compress_threshold=self._limits.compress_threshold,
+            zstd_level=self._limits.zstd_level,
+        )
+        data = encode_batch(ops, zstd=zstd, limits=limits)
+        if len(data) <= cap:
+            return [data]
+        if len(ops) == 1:
+            return [None]
+        # estimate a split point from packed sizes rather than halving blindly
+        half = len(ops) // 2
+        if not zstd:
+            total, half = 2, 0
+            for i, op in enumerate(ops):
+                total += packed_size(op) + 5
+                if total > cap:
+                    break
+                half = i + 1
+            half = max(1, min(half, len(ops) - 1))
+        return self._split(ops[:half]) + self._split(ops[half:])
+
+    def _maybe_done(self) -> list[Effect]:
+        if (
+            self.state is SessionState.STREAMING
+            and self._sent_last
+            and self._inflight == 0
+            and self._recv_last
+            and self._applying is None
+            and not self._rx
+        ):
+            return self._end(Status.OK, "synced", tell=False)
+        return []
+
+    def _fail(self, status: Status, reason: str) -> list[Effect]:
+        return self._end(status, reason, tell=True)
+
+    def _end(self, status: Status, reason: str, *, tell: bool) -> list[Effect]:
+        self.state = SessionState.DONE if status is Status.OK else SessionState.FAILED
+        self.status = status
+        self.reason = reason
+        self._rx.clear()
+        out: list[Effect] = []
+        if tell:
+            out.append(Send(Close(status, reason)))
+        out.append(End(status, reason))
+        return out

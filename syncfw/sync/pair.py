@@ -139,7 +139,9 @@ class SessionPair:
                     res.frames += 1
                     session = self.sessions[receiver]
                     if receiver == "b" and session.state.value == "idle":
-                        self._perform("b", session.start(drive(self.replicas["b"].version_vector())))
+                        self._perform(
+                            "b", session.start(drive(self.replicas["b"].version_vector()))
+                        )
                     self._perform(receiver, session.receive(delivered))
         return res
 
@@ -164,7 +166,9 @@ class SessionPair:
             if isinstance(effect, Send):
                 self.outbox[side].append(effect.frame)
             elif isinstance(effect, FetchOps):
-                ops = drive(replica.ops_since(effect.vv, limit=effect.limit, max_bytes=effect.max_bytes))
+                ops = drive(
+                    replica.ops_since(effect.vv, limit=effect.limit, max_bytes=effect.max_bytes)
+                )
                 queue.extend(session.ops_fetched(ops))
             elif isinstance(effect, ApplyOps):
                 try:

@@ -454,9 +454,7 @@ class Session:
         for op in ops:
             have = cursor.get(op.origin, 0)
             if op.seq > have + 1:
-                return (
-                    f"gap in origin {op.origin!r}: op {op.seq} after {have}; nothing applied"
-                )
+                return f"gap in origin {op.origin!r}: op {op.seq} after {have}; nothing applied"
             if op.seq == have + 1:
                 cursor[op.origin] = op.seq
         return ""

@@ -144,7 +144,9 @@ class MemoryReplica:
         pending = sum(1 for op in ops if self._pending_op(op) is not None)
         for listener in self.listeners:
             listener(fresh)
-        return ApplyResult(applied=applied, duplicates=duplicates, pending=pending, rejected=rejected)
+        return ApplyResult(
+            applied=applied, duplicates=duplicates, pending=pending, rejected=rejected
+        )
 
     async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
         """Record what ``peer`` acknowledged holding (never moving backwards)."""
@@ -187,7 +189,9 @@ class MemoryReplica:
 
     def scan(self, prefix: str = "") -> dict[str, Any]:
         """Every key under ``prefix`` with its value."""
-        return {k: decode_value(v[2]) for k, v in sorted(self.state.items()) if k.startswith(prefix)}
+        return {
+            k: decode_value(v[2]) for k, v in sorted(self.state.items()) if k.startswith(prefix)
+        }
 
     def all_ops(self) -> list[Op]:
         """Every held op, by origin then seq."""

@@ -1,0 +1,338 @@
+"""The sans-IO sync session, driven in lockstep by SessionPair (no event loop)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncfw.codec import BATCH_VERSION, COMPRESS_ZSTD, encode_batch
+from syncfw.errors import DecodeError
+from syncfw.log import op_hash
+from syncfw.sync import (
+    PROTOCOL_VERSION,
+    Ack,
+    ApplyOps,
+    Close,
+    Digest,
+    End,
+    FetchOps,
+    Frame,
+    Hello,
+    Ops,
+    PeerInfo,
+    Peers,
+    Send,
+    Session,
+    SessionConfig,
+    SessionState,
+    Status,
+    Summary,
+)
+from syncfw.sync.pair import SessionPair
+from syncfw.testing.memory import MemoryReplica
+from syncfw.testing.ops import OpWriter
+from syncfw.transport.wire import decode_frame, encode_frame
+
+
+def _pair(a: MemoryReplica, b: MemoryReplica, **kw: object) -> SessionPair:
+    return SessionPair(a, b, encode=encode_frame, decode=decode_frame, **kw)  # type: ignore[arg-type]
+
+
+def _fill(r: MemoryReplica, n: int, size: int = 16) -> None:
+    for i in range(n):
+        r.put(f"fleet/{r.node_id}/k{i}", "v" * size)
+
+
+def _converged(*rs: MemoryReplica) -> bool:
+    first = rs[0]
+    return all(r.vv() == first.vv() and r.state == first.state for r in rs)
+
+
+def test_in_sync_costs_one_round_trip_and_a_few_hundred_bytes() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 5)
+    _fill(b, 5)
+    assert _pair(a, b).run().a == (Status.OK, "synced")
+    res = _pair(a, b).run()
+    assert res.a == (Status.OK, "in sync")
+    assert res.b == (Status.OK, "in sync")
+    assert res.round_trips == 1
+    assert res.wire_bytes < 300
+    assert a.acks["b"] == a.vv()
+
+
+def test_diverged_replicas_converge_both_ways() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 10)
+    _fill(b, 2500, size=200)
+    res = _pair(a, b).run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK
+    assert res.b is not None
+    assert res.b[0] is Status.OK
+    assert _converged(a, b)
+    # the acks carry the receiver's vector and are persisted on the sender
+    assert a.acks["b"] == a.vv()
+    assert b.acks["a"] == b.vv()
+
+
+def test_batches_respect_the_peers_cap_and_window() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 500, size=300)
+    cfg_b = SessionConfig(max_batch_bytes=8 * 1024, zstd=False)
+    pair = _pair(a, b, config_b=cfg_b, config_a=SessionConfig(window=2))
+    seen: list[int] = []
+
+    def spy(sender: str, frame: Frame) -> Frame:
+        if isinstance(frame, Ops) and sender == "a":
+            seen.append(len(frame.batch))
+        return frame
+
+    pair._tamper = spy
+    res = pair.run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK
+    assert _converged(a, b)
+    assert len(seen) > 10
+    assert max(seen) <= 8 * 1024
+
+
+def test_zstd_only_to_peers_that_advertise_it() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 200, size=100)
+    modes: list[int] = []
+
+    def spy(sender: str, frame: Frame) -> Frame:
+        if isinstance(frame, Ops) and frame.batch[2:]:
+            modes.append(frame.batch[1])
+        return frame
+
+    _pair(a, b, config_b=SessionConfig(zstd=False), tamper=spy).run()
+    assert modes
+    assert set(modes) == {0}
+    c = MemoryReplica("c")
+    modes.clear()
+    _pair(a, c, tamper=spy).run()
+    assert COMPRESS_ZSTD in modes
+
+
+def test_peers_are_gossiped_after_hello() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    s = Session("a", "default", peers=[PeerInfo("c", "127.0.0.1:1", 3)])
+    effects = s.start({})
+    assert [type(e.frame) for e in effects if isinstance(e, Send)] == [Hello, Peers, Digest]
+    s.receive(Hello(PROTOCOL_VERSION, "default", "b"))
+    learned = s.receive(Peers((PeerInfo("d", "127.0.0.1:2", 1),)))
+    assert learned
+    assert learned[0].peers[0].node_id == "d"
+    assert _pair(a, b).run().a is not None
+
+
+@pytest.mark.parametrize("cut", range(40))
+def test_a_cut_at_any_frame_leaves_both_consistent_and_the_next_exchange_resumes(cut: int) -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 300, size=100)
+    _fill(b, 150, size=100)
+    small = SessionConfig(max_batch_bytes=4096, window=2)
+    _pair(a, b, config_a=small, config_b=small).run(cut_after=cut)
+    for r in (a, b):  # whatever was applied is whole chains, nothing half-merged
+        for origin, chain in r.chains.items():
+            assert [op.seq for op in chain] == list(range(1, len(chain) + 1)), origin
+        assert not r.pending
+    held_before = sum(len(c) for c in b.chains.values())
+    res = _pair(a, b, config_a=small, config_b=small).run()
+    assert res.a is not None, res
+    assert res.a[0] is Status.OK, res
+    assert _converged(a, b)
+    # the resumed exchange sent only what was still missing
+    assert res.frames >= 4
+    assert sum(len(c) for c in b.chains.values()) == 450 >= held_before
+    assert all(n == 1 for n in b.apply_count.values())
+
+
+# -- bad input: every case ends the exchange with a clear status, applies nothing ------
+
+
+def _started(node: str = "a") -> Session:
+    s = Session(node, "default")
+    s.start({})
+    return s
+
+
+def _ended(effects: list[object]) -> End:
+    assert effects
+    last = effects[-1]
+    assert isinstance(last, End), effects
+    return last
+
+
+@pytest.mark.parametrize(
+    ("hello", "match"),
+    [
+        (Hello(PROTOCOL_VERSION + 1, "default", "b"), "protocol"),
+        (Hello(PROTOCOL_VERSION, "other-fleet", "b"), "fleet"),
+        (Hello(PROTOCOL_VERSION, "default", "a"), "node id"),
+        (Hello(PROTOCOL_VERSION, "default", ""), "node id"),
+    ],
+)
+def test_bad_hello_ends_with_failed_precondition(hello: Hello, match: str) -> None:
+    s = _started()
+    effects = s.receive(hello)
+    end = _ended(effects)
+    assert end.status is Status.FAILED_PRECONDITION
+    assert match in end.reason
+    # the peer is told why, in band
+    assert isinstance(effects[0], Send)
+    assert isinstance(effects[0].frame, Close)
+    assert s.state is SessionState.FAILED
+    assert s.receive(Digest(b"\0" * 16)) == []
+
+
+def test_frames_out_of_order_end_with_invalid_argument() -> None:
+    for frame in (Digest(b"\0" * 16), Summary({}), Ops(b""), Ack({}), Peers(())):
+        end = _ended(_started().receive(frame))
+        assert end.status is Status.INVALID_ARGUMENT, frame
+
+
+def _streaming() -> Session:
+    s = _started()
+    s.receive(Hello(PROTOCOL_VERSION, "default", "b", max_batch_bytes=1 << 20))
+    s.receive(Digest(b"\1" * 16))
+    effects = s.receive(Summary({}))
+    assert any(isinstance(e, FetchOps) for e in effects)
+    s.ops_fetched([])
+    return s
+
+
+def _ops_frame(ops: list[object]) -> Ops:
+    return Ops(encode_batch(ops))  # type: ignore[arg-type]
+
+
+def test_malformed_batch_ends_the_exchange_and_applies_nothing() -> None:
+    for batch in (b"", b"\x01", b"\x01\x00\xc1", b"\x02\x00\x90", b"\x01\x01garbage"):
+        s = _streaming()
+        effects = s.receive(Ops(batch))
+        assert not any(isinstance(e, ApplyOps) for e in effects)
+        assert _ended(effects).status is Status.INVALID_ARGUMENT
+
+
+def test_truncated_batch_is_refused() -> None:
+    w = OpWriter("b")
+    data = encode_batch([w.write(f"k{i}", "x" * 50) for i in range(40)])
+    s = _streaming()
+    effects = s.receive(Ops(data[: len(data) // 2]))
+    assert not any(isinstance(e, ApplyOps) for e in effects)
+    assert _ended(effects).status is Status.INVALID_ARGUMENT
+
+
+def test_oversized_batch_is_refused() -> None:
+    s = Session("a", "default", config=SessionConfig(max_batch_bytes=1024))
+    s.start({})
+    s.receive(Hello(PROTOCOL_VERSION, "default", "b"))
+    s.receive(Digest(b"\1" * 16))
+    s.receive(Summary({}))
+    w = OpWriter("b")
+    effects = s.receive(_ops_frame([w.write(f"k{i}", "x" * 100) for i in range(40)]))
+    assert _ended(effects).status is Status.RESOURCE_EXHAUSTED
+
+
+def test_zstd_bomb_in_a_batch_is_refused() -> None:
+    import zstandard
+
+    bomb = zstandard.ZstdCompressor(level=19).compress(b"\x91" + b"\x00" * (64 << 20))
+    s = _streaming()
+    effects = s.receive(Ops(bytes((BATCH_VERSION, COMPRESS_ZSTD)) + bomb))
+    end = _ended(effects)
+    assert end.status is Status.INVALID_ARGUMENT
+    assert "cap" in end.reason
+
+
+def test_a_gap_is_refused_before_anything_is_applied() -> None:
+    w = OpWriter("b")
+    ops = [w.write(f"k{i}", i) for i in range(5)]
+    s = _streaming()
+    effects = s.receive(_ops_frame([ops[0], ops[1], ops[3]]))
+    assert not any(isinstance(e, ApplyOps) for e in effects)
+    end = _ended(effects)
+    assert end.status is Status.INVALID_ARGUMENT
+    assert "gap" in end.reason
+
+
+def test_forged_prev_ends_with_data_loss_and_nothing_applied() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(b, 20)
+
+    def forge(sender: str, frame: Frame) -> Frame:
+        if sender == "b" and isinstance(frame, Ops) and len(frame.batch) > 10:
+            from syncfw.codec import decode_batch
+
+            ops = decode_batch(frame.batch)
+            ops[7] = dataclasses.replace(ops[7], prev=b"\x07" * 32)
+            return Ops(encode_batch(ops), frame.last)
+        return frame
+
+    res = _pair(a, b, tamper=forge).run()
+    assert res.a is not None
+    assert res.a[0] is Status.DATA_LOSS
+    assert res.b is not None
+    assert res.b[0] is Status.DATA_LOSS
+    assert a.vv() == {}  # atomic: nothing of the batch
+
+
+def test_fork_ends_with_data_loss() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(b, 3)
+    assert _pair(a, b).run().a is not None
+    # b "forgets" and rewrites seq 3 differently: a holds the original
+    evil = MemoryReplica("b")
+    w = OpWriter("b")
+    for i in range(4):
+        op = w.write(f"k{i}", "other")
+        evil.chains.setdefault("b", []).append(op)
+        evil.hashes.setdefault("b", []).append(op_hash(op))
+    res = _pair(a, evil).run()
+    assert res.a is not None
+    assert res.a[0] is Status.DATA_LOSS
+    assert a.vv() == {"b": 3}
+
+
+def test_an_ack_with_nothing_in_flight_is_a_protocol_error() -> None:
+    s = _started()
+    s.receive(Hello(PROTOCOL_VERSION, "default", "b"))
+    s.receive(Digest(b"\1" * 16))
+    s.receive(Summary({}))
+    assert _ended(s.receive(Ack({"x": 1}))).status is Status.INVALID_ARGUMENT
+
+
+def test_peer_close_ends_without_answering() -> None:
+    s = _started()
+    effects = s.receive(Close(Status.UNAVAILABLE, "going away"))
+    assert effects == [End(Status.UNAVAILABLE, "peer closed: going away")]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300))
+def test_fuzz_wire_frames_only_raise_decode_error(data: bytes) -> None:
+    try:
+        frame = decode_frame(data)
+    except DecodeError:
+        return
+    s = _streaming()
+    for effect in s.receive(frame):  # whatever it is, the session copes
+        assert not isinstance(effect, ApplyOps) or effect.ops
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 60), st.integers(0, 60), st.integers(1, 4))
+def test_any_split_of_writes_converges(na: int, nb: int, window: int) -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, na, 40)
+    _fill(b, nb, 40)
+    cfg = SessionConfig(max_batch_bytes=1024, window=window, batch_ops=7)
+    res = _pair(a, b, config_a=cfg, config_b=cfg).run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK
+    assert _converged(a, b)

@@ -303,6 +303,10 @@ class Node:
                 out[name] = {"error": str(exc)}
         return out
 
+    async def state_digest(self) -> str:
+        """Digest of the materialized state: equal on replicas holding the same ops."""
+        return await self._store.state_digest()
+
     async def compact(self) -> int:
         """Drop ops every known peer acknowledged (their effect stays in state)."""
         return await self._store.compact()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sqlite3
 from collections import defaultdict
@@ -75,7 +76,12 @@ _UPSERT_LWW = (
     "data = excluded.data "
     "WHERE (excluded.hlc, excluded.origin, excluded.data) > (state.hlc, state.origin, state.data)"
 )
-_UPSERT_STATE = "INSERT OR REPLACE INTO state (kind, key, hlc, origin, data) VALUES (?, ?, ?, '', ?)"
+# Non-lww rows: ``hlc`` is the newest op applied to the key (telemetry retention reads it).
+_UPSERT_STATE = (
+    "INSERT INTO state (kind, key, hlc, origin, data) VALUES (?, ?, ?, '', ?) "
+    "ON CONFLICT (kind, key) DO UPDATE SET data = excluded.data, "
+    "hlc = max(state.hlc, excluded.hlc)"
+)
 _UPSERT_HEAD = (
     "INSERT INTO heads (origin, seq, hash) VALUES (?, ?, ?) "
     "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
@@ -790,6 +796,21 @@ class Store:
         ]
         return StoreStats(pc * ps, *counts)
 
+    async def state_digest(self) -> str:
+        """A hex digest of the whole materialized state and rejected set.
+
+        Replicas holding the same ops have the same digest, whatever order the
+        ops arrived in: the convergence check of the demo and the simulator.
+        """
+        h = hashlib.blake2b(digest_size=16)
+        for row in await self._fetch(
+            "SELECT kind, key, hlc, origin, data FROM state ORDER BY kind, key"
+        ):
+            h.update(msgpack.packb(list(row), use_bin_type=True))
+        for row in await self.rejected():
+            h.update(msgpack.packb(list(row), use_bin_type=True))
+        return h.hexdigest()
+
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         self._check_open()
         try:
@@ -1056,6 +1077,17 @@ async def _check_and_migrate(
                 with contextlib.suppress(sqlite3.Error):
                     await conn.execute("ROLLBACK")
                 raise
+        # The bootstrap grants are recorded so the file tells its whole zone
+        # history (``syncfw inspect``); they are identical on every node.
+        await conn.execute("BEGIN IMMEDIATE")
+        await conn.executemany(
+            "INSERT OR IGNORE INTO grants (prefix, epoch, owners) VALUES (?, ?, ?)",
+            [(g.prefix, g.epoch, msgpack.packb(sorted(g.owners))) for g in ZoneTable(fleet).grants()],
+        )
+        await conn.execute(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES ('authority', ?)", (fleet.authority,)
+        )
+        await conn.execute("COMMIT")
         if config.max_bytes is not None:
             page_size = (await conn.execute_fetchall("PRAGMA page_size"))[0][0]  # type: ignore[index]
             await conn.execute(f"PRAGMA max_page_count = {max(1, config.max_bytes // page_size)}")

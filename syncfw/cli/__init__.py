@@ -1,0 +1,48 @@
+"""The ``syncfw`` command.
+
+Owns: argument parsing and printing. Each verb is a module with
+``register(subparsers)``; every verb has ``--help`` (a test checks it).
+May import anything in syncfw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from syncfw.cli import demo, inspect_cmd
+
+COMMANDS: list[ModuleType] = [demo, inspect_cmd]
+"""Verb modules, in the order ``--help`` lists them."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (used by ``main`` and by the help test)."""
+    parser = argparse.ArgumentParser(
+        prog="syncfw",
+        description="syncfw: offline-first edge fleets (SQLite CRDTs, HLC, replicated log).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``syncfw`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

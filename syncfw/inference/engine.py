@@ -1,0 +1,994 @@
+"""The inference engine: one ONNX Runtime session serving calls, each result an op.
+
+Invariants:
+
+1. A call that fails (bad input, NaN, a model whose outputs break its declared
+   signature, a runtime error, the watchdog) raises an
+   :class:`~syncfw.errors.InferenceError` subclass and writes no result op.
+2. A model is swapped in only once it is fully loaded: read, hashed, session
+   created on the planned providers, provider checked, signature read, warmed
+   up and its warm-up outputs checked. Any failure raises and leaves the
+   previously loaded model serving. Calls already running finish on the model
+   they started with, and their ops name that model.
+3. The provider recorded is the one the session reports (``get_providers()``),
+   not the one asked for: ONNX Runtime falls back silently otherwise.
+4. Inference never runs on the event loop. Calls are queued and a dispatcher
+   hands them to one worker thread; while the worker is busy, calls pile up
+   and the next job takes them all at once (micro-batching, when the model's
+   first dimension is dynamic), so a lone caller pays no batching delay and
+   many callers share ``session.run`` calls.
+5. Each job runs under a watchdog. A thread cannot be killed, so on timeout
+   the job's calls fail with :class:`InferenceTimeoutError`, the stuck thread
+   is abandoned (counted in status until it returns) and a fresh worker
+   thread takes the queue, so the engine keeps serving. Past
+   ``max_stuck_workers`` abandoned threads the engine refuses calls rather
+   than leak more threads.
+6. Samples for retraining and escalations to the cloud are background work:
+   they never delay or fail the call that caused them, and they are bounded.
+
+The node is reached only through :class:`~syncfw.inference.sink.ResultSink`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import hashlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from syncfw.inference.errors import (
+    EngineStateError,
+    InferenceError,
+    InferenceRunError,
+    InferenceTimeoutError,
+    InputSignatureError,
+    ModelLoadError,
+    NonFiniteInputError,
+    OutputSignatureError,
+)
+from syncfw.inference.latency import Histogram, LatencyBook, StageTimes
+from syncfw.inference.providers import (
+    AcceleratorInfo,
+    ProviderPlan,
+    available_providers,
+    plan_providers,
+    resolve_actual,
+)
+from syncfw.inference.sampling import Sampler, SamplingPolicy, encode_sample
+from syncfw.inference.sink import ResultSink, StatusHost, results_prefix, telemetry_prefix
+from syncfw.log import Op
+
+__all__ = [
+    "Engine",
+    "EscalationRequest",
+    "InferenceResult",
+    "ModelInfo",
+    "Prediction",
+    "TensorSpec",
+    "top_k",
+]
+
+Array = npt.NDArray[Any]
+Feeds = dict[str, Array]
+PreFn = Callable[[Any], "Mapping[str, Array] | Array"]
+PostFn = Callable[[Mapping[str, Array]], "Prediction"]
+
+# ONNX Runtime's type strings for the tensor element types numpy can hold.
+_ORT_DTYPES: dict[str, np.dtype[Any]] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(int8)": np.dtype(np.int8),
+    "tensor(int16)": np.dtype(np.int16),
+    "tensor(int32)": np.dtype(np.int32),
+    "tensor(int64)": np.dtype(np.int64),
+    "tensor(uint8)": np.dtype(np.uint8),
+    "tensor(uint16)": np.dtype(np.uint16),
+    "tensor(uint32)": np.dtype(np.uint32),
+    "tensor(uint64)": np.dtype(np.uint64),
+    "tensor(bool)": np.dtype(np.bool_),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """A declared input or output.
+
+    Attributes:
+        name: tensor name.
+        dtype: numpy dtype name (``"float32"``).
+        shape: one entry per dimension: an int when fixed, None when symbolic.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int | None, ...]
+
+    def check(self, arr: Any, what: str, error: type[InferenceError]) -> None:
+        """Raise ``error`` unless ``arr`` is an ndarray of this dtype and shape."""
+        if not isinstance(arr, np.ndarray):
+            raise error(f"{what} {self.name!r} must be a numpy array, got {type(arr).__name__}")
+        if arr.dtype != np.dtype(self.dtype):
+            raise error(f"{what} {self.name!r} must be {self.dtype}, got {arr.dtype}")
+        if arr.ndim != len(self.shape) or any(
+            want is not None and want != got for want, got in zip(self.shape, arr.shape, strict=True)
+        ):
+            raise error(f"{what} {self.name!r} must have shape {self.display_shape}, got {list(arr.shape)}")
+
+    @property
+    def display_shape(self) -> list[int | str]:
+        """The shape with symbolic dimensions shown as ``"?"``."""
+        return [d if d is not None else "?" for d in self.shape]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What is serving: identity, signature and where it runs.
+
+    Attributes:
+        path: the file it was loaded from.
+        name: model name (argument, else the model's ``name`` metadata, else the file stem).
+        version: model version (argument, else ``version`` metadata, else ``"0"``).
+        sha256: hex sha256 of the file.
+        size: file size in bytes.
+        inputs: declared inputs.
+        outputs: declared outputs.
+        labels: class labels (argument, else ``labels`` metadata, else indices).
+        provider: the execution provider the session actually uses.
+        session_providers: every provider the session reports.
+        plan: what was asked for.
+        batchable: every input and output has a dynamic first dimension and fixed
+            others, so concurrent calls can share one ``session.run``.
+        load_s: seconds to create the session.
+        warmup_s: seconds of warm-up.
+    """
+
+    path: str
+    name: str
+    version: str
+    sha256: str
+    size: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    labels: tuple[str, ...]
+    provider: str
+    session_providers: tuple[str, ...]
+    plan: ProviderPlan
+    batchable: bool
+    load_s: float
+    warmup_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for node status."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "sha256": self.sha256,
+            "size": self.size,
+            "provider": self.provider,
+            "session_providers": list(self.session_providers),
+            "requested_providers": list(self.plan.providers),
+            "inputs": [[s.name, s.dtype, s.display_shape] for s in self.inputs],
+            "outputs": [[s.name, s.dtype, s.display_shape] for s in self.outputs],
+            "batchable": self.batchable,
+            "load_ms": round(self.load_s * 1e3, 3),
+            "warmup_ms": round(self.warmup_s * 1e3, 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The decision a post-processing function draws from the outputs.
+
+    Attributes:
+        label: the top label.
+        confidence: its score in ``[0, 1]``.
+        top: the best few ``(label, score)`` pairs, best first.
+    """
+
+    label: str
+    confidence: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+def top_k(scores: Array, labels: Sequence[str], k: int = 3) -> Prediction:
+    """The default post-processing: class scores to a :class:`Prediction`.
+
+    Args:
+        scores: one row of class scores (probabilities, or logits, which get a softmax).
+        labels: class names; indices are used past their end.
+        k: how many ``(label, score)`` pairs to keep.
+
+    Returns:
+        The top label, its probability and the top ``k``.
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0:
+        raise OutputSignatureError("the model returned no class scores")
+    total = float(s.sum())
+    if s.min() < 0.0 or s.max() > 1.0 or abs(total - 1.0) > 1e-3:
+        e = np.exp(s - s.max())  # logits, not probabilities: normalise them
+        s = e / e.sum()
+    order = np.argsort(-s, kind="stable")[:k]
+
+    def name(i: int) -> str:
+        return labels[i] if i < len(labels) else str(i)
+
+    top = tuple((name(int(i)), round(float(s[i]), 6)) for i in order)
+    return Prediction(label=top[0][0], confidence=top[0][1], top=top)
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationRequest:
+    """An unsure case offered to the cloud (the callback decides what to do with it).
+
+    Attributes:
+        result_key: the key of the local result op (already written).
+        feeds: the model inputs.
+        prediction: the local decision (already acted upon).
+        model: the model that made it.
+    """
+
+    result_key: str
+    feeds: Mapping[str, Array]
+    prediction: Prediction
+    model: ModelInfo
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    """What :meth:`Engine.infer` returns.
+
+    Attributes:
+        key: the result op's key.
+        outputs: the model outputs, by name (this call's rows only).
+        prediction: top label(s) and confidence.
+        latency: per-stage seconds.
+        model: the model that ran.
+        input_digest: hex sha256 over the inputs' names, dtypes, shapes and bytes.
+        op: the result op as written (its ``hlc`` is the result's timestamp).
+        batch_size: how many calls shared the ``session.run``.
+        sample_key: where the input was kept for retraining, or None.
+    """
+
+    key: str
+    outputs: dict[str, Array]
+    prediction: Prediction
+    latency: StageTimes
+    model: ModelInfo
+    input_digest: str
+    op: Op
+    batch_size: int
+    sample_key: str | None
+
+    @property
+    def hlc(self) -> int:
+        """The result op's hybrid logical timestamp."""
+        return self.op.hlc
+
+
+@dataclass(slots=True)
+class _Loaded:
+    """A loaded session and what is known about it (swapped as one reference)."""
+
+    session: Any
+    info: ModelInfo
+
+
+@dataclass(slots=True)
+class _Call:
+    """One queued call."""
+
+    inputs: Any
+    future: asyncio.Future[_Outcome]
+    enqueued: float
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the worker made of one call."""
+
+    model: _Loaded
+    feeds: Feeds
+    outputs: dict[str, Array]
+    prediction: Prediction
+    digest: str
+    times: StageTimes
+    batch_size: int
+
+
+@dataclass(slots=True)
+class _Counters:
+    calls: int = 0
+    ok: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    batches: int = 0
+    batched_calls: int = 0
+    max_batch: int = 0
+    samples_written: int = 0
+    samples_dropped: int = 0
+    escalations_sent: int = 0
+    escalations_dropped: int = 0
+    escalations_failed: int = 0
+    loads: int = 0
+    load_failures: int = 0
+
+
+def _digest(feeds: Mapping[str, Array]) -> str:
+    h = hashlib.sha256()  # sha256: hardware-accelerated here, ~2 GB/s
+    for name in sorted(feeds):
+        arr = np.ascontiguousarray(feeds[name])
+        h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
+
+
+def _spec_of(node_arg: Any, what: str) -> TensorSpec:
+    dtype = _ORT_DTYPES.get(node_arg.type)
+    if dtype is None:
+        raise ModelLoadError(f"{what} {node_arg.name!r} has unsupported type {node_arg.type}")
+    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in node_arg.shape)
+    return TensorSpec(node_arg.name, dtype.name, shape)
+
+
+def _batchable(specs: Sequence[TensorSpec]) -> bool:
+    return all(
+        len(s.shape) >= 1 and s.shape[0] is None and all(d is not None for d in s.shape[1:])
+        for s in specs
+    )
+
+
+class Engine:
+    """Runs one ONNX model at a time for a node and logs every result.
+
+    Use ``async with Engine(node, ...) as engine:`` (or call :meth:`aclose`),
+    then ``await engine.load(path)`` and ``await engine.infer(inputs, key=...)``.
+
+    Args:
+        sink: the node results are written to.
+        name: model name for provenance and keys; default from the model.
+        version: model version; default from the model's metadata.
+        labels: class labels; default from the model's ``labels`` metadata.
+        preprocess: turns a call's ``inputs`` into the model's feeds (a mapping
+            of input name to array, or one array for a one-input model); runs
+            in the worker thread. None: ``inputs`` already are the feeds.
+        postprocess: turns one call's outputs into a :class:`Prediction`; runs
+            in the worker thread. None: :func:`top_k` on the first output.
+        providers: provider order override (default TensorRT → CUDA → CPU).
+        available: the providers to consider available (injectable; default:
+            what onnxruntime reports).
+        allow_fallback: when False, a session that does not run on the first
+            planned provider is a :class:`ProviderError` at load.
+        trt_cache_dir: parent of the TensorRT engine and timing caches.
+        accelerator: GPU name and TensorRT version (default: detected when a
+            GPU provider is planned).
+        timeout_s: the per-call watchdog.
+        max_batch: the most calls one ``session.run`` serves (1: no batching).
+        warmup_runs: runs on zero inputs at load.
+        check_finite: refuse NaN and infinity in float inputs.
+        sampling: keep some inputs for retraining (None: keep none).
+        sample_seed: seeds the sampler.
+        escalate: receives unsure cases while escalation is enabled.
+        escalate_below: a confidence under this is unsure.
+        max_pending_escalations: escalations in flight beyond which new ones are dropped.
+        max_stuck_workers: abandoned (hung) worker threads beyond which calls are refused.
+        intra_op_threads: ONNX Runtime intra-op threads (None: its default).
+        status_name: the node status section (None: do not register).
+    """
+
+    def __init__(
+        self,
+        sink: ResultSink,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        labels: Sequence[str] | None = None,
+        preprocess: PreFn | None = None,
+        postprocess: PostFn | None = None,
+        providers: Sequence[str] | None = None,
+        available: Sequence[str] | None = None,
+        allow_fallback: bool = True,
+        trt_cache_dir: Path | None = None,
+        accelerator: AcceleratorInfo | None = None,
+        timeout_s: float = 2.0,
+        max_batch: int = 64,
+        warmup_runs: int = 2,
+        check_finite: bool = True,
+        sampling: SamplingPolicy | None = None,
+        sample_seed: int | None = None,
+        escalate: Callable[[EscalationRequest], Awaitable[None]] | None = None,
+        escalate_below: float = 0.6,
+        max_pending_escalations: int = 16,
+        max_stuck_workers: int = 4,
+        intra_op_threads: int | None = None,
+        status_name: str | None = "inference",
+    ) -> None:
+        if timeout_s <= 0 or max_batch < 1 or warmup_runs < 0 or max_stuck_workers < 1:
+            raise ValueError("need timeout_s > 0, max_batch >= 1, warmup_runs >= 0, max_stuck_workers >= 1")
+        self._sink = sink
+        self._name = name
+        self._version = version
+        self._labels = tuple(labels) if labels is not None else None
+        self._pre = preprocess
+        self._post = postprocess
+        self._providers = tuple(providers) if providers is not None else None
+        self._available = tuple(available) if available is not None else None
+        self._allow_fallback = allow_fallback
+        self._trt_cache_dir = trt_cache_dir
+        self._accelerator = accelerator
+        self.timeout_s = timeout_s
+        self.max_batch = max_batch
+        self._warmup_runs = warmup_runs
+        self._check_finite = check_finite
+        self._sampler = Sampler(sampling, sample_seed) if sampling is not None else None
+        self._escalate = escalate
+        self.escalate_below = escalate_below
+        self.escalation_enabled = escalate is not None
+        self._max_pending_escalations = max_pending_escalations
+        self._max_stuck = max_stuck_workers
+        self._intra_op_threads = intra_op_threads
+
+        self._loaded: _Loaded | None = None
+        self._load_lock = asyncio.Lock()
+        self._queue: collections.deque[_Call] = collections.deque()
+        self._wake = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._executor = self._new_executor()
+        self._stuck: set[concurrent.futures.Future[Any]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._pending_samples = 0
+        self._pending_escalations = 0
+        self._closed = False
+        self._seq = itertools.count(1)
+        self._key_prefix = f"{time.time_ns() // 1_000_000:013d}"
+        self._book = LatencyBook()
+        self._log_write = Histogram()
+        self._counters = _Counters()
+        if status_name is not None and isinstance(sink, StatusHost):
+            sink.add_status_source(status_name, self.status)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @staticmethod
+    def _new_executor() -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncfw-infer")
+
+    async def aclose(self) -> None:
+        """Stop serving: queued calls fail with :class:`EngineStateError`; background writes finish."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            try:
+                await self._dispatcher
+            except asyncio.CancelledError:
+                pass
+        while self._queue:
+            call = self._queue.popleft()
+            if not call.future.done():
+                call.future.set_exception(EngineStateError("the engine was closed"))
+        await self.flush()
+        # A stuck worker cannot be joined; do not wait for it (it dies with the process).
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def flush(self) -> None:
+        """Wait for background sample writes and escalations to finish."""
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    @property
+    def model(self) -> ModelInfo | None:
+        """The model serving now, if any."""
+        return self._loaded.info if self._loaded is not None else None
+
+    # -- loading -----------------------------------------------------------
+
+    async def load(self, path: str | Path) -> ModelInfo:
+        """Load a model and make it the one serving (hot swap).
+
+        Args:
+            path: an ``.onnx`` file.
+
+        Returns:
+            What is now serving.
+
+        Raises:
+            ModelLoadError: the file is missing, unreadable, corrupt, truncated
+                or not loadable by ONNX Runtime.
+            ProviderError: no wanted provider is available, or fallback was
+                forbidden and ONNX Runtime fell back.
+            OutputSignatureError: the warm-up outputs do not match the declared outputs.
+            EngineStateError: the engine is closed.
+
+        On any error the previously loaded model keeps serving.
+        """
+        if self._closed:
+            raise EngineStateError("the engine is closed")
+        async with self._load_lock:
+            try:
+                loaded = await asyncio.to_thread(self._load_sync, Path(path))
+            except InferenceError:
+                self._counters.load_failures += 1
+                raise
+            self._loaded = loaded
+            self._counters.loads += 1
+            if self._dispatcher is None:
+                self._dispatcher = asyncio.get_running_loop().create_task(
+                    self._dispatch(), name="syncfw-inference-dispatch"
+                )
+            return loaded.info
+
+    def _load_sync(self, path: Path) -> _Loaded:
+        import onnxruntime as ort
+
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"cannot read model {str(path)!r}: {exc}") from None
+        if not data:
+            raise ModelLoadError(f"model {str(path)!r} is empty")
+        sha = hashlib.sha256(data).hexdigest()
+        available = self._available if self._available is not None else tuple(available_providers())
+        accel = self._accelerator
+        wants_gpu = any(p in available for p in (self._providers or ("TensorrtExecutionProvider",)))
+        if accel is None and wants_gpu and "TensorrtExecutionProvider" in available:
+            from syncfw.inference.providers import detect_accelerator
+
+            accel = detect_accelerator()
+        plan = plan_providers(
+            available,
+            model_sha256=sha,
+            preferred=self._providers,
+            accel=accel,
+            cache_root=self._trt_cache_dir,
+        )
+        if plan.trt_cache_dir is not None:
+            plan.trt_cache_dir.mkdir(parents=True, exist_ok=True)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # shape mismatches are checked and reported by us, not logged by ORT
+        if self._intra_op_threads is not None:
+            opts.intra_op_num_threads = self._intra_op_threads
+        t0 = time.perf_counter()
+        try:
+            session = ort.InferenceSession(data, sess_options=opts, providers=plan.for_session())
+        except Exception as exc:  # ORT raises its own pybind types: translate them here
+            raise ModelLoadError(
+                f"ONNX Runtime cannot load {str(path)!r} ({len(data)} bytes, sha256 {sha[:12]}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        load_s = time.perf_counter() - t0
+        provider = resolve_actual(plan, session.get_providers(), allow_fallback=self._allow_fallback)
+        inputs = tuple(_spec_of(a, "input") for a in session.get_inputs())
+        outputs = tuple(_spec_of(a, "output") for a in session.get_outputs())
+        if not inputs or not outputs:
+            raise ModelLoadError(f"model {str(path)!r} declares no inputs or no outputs")
+        meta: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
+        labels = self._labels
+        if labels is None:
+            labels = tuple(x for x in meta.get("labels", "").split(",") if x)
+        info = ModelInfo(
+            path=str(path),
+            name=self._name or meta.get("name") or path.stem,
+            version=self._version or meta.get("version") or "0",
+            sha256=sha,
+            size=len(data),
+            inputs=inputs,
+            outputs=outputs,
+            labels=labels,
+            provider=provider,
+            session_providers=tuple(session.get_providers()),
+            plan=plan,
+            batchable=_batchable(inputs) and _batchable(outputs),
+            load_s=load_s,
+            warmup_s=0.0,
+        )
+        loaded = _Loaded(session, info)
+        t1 = time.perf_counter()
+        zeros = {s.name: np.zeros([d or 1 for d in s.shape], dtype=s.dtype) for s in inputs}
+        for _ in range(self._warmup_runs):
+            try:
+                raw = session.run(None, zeros)
+            except Exception as exc:  # translated: ORT's types must not leak
+                raise ModelLoadError(f"warm-up of {info.name!r} failed: {type(exc).__name__}: {exc}") from None
+            self._check_outputs(info, raw, 1)
+        warmup_s = time.perf_counter() - t1
+        loaded.info = dataclasses.replace(info, warmup_s=warmup_s)
+        return loaded
+
+    # -- calls -------------------------------------------------------------
+
+    async def infer(self, inputs: Any, *, key: str | None = None) -> InferenceResult:
+        """Run the model on one call's inputs and append the result op.
+
+        Args:
+            inputs: what ``preprocess`` takes; without one, a mapping of input
+                name to array (or one array for a one-input model).
+            key: names the result: ``results/<node>/<model>/<key>``; default a
+                unique, time-ordered id.
+
+        Returns:
+            The outputs, the prediction, the stage latencies and the op written.
+
+        Raises:
+            InputSignatureError: wrong input names, shapes or dtypes.
+            NonFiniteInputError: NaN or infinity in an input.
+            OutputSignatureError: outputs that break the declared signature.
+            InferenceRunError: the runtime or a pre/post function raised.
+            InferenceTimeoutError: the watchdog fired.
+            EngineStateError: no model loaded, the engine is closed, or too many
+                worker threads are stuck.
+
+        On any of these no result op is written.
+        """
+        if self._closed:
+            raise EngineStateError("the engine is closed")
+        if self._loaded is None:
+            raise EngineStateError("no model loaded: await engine.load(path) first")
+        if len(self._stuck) >= self._max_stuck:
+            raise EngineStateError(
+                f"{len(self._stuck)} worker threads are stuck in hung calls; refusing new calls"
+            )
+        self._counters.calls += 1
+        loop = asyncio.get_running_loop()
+        call = _Call(inputs, loop.create_future(), time.perf_counter())
+        self._queue.append(call)
+        self._wake.set()
+        try:
+            out = await call.future
+        except InferenceError as exc:
+            name = type(exc).__name__
+            self._counters.errors[name] = self._counters.errors.get(name, 0) + 1
+            raise
+        info = out.model.info
+        result_key = f"{results_prefix(self._sink.node_id)}{info.name}/{key or self._auto_key()}"
+        sample_slot: int | None = None
+        sample_key: str | None = None
+        if self._sampler is not None and self._pending_samples < self._sampler.policy.max_pending:
+            nbytes = sum(a.nbytes for a in out.feeds.values())
+            sample_slot = self._sampler.choose(out.prediction.confidence, nbytes)
+            if sample_slot is not None:
+                sample_key = f"{telemetry_prefix(self._sink.node_id)}samples/{info.name}/{sample_slot:05d}"
+        value = {
+            "model": {"name": info.name, "version": info.version, "sha256": info.sha256},
+            "provider": info.provider,
+            "input_digest": out.digest,
+            "label": out.prediction.label,
+            "confidence": out.prediction.confidence,
+            "top": [[lbl, score] for lbl, score in out.prediction.top],
+            "latency_ms": out.times.as_ms(),
+            "batch": out.batch_size,
+            "sample": sample_key,
+        }
+        t_put = time.perf_counter()
+        op = await self._sink.put(result_key, value)
+        self._log_write.record(time.perf_counter() - t_put)
+        self._book.record(info.sha256, info.provider, out.times)
+        self._counters.ok += 1
+        if sample_key is not None:
+            self._spawn_sample(sample_key, result_key, out)
+        if (
+            self.escalation_enabled
+            and self._escalate is not None
+            and out.prediction.confidence < self.escalate_below
+        ):
+            self._spawn_escalation(EscalationRequest(result_key, out.feeds, out.prediction, info))
+        return InferenceResult(
+            key=result_key,
+            outputs=out.outputs,
+            prediction=out.prediction,
+            latency=out.times,
+            model=info,
+            input_digest=out.digest,
+            op=op,
+            batch_size=out.batch_size,
+            sample_key=sample_key,
+        )
+
+    def _auto_key(self) -> str:
+        return f"{self._key_prefix}-{next(self._seq):08d}"
+
+    async def _dispatch(self) -> None:
+        """Hand queued calls to the worker, one job at a time, under the watchdog."""
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            loaded = self._loaded
+            assert loaded is not None  # calls are only queued once a model is loaded
+            n = self.max_batch if loaded.info.batchable else 1
+            batch = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+            self._counters.batches += 1
+            self._counters.max_batch = max(self._counters.max_batch, len(batch))
+            fut = self._executor.submit(self._work, loaded, batch)
+            try:
+                outcomes = await asyncio.wait_for(asyncio.wrap_future(fut, loop=loop), self.timeout_s)
+            except TimeoutError:
+                self._abandon(fut)
+                err = InferenceTimeoutError(
+                    f"call to {loaded.info.name!r} ran past the {self.timeout_s:g} s watchdog "
+                    f"(batch of {len(batch)}); its worker thread was abandoned"
+                )
+                for call in batch:
+                    if not call.future.done():
+                        call.future.set_exception(err)
+                continue
+            except Exception as exc:  # a bug in _work itself: fail the batch, keep serving
+                for call in batch:
+                    if not call.future.done():
+                        call.future.set_exception(
+                            InferenceRunError(f"worker failed: {type(exc).__name__}: {exc}")
+                        )
+                continue
+            for call, outcome in zip(batch, outcomes, strict=True):
+                if call.future.done():  # the caller was cancelled
+                    continue
+                if isinstance(outcome, BaseException):
+                    call.future.set_exception(outcome)
+                else:
+                    call.future.set_result(outcome)
+
+    def _abandon(self, fut: concurrent.futures.Future[Any]) -> None:
+        """Give up on a hung job: a fresh worker takes the queue; the old thread is counted until it returns."""
+        self._stuck.add(fut)
+        fut.add_done_callback(self._stuck_done)
+        old = self._executor
+        self._executor = self._new_executor()
+        old.shutdown(wait=False, cancel_futures=True)
+
+    def _stuck_done(self, fut: concurrent.futures.Future[Any]) -> None:
+        # Runs in the stuck thread when it finally returns; set.discard is atomic under the GIL.
+        self._stuck.discard(fut)
+
+    # -- the worker thread -------------------------------------------------
+
+    def _feeds_of(self, info: ModelInfo, inputs: Any) -> Feeds:
+        raw = self._pre(inputs) if self._pre is not None else inputs
+        if isinstance(raw, np.ndarray):
+            if len(info.inputs) != 1:
+                raise InputSignatureError(
+                    f"model {info.name!r} has {len(info.inputs)} inputs "
+                    f"({[s.name for s in info.inputs]}); pass a mapping of name to array"
+                )
+            raw = {info.inputs[0].name: raw}
+        if not isinstance(raw, Mapping):
+            raise InputSignatureError(
+                f"inputs must be a mapping of input name to numpy array, got {type(raw).__name__}"
+            )
+        want = {s.name for s in info.inputs}
+        got = set(raw)
+        if got != want:
+            raise InputSignatureError(
+                f"model {info.name!r} takes inputs {sorted(want)}, got {sorted(map(str, got))}"
+            )
+        feeds: Feeds = {}
+        for spec in info.inputs:
+            arr = raw[spec.name]
+            spec.check(arr, "input", InputSignatureError)
+            if self._check_finite and arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+                raise NonFiniteInputError(f"input {spec.name!r} holds {bad} NaN or infinite values")
+            feeds[spec.name] = arr
+        return feeds
+
+    @staticmethod
+    def _check_outputs(info: ModelInfo, raw: Sequence[Any], rows: int | None) -> dict[str, Array]:
+        if len(raw) != len(info.outputs):
+            raise OutputSignatureError(
+                f"model {info.name!r} declares {len(info.outputs)} outputs but returned {len(raw)}"
+            )
+        outputs: dict[str, Array] = {}
+        for spec, arr in zip(info.outputs, raw, strict=True):
+            spec.check(arr, "output", OutputSignatureError)
+            if info.batchable and rows is not None and arr.shape[0] != rows:
+                raise OutputSignatureError(
+                    f"output {spec.name!r} has {arr.shape[0]} rows for {rows} input rows"
+                )
+            outputs[spec.name] = arr
+        return outputs
+
+    def _predict(self, info: ModelInfo, outputs: Mapping[str, Array]) -> Prediction:
+        if self._post is not None:
+            pred = self._post(outputs)
+            if not isinstance(pred, Prediction):
+                raise InferenceRunError(
+                    f"postprocess must return a Prediction, got {type(pred).__name__}"
+                )
+            return pred
+        return top_k(outputs[info.outputs[0].name], info.labels)
+
+    def _work(self, loaded: _Loaded, batch: Sequence[_Call]) -> list[_Outcome | InferenceError]:
+        """Pre, run, post for a batch of calls; errors are per call, never shared by accident."""
+        info = loaded.info
+        started = time.perf_counter()
+        results: list[_Outcome | InferenceError | None] = [None] * len(batch)
+        ready: list[tuple[int, Feeds, float, float]] = []  # (index, feeds, queue_s, pre_s)
+        for i, call in enumerate(batch):
+            t0 = time.perf_counter()
+            try:
+                feeds = self._feeds_of(info, call.inputs)
+            except InferenceError as exc:
+                results[i] = exc
+                continue
+            except Exception as exc:  # the user's preprocess raised
+                results[i] = InferenceRunError(f"preprocess raised {type(exc).__name__}: {exc}")
+                continue
+            ready.append((i, feeds, started - call.enqueued, time.perf_counter() - t0))
+        if not ready:
+            return [r for r in results if r is not None]
+        # One run for the whole batch; if it fails, run the calls one by one so a
+        # single bad input cannot fail its batch-mates.
+        groups = [ready] if len(ready) > 1 and info.batchable else [[r] for r in ready]
+        for group in groups:
+            try:
+                self._run_group(loaded, group, results, batch_size=len(group))
+            except InferenceError as exc:
+                if len(group) == 1:
+                    results[group[0][0]] = exc
+                    continue
+                for item in group:
+                    try:
+                        self._run_group(loaded, [item], results, batch_size=1)
+                    except InferenceError as exc1:
+                        results[item[0]] = exc1
+        out: list[_Outcome | InferenceError] = []
+        for r in results:
+            assert r is not None
+            out.append(r)
+        return out
+
+    def _run_group(
+        self,
+        loaded: _Loaded,
+        group: Sequence[tuple[int, Feeds, float, float]],
+        results: list[_Outcome | InferenceError | None],
+        *,
+        batch_size: int,
+    ) -> None:
+        info = loaded.info
+        if len(group) == 1:
+            feeds = group[0][1]
+            rows = [next(iter(feeds.values())).shape[0]] if info.batchable else [0]
+        else:
+            feeds = {
+                s.name: np.concatenate([g[1][s.name] for g in group], axis=0) for s in info.inputs
+            }
+            rows = [g[1][info.inputs[0].name].shape[0] for g in group]
+        t0 = time.perf_counter()
+        try:
+            raw = loaded.session.run(None, feeds)
+        except Exception as exc:  # ORT's pybind errors are translated here
+            raise InferenceRunError(f"{info.name!r} failed in session.run: {type(exc).__name__}: {exc}") from None
+        infer_s = time.perf_counter() - t0
+        outputs = self._check_outputs(info, raw, sum(rows) if info.batchable else None)
+        start = 0
+        for (i, call_feeds, queue_s, pre_s), n in zip(group, rows, strict=True):
+            if len(group) == 1:
+                mine = outputs
+            else:
+                mine = {k: v[start : start + n] for k, v in outputs.items()}
+                start += n
+            t1 = time.perf_counter()
+            try:
+                pred = self._predict(info, mine)
+            except InferenceError as exc:
+                results[i] = exc
+                continue
+            except Exception as exc:  # the user's postprocess raised
+                results[i] = InferenceRunError(f"postprocess raised {type(exc).__name__}: {exc}")
+                continue
+            digest = _digest(call_feeds)
+            post_s = time.perf_counter() - t1
+            results[i] = _Outcome(
+                model=loaded,
+                feeds=call_feeds,
+                outputs=mine,
+                prediction=pred,
+                digest=digest,
+                times=StageTimes(queue_s, pre_s, infer_s, post_s),
+                batch_size=batch_size,
+            )
+
+    # -- background work ---------------------------------------------------
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _spawn_sample(self, sample_key: str, result_key: str, out: _Outcome) -> None:
+        self._pending_samples += 1
+        value = {
+            "result_key": result_key,
+            "model_sha256": out.model.info.sha256,
+            "label": out.prediction.label,
+            "confidence": out.prediction.confidence,
+            "input_digest": out.digest,
+            "inputs": encode_sample(out.feeds),
+        }
+
+        async def write() -> None:
+            try:
+                await self._sink.put(sample_key, value)
+                self._counters.samples_written += 1
+            except Exception:  # telemetry is best effort: a failed sample never fails a result
+                self._counters.samples_dropped += 1
+            finally:
+                self._pending_samples -= 1
+
+        self._spawn(write(), "syncfw-inference-sample")
+
+    def _spawn_escalation(self, req: EscalationRequest) -> None:
+        assert self._escalate is not None
+        if self._pending_escalations >= self._max_pending_escalations:
+            self._counters.escalations_dropped += 1
+            return
+        self._pending_escalations += 1
+        escalate = self._escalate
+
+        async def send() -> None:
+            try:
+                await escalate(req)
+                self._counters.escalations_sent += 1
+            except Exception:  # the cloud is optional: the local decision already stands
+                self._counters.escalations_failed += 1
+            finally:
+                self._pending_escalations -= 1
+
+        self._spawn(send(), "syncfw-inference-escalate")
+
+    # -- status ------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Model, provider, counters and per-stage latency percentiles (node status)."""
+        c = self._counters
+        return {
+            "model": self._loaded.info.as_dict() if self._loaded is not None else None,
+            "calls": c.calls,
+            "ok": c.ok,
+            "errors": dict(c.errors),
+            "stuck_workers": len(self._stuck),
+            "queued": len(self._queue),
+            "batches": {
+                "count": c.batches,
+                "max": c.max_batch,
+            },
+            "latency": self._book.summary(),
+            "log_write": self._log_write.summary().as_dict(),
+            "samples": {"written": c.samples_written, "dropped": c.samples_dropped},
+            "escalation": {
+                "enabled": self.escalation_enabled,
+                "sent": c.escalations_sent,
+                "failed": c.escalations_failed,
+                "dropped": c.escalations_dropped,
+            },
+            "loads": {"ok": c.loads, "failed": c.load_failures},
+        }
+
+    def latency_book(self) -> LatencyBook:
+        """The per-(sha256, provider) histograms."""
+        return self._book
+
+
+

@@ -1,0 +1,69 @@
+"""What every transport offers the exchange runner: a stream of frames.
+
+Invariants:
+
+1. A :class:`FrameStream` carries whole frames, in order, reliably, or fails;
+   it never delivers half a frame.
+2. Transport failures surface only as :class:`LinkError` (a
+   :class:`~syncfw.errors.ProtocolError`) carrying a :class:`Status`, and
+   malformed bytes only as :class:`~syncfw.errors.DecodeError`: no grpc, socket
+   or protobuf exception gets past a transport.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from syncfw.errors import ProtocolError
+from syncfw.sync.frames import Frame, Status
+
+__all__ = ["FrameStream", "LinkError"]
+
+
+class LinkError(ProtocolError):
+    """The link to a peer failed or the peer ended the exchange with an error.
+
+    Attributes:
+        status: the status the exchange ended with (``UNAVAILABLE`` when the
+            peer could not be reached, ``ABORTED`` when the link was cut, or
+            the status the peer sent).
+        reason: human-readable detail.
+    """
+
+    def __init__(self, status: Status, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(f"{status.name}: {reason}")
+
+
+class FrameStream(Protocol):
+    """One exchange's bidirectional, ordered, reliable stream of frames."""
+
+    @property
+    def peer_address(self) -> str:
+        """Where the other end is (for logs)."""
+        ...
+
+    async def send(self, frame: Frame) -> int:
+        """Send one frame; waits while the link applies backpressure.
+
+        Returns:
+            The frame's size on the wire, in bytes.
+
+        Raises:
+            LinkError: the link is gone.
+        """
+        ...
+
+    async def recv(self) -> Frame | None:
+        """The next frame, or None once the peer has finished cleanly.
+
+        Raises:
+            LinkError: the link failed or the peer ended with an error status.
+            DecodeError: the peer sent bytes that are not a frame.
+        """
+        ...
+
+    async def close(self, status: Status, reason: str) -> None:
+        """End this side of the exchange with ``status``; idempotent, never raises."""
+        ...

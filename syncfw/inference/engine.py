@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -121,9 +122,12 @@ class TensorSpec:
         if arr.dtype != np.dtype(self.dtype):
             raise error(f"{what} {self.name!r} must be {self.dtype}, got {arr.dtype}")
         if arr.ndim != len(self.shape) or any(
-            want is not None and want != got for want, got in zip(self.shape, arr.shape, strict=True)
+            want is not None and want != got
+            for want, got in zip(self.shape, arr.shape, strict=True)
         ):
-            raise error(f"{what} {self.name!r} must have shape {self.display_shape}, got {list(arr.shape)}")
+            raise error(
+                f"{what} {self.name!r} must have shape {self.display_shape}, got {list(arr.shape)}"
+            )
 
     @property
     def display_shape(self) -> list[int | str]:
@@ -329,7 +333,7 @@ def _digest(feeds: Mapping[str, Array]) -> str:
     for name in sorted(feeds):
         arr = np.ascontiguousarray(feeds[name])
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
-        h.update(memoryview(arr).cast("B"))
+        h.update(arr.data)
     return h.hexdigest()
 
 
@@ -414,7 +418,9 @@ class Engine:
         status_name: str | None = "inference",
     ) -> None:
         if timeout_s <= 0 or max_batch < 1 or warmup_runs < 0 or max_stuck_workers < 1:
-            raise ValueError("need timeout_s > 0, max_batch >= 1, warmup_runs >= 0, max_stuck_workers >= 1")
+            raise ValueError(
+                "need timeout_s > 0, max_batch >= 1, warmup_runs >= 0, max_stuck_workers >= 1"
+            )
         self._sink = sink
         self._name = name
         self._version = version
@@ -467,7 +473,9 @@ class Engine:
 
     @staticmethod
     def _new_executor() -> concurrent.futures.ThreadPoolExecutor:
-        return concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncfw-infer")
+        return concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="syncfw-infer"
+        )
 
     async def aclose(self) -> None:
         """Stop serving: queued calls fail with :class:`EngineStateError`; background writes finish."""
@@ -476,10 +484,8 @@ class Engine:
         self._closed = True
         if self._dispatcher is not None:
             self._dispatcher.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._dispatcher
-            except asyncio.CancelledError:
-                pass
         while self._queue:
             call = self._queue.popleft()
             if not call.future.done():
@@ -562,7 +568,9 @@ class Engine:
         if plan.trt_cache_dir is not None:
             plan.trt_cache_dir.mkdir(parents=True, exist_ok=True)
         opts = ort.SessionOptions()
-        opts.log_severity_level = 3  # shape mismatches are checked and reported by us, not logged by ORT
+        opts.log_severity_level = (
+            3  # shape mismatches are checked and reported by us, not logged by ORT
+        )
         if self._intra_op_threads is not None:
             opts.intra_op_num_threads = self._intra_op_threads
         t0 = time.perf_counter()
@@ -574,7 +582,9 @@ class Engine:
                 f"{type(exc).__name__}: {exc}"
             ) from None
         load_s = time.perf_counter() - t0
-        provider = resolve_actual(plan, session.get_providers(), allow_fallback=self._allow_fallback)
+        provider = resolve_actual(
+            plan, session.get_providers(), allow_fallback=self._allow_fallback
+        )
         inputs = tuple(_spec_of(a, "input") for a in session.get_inputs())
         outputs = tuple(_spec_of(a, "output") for a in session.get_outputs())
         if not inputs or not outputs:
@@ -606,7 +616,9 @@ class Engine:
             try:
                 raw = session.run(None, zeros)
             except Exception as exc:  # translated: ORT's types must not leak
-                raise ModelLoadError(f"warm-up of {info.name!r} failed: {type(exc).__name__}: {exc}") from None
+                raise ModelLoadError(
+                    f"warm-up of {info.name!r} failed: {type(exc).__name__}: {exc}"
+                ) from None
             self._check_outputs(info, raw, 1)
         warmup_s = time.perf_counter() - t1
         loaded.info = dataclasses.replace(info, warmup_s=warmup_s)
@@ -664,7 +676,9 @@ class Engine:
             nbytes = sum(a.nbytes for a in out.feeds.values())
             sample_slot = self._sampler.choose(out.prediction.confidence, nbytes)
             if sample_slot is not None:
-                sample_key = f"{telemetry_prefix(self._sink.node_id)}samples/{info.name}/{sample_slot:05d}"
+                sample_key = (
+                    f"{telemetry_prefix(self._sink.node_id)}samples/{info.name}/{sample_slot:05d}"
+                )
         value = {
             "model": {"name": info.name, "version": info.version, "sha256": info.sha256},
             "provider": info.provider,
@@ -720,7 +734,9 @@ class Engine:
             self._counters.max_batch = max(self._counters.max_batch, len(batch))
             fut = self._executor.submit(self._work, loaded, batch)
             try:
-                outcomes = await asyncio.wait_for(asyncio.wrap_future(fut, loop=loop), self.timeout_s)
+                outcomes = await asyncio.wait_for(
+                    asyncio.wrap_future(fut, loop=loop), self.timeout_s
+                )
             except TimeoutError:
                 self._abandon(fut)
                 err = InferenceTimeoutError(
@@ -876,7 +892,9 @@ class Engine:
         try:
             raw = loaded.session.run(None, feeds)
         except Exception as exc:  # ORT's pybind errors are translated here
-            raise InferenceRunError(f"{info.name!r} failed in session.run: {type(exc).__name__}: {exc}") from None
+            raise InferenceRunError(
+                f"{info.name!r} failed in session.run: {type(exc).__name__}: {exc}"
+            ) from None
         infer_s = time.perf_counter() - t0
         outputs = self._check_outputs(info, raw, sum(rows) if info.batchable else None)
         start = 0
@@ -989,6 +1007,3 @@ class Engine:
     def latency_book(self) -> LatencyBook:
         """The per-(sha256, provider) histograms."""
         return self._book
-
-
-

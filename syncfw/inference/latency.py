@@ -98,7 +98,7 @@ class Histogram:
             raise ValueError("need 0 < lo_s < hi_s and growth > 1")
         self._lo = lo_s
         self._growth_log = math.log(growth)
-        n = int(math.ceil(math.log(hi_s / lo_s) / self._growth_log)) + 1
+        n = math.ceil(math.log(hi_s / lo_s) / self._growth_log) + 1
         self._buckets = [0] * n
         self._count = 0
         self._sum = 0.0

@@ -158,7 +158,9 @@ def plan_providers(
     return ProviderPlan(tuple(chosen), tuple(options), trt_dir)
 
 
-def resolve_actual(plan: ProviderPlan, session_providers: Sequence[str], *, allow_fallback: bool) -> str:
+def resolve_actual(
+    plan: ProviderPlan, session_providers: Sequence[str], *, allow_fallback: bool
+) -> str:
     """The provider really in use, from ``session.get_providers()``.
 
     Args:

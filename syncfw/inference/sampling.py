@@ -30,7 +30,7 @@ class SamplingPolicy:
     """How many inputs to keep.
 
     Attributes:
-        base_rate: probability of keeping a confident case (0.01–0.10 is typical).
+        base_rate: probability of keeping a confident case (0.01 to 0.10 is typical).
         low_confidence_below: a confidence under this counts as unsure.
         low_confidence_rate: probability of keeping an unsure case.
         max_samples: ring slots per model: the bound on stored samples.
@@ -56,7 +56,9 @@ class SamplingPolicy:
 
     def probability(self, confidence: float) -> float:
         """The chance a call with this confidence is kept."""
-        return self.low_confidence_rate if confidence < self.low_confidence_below else self.base_rate
+        return (
+            self.low_confidence_rate if confidence < self.low_confidence_below else self.base_rate
+        )
 
     def decide(self, confidence: float, draw: float) -> bool:
         """Keep this input? ``draw`` is uniform in ``[0, 1)``."""

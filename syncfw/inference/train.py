@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -91,9 +92,9 @@ def _render(rng: np.random.Generator, defect: bool) -> F32:
             by, bx = cy + radius * np.sin(angle), cx + radius * np.cos(angle)
             bite = (yy - by) ** 2 + (xx - bx) ** 2 <= rng.uniform(5.0, 8.0)
             img = np.where(bite, belt, img)
-    img = img + rng.normal(0.0, 0.04, size=img.shape)
+    noisy = img + rng.normal(0.0, 0.04, size=img.shape)
     # Quantized to 8 bits, as a camera delivers it (and the canary set stores it).
-    return (np.round(np.clip(img, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+    return (np.round(np.clip(noisy, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
 
 
 def make_dataset(n: int, seed: int) -> tuple[F32, I64]:
@@ -261,15 +262,13 @@ def _metadata(model: object, name: str, seed: int) -> None:
         entry.value = value
 
 
-def _io() -> tuple[object, object]:
-    import onnx
+def _io() -> tuple[Any, Any]:
     from onnx import TensorProto, helper
 
     image = helper.make_tensor_value_info(
         "image", TensorProto.FLOAT, ["N", 1, IMAGE_SIZE, IMAGE_SIZE]
     )
     probs = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", len(LABELS)])
-    assert isinstance(image, onnx.ValueInfoProto)
     return image, probs
 
 
@@ -332,7 +331,7 @@ def export_trigger(weights: dict[str, F32], *, seed: int = DEFAULT_SEED) -> byte
         mk("ReduceMean", ["sq"], ["m2"], axes=[1], keepdims=1),
         mk("Mul", ["f_mean", "f_mean"], ["mean_sq"]),
         mk("Sub", ["m2", "mean_sq"], ["var_raw"]),
-        mk("Relu", ["var_raw"], ["var"]),  # rounding can make E[x²] − E[x]² slightly negative
+        mk("Relu", ["var_raw"], ["var"]),  # rounding can make E[x^2] - E[x]^2 slightly negative
         mk("Sqrt", ["var"], ["f_std"]),
         mk("Concat", ["f_edge_mean", "f_edge_max", "f_mean", "f_std"], ["feats"], axis=1),
         mk("Gemm", ["feats", "w", "b"], ["logits"]),
@@ -390,9 +389,7 @@ class TrainReport:
     trigger_accuracy: float
 
 
-def train_all(
-    seed: int = DEFAULT_SEED, *, n_train: int = 4000, n_canary: int = 400
-) -> TrainReport:
+def train_all(seed: int = DEFAULT_SEED, *, n_train: int = 4000, n_canary: int = 400) -> TrainReport:
     """Draw the data sets, train both models, export them and score them on the canary set.
 
     Args:

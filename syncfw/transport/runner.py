@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from syncfw.errors import DecodeError, SyncfwError
 from syncfw.log import Replica
@@ -47,8 +48,12 @@ log = logging.getLogger("syncfw.sync")
 _EOF = object()
 
 
-class SendBudget(Protocol_ := object):  # noqa: N801 - placeholder replaced below
-    pass
+class SendBudget(Protocol):
+    """A per-peer bandwidth budget: :meth:`spend` waits until ``n`` bytes may go."""
+
+    async def spend(self, n: int) -> None:
+        """Wait until ``n`` more bytes may be sent to this peer, then count them."""
+        ...
 
 
 @dataclass(slots=True)
@@ -81,3 +86,153 @@ class ExchangeOutcome:
     def ok(self) -> bool:
         """True if the exchange ended in sync."""
         return self.status is Status.OK
+
+
+async def run_exchange(
+    replica: Replica,
+    stream: FrameStream,
+    *,
+    config: SessionConfig | None = None,
+    peers: Sequence[PeerInfo] = (),
+    expect_peer: str | None = None,
+    budget: SendBudget | None = None,
+    on_peers: Callable[[tuple[PeerInfo, ...]], Awaitable[None] | None] | None = None,
+    timeout_s: float | None = None,
+) -> ExchangeOutcome:
+    """Run one exchange over ``stream`` to its end.
+
+    Args:
+        replica: the local replica whose ops are sent and into which the
+            peer's are applied.
+        stream: an open frame stream to the peer (either side of it).
+        config: session tunables.
+        peers: a member list to gossip to the peer.
+        expect_peer: refuse a peer that says hello under another node id.
+        budget: per-peer bandwidth budget charged for every frame sent.
+        on_peers: called with each member list the peer gossips.
+        timeout_s: the whole exchange's deadline; past it the exchange ends
+            with ``DEADLINE_EXCEEDED`` (what was applied stays applied).
+
+    Returns:
+        How the exchange ended. Never raises for a peer's, the link's or a
+        batch's failure.
+    """
+    started = time.monotonic()
+    session = Session(
+        replica.node_id,
+        replica.fleet_id,
+        hlc=replica.hlc_now(),
+        config=config,
+        peers=peers,
+        expect_peer=expect_peer,
+    )
+    out = ExchangeOutcome(Status.INTERNAL, "not started")
+    rxq: asyncio.Queue[object] = asyncio.Queue()
+
+    async def reader() -> None:
+        try:
+            while True:
+                frame = await stream.recv()
+                if frame is None:
+                    await rxq.put(_EOF)
+                    return
+                await rxq.put(frame)
+        except (LinkError, DecodeError) as exc:
+            await rxq.put(exc)
+        except Exception as exc:  # a transport bug must end the exchange, not hang it
+            log.exception("receiving from %s failed", stream.peer_address)
+            await rxq.put(LinkError(Status.INTERNAL, f"receive failed: {exc!r}"))
+
+    async def perform(effects: list[Effect]) -> None:
+        queue = list(effects)
+        while queue:
+            effect = queue.pop(0)
+            if isinstance(effect, Send):
+                try:
+                    size = await stream.send(effect.frame)
+                    out.frames_sent += 1
+                    out.bytes_sent += size
+                    if budget is not None:
+                        await budget.spend(size)
+                except LinkError as exc:
+                    queue.extend(session.abort(exc.status, f"send failed: {exc.reason}"))
+            elif isinstance(effect, FetchOps):
+                try:
+                    ops = await replica.ops_since(
+                        effect.vv, limit=effect.limit, max_bytes=effect.max_bytes
+                    )
+                except SyncfwError as exc:
+                    queue.extend(session.abort(Status.INTERNAL, f"could not read ops: {exc}"))
+                else:
+                    queue.extend(session.ops_fetched(ops))
+            elif isinstance(effect, ApplyOps):
+                try:
+                    await replica.apply_remote(list(effect.ops))
+                    vv = await replica.version_vector()
+                except Exception as exc:  # the session decides what each failure means
+                    if not isinstance(exc, SyncfwError):
+                        log.exception("applying a batch from %s failed", session.peer_id)
+                    queue.extend(session.apply_failed(exc))
+                else:
+                    queue.extend(session.ops_applied(vv))
+            elif isinstance(effect, Acknowledge):
+                try:
+                    await replica.acknowledge(effect.peer, effect.vv)
+                except SyncfwError as exc:
+                    queue.extend(session.abort(Status.INTERNAL, f"could not record ack: {exc}"))
+            elif isinstance(effect, LearnPeers):
+                out.learned.append(effect.peers)
+                if on_peers is not None:
+                    res = on_peers(effect.peers)
+                    if res is not None:
+                        await res
+            elif isinstance(effect, End):
+                out.status, out.reason = effect.status, effect.reason
+
+    task = asyncio.create_task(reader(), name=f"syncfw-recv-{stream.peer_address}")
+    try:
+        async with asyncio.timeout(timeout_s):
+            try:
+                vv = await replica.version_vector()
+            except SyncfwError as exc:
+                await perform(session.abort(Status.INTERNAL, f"could not read vector: {exc}"))
+            else:
+                await perform(session.start(vv))
+            while not session.ended:
+                item = await rxq.get()
+                if item is _EOF:
+                    effects = session.abort(Status.ABORTED, "peer hung up mid-exchange")
+                elif isinstance(item, LinkError):
+                    effects = session.abort(item.status, item.reason)
+                elif isinstance(item, DecodeError):
+                    effects = session.abort(Status.INVALID_ARGUMENT, f"malformed frame: {item}")
+                else:
+                    effects = session.receive(item)  # type: ignore[arg-type]
+                await perform(effects)
+    except TimeoutError:
+        await perform(session.abort(Status.DEADLINE_EXCEEDED, f"exchange took over {timeout_s}s"))
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not session.ended:  # cancelled from outside
+            session.abort(Status.CANCELLED, "exchange cancelled")
+            out.status, out.reason = Status.CANCELLED, "exchange cancelled"
+        await stream.close(out.status, out.reason)
+    out.peer_id = session.peer_id
+    out.ops_sent = session.ops_sent
+    out.ops_received = session.ops_received
+    out.duration_s = time.monotonic() - started
+    level = logging.DEBUG if out.ok else logging.WARNING
+    log.log(
+        level,
+        "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d",
+        replica.node_id,
+        out.peer_id or "?",
+        stream.peer_address,
+        out.status.name,
+        out.reason,
+        out.ops_sent,
+        out.ops_received,
+    )
+    return out

@@ -1,0 +1,216 @@
+"""Transports: in-memory and gRPC carry the same frames; failures never leak grpc errors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+
+from syncfw.errors import ProtocolError
+from syncfw.sync import PROTOCOL_VERSION, Close, Hello, Ops, Status
+from syncfw.testing.memory import MemoryReplica
+from syncfw.transport.base import FrameStream, LinkError
+from syncfw.transport.memory import MemoryNetwork, memory_pipe
+from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig, check_health
+from syncfw.transport.runner import ExchangeOutcome, run_exchange
+from syncfw.transport.wire import decode_frame, encode_frame
+
+
+def _fill(r: MemoryReplica, n: int, size: int = 50) -> None:
+    for i in range(n):
+        r.put(f"fleet/{r.node_id}/k{i}", "x" * size)
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[ChannelPool]:
+    p = ChannelPool(TransportConfig(connect_timeout_s=2.0, exchange_timeout_s=10.0))
+    yield p
+    await p.aclose()
+
+
+async def _serve(replica: MemoryReplica, results: list[ExchangeOutcome]) -> GrpcServer:
+    async def handler(stream: FrameStream) -> None:
+        results.append(await run_exchange(replica, stream))
+
+    return await GrpcServer.start("127.0.0.1:0", handler)
+
+
+async def test_memory_pipe_exchange_converges_both_ways() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 2000)
+    _fill(b, 7)
+    x, y = memory_pipe(window=2)
+    ra, rb = await asyncio.gather(run_exchange(a, x), run_exchange(b, y))
+    assert ra.ok
+    assert rb.ok
+    assert a.state == b.state
+    assert ra.ops_sent == 2000
+    assert rb.ops_received == 2000
+
+
+async def test_memory_network_refuses_unknown_and_partitioned_peers() -> None:
+    net = MemoryNetwork()
+    b = MemoryReplica("b")
+    net.listen("b", lambda s: run_exchange(b, s))
+    with pytest.raises(LinkError) as info:
+        await net.connect("nowhere", source="a")
+    assert info.value.status is Status.UNAVAILABLE
+    assert isinstance(info.value, ProtocolError)
+    net.partition("a", "b")
+    with pytest.raises(LinkError):
+        await net.connect("b", source="a")
+    net.heal()
+    stream = await net.connect("b", source="a")
+    assert (await run_exchange(MemoryReplica("a"), stream)).ok
+    await net.aclose()
+
+
+async def test_grpc_exchange_and_in_sync_round(pool: ChannelPool) -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 1500, size=120)
+    _fill(b, 20)
+    served: list[ExchangeOutcome] = []
+    server = await _serve(b, served)
+    try:
+        assert await check_health(server.address)
+        out = await run_exchange(a, await pool.open(server.address))
+        assert out.ok, out
+        assert a.state == b.state
+        again = await run_exchange(a, await pool.open(server.address))
+        assert again.reason == "in sync"
+        assert again.bytes_sent < 150
+        assert len(pool._channels) == 1  # the channel is reused
+    finally:
+        await server.aclose()
+    assert not await check_health(server.address, timeout_s=0.5)
+
+
+async def test_grpc_unreachable_peer_is_a_link_error(pool: ChannelPool) -> None:
+    quick = ChannelPool(TransportConfig(connect_timeout_s=0.3))
+    with pytest.raises(LinkError) as info:
+        await quick.open("127.0.0.1:1")
+    assert info.value.status is Status.UNAVAILABLE
+    await quick.aclose()
+
+
+async def _raw_call(address: str, frames: list[bytes]) -> tuple[list[bytes], grpc.StatusCode, str]:
+    """A bare gRPC client that sends arbitrary bytes as frames."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        method = ch.stream_stream("/syncfw.v1.Sync/Exchange")
+        call = method(timeout=5)
+        for f in frames:
+            await call.write(f)
+        await call.done_writing()
+        got: list[bytes] = []
+        try:
+            async for msg in call:
+                got.append(msg)
+        except grpc.aio.AioRpcError:
+            pass  # the status is what the test looks at
+        return got, await call.code(), await call.details() or ""
+
+
+@pytest.mark.parametrize(
+    ("hello", "match"),
+    [
+        (Hello(PROTOCOL_VERSION + 7, "default", "x"), "protocol"),
+        (Hello(PROTOCOL_VERSION, "another", "x"), "fleet"),
+    ],
+)
+async def test_grpc_bad_hello_gets_a_clear_status(
+    hello: Hello, match: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    b = MemoryReplica("b")
+    served: list[ExchangeOutcome] = []
+    server = await _serve(b, served)
+    try:
+        with caplog.at_level(logging.WARNING, logger="syncfw.sync"):
+            got, code, details = await _raw_call(server.address, [encode_frame(hello)])
+        assert code is grpc.StatusCode.FAILED_PRECONDITION
+        assert match in details
+        closes = [decode_frame(g) for g in got if isinstance(decode_frame(g), Close)]
+        assert closes
+        assert match in closes[0].reason  # type: ignore[union-attr]
+        assert any(match in r.getMessage() for r in caplog.records)
+    finally:
+        await server.aclose()
+
+
+async def test_grpc_malformed_frame_bytes_end_that_exchange_only(pool: ChannelPool) -> None:
+    b = MemoryReplica("b")
+    served: list[ExchangeOutcome] = []
+    server = await _serve(b, served)
+    try:
+        _, code, _ = await _raw_call(server.address, [b"\xff\xff\xff garbage"])
+        assert code is not grpc.StatusCode.OK
+        ok_hello = encode_frame(Hello(PROTOCOL_VERSION, "default", "x"))
+        _, code, details = await _raw_call(
+            server.address, [ok_hello, encode_frame(Ops(b"\x01\x00\x91\x01"))]
+        )
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+        # the node keeps serving its other peers
+        a = MemoryReplica("a")
+        _fill(a, 10)
+        assert (await run_exchange(a, await pool.open(server.address))).ok
+        assert b.vv() == {"a": 10}
+    finally:
+        await server.aclose()
+
+
+async def test_client_sees_server_side_refusal_as_status(pool: ChannelPool) -> None:
+    other = MemoryReplica("b")
+    other.fleet = type(other.fleet)(fleet_id="elsewhere")
+    server = await _serve(other, [])
+    try:
+        out = await run_exchange(MemoryReplica("a"), await pool.open(server.address))
+        assert out.status is Status.FAILED_PRECONDITION
+        assert "fleet" in out.reason
+    finally:
+        await server.aclose()
+
+
+async def test_exchange_deadline(pool: ChannelPool) -> None:
+    async def silent(stream: FrameStream) -> None:
+        await asyncio.Event().wait()
+
+    server = await GrpcServer.start("127.0.0.1:0", silent)
+    try:
+        out = await run_exchange(MemoryReplica("a"), await pool.open(server.address), timeout_s=0.3)
+        assert out.status is Status.DEADLINE_EXCEEDED
+    finally:
+        await server.aclose(grace_s=0)
+
+
+async def test_grpc_with_real_nodes(tmp_path: Path, pool: ChannelPool) -> None:
+    node_mod = pytest.importorskip("syncfw.node")
+    from syncfw.zones import Fleet
+
+    fleet = Fleet(fleet_id="f")
+    a = await node_mod.Node.open(tmp_path / "a.db", node_id="a", fleet=fleet)
+    b = await node_mod.Node.open(tmp_path / "b.db", node_id="b", fleet=fleet)
+    try:
+        for i in range(300):
+            await a.put(f"fleet/a/k{i}", {"i": i})
+        await b.put("fleet/b/x", 1)
+
+        async def handler(stream: FrameStream) -> None:
+            await run_exchange(b, stream)
+
+        server = await GrpcServer.start("127.0.0.1:0", handler)
+        try:
+            out = await run_exchange(a, await pool.open(server.address))
+            assert out.ok, out
+        finally:
+            await server.aclose()
+        assert await a.version_vector() == await b.version_vector()
+        assert await a.state_digest() == await b.state_digest()
+        assert await b.get("fleet/a/k299") == {"i": 299}
+        assert await a.peer_ack("b") == await a.version_vector()
+    finally:
+        await a.close()
+        await b.close()

@@ -84,22 +84,6 @@ Feeds = dict[str, Array]
 PreFn = Callable[[Any], "Mapping[str, Array] | Array"]
 PostFn = Callable[[Mapping[str, Array]], "Prediction"]
 
-# ONNX Runtime's type strings for the tensor element types numpy can hold.
-_ORT_DTYPES: dict[str, np.dtype[Any]] = {
-    "tensor(float)": np.dtype(np.float32),
-    "tensor(double)": np.dtype(np.float64),
-    "tensor(float16)": np.dtype(np.float16),
-    "tensor(int8)": np.dtype(np.int8),
-    "tensor(int16)": np.dtype(np.int16),
-    "tensor(int32)": np.dtype(np.int32),
-    "tensor(int64)": np.dtype(np.int64),
-    "tensor(uint8)": np.dtype(np.uint8),
-    "tensor(uint16)": np.dtype(np.uint16),
-    "tensor(uint32)": np.dtype(np.uint32),
-    "tensor(uint64)": np.dtype(np.uint64),
-    "tensor(bool)": np.dtype(np.bool_),
-}
-
 
 @dataclass(frozen=True, slots=True)
 class TensorSpec:
@@ -337,12 +321,35 @@ def _digest(feeds: Mapping[str, Array]) -> str:
     return h.hexdigest()
 
 
-def _spec_of(node_arg: Any, what: str) -> TensorSpec:
-    dtype = _ORT_DTYPES.get(node_arg.type)
-    if dtype is None:
-        raise ModelLoadError(f"{what} {node_arg.name!r} has unsupported type {node_arg.type}")
-    shape = tuple(d if isinstance(d, int) and d > 0 else None for d in node_arg.shape)
-    return TensorSpec(node_arg.name, dtype.name, shape)
+def _declared(model: Any, what: str) -> tuple[TensorSpec, ...]:
+    """The signature the ONNX file declares (``graph.input`` less initializers, ``graph.output``).
+
+    Read from the file, not from the session: ONNX Runtime merges a declared
+    shape that contradicts its own inference "leniently" into a looser one, which
+    would hide exactly the mismatch this is for.
+    """
+    from onnx import helper
+
+    graph = model.graph
+    if what == "input":
+        inits = {t.name for t in graph.initializer}
+        values = [v for v in graph.input if v.name not in inits]
+    else:
+        values = list(graph.output)
+    specs: list[TensorSpec] = []
+    for v in values:
+        if v.type.WhichOneof("value") != "tensor_type":
+            raise ModelLoadError(f"{what} {v.name!r} is not a tensor; only tensors are supported")
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+        except Exception:  # an element type numpy cannot hold (strings, bfloat16, ...)
+            raise ModelLoadError(f"{what} {v.name!r} has an unsupported element type") from None
+        dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else []
+        shape = tuple(
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims
+        )
+        specs.append(TensorSpec(v.name, dtype.name, shape))
+    return tuple(specs)
 
 
 def _batchable(specs: Sequence[TensorSpec]) -> bool:
@@ -551,6 +558,19 @@ class Engine:
         if not data:
             raise ModelLoadError(f"model {str(path)!r} is empty")
         sha = hashlib.sha256(data).hexdigest()
+        try:
+            import onnx
+
+            proto = onnx.load_model_from_string(data)
+            inputs = _declared(proto, "input")
+            outputs = _declared(proto, "output")
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # protobuf's DecodeError and friends: translated here
+            raise ModelLoadError(
+                f"{str(path)!r} is not a readable ONNX model ({len(data)} bytes): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
         available = self._available if self._available is not None else tuple(available_providers())
         accel = self._accelerator
         wants_gpu = any(p in available for p in (self._providers or ("TensorrtExecutionProvider",)))
@@ -585,8 +605,10 @@ class Engine:
         provider = resolve_actual(
             plan, session.get_providers(), allow_fallback=self._allow_fallback
         )
-        inputs = tuple(_spec_of(a, "input") for a in session.get_inputs())
-        outputs = tuple(_spec_of(a, "output") for a in session.get_outputs())
+        if [a.name for a in session.get_inputs()] != [s.name for s in inputs]:
+            raise ModelLoadError(
+                f"model {str(path)!r}: the session's inputs differ from the file's"
+            )
         if not inputs or not outputs:
             raise ModelLoadError(f"model {str(path)!r} declares no inputs or no outputs")
         meta: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)

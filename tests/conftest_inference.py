@@ -1,0 +1,108 @@
+"""Helpers shared by the inference tests: tiny ONNX models made here and a real node.
+
+Not a pytest conftest (that file belongs to the whole suite): test modules import
+what they need from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from syncfw import Fleet, Node
+from syncfw.inference.train import CANARY_PATH, MODEL_PATH, TRIGGER_PATH, load_canary
+
+__all__ = [
+    "CANARY_PATH",
+    "MODEL_PATH",
+    "TRIGGER_PATH",
+    "canary",
+    "identity_model",
+    "linear_model",
+    "node",
+    "result_keys",
+    "wrong_output_model",
+]
+
+NODE_ID = "t7"
+
+
+@pytest.fixture
+async def node() -> AsyncIterator[Node]:
+    """A real SQLite-backed node in memory."""
+    async with Node.open(":memory:", node_id=NODE_ID, fleet=Fleet()) as n:
+        yield n
+
+
+def canary() -> tuple[np.ndarray, np.ndarray]:
+    """The shipped canary set."""
+    return load_canary()
+
+
+async def result_keys(node: Node) -> list[str]:
+    """Every result key the node holds."""
+    return sorted(await node.scan(f"results/{node.node_id}/"))
+
+
+def _save(model: onnx.ModelProto, path: Path) -> Path:
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def linear_model(
+    path: Path, n_in: int = 4, n_out: int = 3, *, seed: int = 0, name: str = "lin"
+) -> Path:
+    """``probs = softmax(x @ W + b)`` with a dynamic batch dim; input ``x`` float32 [N, n_in]."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(n_in, n_out)).astype(np.float32)
+    b = rng.normal(size=(n_out,)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w", "b"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        ],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", n_out])],
+        initializer=[numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    meta = model.metadata_props.add()
+    meta.key, meta.value = "name", name
+    return _save(model, path)
+
+
+def identity_model(path: Path, shape: Sequence[int | str] = ("N", 4)) -> Path:
+    """``y = x`` (float32), for exact output checks."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "ident",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))],
+    )
+    return _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def wrong_output_model(path: Path) -> Path:
+    """Declares ``y`` as [N, 2] but really returns [N, 3] (x concatenated with a column)."""
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", "x1"], ["y"], axis=1)],
+        "liar",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2]),
+            helper.make_tensor_value_info("x1", TensorProto.FLOAT, ["N", 1]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    # No checker: shape inference would rightly object to the declared shape.
+    path.write_bytes(model.SerializeToString())
+    return path

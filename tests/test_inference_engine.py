@@ -75,7 +75,7 @@ async def test_infer_writes_one_result_op_with_provenance(node: Node) -> None:
 
 
 async def test_predictions_match_a_bare_session_and_the_labels(node: Node) -> None:
-    x, y = canary()
+    x, _y = canary()
     bare = ort.InferenceSession(str(MODEL_PATH), providers=["CPUExecutionProvider"])
     expected = bare.run(None, {"image": x[:20]})[0]
     async with Engine(node) as engine:
@@ -153,7 +153,7 @@ async def test_corrupt_model_fails_to_load_and_the_old_one_keeps_serving(
         bad.write_bytes(good[:40] + bytes(b ^ 0xFF for b in good[40:200]) + good[200:])
     async with Engine(node) as engine:
         before = await engine.load(MODEL_PATH)
-        with pytest.raises(ModelLoadError, match="bad.onnx"):
+        with pytest.raises(ModelLoadError, match=r"bad\.onnx"):
             await engine.load(bad)
         assert engine.model is not None and engine.model.sha256 == before.sha256
         r = await engine.infer(_image(1))
@@ -207,7 +207,7 @@ async def test_watchdog_fails_a_hung_call_and_the_engine_keeps_serving(node: Nod
     try:
         async with Engine(node, preprocess=pre, timeout_s=0.2) as engine:
             await engine.load(MODEL_PATH)
-            with pytest.raises(InferenceTimeoutError, match="0.2 s watchdog") as err:
+            with pytest.raises(InferenceTimeoutError, match=r"0\.2 s watchdog") as err:
                 await engine.infer("hang", key="stuck")
             assert isinstance(err.value, TimeoutError)
             assert entered.is_set()
@@ -291,7 +291,7 @@ async def test_crashing_pre_post_or_runtime_is_reported_and_recovered(
         await engine.load(path)
         ok = await engine.infer({"x": np.ones(4, np.float32), "s": np.array([4], np.int64)})
         assert ok.outputs["y"].shape == (4,)
-        with pytest.raises(InferenceRunError, match="session.run"):
+        with pytest.raises(InferenceRunError, match=r"session\.run"):
             await engine.infer({"x": np.ones(4, np.float32), "s": np.array([3], np.int64)})
         again = await engine.infer({"x": np.ones(4, np.float32), "s": np.array([4], np.int64)})
     assert len(await result_keys(node)) == 3

@@ -147,7 +147,7 @@ def encode_value(value: Any) -> bytes:
             representable: arbitrary objects, ints beyond 64 bits, sets, ...
     """
     try:
-        return msgpack.packb(value, use_bin_type=True, datetime=False)  # type: ignore[no-any-return]
+        return msgpack.packb(value, use_bin_type=True, datetime=False)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueEncodingError(
             f"value of type {type(value).__name__} cannot be stored: {exc}"

@@ -41,7 +41,7 @@ class Node:
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._docs: dict[str, pycrdt.Doc] = {}
+        self._docs: dict[str, pycrdt.Doc[Any]] = {}
         self._doc_writes: set[asyncio.Task[Op]] = set()
         self._applying_remote = False
         self._status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
@@ -155,7 +155,7 @@ class Node:
         """A multi-value register handle for ``key``."""
         return Register(self, key)
 
-    async def doc(self, key: str, *, readonly: bool = False) -> pycrdt.Doc:
+    async def doc(self, key: str, *, readonly: bool = False) -> pycrdt.Doc[Any]:
         """The live Yjs document at ``key``; local edits become ops, remote ones arrive.
 
         Each node session edits with a fresh Yjs client id, as Yjs requires.
@@ -166,15 +166,15 @@ class Node:
                 ``readonly=True`` to follow a document someone else writes;
                 local edits to it are then not recorded).
         """
-        doc = self._docs.get(key)
-        if doc is not None:
-            return doc
+        live = self._docs.get(key)
+        if live is not None:
+            return live
         zone_epoch = None if readonly else self._zone(key)
         state = await self._store.read_state("ydoc", key)
-        doc = self._docs.get(key)  # another caller may have opened it meanwhile
-        if doc is not None:
-            return doc
-        doc = pycrdt.Doc()
+        live = self._docs.get(key)  # another caller may have opened it meanwhile
+        if live is not None:
+            return live
+        doc: pycrdt.Doc[Any] = pycrdt.Doc()
         self._applying_remote = True
         try:
             doc.apply_update(state)

@@ -65,7 +65,7 @@ class CrdtType(ABC):
 
 def pack(obj: Any) -> bytes:
     """msgpack with the options every state encoding uses."""
-    return msgpack.packb(obj, use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def unpack(data: bytes, what: str) -> Any:

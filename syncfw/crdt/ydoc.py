@@ -14,6 +14,7 @@ hence :meth:`apply_many`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pycrdt
 
@@ -25,7 +26,7 @@ EMPTY_UPDATE = b"\x00\x00"
 
 def _canonical(update: bytes) -> bytes:
     """Re-encode an update from a document holding it: equal content, equal bytes."""
-    doc: pycrdt.Doc = pycrdt.Doc()
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
     try:
         doc.apply_update(update)
     except Exception as exc:  # yrs raises plain exceptions on malformed updates

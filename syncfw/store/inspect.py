@@ -11,10 +11,24 @@ import aiosqlite
 import msgpack
 
 from syncfw.clock import hlc_logical, hlc_physical
-from syncfw.errors import CorruptDatabaseError, ForeignDatabaseError, SchemaVersionError, StorageError
+from syncfw.errors import (
+    CorruptDatabaseError,
+    ForeignDatabaseError,
+    SchemaVersionError,
+    StorageError,
+)
 from syncfw.store.schema import APPLICATION_ID, SCHEMA_VERSION
 
 __all__ = ["inspect_store"]
+
+
+def _file_facts(path: str) -> tuple[str, str, int]:
+    """The path, a read-only URI for it, and the size of its WAL."""
+    if not os.path.exists(path):
+        raise StorageError(f"{path!r} does not exist")
+    wal = path + "-wal"
+    wal_bytes = os.path.getsize(wal) if os.path.exists(wal) else 0
+    return path, "file:" + Path(path).resolve().as_posix() + "?mode=ro", wal_bytes
 
 
 async def inspect_store(path: str | Path, *, rejected_limit: int = 50) -> dict[str, Any]:
@@ -28,10 +42,7 @@ async def inspect_store(path: str | Path, *, rejected_limit: int = 50) -> dict[s
         StorageError: the file does not exist.
         CorruptDatabaseError, ForeignDatabaseError, SchemaVersionError: as at open.
     """
-    path = str(path)
-    if not os.path.exists(path):
-        raise StorageError(f"{path!r} does not exist")
-    uri = "file:" + Path(path).resolve().as_posix() + "?mode=ro"
+    path, uri, wal_bytes = _file_facts(str(path))
     try:
         conn = await aiosqlite.connect(uri, uri=True)
     except sqlite3.Error as exc:
@@ -47,7 +58,7 @@ async def inspect_store(path: str | Path, *, rejected_limit: int = 50) -> dict[s
         if version > SCHEMA_VERSION:
             raise SchemaVersionError(f"{path!r} has unknown schema version {version}")
         try:
-            meta = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
+            meta: dict[str, Any] = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
             heads = await conn.execute_fetchall(
                 "SELECT origin, seq, compacted FROM heads ORDER BY origin"
             )
@@ -73,7 +84,6 @@ async def inspect_store(path: str | Path, *, rejected_limit: int = 50) -> dict[s
     finally:
         await conn.close()
     hlc = int(meta.get("hlc", 0))
-    wal = path + "-wal"
     return {
         "path": path,
         "schema_version": version,
@@ -91,6 +101,6 @@ async def inspect_store(path: str | Path, *, rejected_limit: int = 50) -> dict[s
         "counts": counts,
         "sizes": {
             "db_bytes": page_count * page_size,
-            "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
+            "wal_bytes": wal_bytes,
         },
     }

@@ -187,7 +187,7 @@ def _op_row(op: Op, status: int) -> tuple[Any, ...]:
 
 
 def _pack_op(op: Op) -> bytes:
-    return msgpack.packb(op.to_tuple(), use_bin_type=True)  # type: ignore[no-any-return]
+    return msgpack.packb(op.to_tuple(), use_bin_type=True)
 
 
 def _unpack_op(data: bytes) -> Op:
@@ -704,9 +704,9 @@ class Store:
         except sqlite3.Error as exc:
             raise _translate(exc) from None
         for op in held:
-            row = stored.get(op.id)
+            kept = stored.get(op.id)
             # Compacted ops are no longer comparable; their chain was verified at apply.
-            if row is not None and row != op.to_tuple()[:9]:
+            if kept is not None and kept != op.to_tuple()[:9]:
                 raise ForkError(f"two different ops at ({op.origin!r}, {op.seq})")
         return len(held)
 
@@ -779,7 +779,7 @@ class Store:
     async def rejected(self) -> list[tuple[str, int, str, str]]:
         """Rejected ops as ``(origin, seq, key, reason)``, by origin and seq."""
         rows = await self._fetch("SELECT origin, seq, key, reason FROM rejected ORDER BY origin, seq")
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [(str(o), int(s), str(k), str(r)) for o, s, k, r in rows]
 
     def pending(self) -> dict[str, dict[int, str]]:
         """Held-back ops: origin -> seq -> reason."""
@@ -1048,7 +1048,7 @@ async def _check_and_migrate(
         )
     try:
         if version:
-            meta = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
+            meta: dict[str, Any] = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
             if meta.get("node_id") != node_id:
                 raise ForeignDatabaseError(
                     f"{path!r} belongs to node {meta.get('node_id')!r}, not {node_id!r}"

@@ -1,0 +1,228 @@
+"""Inference benchmark: bare ``session.run`` against ``Engine.infer`` writing to a real node.
+
+Two models, same inputs, same run:
+
+* a generated conv net (random weights, a few Conv+Relu layers on 1x3x128x128),
+  one caller: latency percentiles and items/s, bare vs engine;
+* the shipped inspection model, 64 concurrent callers: items/s, bare (one
+  ``session.run`` per item, back to back) vs engine (micro-batched, one result
+  op per item through the node's group commit).
+
+Bare and engine runs alternate in rounds so drift (thermal, other load) hits
+both alike. Prints a table; the LAST line is one JSON object.
+
+Run: ``.venv/bin/python bench/inference.py`` (``--quick`` for a smoke run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from syncfw import Fleet, Node
+from syncfw.inference import Engine
+from syncfw.inference.train import MODEL_PATH, load_canary
+
+
+def conv_net(path: Path, *, seed: int = 0) -> Path:
+    """Four 3x3 Conv+Relu (3→32, 32→64 s2, 64→64, 64→64 s2), global pool, Gemm → 10 classes."""
+    rng = np.random.default_rng(seed)
+    chans = [(3, 32, 1), (32, 64, 2), (64, 64, 1), (64, 64, 2)]
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    prev = "x"
+    for i, (cin, cout, stride) in enumerate(chans):
+        w = (rng.normal(size=(cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")]
+        nodes.append(
+            helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], strides=[stride, stride])
+        )
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev = f"r{i}"
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["gap"]),
+        helper.make_node("Flatten", ["gap"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "fw", "fb"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+    ]
+    inits += [
+        numpy_helper.from_array((rng.normal(size=(64, 10)) * 0.3).astype(np.float32), "fw"),
+        numpy_helper.from_array(np.zeros(10, np.float32), "fb"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bench_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 128, 128])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q))
+
+
+async def bench_conv(node: Node, model: Path, *, rounds: int, per_round: int) -> dict[str, float]:
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1, 3, 128, 128), dtype=np.float32) for _ in range(32)]
+    bare = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    bare_lat: list[float] = []
+    eng_lat: list[float] = []
+    bare_time = eng_time = 0.0
+    async with Engine(node, name="conv", status_name="inference_conv") as engine:
+        await engine.load(model)
+        for _ in range(5):  # warm both paths alike
+            bare.run(None, {"x": inputs[0]})
+            await engine.infer(inputs[0])
+        for r in range(rounds):
+            t_round = time.perf_counter()
+            for i in range(per_round):
+                x = inputs[(r * per_round + i) % len(inputs)]
+                t0 = time.perf_counter()
+                bare.run(None, {"x": x})
+                bare_lat.append(time.perf_counter() - t0)
+            bare_time += time.perf_counter() - t_round
+            t_round = time.perf_counter()
+            for i in range(per_round):
+                x = inputs[(r * per_round + i) % len(inputs)]
+                t0 = time.perf_counter()
+                await engine.infer(x)
+                eng_lat.append(time.perf_counter() - t0)
+            eng_time += time.perf_counter() - t_round
+        stages = engine.status()["latency"][0]["stages"]
+    n = rounds * per_round
+    return {
+        "bare_p50_ms": pct(bare_lat, 50) * 1e3,
+        "bare_p99_ms": pct(bare_lat, 99) * 1e3,
+        "engine_p50_ms": pct(eng_lat, 50) * 1e3,
+        "engine_p99_ms": pct(eng_lat, 99) * 1e3,
+        "bare_items_per_s": n / bare_time,
+        "engine_items_per_s": n / eng_time,
+        "_stages": stages,
+    }
+
+
+async def bench_small(node: Node, *, rounds: int, items: int, callers: int) -> dict[str, float]:
+    x, _ = load_canary()
+    inputs = [x[i : i + 1] for i in range(len(x))]
+    bare = ort.InferenceSession(str(MODEL_PATH), providers=["CPUExecutionProvider"])
+    bare_rates: list[float] = []
+    eng_rates: list[float] = []
+    batches: list[int] = []
+    async with Engine(node, status_name="inference_small") as engine:
+        await engine.load(MODEL_PATH)
+
+        async def caller(c: int, n: int) -> None:
+            for i in range(n):
+                r = await engine.infer(inputs[(c * n + i) % len(inputs)])
+                batches.append(r.batch_size)
+
+        for _ in range(20):
+            bare.run(None, {"image": inputs[0]})
+        await asyncio.gather(*(caller(c, 4) for c in range(callers)))
+        per_caller = max(1, items // callers)
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for i in range(per_caller * callers):
+                bare.run(None, {"image": inputs[i % len(inputs)]})
+            bare_rates.append(per_caller * callers / (time.perf_counter() - t0))
+            t0 = time.perf_counter()
+            await asyncio.gather(*(caller(c, per_caller) for c in range(callers)))
+            eng_rates.append(per_caller * callers / (time.perf_counter() - t0))
+    return {
+        "small_bare_items_per_s": statistics.median(bare_rates),
+        "small_engine_items_per_s": statistics.median(eng_rates),
+        "_mean_batch": float(np.mean(batches)),
+    }
+
+
+async def bench_node_put(node: Node, *, n: int, callers: int) -> dict[str, float]:
+    """The node alone: what one result-sized ``put`` costs, sequential and with 64 callers."""
+    value = {
+        "model": {"name": "inspection", "version": "1.0.0", "sha256": "0" * 64},
+        "provider": "CPUExecutionProvider",
+        "input_digest": "0" * 64,
+        "label": "ok",
+        "confidence": 0.99,
+        "top": [["ok", 0.99], ["defect", 0.01]],
+        "latency_ms": {"queue": 0.1, "pre": 0.1, "infer": 0.1, "post": 0.1, "total": 0.4},
+        "batch": 1,
+        "sample": None,
+    }
+    lat: list[float] = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        await node.put(f"results/bench/put/{i}", value)
+        lat.append(time.perf_counter() - t0)
+    per = max(1, (4 * n) // callers)
+
+    async def caller(c: int) -> None:
+        for i in range(per):
+            await node.put(f"results/bench/put64/{c}/{i}", value)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(c) for c in range(callers)))
+    return {
+        "node_put_p50_ms": pct(lat, 50) * 1e3,
+        "node_put_items_per_s_64": per * callers / (time.perf_counter() - t0),
+    }
+
+
+async def main_async(quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = conv_net(Path(tmp) / "conv.onnx")
+        async with Node.open(Path(tmp) / "bench.db", node_id="bench", fleet=Fleet()) as node:
+            conv = await bench_conv(node, model, rounds=2 if quick else 6, per_round=30 if quick else 150)
+            small = await bench_small(
+                node, rounds=1 if quick else 5, items=640 if quick else 6400, callers=64
+            )
+            put = await bench_node_put(node, n=200 if quick else 1000, callers=64)
+    return conv | small | put
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="bare session.run vs Engine.infer")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    res = asyncio.run(main_async(args.quick))
+    stages = res.pop("_stages")
+    mean_batch = res.pop("_mean_batch")
+    print(f"onnxruntime {ort.__version__}, CPU, {sys.platform}; wall {time.perf_counter() - t0:.1f} s")
+    print()
+    print("conv net 1x3x128x128, one caller      bare        engine      ratio / delta")
+    print(f"  p50 latency (ms)                 {res['bare_p50_ms']:8.3f}    {res['engine_p50_ms']:8.3f}    {res['engine_p50_ms'] - res['bare_p50_ms']:+.3f} ms")
+    print(f"  p99 latency (ms)                 {res['bare_p99_ms']:8.3f}    {res['engine_p99_ms']:8.3f}    {res['engine_p99_ms'] - res['bare_p99_ms']:+.3f} ms  (target <= +1)")
+    print(f"  items/s                          {res['bare_items_per_s']:8.1f}    {res['engine_items_per_s']:8.1f}    x{res['engine_items_per_s'] / res['bare_items_per_s']:.3f}  (target >= 0.95)")
+    print("  engine stages p50 (ms): " + ", ".join(f"{k} {v['p50_ms']:.3f}" for k, v in stages.items()))
+    print()
+    print("inspection model 1x1x16x16, 64 callers")
+    print(f"  items/s                          {res['small_bare_items_per_s']:8.0f}    {res['small_engine_items_per_s']:8.0f}    x{res['small_engine_items_per_s'] / res['small_bare_items_per_s']:.3f}  (target >= 0.5)")
+    print(f"  mean micro-batch size: {mean_batch:.1f}")
+    print()
+    print("the node alone (one result-sized put)")
+    print(f"  sequential put p50 (ms)          {res['node_put_p50_ms']:8.3f}")
+    print(f"  64 callers, puts/s               {res['node_put_items_per_s_64']:8.0f}    (ceiling for engine items/s)")
+    print(json.dumps({k: round(v, 3) for k, v in res.items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

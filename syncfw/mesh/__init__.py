@@ -1,0 +1,36 @@
+"""The fleet mesh: who the peers are, when to sync with whom, and how much.
+
+Owns membership from seeds and gossiped peer lists with alive/suspect/dead
+failure handling (``membership``), per-peer bandwidth budgets (``budget``),
+configuration presets (``config``), the gossip scheduler with jitter, fanout and
+eager push (``mesh``), and the fleet-wide model-version view (``models``).
+
+Works on a :class:`~syncfw.log.Replica` only. May import: errors, log, zones,
+sync, transport. Must not import: store, node.
+"""
+
+from syncfw.mesh.budget import TokenBucket
+from syncfw.mesh.config import MeshConfig
+from syncfw.mesh.membership import Member, Membership, MemberState
+from syncfw.mesh.mesh import Mesh
+from syncfw.mesh.models import (
+    FleetModelView,
+    ModelStatus,
+    fleet_model_view,
+    model_key,
+    model_value,
+)
+
+__all__ = [
+    "FleetModelView",
+    "Member",
+    "MemberState",
+    "Membership",
+    "Mesh",
+    "MeshConfig",
+    "ModelStatus",
+    "TokenBucket",
+    "fleet_model_view",
+    "model_key",
+    "model_value",
+]

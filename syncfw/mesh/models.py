@@ -1,0 +1,93 @@
+"""The fleet-wide view of which model each node runs.
+
+Each node writes its running model under ``fleet/<node>/model`` (its own zone)
+as a small map; the view folds every node's entry and names the version most
+nodes run. Pure functions over a ``scan`` result: they work on any replica's
+state.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["FleetModelView", "ModelStatus", "fleet_model_view", "model_key", "model_value"]
+
+_PREFIX = "fleet/"
+_SUFFIX = "/model"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStatus:
+    """The model one node runs.
+
+    Attributes:
+        name: model name.
+        version: model version.
+        sha256: hex digest of the artifact.
+        status: ``active``, ``canary``, ``rolled_back``, ``failed``, ...
+    """
+
+    name: str
+    version: str
+    sha256: str
+    status: str = "active"
+
+
+def model_key(node_id: str) -> str:
+    """The key a node reports its model under."""
+    return f"{_PREFIX}{node_id}{_SUFFIX}"
+
+
+def model_value(model: ModelStatus) -> dict[str, str]:
+    """The value to write at :func:`model_key`."""
+    return {
+        "name": model.name,
+        "version": model.version,
+        "sha256": model.sha256,
+        "status": model.status,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class FleetModelView:
+    """Every node's model and the fleet's majority.
+
+    Attributes:
+        nodes: node id to its model status.
+        majority: ``(name, version)`` most nodes run actively (ties: the
+            highest version string), or None if no node reports one.
+        counts: active nodes per ``(name, version)``.
+    """
+
+    nodes: dict[str, ModelStatus]
+    majority: tuple[str, str] | None
+    counts: dict[tuple[str, str], int]
+
+
+def fleet_model_view(state: Mapping[str, Any]) -> FleetModelView:
+    """Fold a ``scan("fleet/")`` result into the fleet's model view.
+
+    Malformed entries are skipped (a node running old code must not break the view).
+    """
+    nodes: dict[str, ModelStatus] = {}
+    for key, value in state.items():
+        if not (key.startswith(_PREFIX) and key.endswith(_SUFFIX)):
+            continue
+        node = key[len(_PREFIX) : -len(_SUFFIX)]
+        if not node or "/" in node or not isinstance(value, Mapping):
+            continue
+        try:
+            nodes[node] = ModelStatus(
+                str(value["name"]),
+                str(value["version"]),
+                str(value["sha256"]),
+                str(value.get("status", "active")),
+            )
+        except KeyError:
+            continue
+    counts = Counter((m.name, m.version) for m in nodes.values() if m.status == "active")
+    majority = max(counts, key=lambda nv: (counts[nv], nv[1], nv[0])) if counts else None
+    return FleetModelView(dict(sorted(nodes.items())), majority, dict(counts))

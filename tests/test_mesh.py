@@ -1,0 +1,299 @@
+"""Mesh: membership, failure handling, budgets, presets, gossip rounds, the model view."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from syncfw.mesh import (
+    Membership,
+    MemberState,
+    Mesh,
+    MeshConfig,
+    ModelStatus,
+    TokenBucket,
+    fleet_model_view,
+    model_key,
+    model_value,
+)
+from syncfw.sync import PeerInfo
+from syncfw.testing.memory import MemoryReplica
+from syncfw.transport.memory import MemoryNetwork
+from syncfw.transport.network import InMemoryNetwork
+
+
+async def _until(cond: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0) -> None:
+    """Poll ``cond`` until true or fail at the deadline (no fixed sleeps)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        res = cond()
+        if not isinstance(res, bool):
+            res = await res
+        if res:
+            return
+        if loop.time() > deadline:
+            raise AssertionError("condition not met before the deadline")
+        await asyncio.sleep(0.01)
+
+
+# -- membership (pure) --------------------------------------------------------------
+
+
+def test_membership_learns_from_gossip_and_ignores_itself() -> None:
+    m = Membership("a", "addr-a", ["addr-b"])
+    assert [x.address for x in m.members.values()] == ["addr-b"]
+    new = m.merge([PeerInfo("a", "addr-a", 9), PeerInfo("c", "addr-c", 1)], now=0)
+    assert [x.node_id for x in new] == ["c"]
+    assert "addr-a" not in m.members
+    assert m.gossip()[0] == PeerInfo("a", "addr-a", 0)
+
+
+def test_suspect_then_dead_then_revived() -> None:
+    m = Membership("a", "A", ["B"], suspect_after=2, dead_after_s=10, dead_retry_s=5)
+    m.succeeded("B", "b", now=0)
+    assert m.failed("B", now=1) is MemberState.ALIVE
+    assert m.failed("B", now=2) is MemberState.SUSPECT
+    m.tick(now=11)
+    assert m.members["B"].state is MemberState.SUSPECT
+    m.tick(now=12)
+    assert m.members["B"].state is MemberState.DEAD
+    assert m.live() == []
+    rng = random.Random(1)
+    assert [x.address for x in m.pick(3, rng, now=13)] == ["B"]  # due a retry
+    assert m.failed("B", now=13) is MemberState.DEAD
+    assert [x.address for x in m.pick(3, rng, now=15)] == []  # retried only every 5 s
+    assert [x.address for x in m.pick(3, rng, now=18.5)] == ["B"]
+    # fresher gossip about b (a higher heartbeat) revives it
+    m.merge([PeerInfo("b", "B", 5)], now=20)
+    assert m.members["B"].state is MemberState.ALIVE
+    m.failed("B", now=21)
+    m.failed("B", now=22)
+    m.succeeded("B", "b", now=23)
+    assert m.members["B"].state is MemberState.ALIVE
+
+
+def test_pick_is_seeded_and_bounded_by_fanout() -> None:
+    m = Membership("a", "A")
+    m.merge([PeerInfo(f"n{i}", f"N{i}", 1) for i in range(10)], now=0)
+    one = [x.address for x in m.pick(3, random.Random(7), now=0)]
+    two = [x.address for x in m.pick(3, random.Random(7), now=0)]
+    assert one == two
+    assert len(one) == 3
+
+
+# -- budget and presets -----------------------------------------------------------
+
+
+async def test_token_bucket_paces_sends() -> None:
+    now = [0.0]
+    slept: list[float] = []
+
+    async def fake_sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    b = TokenBucket(1000, 500, clock=lambda: now[0], sleep=fake_sleep)
+    await b.spend(500)
+    assert slept == []
+    await b.spend(250)
+    assert slept == [pytest.approx(0.25)]
+    await b.spend(2000)  # bigger than the burst: waits for a full bucket, then goes
+    assert sum(slept) == pytest.approx(0.75)
+    assert b.spent == 2750
+
+
+def test_presets() -> None:
+    lan, metered, test = MeshConfig.lan(), MeshConfig.metered_link(), MeshConfig.test()
+    assert metered.peer_bytes_per_s is not None
+    assert lan.peer_bytes_per_s is None
+    assert metered.interval_s > lan.interval_s > test.interval_s
+    assert metered.fanout == 1
+    assert metered.session.max_batch_bytes < lan.session.max_batch_bytes
+    assert test.with_(fanout=5).fanout == 5
+    with pytest.raises(ValueError, match="fanout"):
+        MeshConfig(fanout=0)
+
+
+# -- gossip over the in-memory network ------------------------------------------------
+
+
+async def _mesh_of(
+    n: int, net: MemoryNetwork, **kw: object
+) -> tuple[list[MemoryReplica], list[Mesh]]:
+    replicas = [MemoryReplica(f"n{i}") for i in range(n)]
+    meshes: list[Mesh] = []
+    for i, r in enumerate(replicas):
+        meshes.append(
+            await Mesh.start(
+                r,
+                listen=f"n{i}",
+                seeds=["n0"] if i else [],
+                network=InMemoryNetwork(net),
+                config=MeshConfig.test().with_(**kw),
+                seed=i,
+                run_loop=False,
+            )
+        )
+    return replicas, meshes
+
+
+def _converged(replicas: list[MemoryReplica]) -> bool:
+    return all(r.vv() == replicas[0].vv() and r.state == replicas[0].state for r in replicas)
+
+
+async def test_gossip_rounds_converge_in_logarithmic_rounds() -> None:
+    net = MemoryNetwork()
+    replicas, meshes = await _mesh_of(16, net, fanout=2)
+    for r in replicas:
+        r.put(f"fleet/{r.node_id}/x", r.node_id)
+    rounds = 0
+    while not _converged(replicas):
+        rounds += 1
+        assert rounds < 20, "no convergence in 20 rounds"
+        for m in meshes:
+            await m.round()
+    assert rounds <= 10
+    # everybody learned the whole yard from one seed
+    assert all(len(m.membership.members) == 15 for m in meshes)
+    for m in meshes:
+        await m.aclose()
+    await net.aclose()
+
+
+async def test_a_dead_peer_is_suspected_declared_dead_and_noticed_again() -> None:
+    net = MemoryNetwork()
+    replicas, meshes = await _mesh_of(3, net, fanout=2, suspect_after=1, dead_after_s=0.0)
+    for _ in range(2):
+        for m in meshes:
+            await m.round()
+    assert "n2" in meshes[1].membership.members
+    a = meshes[1]
+    assert all(x.state is MemberState.ALIVE for x in a.members())
+    net.unlisten("n2")
+    await a.sync_with("n2")
+    a.membership.tick(1e12)
+    assert a.membership.members["n2"].state is MemberState.DEAD
+    # the others keep serving while one is down
+    replicas[1].put("fleet/n1/during", 1)
+    assert (await a.sync_with("n0")).ok
+    net.listen("n2", meshes[2]._serve)
+    a.membership.members["n2"].last_try = None  # due a retry
+    await a.round()
+    assert a.membership.members["n2"].state is MemberState.ALIVE
+    for m in meshes:
+        await m.aclose()
+
+
+async def test_running_loop_with_eager_push_over_grpc() -> None:
+    replicas = [MemoryReplica(f"g{i}") for i in range(3)]
+    cfg = MeshConfig.test().with_(interval_s=5.0)  # rounds are rare: only a push is fast
+    first = await Mesh.start(replicas[0], config=cfg, seed=0)
+    meshes = [first]
+    for i in (1, 2):
+        meshes.append(await Mesh.start(replicas[i], seeds=[first.address], config=cfg, seed=i))
+    try:
+        for m in meshes[1:]:  # each introduces itself to the seed once
+            assert (await m.sync_with(first.address)).ok
+        replicas[0].put("fleet/g0/fresh", 42)
+        first.poke()
+        await _until(lambda: all(r.get("fleet/g0/fresh") == 42 for r in replicas))
+    finally:
+        for m in meshes:
+            await m.aclose()
+
+
+async def test_changes_feed_triggers_push() -> None:
+    net = MemoryNetwork()
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    a.listeners.append(lambda ops: [queue.put_nowait(op) for op in ops])
+
+    def changes() -> AsyncIterator[object]:
+        async def gen() -> AsyncIterator[object]:
+            while True:
+                yield await queue.get()
+
+        return gen()
+
+    cfg = MeshConfig.test().with_(interval_s=30.0)
+    mb = await Mesh.start(b, listen="b", network=InMemoryNetwork(net), config=cfg)
+    ma = await Mesh.start(
+        a, listen="a", seeds=["b"], network=InMemoryNetwork(net), config=cfg, changes=changes
+    )
+    try:
+        assert (await ma.sync_with("b")).ok
+        a.put("fleet/a/k", "v")
+        await _until(lambda: b.get("fleet/a/k") == "v")
+    finally:
+        await ma.aclose()
+        await mb.aclose()
+
+
+async def test_mesh_with_real_nodes(tmp_path: Path) -> None:
+    node_mod = pytest.importorskip("syncfw.node")
+    from syncfw.zones import Fleet
+
+    fleet = Fleet(fleet_id="f")
+    nodes = [
+        await node_mod.Node.open(tmp_path / f"{i}.db", node_id=f"r{i}", fleet=fleet)
+        for i in range(3)
+    ]
+    net = MemoryNetwork()
+    meshes = [
+        await Mesh.start(
+            n,
+            listen=f"r{i}",
+            seeds=["r0"],
+            network=InMemoryNetwork(net),
+            config=MeshConfig.test(),
+            seed=i,
+            run_loop=False,
+        )
+        for i, n in enumerate(nodes)
+    ]
+    try:
+        for i, n in enumerate(nodes):
+            await n.put(
+                f"fleet/r{i}/model", model_value(ModelStatus("det", f"1.{i % 2}", "ab" * 32))
+            )
+
+        async def converged() -> bool:
+            digests = {await n.state_digest() for n in nodes}
+            return len(digests) == 1
+
+        for _ in range(6):
+            for m in meshes:
+                await m.round()
+            if await converged():
+                break
+        assert await converged()
+        view = fleet_model_view(await nodes[2].scan("fleet/"))
+        assert set(view.nodes) == {"r0", "r1", "r2"}
+        assert view.majority == ("det", "1.0")
+    finally:
+        for m in meshes:
+            await m.aclose()
+        for n in nodes:
+            await n.close()
+
+
+def test_fleet_model_view_majority_and_bad_entries() -> None:
+    state = {
+        model_key("a"): model_value(ModelStatus("det", "2", "x")),
+        model_key("b"): model_value(ModelStatus("det", "2", "x")),
+        model_key("c"): model_value(ModelStatus("det", "1", "y")),
+        model_key("d"): model_value(ModelStatus("det", "3", "z", status="rolled_back")),
+        "fleet/e/model": "garbage",
+        "fleet/f/model": {"name": "det"},
+        "fleet/g/other": {},
+    }
+    view = fleet_model_view(state)
+    assert sorted(view.nodes) == ["a", "b", "c", "d"]
+    assert view.majority == ("det", "2")
+    assert view.counts == {("det", "2"): 2, ("det", "1"): 1}
+    assert fleet_model_view({}).majority is None

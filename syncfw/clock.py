@@ -95,6 +95,10 @@ class HLC:
         self._last = high_water
         self.max_offset_ms = max_offset_ms
 
+    def wall(self) -> int:
+        """The injected wall clock's current reading, in milliseconds."""
+        return self._wall()
+
     @property
     def last(self) -> int:
         """The highest timestamp issued or observed so far (the high-water mark)."""

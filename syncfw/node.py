@@ -45,6 +45,8 @@ class Node:
         self._doc_writes: set[asyncio.Task[Op]] = set()
         self._applying_remote = False
         self._status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
+        self._zone_cache: dict[str, tuple[str, int]] = {}
+        self._zone_cache_for: ZoneTable | None = None
         store.add_listener(self._on_applied)
 
     @classmethod
@@ -112,9 +114,19 @@ class Node:
     # ----------------------------------------------------------------- lww keys
 
     def _zone(self, key: str) -> tuple[str, int]:
+        zones = self._store.zones
+        if zones is not self._zone_cache_for or len(self._zone_cache) > 65_536:
+            # The zone table is replaced whenever a grant lands: start afresh.
+            self._zone_cache = {}
+            self._zone_cache_for = zones
+        hit = self._zone_cache.get(key)
+        if hit is not None:
+            return hit
         if not isinstance(key, str) or not key:
             raise ValueError("a key must be a non-empty string")
-        return self._store.zones.zone_for_write(self.node_id, key)
+        hit = zones.zone_for_write(self.node_id, key)
+        self._zone_cache[key] = hit
+        return hit
 
     async def put(self, key: str, value: Any) -> Op:
         """Set ``key`` to ``value`` (last writer wins). Returns the op once durable.

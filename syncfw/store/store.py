@@ -23,6 +23,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -220,7 +221,8 @@ class Store:
         self._heads: dict[str, bytes] = {}
         self._compacted: dict[str, int] = {}
         self._pending: dict[str, dict[int, tuple[Op, str]]] = {}
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
         self._subscribers: set[asyncio.Queue[Change | None]] = set()
         self._listeners: list[Callable[[list[Op], bool], None]] = []
@@ -307,7 +309,7 @@ class Store:
             return
         self._closed = True
         if self._writer_task is not None:
-            await self._queue.put(None)
+            self._enqueue(None)
             await self._writer_task
         for q in self._subscribers:
             q.put_nowait(None)
@@ -341,21 +343,33 @@ class Store:
         """
         self._check_open()
         fut: asyncio.Future[Op] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Write(kind, key, zone, epoch, payload, fut))
+        self._enqueue(_Write(kind, key, zone, epoch, payload, fut))
         return await fut
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` on the writer task, between group commits."""
         self._check_open()
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Call(fn, fut))
+        self._enqueue(_Call(fn, fut))
         return await fut
 
+    def _enqueue(self, job: _Job) -> None:
+        self._jobs.append(job)
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    async def _next_job(self) -> _Job:
+        while not self._jobs:
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+            self._wakeup = None
+        return self._jobs.popleft()
+
     async def _writer(self) -> None:
-        carry: _Job = None
+        jobs = self._jobs
         while True:
-            job = carry if carry is not None else await self._queue.get()
-            carry = None
+            job = await self._next_job()
             if job is None:
                 return
             if isinstance(job, _Call):
@@ -372,16 +386,9 @@ class Store:
             # Group commit: let every writer that is ready to run enqueue its
             # write before this transaction starts (one loop turn, no timer).
             await asyncio.sleep(0)
-            while len(batch) < self.config.max_batch and not self._queue.empty():
-                nxt = self._queue.get_nowait()
-                if not isinstance(nxt, _Write):
-                    carry = nxt
-                    if nxt is None:
-                        carry = None
-                        await self._commit_local(batch)
-                        return
-                    break
-                batch.append(nxt)
+            limit = self.config.max_batch
+            while jobs and len(batch) < limit and isinstance(jobs[0], _Write):
+                batch.append(jobs.popleft())  # type: ignore[arg-type]
             await self._commit_local(batch)
 
     async def _load_states(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:

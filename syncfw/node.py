@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,7 +24,7 @@ from syncfw.crdt import COUNTER, MVREG, ORSET, YDOC
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
-from syncfw.store import Change, Store, StoreConfig
+from syncfw.store import ChangeFeed, Store, StoreConfig
 from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
 
 __all__ = ["Counter", "Node", "ORSet", "Register"]
@@ -286,7 +286,7 @@ class Node:
 
     # ----------------------------------------------------------------- feed, status, upkeep
 
-    def changes(self) -> AsyncIterator[Change]:
+    def changes(self) -> ChangeFeed:
         """Every change applied from now on, local and remote, in commit order."""
         return self._store.changes()
 
@@ -318,6 +318,10 @@ class Node:
     async def state_digest(self) -> str:
         """Digest of the materialized state: equal on replicas holding the same ops."""
         return await self._store.state_digest()
+
+    async def expire_telemetry(self, retention_ms: int) -> int:
+        """Drop telemetry keys (``Fleet.telemetry`` zones) not written for ``retention_ms``."""
+        return await self._store.expire(retention_ms)
 
     async def compact(self) -> int:
         """Drop ops every known peer acknowledged (their effect stays in state)."""

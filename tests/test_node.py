@@ -149,8 +149,7 @@ async def test_changes_feed_reports_local_and_remote(make_node: NodeFactory) -> 
             if len(got) == 2:
                 return
 
-    task = asyncio.create_task(consume())
-    await asyncio.sleep(0)  # let the subscription register before writing
+    task = asyncio.create_task(consume())  # subscribed at changes(), not at first read
     await b.put("trucks/t9/x", 1)
     await a.put("trucks/t7/y", 2)
     await exchange(a, b)
@@ -201,3 +200,34 @@ async def test_closed_node_refuses_writes(make_node: NodeFactory) -> None:
     with pytest.raises(syncfw.StoreClosedError):
         await node.put("trucks/t7/x", 1)
     await node.close()  # idempotent
+
+
+async def test_slow_change_subscriber_is_told_it_lagged(make_node: NodeFactory) -> None:
+    node = await make_node(
+        "t7", config=syncfw.StoreConfig(changes_buffer=10)
+    )
+    feed = node.changes()
+    for i in range(20):
+        await node.put(f"trucks/t7/k{i}", i)
+    got: list[syncfw.Change] = []
+
+    async def drain() -> None:
+        async for ch in feed:
+            got.append(ch)
+
+    with pytest.raises(syncfw.ChangeFeedLagged):
+        await drain()
+    assert len(got) <= 10
+    # writing goes on regardless, and a new subscription works
+    fresh = node.changes()
+    await node.put("trucks/t7/after", 1)
+    assert (await fresh.__anext__()).key == "trucks/t7/after"
+    await fresh.aclose()
+
+
+async def test_expire_telemetry_via_node(make_node: NodeFactory, clock: FakeClock) -> None:
+    node = await make_node("t7")
+    await node.put("telemetry/t7/temp", 80)
+    clock.advance(120_000)
+    assert await node.expire_telemetry(60_000) == 1
+    assert await node.get("telemetry/t7/temp") is None

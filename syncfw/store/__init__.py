@@ -7,12 +7,13 @@ transports or gRPC.
 """
 
 from syncfw.store.schema import APPLICATION_ID, SCHEMA_VERSION
-from syncfw.store.store import Change, ChangeFeedLagged, Store, StoreConfig, StoreStats
+from syncfw.store.store import Change, ChangeFeed, ChangeFeedLagged, Store, StoreConfig, StoreStats
 
 __all__ = [
     "APPLICATION_ID",
     "SCHEMA_VERSION",
     "Change",
+    "ChangeFeed",
     "ChangeFeedLagged",
     "Store",
     "StoreConfig",

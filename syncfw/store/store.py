@@ -29,7 +29,7 @@ import hashlib
 import logging
 import sqlite3
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -56,7 +56,7 @@ from syncfw.log import GENESIS, ApplyResult, Op, VersionVector, decode_value, op
 from syncfw.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
 from syncfw.zones import GRANT_KEY_PREFIX, GRANT_KIND, Fleet, Grant, Verdict, ZoneTable
 
-__all__ = ["Change", "ChangeFeedLagged", "Store", "StoreConfig", "StoreStats"]
+__all__ = ["Change", "ChangeFeed", "ChangeFeedLagged", "Store", "StoreConfig", "StoreStats"]
 
 log = logging.getLogger("syncfw.store")
 
@@ -969,26 +969,42 @@ class Store:
             for ch in changes:
                 q.put_nowait(ch)
 
-    async def changes(self) -> AsyncIterator[Change]:
-        """Every change applied from now on, local and remote, in commit order.
+    def changes(self) -> ChangeFeed:
+        """Every change applied from now on (from this call, not from the first
+        ``__anext__``), local and remote, in commit order.
 
-        Raises:
-            ChangeFeedLagged: the subscriber fell ``changes_buffer`` changes behind.
+        Iterating raises :class:`ChangeFeedLagged` if the subscriber falls
+        ``changes_buffer`` changes behind; it ends when the store closes.
         """
         q: asyncio.Queue[Change | None] = asyncio.Queue(self.config.changes_buffer + 1)
         self._subscribers.add(q)
-        try:
-            while True:
-                ch = await q.get()
-                if ch is None:
-                    if self._closed:
-                        return
-                    raise ChangeFeedLagged(
-                        f"change subscriber fell {self.config.changes_buffer} changes behind"
-                    )
-                yield ch
-        finally:
-            self._subscribers.discard(q)
+        return ChangeFeed(self, q)
+
+
+class ChangeFeed:
+    """An async iterator over applied changes; ``aclose()`` unsubscribes."""
+
+    def __init__(self, store: Store, queue: asyncio.Queue[Change | None]) -> None:
+        self._store = store
+        self._queue = queue
+
+    def __aiter__(self) -> ChangeFeed:
+        return self
+
+    async def __anext__(self) -> Change:
+        ch = await self._queue.get()
+        if ch is None:
+            self._store._subscribers.discard(self._queue)
+            if self._store._closed:
+                raise StopAsyncIteration
+            raise ChangeFeedLagged(
+                f"change subscriber fell {self._store.config.changes_buffer} changes behind"
+            )
+        return ch
+
+    async def aclose(self) -> None:
+        """Stop receiving changes."""
+        self._store._subscribers.discard(self._queue)
 
 
 class _Stage:

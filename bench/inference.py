@@ -45,9 +45,18 @@ def conv_net(path: Path, *, seed: int = 0) -> Path:
     prev = "x"
     for i, (cin, cout, stride) in enumerate(chans):
         w = (rng.normal(size=(cout, cin, 3, 3)) * np.sqrt(2.0 / (cin * 9))).astype(np.float32)
-        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}")]
+        inits += [
+            numpy_helper.from_array(w, f"w{i}"),
+            numpy_helper.from_array(np.zeros(cout, np.float32), f"b{i}"),
+        ]
         nodes.append(
-            helper.make_node("Conv", [prev, f"w{i}", f"b{i}"], [f"c{i}"], pads=[1, 1, 1, 1], strides=[stride, stride])
+            helper.make_node(
+                "Conv",
+                [prev, f"w{i}", f"b{i}"],
+                [f"c{i}"],
+                pads=[1, 1, 1, 1],
+                strides=[stride, stride],
+            )
         )
         nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
         prev = f"r{i}"
@@ -189,7 +198,9 @@ async def main_async(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = conv_net(Path(tmp) / "conv.onnx")
         async with Node.open(Path(tmp) / "bench.db", node_id="bench", fleet=Fleet()) as node:
-            conv = await bench_conv(node, model, rounds=2 if quick else 6, per_round=30 if quick else 150)
+            conv = await bench_conv(
+                node, model, rounds=2 if quick else 6, per_round=30 if quick else 150
+            )
             small = await bench_small(
                 node, rounds=1 if quick else 5, items=640 if quick else 6400, callers=64
             )
@@ -205,21 +216,36 @@ def main() -> int:
     res = asyncio.run(main_async(args.quick))
     stages = res.pop("_stages")
     mean_batch = res.pop("_mean_batch")
-    print(f"onnxruntime {ort.__version__}, CPU, {sys.platform}; wall {time.perf_counter() - t0:.1f} s")
+    print(
+        f"onnxruntime {ort.__version__}, CPU, {sys.platform}; wall {time.perf_counter() - t0:.1f} s"
+    )
     print()
     print("conv net 1x3x128x128, one caller      bare        engine      ratio / delta")
-    print(f"  p50 latency (ms)                 {res['bare_p50_ms']:8.3f}    {res['engine_p50_ms']:8.3f}    {res['engine_p50_ms'] - res['bare_p50_ms']:+.3f} ms")
-    print(f"  p99 latency (ms)                 {res['bare_p99_ms']:8.3f}    {res['engine_p99_ms']:8.3f}    {res['engine_p99_ms'] - res['bare_p99_ms']:+.3f} ms  (target <= +1)")
-    print(f"  items/s                          {res['bare_items_per_s']:8.1f}    {res['engine_items_per_s']:8.1f}    x{res['engine_items_per_s'] / res['bare_items_per_s']:.3f}  (target >= 0.95)")
-    print("  engine stages p50 (ms): " + ", ".join(f"{k} {v['p50_ms']:.3f}" for k, v in stages.items()))
+    print(
+        f"  p50 latency (ms)                 {res['bare_p50_ms']:8.3f}    {res['engine_p50_ms']:8.3f}    {res['engine_p50_ms'] - res['bare_p50_ms']:+.3f} ms"
+    )
+    print(
+        f"  p99 latency (ms)                 {res['bare_p99_ms']:8.3f}    {res['engine_p99_ms']:8.3f}    {res['engine_p99_ms'] - res['bare_p99_ms']:+.3f} ms  (target <= +1)"
+    )
+    print(
+        f"  items/s                          {res['bare_items_per_s']:8.1f}    {res['engine_items_per_s']:8.1f}    x{res['engine_items_per_s'] / res['bare_items_per_s']:.3f}  (target >= 0.95)"
+    )
+    print(
+        "  engine stages p50 (ms): "
+        + ", ".join(f"{k} {v['p50_ms']:.3f}" for k, v in stages.items())
+    )
     print()
     print("inspection model 1x1x16x16, 64 callers")
-    print(f"  items/s                          {res['small_bare_items_per_s']:8.0f}    {res['small_engine_items_per_s']:8.0f}    x{res['small_engine_items_per_s'] / res['small_bare_items_per_s']:.3f}  (target >= 0.5)")
+    print(
+        f"  items/s                          {res['small_bare_items_per_s']:8.0f}    {res['small_engine_items_per_s']:8.0f}    x{res['small_engine_items_per_s'] / res['small_bare_items_per_s']:.3f}  (target >= 0.5)"
+    )
     print(f"  mean micro-batch size: {mean_batch:.1f}")
     print()
     print("the node alone (one result-sized put)")
     print(f"  sequential put p50 (ms)          {res['node_put_p50_ms']:8.3f}")
-    print(f"  64 callers, puts/s               {res['node_put_items_per_s_64']:8.0f}    (ceiling for engine items/s)")
+    print(
+        f"  64 callers, puts/s               {res['node_put_items_per_s_64']:8.0f}    (ceiling for engine items/s)"
+    )
     print(json.dumps({k: round(v, 3) for k, v in res.items()}))
     return 0
 

@@ -109,10 +109,14 @@ async def run(seconds: float, rate: float, db: Path, seed: int) -> int:
             timeout_s=0.5,
             escalate=plant.cloud,
             escalate_below=0.8,
-            sampling=SamplingPolicy(base_rate=0.02, low_confidence_below=0.75, low_confidence_rate=0.5),
+            sampling=SamplingPolicy(
+                base_rate=0.02, low_confidence_below=0.75, low_confidence_rate=0.5
+            ),
             sample_seed=seed,
         )
-        trigger = Engine(node, preprocess=preprocess, timeout_s=0.5, status_name="inference_trigger")
+        trigger = Engine(
+            node, preprocess=preprocess, timeout_s=0.5, status_name="inference_trigger"
+        )
         await primary.load(MODEL_PATH)
         await trigger.load(TRIGGER_PATH)
         engines = {"primary": primary, "fallback": primary, "trigger": trigger}
@@ -134,7 +138,9 @@ async def run(seconds: float, rate: float, db: Path, seed: int) -> int:
                     f"{transition.mode.value:<8} ({transition.reason})"
                 )
             defect = bool(rng.random() < 0.5)
-            frame = np.round(_render(rng, defect) * 255).astype(np.uint8)  # 16x16, as a camera gives it
+            frame = np.round(_render(rng, defect) * 255).astype(
+                np.uint8
+            )  # 16x16, as a camera gives it
             phase.frames += 1
             phase.modes[ladder.mode.value] += 1
             if ladder.should_run(i):
@@ -178,7 +184,9 @@ async def run(seconds: float, rate: float, db: Path, seed: int) -> int:
     print(f"transitions logged: {len(ladder.transitions)}; last mode op: {mode_op}")
     print()
     print("latency per (model, provider), from node status (ms)")
-    print(f"{'model':<12}{'provider':<22}{'stage':<7}{'count':>6}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}")
+    print(
+        f"{'model':<12}{'provider':<22}{'stage':<7}{'count':>6}{'p50':>8}{'p95':>8}{'p99':>8}{'max':>8}"
+    )
     for section in ("inference", "inference_trigger"):
         info: dict[str, Any] = status[section]
         for entry in info["latency"]:

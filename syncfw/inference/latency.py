@@ -136,9 +136,12 @@ class Histogram:
             return 0.0
         rank = math.ceil(q * self._count)
         seen = 0
+        last = len(self._buckets) - 1
         for i, c in enumerate(self._buckets):
             seen += c
             if seen >= rank:
+                if i == last:  # the overflow bucket has no upper edge: the max is the answer
+                    return self._max
                 edge = self._lo * math.exp(i * self._growth_log)
                 # The bucket's upper edge overstates by up to one bucket width; never past max.
                 return min(edge, self._max)

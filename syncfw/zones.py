@@ -15,9 +15,17 @@ Invariants:
 4. ``sys/`` is owned by the authority at epoch 0; a node never grants itself a
    zone.
 
+5. Zones nest only where every replica knows the nesting from the start: the
+   bootstrap grants, ``sys/`` and the per-node templates. An authority grant of
+   a *new* prefix that would nest with an existing zone is refused. So "the
+   most specific zone covering a key" is the same on every replica, whatever
+   grants it has seen, and an op that names a less specific zone than that (a
+   way around an owned sub-zone of a shared zone) is rejected everywhere.
+
 Verdicts on a remote op (:meth:`ZoneTable.judge`): ``ACCEPT``; ``REJECT`` with
 a reason (recorded, never merged); or ``WAIT`` when the op names an epoch this
-replica has not yet seen (held like a gap until the grant arrives).
+replica has not yet seen (held like a gap until the grant arrives). Epoch 0
+exists only from the bootstrap, so an unknown epoch-0 zone is rejected at once.
 """
 
 from __future__ import annotations
@@ -122,6 +130,27 @@ class ZoneTable:
         self._add(Grant(SYS_PREFIX, frozenset({self.fleet.authority}), 0))
         for grant in self.fleet.grants:
             self._add(grant)
+        self._static = frozenset(self._history)
+        self._templates = tuple(
+            (t[: t.index("{node}")], t[t.index("{node}") + len("{node}") :])
+            for t in self.fleet.node_zones
+        )
+
+    def _static_zone(self, key: str) -> str | None:
+        """The most specific zone known to every replica from the start that covers ``key``."""
+        best: str | None = None
+        for prefix in self._static:
+            if key.startswith(prefix) and (best is None or len(prefix) > len(best)):
+                best = prefix
+        for head, tail in self._templates:
+            if key.startswith(head):
+                rest = key[len(head) :]
+                cut = rest.find(tail) if tail else len(rest)
+                if cut > 0:
+                    zone = head + rest[:cut] + tail
+                    if key.startswith(zone) and (best is None or len(zone) > len(best)):
+                        best = zone
+        return best
 
     def _add(self, grant: Grant) -> bool:
         epochs = self._history.setdefault(grant.prefix, {})
@@ -136,6 +165,16 @@ class ZoneTable:
         clone._history = {p: dict(e) for p, e in self._history.items()}
         return clone
 
+    def _nests(self, prefix: str) -> str | None:
+        """An existing zone (or template) that ``prefix`` would nest with, if any."""
+        for other in self._history:
+            if other != prefix and (other.startswith(prefix) or prefix.startswith(other)):
+                return other
+        for head, tail in self._templates:
+            if head.startswith(prefix) or prefix.startswith(head):
+                return head + "{node}" + tail
+        return None
+
     def check_grant(self, issuer: str, grant: Grant) -> str | None:
         """Why a grant op by ``issuer`` is invalid, or None if it may be applied.
 
@@ -144,9 +183,16 @@ class ZoneTable:
         """
         if issuer != self.fleet.authority:
             return f"only the fleet authority {self.fleet.authority!r} may grant zones"
-        if grant.prefix.startswith(SYS_PREFIX):
+        if grant.prefix.startswith(SYS_PREFIX) or SYS_PREFIX.startswith(grant.prefix):
             return "the sys/ zone belongs to the authority and cannot be granted"
         latest = self.latest(grant.prefix)
+        if latest is None:
+            nested = self._nests(grant.prefix)
+            if nested is not None:
+                return (
+                    f"zone {grant.prefix!r} would nest with {nested!r}; zones nest only in "
+                    "the fleet bootstrap"
+                )
         expected = 1 if latest is None else latest.epoch + 1
         if grant.epoch != expected:
             return f"grant of {grant.prefix!r} at epoch {grant.epoch}, expected epoch {expected}"
@@ -208,12 +254,20 @@ class ZoneTable:
         """Decide whether a remote op's origin owned its zone at the op's epoch."""
         if not op.key.startswith(op.zone):
             return Verdict.REJECT, f"key {op.key!r} is outside the zone {op.zone!r} it names"
+        static = self._static_zone(op.key)
+        if static is not None and len(static) > len(op.zone):
+            return (
+                Verdict.REJECT,
+                f"key {op.key!r} is in zone {static!r}, not the less specific {op.zone!r}",
+            )
         if op.epoch == 0 and self._node_zone(op.origin, op.key) == op.zone:
             return Verdict.ACCEPT, ""
         epochs = self._history.get(op.zone)
         if epochs is None or op.epoch not in epochs:
             if epochs is not None and op.epoch < max(epochs):
                 return Verdict.REJECT, f"zone {op.zone!r} was never granted at epoch {op.epoch}"
+            if op.epoch == 0:
+                return Verdict.REJECT, f"zone {op.zone!r} has no epoch 0 (not a bootstrap zone)"
             return Verdict.WAIT, f"zone {op.zone!r} epoch {op.epoch} not known yet"
         owners = epochs[op.epoch]
         if ANYONE in owners or op.origin in owners:

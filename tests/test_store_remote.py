@@ -312,3 +312,24 @@ async def test_any_delivery_order_gives_identical_state(
                 await exchange(a, b)
     digests |= {await w.state_digest() for w in writers}
     assert len(digests) == 1
+
+
+async def test_new_zones_may_not_nest_but_transfers_may_happen(make_node: NodeFactory) -> None:
+    cloud = await make_node("cloud")
+    for prefix in ("site/gate/", "trucks/", "fleet/", "fleet/t7/x/", "sys", "s"):
+        with pytest.raises(ValueError, match="nest|sys/"):
+            await cloud.grant(prefix, "t7")
+    assert (await cloud.grant("yard/", "t7")).seq == 1
+    assert (await cloud.grant("site/", "t7")).seq == 2  # a transfer of a bootstrap zone
+    assert cloud.zones.latest("site/").epoch == 2  # type: ignore[union-attr]
+
+
+async def test_naming_a_less_specific_zone_is_rejected(make_node: NodeFactory) -> None:
+    node = await make_node("depot")
+    # t9 names the shared zone site/ for a key in t7's own per-node zone
+    sneaky = Op("t9", 1, START_MS << 16, "fleet/", 1, "fleet/t7/model", "lww", encode_value(1))
+    r = await node.apply_remote([sneaky])
+    assert r.rejected == 1
+    sneaky2 = Op("t9", 2, (START_MS << 16) + 1, "site/", 1, "site/x", "lww", encode_value(1),
+                 op_hash(sneaky))
+    assert (await node.apply_remote([sneaky2])).applied == 1

@@ -230,12 +230,6 @@ def test_judge_waits_for_an_unknown_future_epoch_then_decides() -> None:
     assert verdict is Verdict.WAIT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: judge() answers WAIT for an epoch-0 op naming a zone that has no epoch-0 "
-    "grant; epoch 0 exists only from the bootstrap, so the op can never become valid and "
-    "would block its origin's later ops forever (zones.py judge, the WAIT fallthrough)",
-)
 def test_judge_rejects_an_epoch_zero_op_in_another_nodes_zone() -> None:
     t = table()
     # n2 writes into n1's per-node zone, naming it at epoch 0
@@ -243,12 +237,6 @@ def test_judge_rejects_an_epoch_zero_op_in_another_nodes_zone() -> None:
     assert verdict is Verdict.REJECT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: judge() only checks the zone an op names, so naming the shared, less "
-    "specific bootstrap zone 'site/' lets any node write under 'site/gate/' (owned by g1) "
-    "although zone_for_write would refuse the same write locally (zones.py judge)",
-)
 def test_judge_rejects_an_op_that_names_a_less_specific_zone() -> None:
     t = table()
     with pytest.raises(ZoneOwnershipError):
@@ -322,12 +310,6 @@ def test_check_grant_never_sys(prefix: str) -> None:
     assert reason == "the sys/ zone belongs to the authority and cannot be granted"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: check_grant only refuses prefixes that start with 'sys/'; a grant of "
-    "'sys' (or 's') covers every sys/ key, and judge() then accepts a grantee's op "
-    "naming that zone for a key such as 'sys/zones/site/' (zones.py check_grant)",
-)
 def test_check_grant_refuses_a_prefix_that_covers_sys() -> None:
     t = table()
     assert t.check_grant("cloud", Grant.of("sys", "n1", epoch=1)) is not None

@@ -56,6 +56,7 @@ class Mesh:
         self._rng = rng
         self._busy: set[str] = set()
         self._budgets: dict[str, TokenBucket] = {}
+        self._serve_budget: TokenBucket | None = None
         self._poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -71,6 +72,7 @@ class Mesh:
         replica: Replica,
         *,
         listen: str | None = "127.0.0.1:0",
+        advertise: str | None = None,
         seeds: list[str] | tuple[str, ...] = (),
         config: MeshConfig | None = None,
         network: Network | None = None,
@@ -84,6 +86,8 @@ class Mesh:
             replica: the node (anything implementing :class:`~syncfw.log.Replica`).
             listen: ``host:port`` to serve on (port 0: any free port), or None
                 for a node that only dials out.
+            advertise: the address gossiped to peers, when it differs from the
+                bound one (NAT, a proxy).
             seeds: peer addresses to start from.
             config: tunables; :meth:`MeshConfig.lan` by default.
             network: the transport; gRPC by default.
@@ -102,7 +106,7 @@ class Mesh:
         net = network or GrpcNetwork()
         mesh = cls(replica, net, None, Membership(replica.node_id, ""), cfg, random.Random(seed))
         listener = await net.serve(listen, mesh._serve) if listen is not None else None
-        address = listener.address if listener is not None else ""
+        address = advertise or (listener.address if listener is not None else "")
         mesh.listener = listener
         mesh.membership = Membership(
             replica.node_id,
@@ -216,11 +220,18 @@ class Mesh:
             log.info("%s: peer at %s is dead: %s", self.replica.node_id, address, out.reason)
 
     async def _serve(self, stream: FrameStream) -> None:
+        # the caller is not known before its Hello, so what this node sends while
+        # serving shares one bucket of the per-peer rate
+        if self.config.peer_bytes_per_s is not None and self._serve_budget is None:
+            self._serve_budget = TokenBucket(
+                self.config.peer_bytes_per_s, self.config.peer_burst_bytes
+            )
         out = await run_exchange(
             self.replica,
             stream,
             config=self.config.session,
             peers=self._gossip_list(),
+            budget=self._serve_budget,
             on_peers=self._learn,
             timeout_s=self.config.exchange_timeout_s,
         )

@@ -58,6 +58,7 @@ class TransportConfig:
         connect_timeout_s: how long to wait for a channel to become ready.
         exchange_timeout_s: deadline of one exchange call.
         max_concurrent_exchanges: exchanges the server serves at once.
+        http_proxy: dial peers through this HTTP CONNECT proxy (``http://host:port``).
     """
 
     max_message_bytes: int = MAX_FRAME_BYTES
@@ -66,6 +67,7 @@ class TransportConfig:
     connect_timeout_s: float = 5.0
     exchange_timeout_s: float = 60.0
     max_concurrent_exchanges: int = 64
+    http_proxy: str | None = None
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """grpc channel arguments for these settings."""
@@ -79,7 +81,7 @@ class TransportConfig:
             ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
             ("grpc.enable_retries", 0),
             ("grpc.so_reuseport", 0),
-        ]
+        ] + ([("grpc.http_proxy", self.http_proxy)] if self.http_proxy else [])
 
 
 def _status_of(code: grpc.StatusCode | None) -> Status:

@@ -1,0 +1,336 @@
+"""Five real node processes on loopback: SIGKILL one mid-exchange, partition, heal, converge.
+
+Each node is a separate Python process running the SQLite node and the gRPC
+mesh (this file is also the worker script). Every node dials its peers through
+its own in-test HTTP CONNECT proxy, which is how the test cuts the network: a
+partition makes each proxy refuse, and cut, tunnels to the other side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# -- the in-test proxy -------------------------------------------------------------------
+
+
+@dataclass
+class Proxy:
+    """The egress proxy of one node: HTTP CONNECT, with a blocklist of destinations."""
+
+    node: str
+    owners: dict[str, str]  # address -> node id, shared by every proxy
+    blocked: set[frozenset[str]]  # shared partitions: pairs of node ids
+    server: asyncio.Server | None = None
+    tunnels: list[tuple[str, asyncio.StreamWriter, asyncio.StreamWriter]] = field(
+        default_factory=list
+    )
+    refused: int = 0
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+
+    def cut(self) -> None:
+        """Close every tunnel that now crosses a partition."""
+        for dst, a, b in list(self.tunnels):
+            if frozenset((self.node, dst)) in self.blocked:
+                a.close()
+                b.close()
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            request = await r.readline()
+            while (await r.readline()) not in (b"\r\n", b""):
+                pass
+            target = request.split()[1].decode()
+            dst = self.owners.get(target, "?")
+            if frozenset((self.node, dst)) in self.blocked:
+                self.refused += 1
+                w.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+                await w.drain()
+                w.close()
+                return
+            host, port = target.rsplit(":", 1)
+            ur, uw = await asyncio.open_connection(host, int(port))
+        except (OSError, IndexError, ValueError):
+            w.close()
+            return
+        w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await w.drain()
+        entry = (dst, w, uw)
+        self.tunnels.append(entry)
+
+        async def pipe(src: asyncio.StreamReader, out: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    out.write(data)
+                    await out.drain()
+            out.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
+        self.tunnels.remove(entry)
+
+    async def aclose(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for _, a, b in self.tunnels:
+            a.close()
+            b.close()
+
+
+# -- node processes -------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    node: str
+    db: Path
+    status: Path
+    proxy: Proxy
+    proc: asyncio.subprocess.Process | None = None
+    address: str = ""
+    log: Any = None
+
+    async def start(self, seeds: list[str], burst: int = 0, listen: str = "127.0.0.1:0") -> None:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        args = [
+            sys.executable,
+            str(Path(__file__)),
+            "worker",
+            str(self.db),
+            "--id",
+            self.node,
+            "--status-file",
+            str(self.status),
+            "--proxy",
+            self.proxy.url,
+            "--burst",
+            str(burst),
+            "--stop-file",
+            str(self.db.parent / "stop-writes"),
+            "--listen",
+            listen,
+        ]
+        for s in seeds:
+            args += ["--seed", s]
+        if self.log is not None:
+            self.log.close()
+        self.log = open(self.db.with_suffix(".log"), "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = await asyncio.create_subprocess_exec(
+            *args, cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE, stderr=self.log
+        )
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(30):
+            line = (await self.proc.stdout.readline()).decode()
+        assert line.startswith("listening "), (
+            f"{self.node} did not start: {line!r} (see {self.db}.log)"
+        )
+        self.address = line.split()[1]
+        self.proxy.owners[self.address] = self.node
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.status.read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+        if self.log is not None:
+            self.log.close()
+            self.log = None
+
+
+async def _until(cond: Any, timeout_s: float, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> None:
+    pytest.importorskip("syncfw.node")
+    names = [f"n{i}" for i in range(5)]
+    owners: dict[str, str] = {}
+    blocked: set[frozenset[str]] = set()
+    proxies = {n: Proxy(n, owners, blocked) for n in names}
+    for p in proxies.values():
+        await p.start()
+    procs = {n: Proc(n, tmp_path / f"{n}.db", tmp_path / f"{n}.json", proxies[n]) for n in names}
+    burst = 20_000
+    try:
+        await procs["n0"].start([], burst=burst)
+        for n in names[1:]:
+            await procs[n].start([procs["n0"].address])
+
+        def vv(n: str) -> dict[str, int]:
+            st = procs[n].read()
+            return st["version_vector"] if st else {}
+
+        # 1. SIGKILL n4 while it is part-way through n0's burst
+        await _until(lambda: 0 < vv("n4").get("n0", 0) < burst, 60, "n4 to be mid-burst")
+        before_kill = vv("n4")
+        procs["n4"].kill()
+        assert procs["n4"].proc is not None
+        await procs["n4"].proc.wait()
+        written_n4 = before_kill.get("n4", 0)  # writes n4 acknowledged before dying
+        await procs["n4"].start([procs["n0"].address], listen=procs["n4"].address)  # same port
+        # restarted from its file: nothing it had is lost
+        await _until(
+            lambda: (
+                procs["n4"].read() is not None
+                and vv("n4").get("n4", 0) >= written_n4
+                and vv("n4").get("n0", 0) > before_kill.get("n0", 0)
+            ),
+            20,
+            "n4 to restart and sync",
+        )
+
+        # 2. partition {n0, n1, n2} | {n3, n4}; writes go on on both sides
+        left, right = names[:3], names[3:]
+        for a in left:
+            for b in right:
+                blocked.add(frozenset((a, b)))
+        for p in proxies.values():
+            p.cut()
+        await asyncio.sleep(
+            0.3
+        )  # let n1 publish a status written after the cut (not a wait for sync)
+        at_cut = vv("n1").get("n1", 0)  # at least every n1 write made before the cut
+        await _until(lambda: vv("n2").get("n1", 0) >= at_cut + 10, 30, "the left side to sync")
+        await _until(
+            lambda: vv("n4").get("n3", 0) >= vv("n3").get("n3", 0) - 1 > 0,
+            30,
+            "the right side to sync",
+        )
+        for n in right:
+            assert vv(n).get("n1", 0) <= at_cut, f"the partition leaked to {n}"
+        assert sum(p.refused for p in proxies.values()) > 0
+
+        # 3. heal and converge: identical state, nothing acknowledged lost
+        blocked.clear()
+        (tmp_path / "stop-writes").touch()
+
+        def converged() -> bool:
+            sts = [procs[n].read() for n in names]
+            if any(s is None or s.get("writes_done") is not True for s in sts):
+                return False
+            return (
+                len({json.dumps(s["version_vector"], sort_keys=True) for s in sts if s}) == 1
+                and len({s["state_digest"] for s in sts if s}) == 1
+            )
+
+        await _until(converged, 90, "convergence after heal")
+        final = vv("n0")
+        assert final.get("n0", 0) > burst
+        for n in names:
+            assert final.get(n, 0) >= 10
+            assert procs[n].read()["version_vector"] == final  # type: ignore[index]
+        assert final["n4"] >= written_n4
+    finally:
+        for p in procs.values():
+            await p.stop()
+        for px in proxies.values():
+            await px.aclose()
+
+
+# -- the worker ---------------------------------------------------------------------------
+
+
+async def _worker(args: Any) -> int:
+    from syncfw.cli.node_cmd import write_status
+    from syncfw.mesh import Mesh, MeshConfig
+    from syncfw.node import Node
+    from syncfw.transport.network import GrpcNetwork
+    from syncfw.transport.rpc import TransportConfig
+    from syncfw.zones import Fleet
+
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    cfg = MeshConfig.test().with_(
+        interval_s=0.1, peer_bytes_per_s=600_000.0, peer_burst_bytes=64_000
+    )
+    async with Node.open(args.db, node_id=args.id, fleet=Fleet(fleet_id="mp")) as node:
+        mesh = await Mesh.start(
+            node,
+            listen=args.listen,
+            seeds=args.seed,
+            config=cfg,
+            network=GrpcNetwork(TransportConfig(http_proxy=args.proxy, connect_timeout_s=1.0)),
+            changes=node.changes,
+        )
+        print(f"listening {mesh.address}", flush=True)
+        done = {"writes_done": False}
+        status = Path(args.status_file)
+
+        async def report() -> None:
+            while True:
+                await write_status(status, node, mesh, done)
+                await asyncio.sleep(0.1)
+
+        reporter = asyncio.create_task(report())
+        have = (await node.version_vector()).get(args.id, 0)
+        for i in range(have, args.burst, 500):  # concurrent puts share group commits
+            await asyncio.gather(
+                *(
+                    node.put(f"fleet/{args.id}/b{j}", os.urandom(16).hex())
+                    for j in range(i, min(i + 500, args.burst))
+                )
+            )
+        stop_writes = Path(args.stop_file)
+        while not stop_writes.exists() and not stop.is_set():
+            n = (await node.version_vector()).get(args.id, 0)
+            await node.put(f"fleet/{args.id}/w{n}", n)
+            await asyncio.sleep(0.05)  # the workload's pace: 20 writes per second
+        done["writes_done"] = True
+        await stop.wait()
+        reporter.cancel()
+        await mesh.aclose()
+    return 0
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode")
+    parser.add_argument("db")
+    parser.add_argument("--id", required=True)
+    parser.add_argument("--status-file", required=True)
+    parser.add_argument("--proxy", default=None)
+    parser.add_argument("--seed", action="append", default=[])
+    parser.add_argument("--burst", type=int, default=0)
+    parser.add_argument("--stop-file", required=True)
+    parser.add_argument("--listen", default="127.0.0.1:0")
+    sys.exit(asyncio.run(_worker(parser.parse_args())))

@@ -128,6 +128,38 @@ async def bench_conv(node: Node, model: Path, *, rounds: int, per_round: int) ->
     }
 
 
+async def bench_process(node: Node, model: Path, *, n: int) -> dict[str, float]:
+    """The price of ``isolation="process"``: per-call IPC on the conv net, and a worker restart."""
+    from syncfw.inference.isolation import ProcessSession
+
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1, 3, 128, 128), dtype=np.float32) for _ in range(32)]
+    lat: list[float] = []
+    async with Engine(node, name="conv_proc", isolation="process", status_name=None) as engine:
+        await engine.load(model)
+        for i in range(5):
+            await engine.infer(inputs[i])
+        t_all = time.perf_counter()
+        for i in range(n):
+            t0 = time.perf_counter()
+            await engine.infer(inputs[i % len(inputs)])
+            lat.append(time.perf_counter() - t0)
+        total = time.perf_counter() - t_all
+    starts: list[float] = []
+    data = await asyncio.to_thread(model.read_bytes)
+    for _ in range(2):
+        t0 = time.perf_counter()
+        worker = await asyncio.to_thread(ProcessSession, data, [("CPUExecutionProvider", {})])
+        starts.append(time.perf_counter() - t0)
+        await asyncio.to_thread(worker.close)
+    return {
+        "process_p50_ms": pct(lat, 50) * 1e3,
+        "process_p99_ms": pct(lat, 99) * 1e3,
+        "process_items_per_s": n / total,
+        "process_restart_s": statistics.median(starts),
+    }
+
+
 async def bench_small(node: Node, *, rounds: int, items: int, callers: int) -> dict[str, float]:
     x, _ = load_canary()
     inputs = [x[i : i + 1] for i in range(len(x))]
@@ -205,7 +237,8 @@ async def main_async(quick: bool) -> dict[str, Any]:
                 node, rounds=1 if quick else 5, items=640 if quick else 6400, callers=64
             )
             put = await bench_node_put(node, n=200 if quick else 1000, callers=64)
-    return conv | small | put
+            proc = await bench_process(node, model, n=60 if quick else 300)
+    return conv | small | put | proc
 
 
 def main() -> int:
@@ -246,6 +279,15 @@ def main() -> int:
     print(
         f"  64 callers, puts/s               {res['node_put_items_per_s_64']:8.0f}    (ceiling for engine items/s)"
     )
+    print()
+    print('isolation="process" (conv net, one caller)')
+    print(
+        f"  p50 / p99 latency (ms)           {res['process_p50_ms']:8.3f}    {res['process_p99_ms']:8.3f}"
+    )
+    print(
+        f"  items/s                          {res['process_items_per_s']:8.1f}    x{res['process_items_per_s'] / res['bare_items_per_s']:.3f} of bare"
+    )
+    print(f"  worker (re)start (s)             {res['process_restart_s']:8.3f}")
     print(json.dumps({k: round(v, 3) for k, v in res.items()}))
     return 0
 

@@ -43,7 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -58,6 +58,7 @@ from syncfw.inference.errors import (
     NonFiniteInputError,
     OutputSignatureError,
 )
+from syncfw.inference.isolation import ProcessSession
 from syncfw.inference.latency import Histogram, LatencyBook, StageTimes
 from syncfw.inference.providers import (
     AcceleratorInfo,
@@ -397,6 +398,10 @@ class Engine:
         max_pending_escalations: escalations in flight beyond which new ones are dropped.
         max_stuck_workers: abandoned (hung) worker threads beyond which calls are refused.
         intra_op_threads: ONNX Runtime intra-op threads (None: its default).
+        isolation: ``"thread"`` runs the session in this process (a hung call's
+            thread is abandoned); ``"process"`` runs it in a child process that
+            the watchdog can kill and replace (see :mod:`syncfw.inference.isolation`
+            for what that costs).
         status_name: the node status section (None: do not register).
     """
 
@@ -425,8 +430,11 @@ class Engine:
         max_pending_escalations: int = 16,
         max_stuck_workers: int = 4,
         intra_op_threads: int | None = None,
+        isolation: Literal["thread", "process"] = "thread",
         status_name: str | None = "inference",
     ) -> None:
+        if isolation not in ("thread", "process"):
+            raise ValueError(f"isolation must be 'thread' or 'process', not {isolation!r}")
         if timeout_s <= 0 or max_batch < 1 or warmup_runs < 0 or max_stuck_workers < 1:
             raise ValueError(
                 "need timeout_s > 0, max_batch >= 1, warmup_runs >= 0, max_stuck_workers >= 1"
@@ -453,6 +461,9 @@ class Engine:
         self._max_pending_escalations = max_pending_escalations
         self._max_stuck = max_stuck_workers
         self._intra_op_threads = intra_op_threads
+        self.isolation = isolation
+        self._worker_restarts = 0
+        self._worker_restart_s = Histogram()
 
         self._loaded: _Loaded | None = None
         self._load_lock = asyncio.Lock()
@@ -501,6 +512,8 @@ class Engine:
             if not call.future.done():
                 call.future.set_exception(EngineStateError("the engine was closed"))
         await self.flush()
+        if self._loaded is not None and isinstance(self._loaded.session, ProcessSession):
+            await asyncio.to_thread(self._loaded.session.close)
         # A stuck worker cannot be joined; do not wait for it (it dies with the process).
         self._executor.shutdown(wait=False, cancel_futures=True)
 
@@ -508,6 +521,13 @@ class Engine:
         """Wait for background sample writes and escalations to finish."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    @property
+    def worker_pid(self) -> int | None:
+        """The worker process's id with ``isolation="process"`` (None otherwise)."""
+        if self._loaded is not None and isinstance(self._loaded.session, ProcessSession):
+            return self._loaded.session.pid
+        return None
 
     @property
     def model(self) -> ModelInfo | None:
@@ -543,8 +563,11 @@ class Engine:
             except InferenceError:
                 self._counters.load_failures += 1
                 raise
-            self._loaded = loaded
+            old, self._loaded = self._loaded, loaded
             self._counters.loads += 1
+            if old is not None and isinstance(old.session, ProcessSession):
+                # Queued behind any call still running on it, on the one worker thread.
+                self._executor.submit(old.session.close)
             if self._dispatcher is None:
                 self._dispatcher = asyncio.get_running_loop().create_task(
                     self._dispatch(), name="syncfw-inference-dispatch"
@@ -567,6 +590,7 @@ class Engine:
             proto = onnx.load_model_from_string(data)
             inputs = _declared(proto, "input")
             outputs = _declared(proto, "output")
+            meta = {p.key: p.value for p in proto.metadata_props}
         except ModelLoadError:
             raise
         except Exception as exc:  # protobuf's DecodeError and friends: translated here
@@ -597,24 +621,48 @@ class Engine:
         if self._intra_op_threads is not None:
             opts.intra_op_num_threads = self._intra_op_threads
         t0 = time.perf_counter()
+        session: Any
         try:
-            session = ort.InferenceSession(data, sess_options=opts, providers=plan.for_session())
+            if self.isolation == "process":
+                session = ProcessSession(
+                    data, plan.for_session(), intra_op_threads=self._intra_op_threads
+                )
+            else:
+                session = ort.InferenceSession(
+                    data, sess_options=opts, providers=plan.for_session()
+                )
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"cannot load {str(path)!r}: {exc}") from None
         except Exception as exc:  # ORT raises its own pybind types: translate them here
             raise ModelLoadError(
                 f"ONNX Runtime cannot load {str(path)!r} ({len(data)} bytes, sha256 {sha[:12]}): "
                 f"{type(exc).__name__}: {exc}"
             ) from None
         load_s = time.perf_counter() - t0
+        try:
+            return self._finish_load(session, path, data, sha, plan, inputs, outputs, meta, load_s)
+        except BaseException:
+            if isinstance(session, ProcessSession):
+                session.close()
+            raise
+
+    def _finish_load(
+        self,
+        session: Any,
+        path: Path,
+        data: bytes,
+        sha: str,
+        plan: ProviderPlan,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        meta: dict[str, str],
+        load_s: float,
+    ) -> _Loaded:
         provider = resolve_actual(
             plan, session.get_providers(), allow_fallback=self._allow_fallback
         )
-        if [a.name for a in session.get_inputs()] != [s.name for s in inputs]:
-            raise ModelLoadError(
-                f"model {str(path)!r}: the session's inputs differ from the file's"
-            )
         if not inputs or not outputs:
             raise ModelLoadError(f"model {str(path)!r} declares no inputs or no outputs")
-        meta: dict[str, str] = dict(session.get_modelmeta().custom_metadata_map)
         labels = self._labels
         if labels is None:
             labels = tuple(x for x in meta.get("labels", "").split(",") if x)
@@ -763,14 +811,20 @@ class Engine:
                     asyncio.wrap_future(fut, loop=loop), self.timeout_s
                 )
             except TimeoutError:
-                self._abandon(fut)
+                if isinstance(loaded.session, ProcessSession):
+                    loaded.session.kill()  # the worker thread sees the child die and returns
+                    what = "its worker process was killed and replaced"
+                else:
+                    self._abandon(fut)
+                    what = "its worker thread was abandoned"
                 err = InferenceTimeoutError(
                     f"call to {loaded.info.name!r} ran past the {self.timeout_s:g} s watchdog "
-                    f"(batch of {len(batch)}); its worker thread was abandoned"
+                    f"(batch of {len(batch)}); {what}"
                 )
                 for call in batch:
                     if not call.future.done():
                         call.future.set_exception(err)
+                await self._revive(loaded)
                 continue
             except Exception as exc:  # a bug in _work itself: fail the batch, keep serving
                 for call in batch:
@@ -786,6 +840,23 @@ class Engine:
                     call.future.set_exception(outcome)
                 else:
                     call.future.set_result(outcome)
+            await self._revive(loaded)
+
+    async def _revive(self, loaded: _Loaded) -> None:
+        """Replace a dead worker process (killed by the watchdog, or crashed) before the next job."""
+        session = loaded.session
+        if not isinstance(session, ProcessSession) or session.alive() or loaded is not self._loaded:
+            return
+        t0 = time.perf_counter()
+        try:
+            await asyncio.to_thread(session.restart)
+        except ModelLoadError:
+            # Calls fail with WorkerDied until a load succeeds; status shows it.
+            errors = self._counters.errors
+            errors["WorkerRestartFailed"] = errors.get("WorkerRestartFailed", 0) + 1
+            return
+        self._worker_restarts += 1
+        self._worker_restart_s.record(time.perf_counter() - t0)
 
     def _abandon(self, fut: concurrent.futures.Future[Any]) -> None:
         """Give up on a hung job: a fresh worker takes the queue; the old thread is counted until it returns."""
@@ -1033,6 +1104,9 @@ class Engine:
                 "dropped": c.escalations_dropped,
             },
             "loads": {"ok": c.loads, "failed": c.load_failures},
+            "isolation": self.isolation,
+            "worker_restarts": self._worker_restarts,
+            "worker_restart": self._worker_restart_s.summary().as_dict(),
         }
 
     def latency_book(self) -> LatencyBook:

@@ -516,3 +516,28 @@ async def test_closed_engine_refuses_calls_and_loads(node: Node) -> None:
     with pytest.raises(EngineStateError, match="closed"):
         await engine.load(MODEL_PATH)
     await engine.aclose()  # idempotent
+
+
+async def test_closing_fails_calls_queued_or_running(node: Node) -> None:
+    gate = threading.Event()
+    started = threading.Event()
+
+    def pre(inputs: Any) -> Any:
+        started.set()
+        gate.wait(5)
+        return inputs
+
+    engine = Engine(node, preprocess=pre, timeout_s=10, max_batch=1)
+    await engine.load(MODEL_PATH)
+    running = asyncio.ensure_future(engine.infer(_image(0)))
+    queued = asyncio.ensure_future(engine.infer(_image(1)))
+    await asyncio.to_thread(started.wait, 5)  # both tasks have run: one in the worker, one queued
+    assert engine.status()["queued"] == 1
+    try:
+        await engine.aclose()
+    finally:
+        gate.set()
+    for call in (running, queued):
+        with pytest.raises(EngineStateError, match="closed"):
+            await call
+    assert await result_keys(node) == []

@@ -468,6 +468,7 @@ class Engine:
         self._loaded: _Loaded | None = None
         self._load_lock = asyncio.Lock()
         self._queue: collections.deque[_Call] = collections.deque()
+        self._inflight: list[_Call] = []
         self._wake = asyncio.Event()
         self._dispatcher: asyncio.Task[None] | None = None
         self._executor = self._new_executor()
@@ -717,10 +718,11 @@ class Engine:
             OutputSignatureError: outputs that break the declared signature.
             InferenceRunError: the runtime or a pre/post function raised.
             InferenceTimeoutError: the watchdog fired.
-            EngineStateError: no model loaded, the engine is closed, or too many
-                worker threads are stuck.
+            EngineStateError: no model loaded, the engine is closed (also while the
+                call was queued or running), or too many worker threads are stuck.
 
-        On any of these no result op is written.
+        On any of these no result op is written. Errors of the node's ``put``
+        (a full disk, say) propagate unchanged: the result was computed but not logged.
         """
         if self._closed:
             raise EngineStateError("the engine is closed")
@@ -806,10 +808,17 @@ class Engine:
             self._counters.batches += 1
             self._counters.max_batch = max(self._counters.max_batch, len(batch))
             fut = self._executor.submit(self._work, loaded, batch)
+            self._inflight = batch
             try:
                 outcomes = await asyncio.wait_for(
                     asyncio.wrap_future(fut, loop=loop), self.timeout_s
                 )
+            except asyncio.CancelledError:
+                # The engine is closing: nobody will deliver these calls' outcomes.
+                for call in batch:
+                    if not call.future.done():
+                        call.future.set_exception(EngineStateError("the engine was closed"))
+                raise
             except TimeoutError:
                 if isinstance(loaded.session, ProcessSession):
                     loaded.session.kill()  # the worker thread sees the child die and returns

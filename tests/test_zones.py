@@ -36,7 +36,9 @@ def table() -> ZoneTable:
 
 
 def op(origin: str, key: str, zone: str, epoch: int, *, seq: int = 1) -> Op:
-    return Op(origin=origin, seq=seq, hlc=1, zone=zone, epoch=epoch, key=key, kind="lww", value=b"\x01")
+    return Op(
+        origin=origin, seq=seq, hlc=1, zone=zone, epoch=epoch, key=key, kind="lww", value=b"\x01"
+    )
 
 
 # --- grants and fleets -------------------------------------------------------
@@ -254,7 +256,9 @@ def test_judge_rejects_an_op_that_names_a_less_specific_zone() -> None:
     zone=st.sampled_from(["site/", "site/gate/", "trucks/t7/", "fleet/n1/", "sys/", "x/"]),
     epoch=st.integers(0, 4),
 )
-def test_judge_is_a_pure_function_of_the_history(origin: str, key: str, zone: str, epoch: int) -> None:
+def test_judge_is_a_pure_function_of_the_history(
+    origin: str, key: str, zone: str, epoch: int
+) -> None:
     """Two replicas with the same grant history give the same verdict, every time."""
     a, b = table(), table()
     for t in (a, b):

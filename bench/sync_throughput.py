@@ -1,0 +1,154 @@
+"""Sync throughput and cost: one node catches up with another over gRPC on loopback.
+
+Usage: ``python bench/sync_throughput.py [--ops N] [--repeat R]`` (< 60 s).
+
+Two SQLite nodes; A holds N ops (32-byte random hex values), B none. Figures:
+
+- ``ops_per_s``: median over R fresh B's of N / (time of one gRPC exchange
+  that brings B level with A).
+- ``floor_ops_per_s``: the same copy done in-process with no protocol, no
+  codec and no network (``ops_since`` + ``apply_remote`` in 2,000-op batches):
+  the store-bound ceiling sync can approach; their ratio is the protocol's cost.
+- ``wire_bytes_per_op``: gRPC payload bytes both ways / N (zstd on).
+- ``msgpack_bytes_per_op``: the same ops packed as plain msgpack / N.
+- ``peak_rss_mb``: peak resident memory of this process.
+- ``insync_bytes`` / ``insync_round_trips``: an exchange between replicas
+  already in sync (frame bytes both ways, round trips the initiator waits).
+- ``diff10_bytes`` / ``diff10_round_trips``: the same when A holds 10 ops B lacks.
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from syncfw.codec import BatchLimits, encode_batch
+from syncfw.node import Node
+from syncfw.sync.pair import SessionPair
+from syncfw.testing.memory import MemoryReplica
+from syncfw.transport.base import FrameStream
+from syncfw.transport.rpc import ChannelPool, GrpcServer
+from syncfw.transport.runner import ExchangeOutcome, run_exchange
+from syncfw.transport.wire import decode_frame, encode_frame
+from syncfw.zones import Fleet
+
+FLEET = Fleet(fleet_id="bench")
+
+
+async def _fill(node: Node, n: int) -> None:
+    for i in range(0, n, 1000):
+        await asyncio.gather(
+            *(
+                node.put(f"fleet/{node.node_id}/k{j}", os.urandom(16).hex())
+                for j in range(i, min(i + 1000, n))
+            )
+        )
+
+
+async def _grpc_sync(a: Node, b: Node) -> tuple[float, ExchangeOutcome, ExchangeOutcome]:
+    served: list[ExchangeOutcome] = []
+
+    async def handler(stream: FrameStream) -> None:
+        served.append(await run_exchange(b, stream))
+
+    server = await GrpcServer.start("127.0.0.1:0", handler)
+    pool = ChannelPool()
+    try:
+        stream = await pool.open(server.address)
+        t = time.perf_counter()
+        out = await run_exchange(a, stream)
+        elapsed = time.perf_counter() - t
+    finally:
+        await pool.aclose()
+        await server.aclose()
+    assert out.ok, out
+    return elapsed, out, served[0]
+
+
+async def _floor(a: Node, b: Node) -> float:
+    t = time.perf_counter()
+    vv: dict[str, int] = {}
+    while ops := await a.ops_since(vv, limit=2000):
+        await b.apply_remote(ops)
+        vv = await b.version_vector()
+    return time.perf_counter() - t
+
+
+def _pair_cost(extra: int) -> tuple[int, int]:
+    a, b = MemoryReplica("a", FLEET), MemoryReplica("b", FLEET)
+    for i in range(1000):
+        a.put(f"fleet/a/k{i}", "x" * 32)
+    SessionPair(a, b).run()
+    for i in range(extra):
+        a.put(f"fleet/a/new{i}", "y" * 32)
+    res = SessionPair(a, b, encode=encode_frame, decode=decode_frame).run()
+    assert res.a is not None and res.a[0].name == "OK", res
+    return res.wire_bytes, res.round_trips
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ops", type=int, default=50_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    n = args.ops
+    with tempfile.TemporaryDirectory() as d:
+        a = await Node.open(Path(d) / "a.db", node_id="a", fleet=FLEET)
+        await _fill(a, n)
+        ops = await a.ops_since({}, limit=n)
+        msgpack_bytes = (
+            len(
+                encode_batch(
+                    ops,
+                    limits=BatchLimits(max_compressed=1 << 40, max_decompressed=1 << 40, max_ops=n),
+                )
+            )
+            / n
+        )
+        rates, floors, wire = [], [], []
+        for r in range(args.repeat):
+            b = await Node.open(Path(d) / f"b{r}.db", node_id=f"b{r}", fleet=FLEET)
+            elapsed, out, served = await _grpc_sync(a, b)
+            assert (await b.version_vector()) == (await a.version_vector())
+            rates.append(n / elapsed)
+            wire.append((out.bytes_sent + served.bytes_sent) / n)
+            await b.close()
+            c = await Node.open(Path(d) / f"c{r}.db", node_id=f"c{r}", fleet=FLEET)
+            floors.append(n / await _floor(a, c))
+            await c.close()
+        await a.close()
+    insync_bytes, insync_rt = _pair_cost(0)
+    diff_bytes, diff_rt = _pair_cost(10)
+    ops_per_s = statistics.median(rates)
+    floor = statistics.median(floors)
+    result = {
+        "ops": n,
+        "ops_per_s": round(ops_per_s),
+        "floor_ops_per_s": round(floor),
+        "ratio_to_floor": round(ops_per_s / floor, 3),
+        "wire_bytes_per_op": round(statistics.median(wire), 1),
+        "msgpack_bytes_per_op": round(msgpack_bytes, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "insync_bytes": insync_bytes,
+        "insync_round_trips": insync_rt,
+        "diff10_bytes": diff_bytes,
+        "diff10_round_trips": diff_rt,
+    }
+    print(f"sync of {n} ops over gRPC: median {ops_per_s:,.0f} ops/s, floor {floor:,.0f} ops/s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -94,7 +94,8 @@ def _pair_cost(extra: int) -> tuple[int, int]:
     for i in range(extra):
         a.put(f"fleet/a/new{i}", "y" * 32)
     res = SessionPair(a, b, encode=encode_frame, decode=decode_frame).run()
-    assert res.a is not None and res.a[0].name == "OK", res
+    if res.a is None or res.a[0].name != "OK":
+        raise RuntimeError(f"exchange failed: {res}")
     return res.wire_bytes, res.round_trips
 
 

@@ -161,7 +161,7 @@ def histories(
 
 def read_ydoc(state: bytes) -> dict[str, Any]:
     """The content of a ydoc state: the text ``t``, the map ``m`` and the array ``a``."""
-    doc: pycrdt.Doc = pycrdt.Doc()
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
     doc.apply_update(state)
     return {
         "t": str(doc.get("t", type=pycrdt.Text)),
@@ -170,7 +170,7 @@ def read_ydoc(state: bytes) -> dict[str, Any]:
     }
 
 
-def _edit(draw: Callable[[Any], Any], doc: pycrdt.Doc) -> str:
+def _edit(draw: Callable[[Any], Any], doc: pycrdt.Doc[Any]) -> str:
     """One local edit of ``doc``; returns a description."""
     text = doc.get("t", type=pycrdt.Text)
     amap = doc.get("m", type=pycrdt.Map)
@@ -212,7 +212,7 @@ def ydoc_histories(
     """Real Yjs updates: each replica is a ``pycrdt.Doc(client_id=...)``; one edit, one op."""
     n = draw(st.integers(1, replicas))
     names = list(ORIGIN_NAMES[:n])
-    docs = [pycrdt.Doc(client_id=1000 + i) for i in range(n)]
+    docs: list[pycrdt.Doc[Any]] = [pycrdt.Doc(client_id=1000 + i) for i in range(n)]
     recording = [False]
     captured: list[bytes] = []
 

@@ -111,6 +111,15 @@ def test_wall_ms_is_the_system_clock_in_ms() -> None:
     assert before <= got <= after
 
 
+def test_wall_reads_the_injected_clock_without_touching_the_hlc() -> None:
+    wall = SettableWall(T0)
+    clock = HLC(wall, high_water=hlc_pack(T0 + 9, 0))
+    assert clock.wall() == T0
+    wall.ms = T0 - 50
+    assert clock.wall() == T0 - 50
+    assert clock.last == hlc_pack(T0 + 9, 0)
+
+
 def test_negative_max_offset_is_refused() -> None:
     with pytest.raises(ValueError, match="max_offset_ms"):
         HLC(SettableWall(T0), max_offset_ms=-1)

@@ -92,7 +92,7 @@ def fold(kind: str, ops: list[OpView], *, batch: bool = False) -> Any:
 
 def reference_content(h: History) -> dict[str, Any]:
     """ydoc: the content of one pycrdt.Doc fed every update in a causal order."""
-    doc: pycrdt.Doc = pycrdt.Doc()
+    doc: pycrdt.Doc[Any] = pycrdt.Doc()
     done: dict[str, int] = {}
     pending = {o: list(ops) for o, ops in h.by_origin.items() if ops}
     while pending:
@@ -465,7 +465,7 @@ def test_mvreg_values_are_the_unobserved_writes() -> None:
 
 
 def _two_updates_of_one_origin() -> list[bytes]:
-    doc = pycrdt.Doc(client_id=1)
+    doc: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
     updates: list[bytes] = []
     doc.observe(lambda e: updates.append(e.update))
     text = doc.get("t", type=pycrdt.Text)
@@ -504,7 +504,7 @@ def test_ydoc_out_of_origin_order_loses_content() -> None:
 )
 def test_ydoc_update_that_depends_on_another_origin_is_not_lost() -> None:
     u1, u2 = _two_updates_of_one_origin()
-    other = pycrdt.Doc(client_id=2)
+    other: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2)
     other.apply_update(u1)
     other.apply_update(u2)
     updates: list[bytes] = []
@@ -516,7 +516,8 @@ def test_ydoc_update_that_depends_on_another_origin_is_not_lost() -> None:
 
 
 def test_ydoc_map_and_array_edits_converge() -> None:
-    a, b = pycrdt.Doc(client_id=1), pycrdt.Doc(client_id=2)
+    a: pycrdt.Doc[Any] = pycrdt.Doc(client_id=1)
+    b: pycrdt.Doc[Any] = pycrdt.Doc(client_id=2)
     ua: list[bytes] = []
     ub: list[bytes] = []
     a.observe(lambda e: ua.append(e.update))

@@ -139,3 +139,20 @@ async def test_tensorrt_builds_and_reuses_its_cached_engine(node: Node, tmp_path
         again = await engine.load(MODEL_PATH)
     assert again.plan.trt_cache_dir == info.plan.trt_cache_dir
     assert again.load_s < info.load_s  # the engine came from the cache, not a fresh build
+
+
+async def test_engine_wires_the_tensorrt_cache_and_records_the_fallback(
+    node: Node, tmp_path: Path
+) -> None:
+    # TensorRT "available" by injection: the plan and its cache directory are real, and
+    # ONNX Runtime (a CPU build here) falls back, which the engine records rather than hides.
+    async with Engine(
+        node, available=[TENSORRT, CPU], accelerator=H100, trt_cache_dir=tmp_path
+    ) as engine:
+        with pytest.warns(UserWarning, match="TensorrtExecutionProvider"):
+            info = await engine.load(MODEL_PATH)
+    assert info.plan.providers == (TENSORRT, CPU)
+    assert info.plan.trt_cache_dir == tmp_path / trt_cache_key(info.sha256, H100)
+    assert info.plan.trt_cache_dir.is_dir()
+    assert info.provider == CPU
+    assert info.as_dict()["requested_providers"][0] == TENSORRT

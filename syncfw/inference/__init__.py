@@ -6,8 +6,16 @@ per-call watchdog, micro-batching, hot swap), per-stage latency histograms,
 result and sample ops with provenance, the degradation ladder, and the script
 that makes the shipped models (``python -m syncfw.inference.train``).
 
+Modules: ``engine`` (the :class:`Engine`), ``providers`` (pure provider choice
+and the TensorRT cache key), ``isolation`` (a session in a killable worker
+process), ``latency`` (histograms), ``sampling`` (inputs kept for retraining),
+``ladder`` (the degradation state machine: a pure rule table plus a thin I/O
+shell), ``sink`` (the protocols a node satisfies), ``errors``, ``train`` (the
+shipped models), ``assets/`` (``inspection.onnx``, ``trigger.onnx``, ``canary.npz``).
+
 May import: :mod:`syncfw.errors`, :mod:`syncfw.log` (for ``Op``), numpy,
-onnxruntime and onnx. It talks to a node only through the small
+onnxruntime, onnx and the standard library (``multiprocessing`` for process
+isolation; psutil only if it happens to be installed). It talks to a node only through the small
 :class:`ResultSink` protocol (``node_id`` + async ``put``), never by importing
 :mod:`syncfw.node`, and never imports gRPC or the store.
 """

@@ -61,9 +61,11 @@ from syncfw.inference.errors import (
 from syncfw.inference.isolation import ProcessSession
 from syncfw.inference.latency import Histogram, LatencyBook, StageTimes
 from syncfw.inference.providers import (
+    TENSORRT,
     AcceleratorInfo,
     ProviderPlan,
     available_providers,
+    detect_accelerator,
     plan_providers,
     resolve_actual,
 )
@@ -600,12 +602,13 @@ class Engine:
                 f"{type(exc).__name__}: {exc}"
             ) from None
         available = self._available if self._available is not None else tuple(available_providers())
+        wants_trt = TENSORRT in available and (
+            self._providers is None or TENSORRT in self._providers
+        )
+        if self._accelerator is None and wants_trt:
+            # Only the TensorRT cache key needs it; detected once (nvidia-smi is slow).
+            self._accelerator = detect_accelerator()
         accel = self._accelerator
-        wants_gpu = any(p in available for p in (self._providers or ("TensorrtExecutionProvider",)))
-        if accel is None and wants_gpu and "TensorrtExecutionProvider" in available:
-            from syncfw.inference.providers import detect_accelerator
-
-            accel = detect_accelerator()
         plan = plan_providers(
             available,
             model_sha256=sha,
@@ -616,9 +619,8 @@ class Engine:
         if plan.trt_cache_dir is not None:
             plan.trt_cache_dir.mkdir(parents=True, exist_ok=True)
         opts = ort.SessionOptions()
-        opts.log_severity_level = (
-            3  # shape mismatches are checked and reported by us, not logged by ORT
-        )
+        # Shape mismatches are checked and reported by us, not logged by ORT.
+        opts.log_severity_level = 3
         if self._intra_op_threads is not None:
             opts.intra_op_num_threads = self._intra_op_threads
         t0 = time.perf_counter()

@@ -37,6 +37,7 @@ from syncfw.inference import (
     ProviderError,
     SamplingPolicy,
     decode_sample,
+    top_k,
 )
 
 __all__ = ["node"]  # the fixture, imported so pytest finds it here
@@ -541,3 +542,22 @@ async def test_closing_fails_calls_queued_or_running(node: Node) -> None:
         with pytest.raises(EngineStateError, match="closed"):
             await call
     assert await result_keys(node) == []
+
+
+def test_top_k_handles_probabilities_logits_and_rows() -> None:
+    from syncfw.inference import top_k_rows
+
+    p = top_k(np.array([0.1, 0.7, 0.2], np.float32), ["a", "b", "c"], k=2)
+    assert p.label == "b"
+    assert p.confidence == pytest.approx(0.7, abs=1e-6)
+    assert [lbl for lbl, _ in p.top] == ["b", "c"]
+    logits = top_k(np.array([[2.0, 0.0]]), ["x"])  # label past the end: its index
+    assert logits.label == "x"
+    assert logits.confidence == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-6)
+    assert logits.top[1][0] == "1"
+    first_row = top_k(np.array([[0.9, 0.1], [0.2, 0.8]]), ["ok", "defect"])
+    assert first_row.label == "ok"
+    rows = top_k_rows(np.array([[0.9, 0.1], [0.2, 0.8], [-1.0, 3.0]]), ["ok", "defect"])
+    assert [r.label for r in rows] == ["ok", "defect", "defect"]
+    with pytest.raises(OutputSignatureError, match="no class scores"):
+        top_k(np.zeros((1, 0)), ["a"])

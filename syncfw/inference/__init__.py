@@ -30,6 +30,7 @@ from syncfw.inference.engine import (
     Prediction,
     TensorSpec,
     top_k,
+    top_k_rows,
 )
 from syncfw.inference.errors import (
     EngineStateError,
@@ -115,5 +116,6 @@ __all__ = [
     "resolve_actual",
     "step",
     "top_k",
+    "top_k_rows",
     "trt_cache_key",
 ]

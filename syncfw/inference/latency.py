@@ -91,13 +91,14 @@ class Histogram:
         growth: ratio between consecutive bucket edges.
     """
 
-    __slots__ = ("_buckets", "_count", "_growth_log", "_lo", "_max", "_sum")
+    __slots__ = ("_buckets", "_count", "_growth_log", "_inv_growth_log", "_lo", "_max", "_sum")
 
     def __init__(self, *, lo_s: float = 1e-6, hi_s: float = 100.0, growth: float = 1.02) -> None:
         if not 0 < lo_s < hi_s or growth <= 1.0:
             raise ValueError("need 0 < lo_s < hi_s and growth > 1")
         self._lo = lo_s
         self._growth_log = math.log(growth)
+        self._inv_growth_log = 1.0 / self._growth_log
         n = math.ceil(math.log(hi_s / lo_s) / self._growth_log) + 1
         self._buckets = [0] * n
         self._count = 0
@@ -107,8 +108,9 @@ class Histogram:
     def record(self, seconds: float) -> None:
         """Add one observation (negative values count as zero)."""
         s = seconds if seconds > 0.0 else 0.0
-        i = 0 if s <= self._lo else int(math.log(s / self._lo) / self._growth_log) + 1
-        self._buckets[min(i, len(self._buckets) - 1)] += 1
+        buckets = self._buckets
+        i = 0 if s <= self._lo else int(math.log(s / self._lo) * self._inv_growth_log) + 1
+        buckets[i if i < len(buckets) else -1] += 1
         self._count += 1
         self._sum += s
         if s > self._max:
@@ -166,24 +168,27 @@ class LatencyBook:
     __slots__ = ("_hists",)
 
     def __init__(self) -> None:
-        self._hists: dict[tuple[str, str], dict[Stage, Histogram]] = {}
+        # One histogram per stage, in _ORDER (a tuple, not a dict keyed by Enum: this is
+        # on every call's path, and Enum hashing costs more than the record itself).
+        self._hists: dict[tuple[str, str], tuple[Histogram, ...]] = {}
 
     def record(self, sha256: str, provider: str, times: StageTimes) -> None:
         """Record one call's stage times under ``(sha256, provider)``."""
         hists = self._hists.get((sha256, provider))
         if hists is None:
-            hists = {stage: Histogram() for stage in Stage}
+            hists = tuple(Histogram() for _ in _ORDER)
             self._hists[(sha256, provider)] = hists
-        hists[Stage.QUEUE].record(times.queue_s)
-        hists[Stage.PRE].record(times.pre_s)
-        hists[Stage.INFER].record(times.infer_s)
-        hists[Stage.POST].record(times.post_s)
-        hists[Stage.TOTAL].record(times.total_s)
+        q, pre, inf, post, total = hists
+        q.record(times.queue_s)
+        pre.record(times.pre_s)
+        inf.record(times.infer_s)
+        post.record(times.post_s)
+        total.record(times.total_s)
 
     def histogram(self, sha256: str, provider: str, stage: Stage) -> Histogram | None:
         """The histogram of one stage, if any call was recorded for that key."""
         hists = self._hists.get((sha256, provider))
-        return None if hists is None else hists[stage]
+        return None if hists is None else hists[_ORDER.index(stage)]
 
     def summary(self) -> list[dict[str, Any]]:
         """Every key's per-stage percentiles, as plain data for node status."""
@@ -191,7 +196,13 @@ class LatencyBook:
             {
                 "sha256": sha,
                 "provider": provider,
-                "stages": {stage.value: h.summary().as_dict() for stage, h in hists.items()},
+                "stages": {
+                    stage.value: h.summary().as_dict()
+                    for stage, h in zip(_ORDER, hists, strict=True)
+                },
             }
             for (sha, provider), hists in self._hists.items()
         ]
+
+
+_ORDER = (Stage.QUEUE, Stage.PRE, Stage.INFER, Stage.POST, Stage.TOTAL)

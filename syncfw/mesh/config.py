@@ -42,7 +42,7 @@ class MeshConfig:
     peer_bytes_per_s: float | None = None
     peer_burst_bytes: int = 4 * 1024 * 1024
     eager_push: bool = True
-    push_debounce_s: float = 0.05
+    push_debounce_s: float = 0.005
     gossip_peers_every: int = 1
     session: SessionConfig = field(default_factory=SessionConfig)
 

@@ -57,6 +57,8 @@ class Mesh:
         self._busy: set[str] = set()
         self._budgets: dict[str, TokenBucket] = {}
         self._serve_budget: TokenBucket | None = None
+        self._repush: set[str] = set()
+        self._spawned: set[asyncio.Task[ExchangeOutcome]] = set()
         self._poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -118,10 +120,12 @@ class Mesh:
         )
         if run_loop:
             mesh._tasks.append(asyncio.create_task(mesh._loop(), name="syncfw-mesh-gossip"))
-            if changes is not None and cfg.eager_push:
-                mesh._tasks.append(
-                    asyncio.create_task(mesh._watch(changes), name="syncfw-mesh-push")
-                )
+            if cfg.eager_push:
+                mesh._tasks.append(asyncio.create_task(mesh._pusher(), name="syncfw-mesh-push"))
+                if changes is not None:
+                    mesh._tasks.append(
+                        asyncio.create_task(mesh._watch(changes), name="syncfw-mesh-changes")
+                    )
         return mesh
 
     @property
@@ -185,6 +189,11 @@ class Mesh:
             return out
         finally:
             self._busy.discard(address)
+            if address in self._repush and not self._closed:
+                self._repush.discard(address)
+                task = asyncio.create_task(self.sync_with(address), name="syncfw-mesh-repush")
+                self._spawned.add(task)
+                task.add_done_callback(self._spawned.discard)
 
     # -- internals ----------------------------------------------------------------
 
@@ -248,21 +257,24 @@ class Mesh:
         return self.config.interval_s * self._rng.uniform(1 - j, 1 + j)
 
     async def _loop(self) -> None:
+        """Gossip rounds, every jittered interval."""
         while not self._closed:
-            poked = False
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._interval()):
-                    await self._poke.wait()
-                    poked = True
+            await asyncio.sleep(self._interval())
             try:
-                if poked:
-                    await asyncio.sleep(self.config.push_debounce_s)  # let writes batch up
-                    self._poke.clear()
-                    await self.push()
-                else:
-                    await self.round()
+                await self.round()
             except SyncfwError:
                 log.exception("gossip round failed on %s", self.replica.node_id)
+
+    async def _pusher(self) -> None:
+        """Eager pushes, as soon as local writes land (beside the rounds, not behind them)."""
+        while not self._closed:
+            await self._poke.wait()
+            await asyncio.sleep(self.config.push_debounce_s)  # let a burst of writes batch up
+            self._poke.clear()
+            try:
+                await self.push()
+            except SyncfwError:
+                log.exception("eager push failed on %s", self.replica.node_id)
 
     async def _watch(self, changes: Callable[[], AsyncIterator[Any]]) -> None:
         while not self._closed:
@@ -296,9 +308,10 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._spawned]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self.listener is not None:

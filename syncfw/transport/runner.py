@@ -223,7 +223,8 @@ async def run_exchange(
     out.ops_sent = session.ops_sent
     out.ops_received = session.ops_received
     out.duration_s = time.monotonic() - started
-    level = logging.DEBUG if out.ok else logging.WARNING
+    quiet = out.ok or out.status is Status.CANCELLED
+    level = logging.DEBUG if out.ok else logging.INFO if quiet else logging.WARNING
     log.log(
         level,
         "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d",

@@ -1,0 +1,196 @@
+"""Gossip convergence: rounds to spread writes, heal time over gRPC, neighbour latency.
+
+Usage: ``python bench/convergence.py [--seeds S]`` (< 60 s).
+
+- ``rounds_8``, ``rounds_32``, ``rounds_128``: median (over S seeds) of gossip
+  rounds until every node holds every node's write, when each of N nodes has
+  written once and then every node runs one round per step (fanout 3, the LAN
+  preset's), on the in-memory transport. Expected O(log N).
+- ``grpc16_heal_s``: 16 in-memory replicas meshed over real gRPC on loopback
+  with the LAN preset's gossip loop running (1 s interval, jitter, fanout 3);
+  split into two halves of 8 that each keep writing; seconds from the heal
+  until all 16 are identical.
+- ``neighbour_p99_ms``: over gRPC, p99 of the time from a local write on one
+  node to its arrival on a peer it is connected to (eager push), over 200
+  writes 20 ms apart.
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from syncfw.log import Op
+from syncfw.mesh import Mesh, MeshConfig
+from syncfw.sync.frames import Status
+from syncfw.testing.memory import MemoryReplica
+from syncfw.transport.base import FrameStream, LinkError
+from syncfw.transport.memory import MemoryNetwork
+from syncfw.transport.network import GrpcNetwork, InMemoryNetwork
+from syncfw.zones import Fleet
+
+FLEET = Fleet(fleet_id="bench")
+
+
+def _converged(rs: list[MemoryReplica]) -> bool:
+    first = rs[0].vv()
+    return all(r.vv() == first for r in rs)
+
+
+async def rounds_for(n: int, seed: int) -> int:
+    """Gossip rounds until n nodes, each with one fresh write, all hold everything."""
+    net = MemoryNetwork()
+    rng = random.Random(seed)
+    rs = [MemoryReplica(f"n{i}", FLEET) for i in range(n)]
+    cfg = MeshConfig.lan()
+    meshes = []
+    for i, r in enumerate(rs):
+        m = await Mesh.start(
+            r,
+            listen=f"n{i}",
+            network=InMemoryNetwork(net),
+            config=cfg,
+            seed=rng.randrange(1 << 30),
+            run_loop=False,
+        )
+        meshes.append(m)
+    # full membership, as after the yard has been together a while
+    from syncfw.sync.frames import PeerInfo
+
+    everyone = [PeerInfo(f"n{i}", f"n{i}", 1) for i in range(n)]
+    for m in meshes:
+        m.membership.merge(everyone, 0.0)
+    for r in rs:
+        r.put(f"fleet/{r.node_id}/x", 1)
+    rounds = 0
+    while not _converged(rs):
+        rounds += 1
+        await asyncio.gather(*(m.round() for m in meshes))
+    for m in meshes:
+        await m.aclose()
+    return rounds
+
+
+class _SplitNetwork(GrpcNetwork):
+    """gRPC, with a switchable partition between two sets of addresses."""
+
+    def __init__(self, blocked: set[frozenset[str]]) -> None:
+        super().__init__()
+        self.blocked = blocked
+
+    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+        if frozenset((source, address)) in self.blocked:
+            raise LinkError(Status.UNAVAILABLE, "partitioned")
+        return await super().connect(address, source=source, timeout_s=timeout_s)
+
+
+def _feed(r: MemoryReplica) -> AsyncIterator[object]:
+    q: asyncio.Queue[object] = asyncio.Queue()
+    # like Node.changes() filtered on Change.local: only this node's own writes push
+    r.listeners.append(lambda ops: [q.put_nowait(o) for o in ops if o.origin == r.node_id])
+
+    async def gen() -> AsyncIterator[object]:
+        while True:
+            yield await q.get()
+
+    return gen()
+
+
+async def grpc_heal_and_latency() -> tuple[float, float]:
+    n = 16
+    blocked: set[frozenset[str]] = set()
+    rs = [MemoryReplica(f"g{i}", FLEET) for i in range(n)]
+    cfg = MeshConfig.lan()
+    meshes: list[Mesh] = []
+    for i, r in enumerate(rs):
+        seeds = [meshes[0].address] if meshes else []
+        meshes.append(
+            await Mesh.start(
+                r,
+                seeds=seeds,
+                config=cfg,
+                network=_SplitNetwork(blocked),
+                seed=i,
+                changes=lambda r=r: _feed(r),  # type: ignore[misc]
+            )
+        )
+    loop = asyncio.get_running_loop()
+
+    async def until(cond: object, limit_s: float = 30.0) -> None:
+        deadline = loop.time() + limit_s
+        while not cond():  # type: ignore[operator]
+            if loop.time() > deadline:
+                raise RuntimeError("timed out")
+            await asyncio.sleep(0.005)
+
+    try:
+        # everyone learns everyone
+        await until(lambda: all(len(m.membership.members) == n - 1 for m in meshes))
+        left = {m.address for m in meshes[: n // 2]}
+        right = {m.address for m in meshes[n // 2 :]}
+        blocked.update(frozenset((a, b)) for a in left for b in right)
+        for k in range(20):
+            for r in rs:
+                r.put(f"fleet/{r.node_id}/p{k}", k)
+        half = n // 2
+        await until(lambda: all(r.vv() == rs[0].vv() for r in rs[:half]))
+        await until(lambda: all(r.vv() == rs[half].vv() for r in rs[half:]))
+        assert rs[0].vv() != rs[half].vv()
+        t0 = time.perf_counter()
+        blocked.clear()
+        await until(lambda: _converged(rs) and all(r.state == rs[0].state for r in rs))
+        heal_s = time.perf_counter() - t0
+
+        # neighbour latency: g0 writes; g1 (a peer it has synced with) sees it
+        arrived: dict[tuple[str, int], float] = {}
+        rs[1].listeners.append(
+            lambda ops: [arrived.setdefault(o.id, time.perf_counter()) for o in ops]
+        )
+        await meshes[0].sync_with(meshes[1].address)
+        lat: list[float] = []
+        for k in range(200):
+            t = time.perf_counter()
+            op: Op = rs[0].put(f"fleet/g0/lat{k}", k)
+            await until(lambda op=op: op.id in arrived, 10)  # type: ignore[misc]
+            lat.append((arrived[op.id] - t) * 1000)
+            await asyncio.sleep(max(0.0, 0.02 - (time.perf_counter() - t)))
+        lat.sort()
+        p99 = lat[int(len(lat) * 0.99) - 1]
+        print(
+            f"neighbour latency ms: p50 {lat[len(lat) // 2]:.2f} p90 {lat[int(len(lat) * 0.9)]:.2f} max {lat[-1]:.2f}"
+        )
+    finally:
+        for m in meshes:
+            await m.aclose()
+    return heal_s, p99
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    res: dict[str, float] = {}
+    for n in (8, 32, 128):
+        seeds = args.seeds if n < 128 else max(1, args.seeds // 2)
+        rounds = [await rounds_for(n, s) for s in range(seeds)]
+        res[f"rounds_{n}"] = statistics.median(rounds)
+        print(f"{n} nodes: rounds {rounds}")
+    heal, p99 = await grpc_heal_and_latency()
+    res["grpc16_heal_s"] = round(heal, 3)
+    res["neighbour_p99_ms"] = round(p99, 2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import pycrdt
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from strategies_core import (
     PLAIN_KINDS,
@@ -39,6 +39,7 @@ from syncfw.log import decode_value, encode_value
 ALL_KINDS = (*PLAIN_KINDS, "ydoc")
 EXAMPLES = {"ydoc": 40}
 DEFAULT_EXAMPLES = 100
+NO_SHRINK = (Phase.explicit, Phase.generate)  # for known failures: report, do not shrink
 
 
 def run(kind: str, body: Callable[[st.DataObject], None], **overrides: Any) -> None:
@@ -240,12 +241,17 @@ def test_ydoc_each_origins_order_converges() -> None:
 
     def body(data: st.DataObject) -> None:
         h = data.draw(ydoc_histories())
+        expected = reference_content(h)
         order = origin_order_interleaving(data.draw, h, duplicates=data.draw(st.booleans()))
-        assert read_ydoc(fold("ydoc", order)) == reference_content(h)
-        assert read_ydoc(fold("ydoc", order, batch=True)) == reference_content(h)
+        assert read_ydoc(fold("ydoc", order)) == expected
+        assert read_ydoc(fold("ydoc", order, batch=True)) == expected
+        # origin after origin, as a peer's ops_since sends them
+        origins = data.draw(st.permutations(sorted(h.by_origin)))
+        by_origin = [op for origin in origins for op in h.by_origin[origin]]
+        assert read_ydoc(fold("ydoc", by_origin)) == expected
 
     # derandomized so the known failure is found the same way on every run
-    run("ydoc", body, max_examples=60, derandomize=True, database=None)
+    run("ydoc", body, max_examples=50, derandomize=True, database=None, phases=NO_SHRINK)
 
 
 # --- apply and merge agree ---------------------------------------------------------------
@@ -307,7 +313,10 @@ def test_apply_to_empty_then_merge_equals_apply(kind: str) -> None:
         assert canon(kind, via_merge) == canon(kind, direct)
 
     # derandomized: the known ydoc failure is found the same way on every run
-    run(kind, body, derandomize=kind == "ydoc", database=None)
+    if kind == "ydoc":
+        run(kind, body, derandomize=True, database=None, phases=NO_SHRINK)
+    else:
+        run(kind, body)
 
 
 # --- what each type means ----------------------------------------------------------------
@@ -575,35 +584,46 @@ def _apply_or_decode_error(kind: str, payload: bytes) -> None:
             t.apply_many(SAMPLE_STATES[kind](), [op("n9", 1, 7, payload)])
 
 
-@pytest.mark.parametrize("kind", ALL_KINDS)
-@settings(max_examples=150, deadline=None)
-@given(data=st.binary(max_size=64))
-@example(data=b"")
-@example(data=b"\xc1")  # never used in msgpack
-@example(data=b"\x93\x01")  # truncated array
-def test_random_bytes_decode_to_a_state_or_decode_error(kind: str, data: bytes) -> None:
-    _decode_or_decode_error(kind, data)
+# Yjs decoding of hostile bytes is slow (yrs reserves memory from untrusted counts), so
+# it gets fewer examples.
+FUZZ_EXAMPLES = {"ydoc": 40}
+
+
+def fuzz(kind: str, body: Callable[[st.DataObject], None]) -> None:
+    run(kind, body, max_examples=FUZZ_EXAMPLES.get(kind, 150))
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-@settings(max_examples=150, deadline=None)
-@given(payload=st.binary(max_size=64))
-def test_random_payloads_apply_or_raise_decode_error(kind: str, payload: bytes) -> None:
-    _apply_or_decode_error(kind, payload)
+def test_random_bytes_decode_to_a_state_or_decode_error(kind: str) -> None:
+    for data in (b"", b"\xc1", b"\x93\x01"):  # empty, a byte msgpack never uses, truncated
+        _decode_or_decode_error(kind, data)
+    fuzz(kind, lambda d: _decode_or_decode_error(kind, d.draw(st.binary(max_size=64))))
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
-@settings(max_examples=60, deadline=None)
-@given(value=msgpack_values())
-@example(value=["r", b"x", [["n1", "seven"]]])
-@example(value=[b"v", [["n1"]]])
-@example(value=[[["n1", 1, 2, 3, 4]], []])
-@example(value=[[["n1", -1, "x"]]])
-@example(value={"a": 1})
-def test_wrong_msgpack_shapes_raise_decode_error(kind: str, value: Any) -> None:
-    data = pack(value)
-    _decode_or_decode_error(kind, data)
-    _apply_or_decode_error(kind, data)
+def test_random_payloads_apply_or_raise_decode_error(kind: str) -> None:
+    fuzz(kind, lambda d: _apply_or_decode_error(kind, d.draw(st.binary(max_size=64))))
+
+
+WRONG_SHAPES: list[Any] = [
+    ["r", b"x", [["n1", "seven"]]],
+    [b"v", [["n1"]]],
+    [[["n1", 1, 2, 3, 4]], []],
+    [[["n1", -1, "x"]]],
+    {"a": 1},
+]
+
+
+@pytest.mark.parametrize("kind", ALL_KINDS)
+def test_wrong_msgpack_shapes_raise_decode_error(kind: str) -> None:
+    def check(value: Any) -> None:
+        data = pack(value)
+        _decode_or_decode_error(kind, data)
+        _apply_or_decode_error(kind, data)
+
+    for value in WRONG_SHAPES:
+        check(value)
+    fuzz(kind, lambda d: check(d.draw(msgpack_values())))
 
 
 INF = float("inf")

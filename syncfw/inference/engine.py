@@ -446,7 +446,7 @@ class Engine:
         isolation: ``"thread"`` runs the session in this process (a hung call's
             thread is abandoned); ``"process"`` runs it in a child process that
             the watchdog can kill and replace (see :mod:`syncfw.inference.isolation`
-            for what that costs).
+            for what that costs; scripts need an ``if __name__ == "__main__":`` guard).
         status_name: the node status section (None: do not register).
     """
 

@@ -12,6 +12,10 @@ The price, measured by ``bench/inference.py`` (``process_*`` keys): every call
 pickles its inputs and outputs through a pipe, and a restart costs a Python
 start, the onnxruntime import and a session load.
 
+The child is started with ``spawn`` (forking a process that already runs ONNX
+Runtime threads is unsafe), so a script using process isolation needs the
+usual ``if __name__ == "__main__":`` guard.
+
 :class:`ProcessSession` quacks like an ``onnxruntime.InferenceSession`` for what
 the engine needs (``run``, ``get_providers``), so the engine's worker code is
 the same for both isolations.

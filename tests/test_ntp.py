@@ -159,7 +159,7 @@ def test_check_ntp_measures_the_skew(responders: Factory, skew_s: float, version
     assert isinstance(result, NtpResult)
     assert result.server == "127.0.0.1"
     assert result.offset_s == pytest.approx(skew_s, abs=TOLERANCE_S)
-    assert -0.001 <= result.delay_s < 0.5
+    assert -0.001 <= result.delay_s < 1.0
     assert len(server.requests) == 1
     assert (server.requests[0][0] >> 3) & 0x7 == version
 
@@ -172,7 +172,7 @@ def test_a_silent_server_is_skipped_for_the_next(responders: Factory) -> None:
     elapsed = time.monotonic() - started
     assert result.server == "127.0.0.1"
     assert result.offset_s == pytest.approx(2.5, abs=TOLERANCE_S)
-    assert elapsed >= 0.3  # it waited for the first server before moving on
+    assert elapsed >= 0.25  # it waited for the first server before moving on
     silent.close()
     good.close()
     assert len(silent.requests) == 1
@@ -210,7 +210,7 @@ def test_no_answer_at_all_raises_clock_error_quickly(responders: Factory) -> Non
     assert message.startswith("no NTP server answered: ")
     assert "127.0.0.2: " in message
     assert "127.0.0.1: " in message
-    assert 0.4 <= elapsed < 2.0  # both were tried, each for its timeout, and no longer
+    assert 0.35 <= elapsed < 2.0  # both were tried, each for its timeout, and no longer
     a.close()
     b.close()
     assert len(a.requests) == len(b.requests) == 1

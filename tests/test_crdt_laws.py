@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import pycrdt
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, find, given, settings
 from hypothesis import strategies as st
 from strategies_core import (
     PLAIN_KINDS,
@@ -108,6 +108,78 @@ def reference_content(h: History) -> dict[str, Any]:
         if not pending[origin]:
             del pending[origin]
     return read_ydoc(doc.get_update())
+
+
+# --- the generators reach the cases that matter ------------------------------------------
+
+
+def _has_cross_origin_tag(h: History, index: int) -> bool:
+    """Some op's payload carries a tag (at ``index``) written by another origin."""
+    for o in h.ops:
+        raw = decode_value(o.payload)
+        tags = raw[index] if len(raw) > index else []
+        if any(origin != o.origin for origin, _ in tags):
+            return True
+    return False
+
+
+INTERESTING: list[Any] = [
+    pytest.param(
+        lambda: histories("lww"),
+        lambda h: len({(o.hlc, o.origin) for o in h.ops}) > len({o.hlc for o in h.ops}),
+        id="lww-equal-hlc-across-origins",
+    ),
+    pytest.param(
+        lambda: histories("counter"),
+        lambda h: min(h.intents.values(), default=0) < 0 < max(h.intents.values(), default=0),
+        id="counter-up-and-down",
+    ),
+    pytest.param(
+        lambda: histories("orset"),
+        lambda h: _has_cross_origin_tag(h, 2),
+        id="orset-remove-of-another-origins-add",
+    ),
+    pytest.param(
+        lambda: histories("orset"),
+        lambda h: any(
+            ORSET.read(h.state_of(h.ops))
+            & {e for kind, e in h.intents.values() if kind == "remove"}
+        ),
+        id="orset-add-wins-over-a-remove",
+    ),
+    pytest.param(
+        lambda: histories("mvreg"),
+        lambda h: len(MVREG.read(h.state_of(h.ops))) >= 2,
+        id="mvreg-concurrent-values",
+    ),
+    pytest.param(
+        lambda: histories("mvreg"),
+        lambda h: _has_cross_origin_tag(h, 1),
+        id="mvreg-overwrite-of-another-origins-write",
+    ),
+    pytest.param(
+        lambda: ydoc_histories(),
+        lambda h: any(d for (o, _), deps in h.deps.items() for d in deps if d != o),
+        id="ydoc-cross-origin-dependency",
+    ),
+    pytest.param(
+        lambda: ydoc_histories(),
+        lambda h: any(str(i).startswith("del") for i in h.intents.values()),
+        id="ydoc-text-delete",
+    ),
+]
+
+
+@pytest.mark.parametrize(("strategy", "condition"), INTERESTING)
+def test_the_generators_reach_interesting_cases(
+    strategy: Callable[[], st.SearchStrategy[History]], condition: Callable[[History], bool]
+) -> None:
+    """The laws below are only as strong as the op sets they see."""
+    find(
+        strategy(),
+        condition,
+        settings=settings(max_examples=500, database=None, phases=NO_SHRINK),
+    )
 
 
 # --- merge laws -------------------------------------------------------------------

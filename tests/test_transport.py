@@ -214,3 +214,44 @@ async def test_grpc_with_real_nodes(tmp_path: Path, pool: ChannelPool) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_server_caps_concurrent_exchanges(pool: ChannelPool) -> None:
+    release = asyncio.Event()
+
+    async def slow(stream: FrameStream) -> None:
+        await release.wait()
+
+    server = await GrpcServer.start(
+        "127.0.0.1:0", slow, config=TransportConfig(max_concurrent_exchanges=1)
+    )
+    try:
+        first = asyncio.create_task(
+            run_exchange(MemoryReplica("a"), await pool.open(server.address), timeout_s=5)
+        )
+        refused = await run_exchange(MemoryReplica("b"), await pool.open(server.address))
+        assert refused.status is Status.RESOURCE_EXHAUSTED
+        release.set()
+        out = await first
+        assert out.status is not Status.RESOURCE_EXHAUSTED
+    finally:
+        release.set()
+        await server.aclose(grace_s=0)
+
+
+async def test_a_failing_peers_callback_does_not_end_the_exchange() -> None:
+    from syncfw.sync import PeerInfo
+
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 5)
+
+    def broken(peers: object) -> None:
+        raise RuntimeError("boom")
+
+    x, y = memory_pipe()
+    ra, rb = await asyncio.gather(
+        run_exchange(a, x, peers=[PeerInfo("a", "addr")]), run_exchange(b, y, on_peers=broken)
+    )
+    assert ra.ok
+    assert rb.ok
+    assert b.vv() == {"a": 5}

@@ -183,9 +183,12 @@ async def run_exchange(
             elif isinstance(effect, LearnPeers):
                 out.learned.append(effect.peers)
                 if on_peers is not None:
-                    res = on_peers(effect.peers)
-                    if res is not None:
-                        await res
+                    try:
+                        res = on_peers(effect.peers)
+                        if res is not None:
+                            await res
+                    except Exception:  # membership bookkeeping must not end the exchange
+                        log.exception("handling peers gossiped by %s failed", session.peer_id)
             elif isinstance(effect, End):
                 out.status, out.reason = effect.status, effect.reason
 

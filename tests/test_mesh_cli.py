@@ -94,9 +94,9 @@ async def test_two_cli_nodes_sync_and_stop_cleanly(tmp_path: Path) -> None:
         deadline = loop.time() + 20
         while True:  # the two nodes find each other through the seed and exchange
             s1, s2 = status("c1"), status("c2")
-            if s1 and s2 and s1["mesh"]["members"] and s2["mesh"]["members"]:  # type: ignore[index]
-                if any(m["state"] == "alive" for m in s1["mesh"]["members"].values()):  # type: ignore[index]
-                    break
+            members: dict[str, dict[str, str]] = s1["mesh"]["members"] if s1 and s2 else {}  # type: ignore[index]
+            if any(m["state"] == "alive" and m["node_id"] == "c2" for m in members.values()):
+                break
             assert loop.time() < deadline, (s1, s2)
             await asyncio.sleep(0.05)
     finally:

@@ -44,6 +44,11 @@ class FrameStream(Protocol):
         """Where the other end is (for logs)."""
         ...
 
+    @property
+    def peer_identity(self) -> str | None:
+        """The peer's node id as authenticated by the link (mTLS), if it is."""
+        ...
+
     async def send(self, frame: Frame) -> int:
         """Send one frame; waits while the link applies backpressure.
 

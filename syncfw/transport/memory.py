@@ -47,6 +47,7 @@ class MemoryStream:
         self._peer = peer_address
         self._closed = False
         self._remote_end: _End | None = None
+        self.peer_identity: str | None = None
         self.bytes_sent = 0
         self.frames_sent = 0
 

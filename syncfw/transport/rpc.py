@@ -22,6 +22,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,6 +38,7 @@ __all__ = [
     "ChannelPool",
     "GrpcServer",
     "GrpcStream",
+    "TlsConfig",
     "TransportConfig",
     "check_health",
 ]
@@ -52,6 +54,37 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-s
 
 
 @dataclass(frozen=True, slots=True)
+class TlsConfig:
+    """Mutual TLS: this node's certificate and the fleet's CA.
+
+    A node's certificate carries its node id as the subject common name; the
+    server refuses a peer whose ``Hello`` names another node than its
+    certificate does.
+
+    Attributes:
+        ca_pem: the fleet CA certificate(s), PEM.
+        cert_pem: this node's certificate chain, PEM.
+        key_pem: this node's private key, PEM.
+        server_name: the name peers' certificates are checked against when
+            dialing (their SAN); None checks the dialed host.
+    """
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    server_name: str | None = None
+
+    @classmethod
+    def from_files(
+        cls, ca: str | Path, cert: str | Path, key: str | Path, *, server_name: str | None = None
+    ) -> TlsConfig:
+        """Read the three PEM files."""
+        return cls(
+            Path(ca).read_bytes(), Path(cert).read_bytes(), Path(key).read_bytes(), server_name
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class TransportConfig:
     """Tunables of the gRPC transport.
 
@@ -63,6 +96,7 @@ class TransportConfig:
         exchange_timeout_s: deadline of one exchange call.
         max_concurrent_exchanges: exchanges the server serves at once.
         http_proxy: dial peers through this HTTP CONNECT proxy (``http://host:port``).
+        tls: mutual TLS; None serves and dials in plaintext (loopback, tests).
     """
 
     max_message_bytes: int = MAX_FRAME_BYTES
@@ -72,20 +106,29 @@ class TransportConfig:
     exchange_timeout_s: float = 60.0
     max_concurrent_exchanges: int = 64
     http_proxy: str | None = None
+    tls: TlsConfig | None = None
 
     def channel_options(self) -> list[tuple[str, Any]]:
         """grpc channel arguments for these settings."""
-        return [
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
-            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.max_pings_without_data", 0),
-            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
-            ("grpc.enable_retries", 0),
-            ("grpc.so_reuseport", 0),
-        ] + ([("grpc.http_proxy", self.http_proxy)] if self.http_proxy else [])
+        return (
+            [
+                ("grpc.max_send_message_length", self.max_message_bytes),
+                ("grpc.max_receive_message_length", self.max_message_bytes),
+                ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
+                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
+                ("grpc.enable_retries", 0),
+                ("grpc.so_reuseport", 0),
+            ]
+            + ([("grpc.http_proxy", self.http_proxy)] if self.http_proxy else [])
+            + (
+                [("grpc.ssl_target_name_override", self.tls.server_name)]
+                if self.tls is not None and self.tls.server_name
+                else []
+            )
+        )
 
 
 def _status_of(code: grpc.StatusCode | None) -> Status:
@@ -115,12 +158,14 @@ class GrpcStream:
         call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None,
         context: grpc.aio.ServicerContext[bytes, bytes] | None = None,
         peer_address: str = "",
+        peer_identity: str | None = None,
     ) -> None:
         if (call is None) == (context is None):
             raise ValueError("a GrpcStream wraps a client call or a server context")
         self._call = call
         self._ctx = context
         self._peer = peer_address
+        self.peer_identity = peer_identity
         self._closed = False
         self.end_status: Status | None = None
         self.end_reason = ""
@@ -141,10 +186,21 @@ class GrpcStream:
                 assert self._ctx is not None
                 await self._ctx.write(msg)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-            raise _translate(exc) from None
-        except grpc.RpcError as exc:  # pragma: no cover - other grpc failure shapes
-            raise LinkError(Status.ABORTED, f"write failed: {exc!r}") from None
+            raise await self._ended_with(_translate(exc)) from None
+        except (grpc.RpcError, grpc.aio.BaseError) as exc:  # e.g. the call ended under us
+            raise await self._ended_with(
+                LinkError(Status.ABORTED, f"write failed: {exc!r}")
+            ) from None
         return size
+
+    async def _ended_with(self, fallback: LinkError | DecodeError) -> LinkError | DecodeError:
+        """The status the peer ended the call with, if it did (a write raced its end)."""
+        if self._call is not None and self._call.done():
+            with contextlib.suppress(Exception):
+                code = await self._call.code()
+                if code is not grpc.StatusCode.OK and code is not grpc.StatusCode.CANCELLED:
+                    return LinkError(_status_of(code), await self._call.details() or code.name)
+        return fallback
 
     async def recv(self) -> Frame | None:
         """Read a frame; None when the peer finished with OK."""
@@ -191,6 +247,13 @@ class GrpcStream:
 ExchangeHandler = Callable[[FrameStream], Awaitable[object]]
 
 
+def _identity(context: grpc.aio.ServicerContext[bytes, bytes]) -> str | None:
+    """The node id in the peer's TLS certificate (subject CN), if the call is mTLS."""
+    auth = context.auth_context()
+    names = list(auth.get("x509_common_name") or [])
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 class _SyncServicer:
     def __init__(self, handler: ExchangeHandler) -> None:
         self._handler = handler
@@ -207,7 +270,9 @@ class _SyncServicer:
         request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> None:
-        stream = GrpcStream(context=context, peer_address=context.peer())
+        stream = GrpcStream(
+            context=context, peer_address=context.peer(), peer_identity=_identity(context)
+        )
         try:
             await self._handler(stream)
         except Exception:  # never let a handler bug leak a grpc traceback to the peer
@@ -289,7 +354,10 @@ class GrpcServer:
         *,
         config: TransportConfig | None = None,
     ) -> GrpcServer:
-        """Listen on ``listen`` (``host:port``; port 0 picks a free one) without TLS.
+        """Listen on ``listen`` (``host:port``; port 0 picks a free one).
+
+        With ``config.tls`` the server requires client certificates from the
+        fleet CA (mutual TLS) and binds each exchange to the certificate's node id.
 
         Args:
             listen: address to bind.
@@ -309,7 +377,15 @@ class GrpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
         host = listen.rsplit(":", 1)[0] or "127.0.0.1"
         try:
-            port = server.add_insecure_port(listen)
+            if cfg.tls is None:
+                port = server.add_insecure_port(listen)
+            else:
+                creds = grpc.ssl_server_credentials(
+                    [(cfg.tls.key_pem, cfg.tls.cert_pem)],
+                    root_certificates=cfg.tls.ca_pem,
+                    require_client_auth=True,
+                )
+                port = server.add_secure_port(listen, creds)
         except RuntimeError as exc:
             raise LinkError(Status.UNAVAILABLE, f"cannot listen on {listen}: {exc}") from None
         if port == 0:
@@ -338,7 +414,16 @@ class ChannelPool:
         """The pooled channel to ``address`` (created on first use)."""
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=self.config.channel_options())
+            tls = self.config.tls
+            if tls is None:
+                ch = grpc.aio.insecure_channel(address, options=self.config.channel_options())
+            else:
+                creds = grpc.ssl_channel_credentials(
+                    root_certificates=tls.ca_pem,
+                    private_key=tls.key_pem,
+                    certificate_chain=tls.cert_pem,
+                )
+                ch = grpc.aio.secure_channel(address, creds, options=self.config.channel_options())
             self._channels[address] = ch
         return ch
 

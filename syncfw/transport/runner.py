@@ -29,6 +29,7 @@ from syncfw.log import Replica
 from syncfw.sync import (
     Acknowledge,
     ApplyOps,
+    Close,
     Effect,
     End,
     FetchOps,
@@ -107,7 +108,8 @@ async def run_exchange(
         stream: an open frame stream to the peer (either side of it).
         config: session tunables.
         peers: a member list to gossip to the peer.
-        expect_peer: refuse a peer that says hello under another node id.
+        expect_peer: refuse a peer that says hello under another node id
+            (defaults to the id the link authenticated, under mTLS).
         budget: per-peer bandwidth budget charged for every frame sent.
         on_peers: called with each member list the peer gossips.
         timeout_s: the whole exchange's deadline; past it the exchange ends
@@ -124,10 +126,11 @@ async def run_exchange(
         hlc=replica.hlc_now(),
         config=config,
         peers=peers,
-        expect_peer=expect_peer,
+        expect_peer=expect_peer if expect_peer is not None else stream.peer_identity,
     )
     out = ExchangeOutcome(Status.INTERNAL, "not started")
     rxq: asyncio.Queue[object] = asyncio.Queue()
+    tasks: list[asyncio.Task[None]] = []
 
     async def reader() -> None:
         try:
@@ -143,6 +146,21 @@ async def run_exchange(
             log.exception("receiving from %s failed", stream.peer_address)
             await rxq.put(LinkError(Status.INTERNAL, f"receive failed: {exc!r}"))
 
+    async def send_failed(exc: LinkError) -> list[Effect]:
+        """A write failed: the peer has likely ended the call; prefer its reason."""
+        reading = tasks[0] if tasks else None
+        if reading is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # the link is gone: the read side ends soon
+                    await asyncio.shield(reading)
+        while not rxq.empty():
+            item = rxq.get_nowait()
+            if isinstance(item, Close):
+                return session.receive(item)
+            if isinstance(item, LinkError):
+                return session.abort(item.status, item.reason)
+        return session.abort(exc.status, f"send failed: {exc.reason}")
+
     async def perform(effects: list[Effect]) -> None:
         queue = list(effects)
         while queue:
@@ -155,7 +173,7 @@ async def run_exchange(
                     if budget is not None:
                         await budget.spend(size)
                 except LinkError as exc:
-                    queue.extend(session.abort(exc.status, f"send failed: {exc.reason}"))
+                    queue.extend(await send_failed(exc))
             elif isinstance(effect, FetchOps):
                 try:
                     ops = await replica.ops_since(
@@ -193,6 +211,7 @@ async def run_exchange(
                 out.status, out.reason = effect.status, effect.reason
 
     task = asyncio.create_task(reader(), name=f"syncfw-recv-{stream.peer_address}")
+    tasks.append(task)
     try:
         async with asyncio.timeout(timeout_s):
             try:

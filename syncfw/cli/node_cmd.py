@@ -15,7 +15,7 @@ from typing import Any
 from syncfw.errors import SyncfwError
 from syncfw.mesh import Mesh, MeshConfig
 from syncfw.transport.network import GrpcNetwork
-from syncfw.transport.rpc import TransportConfig
+from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.zones import Fleet, Grant
 
 log = logging.getLogger("syncfw.cli.node")
@@ -55,6 +55,9 @@ def register(sub: Any) -> None:
     s.add_argument(
         "--peer-bytes-per-s", type=float, default=None, help="per-peer send budget in bytes/s"
     )
+    s.add_argument("--ca", default=None, help="fleet CA certificate (PEM); enables mutual TLS")
+    s.add_argument("--cert", default=None, help="this node's certificate (PEM, CN = node id)")
+    s.add_argument("--key", default=None, help="this node's private key (PEM)")
     s.add_argument(
         "--status-file",
         default=None,
@@ -98,7 +101,13 @@ async def serve(args: argparse.Namespace) -> int:
     config = PRESETS[args.preset]()
     if args.peer_bytes_per_s:
         config = config.with_(peer_bytes_per_s=args.peer_bytes_per_s)
-    network = GrpcNetwork(TransportConfig(http_proxy=args.proxy))
+    tls = None
+    if args.ca or args.cert or args.key:
+        if not (args.ca and args.cert and args.key):
+            print("syncfw node: --ca, --cert and --key go together")
+            return 2
+        tls = TlsConfig.from_files(args.ca, args.cert, args.key)
+    network = GrpcNetwork(TransportConfig(http_proxy=args.proxy, tls=tls))
     async with Node.open(args.db, node_id=args.node_id, fleet=fleet_of(args)) as node:
         mesh = await Mesh.start(
             node,

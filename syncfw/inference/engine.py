@@ -321,6 +321,17 @@ class _Call:
 
 
 @dataclass(slots=True)
+class _Job:
+    """One batch of calls on the worker, under the watchdog."""
+
+    batch: list[_Call]
+    loaded: _Loaded
+    future: concurrent.futures.Future[list[_Outcome | InferenceError]]
+    timer: asyncio.TimerHandle | None = None
+    finished: bool = False
+
+
+@dataclass(slots=True)
 class _Outcome:
     """What the worker made of one call."""
 
@@ -513,9 +524,8 @@ class Engine:
         self._loaded: _Loaded | None = None
         self._load_lock = asyncio.Lock()
         self._queue: collections.deque[_Call] = collections.deque()
-        self._inflight: list[_Call] = []
-        self._wake = asyncio.Event()
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._job: _Job | None = None
+        self._reviving: asyncio.Task[None] | None = None
         self._executor = self._new_executor()
         self._stuck: set[concurrent.futures.Future[Any]] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -549,10 +559,19 @@ class Engine:
         if self._closed:
             return
         self._closed = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
+        job, self._job = self._job, None
+        if job is not None:
+            # Nobody will deliver these calls' outcomes now.
+            job.finished = True
+            if job.timer is not None:
+                job.timer.cancel()
+            for call in job.batch:
+                if not call.future.done():
+                    call.future.set_exception(EngineStateError("the engine was closed"))
+        if self._reviving is not None:
+            self._reviving.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+                await self._reviving
         while self._queue:
             call = self._queue.popleft()
             if not call.future.done():
@@ -614,10 +633,6 @@ class Engine:
             if old is not None and isinstance(old.session, ProcessSession):
                 # Queued behind any call still running on it, on the one worker thread.
                 self._executor.submit(old.session.close)
-            if self._dispatcher is None:
-                self._dispatcher = asyncio.get_running_loop().create_task(
-                    self._dispatch(), name="syncfw-inference-dispatch"
-                )
             return loaded.info
 
     def _load_sync(self, path: Path) -> _Loaded:
@@ -781,7 +796,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         call = _Call(inputs, loop.create_future(), time.perf_counter())
         self._queue.append(call)
-        self._wake.set()
+        self._kick()
         try:
             out = await call.future
         except InferenceError as exc:
@@ -838,69 +853,94 @@ class Engine:
     def _auto_key(self) -> str:
         return f"{self._key_prefix}-{next(self._seq):08d}"
 
-    async def _dispatch(self) -> None:
-        """Hand queued calls to the worker, one job at a time, under the watchdog."""
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self._queue:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            loaded = self._loaded
-            assert loaded is not None  # calls are only queued once a model is loaded
-            n = self.max_batch if loaded.info.batchable else 1
-            batch = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
-            self._counters.batches += 1
-            self._counters.max_batch = max(self._counters.max_batch, len(batch))
-            fut = self._executor.submit(self._work, loaded, batch)
-            self._inflight = batch
-            try:
-                outcomes = await asyncio.wait_for(
-                    asyncio.wrap_future(fut, loop=loop), self.timeout_s
-                )
-            except asyncio.CancelledError:
-                # The engine is closing: nobody will deliver these calls' outcomes.
-                for call in batch:
-                    if not call.future.done():
-                        call.future.set_exception(EngineStateError("the engine was closed"))
-                raise
-            except TimeoutError:
-                if isinstance(loaded.session, ProcessSession):
-                    loaded.session.kill()  # the worker thread sees the child die and returns
-                    what = "its worker process was killed and replaced"
-                else:
-                    self._abandon(fut)
-                    what = "its worker thread was abandoned"
-                err = InferenceTimeoutError(
-                    f"call to {loaded.info.name!r} ran past the {self.timeout_s:g} s watchdog "
-                    f"(batch of {len(batch)}); {what}"
-                )
-                for call in batch:
-                    if not call.future.done():
-                        call.future.set_exception(err)
-                await self._revive(loaded)
-                continue
-            except Exception as exc:  # a bug in _work itself: fail the batch, keep serving
-                for call in batch:
-                    if not call.future.done():
-                        call.future.set_exception(
-                            InferenceRunError(f"worker failed: {type(exc).__name__}: {exc}")
-                        )
-                continue
-            for call, outcome in zip(batch, outcomes, strict=True):
-                if call.future.done():  # the caller was cancelled
-                    continue
-                if isinstance(outcome, BaseException):
-                    call.future.set_exception(outcome)
-                else:
-                    call.future.set_result(outcome)
-            await self._revive(loaded)
+    def _kick(self) -> None:
+        """Start a job on the worker if none is running and calls are waiting.
 
-    async def _revive(self, loaded: _Loaded) -> None:
-        """Replace a dead worker process (killed by the watchdog, or crashed) before the next job."""
-        session = loaded.session
-        if not isinstance(session, ProcessSession) or session.alive() or loaded is not self._loaded:
+        Runs on the event loop only (from :meth:`infer` and from job completion),
+        so there is no dispatcher task to wake: a lone call goes straight to the
+        worker, and calls that arrive while it is busy are taken together next.
+        """
+        if self._job is not None or self._reviving is not None or self._closed or not self._queue:
             return
+        loaded = self._loaded
+        assert loaded is not None  # calls are only queued once a model is loaded
+        n = self.max_batch if loaded.info.batchable else 1
+        batch = [self._queue.popleft() for _ in range(min(n, len(self._queue)))]
+        self._counters.batches += 1
+        self._counters.max_batch = max(self._counters.max_batch, len(batch))
+        loop = asyncio.get_running_loop()
+        job = _Job(batch, loaded, self._executor.submit(self._work, loaded, batch))
+        self._job = job
+        job.timer = loop.call_later(self.timeout_s, self._on_timeout, job)
+
+        def done(_: concurrent.futures.Future[Any]) -> None:  # in the worker thread
+            # The loop may be gone if the application exited mid-call; then nobody waits.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._on_done, job)
+
+        job.future.add_done_callback(done)
+
+    def _on_done(self, job: _Job) -> None:
+        """Deliver a finished job's outcomes (event loop)."""
+        if job.finished:  # the watchdog already failed it, or the engine closed
+            return
+        job.finished = True
+        if job.timer is not None:
+            job.timer.cancel()
+        self._job = None
+        try:
+            outcomes: list[_Outcome | InferenceError] = job.future.result()
+        except Exception as exc:  # a bug in _work itself: fail the batch, keep serving
+            err = InferenceRunError(f"worker failed: {type(exc).__name__}: {exc}")
+            outcomes = [err] * len(job.batch)
+        for call, outcome in zip(job.batch, outcomes, strict=True):
+            if call.future.done():  # the caller was cancelled
+                continue
+            if isinstance(outcome, BaseException):
+                call.future.set_exception(outcome)
+            else:
+                call.future.set_result(outcome)
+        self._next(job.loaded)
+
+    def _on_timeout(self, job: _Job) -> None:
+        """The watchdog: fail the job's calls and get a fresh worker (event loop)."""
+        if job.finished:
+            return
+        job.finished = True
+        self._job = None
+        loaded = job.loaded
+        if isinstance(loaded.session, ProcessSession):
+            loaded.session.kill()  # the worker thread sees the child die and returns
+            what = "its worker process was killed and replaced"
+        else:
+            self._abandon(job.future)
+            what = "its worker thread was abandoned"
+        err = InferenceTimeoutError(
+            f"call to {loaded.info.name!r} ran past the {self.timeout_s:g} s watchdog "
+            f"(batch of {len(job.batch)}); {what}"
+        )
+        for call in job.batch:
+            if not call.future.done():
+                call.future.set_exception(err)
+        self._next(loaded)
+
+    def _next(self, loaded: _Loaded) -> None:
+        """After a job: replace a dead worker process first if need be, then start the next job."""
+        session = loaded.session
+        if (
+            isinstance(session, ProcessSession)
+            and not session.alive()
+            and loaded is self._loaded
+            and not self._closed
+        ):
+            self._reviving = asyncio.get_running_loop().create_task(
+                self._revive(session), name="syncfw-inference-revive"
+            )
+            return
+        self._kick()
+
+    async def _revive(self, session: ProcessSession) -> None:
+        """Replace a dead worker process (killed by the watchdog, or crashed)."""
         t0 = time.perf_counter()
         try:
             await asyncio.to_thread(session.restart)
@@ -908,9 +948,12 @@ class Engine:
             # Calls fail with WorkerDied until a load succeeds; status shows it.
             errors = self._counters.errors
             errors["WorkerRestartFailed"] = errors.get("WorkerRestartFailed", 0) + 1
-            return
-        self._worker_restarts += 1
-        self._worker_restart_s.record(time.perf_counter() - t0)
+        else:
+            self._worker_restarts += 1
+            self._worker_restart_s.record(time.perf_counter() - t0)
+        finally:
+            self._reviving = None
+        self._kick()
 
     def _abandon(self, fut: concurrent.futures.Future[Any]) -> None:
         """Give up on a hung job: a fresh worker takes the queue; the old thread is counted until it returns."""

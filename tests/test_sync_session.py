@@ -336,3 +336,59 @@ def test_any_split_of_writes_converges(na: int, nb: int, window: int) -> None:
     assert res.a is not None
     assert res.a[0] is Status.OK
     assert _converged(a, b)
+
+
+# -- property: any distribution of chains, any exchanges and cuts, converges ---------------
+
+from hypothesis import HealthCheck  # noqa: E402
+
+from syncfw.testing.strategies import chains, op_tuples  # noqa: E402
+
+
+def _seed(r: MemoryReplica, ops: list[object]) -> None:
+    for op in ops:
+        r._append(op)  # type: ignore[arg-type]
+        r._merge(op)  # type: ignore[arg-type]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains(), st.data())
+def test_any_distribution_exchanges_and_cuts_converge(
+    ops: dict[str, list[object]], data: st.DataObject
+) -> None:
+    rs = [MemoryReplica("a"), MemoryReplica("b"), MemoryReplica("c")]
+    expected: dict[str, int] = {}
+    for origin, chain in ops.items():  # each replica holds a prefix of each chain
+        for r in rs:
+            n = data.draw(st.integers(0, len(chain)))
+            _seed(r, chain[:n])
+            if n > expected.get(origin, 0):
+                expected[origin] = n
+    cfg = SessionConfig(max_batch_bytes=512, batch_ops=3, window=data.draw(st.integers(1, 3)))
+    for _ in range(data.draw(st.integers(0, 6))):
+        i, j = data.draw(st.permutations(range(3)))[:2]
+        cut = data.draw(st.none() | st.integers(0, 30))
+        _pair(rs[i], rs[j], config_a=cfg, config_b=cfg).run(cut_after=cut)
+    for i, j in ((0, 1), (1, 2), (0, 1)):
+        res = _pair(rs[i], rs[j], config_a=cfg, config_b=cfg).run()
+        assert res.a is not None
+        assert res.a[0] is Status.OK, res
+    assert _converged(*rs)
+    assert rs[0].vv() == expected
+    for r in rs:
+        assert all(n == 1 for n in r.apply_count.values())
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(op_tuples(), max_size=4))
+def test_fuzz_op_shaped_batches(items: list[tuple[object, ...]]) -> None:
+    import msgpack
+
+    s = _streaming()
+    try:
+        body = msgpack.packb(items, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        return
+    effects = s.receive(Ops(bytes((BATCH_VERSION, 0)) + body))
+    # either every op is valid and goes to ApplyOps, or the exchange ends with nothing applied
+    assert any(isinstance(e, (ApplyOps, End)) for e in effects) or not items

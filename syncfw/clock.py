@@ -41,6 +41,7 @@ __all__ = [
 LOGICAL_BITS = 16
 LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
 MAX_PHYSICAL_MS = (1 << 48) - 1
+MAX_TIMESTAMP = (1 << 64) - 1
 DEFAULT_MAX_OFFSET_MS = 500
 
 
@@ -109,6 +110,8 @@ class HLC:
         pt = self._wall() << LOGICAL_BITS
         last = self._last + 1
         ts = pt if pt > last else last
+        if ts > MAX_TIMESTAMP:
+            raise ClockError("the hybrid clock is exhausted (past 2**64 - 1)")
         self._last = ts
         return ts
 
@@ -129,6 +132,8 @@ class HLC:
         self.check(remote)
         pt = self._wall() << LOGICAL_BITS
         ts = max(self._last + 1, remote + 1, pt)
+        if ts > MAX_TIMESTAMP:
+            raise ClockError("the hybrid clock is exhausted (past 2**64 - 1)")
         self._last = ts
         return ts
 

@@ -109,6 +109,15 @@ class Fleet:
         for template in self.node_zones:
             if "{node}" not in template or not template.endswith("/"):
                 raise ValueError(f"node zone template {template!r} must contain {{node}} and end in '/'")
+        heads = [t[: t.index("{node}")] for t in self.node_zones]
+        for grant in self.grants:
+            if grant.prefix.startswith(SYS_PREFIX) or SYS_PREFIX.startswith(grant.prefix):
+                raise ValueError(f"bootstrap grant {grant.prefix!r} overlaps the authority's sys/")
+            for head in heads:
+                if head.startswith(grant.prefix) or grant.prefix.startswith(head):
+                    raise ValueError(
+                        f"bootstrap grant {grant.prefix!r} nests with the per-node zones {head}<node>/"
+                    )
 
 
 class Verdict(enum.Enum):

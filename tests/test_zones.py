@@ -327,8 +327,8 @@ def test_a_local_write_is_accepted_by_every_replica(
         grants=tuple(
             Grant(p + "/", frozenset(o), 1)
             for p, o in bootstrap
-            # sys/ is the authority's; a bootstrap zone nesting with the per-node zones
-            # is the known bug recorded by the xfail test below
+            # sys/ is the authority's; a bootstrap zone may not nest with the
+            # per-node zones (Fleet refuses it)
             if not (p + "/").startswith(SYS_PREFIX) and not p.startswith("fleet")
         ),
     )
@@ -469,14 +469,6 @@ def test_custom_authority_and_node_zones() -> None:
     assert t.check_grant("hq", Grant.of("q/", "a")) is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a bootstrap zone may nest with the per-node zones ('fleet/' shared, or "
-    "'fleet/n1/cam/' inside n1's zone); zone_for_write then lets a node write what judge "
-    "rejects on every replica, because zone_for_write ignores other nodes' per-node zones "
-    "and returns a node's own zone before a more specific bootstrap zone inside it "
-    "(zones.py zone_for_write vs _static_zone; Fleet does not refuse such grants)",
-)
 @pytest.mark.parametrize(
     ("node", "key", "grant"),
     [

@@ -76,9 +76,21 @@ def unpack(data: bytes, what: str) -> Any:
         raise DecodeError(f"malformed {what}: {exc}") from None
 
 
+def is_u63(v: Any) -> bool:
+    """True for an int in ``[0, 2**63)`` (what seqs, hlcs and totals fit in)."""
+    return type(v) is int and 0 <= v < 1 << 63
+
+
 def tags_of(items: Any, what: str) -> set[Tag]:
     """Decode a list of ``[origin, seq]`` pairs into a set of tags."""
-    try:
-        return {(str(o), int(s)) for o, s in items}
-    except (TypeError, ValueError) as exc:
-        raise DecodeError(f"malformed {what} tags: {exc}") from None
+    if not isinstance(items, list):
+        raise DecodeError(f"malformed {what} tags: not a list")
+    out: set[Tag] = set()
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2):
+            raise DecodeError(f"malformed {what} tag: {item!r:.80}")
+        origin, seq = item
+        if not (isinstance(origin, str) and is_u63(seq)):
+            raise DecodeError(f"malformed {what} tag: {item!r:.80}")
+        out.add((origin, seq))
+    return out

@@ -7,7 +7,7 @@ order-independent across origins. The value is ``sum(p) - sum(n)``.
 
 from __future__ import annotations
 
-from syncfw.crdt.base import CrdtType, OpView, pack, unpack
+from syncfw.crdt.base import CrdtType, OpView, is_u63, pack, unpack
 from syncfw.errors import DecodeError
 
 CounterState = dict[str, tuple[int, int]]
@@ -19,8 +19,8 @@ def _totals(payload: bytes) -> tuple[int, int]:
         p, n = raw
     except (TypeError, ValueError):
         raise DecodeError("counter op payload must be [p, n]") from None
-    if type(p) is not int or type(n) is not int or p < 0 or n < 0:
-        raise DecodeError("counter totals must be non-negative ints")
+    if not (is_u63(p) and is_u63(n)):
+        raise DecodeError("counter totals must be ints in [0, 2**63)")
     return p, n
 
 
@@ -47,10 +47,18 @@ class _Counter(CrdtType):
         return pack([[o, p, n] for o, (p, n) in sorted(state.items())])
 
     def decode(self, data: bytes) -> CounterState:
-        try:
-            return {str(o): (int(p), int(n)) for o, p, n in unpack(data, "counter state")}
-        except (TypeError, ValueError):
-            raise DecodeError("malformed counter state") from None
+        raw = unpack(data, "counter state")
+        out: CounterState = {}
+        if not isinstance(raw, list):
+            raise DecodeError("malformed counter state")
+        for row in raw:
+            if not (isinstance(row, list) and len(row) == 3):
+                raise DecodeError("malformed counter state")
+            o, p, n = row
+            if not (isinstance(o, str) and is_u63(p) and is_u63(n)):
+                raise DecodeError("malformed counter state")
+            out[o] = (p, n)
+        return out
 
     def read(self, state: CounterState) -> int:
         return sum(p for p, _ in state.values()) - sum(n for _, n in state.values())

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from syncfw.crdt.base import CrdtType, OpView, Tag, pack, tags_of, unpack
+from syncfw.crdt.base import CrdtType, OpView, Tag, is_u63, pack, tags_of, unpack
 from syncfw.errors import DecodeError
 
 MvState = tuple[dict[Tag, tuple[int, bytes]], set[Tag]]
@@ -51,12 +51,17 @@ class _MvReg(CrdtType):
 
     def decode(self, data: bytes) -> MvState:
         raw = unpack(data, "mvreg state")
-        try:
-            entries_raw, sup_raw = raw
-            entries = {(str(o), int(s)): (int(h), bytes(v)) for o, s, h, v in entries_raw}
-        except (TypeError, ValueError):
-            raise DecodeError("malformed mvreg state") from None
-        return (entries, tags_of(sup_raw, "mvreg state"))
+        if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], list)):
+            raise DecodeError("malformed mvreg state")
+        entries: dict[Tag, tuple[int, bytes]] = {}
+        for row in raw[0]:
+            if not (isinstance(row, list) and len(row) == 4):
+                raise DecodeError("malformed mvreg state")
+            o, s, h, v = row
+            if not (isinstance(o, str) and is_u63(s) and is_u63(h) and isinstance(v, bytes)):
+                raise DecodeError("malformed mvreg state")
+            entries[(o, s)] = (h, v)
+        return (entries, tags_of(raw[1], "mvreg state"))
 
     def read(self, state: MvState) -> list[bytes]:
         """Surviving payloads, ordered by (hlc, tag)."""

@@ -67,12 +67,14 @@ class _OrSet(CrdtType):
 
     def decode(self, data: bytes) -> OrSetState:
         raw = unpack(data, "orset state")
-        try:
-            adds_raw, removed_raw = raw
-            adds = {bytes(e): tags_of(t, "orset state") for e, t in adds_raw}
-        except (TypeError, ValueError):
-            raise DecodeError("malformed orset state") from None
-        return (adds, tags_of(removed_raw, "orset state"))
+        if not (isinstance(raw, list) and len(raw) == 2 and isinstance(raw[0], list)):
+            raise DecodeError("malformed orset state")
+        adds: dict[bytes, set[Tag]] = {}
+        for row in raw[0]:
+            if not (isinstance(row, list) and len(row) == 2 and isinstance(row[0], bytes)):
+                raise DecodeError("malformed orset state")
+            adds[row[0]] = tags_of(row[1], "orset state")
+        return (adds, tags_of(raw[1], "orset state"))
 
     def read(self, state: OrSetState) -> set[bytes]:
         """The present elements, as msgpack bytes."""

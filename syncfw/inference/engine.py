@@ -74,6 +74,7 @@ from syncfw.inference.sink import ResultSink, StatusHost, results_prefix, teleme
 from syncfw.log import Op
 
 __all__ = [
+    "DEFAULT_SESSION_CONFIG",
     "Engine",
     "EscalationRequest",
     "InferenceResult",
@@ -83,6 +84,16 @@ __all__ = [
     "top_k",
     "top_k_rows",
 ]
+
+DEFAULT_SESSION_CONFIG: dict[str, str] = {
+    # ONNX Runtime's intra-op threads spin after each run, waiting for the next. A bare
+    # loop of session.run profits; the engine does not: between runs it hashes inputs,
+    # post-processes and writes ops, and on a small edge CPU the spinning threads take
+    # the cores that work needs (measured in bench/inference.py: spinning on, the
+    # engine loses 10-30 % of its throughput on two busy cores).
+    "session.intra_op.allow_spinning": "0",
+}
+"""Session config entries every engine session gets unless ``session_config`` overrides them."""
 
 Array = npt.NDArray[Any]
 Feeds = dict[str, Array]
@@ -454,6 +465,8 @@ class Engine:
         max_pending_escalations: escalations in flight beyond which new ones are dropped.
         max_stuck_workers: abandoned (hung) worker threads beyond which calls are refused.
         intra_op_threads: ONNX Runtime intra-op threads (None: its default).
+        session_config: ONNX Runtime session config entries, over
+            :data:`DEFAULT_SESSION_CONFIG` (which turns intra-op spinning off).
         isolation: ``"thread"`` runs the session in this process (a hung call's
             thread is abandoned); ``"process"`` runs it in a child process that
             the watchdog can kill and replace (see :mod:`syncfw.inference.isolation`
@@ -486,6 +499,7 @@ class Engine:
         max_pending_escalations: int = 16,
         max_stuck_workers: int = 4,
         intra_op_threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
         isolation: Literal["thread", "process"] = "thread",
         status_name: str | None = "inference",
     ) -> None:
@@ -517,6 +531,7 @@ class Engine:
         self._max_pending_escalations = max_pending_escalations
         self._max_stuck = max_stuck_workers
         self._intra_op_threads = intra_op_threads
+        self._session_config = DEFAULT_SESSION_CONFIG | dict(session_config or {})
         self.isolation = isolation
         self._worker_restarts = 0
         self._worker_restart_s = Histogram()
@@ -681,12 +696,17 @@ class Engine:
         opts.log_severity_level = 3
         if self._intra_op_threads is not None:
             opts.intra_op_num_threads = self._intra_op_threads
+        for k, v in self._session_config.items():
+            opts.add_session_config_entry(k, v)
         t0 = time.perf_counter()
         session: Any
         try:
             if self.isolation == "process":
                 session = ProcessSession(
-                    data, plan.for_session(), intra_op_threads=self._intra_op_threads
+                    data,
+                    plan.for_session(),
+                    intra_op_threads=self._intra_op_threads,
+                    session_config=self._session_config,
                 )
             else:
                 session = ort.InferenceSession(

@@ -47,6 +47,7 @@ def _child(
     model: bytes,
     providers: list[tuple[str, dict[str, str]]],
     intra_op_threads: int | None,
+    session_config: dict[str, str],
 ) -> None:  # pragma: no cover - runs in the child process
     import onnxruntime as ort
 
@@ -55,6 +56,8 @@ def _child(
         opts.log_severity_level = 3
         if intra_op_threads is not None:
             opts.intra_op_num_threads = intra_op_threads
+        for k, v in session_config.items():
+            opts.add_session_config_entry(k, v)
         session = ort.InferenceSession(model, sess_options=opts, providers=providers)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -80,6 +83,7 @@ class ProcessSession:
         model: the model bytes.
         providers: the ``providers=`` argument for the child's session.
         intra_op_threads: ONNX Runtime intra-op threads in the child.
+        session_config: ONNX Runtime session config entries for the child's session.
         start_timeout_s: how long the child may take to load the model.
 
     Raises:
@@ -92,9 +96,10 @@ class ProcessSession:
         providers: list[tuple[str, dict[str, str]]],
         *,
         intra_op_threads: int | None = None,
+        session_config: Mapping[str, str] | None = None,
         start_timeout_s: float = 60.0,
     ) -> None:
-        self._args = (model, providers, intra_op_threads)
+        self._args = (model, providers, intra_op_threads, dict(session_config or {}))
         self._start_timeout_s = start_timeout_s
         self._lock = threading.Lock()  # one call at a time on the pipe
         self._providers: list[str] = []

@@ -561,3 +561,22 @@ def test_top_k_handles_probabilities_logits_and_rows() -> None:
     assert [r.label for r in rows] == ["ok", "defect", "defect"]
     with pytest.raises(OutputSignatureError, match="no class scores"):
         top_k(np.zeros((1, 0)), ["a"])
+
+
+def test_public_surface_is_exported_and_errors_share_one_root() -> None:
+    import inspect
+
+    import syncfw.inference as inference
+    from syncfw.errors import SyncfwError
+
+    public = {
+        n
+        for n, v in vars(inference).items()
+        if not n.startswith("_") and not inspect.ismodule(v) and n != "annotations"
+    }
+    assert public == set(inference.__all__)
+    errors = [
+        v for v in vars(inference).values() if isinstance(v, type) and issubclass(v, Exception)
+    ]
+    assert errors
+    assert all(issubclass(e, InferenceError) and issubclass(e, SyncfwError) for e in errors)

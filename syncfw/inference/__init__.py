@@ -6,8 +6,9 @@ per-call watchdog, micro-batching, hot swap), per-stage latency histograms,
 result and sample ops with provenance, the degradation ladder, and the script
 that makes the shipped models (``python -m syncfw.inference.train``).
 
-Modules: ``engine`` (the :class:`Engine`), ``providers`` (pure provider choice
-and the TensorRT cache key), ``isolation`` (a session in a killable worker
+Modules: ``engine`` (the :class:`Engine`), ``signature`` (declared tensors,
+model identity, the input digest), ``prediction`` (top label(s) from outputs),
+``providers`` (pure provider choice and the TensorRT cache key), ``isolation`` (a session in a killable worker
 process), ``latency`` (histograms), ``sampling`` (inputs kept for retraining),
 ``ladder`` (the degradation state machine: a pure rule table plus a thin I/O
 shell), ``sink`` (the protocols a node satisfies), ``errors``, ``train`` (the
@@ -23,14 +24,10 @@ isolation; psutil only if it happens to be installed). It talks to a node only t
 from __future__ import annotations
 
 from syncfw.inference.engine import (
+    DEFAULT_SESSION_CONFIG,
     Engine,
     EscalationRequest,
     InferenceResult,
-    ModelInfo,
-    Prediction,
-    TensorSpec,
-    top_k,
-    top_k_rows,
 )
 from syncfw.inference.errors import (
     EngineStateError,
@@ -57,6 +54,7 @@ from syncfw.inference.ladder import (
     step,
 )
 from syncfw.inference.latency import Histogram, LatencyBook, LatencySummary, Stage, StageTimes
+from syncfw.inference.prediction import Prediction, top_k, top_k_rows
 from syncfw.inference.providers import (
     CPU,
     CUDA,
@@ -68,10 +66,12 @@ from syncfw.inference.providers import (
     trt_cache_key,
 )
 from syncfw.inference.sampling import Sampler, SamplingPolicy, decode_sample, encode_sample
+from syncfw.inference.signature import ModelInfo, TensorSpec, input_digest
 from syncfw.inference.sink import ResultSink, StatusHost
 
 __all__ = [
     "CPU",
+    "DEFAULT_SESSION_CONFIG",
     "CUDA",
     "POLICIES",
     "TENSORRT",
@@ -112,6 +112,7 @@ __all__ = [
     "decide",
     "decode_sample",
     "encode_sample",
+    "input_digest",
     "plan_providers",
     "resolve_actual",
     "step",

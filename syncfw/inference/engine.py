@@ -60,6 +60,7 @@ from syncfw.inference.errors import (
 )
 from syncfw.inference.isolation import ProcessSession
 from syncfw.inference.latency import Histogram, LatencyBook, StageTimes
+from syncfw.inference.prediction import Prediction, top_k, top_k_rows
 from syncfw.inference.providers import (
     TENSORRT,
     AcceleratorInfo,
@@ -70,6 +71,13 @@ from syncfw.inference.providers import (
     resolve_actual,
 )
 from syncfw.inference.sampling import Sampler, SamplingPolicy, encode_sample
+from syncfw.inference.signature import (
+    ModelInfo,
+    TensorSpec,
+    batchable,
+    declared_signature,
+    input_digest,
+)
 from syncfw.inference.sink import ResultSink, StatusHost, results_prefix, telemetry_prefix
 from syncfw.log import Op
 
@@ -78,11 +86,6 @@ __all__ = [
     "Engine",
     "EscalationRequest",
     "InferenceResult",
-    "ModelInfo",
-    "Prediction",
-    "TensorSpec",
-    "top_k",
-    "top_k_rows",
 ]
 
 DEFAULT_SESSION_CONFIG: dict[str, str] = {
@@ -99,185 +102,6 @@ Array = npt.NDArray[Any]
 Feeds = dict[str, Array]
 PreFn = Callable[[Any], "Mapping[str, Array] | Array"]
 PostFn = Callable[[Mapping[str, Array]], "Prediction"]
-
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """A declared input or output.
-
-    Attributes:
-        name: tensor name.
-        dtype: numpy dtype name (``"float32"``).
-        shape: one entry per dimension: an int when fixed, None when symbolic.
-    """
-
-    name: str
-    dtype: str
-    shape: tuple[int | None, ...]
-    # Derived once: check() runs for every tensor of every call.
-    np_dtype: np.dtype[Any] = field(init=False, repr=False, compare=False)
-    _fixed: tuple[tuple[int, int], ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "np_dtype", np.dtype(self.dtype))
-        fixed = tuple((i, d) for i, d in enumerate(self.shape) if d is not None)
-        object.__setattr__(self, "_fixed", fixed)
-
-    def check(self, arr: Any, what: str, error: type[InferenceError]) -> None:
-        """Raise ``error`` unless ``arr`` is an ndarray of this dtype and shape."""
-        if not isinstance(arr, np.ndarray):
-            raise error(f"{what} {self.name!r} must be a numpy array, got {type(arr).__name__}")
-        if arr.dtype != self.np_dtype:
-            raise error(f"{what} {self.name!r} must be {self.dtype}, got {arr.dtype}")
-        shape = arr.shape
-        ok = len(shape) == len(self.shape)
-        if ok:
-            for i, d in self._fixed:
-                if shape[i] != d:
-                    ok = False
-                    break
-        if not ok:
-            raise error(
-                f"{what} {self.name!r} must have shape {self.display_shape}, got {list(arr.shape)}"
-            )
-
-    @property
-    def display_shape(self) -> list[int | str]:
-        """The shape with symbolic dimensions shown as ``"?"``."""
-        return [d if d is not None else "?" for d in self.shape]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    """What is serving: identity, signature and where it runs.
-
-    Attributes:
-        path: the file it was loaded from.
-        name: model name (argument, else the model's ``name`` metadata, else the file stem).
-        version: model version (argument, else ``version`` metadata, else ``"0"``).
-        sha256: hex sha256 of the file.
-        size: file size in bytes.
-        inputs: declared inputs.
-        outputs: declared outputs.
-        labels: class labels (argument, else ``labels`` metadata, else indices).
-        provider: the execution provider the session actually uses.
-        session_providers: every provider the session reports.
-        plan: what was asked for.
-        batchable: every input and output has a dynamic first dimension and fixed
-            others, so concurrent calls can share one ``session.run``.
-        load_s: seconds to create the session.
-        warmup_s: seconds of warm-up.
-    """
-
-    path: str
-    name: str
-    version: str
-    sha256: str
-    size: int
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    labels: tuple[str, ...]
-    provider: str
-    session_providers: tuple[str, ...]
-    plan: ProviderPlan
-    batchable: bool
-    load_s: float
-    warmup_s: float
-
-    def as_dict(self) -> dict[str, Any]:
-        """Plain data for node status."""
-        return {
-            "name": self.name,
-            "version": self.version,
-            "sha256": self.sha256,
-            "size": self.size,
-            "provider": self.provider,
-            "session_providers": list(self.session_providers),
-            "requested_providers": list(self.plan.providers),
-            "inputs": [[s.name, s.dtype, s.display_shape] for s in self.inputs],
-            "outputs": [[s.name, s.dtype, s.display_shape] for s in self.outputs],
-            "batchable": self.batchable,
-            "load_ms": round(self.load_s * 1e3, 3),
-            "warmup_ms": round(self.warmup_s * 1e3, 3),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class Prediction:
-    """The decision a post-processing function draws from the outputs.
-
-    Attributes:
-        label: the top label.
-        confidence: its score in ``[0, 1]``.
-        top: the best few ``(label, score)`` pairs, best first.
-    """
-
-    label: str
-    confidence: float
-    top: tuple[tuple[str, float], ...] = ()
-
-
-def top_k(scores: Array, labels: Sequence[str], k: int = 3) -> Prediction:
-    """The default post-processing: class scores to a :class:`Prediction`.
-
-    Args:
-        scores: class scores (probabilities, or logits, which get a softmax); for
-            a call carrying several rows, the first row is the one judged.
-        labels: class names; indices are used past their end.
-        k: how many ``(label, score)`` pairs to keep.
-
-    Returns:
-        The top label, its probability and the top ``k``.
-
-    Raises:
-        OutputSignatureError: no scores at all.
-    """
-    arr = np.asarray(scores)
-    rows = arr.reshape(1, -1) if arr.ndim < 2 else arr.reshape(arr.shape[0], -1)[:1]
-    return top_k_rows(rows, labels, k)[0]
-
-
-def _top_k_row(s: list[float], labels: Sequence[str], k: int) -> Prediction:
-    # Plain Python for one short row: numpy's per-call overhead dominates at this size.
-    if min(s) < 0.0 or max(s) > 1.0 or abs(sum(s) - 1.0) > 1e-3:
-        m = max(s)  # logits, not probabilities: normalise them
-        e = [math.exp(v - m) for v in s]
-        total = sum(e)
-        s = [v / total for v in e]
-    order = sorted(range(len(s)), key=lambda i: -s[i])[:k]
-    n_labels = len(labels)
-    top = tuple((labels[i] if i < n_labels else str(i), round(s[i], 6)) for i in order)
-    return Prediction(label=top[0][0], confidence=top[0][1], top=top)
-
-
-def top_k_rows(scores: Array, labels: Sequence[str], k: int = 3) -> list[Prediction]:
-    """:func:`top_k` for every row of a 2-D score array at once (one numpy pass per batch).
-
-    Raises:
-        OutputSignatureError: a row with no scores.
-    """
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2 or s.shape[1] == 0:
-        raise OutputSignatureError("the model returned no class scores")
-    if s.shape[0] == 1 and s.shape[1] <= 64:
-        return [_top_k_row(s[0].tolist(), labels, k)]
-    is_prob = (
-        (s.min(axis=1) >= 0.0) & (s.max(axis=1) <= 1.0) & (np.abs(s.sum(axis=1) - 1.0) <= 1e-3)
-    )
-    if not is_prob.all():  # logits, not probabilities: normalise those rows
-        e = np.exp(s - s.max(axis=1, keepdims=True))
-        s = np.where(is_prob[:, None], s, e / e.sum(axis=1, keepdims=True))
-    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-    values = np.round(np.take_along_axis(s, order, axis=1), 6).tolist()
-    n_labels = len(labels)
-    preds: list[Prediction] = []
-    for idx_row, val_row in zip(order.tolist(), values, strict=True):
-        top = tuple(
-            (labels[i] if i < n_labels else str(i), v)
-            for i, v in zip(idx_row, val_row, strict=True)
-        )
-        preds.append(Prediction(label=top[0][0], confidence=top[0][1], top=top))
-    return preds
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,64 +209,6 @@ class _Counters:
     escalations_failed: int = 0
     loads: int = 0
     load_failures: int = 0
-
-
-_HEADERS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
-
-
-def _digest(feeds: Mapping[str, Array]) -> str:
-    h = hashlib.sha256()  # sha256: hardware-accelerated here, ~2 GB/s
-    for name in sorted(feeds) if len(feeds) > 1 else feeds:
-        arr = feeds[name]
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
-        hkey = (name, arr.dtype.str, arr.shape)
-        header = _HEADERS.get(hkey)
-        if header is None:
-            if len(_HEADERS) > 1024:  # a bound: shapes vary little in practice
-                _HEADERS.clear()
-            header = _HEADERS[hkey] = f"{name}|{arr.dtype.str}|{arr.shape}|".encode()
-        h.update(header)
-        h.update(arr.data)
-    return h.hexdigest()
-
-
-def _declared(model: Any, what: str) -> tuple[TensorSpec, ...]:
-    """The signature the ONNX file declares (``graph.input`` less initializers, ``graph.output``).
-
-    Read from the file, not from the session: ONNX Runtime merges a declared
-    shape that contradicts its own inference "leniently" into a looser one, which
-    would hide exactly the mismatch this is for.
-    """
-    from onnx import helper
-
-    graph = model.graph
-    if what == "input":
-        inits = {t.name for t in graph.initializer}
-        values = [v for v in graph.input if v.name not in inits]
-    else:
-        values = list(graph.output)
-    specs: list[TensorSpec] = []
-    for v in values:
-        if v.type.WhichOneof("value") != "tensor_type":
-            raise ModelLoadError(f"{what} {v.name!r} is not a tensor; only tensors are supported")
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-        except Exception:  # an element type numpy cannot hold (strings, bfloat16, ...)
-            raise ModelLoadError(f"{what} {v.name!r} has an unsupported element type") from None
-        dims = v.type.tensor_type.shape.dim if v.type.tensor_type.HasField("shape") else []
-        shape = tuple(
-            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims
-        )
-        specs.append(TensorSpec(v.name, dtype.name, shape))
-    return tuple(specs)
-
-
-def _batchable(specs: Sequence[TensorSpec]) -> bool:
-    return all(
-        len(s.shape) >= 1 and s.shape[0] is None and all(d is not None for d in s.shape[1:])
-        for s in specs
-    )
 
 
 class Engine:
@@ -679,8 +445,8 @@ class Engine:
             import onnx
 
             proto = onnx.load_model_from_string(data)
-            inputs = _declared(proto, "input")
-            outputs = _declared(proto, "output")
+            inputs = declared_signature(proto, "input")
+            outputs = declared_signature(proto, "output")
             meta = {p.key: p.value for p in proto.metadata_props}
         except ModelLoadError:
             raise
@@ -774,7 +540,7 @@ class Engine:
             provider=provider,
             session_providers=tuple(session.get_providers()),
             plan=plan,
-            batchable=_batchable(inputs) and _batchable(outputs),
+            batchable=batchable(inputs) and batchable(outputs),
             load_s=load_s,
             warmup_s=0.0,
         )
@@ -1168,7 +934,7 @@ class Engine:
                         f"postprocess raised {type(exc).__name__}: {exc}"
                     )
                     continue
-            digest = _digest(call_feeds)
+            digest = input_digest(call_feeds)
             post_s = time.perf_counter() - t1 + shared_post_s
             results[i] = _Outcome(
                 model=loaded,

@@ -86,12 +86,14 @@ async def check_transport(pair: PairFactory, *, burst: int = 200) -> None:
         await b.close(Status.OK, "")
     async with pair() as (a, b):
         await b.close(Status.FAILED_PRECONDITION, "not this fleet")
+        status: Status | None = None
         try:
             got_frame = await a.recv()
         except LinkError as exc:
-            assert exc.status is Status.FAILED_PRECONDITION
+            status = exc.status
         else:
             raise AssertionError(f"expected LinkError, got {got_frame!r}")
+        assert status is Status.FAILED_PRECONDITION, status
         await a.close(Status.ABORTED, "")
 
     # 4. a whole exchange over it converges

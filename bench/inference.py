@@ -248,6 +248,7 @@ async def bench_node_put(node: Node, *, n: int, callers: int) -> dict[str, float
     await asyncio.gather(*(caller(c) for c in range(callers)))
     return {
         "node_put_p50_ms": pct(lat, 50) * 1e3,
+        "node_put_p99_ms": pct(lat, 99) * 1e3,
         "node_put_items_per_s_64": per * callers / (time.perf_counter() - t0),
     }
 
@@ -305,7 +306,9 @@ def main() -> int:
     print(f"  mean micro-batch size: {mean_batch:.1f}")
     print()
     print("the node alone (one result-sized put)")
-    print(f"  sequential put p50 (ms)          {res['node_put_p50_ms']:8.3f}")
+    print(
+        f"  sequential put p50 / p99 (ms)    {res['node_put_p50_ms']:8.3f}    {res['node_put_p99_ms']:8.3f}"
+    )
     print(
         f"  64 callers, puts/s               {res['node_put_items_per_s_64']:8.0f}    (ceiling for engine items/s)"
     )

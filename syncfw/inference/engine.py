@@ -12,17 +12,19 @@ Invariants:
    they started with, and their ops name that model.
 3. The provider recorded is the one the session reports (``get_providers()``),
    not the one asked for: ONNX Runtime falls back silently otherwise.
-4. Inference never runs on the event loop. Calls are queued and a dispatcher
-   hands them to one worker thread; while the worker is busy, calls pile up
-   and the next job takes them all at once (micro-batching, when the model's
-   first dimension is dynamic), so a lone caller pays no batching delay and
-   many callers share ``session.run`` calls.
+4. Inference never runs on the event loop. Calls are queued; one job at a
+   time runs on one worker thread, started by the call itself when the worker
+   is idle or by the end of the previous job. While the worker is busy, calls
+   pile up and the next job takes them all at once (micro-batching, when the
+   model's first dimension is dynamic), so a lone caller pays no batching
+   delay and many callers share ``session.run`` calls.
 5. Each job runs under a watchdog. A thread cannot be killed, so on timeout
    the job's calls fail with :class:`InferenceTimeoutError`, the stuck thread
    is abandoned (counted in status until it returns) and a fresh worker
    thread takes the queue, so the engine keeps serving. Past
    ``max_stuck_workers`` abandoned threads the engine refuses calls rather
-   than leak more threads.
+   than leak more threads. With ``isolation="process"`` the session lives in
+   a child process instead, which the watchdog kills and replaces.
 6. Samples for retraining and escalations to the cloud are background work:
    they never delay or fail the call that caused them, and they are bounded.
 
@@ -424,6 +426,10 @@ class Engine:
             except InferenceError:
                 self._counters.load_failures += 1
                 raise
+            if self._closed:  # closed while loading: do not start serving
+                if isinstance(loaded.session, ProcessSession):
+                    await asyncio.to_thread(loaded.session.close)
+                raise EngineStateError("the engine was closed while loading")
             old, self._loaded = self._loaded, loaded
             self._counters.loads += 1
             if old is not None and isinstance(old.session, ProcessSession):

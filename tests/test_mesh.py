@@ -297,3 +297,32 @@ def test_fleet_model_view_majority_and_bad_entries() -> None:
     assert view.majority == ("det", "2")
     assert view.counts == {("det", "2"): 2, ("det", "1"): 1}
     assert fleet_model_view({}).majority is None
+
+
+async def test_per_peer_budget_paces_an_exchange() -> None:
+    net = MemoryNetwork()
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    import os
+
+    for i in range(400):  # 400 KB of hex: about 240 KB on the wire after zstd
+        a.put(f"fleet/a/k{i}", os.urandom(500).hex())
+    rate = 1_000_000.0
+    cfg = MeshConfig.test().with_(peer_bytes_per_s=rate, peer_burst_bytes=32_000)
+    mb = await Mesh.start(b, listen="b", network=InMemoryNetwork(net), config=cfg, run_loop=False)
+    ma = await Mesh.start(
+        a, listen="a", seeds=["b"], network=InMemoryNetwork(net), config=cfg, run_loop=False
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        out = await ma.sync_with("b")
+        elapsed = loop.time() - t0
+        assert out.ok, out
+        assert b.vv() == {"a": 400}
+        spent = ma._budgets["b"].spent
+        assert spent >= out.bytes_sent > 200_000
+        # the bucket lets `burst` through at once, the rest at `rate`
+        assert elapsed >= (spent - 32_000) / rate * 0.95
+    finally:
+        await ma.aclose()
+        await mb.aclose()

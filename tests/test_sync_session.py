@@ -392,3 +392,18 @@ def test_fuzz_op_shaped_batches(items: list[tuple[object, ...]]) -> None:
     effects = s.receive(Ops(bytes((BATCH_VERSION, 0)) + body))
     # either every op is valid and goes to ApplyOps, or the exchange ends with nothing applied
     assert any(isinstance(e, (ApplyOps, End)) for e in effects) or not items
+
+
+def test_a_replica_answering_with_stale_ops_does_not_loop() -> None:
+    w = OpWriter("a")
+    ops = [w.write(f"k{i}", i) for i in range(3)]
+    s = _started()
+    s.receive(Hello(PROTOCOL_VERSION, "default", "b"))
+    s.receive(Digest(b"\1" * 16))
+    effects = s.receive(Summary({"a": 3}))
+    assert any(isinstance(e, FetchOps) for e in effects)
+    # the replica ignores the vector and returns what the peer already holds
+    effects = s.ops_fetched(ops)
+    sent = [e.frame for e in effects if isinstance(e, Send)]
+    assert sent == [Ops(encode_batch([]), last=True)]
+    assert s.ops_sent == 0

@@ -298,14 +298,19 @@ class Session:
         if not self._fetching:
             raise RuntimeError("ops_fetched without a FetchOps outstanding")
         self._fetching = False
+        cursor = self._cursor
+        # only ops that continue the cursor count: a replica answering with ops the
+        # peer already has must not make the session resend them forever
+        fresh: list[Op] = []
+        for op in ops:
+            if op.seq == cursor.get(op.origin, 0) + 1:
+                cursor[op.origin] = op.seq
+                fresh.append(op)
+        ops = fresh
         if not ops:
             self._sent_last = True
             out: list[Effect] = [Send(Ops(encode_batch([], limits=self._limits), last=True))]
             return out + self._maybe_done()
-        cursor = self._cursor
-        for op in ops:
-            if op.seq > cursor.get(op.origin, 0):
-                cursor[op.origin] = op.seq
         out = []
         for batch in self._split(list(ops)):
             if batch is None:

@@ -185,7 +185,7 @@ class Mesh:
                     on_peers=self._learn,
                     timeout_s=self.config.exchange_timeout_s,
                 )
-            self._record(address, out)
+            await self._record(address, out)
             return out
         finally:
             self._busy.discard(address)
@@ -216,7 +216,7 @@ class Mesh:
         for m in self.membership.merge(peers, time.monotonic()):
             log.info("%s learned of %s at %s", self.replica.node_id, m.node_id, m.address)
 
-    def _record(self, address: str, out: ExchangeOutcome) -> None:
+    async def _record(self, address: str, out: ExchangeOutcome) -> None:
         now = time.monotonic()
         self.outcomes[out.status.name] = self.outcomes.get(out.status.name, 0) + 1
         self.ops_sent += out.ops_sent
@@ -224,9 +224,12 @@ class Mesh:
         if out.ok:
             self.membership.succeeded(address, out.peer_id, now)
             return
+        before = self.membership.members.get(address)
+        was = before.state if before is not None else None
         state = self.membership.failed(address, now)
-        if state is MemberState.DEAD:
+        if state is MemberState.DEAD and was is not MemberState.DEAD:
             log.info("%s: peer at %s is dead: %s", self.replica.node_id, address, out.reason)
+            await self.network.forget(address)  # drop its pooled channel until it is back
 
     async def _serve(self, stream: FrameStream) -> None:
         # the caller is not known before its Hello, so what this node sends while

@@ -35,7 +35,7 @@ from syncfw.inference import (
     PowerReading,
     SamplingPolicy,
 )
-from syncfw.inference.train import IMAGE_SIZE, MODEL_PATH, TRIGGER_PATH, _render
+from syncfw.inference.train import IMAGE_SIZE, MODEL_PATH, TRIGGER_PATH, render_part
 
 
 @dataclass
@@ -138,7 +138,7 @@ async def run(seconds: float, rate: float, db: Path, seed: int) -> int:
                     f"{transition.mode.value:<8} ({transition.reason})"
                 )
             defect = bool(rng.random() < 0.5)
-            frame = np.round(_render(rng, defect) * 255).astype(
+            frame = np.round(render_part(rng, defect) * 255).astype(
                 np.uint8
             )  # 16x16, as a camera gives it
             phase.frames += 1

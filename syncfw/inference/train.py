@@ -40,6 +40,7 @@ __all__ = [
     "export_trigger",
     "load_canary",
     "make_dataset",
+    "render_part",
     "main",
     "save_canary",
     "train_all",
@@ -63,8 +64,16 @@ F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 
 
-def _render(rng: np.random.Generator, defect: bool) -> F32:
-    """Draw one part; ``defect`` adds a scratch, a pit or a chipped edge."""
+def render_part(rng: np.random.Generator, defect: bool) -> F32:
+    """Draw one part, as the camera sees it.
+
+    Args:
+        rng: the random stream (seeded by the caller).
+        defect: add a scratch, a pit or a chipped edge.
+
+    Returns:
+        A float32 16x16 image in ``[0, 1]``, quantized to 1/255 steps.
+    """
     n = IMAGE_SIZE
     yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
     cy, cx = n / 2 + rng.uniform(-1.5, 1.5, size=2)
@@ -111,7 +120,7 @@ def make_dataset(n: int, seed: int) -> tuple[F32, I64]:
     rng = np.random.default_rng(seed)
     y = (np.arange(n) % 2).astype(np.int64)
     rng.shuffle(y)
-    x = np.stack([_render(rng, bool(label)) for label in y])[:, None, :, :]
+    x = np.stack([render_part(rng, bool(label)) for label in y])[:, None, :, :]
     return x.astype(np.float32), y
 
 

@@ -326,3 +326,36 @@ async def test_per_peer_budget_paces_an_exchange() -> None:
     finally:
         await ma.aclose()
         await mb.aclose()
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_mesh_rounds_converge_through_partitions_and_dead_peers(seed: int) -> None:
+    rng = random.Random(seed)
+    net = MemoryNetwork()
+    replicas, meshes = await _mesh_of(
+        8, net, fanout=2, suspect_after=1, dead_after_s=0.0, dead_retry_s=0.0
+    )
+    names = [f"n{i}" for i in range(8)]
+    for step in range(30):
+        if step % 10 == 2:  # split the yard in two
+            cut = set(rng.sample(names, 4))
+            for a in cut:
+                for b in set(names) - cut:
+                    net.partition(a, b)
+        if step % 10 == 7:
+            net.heal()
+        for _ in range(3):
+            r = rng.choice(replicas)
+            r.put(f"fleet/{r.node_id}/k{step}", step)
+        for m in rng.sample(meshes, len(meshes)):
+            await m.round()
+    net.heal()
+    for _ in range(10):
+        if _converged(replicas):
+            break
+        for m in meshes:
+            await m.round()
+    assert _converged(replicas), f"seed {seed}: no convergence after healing"
+    for m in meshes:
+        assert all(x.state is MemberState.ALIVE for x in m.members()), m.membership.snapshot()
+        await m.aclose()

@@ -19,6 +19,7 @@ from syncfw.mesh import (
     fleet_model_view,
     model_key,
     model_value,
+    read_fleet_models,
 )
 from syncfw.sync import PeerInfo
 from syncfw.testing.memory import MemoryReplica
@@ -272,7 +273,7 @@ async def test_mesh_with_real_nodes(tmp_path: Path) -> None:
             if await converged():
                 break
         assert await converged()
-        view = fleet_model_view(await nodes[2].scan("fleet/"))
+        view = await read_fleet_models(nodes[2])
         assert set(view.nodes) == {"r0", "r1", "r2"}
         assert view.majority == ("det", "1.0")
     finally:

@@ -19,6 +19,8 @@ from syncfw.mesh.models import (
     fleet_model_view,
     model_key,
     model_value,
+    publish_model,
+    read_fleet_models,
 )
 
 __all__ = [
@@ -33,4 +35,6 @@ __all__ = [
     "fleet_model_view",
     "model_key",
     "model_value",
+    "publish_model",
+    "read_fleet_models",
 ]

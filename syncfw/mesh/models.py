@@ -11,9 +11,19 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-__all__ = ["FleetModelView", "ModelStatus", "fleet_model_view", "model_key", "model_value"]
+__all__ = [
+    "FleetModelView",
+    "ModelStatus",
+    "SupportsPut",
+    "SupportsScan",
+    "fleet_model_view",
+    "model_key",
+    "model_value",
+    "publish_model",
+    "read_fleet_models",
+]
 
 _PREFIX = "fleet/"
 _SUFFIX = "/model"
@@ -49,6 +59,32 @@ def model_value(model: ModelStatus) -> dict[str, str]:
         "sha256": model.sha256,
         "status": model.status,
     }
+
+
+class SupportsPut(Protocol):
+    """A node that can write a key (``Node.put``)."""
+
+    async def put(self, key: str, value: Any) -> Any:
+        """Write ``value`` at ``key``."""
+        ...
+
+
+class SupportsScan(Protocol):
+    """A node that can read a prefix (``Node.scan``)."""
+
+    async def scan(self, prefix: str) -> dict[str, Any]:
+        """Every key under ``prefix`` with its value."""
+        ...
+
+
+async def publish_model(node: SupportsPut, node_id: str, model: ModelStatus) -> None:
+    """Record that ``node_id`` now runs ``model`` (an op in its own zone, gossiped to the fleet)."""
+    await node.put(model_key(node_id), model_value(model))
+
+
+async def read_fleet_models(node: SupportsScan) -> FleetModelView:
+    """The fleet's model view as ``node`` holds it now."""
+    return fleet_model_view(await node.scan(_PREFIX))
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,3 +255,20 @@ async def test_a_failing_peers_callback_does_not_end_the_exchange() -> None:
     assert ra.ok
     assert rb.ok
     assert b.vv() == {"a": 5}
+
+
+async def test_a_replica_bug_ends_the_exchange_without_raising(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken(MemoryReplica):
+        async def ops_since(self, vv: object, **kw: object) -> list[object]:  # type: ignore[override]
+            raise KeyError("bug")
+
+    a, b = Broken("a"), MemoryReplica("b")
+    _fill(b, 3)
+    x, y = memory_pipe()
+    with caplog.at_level(logging.ERROR, logger="syncfw.sync"):
+        ra, rb = await asyncio.gather(run_exchange(a, x), run_exchange(b, y))
+    assert ra.status is Status.INTERNAL
+    assert rb.status is Status.INTERNAL  # told in band
+    assert any("reading ops failed unexpectedly" in r.getMessage() for r in caplog.records)

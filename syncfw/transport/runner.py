@@ -89,6 +89,12 @@ class ExchangeOutcome:
         return self.status is Status.OK
 
 
+def _log_unexpected(exc: BaseException, doing: str) -> None:
+    """Replica errors of syncfw's own tree are expected; anything else is a bug worth a traceback."""
+    if not isinstance(exc, SyncfwError):
+        log.error("%s failed unexpectedly", doing, exc_info=exc)
+
+
 async def run_exchange(
     replica: Replica,
     stream: FrameStream,
@@ -179,7 +185,8 @@ async def run_exchange(
                     ops = await replica.ops_since(
                         effect.vv, limit=effect.limit, max_bytes=effect.max_bytes
                     )
-                except SyncfwError as exc:
+                except Exception as exc:
+                    _log_unexpected(exc, "reading ops")
                     queue.extend(session.abort(Status.INTERNAL, f"could not read ops: {exc}"))
                 else:
                     queue.extend(session.ops_fetched(ops))
@@ -188,15 +195,15 @@ async def run_exchange(
                     await replica.apply_remote(list(effect.ops))
                     vv = await replica.version_vector()
                 except Exception as exc:  # the session decides what each failure means
-                    if not isinstance(exc, SyncfwError):
-                        log.exception("applying a batch from %s failed", session.peer_id)
+                    _log_unexpected(exc, "applying a batch")
                     queue.extend(session.apply_failed(exc))
                 else:
                     queue.extend(session.ops_applied(vv))
             elif isinstance(effect, Acknowledge):
                 try:
                     await replica.acknowledge(effect.peer, effect.vv)
-                except SyncfwError as exc:
+                except Exception as exc:
+                    _log_unexpected(exc, "recording an ack")
                     queue.extend(session.abort(Status.INTERNAL, f"could not record ack: {exc}"))
             elif isinstance(effect, LearnPeers):
                 out.learned.append(effect.peers)
@@ -216,7 +223,8 @@ async def run_exchange(
         async with asyncio.timeout(timeout_s):
             try:
                 vv = await replica.version_vector()
-            except SyncfwError as exc:
+            except Exception as exc:
+                _log_unexpected(exc, "reading the version vector")
                 await perform(session.abort(Status.INTERNAL, f"could not read vector: {exc}"))
             else:
                 await perform(session.start(vv))
@@ -232,7 +240,14 @@ async def run_exchange(
                     effects = session.receive(item)  # type: ignore[arg-type]
                 await perform(effects)
     except TimeoutError:
-        await perform(session.abort(Status.DEADLINE_EXCEEDED, f"exchange took over {timeout_s}s"))
+        # telling the peer must not hang on a peer that stopped reading
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await perform(
+                    session.abort(Status.DEADLINE_EXCEEDED, f"exchange took over {timeout_s}s")
+                )
+        if not session.ended or out.status is not Status.DEADLINE_EXCEEDED:
+            out.status, out.reason = Status.DEADLINE_EXCEEDED, f"exchange took over {timeout_s}s"
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -6,7 +6,9 @@ Invariants (everything that affects the state machine lives in this file):
    :meth:`Session.receive` (a frame from the peer) and the answers to the
    effects it asked for (:meth:`ops_fetched`, :meth:`ops_applied`,
    :meth:`apply_failed`); its outputs are lists of effects, to be performed in
-   order. It never asks for an answer while another answer is outstanding.
+   order. At most one :class:`FetchOps` and one :class:`ApplyOps` are
+   outstanding at a time; frames arriving meanwhile are queued, so a performer
+   may answer late (the runner and the simulator answer at once).
 2. Both sides run the same machine. Each sends ``Hello`` and ``Digest`` at once;
    equal digests end the exchange after one round trip. Otherwise each sends a
    ``Summary`` and streams, in batches, what the other's summary lacks, then an

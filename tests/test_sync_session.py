@@ -413,7 +413,7 @@ def _late_answers_run(seed: int) -> str:
     """Two sessions whose performer answers effects late, interleaved at random with frames."""
     import random
 
-    from syncfw.sync import Acknowledge
+    from syncfw.sync import Acknowledge, LoadPeerAck
     from syncfw.sync.pair import drive
 
     rng = random.Random(seed)
@@ -432,7 +432,7 @@ def _late_answers_run(seed: int) -> str:
             other = "b" if side == "a" else "a"
             if isinstance(e, Send):
                 inbox[other].append(decode_frame(encode_frame(e.frame)))
-            elif isinstance(e, FetchOps | ApplyOps):
+            elif isinstance(e, FetchOps | ApplyOps | LoadPeerAck):
                 pending.append((side, e))
             elif isinstance(e, Acknowledge):
                 drive(reps[side].acknowledge(e.peer, e.vv))
@@ -456,6 +456,8 @@ def _late_answers_run(seed: int) -> str:
         if isinstance(e, FetchOps):
             got = drive(r.ops_since(e.vv, limit=e.limit, max_bytes=e.max_bytes))
             perform(side, ss[side].ops_fetched(got))  # type: ignore[arg-type]
+        elif isinstance(e, LoadPeerAck):
+            perform(side, ss[side].peer_ack_loaded(drive(r.peer_ack(e.peer))))  # type: ignore[arg-type]
         else:
             assert isinstance(e, ApplyOps)
             drive(r.apply_remote(list(e.ops)))
@@ -468,3 +470,93 @@ def _late_answers_run(seed: int) -> str:
 def test_late_answers_in_any_interleaving_still_converge() -> None:
     bad = {seed: r for seed in range(300) if (r := _late_answers_run(seed)) != "ok"}
     assert not bad, f"failing seeds: {dict(list(bad.items())[:5])}"
+
+
+# -- delta summaries ------------------------------------------------------------------
+
+
+def _yard(n_origins: int) -> tuple[MemoryReplica, MemoryReplica]:
+    """Two replicas in sync holding one op from each of many origins."""
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    for i in range(n_origins):
+        w = OpWriter(f"t{i:03}")
+        _seed(a, [w.write("k", i)])
+    _fill(b, 1)
+    res = _pair(a, b).run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK
+    assert a.acks["b"] == b.acks["a"] == a.vv()  # both recorded the common vector
+    return a, b
+
+
+def _summaries(pair: SessionPair) -> list[tuple[str, Summary]]:
+    seen: list[tuple[str, Summary]] = []
+
+    def spy(sender: str, frame: Frame) -> Frame:
+        if isinstance(frame, Summary):
+            seen.append((sender, frame))
+        return frame
+
+    pair._tamper = spy
+    return seen
+
+
+def test_summaries_go_as_deltas_after_a_sync() -> None:
+    a, b = _yard(100)
+    a.put("fleet/a/new", 1)
+    pair = _pair(a, b)
+    seen = _summaries(pair)
+    res = pair.run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK
+    assert _converged(a, b)
+    assert all(s.base_digest for _, s in seen)
+    assert max(len(s.vv) for _, s in seen) <= 1
+    whole = _yard(100)
+    whole[0].put("fleet/a/new", 1)
+    full = SessionConfig(delta_summary=False)
+    res_full = _pair(*whole, config_a=full, config_b=full).run()
+    assert res.wire_bytes * 3 < res_full.wire_bytes
+
+
+def test_a_delta_against_a_stale_record_asks_for_the_whole_vector() -> None:
+    a, b = _yard(60)
+    a.acks["b"]["t000"] = 99  # a's record of b no longer matches b's record of a
+    a.put("fleet/a/new", 1)
+    b.put("fleet/b/new", 2)
+    pair = _pair(a, b)
+    seen = _summaries(pair)
+    res = pair.run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK
+    assert res.b is not None
+    assert res.b[0] is Status.OK
+    assert _converged(a, b)
+    assert any(s.want_full for _, s in seen)
+    assert any(not s.base_digest and not s.want_full and len(s.vv) > 50 for _, s in seen)
+
+
+def test_ops_may_arrive_while_waiting_for_the_whole_vector() -> None:
+    a, b = _yard(60)
+    b.acks["a"] = {"zzz": 1, **b.acks["a"]}  # records differ
+    for i in range(30):  # and a's vector moved in many origins: a sends it whole
+        w = OpWriter(f"new{i}")
+        _seed(a, [w.write("k", i)])
+    b.put("fleet/b/more", 1)
+    pair = _pair(a, b)
+    seen = _summaries(pair)
+    res = pair.run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK, res
+    assert _converged(a, b)
+    kinds = [(side, bool(s.base_digest), s.want_full) for side, s in seen]
+    assert ("a", False, False) in kinds  # a's vector went whole
+    assert ("a", False, True) in kinds  # a could not use b's delta and asked
+
+
+def test_a_second_want_full_is_a_protocol_error() -> None:
+    s = _streaming()
+    effects = s.receive(Summary(want_full=True))
+    assert isinstance(effects[0], Send)
+    assert isinstance(effects[0].frame, Summary)
+    assert _ended(s.receive(Summary(want_full=True))).status is Status.INVALID_ARGUMENT

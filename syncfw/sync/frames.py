@@ -73,9 +73,20 @@ class Digest:
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """The sender's version vector."""
+    """The sender's version vector, whole or as a delta.
+
+    Attributes:
+        vv: the vector, or (with ``base_digest``) the entries that differ from
+            the base; seq 0 removes an origin.
+        base_digest: digest of the base the delta applies to, the vector the
+            sender last recorded for the receiver; empty for a whole vector.
+        want_full: a request for the receiver's whole vector (the delta it
+            sent could not be used); ``vv`` is then empty.
+    """
 
     vv: Mapping[str, int] = field(default_factory=dict)
+    base_digest: bytes = b""
+    want_full: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ from syncfw.sync.session import (
     End,
     FetchOps,
     LearnPeers,
+    LoadPeerAck,
     Send,
     Session,
     SessionConfig,
@@ -179,6 +180,8 @@ class SessionPair:
                     queue.extend(session.ops_applied(drive(replica.version_vector())))
             elif isinstance(effect, Acknowledge):
                 drive(replica.acknowledge(effect.peer, effect.vv))
+            elif isinstance(effect, LoadPeerAck):
+                queue.extend(session.peer_ack_loaded(drive(replica.peer_ack(effect.peer))))
             elif isinstance(effect, LearnPeers):
                 self.result.learned[side].append(effect.peers)
             elif isinstance(effect, End):

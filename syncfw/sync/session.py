@@ -6,13 +6,18 @@ Invariants (everything that affects the state machine lives in this file):
    :meth:`Session.receive` (a frame from the peer) and the answers to the
    effects it asked for (:meth:`ops_fetched`, :meth:`ops_applied`,
    :meth:`apply_failed`); its outputs are lists of effects, to be performed in
-   order. At most one :class:`FetchOps` and one :class:`ApplyOps` are
+   order. At most one :class:`FetchOps`, one :class:`ApplyOps` and one
+   :class:`LoadPeerAck` are
    outstanding at a time; frames arriving meanwhile are queued, so a performer
    may answer late (the runner and the simulator answer at once).
 2. Both sides run the same machine. Each sends ``Hello`` and ``Digest`` at once;
    equal digests end the exchange after one round trip. Otherwise each sends a
    ``Summary`` and streams, in batches, what the other's summary lacks, then an
-   empty ``Ops(last=True)``. The receiver applies each batch whole
+   empty ``Ops(last=True)``. A summary is a delta against the vector this side
+   last recorded for the peer when that is smaller; the peer rebuilds it from
+   its own record of this side, which is the same vector whenever their last
+   exchange ended in sync (checked by digest), and asks for the whole vector
+   (``Summary(want_full=True)``) otherwise. The receiver applies each batch whole
    (:class:`ApplyOps`) and answers it with an ``Ack`` carrying its new version
    vector, which the sender persists (:class:`Acknowledge`).
 3. At most ``window`` batches are un-acknowledged at once, so a slow receiver
@@ -58,6 +63,7 @@ __all__ = [
     "End",
     "FetchOps",
     "LearnPeers",
+    "LoadPeerAck",
     "Send",
     "Session",
     "SessionConfig",
@@ -103,6 +109,14 @@ class Acknowledge:
 
 
 @dataclass(frozen=True, slots=True)
+class LoadPeerAck:
+    """Read the vector last recorded for ``peer`` (``Replica.peer_ack``); answer with
+    :meth:`Session.peer_ack_loaded`."""
+
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
 class LearnPeers:
     """The peer gossiped its member list."""
 
@@ -117,7 +131,7 @@ class End:
     reason: str
 
 
-Effect = Send | FetchOps | ApplyOps | Acknowledge | LearnPeers | End
+Effect = Send | FetchOps | ApplyOps | Acknowledge | LoadPeerAck | LearnPeers | End
 
 
 # -- configuration and state ---------------------------------------------------
@@ -132,6 +146,7 @@ class SessionConfig:
         batch_ops: most ops fetched per batch.
         window: most un-acknowledged batches in flight.
         zstd: this side speaks zstd (advertised in ``Hello``).
+        delta_summary: send summaries as deltas against the last recorded vector.
         limits: codec caps; ``max_compressed`` is raised to ``max_batch_bytes``.
     """
 
@@ -139,6 +154,7 @@ class SessionConfig:
     batch_ops: int = 2_000
     window: int = 4
     zstd: bool = True
+    delta_summary: bool = True
     limits: BatchLimits = field(default_factory=BatchLimits)
 
     def batch_limits(self) -> BatchLimits:
@@ -165,12 +181,14 @@ class SessionState(enum.Enum):
     FAILED = "failed"  # ended otherwise
 
 
-# which frames each state accepts (Peers and Close are accepted in every live state)
+# which frames each state accepts (Peers and Close are accepted in every live state).
+# Ops may arrive while this side still waits for a usable Summary (the peer had
+# ours); a Summary in STREAMING is only ever a want_full request.
 _ACCEPTS: dict[SessionState, tuple[type, ...]] = {
     SessionState.HELLO: (Hello,),
     SessionState.DIGEST: (Digest,),
-    SessionState.SUMMARY: (Summary,),
-    SessionState.STREAMING: (Ops, Ack),
+    SessionState.SUMMARY: (Summary, Ops),
+    SessionState.STREAMING: (Ops, Ack, Summary),
 }
 _LIVE = frozenset(_ACCEPTS)
 
@@ -210,6 +228,13 @@ class Session:
         self.reason = ""
         self._vv: VersionVector = {}
         self._peer_vv: VersionVector | None = None
+        # delta summaries
+        self._record: VersionVector | None = None  # what this side last recorded of the peer
+        self._loading = False
+        self._held: Summary | None = None  # a delta summary that came while loading
+        self._asked_full = False
+        self._answered_full = False
+        self.summary_entries_sent = 0
         # send side
         self._cursor: VersionVector = {}
         self._fetching = False
@@ -326,6 +351,17 @@ class Session:
         self.ops_sent += len(ops)
         return out + self._pump()
 
+    def peer_ack_loaded(self, vv: Mapping[str, int]) -> list[Effect]:
+        """Answer a :class:`LoadPeerAck`: the vector last recorded for the peer."""
+        if self.ended:
+            return []
+        if not self._loading:
+            raise RuntimeError("peer_ack_loaded without a LoadPeerAck outstanding")
+        self._loading = False
+        self._record = {o: s for o, s in vv.items() if s > 0}
+        held, self._held = self._held, None
+        return self._on_summary(held) if held is not None else []
+
     def ops_applied(self, vv: Mapping[str, int]) -> list[Effect]:
         """Answer an :class:`ApplyOps`: the batch is durable; ``vv`` is the new vector."""
         if self.ended:
@@ -333,9 +369,12 @@ class Session:
         if self._applying is None:
             raise RuntimeError("ops_applied without an ApplyOps outstanding")
         self.ops_received += len(self._applying)
+        # the Ack names only the origins this batch moved: the peer folds it into
+        # the vector it already has of this side (its Summary), so acks stay small
+        moved = {op.origin for op in self._applying}
         self._applying = None
         self._vv = dict(vv)
-        out: list[Effect] = [Send(Ack(dict(vv)))]
+        out: list[Effect] = [Send(Ack({o: vv[o] for o in sorted(moved) if vv.get(o, 0) > 0}))]
         return out + self._drain()
 
     def apply_failed(self, error: BaseException) -> list[Effect]:
@@ -379,6 +418,9 @@ class Session:
             return self._fail(Status.INVALID_ARGUMENT, "peer batch cap is below 64 bytes")
         self.peer = hello
         self.state = SessionState.DIGEST
+        if self.config.delta_summary:
+            self._loading = True
+            return [LoadPeerAck(hello.node_id)]
         return []
 
     def _on_digest(self, digest: Digest) -> list[Effect]:
@@ -390,16 +432,49 @@ class Session:
                 *self._end(Status.OK, "in sync", tell=False),
             ]
         self.state = SessionState.SUMMARY
-        return [Send(Summary(dict(self._vv)))]
+        summary = self._summary()
+        self.summary_entries_sent += len(summary.vv)
+        return [Send(summary)]
+
+    def _summary(self) -> Summary:
+        """This side's vector, as a delta against the peer's recorded one when smaller."""
+        vv, base = self._vv, self._record
+        if base and self.config.delta_summary:
+            delta = {o: s for o, s in vv.items() if base.get(o, 0) != s}
+            delta.update({o: 0 for o in base if o not in vv})
+            if len(delta) + 1 < len(vv):  # the digest costs about one entry
+                return Summary(delta, vv_digest(base))
+        return Summary(dict(vv))
 
     def _on_summary(self, summary: Summary) -> list[Effect]:
         assert self.peer is not None
-        vv: VersionVector = {}
+        if summary.want_full:
+            if self._answered_full:
+                return self._fail(
+                    Status.INVALID_ARGUMENT, "the peer asked for the whole vector twice"
+                )
+            self._answered_full = True
+            self.summary_entries_sent += len(self._vv)
+            return [Send(Summary(dict(self._vv)))]
+        if self.state is not SessionState.SUMMARY:
+            return self._fail(Status.INVALID_ARGUMENT, "a second Summary")
+        entries: VersionVector = {}
         for origin, seq in summary.vv.items():
             if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
                 return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Summary")
-            if seq:
-                vv[origin] = seq
+            entries[origin] = seq
+        if summary.base_digest:
+            if self._loading:  # our record of the peer is still being read
+                self._held = summary
+                return []
+            base = self._record or {}
+            if not base or vv_digest(base) != summary.base_digest:
+                if self._asked_full:
+                    return self._fail(Status.INVALID_ARGUMENT, "a delta Summary after want_full")
+                self._asked_full = True
+                return [Send(Summary(want_full=True))]
+            entries = {**base, **entries}
+        vv = {o: s for o, s in entries.items() if s}
         self._peer_vv = vv
         self._cursor = dict(vv)
         self.state = SessionState.STREAMING
@@ -415,14 +490,15 @@ class Session:
         assert self.peer is not None
         if self._inflight <= 0:
             return self._fail(Status.INVALID_ARGUMENT, "Ack with no batch in flight")
-        vv: VersionVector = {}
+        view = dict(self._peer_vv or {})
         for origin, seq in ack.vv.items():
             if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
                 return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Ack")
-            if seq:
-                vv[origin] = seq
+            if seq > view.get(origin, 0):
+                view[origin] = seq
+        self._peer_vv = view
         self._inflight -= 1
-        return [Acknowledge(self.peer.node_id, vv), *self._pump()]
+        return [Acknowledge(self.peer.node_id, dict(view)), *self._pump()]
 
     # -- helpers -------------------------------------------------------------------
 

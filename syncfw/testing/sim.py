@@ -38,6 +38,7 @@ from syncfw.sync import (
     End,
     FetchOps,
     LearnPeers,
+    LoadPeerAck,
     Send,
     Session,
     SessionConfig,
@@ -425,6 +426,8 @@ class Simulation:
                     queue.extend(session.ops_applied(await replica.version_vector()))
             elif isinstance(effect, Acknowledge):
                 await replica.acknowledge(effect.peer, effect.vv)
+            elif isinstance(effect, LoadPeerAck):
+                queue.extend(session.peer_ack_loaded(await replica.peer_ack(effect.peer)))
             elif isinstance(effect, LearnPeers):
                 pass
             elif isinstance(effect, End):

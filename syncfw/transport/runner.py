@@ -34,6 +34,7 @@ from syncfw.sync import (
     End,
     FetchOps,
     LearnPeers,
+    LoadPeerAck,
     PeerInfo,
     Send,
     Session,
@@ -205,6 +206,13 @@ async def run_exchange(
                 except Exception as exc:
                     _log_unexpected(exc, "recording an ack")
                     queue.extend(session.abort(Status.INTERNAL, f"could not record ack: {exc}"))
+            elif isinstance(effect, LoadPeerAck):
+                try:
+                    record = await replica.peer_ack(effect.peer)
+                except Exception as exc:  # without the record, summaries go whole
+                    _log_unexpected(exc, "reading a peer's ack")
+                    record = {}
+                queue.extend(session.peer_ack_loaded(record))
             elif isinstance(effect, LearnPeers):
                 out.learned.append(effect.peers)
                 if on_peers is not None:

@@ -63,7 +63,11 @@ def frame_to_pb(frame: Frame) -> pb.Frame:
     if isinstance(frame, Digest):
         return pb.Frame(digest=pb.Digest(vv_digest=frame.digest))
     if isinstance(frame, Summary):
-        return pb.Frame(summary=pb.Summary(vv=_vv_entries(frame.vv)))
+        return pb.Frame(
+            summary=pb.Summary(
+                vv=_vv_entries(frame.vv), base_digest=frame.base_digest, want_full=frame.want_full
+            )
+        )
     if isinstance(frame, Ops):
         return pb.Frame(ops=pb.Ops(batch=frame.batch, last=frame.last))
     if isinstance(frame, Ack):
@@ -104,7 +108,10 @@ def pb_to_frame(msg: pb.Frame) -> Frame:
             raise DecodeError("a digest is 16 bytes")
         return Digest(msg.digest.vv_digest)
     if kind == "summary":
-        return Summary(_vv_from(msg.summary.vv))
+        base = msg.summary.base_digest
+        if base and len(base) != 16:
+            raise DecodeError("a summary's base digest is 16 bytes")
+        return Summary(_vv_from(msg.summary.vv), base, msg.summary.want_full)
     if kind == "ops":
         return Ops(batch=msg.ops.batch, last=msg.ops.last)
     if kind == "ack":

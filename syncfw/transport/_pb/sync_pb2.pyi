@@ -55,10 +55,14 @@ class Digest(_message.Message):
     def __init__(self, vv_digest: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("vv",)
+    __slots__ = ("vv", "base_digest", "want_full")
     VV_FIELD_NUMBER: _ClassVar[int]
+    BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WANT_FULL_FIELD_NUMBER: _ClassVar[int]
     vv: _containers.RepeatedCompositeFieldContainer[VvEntry]
-    def __init__(self, vv: _Optional[_Iterable[_Union[VvEntry, _Mapping]]] = ...) -> None: ...
+    base_digest: bytes
+    want_full: bool
+    def __init__(self, vv: _Optional[_Iterable[_Union[VvEntry, _Mapping]]] = ..., base_digest: _Optional[bytes] = ..., want_full: _Optional[bool] = ...) -> None: ...
 
 class Ops(_message.Message):
     __slots__ = ("batch", "last")

@@ -15,6 +15,8 @@ Two SQLite nodes; A holds N ops (32-byte random hex values), B none. Figures:
 - ``insync_bytes`` / ``insync_round_trips``: an exchange between replicas
   already in sync (frame bytes both ways, round trips the initiator waits).
 - ``diff10_bytes`` / ``diff10_round_trips``: the same when A holds 10 ops B lacks.
+- ``diff1_100_origins_bytes``: one new op between replicas holding 100 origins,
+  with delta summaries; ``..._whole_vv`` the same with whole vectors.
 
 The last line printed is one JSON object.
 """
@@ -99,6 +101,26 @@ def _pair_cost(extra: int) -> tuple[int, int]:
     return res.wire_bytes, res.round_trips
 
 
+def _many_origins_cost(delta: bool, origins: int = 100) -> int:
+    """Bytes of an exchange moving one op when the replicas hold ``origins`` origins."""
+    from syncfw.log import GENESIS, Op, encode_value
+    from syncfw.sync import SessionConfig
+
+    a, b = MemoryReplica("a", FLEET), MemoryReplica("b", FLEET)
+    for i in range(origins):
+        o = f"truck-{i:03}"
+        op = Op(o, 1, 1, f"fleet/{o}/", 0, f"fleet/{o}/k", "lww", encode_value(i), GENESIS)
+        a._append(op)
+        a._merge(op)
+    SessionPair(a, b).run()
+    a.put("fleet/a/new", 1)
+    cfg = SessionConfig(delta_summary=delta)
+    res = SessionPair(
+        a, b, config_a=cfg, config_b=cfg, encode=encode_frame, decode=decode_frame
+    ).run()
+    return res.wire_bytes
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ops", type=int, default=50_000)
@@ -146,6 +168,8 @@ async def main() -> None:
         "insync_round_trips": insync_rt,
         "diff10_bytes": diff_bytes,
         "diff10_round_trips": diff_rt,
+        "diff1_100_origins_bytes": _many_origins_cost(True),
+        "diff1_100_origins_bytes_whole_vv": _many_origins_cost(False),
     }
     print(f"sync of {n} ops over gRPC: median {ops_per_s:,.0f} ops/s, floor {floor:,.0f} ops/s")
     print(json.dumps(result))

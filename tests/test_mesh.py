@@ -360,3 +360,38 @@ async def test_mesh_rounds_converge_through_partitions_and_dead_peers(seed: int)
     for m in meshes:
         assert all(x.state is MemberState.ALIVE for x in m.members()), m.membership.snapshot()
         await m.aclose()
+
+
+async def test_push_fanout_limits_eager_pushes() -> None:
+    net = MemoryNetwork()
+    replicas, meshes = await _mesh_of(5, net, fanout=4, push_fanout=2)
+    for _ in range(2):
+        for m in meshes:
+            await m.round()
+    hub = meshes[0]
+    assert len([m for m in hub.members() if m.last_ok is not None]) == 4
+    replicas[0].put("fleet/n0/pushed", 1)
+    outcomes = await hub.push()
+    assert len(outcomes) == 2
+    assert sum(r.get("fleet/n0/pushed") == 1 for r in replicas[1:]) == 2
+    for m in meshes:
+        await m.aclose()
+
+
+async def test_a_push_to_a_busy_peer_is_repeated_when_it_is_free() -> None:
+    net = MemoryNetwork()
+    replicas, meshes = await _mesh_of(2, net, fanout=1)
+    a = meshes[1]
+    assert (await a.sync_with("n0")).ok
+    a._busy.add("n0")  # an exchange with n0 is running
+    replicas[1].put("fleet/n1/late", 1)
+    assert await a.push() == []
+    assert "n0" in a._repush
+    a._busy.discard("n0")
+    before = a.outcomes.get("OK", 0)
+    await a.sync_with("n0")  # the running exchange ends ... and the push follows it
+    assert "n0" not in a._repush
+    await _until(lambda: not a._spawned and a.outcomes.get("OK", 0) == before + 2)
+    assert replicas[0].get("fleet/n1/late") == 1
+    for m in meshes:
+        await m.aclose()

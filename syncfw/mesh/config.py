@@ -27,6 +27,8 @@ class MeshConfig:
         peer_burst_bytes: how far the budget may be saved up.
         eager_push: exchange with connected peers as soon as a local write lands.
         push_debounce_s: local writes within this window share one push.
+        push_fanout: most peers an eager push goes to (the most recently synced
+            first); None pushes to every connected peer.
         gossip_peers_every: gossip the member list on every n-th exchange.
         session: sync session tunables (batch size, window, zstd).
     """
@@ -43,6 +45,7 @@ class MeshConfig:
     peer_burst_bytes: int = 4 * 1024 * 1024
     eager_push: bool = True
     push_debounce_s: float = 0.005
+    push_fanout: int | None = None
     gossip_peers_every: int = 1
     session: SessionConfig = field(default_factory=SessionConfig)
 
@@ -70,6 +73,7 @@ class MeshConfig:
             peer_bytes_per_s=32 * 1024,
             peer_burst_bytes=256 * 1024,
             push_debounce_s=5.0,
+            push_fanout=1,
             gossip_peers_every=10,
             session=SessionConfig(max_batch_bytes=256 * 1024, window=2, zstd=True),
         )

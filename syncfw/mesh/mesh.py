@@ -149,14 +149,28 @@ class Mesh:
         return list(await asyncio.gather(*(self.sync_with(m.address) for m in chosen)))
 
     async def push(self) -> list[ExchangeOutcome]:
-        """Eager push: exchange now with every live peer synced with before."""
-        targets = [
-            m
-            for m in self.membership.live()
-            if m.last_ok is not None
-            and m.state is MemberState.ALIVE
-            and m.address not in self._busy
-        ]
+        """Eager push: exchange now with the live peers synced with before.
+
+        At most ``push_fanout`` of them, the most recently synced first. A peer
+        already mid-exchange is pushed to again as soon as that exchange ends
+        (its summary may predate the write).
+        """
+        connected = sorted(
+            (
+                m
+                for m in self.membership.live()
+                if m.last_ok is not None and m.state is MemberState.ALIVE
+            ),
+            key=lambda m: (-(m.last_ok or 0.0), m.address),
+        )
+        if self.config.push_fanout is not None:
+            connected = connected[: self.config.push_fanout]
+        targets = []
+        for m in connected:
+            if m.address in self._busy:
+                self._repush.add(m.address)
+            else:
+                targets.append(m)
         return list(await asyncio.gather(*(self.sync_with(m.address) for m in targets)))
 
     def poke(self) -> None:

@@ -381,7 +381,6 @@ class Simulation:
     async def _ev_deliver(self, x: _Exchange, to: int, data: bytes) -> None:
         if x.ended:
             return
-        frm = x.b if to == x.a else x.a
         if not self._linked(x.a, x.b):
             await self._cut(x, "link lost")
             return
@@ -392,7 +391,6 @@ class Simulation:
             await self._perform(x, to, session.start(vv))
         frame = decode_frame(data)
         await self._perform(x, to, session.receive(frame))
-        del frm
 
     async def _cut(self, x: _Exchange, why: str) -> None:
         for side in (x.a, x.b):

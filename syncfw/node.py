@@ -139,6 +139,24 @@ class Node:
         zone, epoch = self._zone(key)
         return await self._store.write("lww", key, zone, epoch, encode_value(value))
 
+    async def put_many(self, items: Mapping[str, Any] | Sequence[tuple[str, Any]]) -> list[Op]:
+        """Set several keys in one group commit, in order; one await for all.
+
+        All items are checked (zones, encoding) before any is written: either
+        every write is queued or none is.
+
+        Raises:
+            ValueEncodingError, ZoneOwnershipError: an item is refused; nothing was written.
+            StorageFullError: the size cap or disk is full.
+        """
+        pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
+        writes = [("lww", key, *self._zone(key), encode_value(value)) for key, value in pairs]
+        results = await self._store.write_many(writes)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
     async def delete(self, key: str) -> Op:
         """Delete ``key`` (a tombstone that wins like any later write)."""
         zone, epoch = self._zone(key)

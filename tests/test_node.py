@@ -231,3 +231,16 @@ async def test_expire_telemetry_via_node(make_node: NodeFactory, clock: FakeCloc
     clock.advance(120_000)
     assert await node.expire_telemetry(60_000) == 1
     assert await node.get("telemetry/t7/temp") is None
+
+
+async def test_put_many_is_all_or_nothing_before_writing(make_node: NodeFactory) -> None:
+    node = await make_node("t7")
+    ops = await node.put_many({"trucks/t7/a": 1, "trucks/t7/b": [2], "site/c": "x"})
+    assert [op.seq for op in ops] == [1, 2, 3]
+    assert await node.get("trucks/t7/b") == [2]
+    with pytest.raises(syncfw.ZoneOwnershipError):
+        await node.put_many([("trucks/t7/d", 1), ("trucks/t9/e", 2)])
+    with pytest.raises(syncfw.ValueEncodingError):
+        await node.put_many([("trucks/t7/d", 1), ("trucks/t7/e", object())])
+    assert await node.version_vector() == {"t7": 3}
+    assert await node.put_many([]) == []

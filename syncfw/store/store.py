@@ -173,11 +173,24 @@ _Step = tuple[str, Sequence[Sequence[Any]]]
 """One statement and its parameter rows (executemany)."""
 
 
-def _run_steps(db: sqlite3.Connection, steps: Sequence[_Step]) -> int:
+class _StaleTip(Exception):
+    """A pipelined batch found the log not ending where it was planned to start."""
+
+
+_TIP_SQL = "SELECT seq FROM heads WHERE origin = ?"
+
+
+def _run_steps(
+    db: sqlite3.Connection, steps: Sequence[_Step], expect: tuple[str, int] | None = None
+) -> int:
     """Run on the database thread: one transaction, all or nothing."""
     changed = 0
     db.execute("BEGIN IMMEDIATE")
     try:
+        if expect is not None:
+            row = db.execute(_TIP_SQL, (expect[0],)).fetchone()
+            if (row[0] if row else 0) != expect[1]:
+                raise _StaleTip(expect)
         for sql, params in steps:
             changed += max(db.executemany(sql, params).rowcount, 0)
         db.execute("COMMIT")
@@ -243,6 +256,9 @@ class Store:
         self._pending: dict[str, dict[int, tuple[Op, str]]] = {}
         self._jobs: collections.deque[_Job] = collections.deque()
         self._wakeup: asyncio.Future[None] | None = None
+        # Where the next local batch starts: the committed tip, or the tip of
+        # the batch still committing (pipelining).
+        self._tip: tuple[int, bytes] = (0, GENESIS)
         self._writer_task: asyncio.Task[None] | None = None
         self._subscribers: set[asyncio.Queue[Change | None]] = set()
         self._listeners: list[Callable[[list[Op], bool], None]] = []
@@ -322,6 +338,7 @@ class Store:
             raise CorruptDatabaseError(f"pending op in {self.path!r} is damaged: {exc}") from None
         # A restart with the wall clock set in the past never issues a smaller timestamp.
         self.clock.advance_to(high)
+        self._tip = (self._vv.get(self.node_id, 0), self._heads.get(self.node_id, GENESIS))
 
     async def aclose(self) -> None:
         """Finish queued writes, stop the writer and close the file. Idempotent."""
@@ -366,6 +383,35 @@ class Store:
         self._enqueue(_Write(kind, key, zone, epoch, payload, fut))
         return await fut
 
+    async def write_many(
+        self, writes: Sequence[tuple[str, str, str, int, bytes | PayloadFn]]
+    ) -> list[Op | BaseException]:
+        """Append several local ops, in order, waiting once for all of them.
+
+        Each write is ``(kind, key, zone, epoch, payload)`` as for :meth:`write`.
+        Returns each write's op, or the exception that refused it alone.
+        """
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Op]] = []
+        for kind, key, zone, epoch, payload in writes:
+            fut: asyncio.Future[Op] = loop.create_future()
+            self._jobs.append(_Write(kind, key, zone, epoch, payload, fut))
+            futures.append(fut)
+        if not futures:
+            return []
+        self._enqueue_wake()
+        # Batches commit in queue order, so once the last is settled all are.
+        await asyncio.wait([futures[-1]])
+        if not all(f.done() for f in futures):  # a batch was re-planned: wait for every one
+            await asyncio.wait(futures)
+        return [f.exception() or f.result() for f in futures]
+
+    def _enqueue_wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` on the writer task, between group commits."""
         self._check_open()
@@ -388,28 +434,61 @@ class Store:
 
     async def _writer(self) -> None:
         jobs = self._jobs
-        while True:
-            job = await self._next_job()
-            if job is None:
-                return
-            if isinstance(job, _Call):
-                try:
-                    result = await job.fn()
-                except BaseException as exc:  # delivered to the caller, never kills the writer
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                else:
-                    if not job.future.done():
-                        job.future.set_result(result)
-                continue
-            batch = [job]
-            # Group commit: let every writer that is ready to run enqueue its
-            # write before this transaction starts (one loop turn, no timer).
-            await asyncio.sleep(0)
-            limit = self.config.max_batch
-            while jobs and len(batch) < limit and isinstance(jobs[0], _Write):
-                batch.append(jobs.popleft())  # type: ignore[arg-type]
-            await self._commit_local(batch)
+        inflight: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                if inflight is not None and not jobs:
+                    await inflight  # nothing to overlap it with
+                    inflight = None
+                job = await self._next_job()
+                if job is None:
+                    return
+                if isinstance(job, _Call):
+                    if inflight is not None:
+                        await inflight
+                        inflight = None
+                    await self._run_call(job)
+                    continue
+                batch = [job]
+                # Group commit: let every writer that is ready to run enqueue its
+                # write before this transaction starts (one loop turn, no timer).
+                await asyncio.sleep(0)
+                limit = self.config.max_batch
+                if inflight is None and len(jobs) >= 64:
+                    # Nothing is committing: take half, so the other half is
+                    # planned while this one commits (two batches in flight).
+                    limit = min(limit, (len(jobs) + 1) // 2)
+                while jobs and len(batch) < limit and isinstance(jobs[0], _Write):
+                    batch.append(jobs.popleft())  # type: ignore[arg-type]
+                # Pipelining: this batch is planned while the previous one
+                # commits on the database thread, then queued behind it.
+                nxt, drain = await self._commit_local(batch)
+                if inflight is not None:
+                    await inflight
+                inflight = nxt
+                if inflight is not None and drain:
+                    # A grant changes the zone table later batches are planned
+                    # against: let it land first.
+                    await inflight
+                    inflight = None
+        finally:
+            if inflight is not None:
+                await inflight
+            while jobs:  # writes re-queued behind the close: refuse them clearly
+                left = jobs.popleft()
+                if left is not None and not left.future.done():
+                    left.future.set_exception(StoreClosedError("the store was closed"))
+
+    @staticmethod
+    async def _run_call(job: _Call) -> None:
+        try:
+            result = await job.fn()
+        except BaseException as exc:  # delivered to the caller, never kills the writer
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)
 
     async def _load_states(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
         """Decoded states of non-lww (kind, key) pairs, empty where absent."""
@@ -430,10 +509,19 @@ class Store:
                     states[(kind, key)] = crdt.decode(data)
         return states
 
-    async def _commit_local(self, batch: list[_Write]) -> None:
+    async def _commit_local(self, batch: list[_Write]) -> tuple[asyncio.Task[bool] | None, bool]:
+        """Stamp a batch of local writes and queue its transaction.
+
+        Returns the task that finishes the batch (resolves the callers once the
+        transaction committed) and whether the writer must wait for it before
+        planning more. The batch is planned on the tip of the batch before it,
+        which may still be committing; its transaction first checks that the
+        log really ends there, and if not (that batch failed) its writes are
+        planned again.
+        """
         me = self.node_id
-        seq = self._vv.get(me, 0)
-        head = self._heads.get(me, GENESIS)
+        start, head = self._tip
+        seq = start
         try:
             states = await self._load_states(
                 (w.kind, w.key) for w in batch if w.kind in KINDS and w.kind != "lww"
@@ -443,7 +531,7 @@ class Store:
             for w in batch:
                 if not w.future.done():
                     w.future.set_exception(err)
-            return
+            return None, False
         ops: list[Op] = []
         done: list[_Write] = []
         stage = _Stage()
@@ -466,7 +554,7 @@ class Store:
                         raise ValueError(reason)
                 else:
                     stage.apply(op, states)
-            except (SyncfwError, ValueError, TypeError) as exc:
+            except Exception as exc:  # one bad write (e.g. its payload function) fails alone
                 w.future.set_exception(exc)
                 continue
             seq += 1
@@ -474,32 +562,58 @@ class Store:
             ops.append(op)
             done.append(w)
         if not ops:
-            return
+            return None, False
         steps: list[_Step] = [(_INSERT_OP, [_op_row(op, 0) for op in ops])]
         steps += stage.steps(states)
         steps += [(_UPSERT_HEAD, [(me, seq, head)]), self._hlc_step()]
+        txn = asyncio.ensure_future(self._transaction(steps, expect=(me, start)))
+        self._tip = (seq, head)
+        finish = asyncio.ensure_future(self._finish_local(txn, done, ops, zones))
+        return finish, zones is not self.zones
+
+    async def _finish_local(
+        self, txn: asyncio.Future[int], done: list[_Write], ops: list[Op], zones: ZoneTable
+    ) -> bool:
+        me = self.node_id
         try:
-            await self._transaction(steps)
-        except StorageError as err:
+            await txn
+        except _StaleTip:
+            # The batch before this one failed: plan these writes again, first.
+            self._tip = (self._vv.get(me, 0), self._heads.get(me, GENESIS))
+            self._jobs.extendleft(reversed(done))
+            wakeup = self._wakeup
+            if wakeup is not None and not wakeup.done():
+                wakeup.set_result(None)
+            return False
+        except Exception as exc:  # the writer must outlive any failure of one batch
+            if not isinstance(exc, StorageError):
+                log.exception("unexpected failure committing local writes")
+                exc = StorageError(f"unexpected failure committing local writes: {exc!r}")
+            self._tip = (self._vv.get(me, 0), self._heads.get(me, GENESIS))
             for w in done:
-                w.future.set_exception(err)
-            return
-        self._vv[me] = seq
-        self._heads[me] = head
+                w.future.set_exception(exc)
+            return False
+        self._vv[me] = ops[-1].seq
+        self._heads[me] = op_hash(ops[-1])
         self.zones = zones
         for w, op in zip(done, ops, strict=True):
             w.future.set_result(op)
         self._notify(ops, local=True)
+        return True
 
     def _hlc_step(self) -> _Step:
         return ("INSERT OR REPLACE INTO meta (k, v) VALUES ('hlc', ?)", [(self.clock.last,)])
 
-    async def _transaction(self, steps: Sequence[_Step]) -> int:
+    async def _transaction(
+        self, steps: Sequence[_Step], *, expect: tuple[str, int] | None = None
+    ) -> int:
         """Run ``steps`` in one transaction, in one hop to the database thread.
 
         aiosqlite costs one thread round trip per awaited call (~50-100 us);
         a commit of a batch would otherwise pay for BEGIN, each statement and
-        COMMIT. Returns the total of rows changed.
+        COMMIT. Returns the total of rows changed. With ``expect=(origin,
+        seq)`` the transaction first checks that the log of ``origin`` ends at
+        ``seq`` and raises ``_StaleTip`` (writing nothing) if it does not.
 
         Raises:
             StorageError: translated from sqlite3 (StorageFullError on a full
@@ -509,16 +623,22 @@ class Store:
         try:
             run = getattr(self._conn, "_execute", None)
             if run is not None:
-                return int(await run(_run_steps, self._conn._conn, steps))
-            return await self._transaction_stepwise(steps)  # pragma: no cover
+                return int(await run(_run_steps, self._conn._conn, steps, expect))
+            return await self._transaction_stepwise(steps, expect)  # pragma: no cover
         except sqlite3.Error as exc:
             raise _translate(exc) from None
 
-    async def _transaction_stepwise(self, steps: Sequence[_Step]) -> int:  # pragma: no cover
+    async def _transaction_stepwise(
+        self, steps: Sequence[_Step], expect: tuple[str, int] | None
+    ) -> int:  # pragma: no cover
         """The same through public aiosqlite calls, should its internals change."""
         changed = 0
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
+            if expect is not None:
+                rows = list(await self._conn.execute_fetchall(_TIP_SQL, (expect[0],)))
+                if (rows[0][0] if rows else 0) != expect[1]:
+                    raise _StaleTip(expect)
             for sql, params in steps:
                 cur = await self._conn.executemany(sql, params)
                 changed += max(cur.rowcount, 0)
@@ -685,6 +805,8 @@ class Store:
         for o in progressed:
             self._vv[o] = nxt[o] - 1
             self._heads[o] = heads[o]
+        if self.node_id in progressed:  # our own ops, relayed back (a restore from backup)
+            self._tip = (self._vv[self.node_id], self._heads[self.node_id])
         self._pending = new_pending
         self.zones = zones
         if rejected:

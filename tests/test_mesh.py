@@ -395,3 +395,28 @@ async def test_a_push_to_a_busy_peer_is_repeated_when_it_is_free() -> None:
     assert replicas[0].get("fleet/n1/late") == 1
     for m in meshes:
         await m.aclose()
+
+
+async def test_peer_clock_offsets_are_measured_and_a_large_one_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    net = MemoryNetwork()
+    base = 1_700_000_000_000
+    a = MemoryReplica("a", wall=lambda: base)
+    b = MemoryReplica("b", wall=lambda: base + 2_000)  # b's clock runs 2 s ahead
+    cfg = MeshConfig.test()
+    mb = await Mesh.start(b, listen="b", network=InMemoryNetwork(net), config=cfg, run_loop=False)
+    ma = await Mesh.start(
+        a, listen="a", seeds=["b"], network=InMemoryNetwork(net), config=cfg, run_loop=False
+    )
+    try:
+        with caplog.at_level(logging.WARNING, logger="syncfw.mesh"):
+            assert (await ma.sync_with("b")).ok
+        assert ma.status()["clock_offsets_ms"] == {"b": 2_000}
+        assert mb.clock_offsets_ms == {"a": -2_000}
+        assert any("+2000 ms off" in r.getMessage() for r in caplog.records)
+    finally:
+        await ma.aclose()
+        await mb.aclose()

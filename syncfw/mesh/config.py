@@ -30,6 +30,7 @@ class MeshConfig:
         push_fanout: most peers an eager push goes to (the most recently synced
             first); None pushes to every connected peer.
         gossip_peers_every: gossip the member list on every n-th exchange.
+        clock_warn_ms: a peer clock further off than this is logged (a health signal).
         session: sync session tunables (batch size, window, zstd).
     """
 
@@ -47,6 +48,7 @@ class MeshConfig:
     push_debounce_s: float = 0.005
     push_fanout: int | None = None
     gossip_peers_every: int = 1
+    clock_warn_ms: int = 500
     session: SessionConfig = field(default_factory=SessionConfig)
 
     def __post_init__(self) -> None:

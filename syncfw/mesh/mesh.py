@@ -67,6 +67,7 @@ class Mesh:
         self.outcomes: dict[str, int] = {}
         self.ops_sent = 0
         self.ops_received = 0
+        self.clock_offsets_ms: dict[str, int] = {}
 
     @classmethod
     async def start(
@@ -232,6 +233,7 @@ class Mesh:
 
     async def _record(self, address: str, out: ExchangeOutcome) -> None:
         now = time.monotonic()
+        self._note_clock(out)
         self.outcomes[out.status.name] = self.outcomes.get(out.status.name, 0) + 1
         self.ops_sent += out.ops_sent
         self.ops_received += out.ops_received
@@ -264,10 +266,24 @@ class Mesh:
         self.outcomes[out.status.name] = self.outcomes.get(out.status.name, 0) + 1
         self.ops_received += out.ops_received
         self.ops_sent += out.ops_sent
+        self._note_clock(out)
         if out.ok and out.peer_id:  # a peer that dialed us is connected: push to it too
             for m in self.membership.members.values():
                 if m.node_id == out.peer_id:
                     self.membership.succeeded(m.address, out.peer_id, time.monotonic())
+
+    def _note_clock(self, out: ExchangeOutcome) -> None:
+        """Keep each peer's clock offset (a health signal) and warn when it is large."""
+        if out.peer_id is None or out.peer_clock_offset_ms is None:
+            return
+        self.clock_offsets_ms[out.peer_id] = out.peer_clock_offset_ms
+        if abs(out.peer_clock_offset_ms) > self.config.clock_warn_ms:
+            log.warning(
+                "%s: clock of peer %s is %+d ms off ours",
+                self.replica.node_id,
+                out.peer_id,
+                out.peer_clock_offset_ms,
+            )
 
     def _interval(self) -> float:
         j = self.config.jitter
@@ -314,6 +330,7 @@ class Mesh:
             "outcomes": dict(self.outcomes),
             "ops_sent": self.ops_sent,
             "ops_received": self.ops_received,
+            "clock_offsets_ms": dict(self.clock_offsets_ms),
         }
 
     def members(self) -> list[Member]:

@@ -39,6 +39,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from syncfw.clock import LOGICAL_BITS
 from syncfw.codec import BatchLimits, decode_batch, encode_batch, packed_size
 from syncfw.errors import ChainError, DecodeError, ForkError, SyncfwError
 from syncfw.log import Op, VersionVector, vv_digest
@@ -261,6 +262,17 @@ class Session:
     def peer_id(self) -> str | None:
         """The peer's node id, once it said hello."""
         return self.peer.node_id if self.peer else None
+
+    @property
+    def peer_clock_offset_ms(self) -> int | None:
+        """How far the peer's hybrid clock was ahead of ours at hello (ms; negative: behind).
+
+        Both readings are taken at each side's start, so it includes up to one
+        one-way delay; a health signal, never used to order anything.
+        """
+        if self.peer is None or not self.peer.hlc or not self._hlc:
+            return None
+        return (self.peer.hlc >> LOGICAL_BITS) - (self._hlc >> LOGICAL_BITS)
 
     @property
     def peer_vv(self) -> VersionVector | None:

@@ -72,6 +72,8 @@ class ExchangeOutcome:
         frames_sent: frames this side sent.
         duration_s: wall time of the exchange.
         learned: peer lists the peer gossiped.
+        peer_clock_offset_ms: how far the peer's clock was ahead of ours at
+            hello (see :attr:`Session.peer_clock_offset_ms`).
     """
 
     status: Status
@@ -83,6 +85,7 @@ class ExchangeOutcome:
     frames_sent: int = 0
     duration_s: float = 0.0
     learned: list[tuple[PeerInfo, ...]] = field(default_factory=list)
+    peer_clock_offset_ms: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -265,6 +268,7 @@ async def run_exchange(
             out.status, out.reason = Status.CANCELLED, "exchange cancelled"
         await stream.close(out.status, out.reason)
     out.peer_id = session.peer_id
+    out.peer_clock_offset_ms = session.peer_clock_offset_ms
     out.ops_sent = session.ops_sent
     out.ops_received = session.ops_received
     out.duration_s = time.monotonic() - started

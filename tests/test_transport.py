@@ -12,7 +12,7 @@ import grpc.aio
 import pytest
 
 from syncfw.errors import ProtocolError
-from syncfw.sync import PROTOCOL_VERSION, Close, Hello, Ops, Status
+from syncfw.sync import PROTOCOL_VERSION, Close, Frame, Hello, Ops, SessionConfig, Status
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.memory import MemoryNetwork, memory_pipe
@@ -272,3 +272,60 @@ async def test_a_replica_bug_ends_the_exchange_without_raising(
     assert ra.status is Status.INTERNAL
     assert rb.status is Status.INTERNAL  # told in band
     assert any("reading ops failed unexpectedly" in r.getMessage() for r in caplog.records)
+
+
+class _CutAfter:
+    """A stream whose link dies after ``n`` Ops frames came in."""
+
+    def __init__(self, inner: FrameStream, n: int) -> None:
+        self.inner, self.left = inner, n
+        self.peer_address, self.peer_identity = inner.peer_address, inner.peer_identity
+
+    async def send(self, frame: Frame) -> int:
+        return await self.inner.send(frame)
+
+    async def recv(self) -> Frame | None:
+        frame = await self.inner.recv()
+        if isinstance(frame, Ops):
+            self.left -= 1
+            if self.left < 0:
+                raise LinkError(Status.ABORTED, "cable cut")
+        return frame
+
+    async def close(self, status: Status, reason: str) -> None:
+        await self.inner.close(status, reason)
+
+
+async def test_a_cut_grpc_exchange_between_sqlite_nodes_resumes(
+    tmp_path: Path, pool: ChannelPool
+) -> None:
+    node_mod = pytest.importorskip("syncfw.node")
+    from syncfw.zones import Fleet
+
+    fleet = Fleet(fleet_id="f")
+    a = await node_mod.Node.open(tmp_path / "a.db", node_id="a", fleet=fleet)
+    b = await node_mod.Node.open(tmp_path / "b.db", node_id="b", fleet=fleet)
+    try:
+        for i in range(0, 20_000, 500):
+            await asyncio.gather(*(a.put(f"fleet/a/k{j}", "v" * 40) for j in range(i, i + 500)))
+
+        async def handler(stream: FrameStream) -> None:
+            await run_exchange(a, stream)
+
+        server = await GrpcServer.start("127.0.0.1:0", handler)
+        small = SessionConfig(max_batch_bytes=16 * 1024, window=1)
+        try:
+            cut = await run_exchange(b, _CutAfter(await pool.open(server.address), 5), config=small)
+            assert cut.status is Status.ABORTED
+            partial = (await b.version_vector()).get("a", 0)
+            assert 0 < partial < 20_000  # applied batches stayed applied, whole
+            assert (await a.peer_ack("b")).get("a", 0) <= partial  # acks never run ahead
+            done = await run_exchange(b, await pool.open(server.address))
+            assert done.ok, done
+            assert done.ops_received == 20_000 - partial  # resumed, nothing resent
+        finally:
+            await server.aclose()
+        assert await a.state_digest() == await b.state_digest()
+    finally:
+        await a.close()
+        await b.close()

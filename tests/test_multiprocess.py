@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,9 +225,12 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
                 blocked.add(frozenset((a, b)))
         for p in proxies.values():
             p.cut()
-        await asyncio.sleep(
-            0.3
-        )  # let n1 publish a status written after the cut (not a wait for sync)
+        t_cut = time.time()
+        await _until(
+            lambda: procs["n1"].status.stat().st_mtime > t_cut + 0.05,
+            10,
+            "n1's status after the cut",
+        )
         at_cut = vv("n1").get("n1", 0)  # at least every n1 write made before the cut
         await _until(lambda: vv("n2").get("n1", 0) >= at_cut + 10, 30, "the left side to sync")
         await _until(

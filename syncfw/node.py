@@ -24,7 +24,10 @@ from syncfw.crdt import COUNTER, MVREG, ORSET, YDOC
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
+from syncfw.mesh import Mesh, MeshConfig
 from syncfw.store import ChangeFeed, Store, StoreConfig
+from syncfw.transport.network import GrpcNetwork, Network
+from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
 
 __all__ = ["Counter", "Node", "ORSet", "Register"]
@@ -47,6 +50,7 @@ class Node:
         self._status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._zone_cache: dict[str, tuple[str, int]] = {}
         self._zone_cache_for: ZoneTable | None = None
+        self._meshes: list[Mesh] = []
         store.add_listener(self._on_applied)
 
     @classmethod
@@ -302,6 +306,50 @@ class Node:
     async def peer_ack(self, peer: str) -> VersionVector:
         return (await self._store.peer_acks()).get(peer, {})
 
+    # ----------------------------------------------------------------- mesh
+
+    async def serve(
+        self,
+        listen: str | None = "127.0.0.1:0",
+        peers: Sequence[str] = (),
+        *,
+        config: MeshConfig | None = None,
+        advertise: str | None = None,
+        tls: TlsConfig | None = None,
+        network: Network | None = None,
+    ) -> Mesh:
+        """Join the fleet mesh: serve gRPC on ``listen`` and gossip with ``peers``.
+
+        Anti-entropy runs every interval (jittered) with ``fanout`` live peers,
+        fresh local writes are pushed eagerly to connected peers, and peers are
+        learned from each other. The mesh is closed with the node.
+
+        Args:
+            listen: ``host:port`` to serve on (port 0: any free port), or None
+                to only dial out.
+            peers: seed addresses (``host:port``).
+            config: mesh tunables; ``MeshConfig.lan()`` by default
+                (``.metered_link()``, ``.test()`` are the other presets).
+            advertise: the address other nodes should dial, if not ``listen``.
+            tls: mutual TLS (the peer's node id comes from its certificate).
+            network: another transport (the in-memory one, in tests).
+
+        Returns:
+            The running mesh (``mesh.address``, ``mesh.status()``).
+        """
+        mesh = await Mesh.start(
+            self,
+            listen=listen,
+            advertise=advertise,
+            seeds=list(peers),
+            config=config or MeshConfig.lan(),
+            network=network or GrpcNetwork(TransportConfig(tls=tls)),
+            changes=self.changes,
+        )
+        self._meshes.append(mesh)
+        self.add_status_source("mesh" if len(self._meshes) == 1 else f"mesh{len(self._meshes)}", mesh.status)
+        return mesh
+
     # ----------------------------------------------------------------- feed, status, upkeep
 
     def changes(self) -> ChangeFeed:
@@ -346,7 +394,9 @@ class Node:
         return await self._store.compact()
 
     async def close(self) -> None:
-        """Wait for pending document edits, then close the store. Idempotent."""
+        """Leave the mesh, wait for pending document edits, close the store. Idempotent."""
+        while self._meshes:
+            await self._meshes.pop().aclose()
         if self._doc_writes:
             await asyncio.gather(*list(self._doc_writes), return_exceptions=True)
         await self._store.aclose()

@@ -244,3 +244,21 @@ async def test_put_many_is_all_or_nothing_before_writing(make_node: NodeFactory)
         await node.put_many([("trucks/t7/d", 1), ("trucks/t7/e", object())])
     assert await node.version_vector() == {"t7": 3}
     assert await node.put_many([]) == []
+
+
+async def test_nodes_serving_over_grpc_converge_and_close_their_mesh(make_node: NodeFactory) -> None:
+    from syncfw.mesh import MeshConfig
+
+    a, b = await make_node("t7"), await make_node("t9")
+    mesh_a = await a.serve("127.0.0.1:0", config=MeshConfig.test())
+    await b.serve("127.0.0.1:0", [mesh_a.address], config=MeshConfig.test())
+    await a.put("trucks/t7/position", {"lat": 1})
+    await b.counter("site/ore").add(3)
+    deadline = asyncio.get_running_loop().time() + 10
+    while await a.state_digest() != await b.state_digest():
+        assert asyncio.get_running_loop().time() < deadline, "no convergence over gRPC"
+        await asyncio.sleep(0.02)
+    assert await b.get("trucks/t7/position") == {"lat": 1}
+    assert "mesh" in await a.status()
+    await a.close()  # leaves the mesh: b keeps working alone
+    await b.put("trucks/t9/x", 1)

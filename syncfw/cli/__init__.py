@@ -13,9 +13,9 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from syncfw.cli import demo, inspect_cmd
+from syncfw.cli import demo, inspect_cmd, node_cmd
 
-COMMANDS: list[ModuleType] = [demo, inspect_cmd]
+COMMANDS: list[ModuleType] = [demo, node_cmd, inspect_cmd]
 """Verb modules, in the order ``--help`` lists them."""
 
 

@@ -109,26 +109,16 @@ async def serve(args: argparse.Namespace) -> int:
         tls = TlsConfig.from_files(args.ca, args.cert, args.key)
     network = GrpcNetwork(TransportConfig(http_proxy=args.proxy, tls=tls))
     async with Node.open(args.db, node_id=args.node_id, fleet=fleet_of(args)) as node:
-        mesh = await Mesh.start(
-            node,
-            listen=args.listen,
-            advertise=args.advertise,
-            seeds=args.seed,
-            config=config,
-            network=network,
-            changes=node.changes,
+        mesh = await node.serve(
+            args.listen, args.seed, config=config, advertise=args.advertise, network=network
         )
-        node.add_status_source("mesh", mesh.status)
         print(f"listening {mesh.listener.address if mesh.listener else '-'}", flush=True)
-        try:
-            while not stop.is_set():
-                if args.status_file:
-                    await write_status(Path(args.status_file), node, mesh)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(args.status_every):
-                        await stop.wait()
-        finally:
-            await mesh.aclose()
+        while not stop.is_set():
+            if args.status_file:
+                await write_status(Path(args.status_file), node, mesh)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(args.status_every):
+                    await stop.wait()
     return 0
 
 

@@ -9,92 +9,20 @@ partition makes each proxy refuse, and cut, tunnels to the other side.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from syncfw.testing.partition import EgressProxy, Partition
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-# -- the in-test proxy -------------------------------------------------------------------
-
-
-@dataclass
-class Proxy:
-    """The egress proxy of one node: HTTP CONNECT, with a blocklist of destinations."""
-
-    node: str
-    owners: dict[str, str]  # address -> node id, shared by every proxy
-    blocked: set[frozenset[str]]  # shared partitions: pairs of node ids
-    server: asyncio.Server | None = None
-    tunnels: list[tuple[str, asyncio.StreamWriter, asyncio.StreamWriter]] = field(
-        default_factory=list
-    )
-    refused: int = 0
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    async def start(self) -> None:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-
-    def cut(self) -> None:
-        """Close every tunnel that now crosses a partition."""
-        for dst, a, b in list(self.tunnels):
-            if frozenset((self.node, dst)) in self.blocked:
-                a.close()
-                b.close()
-
-    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            request = await r.readline()
-            while (await r.readline()) not in (b"\r\n", b""):
-                pass
-            target = request.split()[1].decode()
-            dst = self.owners.get(target, "?")
-            if frozenset((self.node, dst)) in self.blocked:
-                self.refused += 1
-                w.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
-                await w.drain()
-                w.close()
-                return
-            host, port = target.rsplit(":", 1)
-            ur, uw = await asyncio.open_connection(host, int(port))
-        except (OSError, IndexError, ValueError):
-            w.close()
-            return
-        w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await w.drain()
-        entry = (dst, w, uw)
-        self.tunnels.append(entry)
-
-        async def pipe(src: asyncio.StreamReader, out: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError, asyncio.CancelledError):
-                while data := await src.read(65536):
-                    out.write(data)
-                    await out.drain()
-            out.close()
-
-        await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
-        self.tunnels.remove(entry)
-
-    async def aclose(self) -> None:
-        if self.server is not None:
-            self.server.close()
-        for _, a, b in self.tunnels:
-            a.close()
-            b.close()
 
 
 # -- node processes -------------------------------------------------------------------
@@ -105,7 +33,7 @@ class Proc:
     node: str
     db: Path
     status: Path
-    proxy: Proxy
+    proxy: EgressProxy
     proc: asyncio.subprocess.Process | None = None
     address: str = ""
     log: Any = None
@@ -145,7 +73,7 @@ class Proc:
             f"{self.node} did not start: {line!r} (see {self.db}.log)"
         )
         self.address = line.split()[1]
-        self.proxy.owners[self.address] = self.node
+        self.proxy.partition.owners[self.address] = self.node
 
     def read(self) -> dict[str, Any] | None:
         try:
@@ -183,9 +111,8 @@ async def _until(cond: Any, timeout_s: float, what: str) -> None:
 async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> None:
     pytest.importorskip("syncfw.node")
     names = [f"n{i}" for i in range(5)]
-    owners: dict[str, str] = {}
-    blocked: set[frozenset[str]] = set()
-    proxies = {n: Proxy(n, owners, blocked) for n in names}
+    partition = Partition()
+    proxies = {n: EgressProxy(n, partition) for n in names}
     for p in proxies.values():
         await p.start()
     procs = {n: Proc(n, tmp_path / f"{n}.db", tmp_path / f"{n}.json", proxies[n]) for n in names}
@@ -220,11 +147,7 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
 
         # 2. partition {n0, n1, n2} | {n3, n4}; writes go on on both sides
         left, right = names[:3], names[3:]
-        for a in left:
-            for b in right:
-                blocked.add(frozenset((a, b)))
-        for p in proxies.values():
-            p.cut()
+        partition.split(left, right)
         t_cut = time.time()
         await _until(
             lambda: procs["n1"].status.stat().st_mtime > t_cut + 0.05,
@@ -243,7 +166,7 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
         assert sum(p.refused for p in proxies.values()) > 0
 
         # 3. heal and converge: identical state, nothing acknowledged lost
-        blocked.clear()
+        partition.heal()
         (tmp_path / "stop-writes").touch()
 
         def converged() -> bool:

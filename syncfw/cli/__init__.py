@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
+
+# gRPC's C core logs refused proxy handshakes (the demo's partitions) to stderr
+# itself; syncfw reports link failures through its own logging instead.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from syncfw.cli import demo, inspect_cmd, node_cmd
 

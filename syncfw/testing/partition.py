@@ -1,0 +1,118 @@
+"""Partitions for real gRPC meshes on loopback: per-node HTTP CONNECT egress proxies.
+
+Each node dials its peers through its own :class:`EgressProxy` (gRPC honours
+``TransportConfig(http_proxy=...)``). A :class:`Partition` shared by the
+proxies decides which pairs of nodes may talk: cutting a pair refuses new
+tunnels and closes the open ones; healing lets them through again. Used by the
+demo and by the multi-process tests; plain asyncio, no third-party code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["EgressProxy", "Partition"]
+
+
+@dataclass
+class Partition:
+    """Which node pairs are cut, and who listens where (shared by every proxy)."""
+
+    owners: dict[str, str] = field(default_factory=dict)  # address -> node id
+    blocked: set[frozenset[str]] = field(default_factory=set)
+    proxies: list[EgressProxy] = field(default_factory=list)
+
+    def split(self, *sides: Iterable[str]) -> None:
+        """Cut every pair of nodes on different sides; open tunnels across are closed."""
+        groups = [set(s) for s in sides]
+        for i, a in enumerate(groups):
+            for b in groups[i + 1 :]:
+                self.blocked |= {frozenset((x, y)) for x in a for y in b}
+        for proxy in self.proxies:
+            proxy.cut()
+
+    def heal(self) -> None:
+        """Let every pair talk again."""
+        self.blocked.clear()
+
+    def allows(self, a: str, b: str) -> bool:
+        return frozenset((a, b)) not in self.blocked
+
+
+@dataclass
+class EgressProxy:
+    """The egress proxy of one node: HTTP CONNECT, refusing destinations cut off from it."""
+
+    node: str
+    partition: Partition
+    server: asyncio.Server | None = None
+    tunnels: list[tuple[str, asyncio.StreamWriter, asyncio.StreamWriter]] = field(
+        default_factory=list
+    )
+    refused: int = 0
+
+    @property
+    def url(self) -> str:
+        """The proxy's address, for ``TransportConfig(http_proxy=...)``."""
+        assert self.server is not None, "start() the proxy first"
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    async def start(self) -> EgressProxy:
+        """Listen on a free loopback port."""
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.partition.proxies.append(self)
+        return self
+
+    def cut(self) -> None:
+        """Close every open tunnel that now crosses a cut."""
+        for dst, a, b in list(self.tunnels):
+            if not self.partition.allows(self.node, dst):
+                a.close()
+                b.close()
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            request = await r.readline()
+            while (await r.readline()) not in (b"\r\n", b""):
+                pass
+            target = request.split()[1].decode()
+            dst = self.partition.owners.get(target, "?")
+            if not self.partition.allows(self.node, dst):
+                self.refused += 1
+                w.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
+                await w.drain()
+                w.close()
+                return
+            host, port = target.rsplit(":", 1)
+            ur, uw = await asyncio.open_connection(host, int(port))
+        except (OSError, IndexError, ValueError):
+            w.close()
+            return
+        w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await w.drain()
+        entry = (dst, w, uw)
+        self.tunnels.append(entry)
+
+        async def pipe(src: asyncio.StreamReader, out: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                while data := await src.read(65536):
+                    out.write(data)
+                    await out.drain()
+            out.close()
+
+        await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
+        self.tunnels.remove(entry)
+
+    async def aclose(self) -> None:
+        """Stop listening and close every tunnel."""
+        if self.server is not None:
+            self.server.close()
+        for _, a, b in self.tunnels:
+            a.close()
+            b.close()
+        with contextlib.suppress(ValueError):
+            self.partition.proxies.remove(self)

@@ -60,3 +60,22 @@ def test_console_entry_point_runs() -> None:
         [sys.executable, "-m", "syncfw", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "demo" in out and "inspect" in out
+
+
+def test_the_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = (ROOT / "README.md").read_text()
+    first = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(first, "README.md", "exec"), {"__name__": "readme"})
+    assert (tmp_path / "truck-7.db").exists()
+
+
+def test_the_readme_opens_with_the_two_setup_commands() -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert [line.split()[:2] for line in block.strip().splitlines()] == [
+        ["make", "demo"],
+        ["make", "test"],
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in ci

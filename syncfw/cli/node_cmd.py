@@ -33,6 +33,7 @@ def register(sub: Any) -> None:
     verbs = p.add_subparsers(dest="node_command", metavar="VERB", required=True)
     s: argparse.ArgumentParser = verbs.add_parser(
         "serve",
+        aliases=["run"],
         help="open the store, listen, gossip with seeds until SIGINT/SIGTERM",
         description="Open the node's store, serve sync over gRPC and gossip with peers.",
     )

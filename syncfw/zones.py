@@ -97,6 +97,9 @@ class Fleet:
         node_zones: per-node zone templates (``{node}`` is replaced by the node
             id), owned by that node at epoch 0.
         telemetry: prefixes whose ops are telemetry: bounded by retention.
+        priorities: ``(prefix, priority)`` pairs; when a sync exchange must
+            choose, origins with ops in higher-priority zones are sent first
+            (other keys are priority 0).
     """
 
     fleet_id: str = "default"
@@ -104,6 +107,7 @@ class Fleet:
     grants: tuple[Grant, ...] = ()
     node_zones: tuple[str, ...] = ("fleet/{node}/", "results/{node}/", "telemetry/{node}/")
     telemetry: tuple[str, ...] = ("telemetry/",)
+    priorities: tuple[tuple[str, int], ...] = (("sys/", 100), ("telemetry/", -10))
 
     def __post_init__(self) -> None:
         for template in self.node_zones:

@@ -333,3 +333,25 @@ async def test_naming_a_less_specific_zone_is_rejected(make_node: NodeFactory) -
     sneaky2 = Op("t9", 2, (START_MS << 16) + 1, "site/", 1, "site/x", "lww", encode_value(1),
                  op_hash(sneaky))
     assert (await node.apply_remote([sneaky2])).applied == 1
+
+
+async def test_ops_since_sends_higher_priority_zones_first(make_node: NodeFactory) -> None:
+    fleet = syncfw.Fleet(
+        fleet_id="test-fleet",
+        authority="cloud",
+        grants=(syncfw.Grant.of("site/", "*"),),
+        priorities=(("site/alerts", 50), ("telemetry/", -10)),
+    )
+    noisy, alarmed, quiet = [await make_node(n, fleet=fleet) for n in ("a1", "b2", "c3")]
+    relay = await make_node("relay", fleet=fleet)
+    for i in range(30):
+        await noisy.put(f"telemetry/a1/t{i}", i)
+    await alarmed.put("site/mode", "run")
+    await alarmed.set("site/alerts").add("fire")
+    await quiet.put("site/x", 1)
+    for src in (noisy, alarmed, quiet):
+        await exchange(src, relay)
+    first = await relay.ops_since({}, limit=3)
+    assert [op.origin for op in first] == ["b2", "b2", "c3"]  # the alert's origin, then priority 0
+    rest = await relay.ops_since({"b2": 2, "c3": 1}, limit=100)
+    assert {op.origin for op in rest} == {"a1"}  # telemetry last

@@ -883,6 +883,11 @@ class Store:
     ) -> list[Op]:
         """Ops held here beyond ``vv``, each origin's in seq order (see :class:`Replica`).
 
+        Origins whose next ops touch higher-priority zones
+        (``Fleet.priorities``) come first, so when ``limit`` or ``max_bytes``
+        cuts the answer, an alert goes before telemetry. Within one origin the
+        seq order is kept, whatever the zones.
+
         Ops already compacted away cannot be exported; such an origin is
         skipped with a warning (a state snapshot transfer is future work).
         """
@@ -890,6 +895,7 @@ class Store:
         out: list[Op] = []
         size = 0
         try:
+            wanted: list[tuple[int, str]] = []
             for origin in sorted(self._vv):
                 have = self._vv[origin]
                 start = vv.get(origin, 0)
@@ -901,6 +907,10 @@ class Store:
                         self._compacted[origin],
                     )
                     continue
+                wanted.append((await self._priority(origin, start, limit), origin))
+            wanted.sort(key=lambda po: (-po[0], po[1]))
+            for _, origin in wanted:
+                start = vv.get(origin, 0)
                 rows = await self._conn.execute_fetchall(
                     "SELECT origin, seq, hlc, zone, epoch, key, kind, value, prev, sig FROM ops "
                     "WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
@@ -917,6 +927,22 @@ class Store:
         except sqlite3.Error as exc:
             raise _translate(exc) from None
         return out
+
+    async def _priority(self, origin: str, start: int, window: int) -> int:
+        """The highest zone priority among the next ``window`` ops of ``origin`` after ``start``."""
+        prios = self.fleet.priorities
+        if not prios:
+            return 0
+        # One CASE over the configured prefixes; prefix ranges use the key index order.
+        case = " ".join("WHEN key >= ? AND key < ? THEN ?" for _ in prios)
+        params: list[Any] = [v for p, pr in prios for v in (p, p + "\U0010ffff", pr)]
+        rows = await self._conn.execute_fetchall(
+            f"SELECT max(CASE {case} ELSE 0 END) FROM "
+            "(SELECT key FROM ops WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?)",
+            (*params, origin, start, min(window, 1000)),
+        )
+        best = next(iter(rows))[0]
+        return int(best) if best is not None else 0
 
     # ------------------------------------------------------------------ reads
 

@@ -216,6 +216,17 @@ def _chunks(items: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
         yield items[i : i + n]
 
 
+def _lww_ok(payload: bytes) -> bool:
+    """An lww payload is a tombstone or one well-formed msgpack value."""
+    if not payload:
+        return True
+    try:
+        decode_value(payload)
+    except DecodeError:
+        return False
+    return True
+
+
 def _op_row(op: Op, status: int) -> tuple[Any, ...]:
     return (*op.to_tuple(), status)
 
@@ -690,24 +701,22 @@ class Store:
             duplicates += await self._check_forks(held)
 
         origins = set(fresh) | set(self._pending)
-        candidates: dict[str, dict[int, tuple[Op, bool]]] = {}
-        for origin in origins:
-            cand = {s: (op, False) for s, (op, _) in self._pending.get(origin, {}).items()}
-            cand.update({s: (op, True) for s, op in fresh.get(origin, {}).items()})
-            candidates[origin] = cand
-        if not any(
-            vv.get(o, 0) + 1 in cand for o, cand in candidates.items()
-        ) and not any(fresh.values()):
+        # Held-back ops, by origin, copied: a broken one is dropped from the copy.
+        held_back = {o: {s: op for s, (op, _) in d.items()} for o, d in self._pending.items()}
+        if not any(fresh.values()) and not any(
+            vv.get(o, 0) + 1 in d for o, d in held_back.items()
+        ):
             return ApplyResult(duplicates=duplicates)
 
         states = await self._load_states(
             (op.kind, op.key)
-            for cand in candidates.values()
-            for op, _ in cand.values()
-            if op.kind in KINDS and op.kind != "lww"
+            for d in (*fresh.values(), *held_back.values())
+            for op in d.values()
+            if op.kind != "lww" and op.kind in KINDS
         )
         zones = self.zones.copy()
         stage = _Stage()
+        lww = stage.lww
         nxt = {o: vv.get(o, 0) + 1 for o in origins}
         heads = {o: self._heads.get(o, GENESIS) for o in origins}
         waiting: dict[str, str] = {}
@@ -722,10 +731,18 @@ class Store:
         while progress:
             progress = False
             for origin in order:
-                cand = candidates[origin]
-                while (entry := cand.get(nxt[origin])) is not None:
-                    op, is_fresh = entry
-                    if op.prev != heads[origin]:
+                new_ops = fresh.get(origin, {})
+                old_ops = held_back.get(origin, {})
+                n, head = nxt[origin], heads[origin]
+                while True:
+                    found = new_ops.get(n)
+                    is_fresh = found is not None
+                    if found is None:
+                        found = old_ops.get(n)
+                        if found is None:
+                            break
+                    op = found
+                    if op.prev != head:
                         if is_fresh:
                             raise ChainError(
                                 f"op ({op.origin!r}, {op.seq}) does not extend its origin's chain"
@@ -733,7 +750,7 @@ class Store:
                         # A held-back op that turns out not to chain is dropped;
                         # the genuine one can still arrive.
                         log.warning("dropping pending op (%s, %d): broken chain", op.origin, op.seq)
-                        del cand[op.seq]
+                        del old_ops[n]
                         break
                     if op.hlc >= skew_limit:
                         try:
@@ -743,9 +760,9 @@ class Store:
                             break
                     # An accepting verdict never changes (the grant history is
                     # append-only), so it is judged once per (origin, zone, epoch).
-                    jkey = (op.origin, op.zone, op.epoch)
+                    jkey = (origin, op.zone, op.epoch)
                     if jkey in accepting and op.key.startswith(op.zone):
-                        verdict, reason = Verdict.ACCEPT, ""
+                        reason = ""
                     else:
                         verdict, reason = zones.judge(op)
                         if verdict is Verdict.WAIT:
@@ -753,23 +770,33 @@ class Store:
                             break
                         if verdict is Verdict.ACCEPT:
                             accepting.add(jkey)
-                    if verdict is Verdict.ACCEPT:
-                        reason = self._stage_remote(op, zones, stage, states) or ""
+                    if not reason:
+                        if op.kind == "lww" and _lww_ok(op.value):
+                            # The hot path of syncfw.crdt.lww, inlined: greatest (hlc, origin, payload).
+                            cand = (op.hlc, origin, op.value)
+                            cur = lww.get(op.key)
+                            if cur is None or cand > cur:
+                                lww[op.key] = cand
+                        else:
+                            reason = self._stage_remote(op, zones, stage, states) or ""
                     if reason:
                         rejected.append((op, reason))
                     else:
                         accepted.append(op)
-                    heads[origin] = op_hash(op)
-                    nxt[origin] += 1
+                    head = op_hash(op)
+                    n += 1
                     waiting.pop(origin, None)
                     progress = True
+                nxt[origin], heads[origin] = n, head
 
         # What stays held back: everything not consumed, with why.
         new_pending: dict[str, dict[int, tuple[Op, str]]] = {}
-        for origin, cand in candidates.items():
+        for origin in origins:
+            why = waiting.get(origin, "gap: waiting for earlier ops of this origin")
             keep = {
-                s: (op, waiting.get(origin, "gap: waiting for earlier ops of this origin"))
-                for s, (op, _) in cand.items()
+                s: (op, why)
+                for d in (held_back.get(origin, {}), fresh.get(origin, {}))
+                for s, op in d.items()
                 if s >= nxt[origin]
             }
             if keep:
@@ -786,8 +813,8 @@ class Store:
         if accepted:
             self.clock.observe(max(op.hlc for op in accepted))
 
-        rows = [_op_row(op, 0) for op in accepted]
-        rows += [_op_row(op, 1) for op, _ in rejected]
+        rows = [(*op.to_tuple(), 0) for op in accepted]
+        rows += [(*op.to_tuple(), 1) for op, _ in rejected]
         steps: list[_Step] = [
             (_INSERT_OP, rows),
             (

@@ -123,7 +123,7 @@ def _many_origins_cost(delta: bool, origins: int = 100) -> int:
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--ops", type=int, default=50_000)
+    parser.add_argument("--ops", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     n = args.ops

@@ -465,10 +465,6 @@ class Store:
                 # write before this transaction starts (one loop turn, no timer).
                 await asyncio.sleep(0)
                 limit = self.config.max_batch
-                if inflight is None and len(jobs) >= 64:
-                    # Nothing is committing: take half, so the other half is
-                    # planned while this one commits (two batches in flight).
-                    limit = min(limit, (len(jobs) + 1) // 2)
                 while jobs and len(batch) < limit and isinstance(jobs[0], _Write):
                     batch.append(jobs.popleft())  # type: ignore[arg-type]
                 # Pipelining: this batch is planned while the previous one

@@ -203,6 +203,8 @@ async def test_storage_full_under_concurrent_writers_keeps_the_log_contiguous(
             nonlocal failed
             for i in range(400):
                 key = f"trucks/t7/w{w}-{i}"
+                if w % 2:  # a load pattern, out of step: arrives while a batch commits
+                    await asyncio.sleep(0.0005 * (w % 5))
                 try:
                     await node.put(key, "y" * 300)
                 except syncfw.StorageFullError:

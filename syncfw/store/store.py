@@ -449,8 +449,13 @@ class Store:
         try:
             while True:
                 if inflight is not None and not jobs:
-                    await inflight  # nothing to overlap it with
-                    inflight = None
+                    # Wait for the batch in flight to land, or for a new write
+                    # to plan while it does, whichever comes first.
+                    wakeup = self._wakeup = asyncio.get_running_loop().create_future()
+                    await asyncio.wait((inflight, wakeup), return_when=asyncio.FIRST_COMPLETED)
+                    self._wakeup = None
+                    if inflight.done():
+                        inflight = None
                 job = await self._next_job()
                 if job is None:
                     return

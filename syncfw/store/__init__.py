@@ -6,8 +6,9 @@ log, zones, errors), aiosqlite, msgpack. Knows nothing of sync sessions,
 transports or gRPC.
 """
 
+from syncfw.store.feed import Change, ChangeFeed, ChangeFeedLagged
 from syncfw.store.schema import APPLICATION_ID, SCHEMA_VERSION
-from syncfw.store.store import Change, ChangeFeed, ChangeFeedLagged, Store, StoreConfig, StoreStats
+from syncfw.store.store import Store, StoreConfig, StoreStats
 
 __all__ = [
     "APPLICATION_ID",

@@ -9,7 +9,10 @@ Invariants:
    version vector, pending ops and the clock's high-water mark commit together
    or not at all. In-memory mirrors change only after COMMIT returns.
 3. Group commit: local writes waiting in the queue are stamped and committed in
-   one transaction; each caller's ``await`` returns only after that commit.
+   one transaction; each caller's ``await`` returns only after that commit. A
+   batch may be planned while the one before it commits; its transaction then
+   first checks that the log ends where it was planned to start (``TIP_SQL``),
+   and is planned again if not.
 4. Per-origin contiguity: an op is applied only after its origin's previous op,
    and only if its ``prev`` names that op's hash. Ops past a gap, with a zone
    epoch not yet granted here, or from too far in the future wait in
@@ -38,60 +41,40 @@ import aiosqlite
 import msgpack
 
 from syncfw.clock import HLC, LOGICAL_BITS, wall_ms
-from syncfw.crdt import KINDS, LWW, YDOC, OpView
+from syncfw.crdt import KINDS, LWW, YDOC
 from syncfw.crdt.ydoc import canonical as ydoc_canonical
 from syncfw.errors import (
     ChainError,
     ClockSkewError,
     CorruptDatabaseError,
     DecodeError,
-    ForeignDatabaseError,
     ForkError,
-    SchemaVersionError,
     StorageError,
-    StorageFullError,
     StoreClosedError,
-    SyncfwError,
 )
 from syncfw.log import GENESIS, ApplyResult, Op, VersionVector, decode_value, op_hash
-from syncfw.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
-from syncfw.zones import GRANT_KEY_PREFIX, GRANT_KIND, Fleet, Grant, Verdict, ZoneTable
+from syncfw.store.feed import Change, ChangeFeed
+from syncfw.store.sql import (
+    INSERT_OP,
+    TIP_SQL,
+    UPSERT_HEAD,
+    StaleTip,
+    Step,
+    check_and_migrate,
+    chunks,
+    run_steps,
+    translate_error,
+)
+from syncfw.store.stage import Stage, lww_ok, stage_grant
+from syncfw.zones import GRANT_KIND, Fleet, Grant, Verdict, ZoneTable
 
-__all__ = ["Change", "ChangeFeed", "ChangeFeedLagged", "Store", "StoreConfig", "StoreStats"]
+__all__ = ["Store", "StoreConfig", "StoreStats"]
 
 log = logging.getLogger("syncfw.store")
 
 T = TypeVar("T")
 PayloadFn = Callable[[Any], bytes]
 
-_CHUNK = 500  # host parameters per IN (...) query, well under SQLite's limit
-
-_INSERT_OP = (
-    "INSERT INTO ops (origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-# The LWW rule of syncfw.crdt.lww, as one guarded upsert: the write with the
-# greatest (hlc, origin, payload) wins, whatever order writes arrive in.
-_UPSERT_LWW = (
-    "INSERT INTO state (kind, key, hlc, origin, data) VALUES ('lww', ?, ?, ?, ?) "
-    "ON CONFLICT (kind, key) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, "
-    "data = excluded.data "
-    "WHERE (excluded.hlc, excluded.origin, excluded.data) > (state.hlc, state.origin, state.data)"
-)
-# Non-lww rows: ``hlc`` is the newest op applied to the key (telemetry retention reads it).
-_UPSERT_STATE = (
-    "INSERT INTO state (kind, key, hlc, origin, data) VALUES (?, ?, ?, '', ?) "
-    "ON CONFLICT (kind, key) DO UPDATE SET data = excluded.data, "
-    "hlc = max(state.hlc, excluded.hlc)"
-)
-_UPSERT_HEAD = (
-    "INSERT INTO heads (origin, seq, hash) VALUES (?, ?, ?) "
-    "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
-)
-
-
-class ChangeFeedLagged(SyncfwError):
-    """A change subscriber fell further behind than its buffer; re-read and resubscribe."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,25 +100,6 @@ class StoreConfig:
     max_offset_ms: int = 500
     max_pending: int = 100_000
     changes_buffer: int = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """An op as it was applied to state, for :meth:`Store.changes`.
-
-    Attributes:
-        key: the key changed.
-        kind: its CRDT type.
-        origin, seq, hlc: the op that changed it.
-        local: True for this node's own writes.
-    """
-
-    key: str
-    kind: str
-    origin: str
-    seq: int
-    hlc: int
-    local: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,64 +131,6 @@ class _Call:
 
 
 _Job = _Write | _Call | None
-
-
-_Step = tuple[str, Sequence[Sequence[Any]]]
-"""One statement and its parameter rows (executemany)."""
-
-
-class _StaleTip(Exception):
-    """A pipelined batch found the log not ending where it was planned to start."""
-
-
-_TIP_SQL = "SELECT seq FROM heads WHERE origin = ?"
-
-
-def _run_steps(
-    db: sqlite3.Connection, steps: Sequence[_Step], expect: tuple[str, int] | None = None
-) -> int:
-    """Run on the database thread: one transaction, all or nothing."""
-    changed = 0
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        if expect is not None:
-            row = db.execute(_TIP_SQL, (expect[0],)).fetchone()
-            if (row[0] if row else 0) != expect[1]:
-                raise _StaleTip(expect)
-        for sql, params in steps:
-            changed += max(db.executemany(sql, params).rowcount, 0)
-        db.execute("COMMIT")
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    return changed
-
-
-def _translate(exc: sqlite3.Error) -> StorageError:
-    """Map a sqlite3 error to the syncfw error users see."""
-    text = str(exc).lower()
-    if "full" in text:
-        return StorageFullError(f"storage is full ({exc}); the batch was rolled back")
-    if "malformed" in text or "not a database" in text or "corrupt" in text:
-        return CorruptDatabaseError(f"the database file is damaged: {exc}")
-    return StorageError(f"SQLite error: {exc}")
-
-
-def _chunks(items: Sequence[T], n: int = _CHUNK) -> Iterable[Sequence[T]]:
-    for i in range(0, len(items), n):
-        yield items[i : i + n]
-
-
-def _lww_ok(payload: bytes) -> bool:
-    """An lww payload is a tombstone or one well-formed msgpack value."""
-    if not payload:
-        return True
-    try:
-        decode_value(payload)
-    except DecodeError:
-        return False
-    return True
 
 
 def _op_row(op: Op, status: int) -> tuple[Any, ...]:
@@ -306,7 +212,9 @@ class Store:
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open {path!r}: {exc}") from None
         try:
-            await _check_and_migrate(conn, path, node_id, fleet, config)
+            await check_and_migrate(
+                conn, path, node_id, fleet, config.synchronous, config.max_bytes
+            )
             store = cls(conn, path, node_id, fleet, HLC(wall, max_offset_ms=config.max_offset_ms), config)
             await store._load()
         except BaseException:
@@ -344,7 +252,7 @@ class Store:
             if rows and rows[0][0] is not None:
                 high = max(high, int(rows[0][0]))
         except sqlite3.Error as exc:
-            raise _translate(exc) from None
+            raise translate_error(exc) from None
         except DecodeError as exc:
             raise CorruptDatabaseError(f"pending op in {self.path!r} is damaged: {exc}") from None
         # A restart with the wall clock set in the past never issues a smaller timestamp.
@@ -512,7 +420,7 @@ class Store:
             states[(kind, key)] = KINDS[kind].empty()
         for kind, klist in by_kind.items():
             crdt = KINDS[kind]
-            for chunk in _chunks(klist):
+            for chunk in chunks(klist):
                 marks = ",".join("?" * len(chunk))
                 for key, data in await self._conn.execute_fetchall(
                     f"SELECT key, data FROM state WHERE kind = ? AND key IN ({marks})",
@@ -539,14 +447,14 @@ class Store:
                 (w.kind, w.key) for w in batch if w.kind in KINDS and w.kind != "lww"
             )
         except (sqlite3.Error, DecodeError) as exc:
-            err = _translate(exc) if isinstance(exc, sqlite3.Error) else exc
+            err = translate_error(exc) if isinstance(exc, sqlite3.Error) else exc
             for w in batch:
                 if not w.future.done():
                     w.future.set_exception(err)
             return None, False
         ops: list[Op] = []
         done: list[_Write] = []
-        stage = _Stage()
+        stage = Stage()
         zones = self.zones
         for w in batch:
             if w.future.done():  # the caller was cancelled before its turn
@@ -561,7 +469,7 @@ class Store:
                 op = Op(me, seq + 1, self.clock.now(), w.zone, w.epoch, w.key, w.kind, payload, head)
                 if op.kind == GRANT_KIND:
                     zones = zones.copy() if zones is self.zones else zones
-                    reason = _stage_grant(zones, op, stage)
+                    reason = stage_grant(zones, op, stage)
                     if reason is not None:
                         raise ValueError(reason)
                 else:
@@ -575,9 +483,9 @@ class Store:
             done.append(w)
         if not ops:
             return None, False
-        steps: list[_Step] = [(_INSERT_OP, [_op_row(op, 0) for op in ops])]
+        steps: list[Step] = [(INSERT_OP, [_op_row(op, 0) for op in ops])]
         steps += stage.steps(states)
-        steps += [(_UPSERT_HEAD, [(me, seq, head)]), self._hlc_step()]
+        steps += [(UPSERT_HEAD, [(me, seq, head)]), self._hlc_step()]
         txn = asyncio.ensure_future(self._transaction(steps, expect=(me, start)))
         self._tip = (seq, head)
         finish = asyncio.ensure_future(self._finish_local(txn, done, ops, zones))
@@ -589,7 +497,7 @@ class Store:
         me = self.node_id
         try:
             await txn
-        except _StaleTip:
+        except StaleTip:
             # The batch before this one failed: plan these writes again, first.
             self._tip = (self._vv.get(me, 0), self._heads.get(me, GENESIS))
             self._jobs.extendleft(reversed(done))
@@ -613,11 +521,11 @@ class Store:
         self._notify(ops, local=True)
         return True
 
-    def _hlc_step(self) -> _Step:
+    def _hlc_step(self) -> Step:
         return ("INSERT OR REPLACE INTO meta (k, v) VALUES ('hlc', ?)", [(self.clock.last,)])
 
     async def _transaction(
-        self, steps: Sequence[_Step], *, expect: tuple[str, int] | None = None
+        self, steps: Sequence[Step], *, expect: tuple[str, int] | None = None
     ) -> int:
         """Run ``steps`` in one transaction, in one hop to the database thread.
 
@@ -625,7 +533,7 @@ class Store:
         a commit of a batch would otherwise pay for BEGIN, each statement and
         COMMIT. Returns the total of rows changed. With ``expect=(origin,
         seq)`` the transaction first checks that the log of ``origin`` ends at
-        ``seq`` and raises ``_StaleTip`` (writing nothing) if it does not.
+        ``seq`` and raises ``StaleTip`` (writing nothing) if it does not.
 
         Raises:
             StorageError: translated from sqlite3 (StorageFullError on a full
@@ -635,22 +543,22 @@ class Store:
         try:
             run = getattr(self._conn, "_execute", None)
             if run is not None:
-                return int(await run(_run_steps, self._conn._conn, steps, expect))
+                return int(await run(run_steps, self._conn._conn, steps, expect))
             return await self._transaction_stepwise(steps, expect)  # pragma: no cover
         except sqlite3.Error as exc:
-            raise _translate(exc) from None
+            raise translate_error(exc) from None
 
     async def _transaction_stepwise(
-        self, steps: Sequence[_Step], expect: tuple[str, int] | None
+        self, steps: Sequence[Step], expect: tuple[str, int] | None
     ) -> int:  # pragma: no cover
         """The same through public aiosqlite calls, should its internals change."""
         changed = 0
         await self._conn.execute("BEGIN IMMEDIATE")
         try:
             if expect is not None:
-                rows = list(await self._conn.execute_fetchall(_TIP_SQL, (expect[0],)))
+                rows = list(await self._conn.execute_fetchall(TIP_SQL, (expect[0],)))
                 if (rows[0][0] if rows else 0) != expect[1]:
-                    raise _StaleTip(expect)
+                    raise StaleTip(expect)
             for sql, params in steps:
                 cur = await self._conn.executemany(sql, params)
                 changed += max(cur.rowcount, 0)
@@ -716,7 +624,7 @@ class Store:
             if op.kind != "lww" and op.kind in KINDS
         )
         zones = self.zones.copy()
-        stage = _Stage()
+        stage = Stage()
         lww = stage.lww
         nxt = {o: vv.get(o, 0) + 1 for o in origins}
         heads = {o: self._heads.get(o, GENESIS) for o in origins}
@@ -772,7 +680,7 @@ class Store:
                         if verdict is Verdict.ACCEPT:
                             accepting.add(jkey)
                     if not reason:
-                        if op.kind == "lww" and _lww_ok(op.value):
+                        if op.kind == "lww" and lww_ok(op.value):
                             # The hot path of syncfw.crdt.lww, inlined: greatest (hlc, origin, payload).
                             cand = (op.hlc, origin, op.value)
                             cur = lww.get(op.key)
@@ -816,14 +724,14 @@ class Store:
 
         rows = [(*op.to_tuple(), 0) for op in accepted]
         rows += [(*op.to_tuple(), 1) for op, _ in rejected]
-        steps: list[_Step] = [
-            (_INSERT_OP, rows),
+        steps: list[Step] = [
+            (INSERT_OP, rows),
             (
                 "INSERT INTO rejected (origin, seq, key, reason) VALUES (?, ?, ?, ?)",
                 [(op.origin, op.seq, op.key, why) for op, why in rejected],
             ),
             *stage.steps(states),
-            (_UPSERT_HEAD, [(o, nxt[o] - 1, heads[o]) for o in progressed]),
+            (UPSERT_HEAD, [(o, nxt[o] - 1, heads[o]) for o in progressed]),
             ("DELETE FROM pending WHERE origin = ? AND seq = ?", to_delete),
             ("INSERT OR REPLACE INTO pending (origin, seq, op, reason) VALUES (?, ?, ?, ?)", to_insert),
             self._hlc_step(),
@@ -847,11 +755,11 @@ class Store:
         )
 
     def _stage_remote(
-        self, op: Op, zones: ZoneTable, stage: _Stage, states: dict[tuple[str, str], Any]
+        self, op: Op, zones: ZoneTable, stage: Stage, states: dict[tuple[str, str], Any]
     ) -> str | None:
         """Stage an accepted op; return a rejection reason if it cannot be merged."""
         if op.kind == GRANT_KIND:
-            return _stage_grant(zones, op, stage)
+            return stage_grant(zones, op, stage)
         if op.kind not in KINDS:
             return f"unknown op kind {op.kind!r}"
         try:
@@ -887,7 +795,7 @@ class Store:
             by_origin[op.origin].append(op.seq)
         try:
             for origin, seqs in by_origin.items():
-                for chunk in _chunks(seqs):
+                for chunk in chunks(seqs):
                     marks = ",".join("?" * len(chunk))
                     for row in await self._conn.execute_fetchall(
                         "SELECT origin, seq, hlc, zone, epoch, key, kind, value, prev "
@@ -896,7 +804,7 @@ class Store:
                     ):
                         stored[(row[0], row[1])] = tuple(row)
         except sqlite3.Error as exc:
-            raise _translate(exc) from None
+            raise translate_error(exc) from None
         for op in held:
             kept = stored.get(op.id)
             # Compacted ops are no longer comparable; their chain was verified at apply.
@@ -953,7 +861,7 @@ class Store:
                 if len(out) >= limit:
                     return out
         except sqlite3.Error as exc:
-            raise _translate(exc) from None
+            raise translate_error(exc) from None
         return out
 
     async def _priority(self, origin: str, start: int, window: int) -> int:
@@ -1038,7 +946,7 @@ class Store:
         try:
             return list(await self._conn.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
-            raise _translate(exc) from None
+            raise translate_error(exc) from None
 
     # ------------------------------------------------------------------ peers, compaction
 
@@ -1150,154 +1058,11 @@ class Store:
         """
         q: asyncio.Queue[Change | None] = asyncio.Queue(self.config.changes_buffer + 1)
         self._subscribers.add(q)
-        return ChangeFeed(self, q)
-
-
-class ChangeFeed:
-    """An async iterator over applied changes; ``aclose()`` unsubscribes."""
-
-    def __init__(self, store: Store, queue: asyncio.Queue[Change | None]) -> None:
-        self._store = store
-        self._queue = queue
-
-    def __aiter__(self) -> ChangeFeed:
-        return self
-
-    async def __anext__(self) -> Change:
-        ch = await self._queue.get()
-        if ch is None:
-            self._store._subscribers.discard(self._queue)
-            if self._store._closed:
-                raise StopAsyncIteration
-            raise ChangeFeedLagged(
-                f"change subscriber fell {self._store.config.changes_buffer} changes behind"
-            )
-        return ch
-
-    async def aclose(self) -> None:
-        """Stop receiving changes."""
-        self._store._subscribers.discard(self._queue)
-
-
-class _Stage:
-    """State changes of one transaction, folded in memory before they are written."""
-
-    __slots__ = ("grants", "lww", "touched")
-
-    def __init__(self) -> None:
-        self.lww: dict[str, tuple[int, str, bytes]] = {}
-        self.touched: dict[tuple[str, str], int] = {}
-        self.grants: list[Grant] = []
-
-    def apply(self, op: Op, states: dict[tuple[str, str], Any]) -> None:
-        if op.kind == "lww":
-            cand = (op.hlc, op.origin, op.value)
-            cur = self.lww.get(op.key)
-            if cur is None or cand > cur:
-                self.lww[op.key] = cand
-            return
-        crdt = KINDS.get(op.kind)
-        if crdt is None:
-            raise DecodeError(f"unknown op kind {op.kind!r}")
-        k = (op.kind, op.key)
-        states[k] = crdt.apply(states[k], OpView(op.origin, op.seq, op.hlc, op.value))
-        self.touched[k] = max(self.touched.get(k, 0), op.hlc)
-
-    def steps(self, states: dict[tuple[str, str], Any]) -> list[_Step]:
-        """The statements that write this stage."""
-        return [
-            (_UPSERT_LWW, [(k, h, o, p) for k, (h, o, p) in self.lww.items()]),
-            (
-                _UPSERT_STATE,
-                [
-                    (kind, key, hlc, KINDS[kind].encode(states[(kind, key)]))
-                    for (kind, key), hlc in self.touched.items()
-                ],
-            ),
-            (
-                "INSERT OR IGNORE INTO grants (prefix, epoch, owners) VALUES (?, ?, ?)",
-                [(g.prefix, g.epoch, msgpack.packb(sorted(g.owners))) for g in self.grants],
-            ),
-        ]
-
-
-def _stage_grant(zones: ZoneTable, op: Op, stage: _Stage) -> str | None:
-    """Apply a grant op to ``zones`` (a staged copy); return why it is invalid, if it is."""
-    try:
-        raw = decode_value(op.value)
-        grant = Grant(str(raw["prefix"]), frozenset(str(o) for o in raw["owners"]), int(raw["epoch"]))
-    except (DecodeError, KeyError, TypeError, ValueError) as exc:
-        return f"malformed grant: {exc}"
-    if op.key != GRANT_KEY_PREFIX + grant.prefix:
-        return f"grant of {grant.prefix!r} written under the wrong key {op.key!r}"
-    reason = zones.check_grant(op.origin, grant)
-    if reason is not None:
-        return reason
-    zones.add_grant(grant)
-    stage.grants.append(grant)
-    return None
-
-
-async def _check_and_migrate(
-    conn: aiosqlite.Connection, path: str, node_id: str, fleet: Fleet, config: StoreConfig
-) -> None:
-    """Refuse foreign, newer or damaged files before writing; then migrate and configure."""
-    try:
-        app_id = (await conn.execute_fetchall("PRAGMA application_id"))[0][0]  # type: ignore[index]
-        version = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]  # type: ignore[index]
-        tables = list(await conn.execute_fetchall("SELECT name FROM sqlite_master"))
-    except sqlite3.DatabaseError as exc:
-        raise CorruptDatabaseError(f"{path!r} is not a readable SQLite database: {exc}") from None
-    if app_id != APPLICATION_ID and (app_id != 0 or tables):
-        raise ForeignDatabaseError(f"{path!r} is a SQLite database, but not a syncfw store")
-    if version > SCHEMA_VERSION:
-        raise SchemaVersionError(
-            f"{path!r} has schema version {version}; this syncfw knows up to {SCHEMA_VERSION}"
+        return ChangeFeed(
+            q,
+            unsubscribe=lambda: self._subscribers.discard(q),
+            closed=lambda: self._closed,
+            buffer=self.config.changes_buffer,
         )
-    try:
-        if version:
-            meta: dict[str, Any] = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
-            if meta.get("node_id") != node_id:
-                raise ForeignDatabaseError(
-                    f"{path!r} belongs to node {meta.get('node_id')!r}, not {node_id!r}"
-                )
-            if meta.get("fleet_id") != fleet.fleet_id:
-                raise ForeignDatabaseError(
-                    f"{path!r} belongs to fleet {meta.get('fleet_id')!r}, not {fleet.fleet_id!r}"
-                )
-        await conn.execute("PRAGMA journal_mode = WAL")
-        await conn.execute(f"PRAGMA synchronous = {config.synchronous}")
-        for step in range(version + 1, SCHEMA_VERSION + 1):
-            await conn.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in MIGRATIONS[step].split(";"):
-                    if statement.strip():
-                        await conn.execute(statement)
-                if step == 1:
-                    await conn.executemany(
-                        "INSERT INTO meta (k, v) VALUES (?, ?)",
-                        [("node_id", node_id), ("fleet_id", fleet.fleet_id)],
-                    )
-                    await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                await conn.execute(f"PRAGMA user_version = {step}")
-                await conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    await conn.execute("ROLLBACK")
-                raise
-        # The bootstrap grants are recorded so the file tells its whole zone
-        # history (``syncfw inspect``); they are identical on every node.
-        await conn.execute("BEGIN IMMEDIATE")
-        await conn.executemany(
-            "INSERT OR IGNORE INTO grants (prefix, epoch, owners) VALUES (?, ?, ?)",
-            [(g.prefix, g.epoch, msgpack.packb(sorted(g.owners))) for g in ZoneTable(fleet).grants()],
-        )
-        await conn.execute(
-            "INSERT OR REPLACE INTO meta (k, v) VALUES ('authority', ?)", (fleet.authority,)
-        )
-        await conn.execute("COMMIT")
-        if config.max_bytes is not None:
-            page_size = (await conn.execute_fetchall("PRAGMA page_size"))[0][0]  # type: ignore[index]
-            await conn.execute(f"PRAGMA max_page_count = {max(1, config.max_bytes // page_size)}")
-    except sqlite3.DatabaseError as exc:
-        raise _translate(exc) from None
+
+

@@ -1,0 +1,170 @@
+"""The seam between the store and SQLite: statements, transactions, errors, migration.
+
+Every ``sqlite3`` exception the store can meet is translated here
+(:func:`translate_error`), so none reaches a user; a write transaction runs as
+one list of steps in one hop to aiosqlite's database thread (:func:`run_steps`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any, TypeVar
+
+import aiosqlite
+import msgpack
+
+from syncfw.errors import (
+    CorruptDatabaseError,
+    ForeignDatabaseError,
+    SchemaVersionError,
+    StorageError,
+    StorageFullError,
+)
+from syncfw.store.schema import APPLICATION_ID, MIGRATIONS, SCHEMA_VERSION
+from syncfw.zones import Fleet, ZoneTable
+
+T = TypeVar("T")
+
+CHUNK = 500  # host parameters per IN (...) query, well under SQLite's limit
+
+Step = tuple[str, Sequence[Sequence[Any]]]
+"""One statement and its parameter rows (executemany)."""
+
+INSERT_OP = (
+    "INSERT INTO ops (origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# The LWW rule of syncfw.crdt.lww, as one guarded upsert: the write with the
+# greatest (hlc, origin, payload) wins, whatever order writes arrive in.
+UPSERT_LWW = (
+    "INSERT INTO state (kind, key, hlc, origin, data) VALUES ('lww', ?, ?, ?, ?) "
+    "ON CONFLICT (kind, key) DO UPDATE SET hlc = excluded.hlc, origin = excluded.origin, "
+    "data = excluded.data "
+    "WHERE (excluded.hlc, excluded.origin, excluded.data) > (state.hlc, state.origin, state.data)"
+)
+# Non-lww rows: ``hlc`` is the newest op applied to the key (telemetry retention reads it).
+UPSERT_STATE = (
+    "INSERT INTO state (kind, key, hlc, origin, data) VALUES (?, ?, ?, '', ?) "
+    "ON CONFLICT (kind, key) DO UPDATE SET data = excluded.data, "
+    "hlc = max(state.hlc, excluded.hlc)"
+)
+UPSERT_HEAD = (
+    "INSERT INTO heads (origin, seq, hash) VALUES (?, ?, ?) "
+    "ON CONFLICT (origin) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
+)
+
+
+
+class StaleTip(Exception):
+    """A pipelined batch found the log not ending where it was planned to start."""
+
+
+TIP_SQL = "SELECT seq FROM heads WHERE origin = ?"
+
+
+def run_steps(
+    db: sqlite3.Connection, steps: Sequence[Step], expect: tuple[str, int] | None = None
+) -> int:
+    """Run on the database thread: one transaction, all or nothing."""
+    changed = 0
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if expect is not None:
+            row = db.execute(TIP_SQL, (expect[0],)).fetchone()
+            if (row[0] if row else 0) != expect[1]:
+                raise StaleTip(expect)
+        for sql, params in steps:
+            changed += max(db.executemany(sql, params).rowcount, 0)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return changed
+
+
+def translate_error(exc: sqlite3.Error) -> StorageError:
+    """Map a sqlite3 error to the syncfw error users see."""
+    text = str(exc).lower()
+    if "full" in text:
+        return StorageFullError(f"storage is full ({exc}); the batch was rolled back")
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return CorruptDatabaseError(f"the database file is damaged: {exc}")
+    return StorageError(f"SQLite error: {exc}")
+
+
+def chunks(items: Sequence[T], n: int = CHUNK) -> Iterable[Sequence[T]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+async def check_and_migrate(
+    conn: aiosqlite.Connection,
+    path: str,
+    node_id: str,
+    fleet: Fleet,
+    synchronous: str,
+    max_bytes: int | None,
+) -> None:
+    """Refuse foreign, newer or damaged files before writing; then migrate and configure."""
+    try:
+        app_id = (await conn.execute_fetchall("PRAGMA application_id"))[0][0]  # type: ignore[index]
+        version = (await conn.execute_fetchall("PRAGMA user_version"))[0][0]  # type: ignore[index]
+        tables = list(await conn.execute_fetchall("SELECT name FROM sqlite_master"))
+    except sqlite3.DatabaseError as exc:
+        raise CorruptDatabaseError(f"{path!r} is not a readable SQLite database: {exc}") from None
+    if app_id != APPLICATION_ID and (app_id != 0 or tables):
+        raise ForeignDatabaseError(f"{path!r} is a SQLite database, but not a syncfw store")
+    if version > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path!r} has schema version {version}; this syncfw knows up to {SCHEMA_VERSION}"
+        )
+    try:
+        if version:
+            meta: dict[str, Any] = dict(await conn.execute_fetchall("SELECT k, v FROM meta"))  # type: ignore[arg-type]
+            if meta.get("node_id") != node_id:
+                raise ForeignDatabaseError(
+                    f"{path!r} belongs to node {meta.get('node_id')!r}, not {node_id!r}"
+                )
+            if meta.get("fleet_id") != fleet.fleet_id:
+                raise ForeignDatabaseError(
+                    f"{path!r} belongs to fleet {meta.get('fleet_id')!r}, not {fleet.fleet_id!r}"
+                )
+        await conn.execute("PRAGMA journal_mode = WAL")
+        await conn.execute(f"PRAGMA synchronous = {synchronous}")
+        for step in range(version + 1, SCHEMA_VERSION + 1):
+            await conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in MIGRATIONS[step].split(";"):
+                    if statement.strip():
+                        await conn.execute(statement)
+                if step == 1:
+                    await conn.executemany(
+                        "INSERT INTO meta (k, v) VALUES (?, ?)",
+                        [("node_id", node_id), ("fleet_id", fleet.fleet_id)],
+                    )
+                    await conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                await conn.execute(f"PRAGMA user_version = {step}")
+                await conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    await conn.execute("ROLLBACK")
+                raise
+        # The bootstrap grants are recorded so the file tells its whole zone
+        # history (``syncfw inspect``); they are identical on every node.
+        await conn.execute("BEGIN IMMEDIATE")
+        await conn.executemany(
+            "INSERT OR IGNORE INTO grants (prefix, epoch, owners) VALUES (?, ?, ?)",
+            [(g.prefix, g.epoch, msgpack.packb(sorted(g.owners))) for g in ZoneTable(fleet).grants()],
+        )
+        await conn.execute(
+            "INSERT OR REPLACE INTO meta (k, v) VALUES ('authority', ?)", (fleet.authority,)
+        )
+        await conn.execute("COMMIT")
+        if max_bytes is not None:
+            page_size = (await conn.execute_fetchall("PRAGMA page_size"))[0][0]  # type: ignore[index]
+            await conn.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
+    except sqlite3.DatabaseError as exc:
+        raise translate_error(exc) from None

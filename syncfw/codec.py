@@ -2,10 +2,16 @@
 
 Layout of a batch::
 
-    byte 0      format version (``BATCH_VERSION``, currently 1)
+    byte 0      format version: 1, or 2 (``BATCH_VERSION``) when ``prev`` may be elided
     byte 1      compression: 0 = none, 1 = zstd
     bytes 2..   msgpack array of op tuples (:meth:`syncfw.log.Op.to_tuple`),
                 zstd-compressed when byte 1 says so
+
+In version 2 an op's ``prev`` is nil when it is the hash of the op just before
+it in the batch (the next seq of the same origin): the receiver recomputes it.
+A chained run then costs 1 byte per op instead of 33 of incompressible hash,
+and nothing is weakened: the store still checks the first op of every run
+against the chain head it holds, and every later hash follows from the ops.
 
 Invariants:
 
@@ -32,7 +38,7 @@ import msgpack
 import zstandard
 
 from syncfw.errors import DecodeError
-from syncfw.log import Op
+from syncfw.log import Op, op_hash
 
 __all__ = [
     "BATCH_VERSION",
@@ -45,7 +51,8 @@ __all__ = [
     "packed_size",
 ]
 
-BATCH_VERSION = 1
+BATCH_VERSION = 2
+_VERSIONS = (1, 2)
 COMPRESS_NONE = 0
 COMPRESS_ZSTD = 1
 _HEADER = 2
@@ -82,14 +89,38 @@ def packed_size(op: Op) -> int:
     return len(_PACKER.pack(op.to_tuple()))
 
 
+def _elided(ops: Sequence[Op]) -> list[tuple[object, ...]]:
+    """Op tuples with ``prev`` set to nil where the op before it implies it."""
+    rows: list[tuple[object, ...]] = []
+    before: Op | None = None
+    for op in ops:
+        row = op.to_tuple()
+        if (
+            before is not None
+            and before.origin == op.origin
+            and before.seq + 1 == op.seq
+            and op.prev == op_hash(before)
+        ):
+            row = (*row[:8], None, row[9])
+        rows.append(row)
+        before = op
+    return rows
+
+
 def encode_batch(
-    ops: Sequence[Op], *, zstd: bool = False, limits: BatchLimits = DEFAULT_LIMITS
+    ops: Sequence[Op],
+    *,
+    zstd: bool = False,
+    elide_prev: bool = False,
+    limits: BatchLimits = DEFAULT_LIMITS,
 ) -> bytes:
     """Pack ops into one batch.
 
     Args:
         ops: the ops, in the order the receiver should apply them.
         zstd: the peer advertised zstd; compress if the batch is large enough.
+        elide_prev: the peer reads format 2: leave out ``prev`` hashes implied
+            by the op before (otherwise format 1 is written).
         limits: caps; the batch must fit in them (the receiver enforces the same).
 
     Returns:
@@ -100,7 +131,8 @@ def encode_batch(
     """
     if len(ops) > limits.max_ops:
         raise ValueError(f"{len(ops)} ops exceed the batch cap of {limits.max_ops}")
-    payload = _PACKER.pack([op.to_tuple() for op in ops])
+    version = BATCH_VERSION if elide_prev else 1
+    payload = _PACKER.pack(_elided(ops) if elide_prev else [op.to_tuple() for op in ops])
     if len(payload) > limits.max_decompressed:
         raise ValueError(f"batch of {len(payload)} bytes exceeds {limits.max_decompressed}")
     mode = COMPRESS_NONE
@@ -113,7 +145,7 @@ def encode_batch(
         compressed = zc.compress(payload)
         if len(compressed) < len(payload):
             payload, mode = compressed, COMPRESS_ZSTD
-    data = bytes((BATCH_VERSION, mode)) + payload
+    data = bytes((version, mode)) + payload
     if len(data) > limits.max_compressed:
         raise ValueError(f"encoded batch of {len(data)} bytes exceeds {limits.max_compressed}")
     return data
@@ -165,7 +197,7 @@ def decode_batch(data: bytes, *, limits: BatchLimits = DEFAULT_LIMITS) -> list[O
     if len(data) < _HEADER:
         raise DecodeError("batch shorter than its header")
     version, mode = data[0], data[1]
-    if version != BATCH_VERSION:
+    if version not in _VERSIONS:
         raise DecodeError(f"unknown batch format version {version}")
     body = bytes(data[_HEADER:])
     if mode == COMPRESS_ZSTD:
@@ -190,4 +222,16 @@ def decode_batch(data: bytes, *, limits: BatchLimits = DEFAULT_LIMITS) -> list[O
         raise DecodeError("a batch must be a msgpack array of ops")
     if len(items) > limits.max_ops:
         raise DecodeError(f"{len(items)} ops exceed the batch cap of {limits.max_ops}")
-    return [Op.from_tuple(item) for item in items]
+    if version == 1:
+        return [Op.from_tuple(item) for item in items]
+    ops: list[Op] = []
+    for i, item in enumerate(items):
+        if isinstance(item, list) and len(item) == 10 and item[8] is None:
+            before = ops[-1] if ops else None
+            if before is None or not (
+                before.origin == item[0] and type(item[1]) is int and before.seq + 1 == item[1]
+            ):
+                raise DecodeError(f"op {i} leaves out prev but does not follow its predecessor")
+            item[8] = op_hash(before)
+        ops.append(Op.from_tuple(item))
+    return ops

@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 ZSTD = "zstd"
+CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before are left out)
 
 
 # -- effects -------------------------------------------------------------------
@@ -293,7 +294,7 @@ class Session:
             fleet_id=self.fleet_id,
             node_id=self.node_id,
             hlc=self._hlc,
-            features=(ZSTD,) if self.config.zstd else (),
+            features=(ZSTD, CHAIN) if self.config.zstd else (CHAIN,),
             max_batch_bytes=self.config.max_batch_bytes,
         )
         out: list[Effect] = [Send(hello)]
@@ -579,7 +580,8 @@ class Session:
             compress_threshold=self._limits.compress_threshold,
             zstd_level=self._limits.zstd_level,
         )
-        data = encode_batch(ops, zstd=zstd, limits=limits)
+        chain = self.peer is not None and CHAIN in self.peer.features
+        data = encode_batch(ops, zstd=zstd, elide_prev=chain, limits=limits)
         if len(data) <= cap:
             return [data]
         if len(ops) == 1:

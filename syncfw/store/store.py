@@ -319,14 +319,15 @@ class Store:
             futures.append(fut)
         if not futures:
             return []
-        self._enqueue_wake()
+        self._wake()
         # Batches commit in queue order, so once the last is settled all are.
         await asyncio.wait([futures[-1]])
         if not all(f.done() for f in futures):  # a batch was re-planned: wait for every one
             await asyncio.wait(futures)
         return [f.exception() or f.result() for f in futures]
 
-    def _enqueue_wake(self) -> None:
+    def _wake(self) -> None:
+        """Wake the writer if it is waiting for work."""
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
@@ -340,9 +341,7 @@ class Store:
 
     def _enqueue(self, job: _Job) -> None:
         self._jobs.append(job)
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+        self._wake()
 
     async def _next_job(self) -> _Job:
         while not self._jobs:
@@ -501,9 +500,7 @@ class Store:
             # The batch before this one failed: plan these writes again, first.
             self._tip = (self._vv.get(me, 0), self._heads.get(me, GENESIS))
             self._jobs.extendleft(reversed(done))
-            wakeup = self._wakeup
-            if wakeup is not None and not wakeup.done():
-                wakeup.set_result(None)
+            self._wake()
             return False
         except Exception as exc:  # the writer must outlive any failure of one batch
             if not isinstance(exc, StorageError):

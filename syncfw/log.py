@@ -11,6 +11,11 @@ Invariants:
    Two replicas with equal version vectors hold the same set of ops.
 4. Values are msgpack bytes; :func:`encode_value` refuses anything msgpack
    cannot carry before a single byte is written.
+5. Ops are minted by :class:`OpChain` only: it alone assigns ``seq`` and
+   ``prev``, so an origin's log is a chain by construction. A signer hook seals
+   a chain head (the last op of a commit) with ``sig``; ``sig`` takes no part
+   in what "the same op" means (:func:`same_op`), because it covers the chain
+   up to that op, not the op alone.
 
 Nothing here touches SQLite, asyncio or the network.
 """
@@ -18,7 +23,7 @@ Nothing here touches SQLite, asyncio or the network.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NewType, Protocol
 
@@ -32,11 +37,14 @@ __all__ = [
     "Replica",
     "NodeId",
     "Op",
+    "OpChain",
     "OpId",
+    "Signer",
     "VersionVector",
     "decode_value",
     "encode_value",
     "op_hash",
+    "same_op",
     "vv_digest",
     "vv_dominates",
     "vv_merge",
@@ -137,6 +145,76 @@ def op_hash(op: Op) -> bytes:
             (op.origin, op.seq, op.hlc, op.zone, op.epoch, op.key, op.kind, op.value, op.prev)
         )
     ).digest()
+
+
+def same_op(a: Op, b: Op) -> bool:
+    """True if ``a`` and ``b`` are the same op: every field but ``sig`` is equal.
+
+    Two ops at one ``(origin, seq)`` that are not the same op are a fork.
+    """
+    return (
+        a.origin == b.origin
+        and a.seq == b.seq
+        and a.hlc == b.hlc
+        and a.zone == b.zone
+        and a.epoch == b.epoch
+        and a.key == b.key
+        and a.kind == b.kind
+        and a.value == b.value
+        and a.prev == b.prev
+    )
+
+
+Signer = Callable[[Op], bytes]
+"""Signs a chain head: given the last op of a commit, returns its ``sig``."""
+
+
+class OpChain:
+    """Mints one origin's ops: each continues the last one minted.
+
+    Args:
+        origin: the writing node's id.
+        seq: the seq of the last op already in the chain (0 for none).
+        head: the hash of that op (:data:`GENESIS` for none).
+        signer: seals chain heads (:meth:`seal`); None leaves ops unsigned.
+
+    The chain may run ahead of what is durable (a store plans the next group
+    commit while the last one commits); :meth:`reset` moves it back to a
+    committed tip when a planned batch is abandoned.
+    """
+
+    __slots__ = ("_head", "_seq", "origin", "signer")
+
+    def __init__(
+        self, origin: str, seq: int = 0, head: bytes = GENESIS, *, signer: Signer | None = None
+    ) -> None:
+        self.origin = origin
+        self._seq = seq
+        self._head = head
+        self.signer = signer
+
+    @property
+    def tip(self) -> tuple[int, bytes]:
+        """``(seq, hash)`` of the last op minted (or the chain's start)."""
+        return (self._seq, self._head)
+
+    def mint(self, hlc: int, zone: str, epoch: int, key: str, kind: str, value: bytes) -> Op:
+        """The next op of this origin."""
+        op = Op(self.origin, self._seq + 1, hlc, zone, epoch, key, kind, value, self._head)
+        self._seq = op.seq
+        self._head = op_hash(op)
+        return op
+
+    def seal(self, op: Op) -> Op:
+        """``op`` with its ``sig`` set by the signer (``op`` itself when there is none)."""
+        if self.signer is None:
+            return op
+        return Op(*op.to_tuple()[:9], self.signer(op))
+
+    def reset(self, seq: int, head: bytes) -> None:
+        """Move the chain back (or forward) to ``(seq, head)``."""
+        self._seq = seq
+        self._head = head
 
 
 def encode_value(value: Any) -> bytes:

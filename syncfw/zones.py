@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from syncfw.errors import ZoneOwnershipError
+from syncfw.keys import NODE_TEMPLATES
 from syncfw.log import Op
 
 __all__ = [
@@ -105,7 +106,7 @@ class Fleet:
     fleet_id: str = "default"
     authority: str = "cloud"
     grants: tuple[Grant, ...] = ()
-    node_zones: tuple[str, ...] = ("fleet/{node}/", "results/{node}/", "telemetry/{node}/")
+    node_zones: tuple[str, ...] = NODE_TEMPLATES
     telemetry: tuple[str, ...] = ("telemetry/",)
     priorities: tuple[tuple[str, int], ...] = (("sys/", 100), ("telemetry/", -10))
 

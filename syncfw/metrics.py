@@ -1,0 +1,200 @@
+"""One Prometheus registry per node, and every metric syncfw records in it.
+
+Invariants:
+
+1. Every metric family is declared here, once, with its help text and labels:
+   a component never creates its own. Components take a :class:`NodeMetrics`
+   and record where the event happens (the store on commit, the exchange
+   runner at an exchange's end, the mesh on a membership change, the engine
+   per call), so ``/metrics`` and :meth:`Node.status` read the same numbers.
+2. Each node has its own :class:`~prometheus_client.CollectorRegistry`: two
+   nodes in one process (tests, the simulator, the demo) never mix figures,
+   and nothing is registered in prometheus_client's global registry.
+3. Label values that come from peers (peer ids) are bounded by the caller:
+   the mesh labels per-peer gauges only for members of its bounded table and
+   removes a peer's series when it forgets the peer.
+
+Knows nothing of SQLite, gRPC or ONNX Runtime; imports only prometheus_client.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+__all__ = ["MetricsServer", "NodeMetrics", "serve_metrics"]
+
+_LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 16384, 65536)
+
+
+class NodeMetrics:
+    """The metric families of one node, in a registry of its own.
+
+    Args:
+        node_id: the node's id, attached to every sample as the ``node`` label
+            so scrapes from several nodes can be told apart.
+        registry: the registry to register in (a fresh one by default).
+    """
+
+    def __init__(self, node_id: str, registry: CollectorRegistry | None = None) -> None:
+        self.node_id = node_id
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        n = ("node",)
+
+        # -- store (recorded by the writer on commit)
+        self.ops_applied = Counter(
+            "syncfw_ops_applied", "Ops merged into state.", (*n, "source"), registry=r
+        )
+        self.ops_rejected = Counter(
+            "syncfw_ops_rejected", "Remote ops recorded as rejected (never merged).", n, registry=r
+        )
+        self.ops_pending = Gauge(
+            "syncfw_ops_pending", "Remote ops held back, by reason.", (*n, "reason"), registry=r
+        )
+        self.ops_duplicate = Counter(
+            "syncfw_ops_duplicate", "Remote ops already held (no-ops).", n, registry=r
+        )
+        self.commit_batch_ops = Histogram(
+            "syncfw_commit_batch_ops",
+            "Ops per committed transaction (group commit and remote batches).",
+            (*n, "source"),
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.storage_bytes = Gauge(
+            "syncfw_storage_bytes", "Size of the node's SQLite file.", n, registry=r
+        )
+        # -- exchanges (recorded by the runner when an exchange ends)
+        self.exchanges = Counter(
+            "syncfw_exchanges", "Sync exchanges, by how they ended.", (*n, "outcome"), registry=r
+        )
+        self.exchange_seconds = Histogram(
+            "syncfw_exchange_seconds",
+            "Wall time of sync exchanges.",
+            n,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.wire_bytes = Counter(
+            "syncfw_wire_bytes", "Sync frame bytes, by direction.", (*n, "direction"), registry=r
+        )
+        self.exchange_ops = Counter(
+            "syncfw_exchange_ops", "Ops sent and received in exchanges.", (*n, "direction"),
+            registry=r,
+        )
+        # -- mesh
+        self.peers = Gauge(
+            "syncfw_peers", "Known mesh members, by state.", (*n, "state"), registry=r
+        )
+        self.peer_lag_ops = Gauge(
+            "syncfw_peer_lag_ops",
+            "Ops this node holds that the peer had not acknowledged at the last exchange.",
+            (*n, "peer"),
+            registry=r,
+        )
+        # -- clock
+        self.clock_offset_ms = Gauge(
+            "syncfw_clock_offset_ms",
+            "Clock offset: local against NTP (source=ntp), or a peer's against ours.",
+            (*n, "source"),
+            registry=r,
+        )
+        # -- inference
+        self.inference_seconds = Histogram(
+            "syncfw_inference_seconds",
+            "Inference latency per stage (pre, infer, post, queue).",
+            (*n, "model_sha256", "provider", "stage"),
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_calls = Counter(
+            "syncfw_inference_calls",
+            "Inference calls, by outcome.",
+            (*n, "model_sha256", "provider", "outcome"),
+            registry=r,
+        )
+
+    # -- reading back (status() uses these, so it shows what /metrics shows)
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (0.0 if it was never recorded).
+
+        ``name`` is the sample name as scraped (``syncfw_ops_applied_total``);
+        ``node`` is filled in.
+        """
+        got = self.registry.get_sample_value(name, {"node": self.node_id, **labels})
+        return 0.0 if got is None else got
+
+    def samples(self, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Every sample of ``name``, keyed by its labels other than ``node``."""
+        out: dict[tuple[tuple[str, str], ...], float] = {}
+        for family in self.registry.collect():
+            for s in family.samples:
+                if s.name == name and s.labels.get("node") == self.node_id:
+                    key = tuple(sorted((k, v) for k, v in s.labels.items() if k != "node"))
+                    out[key] = s.value
+        return out
+
+    def by_label(self, name: str, label: str) -> dict[str, float]:
+        """``samples(name)`` summed by one label (``by_label("syncfw_exchanges_total", "outcome")``)."""
+        out: dict[str, float] = {}
+        for labels, v in self.samples(name).items():
+            key = dict(labels).get(label, "")
+            out[key] = out.get(key, 0.0) + v
+        return out
+
+    def set_peers(self, counts: dict[str, int], states: Iterable[str]) -> None:
+        """Set the member gauge for every state in ``states`` (absent ones to 0)."""
+        for state in states:
+            self.peers.labels(self.node_id, state).set(counts.get(state, 0))
+
+    def forget_peer(self, peer: str) -> None:
+        """Drop a peer's per-peer series (the mesh forgot it)."""
+        try:
+            self.peer_lag_ops.remove(self.node_id, peer)
+        except KeyError:
+            pass
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format (what ``/metrics`` serves)."""
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    """A running ``/metrics`` HTTP endpoint; :meth:`close` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread) -> None:
+        self._server = server
+        self._thread = thread
+        host, port = server.server_address[:2]
+        self.address = f"{host}:{port}"
+
+    def close(self) -> None:
+        """Stop serving (idempotent)."""
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+
+
+def serve_metrics(metrics: NodeMetrics, address: str) -> MetricsServer:
+    """Serve ``metrics`` at ``http://address/metrics`` (``host:port``; port 0: any free).
+
+    Raises:
+        ValueError: ``address`` is not ``host:port``.
+        OSError: the port cannot be bound.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address must be host:port, not {address!r}")
+    server, thread = start_http_server(int(port), addr=host or "127.0.0.1", registry=metrics.registry)
+    return MetricsServer(server, thread)

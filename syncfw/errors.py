@@ -20,31 +20,63 @@ and never leak::
     │   ├── ForeignDatabaseError      a SQLite file that syncfw did not create, or another node's
     │   ├── SchemaVersionError        written by a newer/unknown schema version
     │   └── StoreClosedError          the store was closed
+    ├── FeedError
+    │   ├── ChangeFeedLagged          a live change subscriber fell a whole buffer behind
+    │   └── FeedPositionError         follow() from a vector ahead of the node or below compaction
     ├── DecodeError                   malformed bytes from the wire or disk
     ├── ProtocolError                 peer broke the sync protocol (version, fleet, order)
-    └── InferenceError                (see syncfw.inference)
+    │   └── LinkError                 the link failed or the peer ended with an error status
+    │                                 (defined in syncfw.transport.base: it carries a Status)
+    └── InferenceError                nothing was written; the model serving before still serves
+        ├── ModelLoadError            unreadable, corrupt or truncated .onnx; session creation failed
+        ├── ProviderError             the requested provider is unavailable, or ONNX Runtime
+        │                             fell back from it while fallback was forbidden
+        ├── SignatureError (ValueError)
+        │   ├── InputSignatureError   wrong input names, shapes or dtypes
+        │   ├── NonFiniteInputError   NaN or infinity in an input
+        │   └── OutputSignatureError  outputs that do not match the declared signature
+        ├── InferenceTimeoutError (TimeoutError)   the per-call watchdog fired
+        ├── InferenceRunError         the runtime, or a pre/post function, raised during the call
+        │   └── WorkerDied            the isolated worker process exited or was killed
+        └── EngineStateError          no model loaded yet, or the engine is closed
+
+A test walks ``SyncfwError.__subclasses__()`` recursively: every class is drawn
+here and exported from :mod:`syncfw`.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ChainError",
+    "ChangeFeedLagged",
     "ClockError",
     "ClockSkewError",
     "CorruptDatabaseError",
     "DecodeError",
+    "EngineStateError",
+    "FeedError",
+    "FeedPositionError",
     "ForeignDatabaseError",
     "ForkError",
     "InferenceError",
+    "InferenceRunError",
+    "InferenceTimeoutError",
+    "InputSignatureError",
+    "ModelLoadError",
+    "NonFiniteInputError",
     "NotAuthorityError",
     "OpError",
+    "OutputSignatureError",
     "ProtocolError",
+    "ProviderError",
     "SchemaVersionError",
+    "SignatureError",
     "StorageError",
     "StorageFullError",
     "StoreClosedError",
     "SyncfwError",
     "ValueEncodingError",
+    "WorkerDied",
     "ZoneError",
     "ZoneOwnershipError",
 ]
@@ -133,3 +165,64 @@ class ProtocolError(SyncfwError):
 
 class InferenceError(SyncfwError):
     """Base of the embedded inference errors (see :mod:`syncfw.inference`)."""
+
+
+class ModelLoadError(InferenceError):
+    """The model could not be loaded; the previously loaded model (if any) keeps serving."""
+
+
+class ProviderError(InferenceError):
+    """The requested execution provider is unavailable, or ONNX Runtime fell back from it."""
+
+
+class SignatureError(InferenceError, ValueError):
+    """Tensors that do not match the model's declared signature."""
+
+
+class InputSignatureError(SignatureError):
+    """An input with a wrong name, shape or dtype (checked before running)."""
+
+
+class NonFiniteInputError(SignatureError):
+    """An input holding NaN or infinity."""
+
+
+class OutputSignatureError(SignatureError):
+    """The model produced outputs that do not match its declared output signature."""
+
+
+class InferenceTimeoutError(InferenceError, TimeoutError):
+    """The call ran past the watchdog timeout. Its worker thread was abandoned."""
+
+
+class InferenceRunError(InferenceError):
+    """The runtime, or a user pre/post function, raised during the call."""
+
+
+class WorkerDied(InferenceRunError):
+    """The isolated worker process exited or was killed during the call."""
+
+
+class EngineStateError(InferenceError):
+    """No model is loaded yet, or the engine has been closed."""
+
+
+class FeedError(SyncfwError):
+    """A change feed cannot go on as asked."""
+
+
+class ChangeFeedLagged(FeedError):
+    """A live change subscriber fell further behind than its buffer; re-read and resubscribe
+    (or use :meth:`Node.follow`, which pages a slow consumer from SQLite instead)."""
+
+
+class FeedPositionError(FeedError):
+    """``follow()`` was asked to start where the node cannot serve without a hole.
+
+    Attributes:
+        missing: per origin, the ``(first, last)`` seqs the feed cannot serve.
+    """
+
+    def __init__(self, message: str, missing: dict[str, tuple[int, int]] | None = None) -> None:
+        super().__init__(message)
+        self.missing = dict(missing or {})

@@ -209,7 +209,10 @@ class OpChain:
         """``op`` with its ``sig`` set by the signer (``op`` itself when there is none)."""
         if self.signer is None:
             return op
-        return Op(*op.to_tuple()[:9], self.signer(op))
+        return Op(
+            op.origin, op.seq, op.hlc, op.zone, op.epoch, op.key, op.kind, op.value, op.prev,
+            self.signer(op),
+        )
 
     def reset(self, seq: int, head: bytes) -> None:
         """Move the chain back (or forward) to ``(seq, head)``."""

@@ -19,6 +19,7 @@ Knows nothing of SQLite, gRPC or ONNX Runtime; imports only prometheus_client.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -159,10 +160,8 @@ class NodeMetrics:
 
     def forget_peer(self, peer: str) -> None:
         """Drop a peer's per-peer series (the mesh forgot it)."""
-        try:
+        with contextlib.suppress(KeyError):
             self.peer_lag_ops.remove(self.node_id, peer)
-        except KeyError:
-            pass
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (what ``/metrics`` serves)."""

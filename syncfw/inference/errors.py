@@ -1,4 +1,4 @@
-"""The inference errors, all under :class:`syncfw.errors.InferenceError`.
+"""The inference errors, all under :class:`syncfw.errors.InferenceError` (defined there, in the one tree).
 
 Every one of them means: no result op was written, and the model that was
 serving before the call (or before the load) is still serving::
@@ -18,7 +18,19 @@ serving before the call (or before the load) is still serving::
 
 from __future__ import annotations
 
-from syncfw.errors import InferenceError
+from syncfw.errors import (
+    EngineStateError,
+    InferenceError,
+    InferenceRunError,
+    InferenceTimeoutError,
+    InputSignatureError,
+    ModelLoadError,
+    NonFiniteInputError,
+    OutputSignatureError,
+    ProviderError,
+    SignatureError,
+    WorkerDied,
+)
 
 __all__ = [
     "EngineStateError",
@@ -31,40 +43,5 @@ __all__ = [
     "OutputSignatureError",
     "ProviderError",
     "SignatureError",
+    "WorkerDied",
 ]
-
-
-class ModelLoadError(InferenceError):
-    """The model could not be loaded; the previously loaded model (if any) keeps serving."""
-
-
-class ProviderError(InferenceError):
-    """The requested execution provider is unavailable, or ONNX Runtime fell back from it."""
-
-
-class SignatureError(InferenceError, ValueError):
-    """Tensors that do not match the model's declared signature."""
-
-
-class InputSignatureError(SignatureError):
-    """An input with a wrong name, shape or dtype (checked before running)."""
-
-
-class NonFiniteInputError(SignatureError):
-    """An input holding NaN or infinity."""
-
-
-class OutputSignatureError(SignatureError):
-    """The model produced outputs that do not match its declared output signature."""
-
-
-class InferenceTimeoutError(InferenceError, TimeoutError):
-    """The call ran past the watchdog timeout. Its worker thread was abandoned."""
-
-
-class InferenceRunError(InferenceError):
-    """The runtime, or a user pre/post function, raised during the call."""
-
-
-class EngineStateError(InferenceError):
-    """No model is loaded yet, or the engine has been closed."""

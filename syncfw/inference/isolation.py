@@ -30,16 +30,12 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from syncfw.inference.errors import InferenceRunError, ModelLoadError
+from syncfw.inference.errors import InferenceRunError, ModelLoadError, WorkerDied
 
 __all__ = ["ProcessSession", "WorkerDied"]
 
 # spawn, not fork: forking a process that already runs ONNX Runtime threads is unsafe.
 _CTX = multiprocessing.get_context("spawn")
-
-
-class WorkerDied(InferenceRunError):
-    """The worker process exited or was killed during the call."""
 
 
 def _child(

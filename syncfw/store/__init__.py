@@ -6,7 +6,8 @@ log, zones, errors), aiosqlite, msgpack. Knows nothing of sync sessions,
 transports or gRPC.
 """
 
-from syncfw.store.feed import Change, ChangeFeed, ChangeFeedLagged
+from syncfw.errors import ChangeFeedLagged
+from syncfw.store.feed import Change, ChangeFeed
 from syncfw.store.schema import APPLICATION_ID, SCHEMA_VERSION
 from syncfw.store.store import Store, StoreConfig, StoreStats
 

@@ -6,13 +6,9 @@ import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from syncfw.errors import SyncfwError
+from syncfw.errors import ChangeFeedLagged
 
 __all__ = ["Change", "ChangeFeed", "ChangeFeedLagged"]
-
-
-class ChangeFeedLagged(SyncfwError):
-    """A change subscriber fell further behind than its buffer; re-read and resubscribe."""
 
 
 @dataclass(frozen=True, slots=True)

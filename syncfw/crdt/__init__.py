@@ -13,7 +13,7 @@ state; ``apply(empty, op)`` merged with a state equals ``apply(state, op)``.
 
 from syncfw.crdt.base import CrdtType, OpView
 from syncfw.crdt.counter import COUNTER
-from syncfw.crdt.lww import LWW
+from syncfw.crdt.lww import LWW, lww_wins
 from syncfw.crdt.mvreg import MVREG
 from syncfw.crdt.orset import ORSET
 from syncfw.crdt.ydoc import YDOC
@@ -21,4 +21,4 @@ from syncfw.crdt.ydoc import YDOC
 KINDS: dict[str, CrdtType] = {t.name: t for t in (LWW, COUNTER, ORSET, MVREG, YDOC)}
 """Every CRDT type, by op kind."""
 
-__all__ = ["COUNTER", "KINDS", "LWW", "MVREG", "ORSET", "YDOC", "CrdtType", "OpView"]
+__all__ = ["COUNTER", "KINDS", "LWW", "MVREG", "ORSET", "YDOC", "CrdtType", "OpView", "lww_wins"]

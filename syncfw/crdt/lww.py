@@ -4,6 +4,10 @@ State: ``None`` or ``(hlc, origin, payload)``. The write with the greatest
 ``(hlc, origin)`` wins; payload bytes break the (impossible in a well-formed
 log) tie so the rule is a total order. An empty payload is a tombstone
 (a delete): msgpack never encodes a value as zero bytes.
+
+:func:`lww_wins` is the rule, written once: every replica (the SQLite store's
+planner, its guarded SQL upsert, the in-memory replica) decides with it or,
+for SQL, with a statement a property test proves agrees with it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,19 @@ from syncfw.errors import DecodeError
 TOMBSTONE = b""
 
 LwwState = tuple[int, str, bytes] | None
+LwwWrite = tuple[int, str, bytes]
+"""``(hlc, origin, payload)`` of one lww write."""
+
+
+def lww_wins(candidate: LwwWrite, current: LwwState) -> bool:
+    """True if ``candidate`` replaces ``current`` under last-writer-wins.
+
+    The greatest ``(hlc, origin, payload)`` wins: hlc first, then origin
+    (compared by code point, which is UTF-8 byte order, as SQLite compares
+    TEXT), then payload bytes. A total order, so the result never depends on
+    arrival order.
+    """
+    return current is None or candidate > current
 
 
 class _Lww(CrdtType):
@@ -26,14 +43,14 @@ class _Lww(CrdtType):
 
     def apply(self, state: LwwState, op: OpView) -> LwwState:
         cand = (op.hlc, op.origin, op.payload)
-        return cand if state is None or cand > state else state
+        return cand if lww_wins(cand, state) else state
 
     def merge(self, a: LwwState, b: LwwState) -> LwwState:
         if a is None:
             return b
         if b is None:
             return a
-        return a if a >= b else b
+        return b if lww_wins(b, a) else a
 
     def encode(self, state: LwwState) -> bytes:
         return pack(None if state is None else list(state))

@@ -48,19 +48,19 @@ class FakeClock:
         start_ms: the reading before any :meth:`advance`.
     """
 
-    __slots__ = ("now_ms",)
+    __slots__ = ("ms",)
 
     def __init__(self, start_ms: int = 1_700_000_000_000) -> None:
-        self.now_ms = start_ms
+        self.ms = start_ms
 
     def __call__(self) -> int:
-        return self.now_ms
+        return self.ms
 
     def advance(self, ms: int) -> int:
         """Move forward (or, with a negative ``ms``, back: a stepped RTC); returns the new reading."""
-        self.now_ms += ms
-        return self.now_ms
+        self.ms += ms
+        return self.ms
 
     def set(self, ms: int) -> None:
         """Jump to ``ms``."""
-        self.now_ms = ms
+        self.ms = ms

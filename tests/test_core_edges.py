@@ -19,7 +19,9 @@ def test_impossible_yjs_struct_count_is_refused_without_allocating() -> None:
         YDOC.decode(b"\xff\xff\xff\x7f\x00")
     with pytest.raises(DecodeError):
         YDOC.decode(b"\xff" * 12)  # a varint that never ends
-    assert time.perf_counter() - started < 0.1
+    # Honouring 2**31 structs would take minutes or exhaust memory; refusing takes
+    # microseconds. The bound is generous so a busy machine cannot make it flake.
+    assert time.perf_counter() - started < 2.0
 
 
 def test_hlc_refuses_to_pass_64_bits() -> None:

@@ -6,25 +6,47 @@ Invariants (the same the SQLite store keeps, so the simulator's verdicts carry):
    the :func:`~syncfw.log.op_hash` of the one before (``GENESIS`` for seq 1).
 2. :meth:`apply_remote` is atomic: every op is checked (fork, chain) before
    anything changes; on :class:`ChainError`/:class:`ForkError` nothing is applied.
-3. An op beyond a gap, or naming a zone epoch not known yet, is held pending and
+3. "The same op" is :func:`~syncfw.log.same_op`: every field but ``sig``. A
+   copy differing only in ``sig`` is a duplicate (the first copy is kept); one
+   differing in anything else is a fork.
+4. An op beyond a gap, or naming a zone epoch not known yet, is held pending and
    applied when its predecessor arrives; a zone violation is recorded as
-   rejected (it still counts in the version vector) and never merged.
-4. State is a deterministic fold: last writer wins by ``(hlc, origin)``, so the
-   same set of ops gives the same state in any order.
-5. No method ever suspends, so sessions can be driven without an event loop.
+   rejected (it still counts in the version vector) and never merged. Every op
+   is judged by :meth:`~syncfw.zones.ZoneTable.judge` on its own.
+5. State is a deterministic fold under :func:`~syncfw.crdt.lww.lww_wins`, the
+   one LWW rule, so the same set of ops gives the same state in any order.
+6. Acknowledged vectors only move forward (pointwise maximum per origin).
+7. No method ever suspends, so sessions can be driven without an event loop.
+
+:func:`syncfw.testing.check_replica` holds this replica and the SQLite node
+to the same contract.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from syncfw.clock import HLC
+from syncfw.crdt.lww import TOMBSTONE, lww_wins
 from syncfw.errors import ChainError, ForkError
-from syncfw.log import GENESIS, ApplyResult, Op, VersionVector, decode_value, encode_value, op_hash
+from syncfw.log import (
+    GENESIS,
+    ApplyResult,
+    Op,
+    OpChain,
+    VersionVector,
+    decode_value,
+    encode_value,
+    op_hash,
+    same_op,
+)
 from syncfw.zones import Fleet, Verdict, ZoneTable
 
 __all__ = ["MemoryReplica"]
+
+log = logging.getLogger(__name__)
 
 
 class MemoryReplica:
@@ -95,58 +117,97 @@ class MemoryReplica:
         return out
 
     async def apply_remote(self, ops: list[Op]) -> ApplyResult:
-        """Merge a batch atomically (see the module invariants)."""
-        # check first: forks against held and in-batch ops, chains at the frontier
-        staged: dict[tuple[str, int], Op] = {}
-        heads: dict[str, tuple[int, bytes]] = {}
-        for op in ops:
-            held = self._held(op.origin, op.seq) or staged.get(op.id) or self._pending_op(op)
-            if held is not None:
-                if held != op:
-                    raise ForkError(f"two different ops at ({op.origin!r}, {op.seq})")
-                continue
-            staged[op.id] = op
-            n, head = heads.get(op.origin) or self._head(op.origin)
-            if op.seq == n + 1:
-                if op.prev != head:
-                    raise ChainError(
-                        f"op ({op.origin!r}, {op.seq}) does not extend its origin's chain"
-                    )
-                heads[op.origin] = (op.seq, op_hash(op))
-        applied = duplicates = pending = rejected = 0
-        fresh: list[Op] = []
-        for op in ops:
-            if self._held(op.origin, op.seq) is not None or self._pending_op(op) is not None:
-                duplicates += 1
-                continue
+        """Merge a batch atomically (see the module invariants).
+
+        Raises:
+            ForkError: an op is not :func:`~syncfw.log.same_op` as the one held
+                (or pending, or earlier in the batch) at its ``(origin, seq)``.
+            ChainError: an op of the batch does not extend its origin's chain.
+            In both cases nothing of the batch is applied.
+        """
+        fresh, duplicates = self._check_forks(ops)
+        self._check_chains(fresh)
+        for op in fresh.values():
             self.pending.setdefault(op.origin, {})[op.seq] = op
-        for origin in {op.origin for op in ops}:
+        applied: list[Op] = []
+        rejected = 0
+        for origin in sorted({op.origin for op in fresh.values()} | set(self.pending)):
+            rejected += self._release(origin, applied)
+        for listener in self.listeners:
+            listener(applied)
+        return ApplyResult(
+            applied=len(applied),
+            duplicates=duplicates,
+            pending=sum(len(q) for q in self.pending.values()),
+            rejected=rejected,
+        )
+
+    def _check_forks(self, ops: list[Op]) -> tuple[dict[tuple[str, int], Op], int]:
+        """The batch's new ops by id, and how many were already held (duplicates)."""
+        fresh: dict[tuple[str, int], Op] = {}
+        duplicates = 0
+        for op in ops:
+            held = self._held(op.origin, op.seq) or fresh.get(op.id) or self._pending_op(op)
+            if held is None:
+                fresh[op.id] = op
+                continue
+            if not same_op(held, op):
+                raise ForkError(f"two different ops at ({op.origin!r}, {op.seq})")
+            duplicates += 1  # the first copy is kept, whatever its sig
+        return fresh, duplicates
+
+    def _check_chains(self, fresh: Mapping[tuple[str, int], Op]) -> None:
+        """Walk each origin from its head through pending and new ops.
+
+        A new op that does not chain is an error; a pending one is dropped
+        (the genuine op may still arrive), but only once the whole batch has
+        passed, so an error leaves everything as it was.
+        """
+        broken: list[Op] = []
+        for origin in sorted({o for o, _ in fresh}):
+            n, head = self._head(origin)
             queue = self.pending.get(origin, {})
             while True:
-                n, head = self._head(origin)
-                nxt = queue.get(n + 1)
-                if nxt is None or nxt.prev != head:
+                op = fresh.get((origin, n + 1)) or queue.get(n + 1)
+                if op is None:
                     break
-                verdict, reason = self.zones.judge(nxt)
-                if verdict is Verdict.WAIT:
+                if op.prev != head:
+                    if op.id in fresh:
+                        raise ChainError(
+                            f"op ({origin!r}, {op.seq}) does not extend its origin's chain"
+                        )
+                    broken.append(op)
                     break
-                del queue[n + 1]
-                self._append(nxt)
-                if verdict is Verdict.REJECT:
-                    self.rejected[nxt.id] = reason
-                    rejected += 1
-                else:
-                    self._merge(nxt)
-                    fresh.append(nxt)
-                    applied += 1
-            if not queue:
-                self.pending.pop(origin, None)
-        pending = sum(1 for op in ops if self._pending_op(op) is not None)
-        for listener in self.listeners:
-            listener(fresh)
-        return ApplyResult(
-            applied=applied, duplicates=duplicates, pending=pending, rejected=rejected
-        )
+                n, head = op.seq, op_hash(op)
+        for op in broken:
+            log.warning("dropping pending op (%s, %d): broken chain", op.origin, op.seq)
+            del self.pending[op.origin][op.seq]
+
+    def _release(self, origin: str, applied: list[Op]) -> int:
+        """Apply ``origin``'s pending ops that now follow its head; returns the rejected count."""
+        queue = self.pending.get(origin, {})
+        rejected = 0
+        while True:
+            n, head = self._head(origin)
+            nxt = queue.get(n + 1)
+            if nxt is None or nxt.prev != head:
+                break
+            verdict, reason = self.zones.judge(nxt)
+            if verdict is Verdict.WAIT:
+                log.warning("holding op (%s, %d) back: %s", origin, nxt.seq, reason)
+                break
+            del queue[n + 1]
+            self._append(nxt)
+            if verdict is Verdict.REJECT:
+                log.warning("rejected op (%s, %d) on %r: %s", origin, nxt.seq, nxt.key, reason)
+                self.rejected[nxt.id] = reason
+                rejected += 1
+            else:
+                self._merge(nxt)
+                applied.append(nxt)
+        if not queue:
+            self.pending.pop(origin, None)
+        return rejected
 
     async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
         """Record what ``peer`` acknowledged holding (never moving backwards)."""
@@ -164,17 +225,9 @@ class MemoryReplica:
     def put(self, key: str, value: Any) -> Op:
         """Write ``key`` locally (zone-checked) and return the op."""
         zone, epoch = self.zones.zone_for_write(self._node_id, key)
-        n, head = self._head(self._node_id)
-        op = Op(
-            origin=self._node_id,
-            seq=n + 1,
-            hlc=self.clock.now(),
-            zone=zone,
-            epoch=epoch,
-            key=key,
-            kind="lww",
-            value=encode_value(value),
-            prev=head,
+        # Minted from the held chain's tip, which the simulator's foreign writes also extend.
+        op = OpChain(self._node_id, *self._head(self._node_id)).mint(
+            self.clock.now(), zone, epoch, key, "lww", encode_value(value)
         )
         self._append(op)
         self._merge(op)
@@ -185,12 +238,14 @@ class MemoryReplica:
     def get(self, key: str) -> Any:
         """The current value of ``key`` (None if unset)."""
         entry = self.state.get(key)
-        return decode_value(entry[2]) if entry else None
+        return None if entry is None or entry[2] == TOMBSTONE else decode_value(entry[2])
 
     def scan(self, prefix: str = "") -> dict[str, Any]:
         """Every key under ``prefix`` with its value."""
         return {
-            k: decode_value(v[2]) for k, v in sorted(self.state.items()) if k.startswith(prefix)
+            k: decode_value(v[2])
+            for k, v in sorted(self.state.items())
+            if k.startswith(prefix) and v[2] != TOMBSTONE
         }
 
     def all_ops(self) -> list[Op]:
@@ -217,7 +272,7 @@ class MemoryReplica:
     def _merge(self, op: Op) -> None:
         self.apply_count[op.id] = self.apply_count.get(op.id, 0) + 1
         self.applied_ids.add(op.id)
-        cur = self.state.get(op.key)
-        if cur is None or (op.hlc, op.origin) > (cur[0], cur[1]):
-            self.state[op.key] = (op.hlc, op.origin, op.value)
+        cand = (op.hlc, op.origin, op.value)
+        if lww_wins(cand, self.state.get(op.key)):
+            self.state[op.key] = cand
         self.clock.advance_to(op.hlc)

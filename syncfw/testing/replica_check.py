@@ -1,0 +1,481 @@
+"""One acceptance suite for every :class:`~syncfw.log.Replica` implementation.
+
+:func:`check_replica` holds a replica to the contract the sync protocol, the
+mesh and the simulator rely on; ``MemoryReplica`` and the SQLite ``Node`` both
+run it, so what one does the other does. What it asserts:
+
+1. Acknowledged vectors only move forward: pointwise maximum per origin; a
+   peer never acknowledged reads as the empty vector.
+2. Applying a batch is idempotent: the second time every op is a duplicate
+   and nothing changes.
+3. "The same op" is :func:`~syncfw.log.same_op`, every field but ``sig``: a
+   copy differing only in ``sig`` is a duplicate and the first copy is kept;
+   one differing in any other field at a held, pending or in-batch
+   ``(origin, seq)`` raises :class:`~syncfw.errors.ForkError`, and nothing of
+   the batch is applied.
+4. An op whose ``prev`` does not extend its origin's chain raises
+   :class:`~syncfw.errors.ChainError`, and nothing of the batch is applied.
+5. An op beyond a gap is held pending (counted in ``ApplyResult.pending``
+   while held back) and applied when the gap fills.
+6. Zone verdicts are the zone table's, op by op: a write in another node's
+   zone is rejected and still counts in the version vector (and is relayed);
+   an op naming an unknown epoch waits; an op naming a less specific zone than
+   the owned sub-zone its key is in is rejected, alone or behind valid ops of
+   its origin in one batch.
+7. ``ops_since`` returns each origin's ops in seq order, contiguous from the
+   vector given, within ``limit`` and (but for the op that crosses it)
+   ``max_bytes``; calling again with the grown vector continues with no gap
+   and no duplicate.
+8. Concurrent lww writes converge by :func:`~syncfw.crdt.lww.lww_wins`
+   (greater hlc, then greater origin; a tombstone wins like any write),
+   whatever order they arrive in, and replicas that exchange ops agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+from syncfw.crdt.lww import TOMBSTONE, LwwState, lww_wins
+from syncfw.errors import ChainError, ForkError
+from syncfw.log import ApplyResult, Op, Replica, VersionVector, decode_value
+from syncfw.testing.ops import OpWriter
+from syncfw.zones import Fleet, Grant
+
+__all__ = ["CHECK_FLEET", "REPLICA_CHECKS", "CheckedReplica", "ReplicaFactory", "check_replica"]
+
+CHECK_FLEET = Fleet(
+    fleet_id="replica-check",
+    authority="cloud",
+    grants=(Grant.of("shared/", "*"), Grant.of("shared/locked/", "n1")),
+)
+"""The fleet every check gives the factory: ``shared/`` is everyone's, its
+sub-zone ``shared/locked/`` only ``n1``'s (both bootstrap grants at epoch 1)."""
+
+
+class CheckedReplica(Replica, Protocol):
+    """A replica the suite can read back: :class:`Replica` plus ``get``."""
+
+    def get(self, key: str) -> Any:
+        """The current lww value of ``key`` (None when absent or deleted), or an awaitable of it."""
+        ...
+
+
+ReplicaFactory = Callable[[str, Fleet], AbstractAsyncContextManager[CheckedReplica]]
+"""``factory(node_id, fleet)``: an async context manager yielding a fresh,
+empty replica with that id in that fleet. Several may be open at once."""
+
+Check = Callable[[ReplicaFactory], Awaitable[None]]
+
+
+async def check_replica(factory: ReplicaFactory, *, only: Iterable[str] | None = None) -> None:
+    """Run the replica contract (see the module docstring) against ``factory``'s replicas.
+
+    Args:
+        factory: makes fresh replicas (see :data:`ReplicaFactory`).
+        only: names of checks (keys of :data:`REPLICA_CHECKS`) to run; all when None.
+
+    Raises:
+        AssertionError: a check failed, or a replica raised where the contract
+            allows no error; the message names the check and what differed.
+        KeyError: ``only`` names no such check.
+    """
+    names = list(REPLICA_CHECKS) if only is None else list(only)
+    for name in names:
+        check = REPLICA_CHECKS[name]
+        try:
+            await check(factory)
+        except AssertionError as exc:
+            raise AssertionError(f"check_replica[{name}]: {exc}") from exc
+        except Exception as exc:  # an error the contract does not allow is a failed check
+            raise AssertionError(f"check_replica[{name}]: unexpected {exc!r}") from exc
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+async def _get(replica: CheckedReplica, key: str) -> Any:
+    res = replica.get(key)
+    return await res if inspect.isawaitable(res) else res
+
+
+async def _snapshot(replica: CheckedReplica, keys: Iterable[str]) -> tuple[Any, ...]:
+    """What must not change when a batch is refused or repeated."""
+    vv = await replica.version_vector()
+    ops = [op.to_tuple() for op in await replica.ops_since({})]
+    return (vv, ops, {k: await _get(replica, k) for k in keys})
+
+
+async def _expect_refused(
+    replica: CheckedReplica, batch: list[Op], error: type[Exception], what: str, keys: list[str]
+) -> None:
+    before = await _snapshot(replica, keys)
+    try:
+        got = await replica.apply_remote(batch)
+    except error:
+        pass
+    else:
+        raise AssertionError(f"{what}: expected {error.__name__}, got {got}")
+    after = await _snapshot(replica, keys)
+    assert after == before, f"{what}: the refused batch changed the replica: {before} -> {after}"
+
+
+# -- the checks ---------------------------------------------------------------------------
+
+
+async def _acks_move_forward(factory: ReplicaFactory) -> None:
+    async with factory("r1", CHECK_FLEET) as r:
+        assert await r.peer_ack("p1") == {}, "a peer never acknowledged must read as {}"
+        await r.acknowledge("p1", {"n1": 5, "n2": 1})
+        await r.acknowledge("p1", {"n1": 2, "n3": 4})
+        got = await r.peer_ack("p1")
+        want = {"n1": 5, "n2": 1, "n3": 4}
+        assert got == want, (
+            f"acks must only move forward (pointwise max per origin): after acking "
+            f"{{n1: 5, n2: 1}} then {{n1: 2, n3: 4}}, peer_ack is {got}, expected {want}"
+        )
+        await r.acknowledge("p2", {"n1": 1})
+        assert await r.peer_ack("p1") == want, "an ack by one peer changed another's"
+        assert await r.peer_ack("p2") == {"n1": 1}
+        assert await r.peer_ack("p3") == {}, "an unknown peer's ack must read as {}"
+
+
+async def _idempotence(factory: ReplicaFactory) -> None:
+    a, b = OpWriter("n1", "shared/", epoch=1), OpWriter("n2")
+    batch = [a.write("x", 1), b.write("y", 2), a.write("x", 3), b.write("z", 4)]
+    keys = ["shared/x", "fleet/n2/y", "fleet/n2/z"]
+    async with factory("r1", CHECK_FLEET) as r:
+        first = await r.apply_remote(batch)
+        assert (first.applied, first.duplicates) == (4, 0), f"first apply: {first}"
+        before = await _snapshot(r, keys)
+        second = await r.apply_remote(batch)
+        want = ApplyResult(duplicates=4)
+        assert second == want, f"applying a batch twice: second result {second}, expected {want}"
+        after = await _snapshot(r, keys)
+        assert after == before, f"a repeated batch changed the replica: {before} -> {after}"
+        assert await _get(r, "shared/x") == 3, "the later write of shared/x must win"
+        assert await _get(r, "fleet/n2/z") == 4
+
+
+async def _same_op_ignores_sig(factory: ReplicaFactory) -> None:
+    w = OpWriter("n2")
+    ops = [w.write(f"k{i}", i) for i in range(4)]
+
+    def signed(op: Op, sig: bytes | None) -> Op:
+        return dataclasses.replace(op, sig=sig)
+
+    async with factory("r1", CHECK_FLEET) as r:
+        await r.apply_remote([ops[0], signed(ops[1], b"first")])
+        # held ops, re-sent with another sig (or none)
+        got = await r.apply_remote([signed(ops[0], b"other"), signed(ops[1], None)])
+        assert got == ApplyResult(duplicates=2), (
+            f"an op differing only in sig must be a duplicate, got {got}"
+        )
+        # a pending op (behind a gap), re-sent with another sig
+        await r.apply_remote([signed(ops[3], b"first")])
+        got = await r.apply_remote([signed(ops[3], b"other")])
+        assert (got.applied, got.duplicates) == (0, 1), (
+            f"a pending op re-sent with another sig must be a duplicate, got {got}"
+        )
+        # in one batch, twice with different sigs
+        got = await r.apply_remote([signed(ops[2], b"first"), signed(ops[2], b"other")])
+        assert (got.applied, got.duplicates) == (2, 1), (
+            f"an op twice in a batch, differing only in sig: expected 2 applied (it and the "
+            f"pending one after it) and 1 duplicate, got {got}"
+        )
+        held = {op.seq: op.sig for op in await r.ops_since({}) if op.origin == "n2"}
+        want = {1: None, 2: b"first", 3: b"first", 4: b"first"}
+        assert held == want, (
+            f"the first copy of each op must be kept: sigs held {held}, expected {want}"
+        )
+
+
+_FORK_FIELDS: dict[str, Any] = {
+    "hlc": 999,
+    "zone": "fleet/n9/",
+    "epoch": 7,
+    "key": "fleet/n2/other",
+    "kind": "counter",
+    "value": b"\xa5other",
+    "prev": b"\x07" * 32,
+}
+
+
+async def _fork_applies_nothing(factory: ReplicaFactory) -> None:
+    w, bystander = OpWriter("n2"), OpWriter("n3")
+    ops = [w.write(f"k{i}", i) for i in range(4)]
+    innocent = bystander.write("k", "innocent")
+    keys = ["fleet/n3/k", "fleet/n2/k0", "fleet/n2/k1"]
+    async with factory("r1", CHECK_FLEET) as r:
+        await r.apply_remote(ops[:2])
+        await r.apply_remote([ops[3]])  # held pending behind the gap at seq 3
+        for name, value in _FORK_FIELDS.items():
+            for target, where in ((ops[1], "held"), (ops[3], "pending")):
+                forked = dataclasses.replace(target, **{name: value})
+                await _expect_refused(
+                    r,
+                    [innocent, forked],
+                    ForkError,
+                    f"an op differing in {name} from the {where} one at {target.id}",
+                    keys,
+                )
+            forked = dataclasses.replace(ops[2], **{name: value})
+            await _expect_refused(
+                r,
+                [innocent, ops[2], forked],
+                ForkError,
+                f"two ops at {ops[2].id} in one batch, differing in {name}",
+                keys,
+            )
+        assert await r.version_vector() == {"n2": 2}, "refused batches must apply nothing"
+
+
+async def _forged_prev_applies_nothing(factory: ReplicaFactory) -> None:
+    w, bystander = OpWriter("n2"), OpWriter("n3")
+    ops = [w.write(f"k{i}", i) for i in range(3)]
+    innocent = bystander.write("k", "innocent")
+    keys = ["fleet/n3/k", "fleet/n2/k2"]
+    forged_first = dataclasses.replace(OpWriter("n4").write("k", 1), prev=b"\x01" * 32)
+    async with factory("r1", CHECK_FLEET) as r:
+        await r.apply_remote(ops[:2])
+        forged = dataclasses.replace(ops[2], prev=b"\x01" * 32)
+        await _expect_refused(
+            r, [innocent, forged], ChainError, "an op whose prev is not its origin's head", keys
+        )
+        await _expect_refused(
+            r, [innocent, forged_first], ChainError, "a seq-1 op whose prev is not GENESIS", keys
+        )
+        got = await r.apply_remote([innocent, ops[2]])
+        assert got.applied == 2, f"the genuine op must still apply after a forged one: {got}"
+
+
+async def _gap_held_pending(factory: ReplicaFactory) -> None:
+    w = OpWriter("n2")
+    ops = [w.write(f"k{i}", i) for i in range(4)]
+    async with factory("r1", CHECK_FLEET) as r:
+        got = await r.apply_remote(ops[2:])
+        assert (got.applied, got.pending) == (0, 2), f"ops 3, 4 before 1, 2: {got}"
+        vv = await r.version_vector()
+        assert vv.get("n2", 0) == 0, f"ops beyond a gap must not count in the vector: {vv}"
+        assert await _get(r, "fleet/n2/k2") is None, "an op beyond a gap was merged"
+        got = await r.apply_remote(ops[:1])
+        assert (got.applied, got.pending) == (1, 2), f"op 1 (3, 4 still held back): {got}"
+        got = await r.apply_remote(ops[1:2])
+        assert (got.applied, got.pending) == (3, 0), (
+            f"op 2 fills the gap: it and the held-back 3, 4 must apply: {got}"
+        )
+        assert await r.version_vector() == {"n2": 4}
+        values = [await _get(r, f"fleet/n2/k{i}") for i in range(4)]
+        assert values == [0, 1, 2, 3], f"values after the gap filled: {values}"
+
+
+async def _foreign_write_rejected(factory: ReplicaFactory) -> None:
+    w = OpWriter("n2")
+    foreign = w.write("x", "not yours", zone="fleet/n1/")
+    own = w.write("y", "mine")
+    async with factory("r1", CHECK_FLEET) as r1, factory("r2", CHECK_FLEET) as r2:
+        got = await r1.apply_remote([foreign, own])
+        assert (got.applied, got.rejected) == (1, 1), (
+            f"n2 writing in n1's zone fleet/n1/ must be rejected, its next op applied: {got}"
+        )
+        assert await _get(r1, "fleet/n1/x") is None, "a rejected op was merged"
+        assert await _get(r1, "fleet/n2/y") == "mine"
+        vv = await r1.version_vector()
+        assert vv.get("n2") == 2, f"a rejected op still counts in the version vector: {vv}"
+        relayed = await r1.ops_since({})
+        assert [op.seq for op in relayed if op.origin == "n2"] == [1, 2], (
+            "a rejected op must still be relayed, or peers never get past it"
+        )
+        got = await r2.apply_remote(relayed)
+        assert (got.applied, got.rejected) == (1, 1), f"the relayed ops on a second replica: {got}"
+        assert await r2.version_vector() == vv
+
+
+async def _unknown_epoch_waits(factory: ReplicaFactory) -> None:
+    w = OpWriter("n2", "shared/", epoch=1)
+    ops = [w.write("a", 1), w.write("b", 2, epoch=2), w.write("c", 3)]
+    async with factory("r1", CHECK_FLEET) as r:
+        got = await r.apply_remote(ops)
+        assert (got.applied, got.rejected, got.pending) == (1, 0, 2), (
+            f"an op naming epoch 2 of shared/ (unknown) must wait, and the op after it: {got}"
+        )
+        vv = await r.version_vector()
+        assert vv.get("n2") == 1, f"a waiting op must not count in the vector yet: {vv}"
+        assert await _get(r, "shared/b") is None, "an op naming an unknown epoch was merged"
+        assert await _get(r, "shared/c") is None, "an op behind a waiting one was merged"
+
+
+async def _sub_zone(factory: ReplicaFactory, *, behind: int) -> None:
+    w = OpWriter("n2", "shared/", epoch=1)
+    valid = [w.write(f"k{i}", i) for i in range(behind)]
+    crafted = w.write("locked/k0", "crafted")  # key in shared/locked/, naming shared/
+    owner = OpWriter("n1", "shared/locked/", epoch=1).write("k1", "owner's")
+    how = f"behind {behind} valid shared/ ops in one batch" if behind else "alone"
+    async with factory("r1", CHECK_FLEET) as r:
+        got = await r.apply_remote([*valid, crafted, owner])
+        assert (got.applied, got.rejected) == (behind + 1, 1), (
+            f"n2's op for shared/locked/k0 naming zone shared/ must be rejected ({how}); "
+            f"n1's own op in shared/locked/ applied: {got}"
+        )
+        assert await _get(r, "shared/locked/k0") is None, (
+            f"a write around the owned sub-zone shared/locked/ was merged ({how})"
+        )
+        assert await _get(r, "shared/locked/k1") == "owner's"
+        vv = await r.version_vector()
+        assert vv.get("n2") == behind + 1, f"the rejected op still counts: {vv}"
+
+
+async def _sub_zone_alone(factory: ReplicaFactory) -> None:
+    await _sub_zone(factory, behind=0)
+
+
+async def _sub_zone_in_batch(factory: ReplicaFactory) -> None:
+    await _sub_zone(factory, behind=3)
+
+
+def _check_page(page: list[Op], vv: Mapping[str, int], limit: int, what: str) -> None:
+    assert len(page) <= limit, f"{what}: {len(page)} ops, over limit={limit}"
+    nxt = dict(vv)
+    for op in page:
+        want = nxt.get(op.origin, 0) + 1
+        assert op.seq == want, (
+            f"{what}: ({op.origin}, {op.seq}) where ({op.origin}, {want}) was due: each "
+            "origin's ops in seq order, contiguous from the vector given"
+        )
+        nxt[op.origin] = op.seq
+
+
+async def _drain(r: CheckedReplica, *, limit: int, max_bytes: int | None, what: str) -> list[Op]:
+    vv: VersionVector = {}
+    out: list[Op] = []
+    for _ in range(200):
+        page = await r.ops_since(vv, limit=limit, max_bytes=max_bytes)
+        if not page:
+            return out
+        _check_page(page, vv, limit, what)
+        if max_bytes is not None:
+            head = sum(len(op.value) for op in page[:-1])
+            assert head <= max_bytes, (
+                f"{what}: {head} value bytes before the last op, over max_bytes={max_bytes}"
+            )
+        for op in page:
+            vv[op.origin] = op.seq
+        out += page
+    raise AssertionError(f"{what}: ops_since never ran dry")
+
+
+async def _ops_since_order(factory: ReplicaFactory) -> None:
+    writers = [OpWriter(o) for o in ("n2", "n3", "n4")]
+    by_origin = {
+        w.origin: [w.write(f"k{i}", "v" * (40 + 9 * i)) for i in range(10)] for w in writers
+    }
+    interleaved = [ops[i] for i in range(10) for ops in by_origin.values()]
+    every = sorted(op.to_tuple() for op in interleaved)
+    async with factory("r1", CHECK_FLEET) as r:
+        await r.apply_remote(interleaved)
+        full = await r.ops_since({})
+        _check_page(full, {}, 10_000, "ops_since({})")
+        assert sorted(op.to_tuple() for op in full) == every, "ops_since({}) must return every op"
+        start = {"n2": 4, "n3": 10}
+        tail = await r.ops_since(start)
+        _check_page(tail, start, 10_000, f"ops_since({start})")
+        want = {("n2", s) for s in range(5, 11)} | {("n4", s) for s in range(1, 11)}
+        assert {op.id for op in tail} == want, f"ops_since({start}) must start after the vector"
+        for limit, max_bytes in ((7, None), (10_000, 250), (4, 120)):
+            what = f"paging with limit={limit}, max_bytes={max_bytes}"
+            got = await _drain(r, limit=limit, max_bytes=max_bytes, what=what)
+            assert sorted(op.to_tuple() for op in got) == every, (
+                f"{what}: the pages together must hold every op once (no gap, no duplicate)"
+            )
+        small = await r.ops_since({}, max_bytes=250)
+        assert 1 <= len(small) < len(every), (
+            f"max_bytes=250 must bound the answer (and still make progress): {len(small)} ops"
+        )
+
+
+def _lww_batches() -> dict[str, list[Op]]:
+    n1, n2, n3 = (OpWriter(o, "shared/", epoch=1) for o in ("n1", "n2", "n3"))
+    return {
+        "n1": [
+            n1.write("y", "n1-y", hlc=60),
+            n1.write("x", "n1-x", hlc=100),
+            n1.delete("z", hlc=110),
+        ],
+        "n2": [
+            n2.write("y", "n2-y", hlc=50),
+            n2.write("x", "n2-x", hlc=100),
+            n2.write("z", "n2-z", hlc=105),
+            n2.write("w", "n2-w", hlc=120),
+        ],
+        "n3": [n3.delete("w", hlc=115)],
+    }
+
+
+_LWW_WANT = {"shared/x": "n2-x", "shared/y": "n1-y", "shared/z": None, "shared/w": "n2-w"}
+"""x: equal hlc, the greater origin wins; y: the greater hlc wins over the greater
+origin; z: a later delete wins; w: a write after a delete wins."""
+
+
+async def _lww_convergence(factory: ReplicaFactory) -> None:
+    batches = _lww_batches()
+    state: dict[str, LwwState] = {}
+    for op in (op for ops in batches.values() for op in ops):
+        cand = (op.hlc, op.origin, op.value)
+        if lww_wins(cand, state.get(op.key)):
+            state[op.key] = cand
+    folded = {
+        k: None if s is None or s[2] == TOMBSTONE else decode_value(s[2]) for k, s in state.items()
+    }
+    assert folded == _LWW_WANT, f"lww_wins itself disagrees with the contract: {folded}"
+    async with factory("r1", CHECK_FLEET) as r1, factory("r2", CHECK_FLEET) as r2:
+        for origin in ("n1", "n2", "n3"):
+            await r1.apply_remote(batches[origin])
+        for origin in ("n3", "n2", "n1"):
+            await r2.apply_remote(batches[origin])
+        for r, order in ((r1, "n1, n2, n3"), (r2, "n3, n2, n1")):
+            got = {k: await _get(r, k) for k in _LWW_WANT}
+            assert got == _LWW_WANT, (
+                f"concurrent lww writes applied in origin order {order}: {got}, "
+                f"expected {_LWW_WANT} (lww_wins: greater hlc, then greater origin)"
+            )
+
+
+async def _replicas_converge_by_exchange(factory: ReplicaFactory) -> None:
+    batches = _lww_batches()
+    async with factory("r1", CHECK_FLEET) as r1, factory("r2", CHECK_FLEET) as r2:
+        await r1.apply_remote(batches["n1"] + batches["n3"])
+        await r2.apply_remote(batches["n2"])
+        for src, dst in ((r1, r2), (r2, r1)):
+            while ops := await src.ops_since(await dst.version_vector(), limit=2):
+                got = await dst.apply_remote(ops)
+                assert got.applied + got.rejected + got.pending > 0, (
+                    f"an exchange made no progress: {got} for {[op.id for op in ops]}"
+                )
+        vv1, vv2 = await r1.version_vector(), await r2.version_vector()
+        assert vv1 == vv2 == {"n1": 3, "n2": 4, "n3": 1}, f"vectors after an exchange: {vv1}, {vv2}"
+        for r in (r1, r2):
+            values = {k: await _get(r, k) for k in _LWW_WANT}
+            assert values == _LWW_WANT, (
+                f"{r.node_id} after an exchange: {values}, expected {_LWW_WANT}"
+            )
+
+
+REPLICA_CHECKS: dict[str, Check] = {
+    "acks_move_forward": _acks_move_forward,
+    "idempotence": _idempotence,
+    "same_op_ignores_sig": _same_op_ignores_sig,
+    "fork_applies_nothing": _fork_applies_nothing,
+    "forged_prev_applies_nothing": _forged_prev_applies_nothing,
+    "gap_held_pending": _gap_held_pending,
+    "foreign_write_rejected": _foreign_write_rejected,
+    "unknown_epoch_waits": _unknown_epoch_waits,
+    "sub_zone_alone": _sub_zone_alone,
+    "sub_zone_in_batch": _sub_zone_in_batch,
+    "ops_since_order": _ops_since_order,
+    "lww_convergence": _lww_convergence,
+    "replicas_converge_by_exchange": _replicas_converge_by_exchange,
+}
+"""Every check of the contract, by name (``check_replica(factory, only=[name])``)."""

@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`.
-# Each creates its own virtual environment on first use and installs what it needs.
+# Each creates its own virtual environment on first use and installs what it needs:
+# the dev tools and the inference extra (the demo and the inference tests use it).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,inference]'
 	touch $(STAMP)
 
 demo: $(STAMP)

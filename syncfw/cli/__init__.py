@@ -8,6 +8,7 @@ May import anything in syncfw.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import os
 import sys
@@ -24,6 +25,16 @@ COMMANDS: list[ModuleType] = [demo, node_cmd, inspect_cmd]
 """Verb modules, in the order ``--help`` lists them."""
 
 
+def version() -> str:
+    """The installed distribution's version, or the package's own when run from a bare tree."""
+    try:
+        return importlib.metadata.version("syncfw")
+    except importlib.metadata.PackageNotFoundError:
+        import syncfw
+
+        return syncfw.__version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (used by ``main`` and by the help test)."""
     parser = argparse.ArgumentParser(
@@ -31,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="syncfw: offline-first edge fleets (SQLite CRDTs, HLC, replicated log).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
+    parser.add_argument("--version", action="version", version=f"syncfw {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMANDS:
         module.register(sub)

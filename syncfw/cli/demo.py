@@ -9,6 +9,10 @@ ONNX model (embedded inference) and writes each decision, with provenance,
 into its own results zone. Then the link heals and the demo prints each
 node's state digest: identical digests mean identical state, and the depot
 holds every truck's results.
+
+Inference is the optional extra ``syncfw[inference]`` (numpy, onnx,
+onnxruntime): this module imports it only when the demo runs, so the ``syncfw``
+command works on a base install and ``syncfw demo`` there says what to install.
 """
 
 from __future__ import annotations
@@ -17,17 +21,15 @@ import argparse
 import asyncio
 import contextlib
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from syncfw.errors import ZoneOwnershipError
-from syncfw.inference import Engine
-from syncfw.inference.train import IMAGE_SIZE, MODEL_PATH, render_part
+from syncfw.keys import results_prefix, status_key
 from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.testing.partition import EgressProxy, Partition
@@ -35,6 +37,15 @@ from syncfw.transport.network import GrpcNetwork
 from syncfw.transport.rpc import TransportConfig
 from syncfw.zones import Fleet, Grant
 
+if TYPE_CHECKING:
+    import numpy as np
+
+    from syncfw.inference import Engine
+
+INFERENCE_MODULES = frozenset({"numpy", "onnx", "onnxruntime"})
+"""What ``syncfw[inference]`` adds to a base install."""
+
+INFERENCE_EXTRA = "pip install 'syncfw[inference]'"
 TRUCKS = ("t7", "t9", "t12")
 DEPOT = "depot"
 
@@ -62,7 +73,36 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def missing_inference() -> str | None:
+    """The inference dependency that cannot be imported, or None when the extra is there.
+
+    Raises:
+        ModuleNotFoundError: a module other than the extra's is missing (a broken
+            install, not a lean one: never reported as "install the extra").
+    """
+    try:
+        import numpy  # noqa: F401
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+
+        import syncfw.inference.train  # noqa: F401
+    except ModuleNotFoundError as exc:
+        root = (exc.name or "").partition(".")[0]
+        if root in INFERENCE_MODULES:
+            return root
+        raise
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    missing = missing_inference()
+    if missing is not None:
+        print(
+            f"syncfw demo: the demo runs embedded inference, which needs the inference extra "
+            f"({missing} is not installed): {INFERENCE_EXTRA}",
+            file=sys.stderr,
+        )
+        return 2
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
         return asyncio.run(demo(Path(args.dir), args.writes, args.frames, args.seed))
@@ -95,11 +135,13 @@ async def _writes(node: Node, rng: random.Random, n: int, phase: str) -> None:
             await node.set("site/alerts").add(f"{phase}:{me}:{i}")
         if rng.random() < 0.1:
             await node.put("site/shift-lead", me)
-    await node.put(f"fleet/{me}/status", {"phase": phase, "writes": n})
+    await node.put(status_key(me), {"phase": phase, "writes": n})
 
 
 async def _inspect(engine: Engine, rng: np.random.Generator, frames: int, phase: str) -> int:
     """Run the shipped model on synthetic camera frames; returns correct decisions."""
+    from syncfw.inference.train import IMAGE_SIZE, render_part  # the extra, checked by run()
+
     correct = 0
     for i in range(frames):
         defect = bool(rng.random() < 0.5)
@@ -110,6 +152,15 @@ async def _inspect(engine: Engine, rng: np.random.Generator, frames: int, phase:
 
 
 async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
+    """Run the demo fleet in ``folder``; returns the exit status (0: converged).
+
+    Needs the inference extra (``run`` checks it first and says what to install).
+    """
+    import numpy as np
+
+    from syncfw.inference import Engine
+    from syncfw.inference.train import MODEL_PATH
+
     rng = random.Random(seed)
     names = [DEPOT, *TRUCKS]
     partition = Partition()
@@ -172,8 +223,8 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
             print("NOT CONVERGED")
             return 1
         depot = nodes[DEPOT]
-        results = {t: len(await depot.scan(f"results/{t}/")) for t in TRUCKS}
-        sample = next(iter((await depot.scan(f"results/{TRUCKS[0]}/")).values()))
+        results = {t: len(await depot.scan(results_prefix(t))) for t in TRUCKS}
+        sample = next(iter((await depot.scan(results_prefix(TRUCKS[0]))).values()))
         print("  depot holds the trucks' inference results: "
               + ", ".join(f"{t} {k}" for t, k in results.items()))
         print(f"  e.g. {sample['model']['name']} said {sample['label']!r} "

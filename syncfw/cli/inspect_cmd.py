@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 from syncfw.errors import SyncfwError
@@ -23,6 +24,10 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if Path(args.db).is_dir():
+        # SQLite itself only says "disk I/O error" when asked to open a directory.
+        print(f"syncfw inspect: {args.db!r} is a directory, not a syncfw database")
+        return 2
     try:
         info = asyncio.run(inspect_store(args.db))
     except SyncfwError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -53,6 +54,10 @@ def test_inspect_refuses_bad_files_clearly(tmp_path: Path, capsys: pytest.Captur
     assert "not a readable SQLite database" in capsys.readouterr().out
     assert main(["inspect", str(tmp_path / "missing.db")]) == 2
     assert "does not exist" in capsys.readouterr().out
+    folder = tmp_path / "nodes"
+    folder.mkdir()
+    assert main(["inspect", str(folder)]) == 2
+    assert f"{str(folder)!r} is a directory, not a syncfw database" in capsys.readouterr().out
 
 
 def test_console_entry_point_runs() -> None:
@@ -60,6 +65,13 @@ def test_console_entry_point_runs() -> None:
         [sys.executable, "-m", "syncfw", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "demo" in out and "inspect" in out
+
+
+def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out == f"syncfw {importlib.metadata.version('syncfw')}\n"
 
 
 def test_the_readme_quick_start_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

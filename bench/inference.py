@@ -32,7 +32,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from syncfw import Fleet, Node
-from syncfw.inference import Engine
+from syncfw.inference import Engine, EngineConfig
 from syncfw.inference.train import MODEL_PATH, load_canary
 from syncfw.log import Op
 
@@ -112,8 +112,8 @@ async def bench_conv(node: Node, model: Path, *, rounds: int, per_round: int) ->
     lat: dict[str, list[float]] = {"bare": [], "engine": [], "nolog": []}
     busy: dict[str, float] = {"bare": 0.0, "engine": 0.0, "nolog": 0.0}
     async with (
-        Engine(node, name="conv", status_name="inference_conv") as engine,
-        Engine(NoLog(), name="conv", status_name=None) as nolog,
+        Engine(node, EngineConfig(status_name="inference_conv"), name="conv") as engine,
+        Engine(NoLog(), EngineConfig(status_name=None), name="conv") as nolog,
     ):
         await engine.load(model)
         await nolog.load(model)
@@ -161,7 +161,9 @@ async def bench_process(node: Node, model: Path, *, n: int) -> dict[str, float]:
     rng = np.random.default_rng(1)
     inputs = [rng.random((1, 3, 128, 128), dtype=np.float32) for _ in range(32)]
     lat: list[float] = []
-    async with Engine(node, name="conv_proc", isolation="process", status_name=None) as engine:
+    async with Engine(
+        node, EngineConfig(isolation="process", status_name=None), name="conv_proc"
+    ) as engine:
         await engine.load(model)
         for i in range(5):
             await engine.infer(inputs[i])
@@ -193,7 +195,7 @@ async def bench_small(node: Node, *, rounds: int, items: int, callers: int) -> d
     bare_rates: list[float] = []
     eng_rates: list[float] = []
     batches: list[int] = []
-    async with Engine(node, status_name="inference_small") as engine:
+    async with Engine(node, EngineConfig(status_name="inference_small")) as engine:
         await engine.load(MODEL_PATH)
 
         async def caller(c: int, n: int) -> None:

@@ -25,6 +25,7 @@ from syncfw import Node
 from syncfw.errors import InferenceError
 from syncfw.inference import (
     Engine,
+    EngineConfig,
     EngineStateError,
     EscalationRequest,
     InferenceRunError,
@@ -186,7 +187,7 @@ async def test_model_breaking_its_output_signature_is_refused_at_call(
     node: Node, tmp_path: Path
 ) -> None:
     liar = wrong_output_model(tmp_path / "liar.onnx")
-    async with Engine(node, warmup_runs=0) as engine:
+    async with Engine(node, EngineConfig(warmup_runs=0)) as engine:
         await engine.load(liar)
         feeds = {"x": np.ones((2, 2), np.float32), "x1": np.ones((2, 1), np.float32)}
         with pytest.raises(OutputSignatureError, match="output 'y'"):
@@ -206,7 +207,7 @@ async def test_watchdog_fails_a_hung_call_and_the_engine_keeps_serving(node: Nod
         return inputs
 
     try:
-        async with Engine(node, preprocess=pre, timeout_s=0.2) as engine:
+        async with Engine(node, EngineConfig(timeout_s=0.2), preprocess=pre) as engine:
             await engine.load(MODEL_PATH)
             with pytest.raises(InferenceTimeoutError, match=r"0\.2 s watchdog") as err:
                 await engine.infer("hang", key="stuck")
@@ -229,7 +230,9 @@ async def test_too_many_stuck_workers_refuse_calls(node: Node) -> None:
         return inputs
 
     try:
-        async with Engine(node, preprocess=pre, timeout_s=0.05, max_stuck_workers=2) as engine:
+        async with Engine(
+            node, EngineConfig(timeout_s=0.05, max_stuck_workers=2), preprocess=pre
+        ) as engine:
             await engine.load(MODEL_PATH)
             for _ in range(2):
                 with pytest.raises(InferenceTimeoutError):
@@ -265,7 +268,7 @@ async def test_crashing_pre_post_or_runtime_is_reported_and_recovered(
     def bad_post(outputs: Any) -> Prediction:
         raise KeyError("labels")
 
-    async with Engine(node, postprocess=bad_post, status_name=None) as engine:
+    async with Engine(node, EngineConfig(status_name=None), postprocess=bad_post) as engine:
         await engine.load(MODEL_PATH)
         with pytest.raises(InferenceRunError, match="postprocess raised KeyError"):
             await engine.infer(_image(0))
@@ -287,7 +290,9 @@ async def test_crashing_pre_post_or_runtime_is_reported_and_recovered(
     path = tmp_path / "reshape.onnx"
     path.write_bytes(model.SerializeToString())
     async with Engine(
-        node, postprocess=lambda o: Prediction("y", 1.0), warmup_runs=0, status_name=None
+        node,
+        EngineConfig(warmup_runs=0, status_name=None),
+        postprocess=lambda o: Prediction("y", 1.0),
     ) as engine:
         await engine.load(path)
         ok = await engine.infer({"x": np.ones(4, np.float32), "s": np.array([4], np.int64)})
@@ -322,7 +327,7 @@ async def test_a_swap_during_calls_finishes_them_on_the_model_they_started_with(
         gate.wait(5)
         return inputs
 
-    async with Engine(node, preprocess=pre, timeout_s=5) as engine:
+    async with Engine(node, EngineConfig(timeout_s=5), preprocess=pre) as engine:
         a = await engine.load(MODEL_PATH)
         call = asyncio.ensure_future(engine.infer(_image(0)))
         await asyncio.to_thread(started.wait, 5)
@@ -336,7 +341,7 @@ async def test_concurrent_calls_are_micro_batched_with_exact_per_call_results(no
     x, _ = canary()
     bare = ort.InferenceSession(str(MODEL_PATH), providers=["CPUExecutionProvider"])
     expected = bare.run(None, {"image": x[:64]})[0]
-    async with Engine(node, max_batch=64) as engine:
+    async with Engine(node, EngineConfig(max_batch=64)) as engine:
         await engine.load(MODEL_PATH)
         results = await asyncio.gather(
             *(engine.infer(x[i : i + 1], key=f"i{i:02d}") for i in range(64))
@@ -366,7 +371,9 @@ async def test_one_bad_call_does_not_fail_its_batch_mates(node: Node) -> None:
 async def test_multi_row_calls_and_fixed_batch_models(node: Node, tmp_path: Path) -> None:
     lin = linear_model(tmp_path / "lin.onnx")
     fixed = identity_model(tmp_path / "fixed.onnx", shape=(2, 4))
-    async with Engine(node, postprocess=lambda o: Prediction("v", 1.0), status_name=None) as engine:
+    async with Engine(
+        node, EngineConfig(status_name=None), postprocess=lambda o: Prediction("v", 1.0)
+    ) as engine:
         info = await engine.load(lin)
         assert info.batchable and info.name == "lin"
         rs = await asyncio.gather(
@@ -384,7 +391,7 @@ async def test_multi_row_calls_and_fixed_batch_models(node: Node, tmp_path: Path
 async def test_sampling_keeps_inputs_in_a_bounded_telemetry_ring(node: Node) -> None:
     x, _ = canary()
     policy = SamplingPolicy(base_rate=1.0, low_confidence_rate=1.0, max_samples=3)
-    async with Engine(node, sampling=policy, sample_seed=1) as engine:
+    async with Engine(node, EngineConfig(sampling=policy, sample_seed=1)) as engine:
         await engine.load(MODEL_PATH)
         results = [await engine.infer(x[i : i + 1]) for i in range(5)]
         await engine.flush()
@@ -407,7 +414,7 @@ async def test_sampling_prefers_unsure_cases(node: Node) -> None:
     threshold = float(conf[unsure] + conf[sure]) / 2
     # Never keep a confident case, always keep an unsure one.
     policy = SamplingPolicy(base_rate=0.0, low_confidence_below=threshold, low_confidence_rate=1.0)
-    async with Engine(node, sampling=policy) as engine:
+    async with Engine(node, EngineConfig(sampling=policy)) as engine:
         await engine.load(MODEL_PATH)
         kept = await engine.infer(x[unsure : unsure + 1])
         skipped = await engine.infer(x[sure : sure + 1])
@@ -425,7 +432,7 @@ async def test_escalation_is_async_and_never_blocks_the_local_decision(node: Nod
         await release.wait()  # the uplink is slow: the local result must not wait for it
         seen.append(req)
 
-    async with Engine(node, escalate=to_cloud, escalate_below=1.01) as engine:
+    async with Engine(node, EngineConfig(escalate_below=1.01), escalate=to_cloud) as engine:
         await engine.load(MODEL_PATH)
         r = await engine.infer(x[:1], key="unsure")
         assert await node.get(r.key) is not None and seen == []
@@ -444,7 +451,7 @@ async def test_failing_escalation_is_counted_not_raised(node: Node) -> None:
     async def broken(req: EscalationRequest) -> None:
         raise ConnectionError("uplink down")
 
-    async with Engine(node, escalate=broken, escalate_below=1.01) as engine:
+    async with Engine(node, EngineConfig(escalate_below=1.01), escalate=broken) as engine:
         await engine.load(MODEL_PATH)
         await engine.infer(_image(0))
         await engine.flush()
@@ -474,9 +481,11 @@ async def test_strict_provider_refuses_a_silent_fallback(node: Node) -> None:
     # Pretend CUDA is available: ONNX Runtime will warn and fall back to the CPU.
     async with Engine(
         node,
-        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        available=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        allow_fallback=False,
+        EngineConfig(
+            providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+            available=("CUDAExecutionProvider", "CPUExecutionProvider"),
+            allow_fallback=False,
+        ),
     ) as engine:
         with (
             pytest.warns(UserWarning, match="CUDAExecutionProvider"),
@@ -489,8 +498,10 @@ async def test_strict_provider_refuses_a_silent_fallback(node: Node) -> None:
 async def test_fallback_is_recorded_when_allowed(node: Node) -> None:
     async with Engine(
         node,
-        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
-        available=["CUDAExecutionProvider", "CPUExecutionProvider"],
+        EngineConfig(
+            providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
+            available=("CUDAExecutionProvider", "CPUExecutionProvider"),
+        ),
     ) as engine:
         with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
             info = await engine.load(MODEL_PATH)
@@ -502,7 +513,8 @@ async def test_fallback_is_recorded_when_allowed(node: Node) -> None:
 
 async def test_no_wanted_provider_available(node: Node) -> None:
     async with Engine(
-        node, providers=["TensorrtExecutionProvider"], available=["CPUExecutionProvider"]
+        node,
+        EngineConfig(providers=("TensorrtExecutionProvider",), available=("CPUExecutionProvider",)),
     ) as engine:
         with pytest.raises(ProviderError, match="none of the wanted providers"):
             await engine.load(MODEL_PATH)
@@ -528,7 +540,7 @@ async def test_closing_fails_calls_queued_or_running(node: Node) -> None:
         gate.wait(5)
         return inputs
 
-    engine = Engine(node, preprocess=pre, timeout_s=10, max_batch=1)
+    engine = Engine(node, EngineConfig(timeout_s=10, max_batch=1), preprocess=pre)
     await engine.load(MODEL_PATH)
     running = asyncio.ensure_future(engine.infer(_image(0)))
     queued = asyncio.ensure_future(engine.infer(_image(1)))

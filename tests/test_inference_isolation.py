@@ -13,7 +13,13 @@ from conftest_inference import MODEL_PATH, canary, node, result_keys
 from onnx import TensorProto, helper, numpy_helper
 
 from syncfw import Node
-from syncfw.inference import Engine, InferenceRunError, InferenceTimeoutError, ModelLoadError
+from syncfw.inference import (
+    Engine,
+    EngineConfig,
+    InferenceRunError,
+    InferenceTimeoutError,
+    ModelLoadError,
+)
 
 __all__ = ["node"]
 
@@ -57,7 +63,7 @@ def spin_model(path: Path) -> Path:
 async def test_a_call_hung_in_native_code_is_killed_and_the_worker_replaced(
     node: Node, tmp_path: Path
 ) -> None:
-    async with Engine(node, isolation="process", timeout_s=1.0) as engine:
+    async with Engine(node, EngineConfig.isolated().with_(timeout_s=1.0)) as engine:
         await engine.load(spin_model(tmp_path / "spin.onnx"))
         ok = await engine.infer({"n": np.array(3, np.int64)}, key="short")
         np.testing.assert_array_equal(ok.outputs["v"], [3.0])
@@ -77,7 +83,7 @@ async def test_a_call_hung_in_native_code_is_killed_and_the_worker_replaced(
 
 async def test_a_crashed_worker_is_reported_and_replaced(node: Node) -> None:
     x, _ = canary()
-    async with Engine(node, isolation="process") as engine:
+    async with Engine(node, EngineConfig.isolated()) as engine:
         info = await engine.load(MODEL_PATH)
         assert info.provider == "CPUExecutionProvider"
         r = await engine.infer(x[:1])
@@ -98,7 +104,7 @@ async def test_process_isolation_loads_fail_cleanly_and_hot_swap(
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(MODEL_PATH.read_bytes()[:1000])
     x, _ = canary()
-    async with Engine(node, isolation="process") as engine:
+    async with Engine(node, EngineConfig.isolated()) as engine:
         first = await engine.load(MODEL_PATH)
         with pytest.raises(ModelLoadError):
             await engine.load(bad)
@@ -107,6 +113,8 @@ async def test_process_isolation_loads_fail_cleanly_and_hot_swap(
     assert all(r.model.sha256 == first.sha256 for r in results)
 
 
-def test_isolation_is_validated(tmp_path: Path) -> None:
+def test_isolation_is_validated() -> None:
     with pytest.raises(ValueError, match="isolation"):
-        Engine(None, isolation="fork")  # type: ignore[arg-type]
+        EngineConfig(isolation="fork")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="isolation"):
+        EngineConfig.isolated().with_(isolation="fork")

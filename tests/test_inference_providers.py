@@ -16,6 +16,7 @@ from syncfw.inference import (
     TENSORRT,
     AcceleratorInfo,
     Engine,
+    EngineConfig,
     ProviderError,
     ProviderPlan,
     plan_providers,
@@ -108,7 +109,7 @@ def _has(provider: str) -> bool:
 )
 async def test_cuda_is_used_and_recorded(node: Node) -> None:
     x, _ = canary()
-    async with Engine(node, providers=[CUDA], allow_fallback=False) as engine:
+    async with Engine(node, EngineConfig(providers=(CUDA,), allow_fallback=False)) as engine:
         info = await engine.load(MODEL_PATH)
         r = await engine.infer(x[:1])
     assert info.provider == CUDA
@@ -125,7 +126,7 @@ async def test_cuda_is_used_and_recorded(node: Node) -> None:
 async def test_tensorrt_builds_and_reuses_its_cached_engine(node: Node, tmp_path: Path) -> None:
     x, _ = canary()
     async with Engine(
-        node, providers=[TENSORRT], allow_fallback=False, trt_cache_dir=tmp_path
+        node, EngineConfig(providers=(TENSORRT,), allow_fallback=False, trt_cache_dir=tmp_path)
     ) as engine:
         info = await engine.load(MODEL_PATH)
         await engine.infer(x[:1])
@@ -134,7 +135,10 @@ async def test_tensorrt_builds_and_reuses_its_cached_engine(node: Node, tmp_path
     cached = sorted(p.name for p in info.plan.trt_cache_dir.iterdir())
     assert any(name.endswith(".engine") for name in cached), cached
     async with Engine(
-        node, providers=[TENSORRT], allow_fallback=False, trt_cache_dir=tmp_path, status_name=None
+        node,
+        EngineConfig(
+            providers=(TENSORRT,), allow_fallback=False, trt_cache_dir=tmp_path, status_name=None
+        ),
     ) as engine:
         again = await engine.load(MODEL_PATH)
     assert again.plan.trt_cache_dir == info.plan.trt_cache_dir
@@ -147,7 +151,7 @@ async def test_engine_wires_the_tensorrt_cache_and_records_the_fallback(
     # TensorRT "available" by injection: the plan and its cache directory are real, and
     # ONNX Runtime (a CPU build here) falls back, which the engine records rather than hides.
     async with Engine(
-        node, available=[TENSORRT, CPU], accelerator=H100, trt_cache_dir=tmp_path
+        node, EngineConfig(available=(TENSORRT, CPU), accelerator=H100, trt_cache_dir=tmp_path)
     ) as engine:
         with pytest.warns(UserWarning, match="TensorrtExecutionProvider"):
             info = await engine.load(MODEL_PATH)

@@ -28,6 +28,7 @@ import numpy as np
 from syncfw import Fleet, Node
 from syncfw.inference import (
     Engine,
+    EngineConfig,
     EscalationRequest,
     InferenceError,
     Ladder,
@@ -105,17 +106,21 @@ async def run(seconds: float, rate: float, db: Path, seed: int) -> int:
     async with Node.open(db, node_id="station-7", fleet=Fleet(fleet_id="factory")) as node:
         primary = Engine(
             node,
-            preprocess=preprocess,
-            timeout_s=0.5,
-            escalate=plant.cloud,
-            escalate_below=0.8,
-            sampling=SamplingPolicy(
-                base_rate=0.02, low_confidence_below=0.75, low_confidence_rate=0.5
+            EngineConfig(
+                timeout_s=0.5,
+                escalate_below=0.8,
+                sampling=SamplingPolicy(
+                    base_rate=0.02, low_confidence_below=0.75, low_confidence_rate=0.5
+                ),
+                sample_seed=seed,
             ),
-            sample_seed=seed,
+            preprocess=preprocess,
+            escalate=plant.cloud,
         )
         trigger = Engine(
-            node, preprocess=preprocess, timeout_s=0.5, status_name="inference_trigger"
+            node,
+            EngineConfig(timeout_s=0.5, status_name="inference_trigger"),
+            preprocess=preprocess,
         )
         await primary.load(MODEL_PATH)
         await trigger.load(TRIGGER_PATH)

@@ -6,7 +6,12 @@ per-call watchdog, micro-batching, hot swap), per-stage latency histograms,
 result and sample ops with provenance, the degradation ladder, and the script
 that makes the shipped models (``python -m syncfw.inference.train``).
 
-Modules: ``engine`` (the :class:`Engine`), ``signature`` (declared tensors,
+Modules: ``engine`` (the :class:`Engine` facade), ``config`` (:class:`EngineConfig`
+and its presets), ``manifest`` (:class:`ModelManifest`: what a model must be),
+``loader`` (checks, session, warm-up, hot swap), ``worker`` (queue,
+micro-batching, watchdog), ``pipeline`` (pre / run / post, input and output
+checks), ``results`` (the result op, samples, escalations), ``recorder``
+(per-call latency book and node metrics), ``signature`` (declared tensors,
 model identity, the input digest), ``prediction`` (top label(s) from outputs),
 ``providers`` (pure provider choice and the TensorRT cache key), ``isolation`` (a session in a killable worker
 process), ``latency`` (histograms), ``sampling`` (inputs kept for retraining),
@@ -14,21 +19,19 @@ process), ``latency`` (histograms), ``sampling`` (inputs kept for retraining),
 shell), ``sink`` (the protocols a node satisfies), ``errors``, ``train`` (the
 shipped models), ``assets/`` (``inspection.onnx``, ``trigger.onnx``, ``canary.npz``).
 
-May import: :mod:`syncfw.errors`, :mod:`syncfw.log` (for ``Op``), numpy,
+May import: :mod:`syncfw.errors`, :mod:`syncfw.log` (for ``Op``),
+:mod:`syncfw.keys` (the key layout), :mod:`syncfw.metrics` (the node's registry), numpy,
 onnxruntime, onnx and the standard library (``multiprocessing`` for process
 isolation; psutil only if it happens to be installed). It talks to a node only through the small
-:class:`ResultSink` protocol (``node_id`` + async ``put``), never by importing
+:class:`ResultSink` protocol (``node_id`` + async ``put``; optionally
+:class:`StatusHost` and :class:`MetricsHost`), never by importing
 :mod:`syncfw.node`, and never imports gRPC or the store.
 """
 
 from __future__ import annotations
 
-from syncfw.inference.engine import (
-    DEFAULT_SESSION_CONFIG,
-    Engine,
-    EscalationRequest,
-    InferenceResult,
-)
+from syncfw.inference.config import DEFAULT_SESSION_CONFIG, EngineConfig
+from syncfw.inference.engine import Engine
 from syncfw.inference.errors import (
     EngineStateError,
     InferenceError,
@@ -54,6 +57,7 @@ from syncfw.inference.ladder import (
     step,
 )
 from syncfw.inference.latency import Histogram, LatencyBook, LatencySummary, Stage, StageTimes
+from syncfw.inference.manifest import ModelManifest
 from syncfw.inference.prediction import Prediction, top_k, top_k_rows
 from syncfw.inference.providers import (
     CPU,
@@ -65,9 +69,10 @@ from syncfw.inference.providers import (
     resolve_actual,
     trt_cache_key,
 )
+from syncfw.inference.results import EscalationRequest, InferenceResult
 from syncfw.inference.sampling import Sampler, SamplingPolicy, decode_sample, encode_sample
 from syncfw.inference.signature import ModelInfo, TensorSpec, input_digest
-from syncfw.inference.sink import ResultSink, StatusHost
+from syncfw.inference.sink import MetricsHost, ResultSink, StatusHost
 
 __all__ = [
     "CPU",
@@ -78,6 +83,7 @@ __all__ = [
     "AcceleratorInfo",
     "Conditions",
     "Engine",
+    "EngineConfig",
     "EngineStateError",
     "EscalationRequest",
     "Histogram",
@@ -92,8 +98,10 @@ __all__ = [
     "Limits",
     "Mode",
     "ModePolicy",
+    "MetricsHost",
     "ModelInfo",
     "ModelLoadError",
+    "ModelManifest",
     "NonFiniteInputError",
     "OutputSignatureError",
     "PowerReading",

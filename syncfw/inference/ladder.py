@@ -32,7 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from syncfw.inference.sink import ResultSink, fleet_prefix
+from syncfw.inference.sink import ResultSink
+from syncfw.keys import mode_key
 
 __all__ = [
     "POLICIES",
@@ -275,7 +276,7 @@ class Ladder:
         self._mode = initial
         self._wall_ms = wall_ms
         self.transitions: list[Transition] = []
-        self.key = fleet_prefix(sink.node_id) + "inference/mode"
+        self.key = mode_key(sink.node_id)
 
     @property
     def mode(self) -> Mode:

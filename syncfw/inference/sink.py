@@ -1,18 +1,22 @@
-"""What the inference module needs from a node: an id and an async ``put``.
+"""What the inference module needs from a node: an id, an async ``put``, optionally status and metrics.
 
 The engine and the ladder depend on these small protocols rather than on
 :class:`syncfw.node.Node`, which keeps this package testable in layers and free
-of the node's imports; a real ``Node`` satisfies both.
+of the node's imports; a real ``Node`` satisfies them. Keys are built with
+:mod:`syncfw.keys`, the one place that spells the per-node layout.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from syncfw.log import Op
 
-__all__ = ["ResultSink", "StatusHost", "telemetry_prefix", "results_prefix", "fleet_prefix"]
+if TYPE_CHECKING:
+    from syncfw.metrics import NodeMetrics
+
+__all__ = ["MetricsHost", "ResultSink", "StatusHost"]
 
 
 class ResultSink(Protocol):
@@ -37,16 +41,11 @@ class StatusHost(Protocol):
         ...
 
 
-def results_prefix(node_id: str) -> str:
-    """The node's own results zone."""
-    return f"results/{node_id}/"
+@runtime_checkable
+class MetricsHost(Protocol):
+    """A node with a Prometheus registry (optional for a sink): the engine records per call there."""
 
-
-def telemetry_prefix(node_id: str) -> str:
-    """The node's own (bounded, lower priority) telemetry zone."""
-    return f"telemetry/{node_id}/"
-
-
-def fleet_prefix(node_id: str) -> str:
-    """The node's own fleet-visible status zone."""
-    return f"fleet/{node_id}/"
+    @property
+    def metrics(self) -> NodeMetrics:
+        """The node's metric families."""
+        ...

@@ -1,4 +1,13 @@
-"""The change feed: every op applied, local or remote, to whoever subscribed."""
+"""The live change feed: every op applied, local or remote, to whoever subscribed.
+
+This is the *lossy live view*: a :class:`Change` names the op but carries no
+value (reading the key back gives its current value, not the one written), it
+starts at the moment of subscribing, and a subscriber that falls
+``changes_buffer`` changes behind is ended with :class:`ChangeFeedLagged`.
+It suits wake-ups (the mesh pushes fresh writes with it). To consume the log as
+a stream (values as written, a resumable position, backlog paged from SQLite,
+never dropped) use :meth:`syncfw.Node.follow` (:mod:`syncfw.store.follow`).
+"""
 
 from __future__ import annotations
 
@@ -32,6 +41,9 @@ class Change:
 
 class ChangeFeed:
     """An async iterator over applied changes; ``aclose()`` unsubscribes.
+
+    Lossy by design (see the module): for a resumable stream with values, use
+    :meth:`syncfw.Node.follow`.
 
     The store puts ``None`` in the queue to end the feed: because it closed
     (``closed()`` is then true), or because the subscriber fell a whole buffer

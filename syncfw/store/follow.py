@@ -1,0 +1,457 @@
+"""A resumable, paged feed of the log with decoded values: :meth:`syncfw.Node.follow`.
+
+A :class:`Follow` reads the ops held beyond a version vector from the store's
+SQLite file, page by page, then tails new commits. It never drops a slow
+consumer: whatever the consumer has not taken yet stays in SQLite.
+
+Invariants:
+
+1. Exactly once from a position. :attr:`Follow.position` is the version vector
+   of every op delivered *or passed over* (filtered out by prefix, or rejected
+   when ``include_rejected`` is false). A follower started with
+   ``since=position`` delivers exactly the ops after it: no gap, no duplicate,
+   across a restart of the consumer or of the node.
+2. Per-origin seq order, always: each origin's ops come in seq order, and
+   ``position[origin]`` only ever moves one op at a time.
+3. Across origins, the ops read in one page are merged by ``(hlc, origin,
+   seq)``. An op that reaches this node later (a remote origin's old ops,
+   synced in) is delivered when it arrives, after ops already delivered with a
+   greater hlc. Delivery order across origins is therefore *not* causal order
+   and not global hlc order; only invariant 2 holds across pages.
+4. Bounded memory: a follower holds at most ``page_ops`` ops read but not yet
+   delivered (:attr:`Follow.held`); when more origins than ``page_ops`` have
+   ops to serve, one op per such origin.
+5. Reads only, on its own read-only connection (WAL allows readers beside the
+   writer). The store's commit listener only sets an :class:`asyncio.Event`;
+   the follower then reads the next page beyond its position itself.
+6. No silent hole: a position ahead of the node, below a compaction point, or
+   ops vanishing under a live follower raise :class:`FeedPositionError`
+   naming the missing seqs; the feed then ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import heapq
+import logging
+import sqlite3
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol
+
+import aiosqlite
+
+from syncfw.crdt import COUNTER, LWW, MVREG, ORSET, YDOC
+from syncfw.crdt.lww import TOMBSTONE
+from syncfw.errors import DecodeError, FeedPositionError
+from syncfw.log import Op, VersionVector, decode_value
+from syncfw.store.sql import translate_error
+from syncfw.zones import GRANT_KIND
+
+__all__ = ["FeedItem", "FeedSource", "Follow", "decode_payload"]
+
+log = logging.getLogger("syncfw.store.follow")
+
+IDLE_RECHECK_S = 1.0
+"""While caught up, re-read this often even without a wake-up: the store's
+listener is not called for a commit of only rejected ops, nor on close."""
+
+_UNION_MAX = 200  # origins per compound SELECT (SQLite allows 500 terms)
+_OPS_TERM = (
+    "SELECT * FROM (SELECT origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status "
+    "FROM ops WHERE origin = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?)"
+)
+
+Missing = dict[str, tuple[int, int]]
+_Entry = tuple[int, int, "FeedItem | None"]  # (hlc, seq, item; None when passed over)
+
+
+@dataclass(frozen=True, slots=True)
+class FeedItem:
+    """One op of the log as :meth:`Node.follow` delivers it.
+
+    Attributes:
+        op: the op itself (origin, seq, hlc, zone, epoch, key, kind, payload).
+        value: the decoded payload. ``lww``: the value written (``None`` for a
+            delete). ``counter``: ``{"p": ..., "n": ...}``, the origin's new
+            running totals. ``orset``: ``{"op": "add"|"remove", "element": ...}``
+            (a remove also has ``"observed"``, the tags it removes). ``mvreg``:
+            ``{"value": ..., "observed": [...]}``. ``grant``: the grant dict.
+            ``ydoc``, unknown kinds and payloads that do not decode (only
+            possible for rejected ops): the raw bytes.
+        deleted: an lww tombstone.
+        local: written by this node.
+        rejected: stored as rejected (its origin did not own the zone); such
+            ops are delivered only with ``include_rejected=True``.
+    """
+
+    op: Op
+    value: Any
+    deleted: bool
+    local: bool
+    rejected: bool
+
+    @property
+    def origin(self) -> str:
+        return self.op.origin
+
+    @property
+    def seq(self) -> int:
+        return self.op.seq
+
+    @property
+    def hlc(self) -> int:
+        return self.op.hlc
+
+    @property
+    def key(self) -> str:
+        return self.op.key
+
+    @property
+    def kind(self) -> str:
+        return self.op.kind
+
+
+class FeedSource(Protocol):
+    """What a follower needs of a store (``syncfw.store.Store`` provides it)."""
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def node_id(self) -> str: ...
+
+    @property
+    def version_vector(self) -> VersionVector: ...
+
+    def add_listener(self, fn: Callable[[list[Op], bool], None]) -> None: ...
+
+
+def _tags(raw: Any) -> list[tuple[str, int]]:
+    return [(str(o), int(s)) for o, s in raw]
+
+
+def decode_payload(kind: str, value: bytes) -> tuple[Any, bool]:
+    """An op's payload as an application value, and whether it is an lww delete.
+
+    Bytes that do not decode as ``kind`` defines come back raw (see
+    :class:`FeedItem`); this never raises.
+    """
+    try:
+        if kind == LWW.name:
+            return (None, True) if value == TOMBSTONE else (decode_value(value), False)
+        if kind == YDOC.name:
+            return value, False
+        raw = decode_value(value)
+        if kind == COUNTER.name:
+            p, n = raw
+            return {"p": p, "n": n}, False
+        if kind == ORSET.name:
+            out: dict[str, Any] = {"op": "add" if raw[0] == "a" else "remove"}
+            out["element"] = decode_value(raw[1])
+            if raw[0] == "r":
+                out["observed"] = _tags(raw[2])
+            return out, False
+        if kind == MVREG.name:
+            return {"value": decode_value(raw[0]), "observed": _tags(raw[1])}, False
+        if kind == GRANT_KIND:
+            return raw, False
+    except Exception:  # malformed payloads of rejected ops: delivered raw, by contract
+        log.debug("op payload of kind %r does not decode; delivered raw", kind)
+    return value, False
+
+
+class _Hub:
+    """One store listener per store, waking every live follower of it."""
+
+    def __init__(self) -> None:
+        self.followers: weakref.WeakSet[Follow] = weakref.WeakSet()
+
+    def on_commit(self, ops: list[Op], local: bool) -> None:
+        for f in list(self.followers):
+            f._wake.set()
+
+
+_HUBS: weakref.WeakKeyDictionary[Any, _Hub] = weakref.WeakKeyDictionary()
+
+
+def _hub(source: FeedSource) -> _Hub:
+    hub = _HUBS.get(source)
+    if hub is None:
+        hub = _HUBS[source] = _Hub()
+        source.add_listener(hub.on_commit)
+    return hub
+
+
+def _ahead_of(since: Mapping[str, int], have: Mapping[str, int]) -> Missing:
+    """Per origin, the seqs ``since`` claims that ``have`` lacks."""
+    return {o: (have.get(o, 0) + 1, s) for o, s in since.items() if s > have.get(o, 0)}
+
+
+def _ahead_error(missing: Missing) -> FeedPositionError:
+    named = ", ".join(f"{o} {a}..{b}" for o, (a, b) in sorted(missing.items()))
+    return FeedPositionError(
+        f"follow() position is ahead of this node: it lacks ops {named} "
+        "(the consumer saw ops this node does not hold)",
+        missing,
+    )
+
+
+class Follow:
+    """An async iterator of :class:`FeedItem`, from a version vector on; see the module.
+
+    Use ``async with node.follow(...) as feed: async for item in feed: ...``
+    or call :meth:`aclose`. The feed ends (``StopAsyncIteration``) once the
+    node is closed, or after :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        source: FeedSource,
+        since: Mapping[str, int] | None = None,
+        prefixes: Sequence[str] = (),
+        *,
+        include_rejected: bool = False,
+        page_ops: int = 1000,
+        closed: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """See :meth:`syncfw.Node.follow` for the arguments.
+
+        Raises:
+            FeedPositionError: ``since`` is ahead of the node's version vector.
+            ValueError: ``page_ops`` < 1, or a negative seq in ``since``.
+        """
+        if page_ops < 1:
+            raise ValueError("page_ops must be at least 1")
+        pos = {str(o): int(s) for o, s in (since or {}).items()}
+        if any(s < 0 for s in pos.values()):
+            raise ValueError("a version vector holds seqs >= 0")
+        missing = _ahead_of(pos, source.version_vector)
+        if missing:
+            raise _ahead_error(missing)
+        self._source = source
+        # Read-only: a follower can never write, whatever it runs.
+        self._uri = Path(source.path).resolve().as_uri() + "?mode=ro"
+        self._me = source.node_id
+        self._pos: VersionVector = {o: s for o, s in pos.items() if s}
+        self._prefixes = tuple(prefixes)
+        self._include_rejected = include_rejected
+        self._page = page_ops
+        self._closed = closed
+        self._wake = asyncio.Event()
+        # Read, not yet delivered: per origin in seq order (``_bufs``), and
+        # merged ready to hand out as (origin, seq, item or None).
+        self._bufs: dict[str, collections.deque[_Entry]] = {}
+        self._ready: collections.deque[tuple[str, int, FeedItem | None]] = collections.deque()
+        self._fetched: VersionVector = dict(self._pos)  # highest seq read, per origin
+        self._known: VersionVector = {}  # the node's vector at the last read
+        self._conn: aiosqlite.Connection | None = None
+        self._done = False
+        self.max_held = 0
+        """The most ops this follower held at once (invariant 4; for tests)."""
+
+    # ------------------------------------------------------------------ surface
+
+    @property
+    def position(self) -> VersionVector:
+        """The version vector of every op delivered or passed over so far."""
+        return dict(self._pos)
+
+    @property
+    def held(self) -> int:
+        """Ops read from SQLite and not yet delivered (at most ``page_ops``)."""
+        return len(self._ready) + sum(len(b) for b in self._bufs.values())
+
+    def __aiter__(self) -> Follow:
+        return self
+
+    async def __anext__(self) -> FeedItem:
+        ready = self._ready
+        pos = self._pos
+        while True:
+            while ready:
+                origin, seq, item = ready.popleft()
+                pos[origin] = seq
+                if item is not None:
+                    return item
+            if self._done:
+                raise StopAsyncIteration
+            if self._closed():
+                await self.aclose()
+                raise StopAsyncIteration
+            try:
+                if not await self._read():
+                    await self._idle()
+            except Exception:  # the feed cannot go on: release the connection
+                await self.aclose()
+                raise
+
+    async def aclose(self) -> None:
+        """Stop following and close the read connection. Idempotent."""
+        self._done = True
+        self._ready.clear()
+        self._bufs.clear()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def __aenter__(self) -> Follow:
+        await self._connect()
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------ reading
+
+    async def _connect(self) -> aiosqlite.Connection:
+        if self._conn is not None:
+            return self._conn
+        try:
+            conn = await aiosqlite.connect(self._uri, uri=True, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise translate_error(exc) from None
+        try:
+            await conn.execute("PRAGMA query_only = 1")
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise translate_error(exc) from None
+        self._conn = conn
+        _hub(self._source).followers.add(self)
+        return conn
+
+    async def _idle(self) -> None:
+        """Wait for a commit (or the idle re-check) after a read found nothing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(IDLE_RECHECK_S):
+                await self._wake.wait()
+
+    async def _read(self) -> bool:
+        """Read the next page beyond the position. Returns False when caught up."""
+        conn = await self._connect()
+        # Cleared before the read: a commit landing after our snapshot sets it again.
+        self._wake.clear()
+        if self.held > self._page - self._page // 4:
+            # Leftovers crowd the page (one origin's ops sort first, again and
+            # again): drop them, so pages stay large; they are read again.
+            for origin, buf in self._bufs.items():
+                if buf:
+                    self._fetched[origin] = self._pos.get(origin, 0)
+            self._bufs.clear()
+        try:
+            await conn.execute("BEGIN")
+            try:
+                heads = await conn.execute_fetchall("SELECT origin, seq, compacted FROM heads")
+                want = self._plan({o: (s, c) for o, s, c in heads})
+                rows: list[Any] = []
+                for i in range(0, len(want), _UNION_MAX):
+                    part = want[i : i + _UNION_MAX]
+                    rows += await conn.execute_fetchall(
+                        " UNION ALL ".join([_OPS_TERM] * len(part)),
+                        [v for w in part for v in w],
+                    )
+            finally:
+                await conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise translate_error(exc) from None
+        self._take(rows, {o: min(after + limit, upto) for o, after, upto, limit in want})
+        self._merge()
+        return bool(self._ready)
+
+    def _plan(self, heads: dict[str, tuple[int, int]]) -> list[tuple[str, int, int, int]]:
+        """Check the position against the heads; the (origin, after, upto, limit) to read."""
+        have = {o: s for o, (s, _) in heads.items()}
+        missing = _ahead_of(self._pos, have)
+        if missing:
+            raise _ahead_error(missing)
+        self._known = have
+        need = [
+            o for o, s in have.items() if s > self._fetched.get(o, 0) and not self._bufs.get(o)
+        ]
+        gone = {
+            o: (self._fetched.get(o, 0) + 1, heads[o][1])
+            for o in need
+            if heads[o][1] > self._fetched.get(o, 0)
+        }
+        if gone:
+            named = ", ".join(f"{o} {a}..{b}" for o, (a, b) in sorted(gone.items()))
+            raise FeedPositionError(
+                f"follow() cannot serve ops {named}: compacted away on this node "
+                "(resume from a snapshot, or from a peer that still holds them)",
+                gone,
+            )
+        if not need:
+            return []
+        budget = max(self._page - self.held, 1)
+        each = max(budget // len(need), 1)
+        return [(o, self._fetched.get(o, 0), have[o], each) for o in sorted(need)]
+
+    def _take(self, rows: list[Any], expect: dict[str, int]) -> None:
+        """Decode a page of rows into the per-origin buffers, checking contiguity.
+
+        ``expect`` is, per origin read, the last seq the read must reach.
+        """
+        me, prefixes, with_rejected = self._me, self._prefixes, self._include_rejected
+        fetched = self._fetched
+        bufs = self._bufs
+        gone: Missing = {}
+        for origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status in rows:
+            nxt = fetched.get(origin, 0) + 1
+            if seq != nxt:  # rows vanished between the heads and the ops (cannot in one snapshot)
+                gone.setdefault(origin, (nxt, seq - 1))
+                continue
+            fetched[origin] = seq
+            item: FeedItem | None = None
+            if (with_rejected or not status) and (not prefixes or key.startswith(prefixes)):
+                op = Op(origin, seq, hlc, zone, epoch, key, kind, value, prev, sig)
+                if kind == "lww" and value:  # the hot path: a set lww key
+                    try:
+                        decoded, deleted = decode_value(value), False
+                    except DecodeError:  # only a rejected op can hold one: delivered raw
+                        decoded, deleted = value, False
+                else:
+                    decoded, deleted = decode_payload(kind, value)
+                item = FeedItem(op, decoded, deleted, origin == me, bool(status))
+            buf = bufs.get(origin)
+            if buf is None:
+                buf = bufs[origin] = collections.deque()
+            buf.append((hlc, seq, item))
+        for origin, last in expect.items():
+            if fetched.get(origin, 0) < last and origin not in gone:
+                gone[origin] = (fetched.get(origin, 0) + 1, last)
+        if gone:
+            raise FeedPositionError(f"ops vanished from the log while following: {gone}", gone)
+        self.max_held = max(self.max_held, self.held)
+
+    def _merge(self) -> None:
+        """Move buffered ops to the ready queue in (hlc, origin, seq) order.
+
+        Stops at the first origin whose buffer runs dry while it has more ops
+        in SQLite: its next op may sort before every other head.
+        """
+        bufs, ready, fetched, known = self._bufs, self._ready, self._fetched, self._known
+        live = [o for o, b in bufs.items() if b]
+        if len(live) == 1:  # one origin: nothing to merge
+            (o,) = live
+            ready.extend((o, seq, item) for _, seq, item in bufs.pop(o))
+            return
+        heap = [(bufs[o][0][0], o, bufs[o][0][1]) for o in live]
+        heapq.heapify(heap)
+        while heap:
+            _, origin, _ = heapq.heappop(heap)
+            buf = bufs[origin]
+            _, seq, item = buf.popleft()
+            ready.append((origin, seq, item))
+            if buf:
+                heapq.heappush(heap, (buf[0][0], origin, buf[0][1]))
+            elif known.get(origin, 0) > fetched.get(origin, 0):
+                break
+        for o in [o for o, b in bufs.items() if not b]:
+            del bufs[o]

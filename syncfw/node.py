@@ -26,6 +26,7 @@ from syncfw.errors import NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
 from syncfw.mesh import Mesh, MeshConfig
 from syncfw.store import ChangeFeed, Store, StoreConfig
+from syncfw.store.follow import Follow
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
@@ -353,8 +354,58 @@ class Node:
     # ----------------------------------------------------------------- feed, status, upkeep
 
     def changes(self) -> ChangeFeed:
-        """Every change applied from now on, local and remote, in commit order."""
+        """Every change applied from now on, local and remote, in commit order.
+
+        The lossy live view: a change carries no value, and a subscriber that
+        falls behind is dropped (:class:`ChangeFeedLagged`). To consume the
+        log as a stream, use :meth:`follow`.
+        """
         return self._store.changes()
+
+    def follow(
+        self,
+        since: Mapping[str, int] | None = None,
+        prefixes: Sequence[str] = (),
+        *,
+        include_rejected: bool = False,
+        page_ops: int = 1000,
+    ) -> Follow:
+        """The log as a resumable stream: every op after ``since``, with its value.
+
+        Reads the backlog from SQLite in pages, then tails new commits; a slow
+        consumer is paged, never dropped. Persist ``feed.position`` (with
+        the effect of what you processed) and pass it back as ``since`` to
+        resume with no gap and no duplicate, across restarts of the consumer
+        and of the node. Order: each origin's ops in seq order; across origins,
+        by ``(hlc, origin, seq)`` within what is read at once (see
+        :mod:`syncfw.store.follow`).
+
+        Args:
+            since: the version vector already processed (``{}``: from the start).
+            prefixes: deliver only keys under one of these (all when empty);
+                the others still advance the position.
+            include_rejected: also deliver ops stored as rejected
+                (``item.rejected`` is then true).
+            page_ops: ops read from SQLite at once; what the feed holds at most.
+
+        Returns:
+            A :class:`~syncfw.store.follow.Follow`: ``async with`` it (or call
+            ``aclose()``) and ``async for item in feed``. It ends when the node closes.
+
+        Raises:
+            FeedPositionError: ``since`` is ahead of this node (raised here), or
+                below a compaction point (raised by the first read), naming
+                ``missing={origin: (first, last)}``.
+        """
+        store = self._store
+        return Follow(
+            store,
+            since,
+            prefixes,
+            include_rejected=include_rejected,
+            page_ops=page_ops,
+            closed=lambda: store._closed,
+        )
 
     def add_status_source(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:
         """Include ``fn()`` under ``name`` in :meth:`status` (inference, mesh, ...)."""

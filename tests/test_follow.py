@@ -153,7 +153,9 @@ async def test_resume_from_position_after_a_consumer_restart(make_node: NodeFact
         rest = await take(feed, 19)
         assert feed.position == {"t7": 15, "t9": 15}
     everything = ids(first) + ids(rest)
-    assert sorted(everything) == sorted([("t7", i) for i in range(1, 16)] + [("t9", i) for i in range(1, 16)])
+    assert sorted(everything) == sorted(
+        [("t7", i) for i in range(1, 16)] + [("t9", i) for i in range(1, 16)]
+    )
 
 
 async def test_resume_from_position_after_a_node_restart(
@@ -270,10 +272,14 @@ async def test_compaction_under_a_live_follower_raises_rather_than_skips(
 _counter = itertools.count()
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     steps=st.lists(
-        st.tuples(st.sampled_from(["write", "sync", "take", "resume", "restart"]), st.integers(0, 5)),
+        st.tuples(
+            st.sampled_from(["write", "sync", "take", "resume", "restart"]), st.integers(0, 5)
+        ),
         min_size=5,
         max_size=40,
     ),
@@ -287,7 +293,10 @@ async def test_any_interleaving_and_stop_points_give_every_op_once(
     rng = random.Random(run)
     path = tmp_path / f"target{run}.db"
     target = await make_node("a", path=path)
-    others = [await make_node("b", path=tmp_path / f"b{run}.db"), await make_node("c", path=tmp_path / f"c{run}.db")]
+    others = [
+        await make_node("b", path=tmp_path / f"b{run}.db"),
+        await make_node("c", path=tmp_path / f"c{run}.db"),
+    ]
     delivered: list[tuple[str, int]] = []
     feed = target.follow(page_ops=page)
 
@@ -299,7 +308,12 @@ async def test_any_interleaving_and_stop_points_give_every_op_once(
         for action, n in steps:
             if action == "write":
                 writer = rng.choice([target, *others])
-                await writer.put_many({f"site/{writer.node_id}/{rng.randint(0, 3)}": rng.random() for _ in range(n + 1)})
+                await writer.put_many(
+                    {
+                        f"site/{writer.node_id}/{rng.randint(0, 3)}": rng.random()
+                        for _ in range(n + 1)
+                    }
+                )
             elif action == "sync":
                 await exchange(rng.choice(others), target)
             elif action == "take":

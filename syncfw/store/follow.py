@@ -372,9 +372,7 @@ class Follow:
         if missing:
             raise _ahead_error(missing)
         self._known = have
-        need = [
-            o for o, s in have.items() if s > self._fetched.get(o, 0) and not self._bufs.get(o)
-        ]
+        need = [o for o, s in have.items() if s > self._fetched.get(o, 0) and not self._bufs.get(o)]
         gone = {
             o: (self._fetched.get(o, 0) + 1, heads[o][1])
             for o in need

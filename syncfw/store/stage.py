@@ -1,7 +1,8 @@
 """Folding a transaction's ops into state rows, before they are written.
 
 :class:`Stage` applies accepted ops to in-memory CRDT states (the lww rule
-pre-folded per key, other kinds through :mod:`syncfw.crdt`) and yields the
+pre-folded per key with :func:`syncfw.crdt.lww.lww_wins`, other kinds through
+:mod:`syncfw.crdt`) and yields the
 statements that write them; :func:`stage_grant` applies an authority grant to a
 staged copy of the zone table.
 """
@@ -12,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-from syncfw.crdt import KINDS, OpView
+from syncfw.crdt import KINDS, OpView, lww_wins
 from syncfw.errors import DecodeError
 from syncfw.log import Op, decode_value
 from syncfw.store.sql import UPSERT_LWW, UPSERT_STATE, Step
@@ -43,8 +44,7 @@ class Stage:
     def apply(self, op: Op, states: dict[tuple[str, str], Any]) -> None:
         if op.kind == "lww":
             cand = (op.hlc, op.origin, op.value)
-            cur = self.lww.get(op.key)
-            if cur is None or cand > cur:
+            if lww_wins(cand, self.lww.get(op.key)):
                 self.lww[op.key] = cand
             return
         crdt = KINDS.get(op.kind)

@@ -1,0 +1,213 @@
+"""What the store hands out: ops for peers, reads of state, stats and the digest.
+
+Invariants:
+
+1. Read-only: nothing here writes; every function runs on the store's
+   connection between writer jobs and sees committed data only.
+2. :func:`ops_since` returns each origin's ops in seq order, contiguous from
+   the asked vector, at most ``limit`` ops and, past the first, no more than
+   ``max_bytes`` counted as :func:`op_size` (the in-memory replica counts the
+   same way). Origins whose next ops touch higher-priority zones go first.
+3. The digest covers materialized state and the rejected set, in a canonical
+   order, so replicas holding the same ops have the same digest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from syncfw.crdt import KINDS, LWW, YDOC
+from syncfw.crdt.ydoc import canonical as ydoc_canonical
+from syncfw.log import Op, OpId, VersionVector, decode_value
+from syncfw.store.sql import chunks
+from syncfw.zones import Fleet
+
+__all__ = ["StoreStats", "op_size", "ops_since"]
+
+log = logging.getLogger("syncfw.store")
+
+Fetch = Callable[[str, Sequence[Any]], Awaitable[list[Any]]]
+"""Runs one read query on the store's connection (errors translated)."""
+
+OP_COLUMNS = "origin, seq, hlc, zone, epoch, key, kind, value, prev, sig"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    """Sizes and counts, for ``syncfw inspect`` and node status."""
+
+    file_bytes: int
+    ops: int
+    pending: int
+    rejected: int
+    keys: int
+    peers: int
+
+
+def op_size(op: Op) -> int:
+    """What an op counts against ``max_bytes``: its value and key plus a fixed overhead."""
+    return len(op.value) + len(op.key) + 80
+
+
+async def ops_since(
+    fetch: Fetch,
+    have: Mapping[str, int],
+    compacted: Mapping[str, int],
+    fleet: Fleet,
+    vv: Mapping[str, int],
+    *,
+    limit: int,
+    max_bytes: int | None,
+) -> list[Op]:
+    """Ops held (``have``: the store's vector) beyond ``vv`` (invariant 2)."""
+    out: list[Op] = []
+    size = 0
+    wanted: list[tuple[int, str]] = []
+    for origin in sorted(have):
+        start = vv.get(origin, 0)
+        if have[origin] <= start:
+            continue
+        if start < compacted.get(origin, 0):
+            log.warning(
+                "peer lacks ops (%s, %d..%d) already compacted here", origin, start + 1,
+                compacted[origin],
+            )
+            continue
+        wanted.append((await _priority(fetch, fleet, origin, start, limit), origin))
+    wanted.sort(key=lambda po: (-po[0], po[1]))
+    for _, origin in wanted:
+        if len(out) >= limit:
+            break
+        rows = await fetch(
+            f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (origin, vv.get(origin, 0), limit - len(out)),
+        )
+        for row in rows:
+            op = Op(*row)
+            size += op_size(op)
+            if max_bytes is not None and out and size > max_bytes:
+                return out
+            out.append(op)
+    return out
+
+
+async def _priority(fetch: Fetch, fleet: Fleet, origin: str, start: int, window: int) -> int:
+    """The highest zone priority among the next ``window`` ops of ``origin`` after ``start``."""
+    prios = fleet.priorities
+    if not prios:
+        return 0
+    # One CASE over the configured prefixes; prefix ranges use the key index order.
+    case = " ".join("WHEN key >= ? AND key < ? THEN ?" for _ in prios)
+    params: list[Any] = [v for p, pr in prios for v in (p, p + "\U0010ffff", pr)]
+    rows = await fetch(
+        f"SELECT max(CASE {case} ELSE 0 END) FROM "
+        "(SELECT key FROM ops WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?)",
+        (*params, origin, start, min(window, 1000)),
+    )
+    best = rows[0][0]
+    return int(best) if best is not None else 0
+
+
+async def stored_ops(fetch: Fetch, held: Iterable[Op]) -> dict[OpId, Op]:
+    """The stored copies of ``held`` (compacted ones are absent), ``sig`` as stored."""
+    by_origin: dict[str, list[int]] = defaultdict(list)
+    for op in held:
+        by_origin[op.origin].append(op.seq)
+    out: dict[OpId, Op] = {}
+    for origin, seqs in by_origin.items():
+        for chunk in chunks(sorted(set(seqs))):
+            marks = ",".join("?" * len(chunk))
+            for row in await fetch(
+                f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq IN ({marks})",
+                (origin, *chunk),
+            ):
+                out[(row[0], row[1])] = Op(*row)
+    return out
+
+
+async def load_states(fetch: Fetch, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+    """Decoded states of non-lww ``(kind, key)`` pairs, empty where absent.
+
+    Raises:
+        DecodeError: a stored state is damaged.
+    """
+    states: dict[tuple[str, str], Any] = {}
+    by_kind: dict[str, list[str]] = defaultdict(list)
+    for kind, key in sorted(set(keys)):
+        by_kind[kind].append(key)
+        states[(kind, key)] = KINDS[kind].empty()
+    for kind, klist in by_kind.items():
+        crdt = KINDS[kind]
+        for chunk in chunks(klist):
+            marks = ",".join("?" * len(chunk))
+            for key, data in await fetch(
+                f"SELECT key, data FROM state WHERE kind = ? AND key IN ({marks})", (kind, *chunk)
+            ):
+                states[(kind, key)] = crdt.decode(data)
+    return states
+
+
+async def read_lww(fetch: Fetch, key: str) -> bytes | None:
+    """The winning payload of an lww key (None when absent or deleted)."""
+    rows = await fetch("SELECT hlc, origin, data FROM state WHERE kind = 'lww' AND key = ?", (key,))
+    if not rows:
+        return None
+    hlc, origin, data = rows[0]
+    return LWW.read((hlc, origin, data))
+
+
+async def scan_lww(fetch: Fetch, prefix: str) -> dict[str, Any]:
+    """Every present lww key under ``prefix`` with its decoded value."""
+    rows = await fetch(
+        "SELECT key, data FROM state WHERE kind = 'lww' AND key >= ? AND key < ? ORDER BY key",
+        (prefix, prefix + "\U0010ffff"),
+    )
+    return {key: decode_value(data) for key, data in rows if data}
+
+
+async def rejected(fetch: Fetch) -> list[tuple[str, int, str, str]]:
+    """Rejected ops as ``(origin, seq, key, reason)``, by origin and seq."""
+    rows = await fetch("SELECT origin, seq, key, reason FROM rejected ORDER BY origin, seq", ())
+    return [(str(o), int(s), str(k), str(r)) for o, s, k, r in rows]
+
+
+async def peer_acks(fetch: Fetch) -> dict[str, VersionVector]:
+    """Every known peer's acknowledged version vector."""
+    rows = await fetch("SELECT peer, vv FROM peers", ())
+    return {peer: msgpack.unpackb(blob, strict_map_key=False) for peer, blob in rows}
+
+
+async def file_bytes(fetch: Fetch) -> int:
+    """The database size: page count times page size."""
+    (pc,), (ps,) = (await fetch("PRAGMA page_count", ()))[0], (await fetch("PRAGMA page_size", ()))[0]
+    return int(pc) * int(ps)
+
+
+async def stats(fetch: Fetch) -> StoreStats:
+    """Counts and the file size."""
+    counts = [
+        int((await fetch(f"SELECT count(*) FROM {t}", ()))[0][0])
+        for t in ("ops", "pending", "rejected", "state", "peers")
+    ]
+    return StoreStats(await file_bytes(fetch), *counts)
+
+
+async def state_digest(fetch: Fetch) -> str:
+    """A hex digest of the whole materialized state and rejected set (invariant 3)."""
+    h = hashlib.blake2b(digest_size=16)
+    for kind, key, hlc, origin, data in await fetch(
+        "SELECT kind, key, hlc, origin, data FROM state ORDER BY kind, key", ()
+    ):
+        if kind == YDOC.name:  # merged Yjs updates: equal content, unequal bytes
+            data = ydoc_canonical(data)
+        h.update(msgpack.packb([kind, key, hlc, origin, data], use_bin_type=True))
+    for row in await rejected(fetch):
+        h.update(msgpack.packb(list(row), use_bin_type=True))
+    return h.hexdigest()

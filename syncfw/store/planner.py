@@ -1,0 +1,575 @@
+"""The apply planner: what a batch of ops does to the store, decided in pure code.
+
+The store reads what the planner needs (its in-memory mirrors, the stored
+copies of ops it already holds, the CRDT states the batch touches), the
+planner returns a :class:`RemotePlan` or :class:`LocalPlan` (verdicts, the SQL
+steps, the mirror updates), and the store commits the steps in one
+transaction and only then applies the mirror updates.
+
+Invariants:
+
+1. No I/O and no asyncio here: the same inputs give the same plan. (Local
+   planning mints through the store's :class:`~syncfw.log.OpChain` and stamps
+   with its clock; both are in-memory.)
+2. Every remote op is judged by :meth:`ZoneTable.judge` on its own: no verdict
+   is memoised, so an op's verdict never depends on which ops shared its batch.
+3. "The same op" is :func:`~syncfw.log.same_op` (``sig`` takes no part): an op
+   equal to one held, pending or earlier in the batch but for ``sig`` is a
+   duplicate, and the first copy is kept; any other difference at one
+   ``(origin, seq)`` is a :class:`ForkError` and refuses the whole batch.
+4. Ops of one origin apply in seq order, each naming the hash of the one
+   before as ``prev``; past a gap, an unknown zone epoch or a timestamp too
+   far ahead, the rest of that origin waits in ``pending``.
+5. Timestamps are stored as SQLite INTEGER, which is signed 64-bit. The HLC
+   issues ``hlc < 2**63`` for any wall clock before the year 6429 (physical
+   ms < 2**47), so an op at or past :data:`HLC_LIMIT` cannot come from a sane
+   clock: the batch carrying it is refused with :class:`DecodeError` (as a
+   malformed op would be), and a local stamp there fails its write with
+   :class:`ClockError`. Nothing is written in either case. (A seq or epoch
+   at or past 2**63 is refused the same way: none can be reached honestly.)
+   We refuse rather than store a biased value because no honest op needs the
+   range, and a bias would change the meaning of every ``hlc`` column that
+   other readers of the file (the change feed, ``syncfw inspect``) compare.
+6. One LWW rule: lww ops are folded with :func:`syncfw.crdt.lww.lww_wins`,
+   and the SQL upsert that writes the fold agrees with it (property-tested).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgpack
+
+from syncfw.clock import LOGICAL_BITS
+from syncfw.crdt import KINDS, lww_wins
+from syncfw.errors import ChainError, ClockError, ClockSkewError, DecodeError, ForkError
+from syncfw.log import GENESIS, ApplyResult, Op, OpChain, OpId, decode_value, op_hash, same_op
+from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
+from syncfw.store.stage import Stage, lww_ok, stage_grant
+from syncfw.zones import GRANT_KIND, Verdict, ZoneTable
+
+__all__ = [
+    "HLC_LIMIT",
+    "LocalPlan",
+    "LocalWrite",
+    "Mirrors",
+    "OpVerdict",
+    "Outcome",
+    "RemoteLimits",
+    "RemotePlan",
+    "Triage",
+    "WriteSpec",
+    "has_work",
+    "pending_bucket",
+    "plan_local",
+    "plan_remote",
+    "triage",
+]
+
+HLC_LIMIT = 1 << 63
+"""The first timestamp SQLite cannot store as INTEGER (see invariant 5)."""
+
+Pending = Mapping[str, Mapping[int, tuple[Op, str]]]
+"""origin -> seq -> (op, why it waits)."""
+
+GAP = "gap: waiting for earlier ops of this origin"
+SKEW = "clock skew"
+
+INSERT_REJECTED = "INSERT INTO rejected (origin, seq, key, reason) VALUES (?, ?, ?, ?)"
+DELETE_PENDING = "DELETE FROM pending WHERE origin = ? AND seq = ?"
+INSERT_PENDING = "INSERT OR REPLACE INTO pending (origin, seq, op, reason) VALUES (?, ?, ?, ?)"
+
+
+class Outcome(enum.Enum):
+    """What became of one op of a batch."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    PENDING = "pending"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class OpVerdict:
+    """One op's outcome, with the reason for ``PENDING`` and ``REJECTED``."""
+
+    op: OpId
+    outcome: Outcome
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Mirrors:
+    """The store's committed in-memory state the planner reads (never mutates)."""
+
+    vv: Mapping[str, int]
+    heads: Mapping[str, bytes]
+    pending: Pending
+    zones: ZoneTable
+
+
+def pending_bucket(reason: str) -> str:
+    """The metric label of a pending reason: ``gap``, ``clock_skew`` or ``epoch``."""
+    if reason.startswith("gap"):
+        return "gap"
+    if reason.startswith(SKEW):
+        return "clock_skew"
+    return "epoch"
+
+
+def pack_op(op: Op) -> bytes:
+    """The ``pending.op`` column: the op's tuple form in msgpack."""
+    return msgpack.packb(op.to_tuple(), use_bin_type=True)
+
+
+# ---------------------------------------------------------------------------- remote
+
+
+@dataclass(frozen=True, slots=True)
+class Triage:
+    """A batch sorted before anything is read from disk.
+
+    Attributes:
+        fresh: ops beyond the version vector, not pending, first copy of each.
+        held: ops at or below the version vector; their stored copies must be
+            compared (:func:`plan_remote` takes them as ``stored``).
+        duplicates: copies of pending ops or of ops earlier in the batch.
+    """
+
+    fresh: Mapping[str, Mapping[int, Op]]
+    held: tuple[Op, ...]
+    duplicates: tuple[Op, ...]
+
+    def state_keys(self, pending: Pending) -> set[tuple[str, str]]:
+        """The non-lww ``(kind, key)`` states the plan will fold into."""
+        ops = [op for d in self.fresh.values() for op in d.values()]
+        ops += [op for d in pending.values() for op, _ in d.values()]
+        return {(op.kind, op.key) for op in ops if op.kind != "lww" and op.kind in KINDS}
+
+
+def _fork(op: Op) -> ForkError:
+    return ForkError(f"two different ops at ({op.origin!r}, {op.seq})")
+
+
+def triage(incoming: Iterable[Op], m: Mirrors) -> Triage:
+    """Sort a batch into fresh, held and duplicate ops.
+
+    Raises:
+        DecodeError: an op's hlc is at or past :data:`HLC_LIMIT`.
+        ForkError: an op differs (not :func:`same_op`) from a pending op or
+            one earlier in the batch at its ``(origin, seq)``.
+    """
+    vv, pending = m.vv, m.pending
+    fresh: dict[str, dict[int, Op]] = {}
+    held: list[Op] = []
+    dups: list[Op] = []
+    for op in incoming:
+        if op.hlc >= HLC_LIMIT or op.seq >= HLC_LIMIT or op.epoch >= HLC_LIMIT:
+            raise DecodeError(
+                f"op ({op.origin!r}, {op.seq}) has an hlc, seq or epoch >= 2**63, which no "
+                "sane replica issues and SQLite cannot store"
+            )
+        if op.seq <= vv.get(op.origin, 0):
+            held.append(op)
+            continue
+        mine = fresh.get(op.origin)
+        if mine is None:
+            mine = fresh[op.origin] = {}
+        seen = mine.get(op.seq)
+        if seen is None:
+            waiting = pending.get(op.origin)
+            if waiting is not None and op.seq in waiting:
+                seen = waiting[op.seq][0]
+        if seen is not None:
+            if not same_op(seen, op):
+                raise _fork(op)
+            dups.append(op)
+            continue
+        mine[op.seq] = op
+    return Triage({o: d for o, d in fresh.items() if d}, tuple(held), tuple(dups))
+
+
+@dataclass(frozen=True, slots=True)
+class RemotePlan:
+    """What one remote batch does, to be committed as one transaction.
+
+    Attributes:
+        applied: ops merged into state, in apply order.
+        rejected: ops recorded as rejected, with why (never merged).
+        duplicates: ops already held (no-ops).
+        pending: the whole pending set after the batch.
+        steps: the SQL of the transaction (the clock's high-water step aside).
+        vv, heads: new entries of the version vector and chain heads.
+        zones: the zone table after the batch (None: unchanged).
+        observe_hlc: the greatest hlc applied, for the clock to observe.
+        warnings: what was dropped or rejected, to log after COMMIT.
+    """
+
+    applied: tuple[Op, ...] = ()
+    rejected: tuple[tuple[Op, str], ...] = ()
+    duplicates: tuple[Op, ...] = ()
+    pending: Pending = field(default_factory=dict)
+    steps: tuple[Step, ...] = ()
+    vv: Mapping[str, int] = field(default_factory=dict)
+    heads: Mapping[str, bytes] = field(default_factory=dict)
+    zones: ZoneTable | None = None
+    observe_hlc: int | None = None
+    warnings: tuple[str, ...] = ()
+
+    def result(self) -> ApplyResult:
+        """The caller's summary."""
+        return ApplyResult(
+            applied=len(self.applied),
+            duplicates=len(self.duplicates),
+            pending=sum(len(d) for d in self.pending.values()),
+            rejected=len(self.rejected),
+        )
+
+    def pending_counts(self) -> dict[str, int]:
+        """Pending ops by :func:`pending_bucket` (every bucket present)."""
+        out = {"gap": 0, "epoch": 0, "clock_skew": 0}
+        for d in self.pending.values():
+            for _, why in d.values():
+                out[pending_bucket(why)] += 1
+        return out
+
+    def verdicts(self, ops: Iterable[Op]) -> list[OpVerdict]:
+        """The outcome of each of ``ops`` (the batch this plan was made from)."""
+        applied = {op.id for op in self.applied}
+        rejected = {op.id: why for op, why in self.rejected}
+        dups = {id(op) for op in self.duplicates}
+        out: list[OpVerdict] = []
+        for op in ops:
+            if id(op) in dups:
+                out.append(OpVerdict(op.id, Outcome.DUPLICATE))
+            elif op.id in applied:
+                out.append(OpVerdict(op.id, Outcome.APPLIED))
+            elif op.id in rejected:
+                out.append(OpVerdict(op.id, Outcome.REJECTED, rejected[op.id]))
+            elif op.seq in self.pending.get(op.origin, {}):
+                out.append(OpVerdict(op.id, Outcome.PENDING, self.pending[op.origin][op.seq][1]))
+            else:  # held back, then dropped over max_pending
+                out.append(OpVerdict(op.id, Outcome.PENDING, "dropped over max_pending; resent later"))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteLimits:
+    """The bounds a remote plan is made under."""
+
+    wall_ms: int
+    max_offset_ms: int
+    max_pending: int
+    authority: str
+
+
+def _stage(op: Op, zones: ZoneTable, stage: Stage, states: dict[tuple[str, str], Any]) -> str:
+    """Stage an accepted op; return why it cannot be merged ("" if it can)."""
+    if op.kind == GRANT_KIND:
+        return stage_grant(zones, op, stage) or ""
+    if op.kind not in KINDS:
+        return f"unknown op kind {op.kind!r}"
+    try:
+        if op.kind == "lww":  # reached only when lww_ok refused the payload
+            decode_value(op.value)
+        stage.apply(op, states)
+    except DecodeError as exc:
+        return f"malformed {op.kind} payload: {exc}"
+    return ""
+
+
+class _Run:
+    """The mutable working set of one :func:`plan_remote` call."""
+
+    def __init__(self, t: Triage, m: Mirrors, states: Mapping[tuple[str, str], Any]) -> None:
+        self.fresh = t.fresh
+        # Held-back ops, by origin, copied: a broken one is dropped from the copy.
+        self.held_back = {o: {s: op for s, (op, _) in d.items()} for o, d in m.pending.items()}
+        self.origins = sorted(set(t.fresh) | set(m.pending))
+        self.nxt = {o: m.vv.get(o, 0) + 1 for o in self.origins}
+        self.heads = {o: m.heads.get(o, GENESIS) for o in self.origins}
+        self.waiting: dict[str, str] = {}
+        self.accepted: list[Op] = []
+        self.rejected: list[tuple[Op, str]] = []
+        self.warnings: list[str] = []
+        self.zones = m.zones
+        self.stage = Stage()
+        self.states = dict(states)
+        self.base_zones = m.zones
+
+    def origin(self, origin: str, lim: RemoteLimits) -> bool:
+        """Apply what ``origin`` can apply now; True if anything moved."""
+        new_ops = self.fresh.get(origin, {})
+        old_ops = self.held_back.get(origin, {})
+        n, head = self.nxt[origin], self.heads[origin]
+        stage, lww = self.stage, self.stage.lww
+        skew_ms = lim.wall_ms + lim.max_offset_ms
+        moved = False
+        while True:
+            op = new_ops.get(n)
+            is_fresh = op is not None
+            if op is None:
+                op = old_ops.get(n)
+                if op is None:
+                    break
+            if op.prev != head:
+                if is_fresh:
+                    raise ChainError(f"op ({op.origin!r}, {op.seq}) does not extend its origin's chain")
+                # A held-back op that turns out not to chain is dropped; the
+                # genuine one can still arrive.
+                self.warnings.append(f"dropping pending op ({op.origin}, {op.seq}): broken chain")
+                del old_ops[n]
+                break
+            if op.hlc >= HLC_LIMIT:  # held back by an older syncfw: it can never be stored
+                self.warnings.append(f"dropping pending op ({op.origin}, {op.seq}): hlc >= 2**63")
+                del old_ops[n]
+                break
+            remote_ms = op.hlc >> LOGICAL_BITS
+            if remote_ms > skew_ms:
+                err = ClockSkewError(remote_ms, lim.wall_ms, lim.max_offset_ms)
+                self.waiting[origin] = f"{SKEW}: {err}"
+                break
+            verdict, reason = self.zones.judge(op)  # every op, no memo (invariant 2)
+            if verdict is Verdict.WAIT:
+                self.waiting[origin] = reason
+                break
+            if not reason:
+                if op.kind == "lww" and lww_ok(op.value):
+                    cand = (op.hlc, origin, op.value)
+                    if lww_wins(cand, lww.get(op.key)):
+                        lww[op.key] = cand
+                else:
+                    if op.kind == GRANT_KIND and self.zones is self.base_zones:
+                        self.zones = self.zones.copy()  # grants staged on a copy (rollback)
+                    reason = _stage(op, self.zones, stage, self.states)
+            if reason:
+                self.rejected.append((op, reason))
+            else:
+                self.accepted.append(op)
+            head = op_hash(op)
+            n += 1
+            self.waiting.pop(origin, None)
+            moved = True
+        self.nxt[origin], self.heads[origin] = n, head
+        return moved
+
+    def new_pending(self, lim: RemoteLimits, vv: Mapping[str, int]) -> dict[str, dict[int, tuple[Op, str]]]:
+        """What stays held back: everything not consumed, with why, bounded."""
+        out: dict[str, dict[int, tuple[Op, str]]] = {}
+        for origin in self.origins:
+            why = self.waiting.get(origin, GAP)
+            nxt = self.nxt[origin]
+            keep = {
+                s: (op, why)
+                for d in (self.held_back.get(origin, {}), self.fresh.get(origin, {}))
+                for s, op in d.items()
+                if s >= nxt
+            }
+            if keep:
+                out[origin] = keep
+        total = sum(len(d) for d in out.values())
+        excess = total - lim.max_pending
+        if excess > 0:
+            # Drop the ops farthest ahead of their origin: they are the last
+            # needed and the next exchange sends them again.
+            ranked = sorted(
+                ((s - vv.get(o, 0), o, s) for o, d in out.items() for s in d), reverse=True
+            )
+            for _, o, s in ranked[:excess]:
+                del out[o][s]
+            self.warnings.append(f"pending ops over max_pending: dropped {excess}, to be resent")
+            out = {o: d for o, d in out.items() if d}
+        return out
+
+
+def has_work(t: Triage, m: Mirrors) -> bool:
+    """False when a batch only repeats what is held and nothing pending can move."""
+    return bool(t.fresh) or any(m.vv.get(o, 0) + 1 in d for o, d in m.pending.items())
+
+
+def plan_remote(
+    t: Triage,
+    m: Mirrors,
+    stored: Mapping[OpId, Op],
+    states: Mapping[tuple[str, str], Any],
+    lim: RemoteLimits,
+) -> RemotePlan:
+    """Plan a remote batch (or, with an empty triage, a retry of what is pending).
+
+    Args:
+        t: the batch, from :func:`triage`.
+        m: the store's committed mirrors.
+        stored: the stored copies of ``t.held`` (compacted ones absent).
+        states: the decoded states of ``t.state_keys(m.pending)``.
+        lim: the wall clock and bounds to plan under.
+
+    Raises:
+        ForkError: a held op differs from its stored copy.
+        ChainError: a fresh op does not extend its origin's chain.
+    """
+    for op in t.held:
+        kept = stored.get(op.id)
+        # Compacted ops are no longer comparable; their chain was verified at apply.
+        if kept is not None and not same_op(kept, op):
+            raise _fork(op)
+    duplicates = t.duplicates + t.held
+    if not has_work(t, m):
+        return RemotePlan(duplicates=duplicates, pending=m.pending)
+    run = _Run(t, m, states)
+    order = sorted(run.origins, key=lambda o: (o != lim.authority, o))
+    while any([run.origin(o, lim) for o in order]):
+        pass
+    new_pending = run.new_pending(lim, m.vv)
+    old_keys = {(o, s) for o, d in m.pending.items() for s in d}
+    new_keys = {(o, s) for o, d in new_pending.items() for s in d}
+    to_insert = [
+        (o, s, pack_op(new_pending[o][s][0]), new_pending[o][s][1])
+        for o, s in sorted(new_keys - old_keys)
+    ]
+    progressed = [o for o in run.origins if run.nxt[o] != m.vv.get(o, 0) + 1]
+    vv = {o: run.nxt[o] - 1 for o in progressed}
+    heads = {o: run.heads[o] for o in progressed}
+    rows = [(*op.to_tuple(), 0) for op in run.accepted]
+    rows += [(*op.to_tuple(), 1) for op, _ in run.rejected]
+    steps: list[Step] = [
+        (INSERT_OP, rows),
+        (INSERT_REJECTED, [(op.origin, op.seq, op.key, why) for op, why in run.rejected]),
+        *run.stage.steps(run.states),
+        (UPSERT_HEAD, [(o, vv[o], heads[o]) for o in progressed]),
+        (DELETE_PENDING, sorted(old_keys - new_keys)),
+        (INSERT_PENDING, to_insert),
+    ]
+    warnings = run.warnings + [
+        f"rejected op ({op.origin}, {op.seq}) on {op.key!r}: {why}" for op, why in run.rejected
+    ]
+    return RemotePlan(
+        applied=tuple(run.accepted),
+        rejected=tuple(run.rejected),
+        duplicates=duplicates,
+        pending=new_pending,
+        steps=tuple(s for s in steps if s[1]),
+        vv=vv,
+        heads=heads,
+        zones=None if run.zones is m.zones else run.zones,
+        observe_hlc=max((op.hlc for op in run.accepted), default=None),
+        warnings=tuple(warnings),
+    )
+
+
+# ---------------------------------------------------------------------------- local
+
+PayloadFn = Callable[[Any], bytes]
+
+
+class LocalWrite(Protocol):
+    """What :func:`plan_local` reads of a write (the writer's jobs have these fields)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def zone(self) -> str: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def payload(self) -> bytes | PayloadFn: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSpec:
+    """One local write: ``payload`` is bytes, or a function of the key's state."""
+
+    kind: str
+    key: str
+    zone: str
+    epoch: int
+    payload: bytes | PayloadFn
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPlan:
+    """What a group of local writes does, to be committed as one transaction.
+
+    Attributes:
+        ops: the minted ops, in order; the last is sealed (``OpChain.seal``).
+        taken: for each op, the index of its write in the planned sequence.
+        failed: ``(index, error)`` of each write refused alone.
+        steps: the SQL (the clock's high-water step aside).
+        start, tip: the chain position before and after the batch.
+        zones: the zone table after the batch's grants (None: unchanged).
+    """
+
+    ops: tuple[Op, ...]
+    taken: tuple[int, ...]
+    failed: tuple[tuple[int, BaseException], ...]
+    steps: tuple[Step, ...]
+    start: tuple[int, bytes]
+    tip: tuple[int, bytes]
+    zones: ZoneTable | None
+
+
+def plan_local(
+    writes: Sequence[LocalWrite | None],
+    chain: OpChain,
+    stamp: Callable[[], int],
+    zones: ZoneTable,
+    states: Mapping[tuple[str, str], Any],
+) -> LocalPlan:
+    """Mint and fold a group of local writes (``None`` entries are skipped).
+
+    One bad write (its payload function raises, a grant is invalid, the clock
+    is past :data:`HLC_LIMIT`) fails alone; the chain is moved back over it.
+    """
+    start = chain.tip
+    work = dict(states)
+    stage = Stage()
+    base = zones
+    ops: list[Op] = []
+    taken: list[int] = []
+    failed: list[tuple[int, BaseException]] = []
+    for i, w in enumerate(writes):
+        if w is None:
+            continue
+        before = chain.tip
+        try:
+            payload = w.payload
+            if callable(payload):
+                # A grant's payload is a function of the zone table (its epoch).
+                payload = payload(zones if w.kind == GRANT_KIND else work[(w.kind, w.key)])
+            hlc = stamp()
+            if hlc >= HLC_LIMIT:
+                raise ClockError(f"the hybrid clock is at {hlc}, past what SQLite stores (2**63)")
+            op = chain.mint(hlc, w.zone, w.epoch, w.key, w.kind, payload)
+            if op.kind == GRANT_KIND:
+                zones = zones.copy() if zones is base else zones
+                reason = stage_grant(zones, op, stage)
+                if reason is not None:
+                    raise ValueError(reason)
+            else:
+                stage.apply(op, work)
+        except Exception as exc:  # one bad write fails alone
+            chain.reset(*before)
+            failed.append((i, exc))
+            continue
+        ops.append(op)
+        taken.append(i)
+    if ops:
+        ops[-1] = chain.seal(ops[-1])
+    tip = chain.tip
+    steps: list[Step] = [(INSERT_OP, [(*op.to_tuple(), 0) for op in ops])]
+    steps += stage.steps(work)
+    steps.append((UPSERT_HEAD, [(chain.origin, *tip)] if ops else []))
+    return LocalPlan(
+        ops=tuple(ops),
+        taken=tuple(taken),
+        failed=tuple(failed),
+        steps=tuple(s for s in steps if s[1]),
+        start=start,
+        tip=tip,
+        zones=None if zones is base else zones,
+    )
+

@@ -1,0 +1,221 @@
+"""The store's single writer: one task, a queue with named priorities, group commit.
+
+Invariants:
+
+1. Every mutation of the store runs on this one task, one job at a time
+   (a job is a group of local writes or a call), so the store's in-memory
+   mirrors are always those of the last committed transaction.
+2. Jobs are taken by priority (:class:`Priority`: local writes, then remote
+   batches and acknowledgements, then maintenance), first in first out within
+   one priority. So a put is not stuck behind a 50k-op remote batch that was
+   queued before it. A lower-priority job is passed over at most
+   ``max_skips`` times in a row, so a stream of local writes cannot starve
+   sync or compaction.
+3. Group commit: local writes waiting in the queue when the writer gets to
+   them (after one loop turn, no timer) are planned and committed in one
+   transaction, at most ``max_batch`` of them; each caller's ``await``
+   returns only after that COMMIT.
+4. Pipelining: a group is planned while the one before it commits on the
+   database thread; a call waits for the group in flight to land first.
+5. On close, every queued job runs; jobs queued again behind the close (a
+   re-planned group) fail with :class:`StoreClosedError`, never silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from syncfw.errors import StoreClosedError
+from syncfw.log import Op
+from syncfw.store.planner import PayloadFn
+
+__all__ = ["CallJob", "Priority", "WriteJob", "WriterQueue"]
+
+T = TypeVar("T")
+
+
+class Priority(enum.IntEnum):
+    """Which queue a writer job waits in; lower values run first."""
+
+    LOCAL = 0
+    REMOTE = 1
+    MAINTENANCE = 2
+
+
+@dataclass(slots=True)
+class WriteJob:
+    """One local write (``payload`` as in :meth:`Store.write`) and its caller's future."""
+
+    kind: str
+    key: str
+    zone: str
+    epoch: int
+    payload: bytes | PayloadFn
+    future: asyncio.Future[Op]
+
+
+@dataclass(slots=True)
+class CallJob:
+    """A function run on the writer between group commits, and its caller's future."""
+
+    fn: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
+
+
+Job = WriteJob | CallJob
+CommitFn = Callable[[list[WriteJob]], Awaitable[tuple["asyncio.Future[bool] | None", bool]]]
+"""Plans a group of writes and starts its transaction. Returns what finishes
+it (None when nothing was started) and whether later groups must wait for it
+(it changed the zone table they are planned against)."""
+
+
+class WriterQueue:
+    """The writer task and its queues.
+
+    Args:
+        commit: plans and starts one group of local writes (see :data:`CommitFn`).
+        max_batch: most local writes in one group.
+        max_skips: how many times in a row a lower-priority job may be passed over.
+    """
+
+    def __init__(self, commit: CommitFn, *, max_batch: int, max_skips: int = 16) -> None:
+        self._commit = commit
+        self._max_batch = max_batch
+        self._max_skips = max_skips
+        self._queues: tuple[collections.deque[Job], ...] = tuple(
+            collections.deque() for _ in Priority
+        )
+        self._skips = 0
+        self._wakeup: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def start(self, name: str) -> None:
+        """Start the writer task on the running loop."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=name)
+
+    async def close(self) -> None:
+        """Run every queued job, then stop the task. Idempotent."""
+        self._closing = True
+        self._wake()
+        if self._task is not None:
+            await self._task
+
+    # ------------------------------------------------------------------ submitting
+
+    def put(self, job: Job, priority: Priority = Priority.LOCAL) -> None:
+        """Queue ``job`` behind the others of its priority."""
+        self._queues[priority].append(job)
+        self._wake()
+
+    def put_writes(self, jobs: Sequence[WriteJob]) -> None:
+        """Queue several local writes in order, waking the writer once."""
+        self._queues[Priority.LOCAL].extend(jobs)
+        self._wake()
+
+    def requeue(self, jobs: Sequence[WriteJob]) -> None:
+        """Put writes back at the front of the local queue (a group to plan again)."""
+        self._queues[Priority.LOCAL].extendleft(reversed(jobs))
+        self._wake()
+
+    async def call(self, fn: Callable[[], Awaitable[T]], priority: Priority) -> T:
+        """Run ``fn`` on the writer task and return its result."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.put(CallJob(fn, fut), priority)
+        return await fut
+
+    def _wake(self) -> None:
+        wakeup = self._wakeup
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
+
+    # ------------------------------------------------------------------ the task
+
+    def _pop(self) -> Job | None:
+        """The next job by priority (invariant 2), or None if every queue is empty."""
+        ready = [q for q in self._queues if q]
+        if not ready:
+            return None
+        q = ready[0]
+        if len(ready) > 1:
+            self._skips += 1
+            if self._skips > self._max_skips:  # let the next priority in once
+                q = ready[1]
+                self._skips = 0
+        else:
+            self._skips = 0
+        return q.popleft()
+
+    async def _wait(self, inflight: asyncio.Future[bool] | None) -> None:
+        """Wait for a new job, or for the group in flight to land."""
+        wakeup = self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            if inflight is None:
+                await wakeup
+            else:
+                await asyncio.wait((inflight, wakeup), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._wakeup = None
+
+    async def _run(self) -> None:
+        inflight: asyncio.Future[bool] | None = None
+        local = self._queues[Priority.LOCAL]
+        try:
+            while True:
+                job = self._pop()
+                if job is None:
+                    if self._closing:
+                        if inflight is None:
+                            return
+                        await inflight  # it may queue its writes again
+                        inflight = None
+                        continue
+                    await self._wait(inflight)
+                    if inflight is not None and inflight.done():
+                        inflight = None
+                    continue
+                if isinstance(job, CallJob):
+                    if inflight is not None:
+                        await inflight
+                        inflight = None
+                    await self._run_call(job)
+                    continue
+                batch = [job]
+                # Group commit: let every writer that is ready to run enqueue its
+                # write before the group is planned (one loop turn, no timer).
+                await asyncio.sleep(0)
+                while local and len(batch) < self._max_batch and isinstance(local[0], WriteJob):
+                    batch.append(local.popleft())  # type: ignore[arg-type]
+                nxt, drain = await self._commit(batch)
+                if inflight is not None:
+                    await inflight
+                inflight = nxt
+                if inflight is not None and drain:
+                    # A grant changes the zone table later groups are planned
+                    # against: let it land first.
+                    await inflight
+                    inflight = None
+        finally:
+            if inflight is not None:
+                await inflight
+            for q in self._queues:
+                while q:  # queued again behind the close: refuse clearly
+                    left = q.popleft()
+                    if not left.future.done():
+                        left.future.set_exception(StoreClosedError("the store was closed"))
+
+    @staticmethod
+    async def _run_call(job: CallJob) -> None:
+        try:
+            result = await job.fn()
+        except BaseException as exc:  # delivered to the caller, never kills the writer
+            if not job.future.done():
+                job.future.set_exception(exc)
+        else:
+            if not job.future.done():
+                job.future.set_result(result)

@@ -63,6 +63,35 @@ class ModelManifest:
         if self.labels is not None:
             object.__setattr__(self, "labels", tuple(self.labels))
 
+    @classmethod
+    def of(
+        cls,
+        data: bytes,
+        *,
+        name: str | None = None,
+        version: str | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> ModelManifest:
+        """The manifest of model bytes as they are (what a publisher ships with them).
+
+        Args:
+            data: the ONNX model bytes.
+            name: default the model's ``name`` metadata, else ``"model"``.
+            version: default the model's ``version`` metadata, else ``"0"``.
+            labels: default the model's ``labels`` metadata.
+
+        Raises:
+            ModelLoadError: the bytes are not a readable ONNX model.
+        """
+        return manifest_of(
+            data,
+            parse_model(data, "model bytes"),
+            default_name="model",
+            name=name,
+            version=version,
+            labels=labels,
+        )
+
     def verify(self, data: bytes) -> None:
         """Check that ``data`` are the bytes this manifest pins.
 

@@ -27,7 +27,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
-__all__ = ["MetricsServer", "NodeMetrics", "serve_metrics"]
+__all__ = ["NTP_SOURCE", "PEER_SOURCE", "MetricsServer", "NodeMetrics", "serve_metrics"]
+
+NTP_SOURCE = "ntp"
+"""``clock_offset_ms{source}`` of the NTP measurement."""
+PEER_SOURCE = "peer:"
+"""``clock_offset_ms{source}`` prefix of a peer's offset (``peer:<id>``)."""
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -158,14 +163,49 @@ class NodeMetrics:
         for state in states:
             self.peers.labels(self.node_id, state).set(counts.get(state, 0))
 
+    def set_peer_lag(self, peer: str, ops: int) -> None:
+        """Set ``peer_lag_ops{peer}`` (the caller bounds ``peer`` to its member table)."""
+        self.peer_lag_ops.labels(self.node_id, peer).set(ops)
+
+    def set_clock_offset(self, source: str, offset_ms: float) -> None:
+        """Set ``clock_offset_ms{source}``: ``ntp``, or ``peer:<id>`` for a member."""
+        self.clock_offset_ms.labels(self.node_id, source).set(offset_ms)
+
     def forget_peer(self, peer: str) -> None:
         """Drop a peer's per-peer series (the mesh forgot it)."""
         with contextlib.suppress(KeyError):
             self.peer_lag_ops.remove(self.node_id, peer)
+        with contextlib.suppress(KeyError):
+            self.clock_offset_ms.remove(self.node_id, PEER_SOURCE + peer)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The node's figures as plain numbers, for ``status()`` (what ``/metrics`` shows).
+
+        Counters count since this process opened the node; gauges are the
+        current state.
+        """
+        ints = _as_ints
+        return {
+            "ops_applied": ints(self.by_label("syncfw_ops_applied_total", "source")),
+            "ops_rejected": int(self.value("syncfw_ops_rejected_total")),
+            "ops_duplicate": int(self.value("syncfw_ops_duplicate_total")),
+            "ops_pending": ints(self.by_label("syncfw_ops_pending", "reason")),
+            "storage_bytes": int(self.value("syncfw_storage_bytes")),
+            "exchanges": ints(self.by_label("syncfw_exchanges_total", "outcome")),
+            "wire_bytes": ints(self.by_label("syncfw_wire_bytes_total", "direction")),
+            "exchange_ops": ints(self.by_label("syncfw_exchange_ops_total", "direction")),
+            "peers": ints(self.by_label("syncfw_peers", "state")),
+            "peer_lag_ops": ints(self.by_label("syncfw_peer_lag_ops", "peer")),
+            "clock_offset_ms": self.by_label("syncfw_clock_offset_ms", "source"),
+        }
 
     def exposition(self) -> bytes:
         """The registry in the Prometheus text format (what ``/metrics`` serves)."""
         return generate_latest(self.registry)
+
+
+def _as_ints(d: dict[str, float]) -> dict[str, int]:
+    return {k: int(v) for k, v in sorted(d.items())}
 
 
 class MetricsServer:

@@ -1,9 +1,10 @@
 """The fleet-wide view of which model each node runs.
 
-Each node writes its running model under ``fleet/<node>/model`` (its own zone)
-as a small map; the view folds every node's entry and names the version most
-nodes run. Pure functions over a ``scan`` result: they work on any replica's
-state.
+Each node writes its running model at :func:`syncfw.keys.model_key`
+(``fleet/<node>/model``, its own zone) as a small map; the view folds every
+node's entry and names the version most nodes run. Pure functions over a
+``scan`` result: they work on any replica's state. The key layout is
+:mod:`syncfw.keys`'s; nothing here spells it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+from syncfw.keys import FLEET_TEMPLATE, fleet_prefix, model_key, node_of_fleet_key
 
 __all__ = [
     "FleetModelView",
@@ -25,8 +28,10 @@ __all__ = [
     "read_fleet_models",
 ]
 
-_PREFIX = "fleet/"
-_SUFFIX = "/model"
+# every node's fleet zone, ``fleet/``: what the view scans
+_FLEET_SCAN = FLEET_TEMPLATE.partition("{node}")[0]
+# the name under a node's fleet zone that model_key uses, ``model``
+_MODEL_NAME = model_key("_")[len(fleet_prefix("_")) :]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,11 +49,6 @@ class ModelStatus:
     version: str
     sha256: str
     status: str = "active"
-
-
-def model_key(node_id: str) -> str:
-    """The key a node reports its model under."""
-    return f"{_PREFIX}{node_id}{_SUFFIX}"
 
 
 def model_value(model: ModelStatus) -> dict[str, str]:
@@ -84,7 +84,7 @@ async def publish_model(node: SupportsPut, node_id: str, model: ModelStatus) -> 
 
 async def read_fleet_models(node: SupportsScan) -> FleetModelView:
     """The fleet's model view as ``node`` holds it now."""
-    return fleet_model_view(await node.scan(_PREFIX))
+    return fleet_model_view(await node.scan(_FLEET_SCAN))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,10 +110,8 @@ def fleet_model_view(state: Mapping[str, Any]) -> FleetModelView:
     """
     nodes: dict[str, ModelStatus] = {}
     for key, value in state.items():
-        if not (key.startswith(_PREFIX) and key.endswith(_SUFFIX)):
-            continue
-        node = key[len(_PREFIX) : -len(_SUFFIX)]
-        if not node or "/" in node or not isinstance(value, Mapping):
+        node = node_of_fleet_key(key, _MODEL_NAME)
+        if node is None or not isinstance(value, Mapping):
             continue
         try:
             nodes[node] = ModelStatus(

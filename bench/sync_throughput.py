@@ -121,10 +121,60 @@ def _many_origins_cost(delta: bool, origins: int = 100) -> int:
     return res.wire_bytes
 
 
+def _rss_mb() -> float:
+    """Resident memory now (Linux /proc), else the peak so far."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def follow_figures(n: int, floor: float) -> dict[str, float]:
+    """``follow_*``: ``node.follow()`` reading an ``n``-op backlog with decoded values.
+
+    - ``follow_ops_per_s``: n / time to deliver the whole backlog (pages of 1,000).
+    - ``follow_rss_mb``: resident memory growth while doing it (sampled every
+      10k items); the feed holds one page, so it stays flat whatever n.
+    - ``follow_ratio_to_floor``: against ``floor_ops_per_s`` of the same run.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        node = await Node.open(Path(d) / "f.db", node_id="f", fleet=FLEET)
+        try:
+            for i in range(0, n, 2000):
+                batch = range(i, min(i + 2000, n))
+                await node.put_many({f"fleet/f/k{j % 5000}": {"i": j, "v": f"{j:016x}"} for j in batch})
+            before = peak = _rss_mb()
+            got, last = 0, None
+            t = time.perf_counter()
+            async with node.follow(page_ops=1000) as feed:
+                async for item in feed:
+                    got += 1
+                    last = item.value
+                    if got % 10_000 == 0:
+                        peak = max(peak, _rss_mb())
+                    if got == n:
+                        break
+            elapsed = time.perf_counter() - t
+            if got != n or last is None or last["i"] != n - 1 or feed.position != {"f": n}:
+                raise RuntimeError(f"follow delivered {got} ops, last {last}, at {feed.position}")
+        finally:
+            await node.close()
+    rate = n / elapsed
+    print(f"follow of a {n}-op backlog: {rate:,.0f} ops/s, RSS +{peak - before:.1f} MB")
+    return {
+        "follow_ops": n,
+        "follow_ops_per_s": round(rate),
+        "follow_ratio_to_floor": round(rate / floor, 3),
+        "follow_rss_mb": round(max(peak - before, 0.0), 1),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--ops", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--follow-ops", type=int, default=None, help="default: max(--ops, 50000)")
     args = parser.parse_args()
     n = args.ops
     with tempfile.TemporaryDirectory() as d:
@@ -172,6 +222,7 @@ async def main() -> None:
         "diff1_100_origins_bytes_whole_vv": _many_origins_cost(False),
     }
     print(f"sync of {n} ops over gRPC: median {ops_per_s:,.0f} ops/s, floor {floor:,.0f} ops/s")
+    result.update(await follow_figures(args.follow_ops or max(n, 50_000), floor))
     print(json.dumps(result))
 
 

@@ -53,11 +53,12 @@ def generate(out_dir: Path) -> list[Path]:
             pkg = ".".join(Path(stem).parent.parts)
             # "from syncfw.v1 import sync_pb2 as ..." -> "from . import sync_pb2 as ..."
             text = re.sub(rf"^from {re.escape(pkg)} import ", "from . import ", text, flags=re.M)
-            # grpcio-tools stamps its own version into the _grpc stub; drop it so the
-            # check does not fail on a harmless tools upgrade
+            # grpcio-tools stamps its own version into the _grpc stub; stamp the grpcio
+            # floor of pyproject.toml instead, so the stubs' own runtime check matches
+            # what the package declares and a harmless tools upgrade changes nothing
             text = re.sub(
                 r"^GRPC_GENERATED_VERSION = .*$",
-                "GRPC_GENERATED_VERSION = '1.60.0'",
+                "GRPC_GENERATED_VERSION = '1.85.1'",
                 text,
                 flags=re.M,
             )

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from syncfw import Fleet, Node
 from syncfw.inference.train import CANARY_PATH, MODEL_PATH, TRIGGER_PATH, load_canary
+from syncfw.keys import results_prefix
 
 __all__ = [
     "CANARY_PATH",
@@ -46,7 +47,7 @@ def canary() -> tuple[np.ndarray, np.ndarray]:
 
 async def result_keys(node: Node) -> list[str]:
     """Every result key the node holds."""
-    return sorted(await node.scan(f"results/{node.node_id}/"))
+    return sorted(await node.scan(results_prefix(node.node_id)))
 
 
 def _save(model: onnx.ModelProto, path: Path) -> Path:

@@ -72,14 +72,17 @@ class ModelInfo:
     """What is serving: identity, signature and where it runs.
 
     Attributes:
-        path: the file it was loaded from.
-        name: model name (argument, else the model's ``name`` metadata, else the file stem).
-        version: model version (argument, else ``version`` metadata, else ``"0"``).
-        sha256: hex sha256 of the file.
-        size: file size in bytes.
+        path: the file it was loaded from ("" for a model loaded from memory).
+        name: model name: the manifest's; for a file loaded without one, the
+            engine's ``name``, else the model's ``name`` metadata, else the file stem.
+        version: model version: the manifest's; else the engine's ``version``,
+            else ``version`` metadata, else ``"0"``.
+        sha256: hex sha256 of the model bytes.
+        size: length of the model bytes.
         inputs: declared inputs.
         outputs: declared outputs.
-        labels: class labels (argument, else ``labels`` metadata, else indices).
+        labels: class labels (the manifest's, else the engine's ``labels``, else
+            ``labels`` metadata; none: indices).
         provider: the execution provider the session actually uses.
         session_providers: every provider the session reports.
         plan: what was asked for.

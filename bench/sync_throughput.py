@@ -37,12 +37,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from syncfw.codec import BatchLimits, encode_batch
+from syncfw.exchange import ExchangeOutcome, SessionPair, run_exchange
 from syncfw.node import Node
-from syncfw.sync.pair import SessionPair
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer
-from syncfw.transport.runner import ExchangeOutcome, run_exchange
 from syncfw.transport.wire import decode_frame, encode_frame
 from syncfw.zones import Fleet
 
@@ -143,7 +142,9 @@ async def follow_figures(n: int, floor: float) -> dict[str, float]:
         try:
             for i in range(0, n, 2000):
                 batch = range(i, min(i + 2000, n))
-                await node.put_many({f"fleet/f/k{j % 5000}": {"i": j, "v": f"{j:016x}"} for j in batch})
+                await node.put_many(
+                    {f"fleet/f/k{j % 5000}": {"i": j, "v": f"{j:016x}"} for j in batch}
+                )
             before = peak = _rss_mb()
             got, last = 0, None
             t = time.perf_counter()

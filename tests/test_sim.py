@@ -15,6 +15,7 @@ import pytest
 from syncfw.log import ApplyResult, Op
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.sim import FLEET, MemorySimNode, SimConfig, SimNode, Simulation
+from syncfw.testing.sqlite_node import SqliteSimNode
 
 
 async def _seeds(seeds: range, config: SimConfig | None = None, factory: Any = None) -> None:
@@ -111,57 +112,12 @@ async def test_checker_flags_lost_writes() -> None:
 # -- the simulator over the real SQLite node, with crash and restart from the file -----------
 
 
-class _SqliteSimNode(SimNode):
-    def __init__(self, path: Path, node_id: str, wall: Callable[[], int]) -> None:
-        self.path = path
-        self.node_id = node_id
-        self.wall = wall
-
-    async def open(self) -> None:
-        from syncfw.node import Node
-        from syncfw.store import StoreConfig
-
-        self.replica = self.node = await Node.open(
-            self.path,
-            node_id=self.node_id,
-            fleet=FLEET,
-            clock=self.wall,
-            config=StoreConfig(max_offset_ms=60_000),
-        )
-
-    async def write(self, key: str, value: Any) -> Op:
-        op: Op = await self.node.put(key, value)
-        return op
-
-    async def crash(self) -> None:
-        await super().crash()
-        await self.node.close()
-
-    async def restart(self) -> None:
-        await self.open()
-        await super().restart()
-
-    async def fingerprint(self) -> Any:
-        return (await self.node.version_vector(), await self.node.state_digest())
-
-    async def aclose(self) -> None:
-        if self.up:
-            await self.node.close()
-
-
 async def test_simulation_over_sqlite_nodes_with_crash_restart(tmp_path: Path) -> None:
-    pytest.importorskip("syncfw.node")
-    runs = 0
-
-    async def factory(node_id: str, wall: Callable[[], int]) -> SimNode:
-        node = _SqliteSimNode(tmp_path / f"{runs}-{node_id}.db", node_id, wall)
-        await node.open()
-        return node
-
     cfg = SimConfig(nodes=4, writes=40, exchanges=40, crashes=3, foreign_writes=0)
     for seed in range(3):
-        runs += 1
-        report = await Simulation(seed, cfg, factory).run()
+        run_dir = tmp_path / f"run{seed}"
+        run_dir.mkdir()
+        report = await Simulation(seed, cfg, SqliteSimNode.factory(run_dir)).run()
         assert report.ok, f"seed {seed}: {report.problems}"
         assert report.crashes > 0
 

@@ -12,13 +12,15 @@ MODULES = [
     "syncfw.sync",
     "syncfw.sync.frames",
     "syncfw.sync.session",
-    "syncfw.sync.pair",
     "syncfw.transport.base",
     "syncfw.transport.wire",
     "syncfw.transport.memory",
     "syncfw.transport.rpc",
-    "syncfw.transport.runner",
     "syncfw.transport.network",
+    "syncfw.exchange",
+    "syncfw.exchange.performer",
+    "syncfw.exchange.runner",
+    "syncfw.exchange.pair",
     "syncfw.mesh",
     "syncfw.mesh.budget",
     "syncfw.mesh.config",
@@ -29,6 +31,7 @@ MODULES = [
     "syncfw.testing.ops",
     "syncfw.testing.sim",
     "syncfw.testing.conformance",
+    "syncfw.testing.sqlite_node",
 ]
 
 
@@ -56,7 +59,13 @@ def test_all_is_complete_and_documented(name: str) -> None:
 
 
 def test_package_docstrings_say_what_they_own_and_may_import() -> None:
-    for pkg in ("syncfw.sync", "syncfw.transport", "syncfw.mesh", "syncfw.testing"):
+    for pkg in (
+        "syncfw.sync",
+        "syncfw.transport",
+        "syncfw.exchange",
+        "syncfw.mesh",
+        "syncfw.testing",
+    ):
         doc = importlib.import_module(pkg).__doc__ or ""
         assert "Owns" in doc or "owns" in doc, pkg
         assert "import" in doc, pkg

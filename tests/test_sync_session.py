@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from syncfw.codec import BATCH_VERSION, COMPRESS_ZSTD, encode_batch
 from syncfw.errors import DecodeError
+from syncfw.exchange.pair import SessionPair
 from syncfw.log import op_hash
 from syncfw.sync import (
     PROTOCOL_VERSION,
@@ -31,7 +32,6 @@ from syncfw.sync import (
     Status,
     Summary,
 )
-from syncfw.sync.pair import SessionPair
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.ops import OpWriter
 from syncfw.transport.wire import decode_frame, encode_frame
@@ -413,8 +413,8 @@ def _late_answers_run(seed: int) -> str:
     """Two sessions whose performer answers effects late, interleaved at random with frames."""
     import random
 
+    from syncfw.exchange.pair import drive
     from syncfw.sync import Acknowledge, LoadPeerAck
-    from syncfw.sync.pair import drive
 
     rng = random.Random(seed)
     reps = {"a": MemoryReplica("a"), "b": MemoryReplica("b")}

@@ -12,13 +12,15 @@ import grpc.aio
 import pytest
 
 from syncfw.errors import ProtocolError
-from syncfw.sync import PROTOCOL_VERSION, Close, Frame, Hello, Ops, SessionConfig, Status
+from syncfw.exchange import ExchangeOutcome, run_exchange
+from syncfw.node import Node
+from syncfw.sync import PROTOCOL_VERSION, Close, Hello, Ops, PeerInfo, SessionConfig, Status
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.memory import MemoryNetwork, memory_pipe
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig, check_health
-from syncfw.transport.runner import ExchangeOutcome, run_exchange
 from syncfw.transport.wire import decode_frame, encode_frame
+from syncfw.zones import Fleet
 
 
 def _fill(r: MemoryReplica, n: int, size: int = 50) -> None:
@@ -187,12 +189,9 @@ async def test_exchange_deadline(pool: ChannelPool) -> None:
 
 
 async def test_grpc_with_real_nodes(tmp_path: Path, pool: ChannelPool) -> None:
-    node_mod = pytest.importorskip("syncfw.node")
-    from syncfw.zones import Fleet
-
     fleet = Fleet(fleet_id="f")
-    a = await node_mod.Node.open(tmp_path / "a.db", node_id="a", fleet=fleet)
-    b = await node_mod.Node.open(tmp_path / "b.db", node_id="b", fleet=fleet)
+    a = await Node.open(tmp_path / "a.db", node_id="a", fleet=fleet)
+    b = await Node.open(tmp_path / "b.db", node_id="b", fleet=fleet)
     try:
         for i in range(300):
             await a.put(f"fleet/a/k{i}", {"i": i})
@@ -240,8 +239,6 @@ async def test_server_caps_concurrent_exchanges(pool: ChannelPool) -> None:
 
 
 async def test_a_failing_peers_callback_does_not_end_the_exchange() -> None:
-    from syncfw.sync import PeerInfo
-
     a, b = MemoryReplica("a"), MemoryReplica("b")
     _fill(a, 5)
 
@@ -281,16 +278,16 @@ class _CutAfter:
         self.inner, self.left = inner, n
         self.peer_address, self.peer_identity = inner.peer_address, inner.peer_identity
 
-    async def send(self, frame: Frame) -> int:
-        return await self.inner.send(frame)
+    async def send(self, data: bytes) -> None:
+        await self.inner.send(data)
 
-    async def recv(self) -> Frame | None:
-        frame = await self.inner.recv()
-        if isinstance(frame, Ops):
+    async def recv(self) -> bytes | None:
+        data = await self.inner.recv()
+        if data is not None and isinstance(decode_frame(data), Ops):
             self.left -= 1
             if self.left < 0:
                 raise LinkError(Status.ABORTED, "cable cut")
-        return frame
+        return data
 
     async def close(self, status: Status, reason: str) -> None:
         await self.inner.close(status, reason)
@@ -299,12 +296,9 @@ class _CutAfter:
 async def test_a_cut_grpc_exchange_between_sqlite_nodes_resumes(
     tmp_path: Path, pool: ChannelPool
 ) -> None:
-    node_mod = pytest.importorskip("syncfw.node")
-    from syncfw.zones import Fleet
-
     fleet = Fleet(fleet_id="f")
-    a = await node_mod.Node.open(tmp_path / "a.db", node_id="a", fleet=fleet)
-    b = await node_mod.Node.open(tmp_path / "b.db", node_id="b", fleet=fleet)
+    a = await Node.open(tmp_path / "a.db", node_id="a", fleet=fleet)
+    b = await Node.open(tmp_path / "b.db", node_id="b", fleet=fleet)
     try:
         for i in range(0, 20_000, 500):
             await asyncio.gather(*(a.put(f"fleet/a/k{j}", "v" * 40) for j in range(i, i + 500)))

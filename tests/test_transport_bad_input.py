@@ -18,13 +18,14 @@ import pytest
 import zstandard
 
 from syncfw.codec import BATCH_VERSION, COMPRESS_ZSTD, encode_batch
+from syncfw.exchange import run_exchange
 from syncfw.log import Op
+from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Ops, Summary
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.ops import OpWriter
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer
-from syncfw.transport.runner import run_exchange
 from syncfw.transport.wire import encode_frame
 from syncfw.zones import Fleet
 
@@ -119,8 +120,7 @@ async def _raw(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode, str]
 
 @pytest.fixture
 async def server_node(tmp_path: Path) -> AsyncIterator[tuple[Any, GrpcServer]]:
-    node_mod = pytest.importorskip("syncfw.node")
-    node = await node_mod.Node.open(tmp_path / "b.db", node_id="b", fleet=FLEET)
+    node = await Node.open(tmp_path / "b.db", node_id="b", fleet=FLEET)
     await node.put("fleet/b/x", 1)
 
     async def handler(stream: FrameStream) -> None:

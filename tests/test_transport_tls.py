@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from syncfw.exchange import ExchangeOutcome, run_exchange
 from syncfw.sync import Status
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TlsConfig, TransportConfig
-from syncfw.transport.runner import ExchangeOutcome, run_exchange
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 

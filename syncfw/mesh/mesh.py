@@ -29,7 +29,7 @@ from syncfw.mesh.membership import Member, Membership, MemberState
 from syncfw.sync.frames import PeerInfo, Status
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.network import GrpcNetwork, Listener, Network
-from syncfw.transport.runner import ExchangeOutcome, SendBudget, run_exchange
+from syncfw.exchange import ExchangeOutcome, SendBudget, run_exchange
 
 __all__ = ["Mesh"]
 

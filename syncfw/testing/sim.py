@@ -8,7 +8,9 @@ Invariants:
 2. Frames cross the simulated network as the transport's wire bytes
    (:func:`~syncfw.transport.wire.encode_frame`), so the simulator runs the very
    handshake and bytes of the real mesh; the sessions are the real
-   :class:`~syncfw.sync.Session`.
+   :class:`~syncfw.sync.Session`, and their effects are carried out by the
+   real :class:`~syncfw.exchange.performer.Performer` with the mesh's error
+   policy, its link scheduling each frame's bytes as a delivery event.
 3. Effects are awaited one at a time, in the order the scheduler pops events,
    so even a replica that really awaits I/O (the SQLite ``Node``) behaves
    deterministically.
@@ -23,6 +25,7 @@ ops everywhere.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import random
@@ -30,20 +33,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from syncfw.exchange.performer import Performer
 from syncfw.log import Op, Replica, op_hash
-from syncfw.sync import (
-    Acknowledge,
-    ApplyOps,
-    Effect,
-    End,
-    FetchOps,
-    LearnPeers,
-    LoadPeerAck,
-    Send,
-    Session,
-    SessionConfig,
-    Status,
-)
+from syncfw.sync import Frame, Session, SessionConfig, SessionState, Status
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.wire import decode_frame, encode_frame
 from syncfw.zones import Fleet, Grant, Verdict
@@ -198,10 +190,25 @@ class _Exchange:
     id: int
     a: int
     b: int
-    sessions: dict[int, Session]
-    started: set[int]
     last_at: dict[int, float]
+    performers: dict[int, Performer] = field(default_factory=dict)
     ended: bool = False
+
+
+class _SimLink:
+    """One side's link: its frames' bytes become delivery events on the scheduler."""
+
+    __slots__ = ("side", "sim", "to", "x")
+
+    def __init__(self, sim: Simulation, x: _Exchange, side: int, to: int) -> None:
+        self.sim, self.x, self.side, self.to = sim, x, side, to
+
+    async def send(self, frame: Frame) -> int:
+        if not self.sim.nodes[self.side].up:
+            return 0  # a crashed node sends nothing
+        data = encode_frame(frame)
+        self.sim._send(self.x, self.to, data)
+        return len(data)
 
 
 NodeFactory = Callable[[str, Callable[[], int]], Awaitable[SimNode]]
@@ -361,22 +368,20 @@ class Simulation:
         if not self._linked(a, b):
             self._count(Status.UNAVAILABLE)
             return
-        na, nb = self.nodes[a], self.nodes[b]
-        cfg = self.cfg.session
-        x = _Exchange(
-            next(self._xid),
-            a,
-            b,
-            {
-                a: Session(na.node_id, FLEET.fleet_id, hlc=na.replica.hlc_now(), config=cfg),
-                b: Session(nb.node_id, FLEET.fleet_id, hlc=nb.replica.hlc_now(), config=cfg),
-            },
-            {a},
-            {a: self.now, b: self.now},
-        )
+        x = _Exchange(next(self._xid), a, b, {a: self.now, b: self.now})
+        for side, other in ((a, b), (b, a)):
+            node = self.nodes[side]
+            session = Session(
+                node.node_id, FLEET.fleet_id, hlc=node.replica.hlc_now(), config=self.cfg.session
+            )
+            x.performers[side] = Performer(
+                session,
+                node.replica,
+                _SimLink(self, x, side, other),
+                on_end=functools.partial(self._ended, x),
+            )
         self.report.exchanges += 1
-        vv = await na.replica.version_vector()
-        await self._perform(x, a, x.sessions[a].start(vv))
+        await x.performers[a].start()
 
     async def _ev_deliver(self, x: _Exchange, to: int, data: bytes) -> None:
         if x.ended:
@@ -384,54 +389,22 @@ class Simulation:
         if not self._linked(x.a, x.b):
             await self._cut(x, "link lost")
             return
-        session = x.sessions[to]
-        if to not in x.started:
-            x.started.add(to)
-            vv = await self.nodes[to].replica.version_vector()
-            await self._perform(x, to, session.start(vv))
-        frame = decode_frame(data)
-        await self._perform(x, to, session.receive(frame))
+        performer = x.performers[to]
+        if performer.session.state is SessionState.IDLE:
+            await performer.start()
+        await performer.receive(decode_frame(data))
 
     async def _cut(self, x: _Exchange, why: str) -> None:
         for side in (x.a, x.b):
-            await self._perform(x, side, x.sessions[side].abort(Status.ABORTED, why))
+            await x.performers[side].abort(Status.ABORTED, why)
+
+    def _ended(self, x: _Exchange, status: Status, reason: str) -> None:
+        self._count(status)
+        if all(p.ended for p in x.performers.values()):
+            x.ended = True
 
     def _count(self, status: Status) -> None:
         self.report.statuses[status.name] = self.report.statuses.get(status.name, 0) + 1
-
-    async def _perform(self, x: _Exchange, side: int, effects: list[Effect]) -> None:
-        session = x.sessions[side]
-        replica = self.nodes[side].replica
-        other = x.b if side == x.a else x.a
-        queue = list(effects)
-        while queue:
-            effect = queue.pop(0)
-            if isinstance(effect, Send):
-                if not self.nodes[side].up:
-                    continue
-                self._send(x, other, encode_frame(effect.frame))
-            elif isinstance(effect, FetchOps):
-                ops = await replica.ops_since(
-                    effect.vv, limit=effect.limit, max_bytes=effect.max_bytes
-                )
-                queue.extend(session.ops_fetched(ops))
-            elif isinstance(effect, ApplyOps):
-                try:
-                    await replica.apply_remote(list(effect.ops))
-                except Exception as exc:
-                    queue.extend(session.apply_failed(exc))
-                else:
-                    queue.extend(session.ops_applied(await replica.version_vector()))
-            elif isinstance(effect, Acknowledge):
-                await replica.acknowledge(effect.peer, effect.vv)
-            elif isinstance(effect, LoadPeerAck):
-                queue.extend(session.peer_ack_loaded(await replica.peer_ack(effect.peer)))
-            elif isinstance(effect, LearnPeers):
-                pass
-            elif isinstance(effect, End):
-                self._count(effect.status)
-                if x.sessions[x.a].ended and x.sessions[x.b].ended:
-                    x.ended = True
 
     def _send(self, x: _Exchange, to: int, data: bytes) -> None:
         rng, cfg = self.rng, self.cfg

@@ -1,13 +1,14 @@
-"""What every transport offers the exchange runner: a stream of frames.
+"""What every transport offers the exchange runner: an ordered stream of frame bytes.
 
 Invariants:
 
-1. A :class:`FrameStream` carries whole frames, in order, reliably, or fails;
-   it never delivers half a frame.
+1. A :class:`FrameStream` carries whole messages of bytes (each one frame's
+   wire form, :mod:`syncfw.transport.wire`), in order, reliably, or fails; it
+   never delivers half a message, and it never parses what it carries: the
+   exchange runner encodes and decodes frames, once.
 2. Transport failures surface only as :class:`LinkError` (a
-   :class:`~syncfw.errors.ProtocolError`) carrying a :class:`Status`, and
-   malformed bytes only as :class:`~syncfw.errors.DecodeError`: no grpc, socket
-   or protobuf exception gets past a transport.
+   :class:`~syncfw.errors.ProtocolError`) carrying a :class:`Status`: no grpc,
+   socket or protobuf exception gets past a transport.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from syncfw.errors import ProtocolError
-from syncfw.sync.frames import Frame, Status
+from syncfw.sync.frames import Status
 
 __all__ = ["FrameStream", "LinkError"]
 
@@ -37,7 +38,7 @@ class LinkError(ProtocolError):
 
 
 class FrameStream(Protocol):
-    """One exchange's bidirectional, ordered, reliable stream of frames."""
+    """One exchange's bidirectional, ordered, reliable stream of frame bytes."""
 
     @property
     def peer_address(self) -> str:
@@ -49,23 +50,19 @@ class FrameStream(Protocol):
         """The peer's node id as authenticated by the link (mTLS), if it is."""
         ...
 
-    async def send(self, frame: Frame) -> int:
-        """Send one frame; waits while the link applies backpressure.
-
-        Returns:
-            The frame's size on the wire, in bytes.
+    async def send(self, data: bytes) -> None:
+        """Send one message (one frame's bytes); waits while the link applies backpressure.
 
         Raises:
             LinkError: the link is gone.
         """
         ...
 
-    async def recv(self) -> Frame | None:
-        """The next frame, or None once the peer has finished cleanly.
+    async def recv(self) -> bytes | None:
+        """The next message, or None once the peer has finished cleanly.
 
         Raises:
             LinkError: the link failed or the peer ended with an error status.
-            DecodeError: the peer sent bytes that are not a frame.
         """
         ...
 

@@ -2,10 +2,10 @@
 
 Invariants:
 
-1. Every frame crosses as :func:`~syncfw.transport.wire.encode_frame` bytes and
-   is parsed with :func:`~syncfw.transport.wire.decode_frame` on the other side,
-   so the handshake and the bytes are those of the real mesh.
-2. Each direction is a bounded queue: a sender waits while ``window`` frames
+1. Messages cross as the bytes they were sent as, unparsed: the exchange
+   runner encodes and decodes frames on both sides, so the handshake and the
+   bytes are those of the real mesh.
+2. Each direction is a bounded queue: a sender waits while ``window`` messages
    are unread (backpressure, like HTTP/2 flow control).
 3. Closing with a non-OK status makes the other side's next :meth:`recv`
    raise :class:`LinkError` with that status, as a gRPC status would.
@@ -20,9 +20,8 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from syncfw.sync.frames import Frame, Status
+from syncfw.sync.frames import Status
 from syncfw.transport.base import FrameStream, LinkError
-from syncfw.transport.wire import decode_frame, encode_frame
 
 __all__ = ["MemoryNetwork", "MemoryStream", "memory_pipe"]
 
@@ -56,31 +55,33 @@ class MemoryStream:
         """The other end's name."""
         return self._peer
 
-    async def send(self, frame: Frame) -> int:
-        """Send a frame as wire bytes; waits while the peer's inbox is full."""
+    async def send(self, data: bytes) -> None:
+        """Send one message; waits while the peer's inbox is full.
+
+        Raises:
+            LinkError: ``ABORTED``: this side or the peer closed the stream.
+        """
         if self._closed:
             raise LinkError(Status.ABORTED, "stream closed")
         if self._remote_end is not None:
             raise LinkError(Status.ABORTED, "peer closed the stream")
-        data = encode_frame(frame)
-        await self._out.put(data)
+        await self._out.put(bytes(data))
         self.bytes_sent += len(data)
         self.frames_sent += 1
-        return len(data)
 
-    async def send_raw(self, data: bytes) -> None:
-        """Send arbitrary bytes as one frame (tests inject malformed frames)."""
-        await self._out.put(data)
+    async def recv(self) -> bytes | None:
+        """The next message; None when the peer finished with OK.
 
-    async def recv(self) -> Frame | None:
-        """The next frame; None when the peer finished with OK."""
+        Raises:
+            LinkError: the peer closed with an error status.
+        """
         if self._remote_end is not None:
             return self._ended(self._remote_end)
         item = await self._in.get()
         if isinstance(item, _End):
             self._remote_end = item
             return self._ended(item)
-        return decode_frame(item)
+        return item
 
     @staticmethod
     def _ended(end: _End) -> None:
@@ -99,7 +100,7 @@ class MemoryStream:
 def memory_pipe(
     a_name: str = "a", b_name: str = "b", *, window: int = 16
 ) -> tuple[MemoryStream, MemoryStream]:
-    """Two connected stream ends; ``window`` frames may be unread in each direction.
+    """Two connected stream ends; ``window`` messages may be unread in each direction.
 
     The queue holds one slot more than ``window`` so that a close always fits.
     """

@@ -4,9 +4,13 @@ Invariants:
 
 1. grpc is imported here and nowhere else in syncfw; every grpc exception is
    translated into :class:`LinkError` (with the :class:`Status` of the same
-   number) or :class:`DecodeError` before it leaves this module.
-2. Protocol logic stays in :mod:`syncfw.sync`: the servicer only adapts a call
-   to a :class:`FrameStream` and hands it to the exchange handler.
+   number) before it leaves this module.
+2. Protocol logic stays in :mod:`syncfw.sync` and frame encoding in the
+   exchange runner: the servicer only adapts a call to a byte
+   :class:`FrameStream` and hands it to the exchange handler. The ``Exchange``
+   method carries opaque bytes (identity serializers); they are the protobuf
+   ``Frame`` of ``protos/syncfw/v1/sync.proto``, so any gRPC client that speaks
+   the ``.proto`` interoperates.
 3. Every call has a deadline, every channel has keepalive and a max message
    size, and the server caps concurrent exchanges (``RESOURCE_EXHAUSTED``
    beyond it); grpc's HTTP/2 flow control is the backpressure under the
@@ -28,11 +32,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from syncfw.errors import DecodeError
-from syncfw.sync.frames import Frame, Status
+from syncfw.sync.frames import Status
 from syncfw.transport._pb import health_pb2, health_pb2_grpc
 from syncfw.transport.base import FrameStream, LinkError
-from syncfw.transport.wire import MAX_FRAME_BYTES, decode_frame, encode_frame
+from syncfw.transport.wire import MAX_FRAME_BYTES
 
 __all__ = [
     "ChannelPool",
@@ -47,10 +50,15 @@ log = logging.getLogger("syncfw.transport")
 
 SERVICE = "syncfw.v1.Sync"
 EXCHANGE = "/syncfw.v1.Sync/Exchange"
-# Frames cross gRPC as the bytes wire.encode_frame makes (no grpc-side
-# (de)serializer), so every transport carries the very same bytes and a
-# malformed frame surfaces here, as DecodeError, not inside grpc.
+# Frames cross gRPC as the bytes wire.encode_frame makes (identity
+# serializers), so every transport carries the very same bytes and a
+# malformed frame surfaces in the exchange runner, as DecodeError, not in grpc.
 _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+
+
+def _same_bytes(data: bytes) -> bytes:
+    """The identity (de)serializer: the Exchange method carries opaque bytes."""
+    return data
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +148,10 @@ def _status_of(code: grpc.StatusCode | None) -> Status:
         return Status.INTERNAL
 
 
-def _translate(exc: BaseException) -> LinkError | DecodeError:
+def _translate(exc: BaseException) -> LinkError:
     if isinstance(exc, grpc.aio.AioRpcError):
         details = exc.details() or exc.code().name
         return LinkError(_status_of(exc.code()), details)
-    if isinstance(exc, DecodeError):
-        return exc
     return LinkError(Status.ABORTED, f"link failed: {exc!r}")
 
 
@@ -175,10 +181,13 @@ class GrpcStream:
         """The other end, as gRPC names it."""
         return self._peer
 
-    async def send(self, frame: Frame) -> int:
-        """Write a frame; awaits HTTP/2 flow control."""
-        msg = encode_frame(frame)
-        size = len(msg)
+    async def send(self, data: bytes) -> None:
+        """Write one message; awaits HTTP/2 flow control.
+
+        Raises:
+            LinkError: the call ended (with the peer's status, if it set one).
+        """
+        msg = data
         try:
             if self._call is not None:
                 await self._call.write(msg)
@@ -191,9 +200,8 @@ class GrpcStream:
             raise await self._ended_with(
                 LinkError(Status.ABORTED, f"write failed: {exc!r}")
             ) from None
-        return size
 
-    async def _ended_with(self, fallback: LinkError | DecodeError) -> LinkError | DecodeError:
+    async def _ended_with(self, fallback: LinkError) -> LinkError:
         """The status the peer ended the call with, if it did (a write raced its end)."""
         if self._call is not None and self._call.done():
             with contextlib.suppress(Exception):
@@ -202,8 +210,12 @@ class GrpcStream:
                     return LinkError(_status_of(code), await self._call.details() or code.name)
         return fallback
 
-    async def recv(self) -> Frame | None:
-        """Read a frame; None when the peer finished with OK."""
+    async def recv(self) -> bytes | None:
+        """Read one message; None when the peer finished with OK.
+
+        Raises:
+            LinkError: the call failed or ended with a non-OK status.
+        """
         try:
             if self._call is not None:
                 msg = await self._call.read()
@@ -223,9 +235,9 @@ class GrpcStream:
             raise _translate(exc) from None
         except grpc.RpcError as exc:  # pragma: no cover
             raise LinkError(Status.ABORTED, f"read failed: {exc!r}") from None
-        if not isinstance(msg, bytes):
-            raise DecodeError("a frame must arrive as bytes")
-        return decode_frame(msg)
+        if not isinstance(msg, bytes):  # pragma: no cover  # identity deserializer
+            raise LinkError(Status.INTERNAL, f"a message arrived as {type(msg).__name__}")
+        return msg
 
     async def close(self, status: Status, reason: str) -> None:
         """Client: half-close (OK) or cancel the call. Server: set the call's status."""
@@ -262,7 +274,13 @@ class _SyncServicer:
         """``syncfw.v1.Sync`` with raw-bytes frames."""
         return grpc.method_handlers_generic_handler(
             SERVICE,
-            {"Exchange": grpc.stream_stream_rpc_method_handler(self.Exchange)},
+            {
+                "Exchange": grpc.stream_stream_rpc_method_handler(
+                    self.Exchange,
+                    request_deserializer=_same_bytes,
+                    response_serializer=_same_bytes,
+                )
+            },
         )
 
     async def Exchange(
@@ -446,7 +464,9 @@ class ChannelPool:
             raise LinkError(Status.UNAVAILABLE, f"{address} unreachable") from None
         except grpc.RpcError as exc:  # pragma: no cover
             raise LinkError(Status.UNAVAILABLE, f"{address}: {exc!r}") from None
-        method: Any = ch.stream_stream(EXCHANGE)  # type: ignore[call-arg]  # bytes in, bytes out
+        method: Any = ch.stream_stream(  # bytes in, bytes out
+            EXCHANGE, request_serializer=_same_bytes, response_deserializer=_same_bytes
+        )
         call = method(
             timeout=timeout_s if timeout_s is not None else self.config.exchange_timeout_s
         )

@@ -1,31 +1,22 @@
 """Two sessions joined by a fake link, driven without an event loop (tests, benchmarks).
 
-:class:`SessionPair` performs each session's effects against a replica whose
-coroutines never suspend (such as :class:`syncfw.testing.memory.MemoryReplica`)
-by stepping them by hand; a replica that really awaits I/O needs the async
-runner in :mod:`syncfw.transport.runner` instead.
+:class:`SessionPair` runs each side's effects through the one
+:class:`~syncfw.exchange.performer.Performer`, stepping its coroutines by hand
+(:func:`drive`): that works for a replica whose coroutines never suspend (such
+as :class:`syncfw.testing.memory.MemoryReplica`); a replica that really awaits
+I/O needs the async runner in :mod:`syncfw.exchange.runner` instead.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from syncfw.exchange.performer import Performer
 from syncfw.log import Replica
-from syncfw.sync.frames import Frame, Status
-from syncfw.sync.session import (
-    Acknowledge,
-    ApplyOps,
-    Effect,
-    End,
-    FetchOps,
-    LearnPeers,
-    LoadPeerAck,
-    Send,
-    Session,
-    SessionConfig,
-)
+from syncfw.sync import Frame, PeerInfo, Session, SessionConfig, SessionState, Status
 
 __all__ = ["PairResult", "SessionPair", "drive"]
 
@@ -72,6 +63,20 @@ class PairResult:
         return (self.rounds + 1) // 2
 
 
+class _Outbox:
+    """A side's link: frames wait in the pair's outbox for the next round."""
+
+    __slots__ = ("pair", "side")
+
+    def __init__(self, pair: SessionPair, side: str) -> None:
+        self.pair = pair
+        self.side = side
+
+    async def send(self, frame: Frame) -> int:
+        self.pair.outbox[self.side].append(frame)
+        return 0  # bytes are counted on delivery, where the pair encodes
+
+
 class SessionPair:
     """Connects two replicas' sessions with an in-process, lockstep link.
 
@@ -108,6 +113,16 @@ class SessionPair:
         self._tamper = tamper
         self.outbox: dict[str, list[Frame]] = {"a": [], "b": []}
         self.result = PairResult()
+        self.performers = {
+            side: Performer(
+                self.sessions[side],
+                self.replicas[side],
+                _Outbox(self, side),
+                on_peers=functools.partial(self._learned, side),
+                on_end=functools.partial(self._ended, side),
+            )
+            for side in ("a", "b")
+        }
 
     def run(self, *, cut_after: int | None = None, max_rounds: int = 100_000) -> PairResult:
         """Run the exchange to its end (or until ``cut_after`` frames were delivered).
@@ -116,7 +131,7 @@ class SessionPair:
         connection would.
         """
         res = self.result
-        self._perform("a", self.sessions["a"].start(drive(self.replicas["a"].version_vector())))
+        self._start("a")
         while not (self.sessions["a"].ended and self.sessions["b"].ended):
             if res.rounds >= max_rounds:
                 raise RuntimeError("exchange did not end")
@@ -124,7 +139,7 @@ class SessionPair:
             self.outbox = {"a": [], "b": []}
             if not flights["a"] and not flights["b"]:
                 for side in ("a", "b"):  # nothing in flight: the link is idle, both hang up
-                    self._perform(side, self.sessions[side].abort(Status.ABORTED, "link idle"))
+                    self._abort(side, "link idle")
                 break
             res.rounds += 1
             for sender, frames in flights.items():
@@ -132,18 +147,15 @@ class SessionPair:
                 for frame in frames:
                     if cut_after is not None and res.frames >= cut_after:
                         for side in ("a", "b"):
-                            self._perform(side, self.sessions[side].abort(Status.ABORTED, "cut"))
+                            self._abort(side, "cut")
                         return res
                     delivered = self._carry(sender, frame)
                     if delivered is None:
                         continue
                     res.frames += 1
-                    session = self.sessions[receiver]
-                    if receiver == "b" and session.state.value == "idle":
-                        self._perform(
-                            "b", session.start(drive(self.replicas["b"].version_vector()))
-                        )
-                    self._perform(receiver, session.receive(delivered))
+                    if receiver == "b" and self.sessions["b"].state is SessionState.IDLE:
+                        self._start("b")
+                    drive(self.performers[receiver].receive(delivered))
         return res
 
     def _carry(self, sender: str, frame: Frame) -> Frame | None:
@@ -158,31 +170,14 @@ class SessionPair:
             return self._decode(data)
         return frame
 
-    def _perform(self, side: str, effects: list[Effect]) -> None:
-        session = self.sessions[side]
-        replica = self.replicas[side]
-        queue = list(effects)
-        while queue:
-            effect = queue.pop(0)
-            if isinstance(effect, Send):
-                self.outbox[side].append(effect.frame)
-            elif isinstance(effect, FetchOps):
-                ops = drive(
-                    replica.ops_since(effect.vv, limit=effect.limit, max_bytes=effect.max_bytes)
-                )
-                queue.extend(session.ops_fetched(ops))
-            elif isinstance(effect, ApplyOps):
-                try:
-                    drive(replica.apply_remote(list(effect.ops)))
-                except Exception as exc:
-                    queue.extend(session.apply_failed(exc))
-                else:
-                    queue.extend(session.ops_applied(drive(replica.version_vector())))
-            elif isinstance(effect, Acknowledge):
-                drive(replica.acknowledge(effect.peer, effect.vv))
-            elif isinstance(effect, LoadPeerAck):
-                queue.extend(session.peer_ack_loaded(drive(replica.peer_ack(effect.peer))))
-            elif isinstance(effect, LearnPeers):
-                self.result.learned[side].append(effect.peers)
-            elif isinstance(effect, End):
-                setattr(self.result, side, (effect.status, effect.reason))
+    def _start(self, side: str) -> None:
+        drive(self.performers[side].start())
+
+    def _abort(self, side: str, reason: str) -> None:
+        drive(self.performers[side].abort(Status.ABORTED, reason))
+
+    def _ended(self, side: str, status: Status, reason: str) -> None:
+        setattr(self.result, side, (status, reason))
+
+    def _learned(self, side: str, peers: tuple[PeerInfo, ...]) -> None:
+        self.result.learned[side].append(peers)

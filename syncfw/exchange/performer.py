@@ -1,0 +1,257 @@
+"""The one performer: carries out a sync session's effects against a replica.
+
+A :class:`~syncfw.sync.Session` is sans-IO: it emits effects and waits for
+answers. :class:`Performer` is the only code that turns those effects into
+replica calls and link sends; the gRPC runner, the simulator and
+:class:`~syncfw.exchange.pair.SessionPair` all drive one, so they share one
+error policy. Invariants:
+
+1. Effects are performed strictly in the order the session emitted them; the
+   answer to an effect (``ops_fetched``, ``ops_applied``, ``apply_failed``,
+   ``peer_ack_loaded``) is fed back at once and the effects it yields are
+   performed before anything later, so every user feeds the session the same
+   sequence of inputs.
+2. One error policy. A replica error of syncfw's own tree
+   (:class:`~syncfw.errors.SyncfwError`) ends the exchange with the status the
+   session gives it (``DATA_LOSS`` for a forged or forked batch, ``INTERNAL``
+   for storage); anything else is a bug: logged with its traceback and the
+   exchange ends ``INTERNAL``. Reading the peer's ack record degrades to an
+   empty record (summaries go whole); a failing peers callback is logged and
+   ignored (membership bookkeeping never ends an exchange). A link that fails
+   a send ends the exchange with the link's status.
+3. Nothing raises out of :meth:`Performer.perform` but cancellation and
+   ``BaseException``: every failure becomes the session's :class:`End`.
+4. The code is ``async`` but imports no event loop: when the replica and the
+   link never suspend, a performer is driven to completion by hand
+   (:func:`~syncfw.exchange.pair.drive`), with no loop at all.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from syncfw.errors import SyncfwError
+from syncfw.log import Replica
+from syncfw.sync import (
+    Acknowledge,
+    ApplyOps,
+    Effect,
+    End,
+    FetchOps,
+    Frame,
+    LearnPeers,
+    LoadPeerAck,
+    PeerInfo,
+    Send,
+    Session,
+    Status,
+)
+from syncfw.transport.base import LinkError
+
+__all__ = ["Link", "OnEnd", "OnPeers", "OnSendError", "Performer"]
+
+log = logging.getLogger("syncfw.sync")
+
+OnPeers = Callable[[tuple[PeerInfo, ...]], Awaitable[None] | None]
+"""Called with each member list the peer gossips (may be async)."""
+OnEnd = Callable[[Status, str], None]
+"""Called once, when the session emits its :class:`End`."""
+OnSendError = Callable[[LinkError], Coroutine[Any, Any, list[Effect]]]
+"""Decides what a failed send means; returns the session's effects for it."""
+
+
+class Link(Protocol):
+    """Where a performer's frames go: the runner's stream, the simulator's scheduler, a pair's outbox."""
+
+    async def send(self, frame: Frame) -> int:
+        """Send one frame to the peer.
+
+        Returns:
+            The bytes it took on the wire (0 where the link does not encode).
+
+        Raises:
+            LinkError: the frame cannot go; the exchange ends with its status.
+        """
+        ...
+
+
+def _log_unexpected(exc: BaseException, doing: str) -> None:
+    """Replica errors of syncfw's own tree are expected; anything else is a bug worth a traceback."""
+    if not isinstance(exc, SyncfwError):
+        log.error("%s failed unexpectedly", doing, exc_info=exc)
+
+
+class Performer:
+    """Performs one session's effects against one replica over one link.
+
+    Args:
+        session: the session whose effects to perform (not started yet).
+        replica: the local replica.
+        link: where ``Send`` effects go.
+        on_peers: called with each member list the peer gossips.
+        on_end: called once when the session ends.
+        on_send_error: what a failed send means (default: end the exchange
+            with the link's status); the runner prefers the peer's own reason.
+
+    Attributes:
+        frames_sent: frames the link accepted.
+        bytes_sent: bytes the link reported for them.
+        learned: member lists the peer gossiped, in order.
+    """
+
+    __slots__ = (
+        "_handlers",
+        "_on_end",
+        "_on_peers",
+        "_on_send_error",
+        "bytes_sent",
+        "frames_sent",
+        "learned",
+        "link",
+        "replica",
+        "session",
+    )
+
+    def __init__(
+        self,
+        session: Session,
+        replica: Replica,
+        link: Link,
+        *,
+        on_peers: OnPeers | None = None,
+        on_end: OnEnd | None = None,
+        on_send_error: OnSendError | None = None,
+    ) -> None:
+        self.session = session
+        self.replica = replica
+        self.link = link
+        self._on_peers = on_peers
+        self._on_end = on_end
+        self._on_send_error = on_send_error
+        self.frames_sent = 0
+        self.bytes_sent = 0
+        self.learned: list[tuple[PeerInfo, ...]] = []
+        # one dict lookup per effect instead of a chain of isinstance checks
+        self._handlers: dict[type, Callable[[Any], Coroutine[Any, Any, list[Effect]]]] = {
+            Send: self._send,
+            FetchOps: self._fetch,
+            ApplyOps: self._apply,
+            Acknowledge: self._acknowledge,
+            LoadPeerAck: self._load_peer_ack,
+            LearnPeers: self._learn,
+            End: self._end,
+        }
+
+    @property
+    def ended(self) -> bool:
+        """True once the session emitted :class:`End`."""
+        return self.session.ended
+
+    # -- inputs ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the session from the replica's version vector.
+
+        A replica that cannot read its vector ends the exchange ``INTERNAL``.
+        """
+        try:
+            vv = await self.replica.version_vector()
+        except Exception as exc:
+            _log_unexpected(exc, "reading the version vector")
+            await self.perform(self.session.abort(Status.INTERNAL, f"could not read vector: {exc}"))
+        else:
+            await self.perform(self.session.start(vv))
+
+    async def receive(self, frame: Frame) -> None:
+        """Feed a frame from the peer and perform what follows."""
+        await self.perform(self.session.receive(frame))
+
+    async def abort(self, status: Status, reason: str) -> None:
+        """End the exchange from outside (cut, deadline, shutdown); tells the peer."""
+        await self.perform(self.session.abort(status, reason))
+
+    async def perform(self, effects: list[Effect]) -> None:
+        """Perform ``effects`` in order, feeding each answer back (invariant 1)."""
+        handlers = self._handlers
+        pending = effects
+        while pending:
+            more: list[Effect] = []
+            for i, effect in enumerate(pending):
+                more = await handlers[type(effect)](effect)
+                if more:
+                    # answers come before the rest of this list (invariant 1)
+                    more.extend(pending[i + 1 :])
+                    break
+            else:
+                return
+            pending = more
+
+    # -- effects -------------------------------------------------------------------
+
+    async def _send(self, effect: Send) -> list[Effect]:
+        try:
+            size = await self.link.send(effect.frame)
+        except LinkError as exc:
+            if self._on_send_error is not None:
+                return await self._on_send_error(exc)
+            return self.session.abort(exc.status, f"send failed: {exc.reason}")
+        self.frames_sent += 1
+        self.bytes_sent += size
+        return []
+
+    async def _fetch(self, effect: FetchOps) -> list[Effect]:
+        try:
+            ops = await self.replica.ops_since(
+                effect.vv, limit=effect.limit, max_bytes=effect.max_bytes
+            )
+        except Exception as exc:
+            _log_unexpected(exc, "reading ops")
+            return self.session.abort(Status.INTERNAL, f"could not read ops: {exc}")
+        return self.session.ops_fetched(ops)
+
+    async def _apply(self, effect: ApplyOps) -> list[Effect]:
+        try:
+            await self.replica.apply_remote(list(effect.ops))
+            vv = await self.replica.version_vector()
+        except Exception as exc:  # the session decides what each failure means
+            _log_unexpected(exc, "applying a batch")
+            return self.session.apply_failed(exc)
+        return self.session.ops_applied(vv)
+
+    async def _acknowledge(self, effect: Acknowledge) -> list[Effect]:
+        try:
+            await self.replica.acknowledge(effect.peer, effect.vv)
+        except Exception as exc:
+            _log_unexpected(exc, "recording an ack")
+            return self.session.abort(Status.INTERNAL, f"could not record ack: {exc}")
+        return []
+
+    async def _load_peer_ack(self, effect: LoadPeerAck) -> list[Effect]:
+        try:
+            record = await self.replica.peer_ack(effect.peer)
+        except Exception as exc:  # without the record, summaries go whole
+            if isinstance(exc, SyncfwError):
+                log.warning("no ack record of %s (%s); summaries go whole", effect.peer, exc)
+            else:
+                _log_unexpected(exc, "reading a peer's ack")
+            record = {}
+        return self.session.peer_ack_loaded(record)
+
+    async def _learn(self, effect: LearnPeers) -> list[Effect]:
+        self.learned.append(effect.peers)
+        if self._on_peers is not None:
+            try:
+                res = self._on_peers(effect.peers)
+                if inspect.isawaitable(res):
+                    await res
+            except Exception:  # membership bookkeeping must not end the exchange
+                log.exception("handling peers gossiped by %s failed", self.session.peer_id)
+        return []
+
+    async def _end(self, effect: End) -> list[Effect]:
+        if self._on_end is not None:
+            self._on_end(effect.status, effect.reason)
+        return []

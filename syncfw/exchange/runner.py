@@ -1,0 +1,381 @@
+"""Runs one exchange over a transport's byte stream: the performer, a reader, a deadline.
+
+Invariants:
+
+1. Frames are encoded and decoded here, once (:mod:`syncfw.transport.wire`);
+   the stream carries bytes only. A peer's bytes that are not a frame end the
+   exchange ``INVALID_ARGUMENT``.
+2. A separate task reads the stream into a bounded, typed queue
+   (:data:`Incoming`: a frame, a link failure, or the end of the stream), so
+   two peers both sending never deadlock on flow control. The session's window
+   bounds what an honest peer has outstanding; the queue holds twice that plus
+   the control frames, and beyond it the reader waits, which is the
+   transport's backpressure on the peer.
+3. Effects are performed by the one :class:`~syncfw.exchange.performer.Performer`
+   in the order the session emitted them, each answer fed back before the next
+   frame is.
+4. Every exchange ends with exactly one :class:`ExchangeOutcome`, one log line
+   and, with ``metrics``, one record in the node's registry; failures of the
+   peer, the link or the batch never raise out of :func:`run_exchange` (only
+   cancellation does), so a node keeps serving its other peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from syncfw.errors import DecodeError
+from syncfw.exchange.performer import OnPeers, Performer
+from syncfw.log import Replica
+from syncfw.metrics import NodeMetrics
+from syncfw.sync import Close, Effect, Frame, PeerInfo, Session, SessionConfig, Status
+from syncfw.transport.base import FrameStream, LinkError
+from syncfw.transport.wire import decode_frame, encode_frame
+
+__all__ = [
+    "ExchangeOutcome",
+    "ExchangeRunner",
+    "FrameIn",
+    "Incoming",
+    "LinkFailed",
+    "SendBudget",
+    "StreamEnded",
+    "run_exchange",
+]
+
+log = logging.getLogger("syncfw.sync")
+
+_CONTROL_FRAMES = 8  # Hello, Peers, Digest, up to two Summaries, the last Ops, Close, slack
+_SEND_FAILED_WAIT_S = 1.0  # after a failed write the read side ends soon: wait that long for it
+
+
+class SendBudget(Protocol):
+    """A per-peer bandwidth budget: :meth:`spend` waits until ``n`` bytes may go."""
+
+    async def spend(self, n: int) -> None:
+        """Wait until ``n`` more bytes may be sent to this peer, then count them."""
+        ...
+
+
+# -- the receive queue's items ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FrameIn:
+    """A frame the peer sent."""
+
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFailed:
+    """The link failed, the peer ended with an error status, or sent bytes that are no frame."""
+
+    status: Status
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnded:
+    """The peer finished its side cleanly."""
+
+
+Incoming = FrameIn | LinkFailed | StreamEnded
+"""What the reader hands the runner, in arrival order."""
+
+
+@dataclass(slots=True)
+class ExchangeOutcome:
+    """How one exchange ended.
+
+    Attributes:
+        status: the end status (``OK`` when both sides are in sync).
+        reason: why it ended.
+        peer_id: the peer's node id, if it said hello.
+        ops_sent: ops this side sent.
+        ops_received: ops this side applied from the peer.
+        bytes_sent: wire bytes this side sent.
+        frames_sent: frames this side sent.
+        bytes_received: wire bytes this side read from the peer.
+        frames_received: frames this side read from the peer.
+        duration_s: wall time of the exchange.
+        learned: peer lists the peer gossiped.
+        peer_clock_offset_ms: how far the peer's clock was ahead of ours at
+            hello (see :attr:`Session.peer_clock_offset_ms`).
+    """
+
+    status: Status
+    reason: str
+    peer_id: str | None = None
+    ops_sent: int = 0
+    ops_received: int = 0
+    bytes_sent: int = 0
+    frames_sent: int = 0
+    bytes_received: int = 0
+    frames_received: int = 0
+    duration_s: float = 0.0
+    learned: list[tuple[PeerInfo, ...]] = field(default_factory=list)
+    peer_clock_offset_ms: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True if the exchange ended in sync."""
+        return self.status is Status.OK
+
+
+class _StreamLink:
+    """The performer's link: encode, write, charge the budget."""
+
+    __slots__ = ("budget", "stream")
+
+    def __init__(self, stream: FrameStream, budget: SendBudget | None) -> None:
+        self.stream = stream
+        self.budget = budget
+
+    async def send(self, frame: Frame) -> int:
+        data = encode_frame(frame)
+        await self.stream.send(data)
+        if self.budget is not None:
+            await self.budget.spend(len(data))
+        return len(data)
+
+
+class ExchangeRunner:
+    """One exchange of ``session`` over ``stream``; :meth:`run` it once.
+
+    Args:
+        replica: the local replica whose ops are sent and into which the
+            peer's are applied.
+        stream: an open byte stream to the peer (either side of it).
+        session: the (not yet started) session to run.
+        budget: per-peer bandwidth budget charged for every frame sent.
+        on_peers: called with each member list the peer gossips.
+    """
+
+    def __init__(
+        self,
+        replica: Replica,
+        stream: FrameStream,
+        session: Session,
+        *,
+        budget: SendBudget | None = None,
+        on_peers: OnPeers | None = None,
+    ) -> None:
+        self.replica = replica
+        self.stream = stream
+        self.session = session
+        self.performer = Performer(
+            session,
+            replica,
+            _StreamLink(stream, budget),
+            on_peers=on_peers,
+            on_send_error=self._send_failed,
+        )
+        size = 2 * session.config.window + _CONTROL_FRAMES
+        self.queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=size)
+        self.bytes_received = 0
+        self.frames_received = 0
+        self._reader: asyncio.Task[None] | None = None
+        self._started = time.monotonic()
+
+    async def run(self, *, timeout_s: float | None = None) -> ExchangeOutcome:
+        """Run the exchange to its end.
+
+        Args:
+            timeout_s: the whole exchange's deadline; past it the exchange ends
+                with ``DEADLINE_EXCEEDED`` (what was applied stays applied).
+
+        Returns:
+            How the exchange ended. Never raises for a peer's, the link's or a
+            batch's failure; cancellation ends it ``CANCELLED`` and propagates.
+        """
+        if self._reader is not None:
+            raise RuntimeError("an ExchangeRunner runs once")
+        self._started = time.monotonic()
+        session, performer = self.session, self.performer
+        self._reader = asyncio.create_task(
+            self._read(), name=f"syncfw-recv-{self.stream.peer_address}"
+        )
+        status: Status | None = None
+        reason = ""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await performer.start()
+                while not session.ended:
+                    item = await self.queue.get()
+                    if isinstance(item, FrameIn):
+                        await performer.receive(item.frame)
+                    elif isinstance(item, LinkFailed):
+                        await performer.abort(item.status, item.reason)
+                    else:
+                        await performer.abort(Status.ABORTED, "peer hung up mid-exchange")
+        except TimeoutError:
+            reason = f"exchange took over {timeout_s}s"
+            # telling the peer must not hang on a peer that stopped reading
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SEND_FAILED_WAIT_S):
+                    await performer.abort(Status.DEADLINE_EXCEEDED, reason)
+            status = Status.DEADLINE_EXCEEDED
+        finally:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            if status is None:
+                if session.status is None:  # cancelled from outside
+                    session.abort(Status.CANCELLED, "exchange cancelled")
+                status = session.status if session.status is not None else Status.CANCELLED
+                reason = session.reason
+            await self.stream.close(status, reason)
+        return self._outcome(status, reason)
+
+    def _outcome(self, status: Status, reason: str) -> ExchangeOutcome:
+        session, performer = self.session, self.performer
+        return ExchangeOutcome(
+            status,
+            reason,
+            peer_id=session.peer_id,
+            ops_sent=session.ops_sent,
+            ops_received=session.ops_received,
+            bytes_sent=performer.bytes_sent,
+            frames_sent=performer.frames_sent,
+            bytes_received=self.bytes_received,
+            frames_received=self.frames_received,
+            duration_s=time.monotonic() - self._started,
+            learned=performer.learned,
+            peer_clock_offset_ms=session.peer_clock_offset_ms,
+        )
+
+    async def _read(self) -> None:
+        """Move the peer's frames into the queue until the stream ends or fails."""
+        stream, queue = self.stream, self.queue
+        try:
+            while True:
+                data = await stream.recv()
+                if data is None:
+                    await queue.put(StreamEnded())
+                    return
+                self.frames_received += 1
+                self.bytes_received += len(data)
+                try:
+                    frame = decode_frame(data)
+                except DecodeError as exc:
+                    await queue.put(LinkFailed(Status.INVALID_ARGUMENT, f"malformed frame: {exc}"))
+                    return
+                await queue.put(FrameIn(frame))
+        except LinkError as exc:
+            await queue.put(LinkFailed(exc.status, exc.reason))
+        except Exception as exc:  # a transport bug must end the exchange, not hang it
+            log.exception("receiving from %s failed", stream.peer_address)
+            await queue.put(LinkFailed(Status.INTERNAL, f"receive failed: {exc!r}"))
+
+    async def _send_failed(self, exc: LinkError) -> list[Effect]:
+        """A write failed: the peer has likely ended the call; prefer its reason."""
+        reader = self._reader
+        if reader is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_SEND_FAILED_WAIT_S):
+                    await asyncio.shield(reader)
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, FrameIn) and isinstance(item.frame, Close):
+                return self.session.receive(item.frame)
+            if isinstance(item, LinkFailed):
+                return self.session.abort(item.status, item.reason)
+        return self.session.abort(exc.status, f"send failed: {exc.reason}")
+
+
+def _record(metrics: NodeMetrics, out: ExchangeOutcome) -> None:
+    """One exchange's figures, in the node's registry (invariant 4)."""
+    node = metrics.node_id
+    metrics.exchanges.labels(node, out.status.name).inc()
+    metrics.exchange_seconds.labels(node).observe(out.duration_s)
+    metrics.wire_bytes.labels(node, "in").inc(out.bytes_received)
+    metrics.wire_bytes.labels(node, "out").inc(out.bytes_sent)
+    metrics.exchange_ops.labels(node, "sent").inc(out.ops_sent)
+    metrics.exchange_ops.labels(node, "received").inc(out.ops_received)
+
+
+def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) -> None:
+    if out.ok:
+        level = logging.DEBUG
+    elif out.status is Status.CANCELLED:
+        level = logging.INFO
+    else:
+        level = logging.WARNING
+    log.log(
+        level,
+        "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d",
+        replica.node_id,
+        out.peer_id or "?",
+        stream.peer_address,
+        out.status.name,
+        out.reason,
+        out.ops_sent,
+        out.ops_received,
+    )
+
+
+async def run_exchange(
+    replica: Replica,
+    stream: FrameStream,
+    *,
+    config: SessionConfig | None = None,
+    peers: Sequence[PeerInfo] = (),
+    expect_peer: str | None = None,
+    budget: SendBudget | None = None,
+    on_peers: OnPeers | None = None,
+    timeout_s: float | None = None,
+    metrics: NodeMetrics | None = None,
+) -> ExchangeOutcome:
+    """Run one exchange over ``stream`` to its end.
+
+    Args:
+        replica: the local replica whose ops are sent and into which the
+            peer's are applied.
+        stream: an open byte stream to the peer (either side of it).
+        config: session tunables.
+        peers: a member list to gossip to the peer.
+        expect_peer: refuse a peer that says hello under another node id
+            (defaults to the id the link authenticated, under mTLS).
+        budget: per-peer bandwidth budget charged for every frame sent.
+        on_peers: called with each member list the peer gossips.
+        timeout_s: the whole exchange's deadline; past it the exchange ends
+            with ``DEADLINE_EXCEEDED`` (what was applied stays applied).
+        metrics: the node's registry; the exchange's outcome, duration, wire
+            bytes and ops are recorded there when it ends.
+
+    Returns:
+        How the exchange ended. Never raises for a peer's, the link's or a
+        batch's failure (only cancellation propagates, after recording).
+    """
+    session = Session(
+        replica.node_id,
+        replica.fleet_id,
+        hlc=replica.hlc_now(),
+        config=config,
+        peers=peers,
+        expect_peer=expect_peer if expect_peer is not None else stream.peer_identity,
+    )
+    runner = ExchangeRunner(replica, stream, session, budget=budget, on_peers=on_peers)
+    try:
+        out = await runner.run(timeout_s=timeout_s)
+    except asyncio.CancelledError:
+        out = runner._outcome(Status.CANCELLED, "exchange cancelled")
+        _finish(replica, stream, out, metrics)
+        raise
+    _finish(replica, stream, out, metrics)
+    return out
+
+
+def _finish(
+    replica: Replica, stream: FrameStream, out: ExchangeOutcome, metrics: NodeMetrics | None
+) -> None:
+    _log_outcome(replica, stream, out)
+    if metrics is not None:
+        _record(metrics, out)

@@ -1,11 +1,16 @@
-"""The composition root: :class:`Node` wires the store, zones and CRDT handles together.
+"""The composition root: :class:`Node` wires the store, zones, mesh and metrics together.
 
 A node keeps working alone: every write lands in its own SQLite file, stamped
 by its hybrid logical clock, checked against its zones, and becomes an op any
 other replica can merge (:meth:`Node.ops_since` / :meth:`Node.apply_remote`,
 which the sync protocol uses and which work without any network too).
 
-May import: everything below it (store, zones, crdt, log, clock, errors).
+A node owns one :class:`~syncfw.metrics.NodeMetrics` (``node.metrics``): the
+store, the mesh, every exchange and an attached inference engine record into
+it; ``/metrics`` (:meth:`Node.serve_metrics`) and :meth:`Node.status` read it.
+
+May import: everything below it (mesh, exchange, transport, store, sync,
+codec, zones, keys, log, crdt, clock, metrics, errors).
 """
 
 from __future__ import annotations
@@ -19,12 +24,13 @@ from typing import Any
 
 import pycrdt
 
-from syncfw.clock import wall_ms
+from syncfw.clock import NtpResult, check_ntp, wall_ms
 from syncfw.crdt import COUNTER, MVREG, ORSET, YDOC
 from syncfw.crdt.lww import TOMBSTONE
-from syncfw.errors import NotAuthorityError, ZoneOwnershipError
+from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
 from syncfw.mesh import Mesh, MeshConfig
+from syncfw.metrics import NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
 from syncfw.store import ChangeFeed, Store, StoreConfig
 from syncfw.store.follow import Follow
 from syncfw.transport.network import GrpcNetwork, Network
@@ -43,8 +49,11 @@ class Node:
     It implements :class:`syncfw.log.Replica`.
     """
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, metrics: NodeMetrics | None = None) -> None:
         self._store = store
+        self.metrics: NodeMetrics = metrics if metrics is not None else NodeMetrics(store.node_id)
+        """This node's registry (what ``/metrics`` serves and :meth:`status` reads)."""
+        self._metrics_servers: list[MetricsServer] = []
         self._docs: dict[str, pycrdt.Doc[Any]] = {}
         self._doc_writes: set[asyncio.Task[Op]] = set()
         self._applying_remote = False
@@ -318,6 +327,7 @@ class Node:
         advertise: str | None = None,
         tls: TlsConfig | None = None,
         network: Network | None = None,
+        metrics: str | None = None,
     ) -> Mesh:
         """Join the fleet mesh: serve gRPC on ``listen`` and gossip with ``peers``.
 
@@ -334,22 +344,93 @@ class Node:
             advertise: the address other nodes should dial, if not ``listen``.
             tls: mutual TLS (the peer's node id comes from its certificate).
             network: another transport (the in-memory one, in tests).
+            metrics: ``host:port`` to serve ``/metrics`` on as well (see
+                :meth:`serve_metrics`); None serves none.
 
         Returns:
-            The running mesh (``mesh.address``, ``mesh.status()``).
+            The running mesh (``mesh.address``, ``mesh.status()``). A node's
+            meshes share its registry: exchange counters add up over them,
+            and the peer gauges are those of the mesh whose table changed last.
+
+        Raises:
+            LinkError: ``listen`` cannot be bound.
+            OSError: the metrics port cannot be bound (no mesh is left running).
         """
-        mesh = await Mesh.start(
-            self,
-            listen=listen,
-            advertise=advertise,
-            seeds=list(peers),
-            config=config or MeshConfig.lan(),
-            network=network or GrpcNetwork(TransportConfig(tls=tls)),
-            changes=self.changes,
-        )
+        config = config or MeshConfig.lan()
+        server = self.serve_metrics(metrics) if metrics is not None else None
+        try:
+            mesh = await Mesh.start(
+                self,
+                listen=listen,
+                advertise=advertise,
+                seeds=list(peers),
+                config=config,
+                network=network
+                or GrpcNetwork(
+                    TransportConfig(tls=tls, connect_timeout_s=config.connect_timeout_s)
+                ),
+                changes=self.changes,
+                metrics=self.metrics,
+            )
+        except BaseException:
+            if server is not None:
+                self._metrics_servers.remove(server)
+                await asyncio.to_thread(server.close)
+            raise
         self._meshes.append(mesh)
         self.add_status_source("mesh" if len(self._meshes) == 1 else f"mesh{len(self._meshes)}", mesh.status)
         return mesh
+
+    @property
+    def metrics_servers(self) -> tuple[MetricsServer, ...]:
+        """The running ``/metrics`` endpoints (``server.address``)."""
+        return tuple(self._metrics_servers)
+
+    def serve_metrics(self, address: str = "127.0.0.1:9109") -> MetricsServer:
+        """Serve this node's registry at ``http://address/metrics`` until :meth:`close`.
+
+        The server runs on its own thread; a mesh is not needed.
+
+        Args:
+            address: ``host:port`` (port 0: any free port; see ``.address``).
+
+        Returns:
+            The running server (``server.address`` is where it listens).
+
+        Raises:
+            ValueError: ``address`` is not ``host:port``.
+            OSError: the port cannot be bound.
+        """
+        server = serve_metrics(self.metrics, address)
+        self._metrics_servers.append(server)
+        log.info("%s serves /metrics on %s", self.node_id, server.address)
+        return server
+
+    async def check_clock(
+        self, servers: Sequence[str] = ("pool.ntp.org",), *, port: int = 123, timeout_s: float = 2.0
+    ) -> NtpResult:
+        """Measure this node's clock against NTP and record it as ``clock_offset_ms{source=ntp}``.
+
+        Runs :func:`syncfw.clock.check_ntp` in a thread.
+
+        Args:
+            servers: NTP servers, tried in order until one answers.
+            port: their UDP port.
+            timeout_s: per-server timeout.
+
+        Returns:
+            The measurement (``offset_s`` positive: the server is ahead of us).
+
+        Raises:
+            ClockError: no server answered (the last recorded offset is kept).
+        """
+        try:
+            result = await asyncio.to_thread(check_ntp, servers, port=port, timeout_s=timeout_s)
+        except ClockError as exc:
+            log.warning("%s: clock not checked: %s", self.node_id, exc)
+            raise
+        self.metrics.set_clock_offset(NTP_SOURCE, result.offset_s * 1000.0)
+        return result
 
     # ----------------------------------------------------------------- feed, status, upkeep
 
@@ -412,18 +493,28 @@ class Node:
         self._status_sources[name] = fn
 
     async def status(self) -> dict[str, Any]:
-        """A snapshot of this node's health: clock, log, zones, and attached sources."""
+        """A snapshot of this node's health: clock, log, zones, and attached sources.
+
+        Its figures come from :attr:`metrics`, as ``/metrics`` does: the
+        ``"metrics"`` section holds every family (counters since this process
+        opened the node, gauges as they are now); ``pending`` (ops held back)
+        and ``file_bytes`` are the same gauges summed. ``ops``, ``keys`` and
+        ``rejected`` are what the file holds, across restarts.
+        """
         st = await self._store.stats()
+        figures = self.metrics.snapshot()
         out: dict[str, Any] = {
             "node_id": self.node_id,
             "fleet_id": self.fleet_id,
             "hlc": self._store.clock.last,
             "version_vector": self._store.version_vector,
-            "pending": sum(len(d) for d in self._store.pending().values()),
+            "pending": sum(figures["ops_pending"].values()),
             "rejected": st.rejected,
             "ops": st.ops,
             "keys": st.keys,
-            "file_bytes": st.file_bytes,
+            "file_bytes": figures["storage_bytes"],
+            "clock_offset_ms": figures["clock_offset_ms"],
+            "metrics": figures,
         }
         for name, fn in self._status_sources.items():
             try:
@@ -445,9 +536,14 @@ class Node:
         return await self._store.compact()
 
     async def close(self) -> None:
-        """Leave the mesh, wait for pending document edits, close the store. Idempotent."""
+        """Leave the mesh, stop serving metrics, wait for pending edits, close the store.
+
+        Idempotent.
+        """
         while self._meshes:
             await self._meshes.pop().aclose()
+        while self._metrics_servers:  # shutdown() waits on the server's thread
+            await asyncio.to_thread(self._metrics_servers.pop().close)
         if self._doc_writes:
             await asyncio.gather(*list(self._doc_writes), return_exceptions=True)
         await self._store.aclose()
@@ -480,8 +576,11 @@ class _Opening:
 
     async def _open(self) -> Node:
         cls, path, node_id, fleet, config, clock = self._args
-        store = await Store.open(path, node_id=node_id, fleet=fleet, wall=clock, config=config)
-        return cls(store)
+        metrics = NodeMetrics(node_id)
+        store = await Store.open(
+            path, node_id=node_id, fleet=fleet, wall=clock, config=config, metrics=metrics
+        )
+        return cls(store, metrics)
 
     def __await__(self) -> Generator[Any, None, Node]:
         return self._open().__await__()

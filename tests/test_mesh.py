@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,26 +21,11 @@ from syncfw.mesh import (
     model_value,
     read_fleet_models,
 )
+from syncfw.node import Node
 from syncfw.sync import PeerInfo
-from syncfw.testing.memory import MemoryReplica
+from syncfw.testing import MemoryReplica, wait_until
 from syncfw.transport.memory import MemoryNetwork
 from syncfw.transport.network import InMemoryNetwork
-
-
-async def _until(cond: Callable[[], Awaitable[bool] | bool], timeout_s: float = 10.0) -> None:
-    """Poll ``cond`` until true or fail at the deadline (no fixed sleeps)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while True:
-        res = cond()
-        if not isinstance(res, bool):
-            res = await res
-        if res:
-            return
-        if loop.time() > deadline:
-            raise AssertionError("condition not met before the deadline")
-        await asyncio.sleep(0.01)
-
 
 # -- membership (pure) --------------------------------------------------------------
 
@@ -202,7 +187,10 @@ async def test_running_loop_with_eager_push_over_grpc() -> None:
             assert (await m.sync_with(first.address)).ok
         replicas[0].put("fleet/g0/fresh", 42)
         first.poke()
-        await _until(lambda: all(r.get("fleet/g0/fresh") == 42 for r in replicas))
+        await wait_until(
+            lambda: all(r.get("fleet/g0/fresh") == 42 for r in replicas),
+            what="the pushed write on every replica",
+        )
     finally:
         for m in meshes:
             await m.aclose()
@@ -229,21 +217,17 @@ async def test_changes_feed_triggers_push() -> None:
     try:
         assert (await ma.sync_with("b")).ok
         a.put("fleet/a/k", "v")
-        await _until(lambda: b.get("fleet/a/k") == "v")
+        await wait_until(lambda: b.get("fleet/a/k") == "v", what="the change-feed push to reach b")
     finally:
         await ma.aclose()
         await mb.aclose()
 
 
 async def test_mesh_with_real_nodes(tmp_path: Path) -> None:
-    node_mod = pytest.importorskip("syncfw.node")
     from syncfw.zones import Fleet
 
     fleet = Fleet(fleet_id="f")
-    nodes = [
-        await node_mod.Node.open(tmp_path / f"{i}.db", node_id=f"r{i}", fleet=fleet)
-        for i in range(3)
-    ]
+    nodes = [await Node.open(tmp_path / f"{i}.db", node_id=f"r{i}", fleet=fleet) for i in range(3)]
     net = MemoryNetwork()
     meshes = [
         await Mesh.start(
@@ -391,7 +375,10 @@ async def test_a_push_to_a_busy_peer_is_repeated_when_it_is_free() -> None:
     before = a.outcomes.get("OK", 0)
     await a.sync_with("n0")  # the running exchange ends ... and the push follows it
     assert "n0" not in a._repush
-    await _until(lambda: not a._spawned and a.outcomes.get("OK", 0) == before + 2)
+    await wait_until(
+        lambda: not a._spawned and a.outcomes.get("OK", 0) == before + 2,
+        what="the repeated push to finish",
+    )
     assert replicas[0].get("fleet/n1/late") == 1
     for m in meshes:
         await m.aclose()
@@ -415,10 +402,57 @@ async def test_peer_clock_offsets_are_measured_and_a_large_one_is_logged(
         with caplog.at_level(logging.WARNING, logger="syncfw.mesh"):
             assert (await ma.sync_with("b")).ok
         assert ma.status()["clock_offsets_ms"] == {"b": 2_000}
-        await _until(
-            lambda: mb.clock_offsets_ms == {"a": -2_000}
-        )  # the serving side ends just after
+        await wait_until(  # the serving side ends just after
+            lambda: mb.clock_offsets_ms == {"a": -2_000}, what="b's measure of a's offset"
+        )
         assert any("+2000 ms off" in r.getMessage() for r in caplog.records)
     finally:
         await ma.aclose()
         await mb.aclose()
+
+
+# -- dialing is bounded by connect_timeout_s ------------------------------------------
+
+
+async def test_a_dial_gives_up_after_connect_timeout_not_the_exchange_timeout() -> None:
+    from syncfw.sync import Status
+    from syncfw.transport.base import FrameStream
+
+    class BlackHole(InMemoryNetwork):
+        """A network whose dials never complete (a peer behind a dropping firewall)."""
+
+        def __init__(self) -> None:
+            super().__init__(MemoryNetwork())
+            self.dial_deadlines: list[float] = []
+
+        async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+            self.dial_deadlines.append(timeout_s)
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+    net = BlackHole()
+    cfg = MeshConfig.test().with_(connect_timeout_s=0.05, exchange_timeout_s=60.0)
+    mesh = await Mesh.start(
+        MemoryReplica("a"), listen=None, seeds=["b"], network=net, config=cfg, run_loop=False
+    )
+    try:
+        async with asyncio.timeout(30):  # bounds a hang only: 60 s would be the bug
+            out = await mesh.sync_with("b")
+        assert out.status is Status.UNAVAILABLE
+        assert out.reason == "b: no connection in 0.05s"
+        assert net.dial_deadlines == [60.0]  # the stream's own deadline stays the exchange's
+        assert mesh.membership.members["b"].failures == 1
+        assert mesh.outcomes == {}  # no exchange ran
+    finally:
+        await mesh.aclose()
+
+
+async def test_node_serve_dials_grpc_with_the_presets_connect_timeout(tmp_path: Path) -> None:
+    from syncfw.transport.network import GrpcNetwork
+    from syncfw.zones import Fleet
+
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=Fleet(fleet_id="f")) as node:
+        mesh = await node.serve("127.0.0.1:0", config=MeshConfig.metered_link())
+        assert isinstance(mesh.network, GrpcNetwork)
+        # the channel-ready wait of the pool, not only the mesh's own bound
+        assert mesh.network.config.connect_timeout_s == 15.0

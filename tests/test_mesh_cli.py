@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from syncfw.cli import node_cmd
+from syncfw.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,6 @@ def test_verb_has_help_for_every_option(capsys: pytest.CaptureFixture[str]) -> N
 
 
 async def test_two_cli_nodes_sync_and_stop_cleanly(tmp_path: Path) -> None:
-    pytest.importorskip("syncfw.node")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = []
     try:
@@ -90,15 +90,12 @@ async def test_two_cli_nodes_sync_and_stop_cleanly(tmp_path: Path) -> None:
             except (OSError, ValueError):
                 return None
 
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 20
-        while True:  # the two nodes find each other through the seed and exchange
+        def found_each_other() -> bool:  # through the seed, and exchanged
             s1, s2 = status("c1"), status("c2")
             members: dict[str, dict[str, str]] = s1["mesh"]["members"] if s1 and s2 else {}  # type: ignore[index]
-            if any(m["state"] == "alive" and m["node_id"] == "c2" for m in members.values()):
-                break
-            assert loop.time() < deadline, (s1, s2)
-            await asyncio.sleep(0.05)
+            return any(m["state"] == "alive" and m["node_id"] == "c2" for m in members.values())
+
+        await wait_until(found_each_other, timeout_s=20, what="c1 to see c2 alive", interval_s=0.05)
     finally:
         for proc in procs:
             if proc.returncode is None:
@@ -106,3 +103,63 @@ async def test_two_cli_nodes_sync_and_stop_cleanly(tmp_path: Path) -> None:
         for proc in procs:
             async with asyncio.timeout(15):
                 assert await proc.wait() == 0
+
+
+async def test_a_cli_node_serves_metrics(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["node", "serve", "--help"])
+    assert "--metrics HOST:PORT" in capsys.readouterr().out
+
+    def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+
+    args = [
+        sys.executable,
+        "-c",
+        "import argparse, sys; from syncfw.cli import node_cmd;"
+        "p = argparse.ArgumentParser(); node_cmd.register(p.add_subparsers());"
+        "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))",
+        *("node", "serve", str(tmp_path / "m1.db"), "--id", "m1", "--preset", "test"),
+        *("--seed", "127.0.0.1:1", "--metrics", "127.0.0.1:0"),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=env, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(20):
+            assert (await proc.stdout.readline()).decode().startswith("listening ")
+            line = (await proc.stdout.readline()).decode()
+        assert line.startswith("metrics http://") and line.rstrip().endswith("/metrics")
+        url = line.split()[1]
+
+        async def seed_is_down() -> bool:  # nothing listens on port 1: the seed fails
+            got = await asyncio.to_thread(scrape, url)
+            peers = {
+                s: got.get(("syncfw_peers", (("node", "m1"), ("state", s))), -1.0)
+                for s in ("alive", "suspect", "dead")
+            }
+            return peers["alive"] == 0 and peers["suspect"] + peers["dead"] == 1
+
+        await wait_until(seed_is_down, what="the unreachable seed counted as suspect or dead")
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            assert await proc.wait() == 0
+    with pytest.raises(urllib.error.URLError):  # the endpoint stopped with the node
+        await asyncio.to_thread(scrape, url)

@@ -9,16 +9,19 @@ a configured skew), stays silent, or answers garbage. All traffic is on
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Literal
 
 import ntplib
 import pytest
 
+from syncfw import Fleet, Node
 from syncfw.clock import NtpResult, check_ntp
 from syncfw.errors import ClockError, SyncfwError
 
@@ -219,3 +222,33 @@ def test_no_answer_at_all_raises_clock_error_quickly(responders: Factory) -> Non
 def test_no_servers_raises_clock_error() -> None:
     with pytest.raises(ClockError, match="no servers given"):
         check_ntp([], port=1)
+
+
+# -- a node records what it measured ---------------------------------------------------
+
+
+async def test_a_node_records_its_ntp_offset(responders: Factory, tmp_path: Path) -> None:
+    server = responders("answer", skew_s=2.5)
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=Fleet(fleet_id="f")) as node:
+        result = await node.check_clock(["127.0.0.1"], port=server.port, timeout_s=2.0)
+        assert result.offset_s == pytest.approx(2.5, abs=TOLERANCE_S)
+        recorded = node.metrics.value("syncfw_clock_offset_ms", source="ntp")
+        assert recorded == pytest.approx(result.offset_s * 1000)
+        st = await node.status()
+        assert st["clock_offset_ms"] == {"ntp": recorded}
+        assert st["metrics"]["clock_offset_ms"] == {"ntp": recorded}
+
+
+async def test_a_failed_check_keeps_the_last_offset_and_warns(
+    responders: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = responders("answer", skew_s=-1.0)
+    silent = responders("silent")
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=Fleet(fleet_id="f")) as node:
+        await node.check_clock(["127.0.0.1"], port=good.port)
+        before = node.metrics.value("syncfw_clock_offset_ms", source="ntp")
+        with caplog.at_level(logging.WARNING, logger="syncfw.node"), pytest.raises(ClockError):
+            await node.check_clock(["127.0.0.1"], port=silent.port, timeout_s=0.2)
+        assert node.metrics.value("syncfw_clock_offset_ms", source="ntp") == before
+        assert before == pytest.approx(-1000, abs=TOLERANCE_S * 1000)
+        assert any("clock not checked" in r.getMessage() for r in caplog.records)

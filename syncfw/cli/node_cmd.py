@@ -65,6 +65,12 @@ def register(sub: Any) -> None:
         help="write status JSON here every --status-every seconds (atomically)",
     )
     s.add_argument("--status-every", type=float, default=1.0, help="seconds between status writes")
+    s.add_argument(
+        "--metrics",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: any free port)",
+    )
     s.set_defaults(func=run)
 
 
@@ -108,12 +114,16 @@ async def serve(args: argparse.Namespace) -> int:
             print("syncfw node: --ca, --cert and --key go together")
             return 2
         tls = TlsConfig.from_files(args.ca, args.cert, args.key)
-    network = GrpcNetwork(TransportConfig(http_proxy=args.proxy, tls=tls))
+    network = GrpcNetwork(
+        TransportConfig(http_proxy=args.proxy, tls=tls, connect_timeout_s=config.connect_timeout_s)
+    )
     async with Node.open(args.db, node_id=args.node_id, fleet=fleet_of(args)) as node:
         mesh = await node.serve(
             args.listen, args.seed, config=config, advertise=args.advertise, network=network
         )
         print(f"listening {mesh.listener.address if mesh.listener else '-'}", flush=True)
+        if args.metrics:
+            print(f"metrics http://{node.serve_metrics(args.metrics).address}/metrics", flush=True)
         while not stop.is_set():
             if args.status_file:
                 await write_status(Path(args.status_file), node, mesh)

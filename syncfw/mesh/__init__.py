@@ -5,8 +5,9 @@ failure handling (``membership``), per-peer bandwidth budgets (``budget``),
 configuration presets (``config``), the gossip scheduler with jitter, fanout and
 eager push (``mesh``), and the fleet-wide model-version view (``models``).
 
-Works on a :class:`~syncfw.log.Replica` only. May import: errors, log, zones,
-sync, transport. Must not import: store, node.
+Works on a :class:`~syncfw.log.Replica` only, and records its figures in the
+node's :class:`~syncfw.metrics.NodeMetrics`. May import: errors, metrics, log,
+keys, zones, sync, transport, exchange. Must not import: store, node.
 """
 
 from syncfw.mesh.budget import TokenBucket

@@ -9,6 +9,14 @@ Invariants:
 3. Randomness comes from one seeded :class:`random.Random`; the loop's timing
    from the event loop, so tests drive rounds with :meth:`Mesh.round` and never
    wait on wall time.
+4. The mesh's figures live in its node's :class:`~syncfw.metrics.NodeMetrics`
+   and nowhere else: the exchanges record outcomes, bytes and ops; the mesh
+   sets the peer gauges after every change of its member table, and each
+   peer's lag and clock offset after every exchange with it. Per-peer series
+   exist only for node ids in the member table, and go when they leave it.
+   :meth:`Mesh.status` reads them back, so it and ``/metrics`` agree.
+5. Dialing a peer takes at most ``config.connect_timeout_s``; the exchange
+   that follows, at most ``config.exchange_timeout_s``.
 """
 
 from __future__ import annotations
@@ -22,18 +30,27 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from syncfw.errors import SyncfwError
-from syncfw.log import Replica
+from syncfw.exchange import ExchangeOutcome, SendBudget, run_exchange
+from syncfw.log import Replica, VersionVector
 from syncfw.mesh.budget import TokenBucket
 from syncfw.mesh.config import MeshConfig
 from syncfw.mesh.membership import Member, Membership, MemberState
+from syncfw.metrics import PEER_SOURCE, NodeMetrics
 from syncfw.sync.frames import PeerInfo, Status
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.network import GrpcNetwork, Listener, Network
-from syncfw.exchange import ExchangeOutcome, SendBudget, run_exchange
 
 __all__ = ["Mesh"]
 
 log = logging.getLogger("syncfw.mesh")
+
+_STATES = tuple(s.value for s in MemberState)
+_UNLABELLED_WARNINGS = 256  # distinct non-member peer ids warned about, at most
+
+
+def lag_ops(ours: VersionVector, acked: VersionVector) -> int:
+    """Ops held in ``ours`` that ``acked`` (a peer's last acknowledgement) lacks."""
+    return sum(max(0, seq - acked.get(origin, 0)) for origin, seq in ours.items())
 
 
 class Mesh:
@@ -47,8 +64,10 @@ class Mesh:
         membership: Membership,
         config: MeshConfig,
         rng: random.Random,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.replica = replica
+        self.metrics = metrics if metrics is not None else NodeMetrics(replica.node_id)
         self.network = network
         self.listener = listener
         self.membership = membership
@@ -63,11 +82,9 @@ class Mesh:
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         self._exchanges = 0
+        self._labelled: set[str] = set()  # peer ids with per-peer series
+        self._warned: set[str] = set()
         self.rounds = 0
-        self.outcomes: dict[str, int] = {}
-        self.ops_sent = 0
-        self.ops_received = 0
-        self.clock_offsets_ms: dict[str, int] = {}
 
     @classmethod
     async def start(
@@ -82,6 +99,7 @@ class Mesh:
         changes: Callable[[], AsyncIterator[Any]] | None = None,
         seed: int | None = None,
         run_loop: bool = True,
+        metrics: NodeMetrics | None = None,
     ) -> Mesh:
         """Join the mesh: listen, learn peers from ``seeds``, gossip every interval.
 
@@ -98,6 +116,7 @@ class Mesh:
                 local writes then trigger an eager push.
             seed: seeds the mesh's randomness (peer choice, jitter).
             run_loop: False to drive rounds by hand with :meth:`round`.
+            metrics: the node's registry (``node.metrics``); a fresh one if None.
 
         Returns:
             The running mesh.
@@ -107,7 +126,9 @@ class Mesh:
         """
         cfg = config or MeshConfig.lan()
         net = network or GrpcNetwork()
-        mesh = cls(replica, net, None, Membership(replica.node_id, ""), cfg, random.Random(seed))
+        mesh = cls(
+            replica, net, None, Membership(replica.node_id, ""), cfg, random.Random(seed), metrics
+        )
         listener = await net.serve(listen, mesh._serve) if listen is not None else None
         address = advertise or (listener.address if listener is not None else "")
         mesh.listener = listener
@@ -119,6 +140,7 @@ class Mesh:
             dead_after_s=cfg.dead_after_s,
             dead_retry_s=cfg.dead_retry_s,
         )
+        mesh._publish_members()
         if run_loop:
             mesh._tasks.append(asyncio.create_task(mesh._loop(), name="syncfw-mesh-gossip"))
             if cfg.eager_push:
@@ -141,6 +163,7 @@ class Mesh:
         now = time.monotonic()
         self.membership.beat()
         self.membership.tick(now)
+        self._publish_members()
         self.rounds += 1
         chosen = [
             m
@@ -185,9 +208,7 @@ class Mesh:
         self._busy.add(address)
         try:
             try:
-                stream = await self.network.connect(
-                    address, source=self.address, timeout_s=self.config.exchange_timeout_s
-                )
+                stream = await self._dial(address)
             except LinkError as exc:
                 out = ExchangeOutcome(exc.status, exc.reason)
             else:
@@ -199,6 +220,7 @@ class Mesh:
                     budget=self._budget(address),
                     on_peers=self._learn,
                     timeout_s=self.config.exchange_timeout_s,
+                    metrics=self.metrics,
                 )
             await self._record(address, out)
             return out
@@ -211,6 +233,22 @@ class Mesh:
                 task.add_done_callback(self._spawned.discard)
 
     # -- internals ----------------------------------------------------------------
+
+    async def _dial(self, address: str) -> FrameStream:
+        """Open a stream to ``address`` within ``connect_timeout_s``.
+
+        Raises:
+            LinkError: ``UNAVAILABLE`` if it cannot be reached in time.
+        """
+        limit = self.config.connect_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                # timeout_s is the stream's own deadline: the whole exchange's
+                return await self.network.connect(
+                    address, source=self.address, timeout_s=self.config.exchange_timeout_s
+                )
+        except TimeoutError:
+            raise LinkError(Status.UNAVAILABLE, f"{address}: no connection in {limit}s") from None
 
     def _gossip_list(self) -> tuple[PeerInfo, ...]:
         self._exchanges += 1
@@ -230,22 +268,21 @@ class Mesh:
     def _learn(self, peers: tuple[PeerInfo, ...]) -> None:
         for m in self.membership.merge(peers, time.monotonic()):
             log.info("%s learned of %s at %s", self.replica.node_id, m.node_id, m.address)
+        self._publish_members()
 
     async def _record(self, address: str, out: ExchangeOutcome) -> None:
         now = time.monotonic()
-        self._note_clock(out)
-        self.outcomes[out.status.name] = self.outcomes.get(out.status.name, 0) + 1
-        self.ops_sent += out.ops_sent
-        self.ops_received += out.ops_received
         if out.ok:
             self.membership.succeeded(address, out.peer_id, now)
-            return
-        before = self.membership.members.get(address)
-        was = before.state if before is not None else None
-        state = self.membership.failed(address, now)
-        if state is MemberState.DEAD and was is not MemberState.DEAD:
-            log.info("%s: peer at %s is dead: %s", self.replica.node_id, address, out.reason)
-            await self.network.forget(address)  # drop its pooled channel until it is back
+        else:
+            before = self.membership.members.get(address)
+            was = before.state if before is not None else None
+            state = self.membership.failed(address, now)
+            if state is MemberState.DEAD and was is not MemberState.DEAD:
+                log.info("%s: peer at %s is dead: %s", self.replica.node_id, address, out.reason)
+                await self.network.forget(address)  # drop its pooled channel until it is back
+        self._publish_members()
+        await self._note_peer(out)
 
     async def _serve(self, stream: FrameStream) -> None:
         # the caller is not known before its Hello, so what this node sends while
@@ -262,28 +299,58 @@ class Mesh:
             budget=self._serve_budget,
             on_peers=self._learn,
             timeout_s=self.config.exchange_timeout_s,
+            metrics=self.metrics,
         )
-        self.outcomes[out.status.name] = self.outcomes.get(out.status.name, 0) + 1
-        self.ops_received += out.ops_received
-        self.ops_sent += out.ops_sent
-        self._note_clock(out)
         if out.ok and out.peer_id:  # a peer that dialed us is connected: push to it too
             for m in self.membership.members.values():
                 if m.node_id == out.peer_id:
                     self.membership.succeeded(m.address, out.peer_id, time.monotonic())
+            self._publish_members()
+        await self._note_peer(out)
 
-    def _note_clock(self, out: ExchangeOutcome) -> None:
-        """Keep each peer's clock offset (a health signal) and warn when it is large."""
-        if out.peer_id is None or out.peer_clock_offset_ms is None:
+    def _publish_members(self) -> None:
+        """Set the peer gauges from the member table; drop series of ids no longer in it."""
+        counts: dict[str, int] = {}
+        ids: set[str] = set()
+        for m in self.membership.members.values():
+            counts[m.state.value] = counts.get(m.state.value, 0) + 1
+            if m.node_id:
+                ids.add(m.node_id)
+        self.metrics.set_peers(counts, _STATES)
+        for gone in self._labelled - ids:
+            self.metrics.forget_peer(gone)
+        self._labelled &= ids
+
+    async def _note_peer(self, out: ExchangeOutcome) -> None:
+        """After an exchange: the peer's clock offset and lag (health signals)."""
+        peer = out.peer_id
+        if peer is None:
             return
-        self.clock_offsets_ms[out.peer_id] = out.peer_clock_offset_ms
-        if abs(out.peer_clock_offset_ms) > self.config.clock_warn_ms:
+        offset = out.peer_clock_offset_ms
+        if offset is not None and abs(offset) > self.config.clock_warn_ms:
             log.warning(
-                "%s: clock of peer %s is %+d ms off ours",
-                self.replica.node_id,
-                out.peer_id,
-                out.peer_clock_offset_ms,
+                "%s: clock of peer %s is %+d ms off ours", self.replica.node_id, peer, offset
             )
+        if not any(m.node_id == peer for m in self.membership.members.values()):
+            # per-peer series stay bounded by the member table; it learns the
+            # peer from the peer's own gossip, and the next exchange records it
+            if peer not in self._warned and len(self._warned) < _UNLABELLED_WARNINGS:
+                self._warned.add(peer)
+                log.warning(
+                    "%s: peer %s is not a member yet: its lag and clock offset are not recorded",
+                    self.replica.node_id,
+                    peer,
+                )
+            return
+        self._labelled.add(peer)
+        if offset is not None:
+            self.metrics.set_clock_offset(PEER_SOURCE + peer, offset)
+        try:
+            lag = lag_ops(await self.replica.version_vector(), await self.replica.peer_ack(peer))
+        except SyncfwError as exc:  # a closing store: the lag is unknown, not zero
+            log.warning("%s: lag of peer %s not measured: %s", self.replica.node_id, peer, exc)
+            return
+        self.metrics.set_peer_lag(peer, lag)
 
     def _interval(self) -> float:
         j = self.config.jitter
@@ -320,17 +387,51 @@ class Mesh:
                 continue
             return
 
+    # -- figures (read back from the registry: what /metrics shows) ---------------
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """Exchanges by how they ended (``{"OK": 3, "UNAVAILABLE": 1}``)."""
+        got = self.metrics.by_label("syncfw_exchanges_total", "outcome")
+        return {k: int(v) for k, v in sorted(got.items()) if v}
+
+    @property
+    def ops_sent(self) -> int:
+        """Ops sent to peers in exchanges."""
+        return int(self.metrics.value("syncfw_exchange_ops_total", direction="sent"))
+
+    @property
+    def ops_received(self) -> int:
+        """Ops received from peers in exchanges."""
+        return int(self.metrics.value("syncfw_exchange_ops_total", direction="received"))
+
+    @property
+    def clock_offsets_ms(self) -> dict[str, int]:
+        """Each member's clock offset against ours at its last hello, by node id."""
+        got = self.metrics.by_label("syncfw_clock_offset_ms", "source")
+        n = len(PEER_SOURCE)
+        return {k[n:]: int(v) for k, v in sorted(got.items()) if k.startswith(PEER_SOURCE)}
+
+    @property
+    def lag_ops(self) -> dict[str, int]:
+        """Each member's lag in ops as of the last exchange with it, by node id."""
+        got = self.metrics.by_label("syncfw_peer_lag_ops", "peer")
+        return {k: int(v) for k, v in sorted(got.items())}
+
     def status(self) -> dict[str, Any]:
-        """Mesh state for ``Node.status()``."""
+        """Mesh state for ``Node.status()``; its figures come from the node's registry."""
+        peers = self.metrics.by_label("syncfw_peers", "state")
         return {
             "address": self.address,
             "heartbeat": self.membership.heartbeat,
             "rounds": self.rounds,
             "members": self.membership.snapshot(),
-            "outcomes": dict(self.outcomes),
+            "peers": {state: int(peers.get(state, 0)) for state in _STATES},
+            "outcomes": self.outcomes,
             "ops_sent": self.ops_sent,
             "ops_received": self.ops_received,
-            "clock_offsets_ms": dict(self.clock_offsets_ms),
+            "clock_offsets_ms": self.clock_offsets_ms,
+            "lag_ops": self.lag_ops,
         }
 
     def members(self) -> list[Member]:

@@ -68,13 +68,8 @@ async def test_each_call_is_recorded_by_stage_and_outcome_as_the_latency_book_is
         assert count == entry["stages"][stage]["count"] == 6  # the same calls as the book
         want = sum(getattr(r.latency, f"{stage}_s") for r in results)
         assert total == pytest.approx(want, rel=1e-9, abs=1e-12)  # the same figures
-    assert (
-        m.value(
-            "syncfw_inference_seconds_sum",
-            model_sha256=sha, provider=CPU, stage="infer",
-        )
-        > 0
-    )
+    infer = {"model_sha256": sha, "provider": CPU, "stage": "infer"}
+    assert m.value("syncfw_inference_seconds_sum", **infer) > 0  # real figures, not zeros
     # And a scrape parses, with the node label on every inference sample.
     scraped = {f.name: f for f in text_string_to_metric_families(m.exposition().decode())}
     samples = scraped["syncfw_inference_calls"].samples

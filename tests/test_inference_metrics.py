@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest_inference import MODEL_PATH, canary
+from conftest_inference import MODEL_PATH, canary, node
 from prometheus_client.parser import text_string_to_metric_families
 
+from syncfw import Node
 from syncfw.inference import (
     CPU,
     Engine,
@@ -21,6 +22,8 @@ from syncfw.inference import (
 )
 from syncfw.log import Op
 from syncfw.metrics import NodeMetrics
+
+__all__ = ["node"]  # the fixture, imported so pytest finds it here
 
 STAGES = ("queue", "pre", "infer", "post")
 
@@ -115,3 +118,12 @@ async def test_a_sink_without_a_node_registry_records_in_the_book_only() -> None
         await engine.infer(x[:1])
         (entry,) = engine.latency_book().summary()
     assert entry["stages"]["total"]["count"] == 1
+
+
+async def test_a_real_node_is_a_metrics_host(node: Node) -> None:
+    assert isinstance(node, MetricsHost)
+    x, _ = canary()
+    async with Engine(node) as engine:
+        info = await engine.load(MODEL_PATH)
+        await engine.infer(x[:1])
+    assert _calls(node.metrics, info.sha256, "ok") == 1

@@ -56,6 +56,3 @@ async def test_the_engine_serves_as_its_config_says(node: Node) -> None:
         await engine.load(MODEL_PATH)
         status = await node.status()
     assert "fast" in status and "inference" not in status
-    # The keyword callers used before EngineConfig still sets the watchdog.
-    async with Engine(node, EngineConfig(status_name=None), timeout_s=0.25) as engine:
-        assert engine.timeout_s == 0.25

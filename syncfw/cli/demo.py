@@ -184,7 +184,7 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
             partition.owners[mesh.address] = n
             print(f"  {n:<6} serving gRPC on {mesh.address}")
         for t in TRUCKS:
-            engines[t] = Engine(nodes[t], timeout_s=2.0)
+            engines[t] = Engine(nodes[t])
             info = await engines[t].load(MODEL_PATH)
         print(f"  trucks run {info.name} v{info.version} (sha256 {info.sha256[:12]}) "
               f"on {info.provider}")

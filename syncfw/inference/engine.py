@@ -76,11 +76,6 @@ class Engine:
         version: model version for a model loaded from a file (default from its metadata).
         labels: class labels when the manifest does not give them (default
             from the model's ``labels`` metadata).
-        timeout_s: kept for callers written before :class:`EngineConfig`: the
-            same as ``config.with_(timeout_s=...)``.
-
-    Raises:
-        ValueError: ``timeout_s`` is not positive.
     """
 
     def __init__(
@@ -94,11 +89,8 @@ class Engine:
         name: str | None = None,
         version: str | None = None,
         labels: Sequence[str] | None = None,
-        timeout_s: float | None = None,
     ) -> None:
         cfg = config if config is not None else EngineConfig.edge()
-        if timeout_s is not None:
-            cfg = cfg.with_(timeout_s=timeout_s)
         self._config = cfg
         self._sink = sink
         self._loader = Loader(cfg, name=name, version=version, labels=labels)

@@ -13,13 +13,12 @@ from hypothesis import strategies as st
 from syncfw import Fleet, Grant, Node
 from syncfw.errors import ChainError, ClockError, DecodeError, ForkError
 from syncfw.log import GENESIS, Op, OpChain, encode_value, op_hash
+from syncfw.store.local import WriteSpec, plan_local
 from syncfw.store.planner import (
     HLC_LIMIT,
     Mirrors,
     Outcome,
     RemoteLimits,
-    WriteSpec,
-    plan_local,
     plan_remote,
     triage,
 )

@@ -2,7 +2,8 @@
 
 Invariants:
 
-1. Read-only: nothing here writes; every function runs on the store's
+1. Read-only: nothing here writes (:func:`load_mirrors` reads what a store
+   keeps in memory, at open); every function runs on the store's
    connection between writer jobs and sees committed data only.
 2. :func:`ops_since` returns each origin's ops in seq order, contiguous from
    the asked vector, at most ``limit`` ops and, past the first, no more than
@@ -14,6 +15,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections import defaultdict
@@ -27,7 +29,7 @@ from syncfw.crdt import KINDS, LWW, YDOC
 from syncfw.crdt.ydoc import canonical as ydoc_canonical
 from syncfw.log import Op, OpId, VersionVector, decode_value
 from syncfw.store.sql import chunks
-from syncfw.zones import Fleet
+from syncfw.zones import Fleet, Grant
 
 __all__ = ["StoreStats", "op_size", "ops_since"]
 
@@ -37,6 +39,45 @@ Fetch = Callable[[str, Sequence[Any]], Awaitable[list[Any]]]
 """Runs one read query on the store's connection (errors translated)."""
 
 OP_COLUMNS = "origin, seq, hlc, zone, epoch, key, kind, value, prev, sig"
+
+
+@dataclass(frozen=True, slots=True)
+class Loaded:
+    """What a store keeps in memory, as read from its file at open."""
+
+    vv: dict[str, int]
+    heads: dict[str, bytes]
+    compacted: dict[str, int]
+    grants: list[Grant]
+    pending: dict[str, dict[int, tuple[Op, str]]]
+    high_water: int
+
+
+async def load_mirrors(fetch: Fetch, node_id: str) -> Loaded:
+    """Read the mirrors (and the clock's high-water mark) from the file.
+
+    Raises:
+        DecodeError: a pending op is damaged.
+    """
+    out = Loaded({}, {}, {}, [], {}, 0)
+    for origin, seq, hsh, compacted in await fetch("SELECT origin, seq, hash, compacted FROM heads", ()):
+        out.vv[origin] = seq
+        out.heads[origin] = hsh
+        if compacted:
+            out.compacted[origin] = compacted
+    for prefix, epoch, owners in await fetch(
+        "SELECT prefix, epoch, owners FROM grants ORDER BY prefix, epoch", ()
+    ):
+        out.grants.append(Grant(prefix, frozenset(msgpack.unpackb(owners)), epoch))
+    for origin, seq, blob, reason in await fetch("SELECT origin, seq, op, reason FROM pending", ()):
+        op = Op.from_tuple(msgpack.unpackb(blob, raw=False))
+        out.pending.setdefault(origin, {})[seq] = (op, reason)
+    rows = await fetch("SELECT v FROM meta WHERE k = 'hlc'", ())
+    high = int(rows[0][0]) if rows else 0
+    rows = await fetch("SELECT max(hlc) FROM ops WHERE origin = ?", (node_id,))
+    if rows and rows[0][0] is not None:
+        high = max(high, int(rows[0][0]))
+    return dataclasses.replace(out, high_water=high)
 
 
 @dataclass(frozen=True, slots=True)

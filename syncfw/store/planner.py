@@ -37,34 +37,31 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import msgpack
 
 from syncfw.clock import LOGICAL_BITS
 from syncfw.crdt import KINDS, lww_wins
-from syncfw.errors import ChainError, ClockError, ClockSkewError, DecodeError, ForkError
-from syncfw.log import GENESIS, ApplyResult, Op, OpChain, OpId, decode_value, op_hash, same_op
+from syncfw.errors import ChainError, ClockSkewError, DecodeError, ForkError
+from syncfw.log import GENESIS, ApplyResult, Op, OpId, decode_value, op_hash, same_op
 from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, lww_ok, stage_grant
 from syncfw.zones import GRANT_KIND, Verdict, ZoneTable
 
 __all__ = [
     "HLC_LIMIT",
-    "LocalPlan",
-    "LocalWrite",
     "Mirrors",
     "OpVerdict",
+    "PayloadFn",
     "Outcome",
     "RemoteLimits",
     "RemotePlan",
     "Triage",
-    "WriteSpec",
     "has_work",
     "pending_bucket",
-    "plan_local",
     "plan_remote",
     "triage",
 ]
@@ -266,6 +263,10 @@ class RemoteLimits:
     authority: str
 
 
+PayloadFn = Callable[[Any], bytes]
+"""A payload computed from the key's current state (counters, OR-set removes, grants)."""
+
+
 def _stage(op: Op, zones: ZoneTable, stage: Stage, states: dict[tuple[str, str], Any]) -> str:
     """Stage an accepted op; return why it cannot be merged ("" if it can)."""
     if op.kind == GRANT_KIND:
@@ -457,119 +458,3 @@ def plan_remote(
         observe_hlc=max((op.hlc for op in run.accepted), default=None),
         warnings=tuple(warnings),
     )
-
-
-# ---------------------------------------------------------------------------- local
-
-PayloadFn = Callable[[Any], bytes]
-
-
-class LocalWrite(Protocol):
-    """What :func:`plan_local` reads of a write (the writer's jobs have these fields)."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def key(self) -> str: ...
-    @property
-    def zone(self) -> str: ...
-    @property
-    def epoch(self) -> int: ...
-    @property
-    def payload(self) -> bytes | PayloadFn: ...
-
-
-@dataclass(frozen=True, slots=True)
-class WriteSpec:
-    """One local write: ``payload`` is bytes, or a function of the key's state."""
-
-    kind: str
-    key: str
-    zone: str
-    epoch: int
-    payload: bytes | PayloadFn
-
-
-@dataclass(frozen=True, slots=True)
-class LocalPlan:
-    """What a group of local writes does, to be committed as one transaction.
-
-    Attributes:
-        ops: the minted ops, in order; the last is sealed (``OpChain.seal``).
-        taken: for each op, the index of its write in the planned sequence.
-        failed: ``(index, error)`` of each write refused alone.
-        steps: the SQL (the clock's high-water step aside).
-        start, tip: the chain position before and after the batch.
-        zones: the zone table after the batch's grants (None: unchanged).
-    """
-
-    ops: tuple[Op, ...]
-    taken: tuple[int, ...]
-    failed: tuple[tuple[int, BaseException], ...]
-    steps: tuple[Step, ...]
-    start: tuple[int, bytes]
-    tip: tuple[int, bytes]
-    zones: ZoneTable | None
-
-
-def plan_local(
-    writes: Sequence[LocalWrite | None],
-    chain: OpChain,
-    stamp: Callable[[], int],
-    zones: ZoneTable,
-    states: Mapping[tuple[str, str], Any],
-) -> LocalPlan:
-    """Mint and fold a group of local writes (``None`` entries are skipped).
-
-    One bad write (its payload function raises, a grant is invalid, the clock
-    is past :data:`HLC_LIMIT`) fails alone; the chain is moved back over it.
-    """
-    start = chain.tip
-    work = dict(states)
-    stage = Stage()
-    base = zones
-    ops: list[Op] = []
-    taken: list[int] = []
-    failed: list[tuple[int, BaseException]] = []
-    for i, w in enumerate(writes):
-        if w is None:
-            continue
-        before = chain.tip
-        try:
-            payload = w.payload
-            if callable(payload):
-                # A grant's payload is a function of the zone table (its epoch).
-                payload = payload(zones if w.kind == GRANT_KIND else work[(w.kind, w.key)])
-            hlc = stamp()
-            if hlc >= HLC_LIMIT:
-                raise ClockError(f"the hybrid clock is at {hlc}, past what SQLite stores (2**63)")
-            op = chain.mint(hlc, w.zone, w.epoch, w.key, w.kind, payload)
-            if op.kind == GRANT_KIND:
-                zones = zones.copy() if zones is base else zones
-                reason = stage_grant(zones, op, stage)
-                if reason is not None:
-                    raise ValueError(reason)
-            else:
-                stage.apply(op, work)
-        except Exception as exc:  # one bad write fails alone
-            chain.reset(*before)
-            failed.append((i, exc))
-            continue
-        ops.append(op)
-        taken.append(i)
-    if ops:
-        ops[-1] = chain.seal(ops[-1])
-    tip = chain.tip
-    steps: list[Step] = [(INSERT_OP, [(*op.to_tuple(), 0) for op in ops])]
-    steps += stage.steps(work)
-    steps.append((UPSERT_HEAD, [(chain.origin, *tip)] if ops else []))
-    return LocalPlan(
-        ops=tuple(ops),
-        taken=tuple(taken),
-        failed=tuple(failed),
-        steps=tuple(s for s in steps if s[1]),
-        start=start,
-        tip=tip,
-        zones=None if zones is base else zones,
-    )
-

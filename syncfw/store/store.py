@@ -30,9 +30,8 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 import msgpack
@@ -43,56 +42,31 @@ from syncfw.errors import CorruptDatabaseError, DecodeError, StorageError, Store
 from syncfw.log import GENESIS, ApplyResult, Op, OpChain, VersionVector, vv_merge
 from syncfw.metrics import NodeMetrics
 from syncfw.store import export
+from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
 from syncfw.store.feed import Change, ChangeFeed
+from syncfw.store.local import LocalPlan, plan_local
 from syncfw.store.meter import StoreMeter
 from syncfw.store.planner import (
     HLC_LIMIT,
-    LocalPlan,
     Mirrors,
     PayloadFn,
     Pending,
     RemoteLimits,
     has_work,
     pending_bucket,
-    plan_local,
     plan_remote,
     triage,
 )
 from syncfw.store.sql import StaleTip, Step, check_and_migrate, transaction, translate_error
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
-from syncfw.zones import Fleet, Grant, ZoneTable
+from syncfw.zones import Fleet, ZoneTable
 
 __all__ = ["Priority", "Store", "StoreConfig", "StoreStats"]
 
 log = logging.getLogger("syncfw.store")
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class StoreConfig:
-    """Tuning of the SQLite store.
-
-    Attributes:
-        synchronous: SQLite durability. ``"FULL"`` fsyncs every commit;
-            ``"NORMAL"`` (WAL) may lose the last commits on power loss, never
-            on a process crash.
-        max_bytes: size cap of the database file; a write that would exceed
-            it raises :class:`StorageFullError` and writes nothing.
-        max_batch: most local writes grouped into one transaction.
-        max_offset_ms: how far ahead of local time a remote op may be.
-        max_pending: most ops held back at once (the farthest ahead are
-            dropped beyond it; they are resent by the next exchange).
-        changes_buffer: per-subscriber buffer of the change feed.
-    """
-
-    synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
-    max_bytes: int | None = None
-    max_batch: int = 2048
-    max_offset_ms: int = 500
-    max_pending: int = 100_000
-    changes_buffer: int = 10_000
 
 
 class Store:
@@ -180,38 +154,20 @@ class Store:
         return store
 
     async def _load(self) -> None:
-        pending: dict[str, dict[int, tuple[Op, str]]] = {}
         try:
-            for origin, seq, hsh, compacted in await self._read(
-                "SELECT origin, seq, hash, compacted FROM heads"
-            ):
-                self._vv[origin] = seq
-                self._heads[origin] = hsh
-                if compacted:
-                    self._compacted[origin] = compacted
-            for prefix, epoch, owners in await self._read(
-                "SELECT prefix, epoch, owners FROM grants ORDER BY prefix, epoch"
-            ):
-                self.zones.add_grant(Grant(prefix, frozenset(msgpack.unpackb(owners)), epoch))
-            for origin, seq, blob, reason in await self._read(
-                "SELECT origin, seq, op, reason FROM pending"
-            ):
-                op = Op.from_tuple(msgpack.unpackb(blob, raw=False))
-                pending.setdefault(origin, {})[seq] = (op, reason)
-            rows = await self._read("SELECT v FROM meta WHERE k = 'hlc'")
-            high = int(rows[0][0]) if rows else 0
-            rows = await self._read("SELECT max(hlc) FROM ops WHERE origin = ?", (self.node_id,))
-            if rows and rows[0][0] is not None:
-                high = max(high, int(rows[0][0]))
-            self._meter.set_size(await export.file_bytes(self._read))
+            loaded = await export.load_mirrors(self._read, self.node_id)
         except DecodeError as exc:
             raise CorruptDatabaseError(f"pending op in {self.path!r} is damaged: {exc}") from None
-        self._pending = pending
+        self._vv, self._heads, self._compacted = loaded.vv, loaded.heads, loaded.compacted
+        for grant in loaded.grants:
+            self.zones.add_grant(grant)
+        self._pending = loaded.pending
         # A restart with the wall clock set in the past never issues a smaller timestamp.
-        self.clock.advance_to(high)
+        self.clock.advance_to(loaded.high_water)
         me = self.node_id
         self._chain.reset(self._vv.get(me, 0), self._heads.get(me, GENESIS))
-        self._meter.pending(_pending_counts(pending))
+        self._meter.set_size(await export.file_bytes(self._read))
+        self._meter.pending(_pending_counts(loaded.pending))
 
     async def aclose(self) -> None:
         """Finish queued writes, stop the writer and close the file. Idempotent."""

@@ -111,7 +111,9 @@ class WriterQueue:
     def put(self, job: Job, priority: Priority = Priority.LOCAL) -> None:
         """Queue ``job`` behind the others of its priority."""
         self._queues[priority].append(job)
-        self._wake()
+        wakeup = self._wakeup  # _wake() inlined: this runs once per put
+        if wakeup is not None and not wakeup.done():
+            wakeup.set_result(None)
 
     def put_writes(self, jobs: Sequence[WriteJob]) -> None:
         """Queue several local writes in order, waking the writer once."""

@@ -1,0 +1,155 @@
+"""Planning local writes: minted on the store's chain, folded, as one transaction's steps.
+
+The pure half of a group commit (see :mod:`.planner`'s invariants, which hold
+here too): :func:`plan_local` takes the group, the store's
+:class:`~syncfw.log.OpChain` and clock, the zone table and the states the
+group reads, and returns a :class:`LocalPlan`. Nothing here touches SQLite or
+asyncio; the store commits the steps and, after COMMIT, applies the tip and
+zone table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from syncfw.crdt import lww_wins
+from syncfw.errors import ClockError
+from syncfw.log import Op, OpChain
+from syncfw.store.planner import HLC_LIMIT, PayloadFn
+from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
+from syncfw.store.stage import Stage, stage_grant
+from syncfw.zones import GRANT_KIND, ZoneTable
+
+__all__ = ["LocalPlan", "LocalWrite", "WriteSpec", "plan_local"]
+
+
+
+class LocalWrite(Protocol):
+    """What :func:`plan_local` reads of a write (the writer's jobs have these fields)."""
+
+    @property
+    def kind(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+    @property
+    def zone(self) -> str: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def payload(self) -> bytes | PayloadFn: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WriteSpec:
+    """One local write: ``payload`` is bytes, or a function of the key's state."""
+
+    kind: str
+    key: str
+    zone: str
+    epoch: int
+    payload: bytes | PayloadFn
+
+
+@dataclass(frozen=True, slots=True)
+class LocalPlan:
+    """What a group of local writes does, to be committed as one transaction.
+
+    Attributes:
+        ops: the minted ops, in order; the last is sealed (``OpChain.seal``).
+        taken: for each op, the index of its write in the planned sequence.
+        failed: ``(index, error)`` of each write refused alone.
+        steps: the SQL (the clock's high-water step aside).
+        start, tip: the chain position before and after the batch.
+        zones: the zone table after the batch's grants (None: unchanged).
+    """
+
+    ops: tuple[Op, ...]
+    taken: tuple[int, ...]
+    failed: tuple[tuple[int, BaseException], ...]
+    steps: tuple[Step, ...]
+    start: tuple[int, bytes]
+    tip: tuple[int, bytes]
+    zones: ZoneTable | None
+
+
+def _past_limit(hlc: int) -> ClockError:
+    return ClockError(f"the hybrid clock is at {hlc}, past what SQLite stores (2**63)")
+
+
+def plan_local(
+    writes: Sequence[LocalWrite | None],
+    chain: OpChain,
+    stamp: Callable[[], int],
+    zones: ZoneTable,
+    states: Mapping[tuple[str, str], Any],
+) -> LocalPlan:
+    """Mint and fold a group of local writes (``None`` entries are skipped).
+
+    One bad write (its payload function raises, a grant is invalid, the clock
+    is past :data:`HLC_LIMIT`) fails alone; the chain is moved back over it.
+    """
+    start = chain.tip
+    work = dict(states)
+    stage = Stage()
+    base = zones
+    ops: list[Op] = []
+    taken: list[int] = []
+    failed: list[tuple[int, BaseException]] = []
+    lww = stage.lww
+    for i, w in enumerate(writes):
+        if w is None:
+            continue
+        payload = w.payload
+        if w.kind == "lww" and not callable(payload):
+            # The hot path (a put): nothing below can fail but the clock.
+            hlc = stamp()
+            if hlc >= HLC_LIMIT:
+                failed.append((i, _past_limit(hlc)))
+                continue
+            op = chain.mint(hlc, w.zone, w.epoch, w.key, "lww", payload)
+            cand = (hlc, op.origin, payload)
+            if lww_wins(cand, lww.get(op.key)):
+                lww[op.key] = cand
+            ops.append(op)
+            taken.append(i)
+            continue
+        before = chain.tip
+        try:
+            if callable(payload):
+                # A grant's payload is a function of the zone table (its epoch).
+                payload = payload(zones if w.kind == GRANT_KIND else work[(w.kind, w.key)])
+            hlc = stamp()
+            if hlc >= HLC_LIMIT:
+                raise _past_limit(hlc)
+            op = chain.mint(hlc, w.zone, w.epoch, w.key, w.kind, payload)
+            if op.kind == GRANT_KIND:
+                zones = zones.copy() if zones is base else zones
+                reason = stage_grant(zones, op, stage)
+                if reason is not None:
+                    raise ValueError(reason)
+            else:
+                stage.apply(op, work)
+        except Exception as exc:  # one bad write fails alone
+            chain.reset(*before)
+            failed.append((i, exc))
+            continue
+        ops.append(op)
+        taken.append(i)
+    if ops:
+        ops[-1] = chain.seal(ops[-1])
+    tip = chain.tip
+    steps: list[Step] = [(INSERT_OP, [(*op.to_tuple(), 0) for op in ops])]
+    steps += stage.steps(work)
+    steps.append((UPSERT_HEAD, [(chain.origin, *tip)] if ops else []))
+    return LocalPlan(
+        ops=tuple(ops),
+        taken=tuple(taken),
+        failed=tuple(failed),
+        steps=tuple(s for s in steps if s[1]),
+        start=start,
+        tip=tip,
+        zones=None if zones is base else zones,
+    )
+

@@ -51,7 +51,7 @@ from syncfw.errors import (
 )
 from syncfw.log import ApplyResult, Op, Replica, VersionVector
 from syncfw.node import Counter, Node, ORSet, Register
-from syncfw.store import Change, StoreConfig
+from syncfw.store import Change, FeedItem, Follow, StoreConfig
 from syncfw.transport.base import LinkError
 from syncfw.zones import Fleet, Grant
 
@@ -70,7 +70,9 @@ __all__ = [
     "EngineStateError",
     "FeedError",
     "FeedPositionError",
+    "FeedItem",
     "Fleet",
+    "Follow",
     "ForeignDatabaseError",
     "ForkError",
     "Grant",

@@ -485,7 +485,7 @@ class Node:
             prefixes,
             include_rejected=include_rejected,
             page_ops=page_ops,
-            closed=lambda: store._closed,
+            closed=lambda: store.closed,
         )
 
     def add_status_source(self, name: str, fn: Callable[[], dict[str, Any]]) -> None:

@@ -18,13 +18,13 @@ CASES = {
     "local_write": (
         ["--ops", "5000", "--repeat", "1", "--writers", "32", "--per-writer", "10"],
         {"floor_ops_per_s", "apply_ops_per_s", "put_ops_per_s", "put_p99_ms",
-         "put_full_ops_per_s", "hlc_ns_per_op", "hlc_floor_ns_per_op"},
+         "put_full_ops_per_s", "hlc_ns_per_op", "hlc_floor_ns_per_op", "put_floor_ops_per_s"},
     ),
     "sync_throughput": (
         ["--ops", "3000", "--repeat", "1"],
         {"ops_per_s", "floor_ops_per_s", "wire_bytes_per_op", "msgpack_bytes_per_op",
          "peak_rss_mb", "insync_bytes", "insync_round_trips", "diff10_bytes",
-         "diff10_round_trips"},
+         "diff10_round_trips", "follow_ops_per_s", "follow_rss_mb"},
     ),
     "convergence": (
         ["--seeds", "1"],

@@ -139,6 +139,23 @@ async def test_rejected_ops_are_passed_over_unless_asked_for(make_node: NodeFact
     }
 
 
+async def test_a_caught_up_follower_is_woken_by_a_rejected_only_commit(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(follow_mod, "IDLE_RECHECK_S", 3600.0)  # only the commit may wake it
+    rogue_fleet = Fleet(fleet_id=FLEET.fleet_id, authority="cloud", grants=(Grant.of(T7, "rogue"),))
+    t7, rogue = await make_node("t7"), await make_node("rogue", fleet=rogue_fleet)
+    await t7.put(T7 + "x", "genuine")
+    async with t7.follow(include_rejected=True) as feed:
+        assert [it.value for it in await take(feed, 1)] == ["genuine"]
+        waiting = asyncio.create_task(take(feed, 1))
+        await asyncio.sleep(0)  # the follower is now caught up and idle
+        await rogue.put(T7 + "x", "forged")
+        await exchange(rogue, t7)  # commits one op, and it is rejected
+        (item,) = await asyncio.wait_for(waiting, 10)
+    assert (item.origin, item.rejected) == ("rogue", True)
+
+
 async def test_resume_from_position_after_a_consumer_restart(make_node: NodeFactory) -> None:
     t7, t9 = await make_node("t7"), await make_node("t9")
     for i in range(15):
@@ -179,7 +196,7 @@ async def test_resume_from_position_after_a_node_restart(
 async def test_the_feed_ends_when_the_node_closes(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(follow_mod, "IDLE_RECHECK_S", 0.02)
+    monkeypatch.setattr(follow_mod, "IDLE_RECHECK_S", 3600.0)  # the close itself must wake it
     t7 = await make_node("t7")
     await t7.put(T7 + "a", 1)
     feed = t7.follow()

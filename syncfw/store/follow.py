@@ -57,9 +57,10 @@ __all__ = ["FeedItem", "FeedSource", "Follow", "decode_payload"]
 
 log = logging.getLogger("syncfw.store.follow")
 
-IDLE_RECHECK_S = 1.0
-"""While caught up, re-read this often even without a wake-up: the store's
-listener is not called for a commit of only rejected ops, nor on close."""
+IDLE_RECHECK_S = 30.0
+"""While caught up, re-read this often even without a wake-up. The store wakes
+followers after every commit and on close (``add_commit_listener``); this is
+only a safety net, never the path a change takes."""
 
 _UNION_MAX = 200  # origins per compound SELECT (SQLite allows 500 terms)
 _OPS_TERM = (
@@ -129,7 +130,10 @@ class FeedSource(Protocol):
     @property
     def version_vector(self) -> VersionVector: ...
 
-    def add_listener(self, fn: Callable[[list[Op], bool], None]) -> None: ...
+    @property
+    def closed(self) -> bool: ...
+
+    def add_commit_listener(self, fn: Callable[[], None]) -> None: ...
 
 
 def _tags(raw: Any) -> list[tuple[str, int]]:
@@ -172,7 +176,7 @@ class _Hub:
     def __init__(self) -> None:
         self.followers: weakref.WeakSet[Follow] = weakref.WeakSet()
 
-    def on_commit(self, ops: list[Op], local: bool) -> None:
+    def on_commit(self) -> None:
         for f in list(self.followers):
             f._wake.set()
 
@@ -184,7 +188,7 @@ def _hub(source: FeedSource) -> _Hub:
     hub = _HUBS.get(source)
     if hub is None:
         hub = _HUBS[source] = _Hub()
-        source.add_listener(hub.on_commit)
+        source.add_commit_listener(hub.on_commit)
     return hub
 
 

@@ -27,6 +27,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -103,6 +104,7 @@ class Store:
         self._writer = WriterQueue(self._commit_local, max_batch=config.max_batch)
         self._subscribers: set[asyncio.Queue[Change | None]] = set()
         self._listeners: list[Callable[[list[Op], bool], None]] = []
+        self._commit_listeners: list[Callable[[], None]] = []
         self._closed = False
 
     # ------------------------------------------------------------------ open/close
@@ -178,8 +180,14 @@ class Store:
         for q in self._subscribers:
             q.put_nowait(None)
         await self._conn.close()
+        self._committed()  # followers see the close at once
 
     # ------------------------------------------------------------------ properties
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`aclose` began."""
+        return self._closed
 
     @property
     def version_vector(self) -> VersionVector:
@@ -290,6 +298,7 @@ class Store:
             w.future.set_result(op)
         self._meter.local(len(plan.ops))
         self._notify(list(plan.ops), local=True)
+        self._committed()
         return True
 
     def _hlc_step(self) -> Step:
@@ -357,6 +366,8 @@ class Store:
         self._meter.remote(len(plan.applied), len(plan.rejected), bool(plan.steps))
         self._meter.duplicates(len(plan.duplicates))
         self._notify(list(plan.applied), local=False)
+        if plan.steps:
+            self._committed()  # rejected-only commits advance the vector too
         return plan.result()
 
     # ------------------------------------------------------------------ reads
@@ -503,6 +514,28 @@ class Store:
     def add_listener(self, fn: Callable[[list[Op], bool], None]) -> None:
         """Call ``fn(ops, local)`` synchronously after every commit that applied ops."""
         self._listeners.append(fn)
+
+    def remove_listener(self, fn: Callable[[list[Op], bool], None]) -> None:
+        """Stop calling ``fn`` (no error if it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    def add_commit_listener(self, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` synchronously after every commit that wrote ops (applied,
+        rejected or held back), and once when the store closes."""
+        self._commit_listeners.append(fn)
+
+    def remove_commit_listener(self, fn: Callable[[], None]) -> None:
+        """Stop calling ``fn`` (no error if it was not added)."""
+        with contextlib.suppress(ValueError):
+            self._commit_listeners.remove(fn)
+
+    def _committed(self) -> None:
+        for fn in list(self._commit_listeners):
+            try:
+                fn()
+            except Exception:  # a listener's bug must not break the writer
+                log.exception("store commit listener failed")
 
     def _notify(self, ops: list[Op], *, local: bool) -> None:
         if not ops:

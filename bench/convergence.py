@@ -26,7 +26,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +35,7 @@ from syncfw.log import Op
 from syncfw.mesh import Mesh, MeshConfig
 from syncfw.sync.frames import Status
 from syncfw.testing.memory import MemoryReplica
+from syncfw.testing.waiting import wait_until
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.memory import MemoryNetwork
 from syncfw.transport.network import GrpcNetwork, InMemoryNetwork
@@ -125,14 +126,10 @@ async def grpc_heal_and_latency() -> tuple[float, float]:
                 changes=lambda r=r: _feed(r),  # type: ignore[misc]
             )
         )
-    loop = asyncio.get_running_loop()
 
-    async def until(cond: object, limit_s: float = 30.0) -> None:
-        deadline = loop.time() + limit_s
-        while not cond():  # type: ignore[operator]
-            if loop.time() > deadline:
-                raise RuntimeError("timed out")
-            await asyncio.sleep(0.005)
+    async def until(cond: Callable[[], bool], limit_s: float = 30.0) -> None:
+        # a fine poll: heal time is read off the wake-up that sees convergence
+        await wait_until(cond, timeout_s=limit_s, interval_s=0.005)
 
     try:
         # everyone learns everyone

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from syncfw.errors import StorageFullError
 from syncfw.log import ApplyResult, Op
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.sim import FLEET, MemorySimNode, SimConfig, SimNode, Simulation
@@ -107,6 +108,46 @@ async def test_checker_flags_lost_writes() -> None:
 
     reports = [await Simulation(s, SimConfig(crashes=4), factory=factory).run() for s in range(10)]
     assert any(not r.ok for r in reports)
+
+
+# -- the simulator runs the mesh's performer, failure paths included ----------------------
+
+
+class _FlakyDisk(MemoryReplica):
+    """For its first calls every third batch fails to apply and every fifth read fails."""
+
+    def __init__(self, *args: Any, troubled_calls: int = 25, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.calls = 0
+        self.troubled_calls = troubled_calls  # then the disk recovers (before the checker reads)
+
+    def _fail(self, every: int) -> None:
+        self.calls += 1
+        if self.calls <= self.troubled_calls and self.calls % every == 0:
+            raise StorageFullError("disk trouble (simulated)")
+
+    async def apply_remote(self, ops: list[Op]) -> ApplyResult:
+        self._fail(3)
+        return await super().apply_remote(ops)
+
+    async def ops_since(self, vv: Any, **kw: Any) -> list[Op]:
+        self._fail(5)
+        return await super().ops_since(vv, **kw)
+
+
+async def test_storage_failures_end_exchanges_internal_and_lose_nothing() -> None:
+    async def factory(node_id: str, wall: Callable[[], int]) -> SimNode:
+        node = MemorySimNode(node_id, wall)
+        if node_id in ("n1", "n3"):
+            node.mem = node.replica = _FlakyDisk(node_id, FLEET, wall=wall)
+        return node
+
+    internal = 0
+    for seed in range(10):
+        report = await Simulation(seed, factory=factory).run()
+        assert report.ok, f"seed {seed}: {report.problems}"
+        internal += report.statuses.get("INTERNAL", 0)
+    assert internal > 0  # the failures happened, and ended their exchanges as the mesh does
 
 
 # -- the simulator over the real SQLite node, with crash and restart from the file -----------

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncfw.codec import BATCH_VERSION, COMPRESS_ZSTD, encode_batch
-from syncfw.errors import DecodeError
+from syncfw.errors import DecodeError, StorageFullError
 from syncfw.exchange.pair import SessionPair
 from syncfw.log import op_hash
 from syncfw.sync import (
@@ -560,3 +561,78 @@ def test_a_second_want_full_is_a_protocol_error() -> None:
     assert isinstance(effects[0], Send)
     assert isinstance(effects[0].frame, Summary)
     assert _ended(s.receive(Summary(want_full=True))).status is Status.INVALID_ARGUMENT
+
+
+# -- the pair runs the one performer: its error policy, without an event loop ---------
+
+
+class _FailingAcks(MemoryReplica):
+    """A replica whose ack record cannot be written (a storage failure of syncfw's tree)."""
+
+    async def acknowledge(self, peer: str, vv: object) -> None:  # type: ignore[override]
+        raise StorageFullError("disk full")
+
+
+class _BuggyFetch(MemoryReplica):
+    """A replica with a bug (not a syncfw error) in ops_since."""
+
+    async def ops_since(self, vv: object, **kw: object) -> list[object]:  # type: ignore[override]
+        raise KeyError("bug")
+
+
+def test_pair_ends_internal_when_an_ack_cannot_be_recorded() -> None:
+    a, b = _FailingAcks("a"), MemoryReplica("b")
+    _fill(a, 3)
+    res = _pair(a, b).run()
+    assert res.a is not None
+    assert res.a[0] is Status.INTERNAL
+    assert "could not record ack" in res.a[1]
+    assert res.b is not None
+    assert res.b[0] is Status.INTERNAL  # told in band
+
+
+def test_pair_degrades_to_whole_summaries_when_the_ack_record_is_unreadable(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = _yard(40)
+
+    async def unreadable(peer: str) -> dict[str, int]:
+        raise StorageFullError("cannot read")
+
+    monkeypatch.setattr(a, "peer_ack", unreadable)
+    b.put("fleet/b/more", 1)
+    pair = _pair(a, b)
+    seen = _summaries(pair)
+    with caplog.at_level(logging.WARNING, logger="syncfw.sync"):
+        res = pair.run()
+    assert res.a is not None
+    assert res.a[0] is Status.OK, res
+    assert _converged(a, b)
+    assert not any(s.base_digest for side, s in seen if side == "a")  # a's went whole
+    assert any("no ack record of b" in r.getMessage() for r in caplog.records)
+
+
+def test_pair_logs_a_replica_bug_with_its_traceback_and_ends_internal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = _BuggyFetch("a"), MemoryReplica("b")
+    _fill(b, 2)
+    with caplog.at_level(logging.ERROR, logger="syncfw.sync"):
+        res = _pair(a, b).run()
+    assert res.a is not None
+    assert res.a[0] is Status.INTERNAL
+    bug = [r for r in caplog.records if "reading ops failed unexpectedly" in r.getMessage()]
+    assert bug
+    assert bug[0].exc_info is not None
+
+
+def test_the_performer_needs_no_event_loop() -> None:
+    import asyncio
+
+    with pytest.raises(RuntimeError):
+        asyncio.get_running_loop()  # this test runs outside any loop
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 50)
+    res = _pair(a, b).run()
+    assert res.a == (Status.OK, "synced")
+    assert _converged(a, b)

@@ -13,6 +13,7 @@ import pytest
 
 from syncfw.errors import ProtocolError
 from syncfw.exchange import ExchangeOutcome, run_exchange
+from syncfw.metrics import NodeMetrics
 from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Close, Hello, Ops, PeerInfo, SessionConfig, Status
 from syncfw.testing.memory import MemoryReplica
@@ -323,3 +324,55 @@ async def test_a_cut_grpc_exchange_between_sqlite_nodes_resumes(
     finally:
         await a.close()
         await b.close()
+
+
+async def test_an_exchange_records_its_outcome_bytes_and_ops_in_the_node_metrics() -> None:
+    a, b = MemoryReplica("a"), MemoryReplica("b")
+    _fill(a, 300)
+    _fill(b, 4)
+    ma, mb = NodeMetrics("a"), NodeMetrics("b")
+    x, y = memory_pipe()
+    ra, rb = await asyncio.gather(run_exchange(a, x, metrics=ma), run_exchange(b, y, metrics=mb))
+    assert ra.ok
+    assert rb.ok
+    assert ma.value("syncfw_exchanges_total", outcome="OK") == 1
+    assert ma.value("syncfw_exchange_seconds_count") == 1
+    assert ma.value("syncfw_exchange_ops_total", direction="sent") == 300
+    assert ma.value("syncfw_exchange_ops_total", direction="received") == 4
+    assert mb.value("syncfw_exchange_ops_total", direction="received") == 300
+    out_a = ma.value("syncfw_wire_bytes_total", direction="out")
+    assert out_a == ra.bytes_sent > 0
+    assert mb.value("syncfw_wire_bytes_total", direction="in") == out_a  # what left a reached b
+    assert ma.value("syncfw_wire_bytes_total", direction="in") == rb.bytes_sent
+    # a refused exchange is recorded under its status
+    other = MemoryReplica("c")
+    other.fleet = type(other.fleet)(fleet_id="elsewhere")
+    x, y = memory_pipe()
+    await asyncio.gather(run_exchange(a, x, metrics=ma), run_exchange(other, y))
+    assert ma.value("syncfw_exchanges_total", outcome="FAILED_PRECONDITION") == 1
+    assert ma.value("syncfw_exchanges_total", outcome="OK") == 1
+
+
+async def test_a_cancelled_exchange_is_recorded_and_closes_its_stream() -> None:
+    metrics = NodeMetrics("a")
+    x, y = memory_pipe()
+    task = asyncio.create_task(run_exchange(MemoryReplica("a"), x, metrics=metrics))
+    assert await y.recv() is not None  # the exchange is under way (a's Hello)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert metrics.value("syncfw_exchanges_total", outcome="CANCELLED") == 1
+    assert await y.recv() is not None  # a's Digest
+    with pytest.raises(LinkError) as info:  # then its close
+        await y.recv()
+    assert info.value.status is Status.CANCELLED
+
+
+async def test_bytes_that_are_no_frame_end_the_exchange_invalid_argument() -> None:
+    x, y = memory_pipe()
+    task = asyncio.create_task(run_exchange(MemoryReplica("a"), x))
+    await y.send(b"\xff\xff\xff not a frame")
+    out = await task
+    assert out.status is Status.INVALID_ARGUMENT
+    assert "malformed frame" in out.reason
+    assert out.frames_received == 1

@@ -1,4 +1,4 @@
-"""The composition root: :class:`Node` wires the store, zones, mesh and metrics together.
+"""The edge composition root: :class:`Node` wires the store, zones, mesh and metrics together.
 
 A node keeps working alone: every write lands in its own SQLite file, stamped
 by its hybrid logical clock, checked against its zones, and becomes an op any
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -25,19 +25,21 @@ from typing import Any
 import pycrdt
 
 from syncfw.clock import NtpResult, check_ntp, wall_ms
-from syncfw.crdt import COUNTER, MVREG, ORSET, YDOC
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
 from syncfw.mesh import Mesh, MeshConfig
 from syncfw.metrics import NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
+from syncfw.node.docs import LiveDocs
+from syncfw.node.handles import Counter, ORSet, Register
+from syncfw.node.opening import Opening
 from syncfw.store import ChangeFeed, Store, StoreConfig
 from syncfw.store.follow import Follow
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
 
-__all__ = ["Counter", "Node", "ORSet", "Register"]
+__all__ = ["Node"]
 
 log = logging.getLogger("syncfw.node")
 
@@ -54,14 +56,12 @@ class Node:
         self.metrics: NodeMetrics = metrics if metrics is not None else NodeMetrics(store.node_id)
         """This node's registry (what ``/metrics`` serves and :meth:`status` reads)."""
         self._metrics_servers: list[MetricsServer] = []
-        self._docs: dict[str, pycrdt.Doc[Any]] = {}
-        self._doc_writes: set[asyncio.Task[Op]] = set()
-        self._applying_remote = False
+        self._docs = LiveDocs(store)
         self._status_sources: dict[str, Callable[[], dict[str, Any]]] = {}
         self._zone_cache: dict[str, tuple[str, int]] = {}
         self._zone_cache_for: ZoneTable | None = None
         self._meshes: list[Mesh] = []
-        store.add_listener(self._on_applied)
+        store.add_listener(self._docs.on_applied)
 
     @classmethod
     def open(
@@ -72,7 +72,7 @@ class Node:
         fleet: Fleet | None = None,
         config: StoreConfig | None = None,
         clock: Callable[[], int] = wall_ms,
-    ) -> _Opening:
+    ) -> Opening:
         """Open the node stored at ``path`` (created if absent).
 
         Args:
@@ -87,7 +87,7 @@ class Node:
             CorruptDatabaseError, ForeignDatabaseError, SchemaVersionError,
             StorageError: see :meth:`syncfw.store.Store.open`.
         """
-        return _Opening(cls, path, node_id, fleet or Fleet(), config, clock)
+        return Opening(cls, path, node_id, fleet or Fleet(), config, clock)
 
     # ----------------------------------------------------------------- identity
 
@@ -210,40 +210,7 @@ class Node:
                 ``readonly=True`` to follow a document someone else writes;
                 local edits to it are then not recorded).
         """
-        live = self._docs.get(key)
-        if live is not None:
-            return live
-        zone_epoch = None if readonly else self._zone(key)
-        state = await self._store.read_state("ydoc", key)
-        live = self._docs.get(key)  # another caller may have opened it meanwhile
-        if live is not None:
-            return live
-        doc: pycrdt.Doc[Any] = pycrdt.Doc()
-        self._applying_remote = True
-        try:
-            doc.apply_update(state)
-        finally:
-            self._applying_remote = False
-        if zone_epoch is not None:
-            zone, epoch = zone_epoch
-
-            def on_update(event: pycrdt.TransactionEvent) -> None:
-                if self._applying_remote:
-                    return  # remote applies are never re-emitted
-                task = asyncio.get_running_loop().create_task(
-                    self._store.write("ydoc", key, zone, epoch, bytes(event.update))
-                )
-                self._doc_writes.add(task)
-                task.add_done_callback(self._doc_write_done)
-
-            doc.observe(on_update)
-        self._docs[key] = doc
-        return doc
-
-    def _doc_write_done(self, task: asyncio.Task[Op]) -> None:
-        self._doc_writes.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a document edit could not be stored: %s", task.exception())
+        return await self._docs.open(key, None if readonly else self._zone(key))
 
     async def flush(self) -> None:
         """Wait until every local document edit made so far is durable.
@@ -251,23 +218,7 @@ class Node:
         Raises:
             SyncfwError: the first error met storing an edit.
         """
-        while self._doc_writes:
-            await asyncio.gather(*list(self._doc_writes))
-
-    def _on_applied(self, ops: list[Op], local: bool) -> None:
-        if local or not self._docs:
-            return
-        for op in ops:
-            doc = self._docs.get(op.key) if op.kind == YDOC.name else None
-            if doc is None:
-                continue
-            self._applying_remote = True
-            try:
-                doc.apply_update(op.value)
-            except Exception:
-                log.exception("remote update to document %r could not be applied", op.key)
-            finally:
-                self._applying_remote = False
+        await self._docs.flush()
 
     # ----------------------------------------------------------------- zones
 
@@ -544,8 +495,7 @@ class Node:
             await self._meshes.pop().aclose()
         while self._metrics_servers:  # shutdown() waits on the server's thread
             await asyncio.to_thread(self._metrics_servers.pop().close)
-        if self._doc_writes:
-            await asyncio.gather(*list(self._doc_writes), return_exceptions=True)
+        await self._docs.settle()
         await self._store.aclose()
 
     aclose = close
@@ -557,110 +507,3 @@ class Node:
         self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
-
-
-class _Opening:
-    """What :meth:`Node.open` returns: await it, or use it with ``async with``."""
-
-    def __init__(
-        self,
-        cls: type[Node],
-        path: str | Path,
-        node_id: str,
-        fleet: Fleet,
-        config: StoreConfig | None,
-        clock: Callable[[], int],
-    ) -> None:
-        self._args = (cls, path, node_id, fleet, config, clock)
-        self._node: Node | None = None
-
-    async def _open(self) -> Node:
-        cls, path, node_id, fleet, config, clock = self._args
-        metrics = NodeMetrics(node_id)
-        store = await Store.open(
-            path, node_id=node_id, fleet=fleet, wall=clock, config=config, metrics=metrics
-        )
-        return cls(store, metrics)
-
-    def __await__(self) -> Generator[Any, None, Node]:
-        return self._open().__await__()
-
-    async def __aenter__(self) -> Node:
-        self._node = await self._open()
-        return self._node
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._node is not None:
-            await self._node.close()
-
-
-class Counter:
-    """A PN-counter at one key. Each node's increments are its own total."""
-
-    def __init__(self, node: Node, key: str) -> None:
-        self._node = node
-        self.key = key
-
-    async def add(self, delta: int = 1) -> Op:
-        """Add ``delta`` (negative to subtract)."""
-        if type(delta) is not int:
-            raise TypeError("a counter is changed by whole numbers")
-        zone, epoch = self._node._zone(self.key)
-        me = self._node.node_id
-        return await self._node.store.write(
-            COUNTER.name, self.key, zone, epoch, lambda s: COUNTER.op_payload(s, me, delta)
-        )
-
-    async def value(self) -> int:
-        return int(COUNTER.read(await self._node.store.read_state(COUNTER.name, self.key)))
-
-
-class ORSet:
-    """An add-wins observed-remove set at one key."""
-
-    def __init__(self, node: Node, key: str) -> None:
-        self._node = node
-        self.key = key
-
-    async def add(self, element: Any) -> Op:
-        zone, epoch = self._node._zone(self.key)
-        payload = ORSET.add_payload(encode_value(element))
-        return await self._node.store.write(ORSET.name, self.key, zone, epoch, payload)
-
-    async def remove(self, element: Any) -> Op:
-        """Remove ``element`` as observed here; a concurrent add elsewhere survives."""
-        zone, epoch = self._node._zone(self.key)
-        packed = encode_value(element)
-        return await self._node.store.write(
-            ORSET.name, self.key, zone, epoch, lambda s: ORSET.remove_payload(s, packed)
-        )
-
-    async def items(self) -> list[Any]:
-        """Present elements, in a deterministic order."""
-        return ORSET.items(await self._node.store.read_state(ORSET.name, self.key))
-
-    async def contains(self, element: Any) -> bool:
-        state = await self._node.store.read_state(ORSET.name, self.key)
-        return encode_value(element) in ORSET.read(state)
-
-
-class Register:
-    """A multi-value register at one key: concurrent writes are all kept."""
-
-    def __init__(self, node: Node, key: str) -> None:
-        self._node = node
-        self.key = key
-
-    async def set(self, value: Any) -> Op:
-        """Write ``value``, superseding every value visible here."""
-        zone, epoch = self._node._zone(self.key)
-        packed = encode_value(value)
-        return await self._node.store.write(
-            MVREG.name, self.key, zone, epoch, lambda s: MVREG.write_payload(s, packed)
-        )
-
-    async def values(self) -> list[Any]:
-        """Surviving values, oldest first (more than one after concurrent writes)."""
-        return MVREG.values(await self._node.store.read_state(MVREG.name, self.key))

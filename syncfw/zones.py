@@ -145,6 +145,8 @@ class ZoneTable:
         for grant in self.fleet.grants:
             self._add(grant)
         self._static = frozenset(self._history)
+        # Longest first: the first static prefix of the key found is the most specific.
+        self._static_lens = tuple(sorted({len(p) for p in self._static}, reverse=True))
         self._templates = tuple(
             (t[: t.index("{node}")], t[t.index("{node}") + len("{node}") :])
             for t in self.fleet.node_zones
@@ -153,9 +155,11 @@ class ZoneTable:
     def _static_zone(self, key: str) -> str | None:
         """The most specific zone known to every replica from the start that covers ``key``."""
         best: str | None = None
-        for prefix in self._static:
-            if key.startswith(prefix) and (best is None or len(prefix) > len(best)):
-                best = prefix
+        static = self._static
+        for n in self._static_lens:
+            if key[:n] in static:
+                best = key[:n]
+                break
         for head, tail in self._templates:
             if key.startswith(head):
                 rest = key[len(head) :]
@@ -231,10 +235,11 @@ class ZoneTable:
         return Grant(prefix, epochs[epoch], epoch)
 
     def _node_zone(self, node_id: str, key: str) -> str | None:
-        for template in self.fleet.node_zones:
-            prefix = template.replace("{node}", node_id)
-            if key.startswith(prefix):
-                return prefix
+        for head, tail in self._templates:
+            if key.startswith(head):
+                prefix = head + node_id + tail
+                if key.startswith(prefix):
+                    return prefix
         return None
 
     def zone_for_write(self, node_id: str, key: str) -> tuple[str, int]:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a controllable wall clock and a factory of real SQLite-backed nodes."""
+"""Shared fixtures: a controllable wall clock (syncfw.testing.FakeClock) and a factory of
+real SQLite-backed nodes."""
 
 from __future__ import annotations
 
@@ -8,21 +9,11 @@ from pathlib import Path
 import pytest
 
 from syncfw import Fleet, Grant, Node, StoreConfig
+from syncfw.testing import FakeClock
+
+__all__ = ["FLEET", "START_MS", "FakeClock", "NodeFactory", "exchange"]
 
 START_MS = 1_790_000_000_000
-
-
-class FakeClock:
-    """A wall clock in milliseconds that moves only when told."""
-
-    def __init__(self, ms: int = START_MS) -> None:
-        self.ms = ms
-
-    def __call__(self) -> int:
-        return self.ms
-
-    def advance(self, ms: int) -> None:
-        self.ms += ms
 
 
 FLEET = Fleet(
@@ -40,7 +31,7 @@ NodeFactory = Callable[..., Awaitable[Node]]
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(START_MS)
 
 
 @pytest.fixture

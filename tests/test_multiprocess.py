@@ -18,8 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
-
+from syncfw.testing import wait_until
 from syncfw.testing.partition import EgressProxy, Partition
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,17 +98,7 @@ class Proc:
             self.log = None
 
 
-async def _until(cond: Any, timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> None:
-    pytest.importorskip("syncfw.node")
     names = [f"n{i}" for i in range(5)]
     partition = Partition()
     proxies = {n: EgressProxy(n, partition) for n in names}
@@ -127,7 +116,11 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
             return st["version_vector"] if st else {}
 
         # 1. SIGKILL n4 while it is part-way through n0's burst
-        await _until(lambda: 0 < vv("n4").get("n0", 0) < burst, 60, "n4 to be mid-burst")
+        await wait_until(
+            lambda: 0 < vv("n4").get("n0", 0) < burst,
+            timeout_s=60,
+            what="n4 to be mid-burst",
+        )
         before_kill = vv("n4")
         procs["n4"].kill()
         assert procs["n4"].proc is not None
@@ -135,31 +128,33 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
         written_n4 = before_kill.get("n4", 0)  # writes n4 acknowledged before dying
         await procs["n4"].start([procs["n0"].address], listen=procs["n4"].address)  # same port
         # restarted from its file: nothing it had is lost
-        await _until(
+        await wait_until(
             lambda: (
                 procs["n4"].read() is not None
                 and vv("n4").get("n4", 0) >= written_n4
                 and vv("n4").get("n0", 0) > before_kill.get("n0", 0)
             ),
-            20,
-            "n4 to restart and sync",
+            timeout_s=20,
+            what="n4 to restart and sync",
         )
 
         # 2. partition {n0, n1, n2} | {n3, n4}; writes go on on both sides
         left, right = names[:3], names[3:]
         partition.split(left, right)
         t_cut = time.time()
-        await _until(
+        await wait_until(
             lambda: procs["n1"].status.stat().st_mtime > t_cut + 0.05,
-            10,
-            "n1's status after the cut",
+            timeout_s=10,
+            what="n1's status after the cut",
         )
         at_cut = vv("n1").get("n1", 0)  # at least every n1 write made before the cut
-        await _until(lambda: vv("n2").get("n1", 0) >= at_cut + 10, 30, "the left side to sync")
-        await _until(
+        await wait_until(
+            lambda: vv("n2").get("n1", 0) >= at_cut + 10, timeout_s=30, what="the left side to sync"
+        )
+        await wait_until(
             lambda: vv("n4").get("n3", 0) >= vv("n3").get("n3", 0) - 1 > 0,
-            30,
-            "the right side to sync",
+            timeout_s=30,
+            what="the right side to sync",
         )
         for n in right:
             assert vv(n).get("n1", 0) <= at_cut, f"the partition leaked to {n}"
@@ -178,7 +173,7 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
                 and len({s["state_digest"] for s in sts if s}) == 1
             )
 
-        await _until(converged, 90, "convergence after heal")
+        await wait_until(converged, timeout_s=90, what="convergence after heal")
         final = vv("n0")
         assert final.get("n0", 0) > burst
         for n in names:

@@ -11,6 +11,7 @@ from conftest import FLEET, FakeClock, NodeFactory, exchange
 
 import syncfw
 from syncfw import Node
+from syncfw.testing import wait_until
 
 
 async def test_put_get_delete_scan(make_node: NodeFactory) -> None:
@@ -40,9 +41,7 @@ async def test_async_with_open_and_reopen_keeps_everything(tmp_path: Path) -> No
         assert op.seq == 3  # the sequence continues after a restart
 
 
-@pytest.mark.parametrize(
-    "value", [object(), {1, 2}, 2**70, {"nested": [1, object()]}, lambda: 1]
-)
+@pytest.mark.parametrize("value", [object(), {1, 2}, 2**70, {"nested": [1, object()]}, lambda: 1])
 async def test_unserializable_value_is_refused_and_writes_nothing(
     make_node: NodeFactory, value: object
 ) -> None:
@@ -53,7 +52,9 @@ async def test_unserializable_value_is_refused_and_writes_nothing(
     assert await node.get("trucks/t7/x") is None
 
 
-async def test_write_outside_own_zones_is_refused_and_writes_nothing(make_node: NodeFactory) -> None:
+async def test_write_outside_own_zones_is_refused_and_writes_nothing(
+    make_node: NodeFactory,
+) -> None:
     node = await make_node("t9")
     for key in ("trucks/t7/position", "sys/zones/x", "fleet/t7/model", "nowhere"):
         with pytest.raises(syncfw.ZoneOwnershipError):
@@ -203,9 +204,7 @@ async def test_closed_node_refuses_writes(make_node: NodeFactory) -> None:
 
 
 async def test_slow_change_subscriber_is_told_it_lagged(make_node: NodeFactory) -> None:
-    node = await make_node(
-        "t7", config=syncfw.StoreConfig(changes_buffer=10)
-    )
+    node = await make_node("t7", config=syncfw.StoreConfig(changes_buffer=10))
     feed = node.changes()
     for i in range(20):
         await node.put(f"trucks/t7/k{i}", i)
@@ -246,7 +245,9 @@ async def test_put_many_is_all_or_nothing_before_writing(make_node: NodeFactory)
     assert await node.put_many([]) == []
 
 
-async def test_nodes_serving_over_grpc_converge_and_close_their_mesh(make_node: NodeFactory) -> None:
+async def test_nodes_serving_over_grpc_converge_and_close_their_mesh(
+    make_node: NodeFactory,
+) -> None:
     from syncfw.mesh import MeshConfig
 
     a, b = await make_node("t7"), await make_node("t9")
@@ -254,10 +255,11 @@ async def test_nodes_serving_over_grpc_converge_and_close_their_mesh(make_node: 
     await b.serve("127.0.0.1:0", [mesh_a.address], config=MeshConfig.test())
     await a.put("trucks/t7/position", {"lat": 1})
     await b.counter("site/ore").add(3)
-    deadline = asyncio.get_running_loop().time() + 10
-    while await a.state_digest() != await b.state_digest():
-        assert asyncio.get_running_loop().time() < deadline, "no convergence over gRPC"
-        await asyncio.sleep(0.02)
+
+    async def converged() -> bool:
+        return await a.state_digest() == await b.state_digest()
+
+    await wait_until(converged, timeout_s=10, what="convergence over gRPC")
     assert await b.get("trucks/t7/position") == {"lat": 1}
     assert "mesh" in await a.status()
     await a.close()  # leaves the mesh: b keeps working alone

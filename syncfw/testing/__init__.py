@@ -12,9 +12,11 @@ One flat surface (``from syncfw.testing import ...``):
   :class:`SimReport`, the node kinds :class:`SimNode`, :class:`MemorySimNode`,
   :class:`SqliteSimNode`, and :func:`check`, its checker;
 - transports: :func:`check_transport`, the conformance suite;
-- hypothesis strategies: :data:`values`, :func:`chains`, :func:`op_tuples`
-  (``hypothesis`` is a dev dependency: they are imported on first use, so
-  ``import syncfw.testing`` never needs it).
+- hypothesis strategies: :data:`values`, :func:`chains`, :func:`op_tuples` for
+  the log; :func:`histories`, :func:`ydoc_histories` and :class:`History` for
+  CRDT laws (more in :mod:`syncfw.testing.strategies`). ``hypothesis`` is a
+  dev dependency: they are imported on first use, so ``import syncfw.testing``
+  never needs it.
 
 The simulator, the SQLite sim node, the transport check and the strategies
 load on first access, so importing the kit stays cheap and needs nothing
@@ -49,12 +51,20 @@ if TYPE_CHECKING:
         Simulation,
         check,
     )
-    from syncfw.testing.strategies import chains, op_tuples, values
+    from syncfw.testing.strategies import (
+        History,
+        chains,
+        histories,
+        op_tuples,
+        values,
+        ydoc_histories,
+    )
 
 __all__ = [
     "REPLICA_CHECKS",
     "CheckedReplica",
     "FakeClock",
+    "History",
     "MemoryReplica",
     "MemorySimNode",
     "OpWriter",
@@ -69,9 +79,11 @@ __all__ = [
     "check",
     "check_replica",
     "check_transport",
+    "histories",
     "op_tuples",
     "values",
     "wait_until",
+    "ydoc_histories",
 ]
 
 _LAZY = {
@@ -86,6 +98,9 @@ _LAZY = {
     "chains": "syncfw.testing.strategies",
     "op_tuples": "syncfw.testing.strategies",
     "values": "syncfw.testing.strategies",
+    "History": "syncfw.testing.strategies",
+    "histories": "syncfw.testing.strategies",
+    "ydoc_histories": "syncfw.testing.strategies",
 }
 
 

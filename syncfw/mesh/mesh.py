@@ -40,7 +40,7 @@ from syncfw.sync.frames import PeerInfo, Status
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.network import GrpcNetwork, Listener, Network
 
-__all__ = ["Mesh"]
+__all__ = ["Mesh", "lag_ops"]
 
 log = logging.getLogger("syncfw.mesh")
 

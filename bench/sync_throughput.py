@@ -2,10 +2,15 @@
 
 Usage: ``python bench/sync_throughput.py [--ops N] [--repeat R]`` (< 60 s).
 
-Two SQLite nodes; A holds N ops (32-byte random hex values), B none. Figures:
+Two SQLite nodes; A holds N ops (32-byte random hex values), B none. A runs in
+its own process (``--serve``), as the sending node does in a real fleet; B
+dials it. Figures:
 
 - ``ops_per_s``: median over R fresh B's of N / (time of one gRPC exchange
   that brings B level with A).
+- ``receiver_apply_ops_per_s``: the receiving store alone, ``apply_remote`` of
+  the same ops in the session's batch size (2,000) into a fresh node, in this
+  process: what catching up is bound by once the protocol costs nothing.
 - ``floor_ops_per_s``: the same copy done in-process with no protocol, no
   codec and no network (``ops_since`` + ``apply_remote`` in 2,000-op batches):
   the store-bound ceiling sync can approach; their ratio is the protocol's cost.
@@ -38,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from syncfw.codec import BatchLimits, encode_batch
 from syncfw.exchange import ExchangeOutcome, SessionPair, run_exchange
+from syncfw.log import Op
 from syncfw.node import Node
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.base import FrameStream
@@ -58,24 +64,68 @@ async def _fill(node: Node, n: int) -> None:
         )
 
 
-async def _grpc_sync(a: Node, b: Node) -> tuple[float, ExchangeOutcome, ExchangeOutcome]:
-    served: list[ExchangeOutcome] = []
+async def serve_sender(db: str) -> None:
+    """``--serve DB``: the sending node in its own process, as in a real fleet.
+
+    Opens the node stored at ``db``, serves exchanges over gRPC on loopback,
+    prints ``ADDR host:port`` and runs until its standard input closes.
+    """
+    node = await Node.open(db, node_id="a", fleet=FLEET)
 
     async def handler(stream: FrameStream) -> None:
-        served.append(await run_exchange(b, stream))
+        await run_exchange(node, stream)
 
     server = await GrpcServer.start("127.0.0.1:0", handler)
+    print(f"ADDR {server.address}", flush=True)
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    finally:
+        await server.aclose()
+        await node.close()
+
+
+async def _start_sender(db: Path) -> tuple[asyncio.subprocess.Process, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--serve", str(db),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+    if not line.startswith("ADDR "):
+        raise RuntimeError(f"the sender process did not start: {line!r}")
+    return proc, line.split()[1]
+
+
+async def _stop_sender(proc: asyncio.subprocess.Process) -> None:
+    assert proc.stdin is not None
+    proc.stdin.close()
+    try:
+        await asyncio.wait_for(proc.wait(), 30)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+
+
+async def _grpc_sync(address: str, b: Node) -> tuple[float, ExchangeOutcome]:
+    """B dials the sender's process and catches up in one exchange."""
     pool = ChannelPool()
     try:
-        stream = await pool.open(server.address)
+        stream = await pool.open(address)
         t = time.perf_counter()
-        out = await run_exchange(a, stream)
+        out = await run_exchange(b, stream)
         elapsed = time.perf_counter() - t
     finally:
         await pool.aclose()
-        await server.aclose()
     assert out.ok, out
-    return elapsed, out, served[0]
+    return elapsed, out
+
+
+async def _receiver_apply(b: Node, ops: list[Op], batch: int = 2000) -> float:
+    """The receiving store alone: ``apply_remote`` of the same ops, in the session's batch size."""
+    t = time.perf_counter()
+    for i in range(0, len(ops), batch):
+        await b.apply_remote(ops[i : i + batch])
+    return time.perf_counter() - t
 
 
 async def _floor(a: Node, b: Node) -> float:
@@ -176,7 +226,11 @@ async def main() -> None:
     parser.add_argument("--ops", type=int, default=200_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--follow-ops", type=int, default=None, help="default: max(--ops, 50000)")
+    parser.add_argument("--serve", metavar="DB", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        await serve_sender(args.serve)
+        return
     n = args.ops
     with tempfile.TemporaryDirectory() as d:
         a = await Node.open(Path(d) / "a.db", node_id="a", fleet=FLEET)
@@ -191,27 +245,40 @@ async def main() -> None:
             )
             / n
         )
-        rates, floors, wire = [], [], []
+        floors, applies = [], []
         for r in range(args.repeat):
-            b = await Node.open(Path(d) / f"b{r}.db", node_id=f"b{r}", fleet=FLEET)
-            elapsed, out, served = await _grpc_sync(a, b)
-            assert (await b.version_vector()) == (await a.version_vector())
-            rates.append(n / elapsed)
-            wire.append((out.bytes_sent + served.bytes_sent) / n)
-            await b.close()
             c = await Node.open(Path(d) / f"c{r}.db", node_id=f"c{r}", fleet=FLEET)
             floors.append(n / await _floor(a, c))
             await c.close()
+            e = await Node.open(Path(d) / f"e{r}.db", node_id=f"e{r}", fleet=FLEET)
+            applies.append(n / await _receiver_apply(e, ops))
+            await e.close()
+        want = await a.version_vector()
         await a.close()
+        rates, wire = [], []
+        proc, address = await _start_sender(Path(d) / "a.db")
+        try:
+            for r in range(args.repeat):
+                b = await Node.open(Path(d) / f"b{r}.db", node_id=f"b{r}", fleet=FLEET)
+                elapsed, out = await _grpc_sync(address, b)
+                assert (await b.version_vector()) == want
+                rates.append(n / elapsed)
+                wire.append((out.bytes_sent + out.bytes_received) / n)
+                await b.close()
+        finally:
+            await _stop_sender(proc)
     insync_bytes, insync_rt = _pair_cost(0)
     diff_bytes, diff_rt = _pair_cost(10)
     ops_per_s = statistics.median(rates)
     floor = statistics.median(floors)
+    receiver = statistics.median(applies)
     result = {
         "ops": n,
         "ops_per_s": round(ops_per_s),
         "floor_ops_per_s": round(floor),
         "ratio_to_floor": round(ops_per_s / floor, 3),
+        "receiver_apply_ops_per_s": round(receiver),
+        "ratio_to_receiver_apply": round(ops_per_s / receiver, 3),
         "wire_bytes_per_op": round(statistics.median(wire), 1),
         "msgpack_bytes_per_op": round(msgpack_bytes, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -222,7 +289,11 @@ async def main() -> None:
         "diff1_100_origins_bytes": _many_origins_cost(True),
         "diff1_100_origins_bytes_whole_vv": _many_origins_cost(False),
     }
-    print(f"sync of {n} ops over gRPC: median {ops_per_s:,.0f} ops/s, floor {floor:,.0f} ops/s")
+    print(
+        f"sync of {n} ops over gRPC from a sender process: median {ops_per_s:,.0f} ops/s; "
+        f"floor {floor:,.0f} ops/s ({ops_per_s / floor:.2f}x); receiver's apply_remote alone "
+        f"{receiver:,.0f} ops/s ({ops_per_s / receiver:.2f}x)"
+    )
     result.update(await follow_figures(args.follow_ops or max(n, 50_000), floor))
     print(json.dumps(result))
 

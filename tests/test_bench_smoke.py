@@ -24,7 +24,7 @@ CASES = {
         ["--ops", "3000", "--repeat", "1"],
         {"ops_per_s", "floor_ops_per_s", "wire_bytes_per_op", "msgpack_bytes_per_op",
          "peak_rss_mb", "insync_bytes", "insync_round_trips", "diff10_bytes",
-         "diff10_round_trips", "follow_ops_per_s", "follow_rss_mb"},
+         "diff10_round_trips", "follow_ops_per_s", "follow_rss_mb", "receiver_apply_ops_per_s"},
     ),
     "convergence": (
         ["--seeds", "1"],

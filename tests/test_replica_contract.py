@@ -3,6 +3,8 @@ the testing kit's flat public surface."""
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import itertools
 import subprocess
 import sys
@@ -112,6 +114,37 @@ async def test_memory_replica_reads_a_tombstone_as_absent() -> None:
     await r.apply_remote([w.write("k", 1), w.delete("k")])
     assert r.get("fleet/n1/k") is None
     assert r.scan("fleet/") == {}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "syncfw.testing",
+        "syncfw.testing.replica_check",
+        "syncfw.testing.waiting",
+        "syncfw.testing.strategies",
+        "syncfw.testing.memory",
+        "syncfw.testing.ops",
+    ],
+)
+def test_kit_modules_export_and_document_what_they_define(name: str) -> None:
+    mod = importlib.import_module(name)
+    assert mod.__doc__, f"{name} has no docstring"
+    exported = set(mod.__all__)
+    defined = {
+        n
+        for n, obj in vars(mod).items()
+        if not n.startswith("_")
+        and (inspect.isclass(obj) or inspect.isfunction(obj))
+        and obj.__module__ == name
+    }
+    assert defined <= exported, (
+        f"{name} defines public {sorted(defined - exported)} outside __all__"
+    )
+    for attr in exported:
+        obj = getattr(mod, attr)
+        if inspect.isclass(obj) or inspect.isfunction(obj):
+            assert obj.__doc__, f"{name}.{attr} has no docstring"
 
 
 def test_every_public_name_exists() -> None:

@@ -1,6 +1,8 @@
 """The public testing kit: what applications and syncfw's own tests build on.
 
-One flat surface (``from syncfw.testing import ...``):
+Owns the in-memory replica, the replica contract, op builders, test clocks
+and waiting, the deterministic simulator, the transport check and the
+hypothesis strategies, as one flat surface (``from syncfw.testing import ...``):
 
 - replicas: :class:`MemoryReplica` (the in-memory :class:`~syncfw.log.Replica`),
   :func:`check_replica` (the acceptance suite every replica passes, the memory

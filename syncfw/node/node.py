@@ -265,7 +265,7 @@ class Node:
         await self._store.acknowledge(peer, vv)
 
     async def peer_ack(self, peer: str) -> VersionVector:
-        return (await self._store.peer_acks()).get(peer, {})
+        return self._store.peer_ack(peer)
 
     # ----------------------------------------------------------------- mesh
 

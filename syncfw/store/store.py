@@ -40,7 +40,7 @@ import msgpack
 from syncfw.clock import HLC, wall_ms
 from syncfw.crdt import KINDS
 from syncfw.errors import CorruptDatabaseError, DecodeError, StorageError, StoreClosedError
-from syncfw.log import GENESIS, ApplyResult, Op, OpChain, VersionVector, vv_merge
+from syncfw.log import GENESIS, ApplyResult, Op, OpChain, VersionVector, vv_dominates, vv_merge
 from syncfw.metrics import NodeMetrics
 from syncfw.store import export
 from syncfw.store.config import StoreConfig
@@ -97,6 +97,8 @@ class Store:
         self._vv: VersionVector = {}
         self._heads: dict[str, bytes] = {}
         self._compacted: dict[str, int] = {}
+        # Each peer's acknowledged vector, as committed (only moves forward).
+        self._acks: dict[str, VersionVector] = {}
         self._pending: Pending = {}
         # Mints this node's ops; may run ahead of what is committed (pipelining).
         self._chain = OpChain(node_id)
@@ -164,6 +166,7 @@ class Store:
         for grant in loaded.grants:
             self.zones.add_grant(grant)
         self._pending = loaded.pending
+        self._acks = await export.peer_acks(self._read)
         # A restart with the wall clock set in the past never issues a smaller timestamp.
         self.clock.advance_to(loaded.high_water)
         me = self.node_id
@@ -438,15 +441,19 @@ class Store:
         """Durably record that ``peer`` holds ``vv``, merged into what it acknowledged
         before (pointwise max: an ack never moves backwards)."""
 
+        known = self._acks.get(peer)
+        if known is not None and vv_dominates(known, vv):
+            return  # nothing new: no transaction, no hop to the writer
+
         async def run() -> None:
-            rows = await self._read("SELECT vv FROM peers WHERE peer = ?", (peer,))
-            before = msgpack.unpackb(rows[0][0], strict_map_key=False) if rows else {}
-            merged = vv_merge(before, vv)
-            if rows and merged == before:
+            before = self._acks.get(peer)
+            merged = vv_merge(before or {}, vv)
+            if before is not None and merged == before:
                 return
             await self._txn(
                 [("INSERT OR REPLACE INTO peers (peer, vv) VALUES (?, ?)", [(peer, msgpack.packb(merged))])]
             )
+            self._acks[peer] = merged  # after COMMIT only
 
         await self._call(run, Priority.REMOTE)
 
@@ -455,12 +462,18 @@ class Store:
 
         async def run() -> None:
             await self._txn([("DELETE FROM peers WHERE peer = ?", [(peer,)])])
+            self._acks.pop(peer, None)
 
         await self._call(run, Priority.MAINTENANCE)
 
+    def peer_ack(self, peer: str) -> VersionVector:
+        """The vector ``peer`` last acknowledged (empty if none), as committed."""
+        return dict(self._acks.get(peer, {}))
+
     async def peer_acks(self) -> dict[str, VersionVector]:
-        """Every known peer's acknowledged version vector."""
-        return await export.peer_acks(self._fetch)
+        """Every known peer's acknowledged version vector (as committed; no read)."""
+        self._check_open()
+        return {peer: dict(vv) for peer, vv in self._acks.items()}
 
     async def compact(self) -> int:
         """Drop ops every known peer has acknowledged; their effect stays in state.

@@ -8,6 +8,7 @@ and never leak::
     ├── ClockError
     │   └── ClockSkewError            remote timestamp too far ahead of local time
     ├── ValueEncodingError            a value msgpack cannot carry
+    │   └── ValueTooLargeError        a value or key over the store's limit (nothing written)
     ├── ZoneError
     │   ├── ZoneOwnershipError        local write outside this node's zones
     │   └── NotAuthorityError         zone grant attempted by a non-authority node
@@ -19,7 +20,8 @@ and never leak::
     │   ├── CorruptDatabaseError      the file is not a readable SQLite database
     │   ├── ForeignDatabaseError      a SQLite file that syncfw did not create, or another node's
     │   ├── SchemaVersionError        written by a newer/unknown schema version
-    │   └── StoreClosedError          the store was closed
+    │   ├── StoreClosedError          the store was closed
+    │   └── DatabaseLockedError       the file is open in another store (names the holder)
     ├── FeedError
     │   ├── ChangeFeedLagged          a live change subscriber fell a whole buffer behind
     │   └── FeedPositionError         follow() from a vector ahead of the node or below compaction
@@ -52,6 +54,7 @@ __all__ = [
     "ClockError",
     "ClockSkewError",
     "CorruptDatabaseError",
+    "DatabaseLockedError",
     "DecodeError",
     "EngineStateError",
     "FeedError",
@@ -76,6 +79,7 @@ __all__ = [
     "StoreClosedError",
     "SyncfwError",
     "ValueEncodingError",
+    "ValueTooLargeError",
     "WorkerDied",
     "ZoneError",
     "ZoneOwnershipError",
@@ -105,6 +109,21 @@ class ClockSkewError(ClockError):
 
 class ValueEncodingError(SyncfwError, TypeError):
     """A value cannot be stored: it is not representable in msgpack."""
+
+
+class ValueTooLargeError(ValueEncodingError):
+    """A value (or key) larger than the store accepts: it could never be sent in one
+    sync batch. Nothing was written.
+
+    Attributes:
+        size: the size refused, in bytes.
+        limit: the limit it exceeds (``StoreConfig.max_value_bytes`` or ``max_key_bytes``).
+    """
+
+    def __init__(self, message: str, size: int = 0, limit: int = 0) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
 
 
 class ZoneError(SyncfwError):
@@ -153,6 +172,18 @@ class SchemaVersionError(StorageError):
 
 class StoreClosedError(StorageError):
     """The store (or node) has been closed."""
+
+
+class DatabaseLockedError(StorageError):
+    """The database file is already open in another store (this process or another).
+
+    Attributes:
+        holder: who holds it, as the holder recorded it (``"pid 123 node n1"``).
+    """
+
+    def __init__(self, message: str, holder: str = "") -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class DecodeError(SyncfwError, ValueError):

@@ -47,6 +47,7 @@ from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
 from syncfw.store.feed import Change, ChangeFeed
 from syncfw.store.local import LocalPlan, plan_local
+from syncfw.store.lock import FileLock
 from syncfw.store.meter import StoreMeter
 from syncfw.store.planner import (
     HLC_LIMIT,
@@ -108,6 +109,7 @@ class Store:
         self._listeners: list[Callable[[list[Op], bool], None]] = []
         self._commit_listeners: list[Callable[[], None]] = []
         self._closed = False
+        self._lock = FileLock(None)
 
     # ------------------------------------------------------------------ open/close
 
@@ -129,6 +131,8 @@ class Store:
                 default); exposed as :attr:`metrics`.
 
         Raises:
+            DatabaseLockedError: the file is open in another store (this
+                process or another); the error names the holder's pid.
             CorruptDatabaseError: the file is not a readable SQLite database.
             ForeignDatabaseError: a SQLite file syncfw did not create, or one
                 created for another node id or fleet.
@@ -140,10 +144,15 @@ class Store:
             raise ValueError("node_id must not be empty")
         config = config or StoreConfig()
         path = str(path)
+        lock = FileLock.acquire(path, node_id)  # before reading anything (see .lock)
         try:
             conn = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:
+            lock.release()
             raise StorageError(f"cannot open {path!r}: {exc}") from None
+        except BaseException:
+            lock.release()
+            raise
         try:
             await check_and_migrate(
                 conn, path, node_id, fleet, config.synchronous, config.max_bytes
@@ -153,7 +162,9 @@ class Store:
             await store._load()
         except BaseException:
             await conn.close()
+            lock.release()
             raise
+        store._lock = lock
         store._writer.start(f"syncfw-writer-{node_id}")
         return store
 
@@ -182,7 +193,10 @@ class Store:
         await self._writer.close()
         for q in self._subscribers:
             q.put_nowait(None)
-        await self._conn.close()
+        try:
+            await self._conn.close()
+        finally:
+            self._lock.release()
         self._committed()  # followers see the close at once
 
     # ------------------------------------------------------------------ properties

@@ -10,10 +10,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import FLEET
+from conftest import FLEET, NodeFactory, exchange
 
 import syncfw
-from syncfw import Node
+from syncfw import Node, StoreConfig
+from syncfw.codec import encode_batch
 
 HOLDER = textwrap.dedent(
     """
@@ -90,3 +91,50 @@ async def test_a_second_open_in_the_same_process_is_refused(tmp_path: Path) -> N
         await Node.open(path, node_id="t9", fleet=FLEET)
     async with Node.open(path, node_id="t7", fleet=FLEET):
         pass
+
+
+# ------------------------------------------------------------------ 2. values larger than a batch
+
+
+async def test_a_value_over_the_batch_limit_is_refused_and_sync_keeps_working(
+    make_node: NodeFactory,
+) -> None:
+    t7, depot = await make_node("t7"), await make_node("depot")
+    limit = StoreConfig().max_value_bytes
+    assert limit < (1 << 20) - 16 * 1024  # room for key, hashes, sig under the 1 MiB batch cap
+    await t7.put("trucks/t7/before", 1)
+    with pytest.raises(syncfw.ValueTooLargeError, match=f"limit of {limit} bytes") as info:
+        await t7.put("trucks/t7/frame", b"x" * (limit + 1))
+    assert info.value.limit == limit and info.value.size > limit
+    assert isinstance(info.value, syncfw.ValueEncodingError)
+    with pytest.raises(syncfw.ValueTooLargeError):
+        await t7.put_many({"trucks/t7/ok": 1, "trucks/t7/big": "y" * (limit + 10)})
+    with pytest.raises(syncfw.ValueTooLargeError):
+        await t7.set("trucks/t7/tags").add(b"z" * (limit + 1))  # a computed payload
+    with pytest.raises(syncfw.ValueTooLargeError):
+        await t7.register("trucks/t7/reg").set(b"z" * (limit + 1))
+    with pytest.raises(syncfw.ValueTooLargeError, match="max_key_bytes"):
+        await t7.put("trucks/t7/" + "k" * 2000, 1)
+    # Nothing of any refused write was written; the log moved by one op only.
+    assert (await t7.version_vector())["t7"] == 1
+    assert await t7.get("trucks/t7/ok") is None
+    # A value at the limit still travels (its op fits one 1 MiB batch on the wire),
+    # and sync keeps moving both ways.
+    op = await t7.put("trucks/t7/frame", b"x" * (limit - 1024))
+    assert len(encode_batch([op])) < 1 << 20
+    await depot.put("site/hello", "depot")
+    await exchange(t7, depot)
+    assert await depot.get("trucks/t7/frame") == b"x" * (limit - 1024)
+    assert await t7.get("site/hello") == "depot"
+
+
+# ------------------------------------------------------------------ 3. durability by default
+
+
+async def test_durability_is_full_by_default(make_node: NodeFactory) -> None:
+    assert StoreConfig().synchronous == "FULL"
+    node = await make_node("t7")
+    rows = await node.store._read("PRAGMA synchronous")
+    assert rows[0][0] == 2  # FULL
+    fast = await make_node("t9", config=StoreConfig(synchronous="NORMAL"))
+    assert (await fast.store._read("PRAGMA synchronous"))[0][0] == 1  # NORMAL, opted in

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import uuid
+from pathlib import Path
 
 import pytest
 from conftest import START_MS, FakeClock, NodeFactory, exchange
@@ -274,11 +276,17 @@ async def test_malformed_op_tuples_are_decode_errors() -> None:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**32 - 1), dup=st.booleans())
 async def test_any_delivery_order_gives_identical_state(
-    make_node: NodeFactory, seed: int, dup: bool
+    make_node: NodeFactory, tmp_path: Path, seed: int, dup: bool
 ) -> None:
     """Ops of three writers, delivered in random batches, any order, with duplicates."""
     rng = random.Random(seed)
-    writers = [await make_node(f"w{seed}-{i}") for i in range(3)]
+    # A fresh folder per example: hypothesis may replay a seed while the nodes
+    # of its first run are still open (and each file admits one store).
+    folder = tmp_path / uuid.uuid4().hex
+    folder.mkdir()
+    writers = [
+        await make_node(f"w{seed}-{i}", path=folder / f"w{i}.db") for i in range(3)
+    ]
     for _ in range(30):
         w = rng.choice(writers)
         choice = rng.random()
@@ -297,7 +305,7 @@ async def test_any_delivery_order_gives_identical_state(
     all_ops = [op for w in writers for op in await w.ops_since({})]
     digests = set()
     for trial in range(2):
-        target = await make_node(f"r{seed}-{trial}")
+        target = await make_node(f"r{seed}-{trial}", path=folder / f"r{trial}.db")
         ops = list(all_ops) + (rng.sample(all_ops, 10) if dup else [])
         rng.shuffle(ops)
         while ops:

@@ -147,6 +147,9 @@ class Node:
 
         Raises:
             ValueEncodingError: ``value`` is not representable in msgpack.
+            ValueTooLargeError: the encoded value is over
+                ``StoreConfig.max_value_bytes`` (one op must fit in one sync
+                batch), or the key over ``max_key_bytes``; nothing was written.
             ZoneOwnershipError: this node does not own ``key``'s zone.
             StorageFullError: the size cap or disk is full.
         """
@@ -160,11 +163,14 @@ class Node:
         every write is queued or none is.
 
         Raises:
-            ValueEncodingError, ZoneOwnershipError: an item is refused; nothing was written.
+            ValueEncodingError, ValueTooLargeError, ZoneOwnershipError: an
+                item is refused; nothing was written.
             StorageFullError: the size cap or disk is full.
         """
         pairs = list(items.items()) if isinstance(items, Mapping) else list(items)
         writes = [("lww", key, *self._zone(key), encode_value(value)) for key, value in pairs]
+        for _, key, _, _, payload in writes:
+            self._store.check_size(key, payload)
         results = await self._store.write_many(writes)
         for r in results:
             if isinstance(r, BaseException):

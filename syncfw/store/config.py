@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["StoreConfig"]
+__all__ = ["MAX_KEY_BYTES", "MAX_VALUE_BYTES", "StoreConfig"]
+
+MAX_VALUE_BYTES = 1024 * 1024 - 64 * 1024
+"""Default payload limit: the 1 MiB batch cap less 64 KiB for the op's other fields."""
+
+MAX_KEY_BYTES = 1024
+"""Default key limit (UTF-8 bytes)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,9 +19,10 @@ class StoreConfig:
     """Tuning of the SQLite store.
 
     Attributes:
-        synchronous: SQLite durability. ``"FULL"`` fsyncs every commit;
-            ``"NORMAL"`` (WAL) may lose the last commits on power loss, never
-            on a process crash.
+        synchronous: SQLite durability. ``"FULL"`` (the default) fsyncs every
+            commit, so a write acknowledged by ``put`` survives power loss.
+            ``"NORMAL"`` is an opt-in for speed: with WAL it may lose the last
+            commits on power loss (never on a process crash).
         max_bytes: size cap of the database file; a write that would exceed
             it raises :class:`StorageFullError` and writes nothing.
         max_batch: most local writes grouped into one transaction.
@@ -23,11 +30,20 @@ class StoreConfig:
         max_pending: most ops held back at once (the farthest ahead are
             dropped beyond it; they are resent by the next exchange).
         changes_buffer: per-subscriber buffer of the change feed.
+        max_value_bytes: largest op payload a local write may produce; larger
+            ones raise :class:`~syncfw.errors.ValueTooLargeError` and write
+            nothing. The default leaves room for an op's key, hashes and
+            signature under the sync protocol's 1 MiB batch cap, so every op
+            fits in one batch. (A link configured with smaller batches, such
+            as ``MeshConfig.metered_link``'s 256 KiB, needs a smaller limit.)
+        max_key_bytes: longest key (UTF-8 bytes) a local write may use.
     """
 
-    synchronous: Literal["FULL", "NORMAL"] = "NORMAL"
+    synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_bytes: int | None = None
     max_batch: int = 2048
     max_offset_ms: int = 500
     max_pending: int = 100_000
     changes_buffer: int = 10_000
+    max_value_bytes: int = MAX_VALUE_BYTES
+    max_key_bytes: int = MAX_KEY_BYTES

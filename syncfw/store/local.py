@@ -15,15 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from syncfw.crdt import lww_wins
-from syncfw.errors import ClockError
+from syncfw.errors import ClockError, ValueTooLargeError
 from syncfw.log import Op, OpChain
 from syncfw.store.planner import HLC_LIMIT, PayloadFn
 from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, stage_grant
 from syncfw.zones import GRANT_KIND, ZoneTable
 
-__all__ = ["LocalPlan", "LocalWrite", "WriteSpec", "plan_local"]
-
+__all__ = ["LocalPlan", "LocalWrite", "WriteSpec", "check_size", "plan_local"]
 
 
 class LocalWrite(Protocol):
@@ -74,6 +73,32 @@ class LocalPlan:
     zones: ZoneTable | None
 
 
+def check_size(key: str, payload: bytes | PayloadFn, max_value: int, max_key: int) -> None:
+    """Refuse a write whose key or (computed) payload could not travel in one sync batch.
+
+    An op that no batch can carry would stall its origin's stream with every
+    peer forever, so it is refused before it is minted.
+
+    Raises:
+        ValueTooLargeError: the key or the payload is over its limit.
+    """
+    if len(key) > max_key // 4 and len(kb := key.encode("utf-8", "surrogatepass")) > max_key:
+        raise ValueTooLargeError(
+            f"key of {len(kb)} bytes is over the limit of {max_key} bytes "
+            f"(StoreConfig.max_key_bytes): {key[:64]!r}...",
+            len(kb),
+            max_key,
+        )
+    if not callable(payload) and len(payload) > max_value:
+        raise ValueTooLargeError(
+            f"value of {len(payload)} bytes for {key[:64]!r} is over the limit of {max_value} "
+            "bytes (StoreConfig.max_value_bytes: one op must fit in one sync batch); "
+            "nothing was written",
+            len(payload),
+            max_value,
+        )
+
+
 def _past_limit(hlc: int) -> ClockError:
     return ClockError(f"the hybrid clock is at {hlc}, past what SQLite stores (2**63)")
 
@@ -84,11 +109,13 @@ def plan_local(
     stamp: Callable[[], int],
     zones: ZoneTable,
     states: Mapping[tuple[str, str], Any],
+    max_value: int = 1 << 62,
 ) -> LocalPlan:
     """Mint and fold a group of local writes (``None`` entries are skipped).
 
-    One bad write (its payload function raises, a grant is invalid, the clock
-    is past :data:`HLC_LIMIT`) fails alone; the chain is moved back over it.
+    One bad write (its payload function raises or returns more than
+    ``max_value`` bytes, a grant is invalid, the clock is past
+    :data:`HLC_LIMIT`) fails alone; the chain is moved back over it.
     """
     start = chain.tip
     work = dict(states)
@@ -120,6 +147,7 @@ def plan_local(
             if callable(payload):
                 # A grant's payload is a function of the zone table (its epoch).
                 payload = payload(zones if w.kind == GRANT_KIND else work[(w.kind, w.key)])
+                check_size(w.key, payload, max_value, 1 << 62)
             hlc = stamp()
             if hlc >= HLC_LIMIT:
                 raise _past_limit(hlc)

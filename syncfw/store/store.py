@@ -39,14 +39,20 @@ import msgpack
 
 from syncfw.clock import HLC, wall_ms
 from syncfw.crdt import KINDS
-from syncfw.errors import CorruptDatabaseError, DecodeError, StorageError, StoreClosedError
+from syncfw.errors import (
+    CorruptDatabaseError,
+    DecodeError,
+    StorageError,
+    StoreClosedError,
+    ValueTooLargeError,
+)
 from syncfw.log import GENESIS, ApplyResult, Op, OpChain, VersionVector, vv_dominates, vv_merge
 from syncfw.metrics import NodeMetrics
 from syncfw.store import export
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
 from syncfw.store.feed import Change, ChangeFeed
-from syncfw.store.local import LocalPlan, plan_local
+from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
 from syncfw.store.meter import StoreMeter
 from syncfw.store.planner import (
@@ -225,6 +231,14 @@ class Store:
         if self._closed:
             raise StoreClosedError("the store is closed")
 
+    def check_size(self, key: str, payload: bytes | PayloadFn) -> None:
+        """Refuse a key or payload over the configured limits (see :func:`.local.check_size`).
+
+        Raises:
+            ValueTooLargeError: naming the size and the limit.
+        """
+        check_size(key, payload, self.config.max_value_bytes, self.config.max_key_bytes)
+
     async def write(
         self, kind: str, key: str, zone: str, epoch: int, payload: bytes | PayloadFn
     ) -> Op:
@@ -233,8 +247,14 @@ class Store:
         ``payload`` is the op's bytes, or a function of the key's current
         state returning them (for types whose ops depend on it: counters,
         OR-set removes, registers). Zone checks are the caller's job.
+
+        Raises:
+            ValueTooLargeError: the key or payload (computed ones too) is over
+                ``StoreConfig.max_key_bytes`` / ``max_value_bytes``; nothing
+                was written.
         """
         self._check_open()
+        self.check_size(key, payload)
         fut: asyncio.Future[Op] = asyncio.get_running_loop().create_future()
         self._writer.put(WriteJob(kind, key, zone, epoch, payload, fut))
         return await fut
@@ -245,14 +265,21 @@ class Store:
         """Append several local ops, in order, waiting once for all of them.
 
         Each write is ``(kind, key, zone, epoch, payload)`` as for :meth:`write`.
-        Returns each write's op, or the exception that refused it alone.
+        Returns each write's op, or the exception that refused it alone
+        (:class:`ValueTooLargeError` as for :meth:`write`).
         """
         self._check_open()
         loop = asyncio.get_running_loop()
         jobs = [WriteJob(k, key, z, e, p, loop.create_future()) for k, key, z, e, p in writes]
         if not jobs:
             return []
-        self._writer.put_writes(jobs)
+        for job in jobs:
+            try:
+                self.check_size(job.key, job.payload)
+            except ValueTooLargeError as exc:
+                job.future.set_exception(exc)  # refused alone, never queued
+        if queued := [j for j in jobs if not j.future.done()]:
+            self._writer.put_writes(queued)
         futures = [j.future for j in jobs]
         # Groups commit in queue order, so once the last is settled all are.
         await asyncio.wait([futures[-1]])
@@ -277,7 +304,9 @@ class Store:
                     w.future.set_exception(exc)
             return None, False
         live = [None if w.future.done() else w for w in batch]  # done: cancelled before its turn
-        plan = plan_local(live, self._chain, self.clock.now, self.zones, states)
+        plan = plan_local(
+            live, self._chain, self.clock.now, self.zones, states, self.config.max_value_bytes
+        )
         for i, failure in plan.failed:
             batch[i].future.set_exception(failure)
         if not plan.ops:

@@ -107,6 +107,29 @@ class NodeMetrics:
             (*n, "peer"),
             registry=r,
         )
+        self.members = Gauge(
+            "syncfw_members", "Entries in the mesh's member table (bounded).", n, registry=r
+        )
+        self.gossip_refused = Counter(
+            "syncfw_gossip_refused",
+            "Gossiped members refused (bad address or id, outside the allowed networks, "
+            "over a frame's or the table's cap), by reason.",
+            (*n, "reason"),
+            registry=r,
+        )
+        self.gossip_evicted = Counter(
+            "syncfw_gossip_evicted",
+            "Learned members never reached, dropped to make room in the member table, by why.",
+            (*n, "reason"),
+            registry=r,
+        )
+        self.gossip_dials = Counter(
+            "syncfw_gossip_dials",
+            "Dials of learned members never reached: made (new), or left out by the dial "
+            "rate limit (deferred).",
+            (*n, "outcome"),
+            registry=r,
+        )
         # -- clock
         self.clock_offset_ms = Gauge(
             "syncfw_clock_offset_ms",
@@ -163,6 +186,22 @@ class NodeMetrics:
         for state in states:
             self.peers.labels(self.node_id, state).set(counts.get(state, 0))
 
+    def set_members(self, n: int) -> None:
+        """Set ``members``: the size of the mesh's member table."""
+        self.members.labels(self.node_id).set(n)
+
+    def gossip_refusal(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` gossiped members refused for ``reason`` (a fixed set, chosen by the mesh)."""
+        self.gossip_refused.labels(self.node_id, reason).inc(n)
+
+    def gossip_eviction(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` members evicted from the member table for ``reason``."""
+        self.gossip_evicted.labels(self.node_id, reason).inc(n)
+
+    def gossip_dial(self, outcome: str, n: int = 1) -> None:
+        """Count ``n`` dials of new members: ``new`` (made) or ``deferred`` (rate limit)."""
+        self.gossip_dials.labels(self.node_id, outcome).inc(n)
+
     def set_peer_lag(self, peer: str, ops: int) -> None:
         """Set ``peer_lag_ops{peer}`` (the caller bounds ``peer`` to its member table)."""
         self.peer_lag_ops.labels(self.node_id, peer).set(ops)
@@ -196,6 +235,10 @@ class NodeMetrics:
             "exchange_ops": ints(self.by_label("syncfw_exchange_ops_total", "direction")),
             "peers": ints(self.by_label("syncfw_peers", "state")),
             "peer_lag_ops": ints(self.by_label("syncfw_peer_lag_ops", "peer")),
+            "members": int(self.value("syncfw_members")),
+            "gossip_refused": ints(self.by_label("syncfw_gossip_refused_total", "reason")),
+            "gossip_evicted": ints(self.by_label("syncfw_gossip_evicted_total", "reason")),
+            "gossip_dials": ints(self.by_label("syncfw_gossip_dials_total", "outcome")),
             "clock_offset_ms": self.by_label("syncfw_clock_offset_ms", "source"),
         }
 

@@ -1,18 +1,23 @@
 """The fleet mesh: who the peers are, when to sync with whom, and how much.
 
 Owns membership from seeds and gossiped peer lists with alive/suspect/dead
-failure handling (``membership``), per-peer bandwidth budgets (``budget``),
-configuration presets (``config``), the gossip scheduler with jitter, fanout and
-eager push (``mesh``), and the fleet-wide model-version view (``models``).
+failure handling, bounded (``membership``), what a gossiped member may look
+like (``addresses``), the new-dial rate and the reports of what gossip refused
+(``guard``, with rate-limited warnings from ``notices``), per-peer bandwidth
+budgets (``budget``), configuration presets (``config``), the gossip scheduler
+with jitter, fanout and eager push (``mesh``), and the fleet-wide model-version
+view (``models``).
 
 Works on a :class:`~syncfw.log.Replica` only, and records its figures in the
 node's :class:`~syncfw.metrics.NodeMetrics`. May import: errors, metrics, log,
 keys, zones, sync, transport, exchange. Must not import: store, node.
 """
 
+from syncfw.mesh.addresses import check_address, check_node_id
 from syncfw.mesh.budget import TokenBucket
-from syncfw.mesh.config import MeshConfig
-from syncfw.mesh.membership import Member, Membership, MemberState
+from syncfw.mesh.config import GossipBounds, MeshConfig
+from syncfw.mesh.guard import GossipGuard
+from syncfw.mesh.membership import Choice, Learned, Member, Membership, MemberState
 from syncfw.mesh.mesh import Mesh
 from syncfw.mesh.models import (
     FleetModelView,
@@ -25,7 +30,11 @@ from syncfw.mesh.models import (
 )
 
 __all__ = [
+    "Choice",
     "FleetModelView",
+    "GossipBounds",
+    "GossipGuard",
+    "Learned",
     "Member",
     "MemberState",
     "Membership",
@@ -33,6 +42,8 @@ __all__ = [
     "MeshConfig",
     "ModelStatus",
     "TokenBucket",
+    "check_address",
+    "check_node_id",
     "fleet_model_view",
     "model_key",
     "model_value",

@@ -1,4 +1,4 @@
-"""A token bucket: the per-peer bandwidth budget."""
+"""A token bucket: the per-peer bandwidth budget, and the rate of new dials."""
 
 from __future__ import annotations
 
@@ -50,6 +50,24 @@ class TokenBucket:
         self._refill()
         need = min(n, self.burst)
         return 0.0 if self._tokens >= need else (need - self._tokens) / self.rate
+
+    def available(self) -> float:
+        """Tokens in the bucket now (negative after a send larger than the burst)."""
+        self._refill()
+        return self._tokens
+
+    def take(self, n: int = 1) -> bool:
+        """Take ``n`` tokens if the bucket holds them now; never waits.
+
+        Returns:
+            True if they were taken, False (nothing taken) if the bucket holds fewer.
+        """
+        self._refill()
+        if self._tokens < n:
+            return False
+        self._tokens -= n
+        self.spent += n
+        return True
 
     async def spend(self, n: int) -> None:
         """Wait until ``n`` bytes may go, then take them from the bucket."""

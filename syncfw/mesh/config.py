@@ -2,11 +2,72 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field, replace
 
 from syncfw.sync.session import SessionConfig
+from syncfw.transport.wire import MAX_FRAME_BYTES
 
-__all__ = ["MeshConfig"]
+__all__ = ["GossipBounds", "MeshConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class GossipBounds:
+    """What a node takes from gossiped peer lists, and what it gossips itself.
+
+    A peer list comes from a peer, so everything it can make this node hold,
+    send or dial is capped here (see :mod:`syncfw.mesh.membership`).
+
+    Attributes:
+        max_members: the member table's size. When it is full, learned members
+            never reached make room (the dead and the failed first); seeds and
+            members reached before are never evicted; with nothing evictable a
+            newcomer is refused.
+        learn_per_frame: new members taken from one Peers frame at most.
+        read_per_frame: entries of one Peers frame looked at at most (the rest
+            are refused unread).
+        gossip_members: members in this node's own Peers frame at most (itself
+            aside), alive ones first, rotated so every member gets its turn.
+        gossip_bytes: the most bytes this node's own Peers frame may take; kept
+            well under the transport's frame cap.
+        require_port: addresses must be ``host:port``; False lets a bare name
+            through (the in-memory network names listeners without ports).
+        allowed_networks: CIDR blocks a learned address must lie in (IP
+            literals only: a hostname cannot be checked without resolving it);
+            empty: any address.
+        dials_per_s: new addresses (learned, never reached) dialed per second
+            on average; seeds and members reached before are not counted.
+        dial_burst: how many such dials may be saved up.
+        warn_every_s: each kind of refusal is logged at most this often, with
+            the count since the last line.
+    """
+
+    max_members: int = 1024
+    learn_per_frame: int = 64
+    read_per_frame: int = 1024
+    gossip_members: int = 128
+    gossip_bytes: int = 256 * 1024
+    require_port: bool = True
+    allowed_networks: tuple[str, ...] = ()
+    dials_per_s: float = 1.0
+    dial_burst: int = 8
+    warn_every_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if min(self.max_members, self.learn_per_frame, self.read_per_frame) < 1:
+            raise ValueError("max_members, learn_per_frame and read_per_frame must be >= 1")
+        if self.gossip_members < 0 or not 1024 <= self.gossip_bytes <= MAX_FRAME_BYTES // 2:
+            raise ValueError(
+                f"gossip_members >= 0 and 1024 <= gossip_bytes <= {MAX_FRAME_BYTES // 2} are required"
+            )
+        if self.dials_per_s <= 0 or self.dial_burst < 1 or self.warn_every_s < 0:
+            raise ValueError("dials_per_s > 0, dial_burst >= 1 and warn_every_s >= 0 are required")
+        for net in self.allowed_networks:
+            ipaddress.ip_network(net, strict=False)  # raises ValueError for a bad block
+
+    def with_(self, **changes: object) -> GossipBounds:
+        """A copy with some fields changed."""
+        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +93,7 @@ class MeshConfig:
         gossip_peers_every: gossip the member list on every n-th exchange.
         clock_warn_ms: a peer clock further off than this is logged (a health signal).
         session: sync session tunables (batch size, window, zstd).
+        gossip: caps on what peer lists can make this node hold, send and dial.
     """
 
     interval_s: float = 1.0
@@ -50,6 +112,7 @@ class MeshConfig:
     gossip_peers_every: int = 1
     clock_warn_ms: int = 500
     session: SessionConfig = field(default_factory=SessionConfig)
+    gossip: GossipBounds = field(default_factory=GossipBounds)
 
     def __post_init__(self) -> None:
         if self.interval_s <= 0 or not 0 <= self.jitter < 1 or self.fanout < 1:
@@ -78,6 +141,15 @@ class MeshConfig:
             push_fanout=1,
             gossip_peers_every=10,
             session=SessionConfig(max_batch_bytes=256 * 1024, window=2, zstd=True),
+            # gossip is rare and every byte is paid for: small lists, few new dials
+            gossip=GossipBounds(
+                max_members=256,
+                learn_per_frame=16,
+                gossip_members=32,
+                gossip_bytes=32 * 1024,
+                dials_per_s=0.05,
+                dial_burst=2,
+            ),
         )
 
     @classmethod
@@ -93,6 +165,8 @@ class MeshConfig:
             dead_after_s=0.5,
             dead_retry_s=0.2,
             push_debounce_s=0.01,
+            # in-memory listeners are bare names; many nodes meet at once
+            gossip=GossipBounds(require_port=False, dials_per_s=1000.0, dial_burst=64),
         )
 
     def with_(self, **changes: object) -> MeshConfig:

@@ -11,6 +11,20 @@ Invariants:
    been suspect for ``dead_after_s``. Dead members are still dialed every
    ``dead_retry_s`` so a healed partition is noticed; they are never forgotten.
 4. This node never appears among its own members.
+5. Bounded by :class:`~syncfw.mesh.config.GossipBounds`: the table never
+   holds more than ``max_members``; one Peers frame adds at most
+   ``learn_per_frame`` members and is read for at most ``read_per_frame``
+   entries; a member is held only with a valid node id and address
+   (:mod:`syncfw.mesh.addresses`). Seeds and members reached before are never
+   evicted; learned members never reached make room for newcomers, the dead
+   first, then the tried-and-failed, then the untried, oldest first.
+6. This node's own peer list (:meth:`Membership.gossip`) holds at most
+   ``gossip_members`` members and ``gossip_bytes`` bytes: members reached
+   before first, then other alive ones, then suspect ones; each tier rotated
+   from one list to the next, so a table larger than a list is gossiped in turn.
+7. A choice of peers (:meth:`Membership.choose`) includes at most
+   ``new_dials`` learned members never reached; the rest of the fanout goes to
+   seeds and members reached before.
 """
 
 from __future__ import annotations
@@ -18,11 +32,22 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from syncfw.mesh.addresses import (
+    FRAME_CAP,
+    TABLE_FULL,
+    check_address,
+    check_node_id,
+)
+from syncfw.mesh.config import GossipBounds
 from syncfw.sync.frames import PeerInfo
 
-__all__ = ["Member", "MemberState", "Membership"]
+__all__ = ["Choice", "Learned", "Member", "MemberState", "Membership"]
+
+# protobuf framing of one gossiped entry beyond its two strings: tags, lengths,
+# a varint heartbeat of up to 10 bytes and the entry's own header
+_ENTRY_OVERHEAD = 24
 
 
 class MemberState(enum.Enum):
@@ -58,6 +83,45 @@ class Member:
     last_try: float | None = None
 
 
+@dataclass(slots=True)
+class Learned:
+    """What one gossiped peer list did to the table (:meth:`Membership.learn`).
+
+    Attributes:
+        fresh: members added.
+        refused: entries refused, by reason (:data:`~syncfw.mesh.addresses.REFUSALS`).
+        examples: one refused entry per reason, as gossiped (for the log line).
+        evicted: members dropped to make room, by why they could go
+            (``dead``, ``failed``, ``untried``).
+        evicted_ids: node ids of the evicted members (their metric series go).
+    """
+
+    fresh: list[Member] = field(default_factory=list)
+    refused: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, PeerInfo] = field(default_factory=dict)
+    evicted: dict[str, int] = field(default_factory=dict)
+    evicted_ids: list[str] = field(default_factory=list)
+
+    def _refuse(self, reason: str, p: PeerInfo, n: int = 1) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + n
+        self.examples.setdefault(reason, p)
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The peers of one round (:meth:`Membership.choose`).
+
+    Attributes:
+        chosen: members to exchange with.
+        new: how many of them are learned members never reached (each a new dial).
+        deferred: members chosen at random that were left out for want of new dials.
+    """
+
+    chosen: list[Member]
+    new: int
+    deferred: int
+
+
 class Membership:
     """The member table of one node.
 
@@ -68,6 +132,11 @@ class Membership:
         suspect_after: consecutive failures that make a member suspect.
         dead_after_s: time suspect before dead.
         dead_retry_s: how often a dead member is still tried.
+        bounds: caps on the table, on what one peer list adds, on this node's
+            own list. If None: the defaults of :class:`GossipBounds`, with
+            bare names allowed as addresses (a table on its own has no
+            transport to say what an address looks like; the mesh always
+            passes its config's).
     """
 
     def __init__(
@@ -79,6 +148,7 @@ class Membership:
         suspect_after: int = 2,
         dead_after_s: float = 10.0,
         dead_retry_s: float = 5.0,
+        bounds: GossipBounds | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
@@ -86,10 +156,13 @@ class Membership:
         self.suspect_after = suspect_after
         self.dead_after_s = dead_after_s
         self.dead_retry_s = dead_retry_s
+        self.bounds = bounds or GossipBounds(require_port=False)
         self.members: dict[str, Member] = {}  # by address
-        for seed in seeds:
-            if seed and seed != address:
-                self.members[seed] = Member("", seed)
+        # the operator's own addresses: never evicted, never counted as new dials
+        self.seeds: frozenset[str] = frozenset(s for s in seeds if s and s != address)
+        for seed in sorted(self.seeds):
+            self.members[seed] = Member("", seed)
+        self._rotation = 0
 
     # -- news ---------------------------------------------------------------------
 
@@ -99,33 +172,106 @@ class Membership:
         return self.heartbeat
 
     def merge(self, peers: Iterable[PeerInfo], now: float) -> list[Member]:
-        """Fold a gossiped peer list in; returns members that were new."""
-        fresh: list[Member] = []
-        for p in peers:
-            if not p.address or p.node_id == self.node_id or p.address == self.address:
-                continue
-            m = self.members.get(p.address)
-            if m is None:
-                m = Member(p.node_id, p.address, p.heartbeat, since=now)
-                self.members[p.address] = m
-                fresh.append(m)
-                continue
-            if not m.node_id:
-                m.node_id = p.node_id
-            if p.heartbeat > m.heartbeat:
-                m.heartbeat = p.heartbeat
-                if m.state is not MemberState.ALIVE:
-                    self._set(m, MemberState.ALIVE, now)
-                    m.failures = 0
-        return fresh
+        """Fold a gossiped peer list in; returns members that were new (see :meth:`learn`)."""
+        return self.learn(peers, now).fresh
 
-    def succeeded(self, address: str, node_id: str | None, now: float) -> None:
-        """An exchange with ``address`` ended well."""
+    def learn(self, peers: Iterable[PeerInfo], now: float) -> Learned:
+        """Fold a gossiped peer list in, within the bounds; says what it refused and evicted.
+
+        Args:
+            peers: the list as gossiped (any length: only ``read_per_frame``
+                entries are looked at).
+            now: the caller's clock.
+
+        Returns:
+            What was added, refused and evicted.
+        """
+        b = self.bounds
+        out = Learned()
+        read = 0
+        for p in peers:
+            read += 1
+            if read > b.read_per_frame:
+                out._refuse(FRAME_CAP, p)
+                continue
+            if not p.address or p.node_id == self.node_id or p.address == self.address:
+                continue  # a member that only dials out, or this node itself: nothing to hold
+            m = self.members.get(p.address)
+            if m is not None:
+                self._refresh(m, p, now)
+                continue
+            reason = check_node_id(p.node_id) or check_address(
+                p.address, require_port=b.require_port, allowed_networks=b.allowed_networks
+            )
+            if reason is None and len(out.fresh) >= b.learn_per_frame:
+                reason = FRAME_CAP
+            if reason is None and len(self.members) >= b.max_members and not self._evict(out):
+                reason = TABLE_FULL
+            if reason is not None:
+                out._refuse(reason, p)
+                continue
+            m = Member(p.node_id, p.address, p.heartbeat, since=now)
+            self.members[p.address] = m
+            out.fresh.append(m)
+        return out
+
+    def _refresh(self, m: Member, p: PeerInfo, now: float) -> None:
+        """Fresher gossip about a member already held."""
+        if not m.node_id and check_node_id(p.node_id) is None:
+            m.node_id = p.node_id  # a seed, now named
+        if p.heartbeat > m.heartbeat:
+            m.heartbeat = p.heartbeat
+            if m.state is not MemberState.ALIVE:
+                self._set(m, MemberState.ALIVE, now)
+                m.failures = 0
+
+    def _evict(self, out: Learned) -> bool:
+        """Drop one learned member never reached, to make room; False if there is none."""
+        best: tuple[int, float, str] | None = None
+        for m in self.members.values():
+            if m.address in self.seeds or m.last_ok is not None:
+                continue
+            if m.state is MemberState.DEAD:
+                tier = 0
+            elif m.last_try is not None:
+                tier = 1
+            else:
+                tier = 2
+            key = (tier, m.last_try if m.last_try is not None else m.since, m.address)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            return False
+        gone = self.members.pop(best[2])
+        why = ("dead", "failed", "untried")[best[0]]
+        out.evicted[why] = out.evicted.get(why, 0) + 1
+        if gone.node_id:
+            out.evicted_ids.append(gone.node_id)
+        return True
+
+    def succeeded(self, address: str, node_id: str | None, now: float) -> Learned | None:
+        """An exchange with ``address`` ended well.
+
+        Returns:
+            For an address not in the table: what adding it did (it may have
+            evicted a member, or been refused for a full table); else None.
+        """
         m = self.members.get(address)
         if m is None:
             if not address or address == self.address:
-                return
+                return None
+            out = Learned()
+            if len(self.members) >= self.bounds.max_members and not self._evict(out):
+                out._refuse(TABLE_FULL, PeerInfo(node_id or "", address))
+                return out
             m = self.members[address] = Member(node_id or "", address, since=now)
+            out.fresh.append(m)
+            self._reached(m, node_id, now)
+            return out
+        self._reached(m, node_id, now)
+        return None
+
+    def _reached(self, m: Member, node_id: str | None, now: float) -> None:
         if node_id:
             m.node_id = node_id
         m.failures = 0
@@ -163,8 +309,31 @@ class Membership:
         """Members not declared dead."""
         return [m for m in self.members.values() if m.state is not MemberState.DEAD]
 
+    def is_new(self, m: Member) -> bool:
+        """Whether dialing ``m`` is a new dial: a learned member never reached."""
+        return m.last_ok is None and m.address not in self.seeds
+
     def pick(self, fanout: int, rng: random.Random, now: float) -> list[Member]:
         """Up to ``fanout`` random live members, plus one dead member due a retry."""
+        return self.choose(fanout, rng, now).chosen
+
+    def choose(
+        self, fanout: int, rng: random.Random, now: float, new_dials: int | None = None
+    ) -> Choice:
+        """The peers of one round: ``fanout`` random live members, plus one dead one due a retry.
+
+        Args:
+            fanout: live members to choose.
+            rng: the mesh's seeded randomness.
+            now: the caller's clock.
+            new_dials: at most this many of the chosen may be new dials
+                (:meth:`is_new`); None for no limit. Members left out for it
+                are replaced by seeds or members reached before, where any
+                are left.
+
+        Returns:
+            The choice, with how many new dials it holds and how many it deferred.
+        """
         live = sorted(self.live(), key=lambda m: m.address)
         chosen = rng.sample(live, min(fanout, len(live)))
         due = sorted(
@@ -178,17 +347,57 @@ class Membership:
         )
         if due:
             chosen.append(rng.choice(due))
-        return chosen
+        if new_dials is None:
+            return Choice(chosen, sum(1 for m in chosen if self.is_new(m)), 0)
+        kept: list[Member] = []
+        deferred = 0
+        for m in chosen:
+            if not self.is_new(m):
+                kept.append(m)
+            elif new_dials > 0:
+                new_dials -= 1
+                kept.append(m)
+            else:
+                deferred += 1
+        if deferred:
+            taken = {m.address for m in kept}
+            known = [m for m in live if not self.is_new(m) and m.address not in taken]
+            kept.extend(rng.sample(known, min(deferred, len(known))))
+        return Choice(kept, sum(1 for m in kept if self.is_new(m)), deferred)
 
     def gossip(self) -> tuple[PeerInfo, ...]:
-        """The peer list to gossip: this node first, then every member with an id."""
+        """The peer list to gossip: this node first, then members within the bounds.
+
+        At most ``gossip_members`` members and ``gossip_bytes`` bytes in all:
+        members reached before first, then other alive ones, then suspect
+        ones (the dead and the unnamed are never gossiped), each tier rotated
+        by the lists sent before, so every member gets its turn.
+        """
+        b = self.bounds
         own = PeerInfo(self.node_id, self.address, self.heartbeat)
-        others = tuple(
-            PeerInfo(m.node_id, m.address, m.heartbeat)
-            for m in sorted(self.members.values(), key=lambda m: m.address)
-            if m.node_id and m.state is not MemberState.DEAD
-        )
-        return (own, *others)
+        room = b.gossip_bytes - _entry_bytes(own)
+        tiers: tuple[list[Member], ...] = ([], [], [])
+        for m in sorted(self.members.values(), key=lambda m: m.address):
+            if not m.node_id or m.state is MemberState.DEAD:
+                continue
+            if m.state is MemberState.SUSPECT:
+                tiers[2].append(m)
+            else:
+                tiers[0 if m.last_ok is not None else 1].append(m)
+        out = [own]
+        for tier in tiers:
+            if not tier:
+                continue
+            k = self._rotation % len(tier)
+            for m in tier[k:] + tier[:k]:
+                entry = PeerInfo(m.node_id, m.address, m.heartbeat)
+                cost = _entry_bytes(entry)
+                if len(out) - 1 >= b.gossip_members or cost > room:
+                    break
+                room -= cost
+                out.append(entry)
+        self._rotation += max(1, b.gossip_members)
+        return tuple(out)
 
     def snapshot(self) -> dict[str, dict[str, object]]:
         """Member states for status pages."""
@@ -196,3 +405,8 @@ class Membership:
             m.address: {"node_id": m.node_id, "state": m.state.value, "failures": m.failures}
             for m in self.members.values()
         }
+
+
+def _entry_bytes(p: PeerInfo) -> int:
+    """An upper bound on the wire bytes of one gossiped entry."""
+    return len(p.node_id.encode()) + len(p.address.encode()) + _ENTRY_OVERHEAD

@@ -17,12 +17,19 @@ Invariants:
    :meth:`Mesh.status` reads them back, so it and ``/metrics`` agree.
 5. Dialing a peer takes at most ``config.connect_timeout_s``; the exchange
    that follows, at most ``config.exchange_timeout_s``.
+6. Gossip is bounded (``config.gossip``): members are learned only from a
+   Peers frame the session accepted, which it does only after the peer's
+   Hello; the table, what one frame adds and this node's own list are capped
+   by :class:`Membership`; a round makes new dials only as the
+   :class:`GossipGuard`'s bucket allows; every refusal and eviction is counted
+   and logged, rate-limited.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -34,6 +41,7 @@ from syncfw.exchange import ExchangeOutcome, SendBudget, run_exchange
 from syncfw.log import Replica, VersionVector
 from syncfw.mesh.budget import TokenBucket
 from syncfw.mesh.config import MeshConfig
+from syncfw.mesh.guard import GossipGuard
 from syncfw.mesh.membership import Member, Membership, MemberState
 from syncfw.metrics import PEER_SOURCE, NodeMetrics
 from syncfw.sync.frames import PeerInfo, Status
@@ -73,6 +81,7 @@ class Mesh:
         self.membership = membership
         self.config = config
         self._rng = rng
+        self.guard = GossipGuard(replica.node_id, config.gossip, self.metrics)
         self._busy: set[str] = set()
         self._budgets: dict[str, TokenBucket] = {}
         self._serve_budget: TokenBucket | None = None
@@ -139,6 +148,7 @@ class Mesh:
             suspect_after=cfg.suspect_after,
             dead_after_s=cfg.dead_after_s,
             dead_retry_s=cfg.dead_retry_s,
+            bounds=cfg.gossip,
         )
         mesh._publish_members()
         if run_loop:
@@ -165,11 +175,8 @@ class Mesh:
         self.membership.tick(now)
         self._publish_members()
         self.rounds += 1
-        chosen = [
-            m
-            for m in self.membership.pick(self.config.fanout, self._rng, now)
-            if m.address not in self._busy
-        ]
+        choice = self.guard.choose(self.membership, self.config.fanout, self._rng, now)
+        chosen = [m for m in choice.chosen if m.address not in self._busy]
         return list(await asyncio.gather(*(self.sync_with(m.address) for m in chosen)))
 
     async def push(self) -> list[ExchangeOutcome]:
@@ -218,7 +225,7 @@ class Mesh:
                     config=self.config.session,
                     peers=self._gossip_list(),
                     budget=self._budget(address),
-                    on_peers=self._learn,
+                    on_peers=functools.partial(self._learn, source=address),
                     timeout_s=self.config.exchange_timeout_s,
                     metrics=self.metrics,
                 )
@@ -265,15 +272,18 @@ class Mesh:
             b = self._budgets[address] = TokenBucket(rate, self.config.peer_burst_bytes)
         return b
 
-    def _learn(self, peers: tuple[PeerInfo, ...]) -> None:
-        for m in self.membership.merge(peers, time.monotonic()):
-            log.info("%s learned of %s at %s", self.replica.node_id, m.node_id, m.address)
+    def _learn(self, peers: tuple[PeerInfo, ...], source: str = "") -> None:
+        # the session hands over a Peers frame only once the peer's Hello was accepted
+        got = self.membership.learn(peers, time.monotonic())
+        self.guard.learned(got, source, len(self.membership.members))
         self._publish_members()
 
     async def _record(self, address: str, out: ExchangeOutcome) -> None:
         now = time.monotonic()
         if out.ok:
-            self.membership.succeeded(address, out.peer_id, now)
+            got = self.membership.succeeded(address, out.peer_id, now)
+            if got is not None:
+                self.guard.learned(got, address, len(self.membership.members))
         else:
             before = self.membership.members.get(address)
             was = before.state if before is not None else None
@@ -297,7 +307,7 @@ class Mesh:
             config=self.config.session,
             peers=self._gossip_list(),
             budget=self._serve_budget,
-            on_peers=self._learn,
+            on_peers=functools.partial(self._learn, source=stream.peer_address),
             timeout_s=self.config.exchange_timeout_s,
             metrics=self.metrics,
         )
@@ -317,6 +327,7 @@ class Mesh:
             if m.node_id:
                 ids.add(m.node_id)
         self.metrics.set_peers(counts, _STATES)
+        self.metrics.set_members(len(self.membership.members))
         for gone in self._labelled - ids:
             self.metrics.forget_peer(gone)
         self._labelled &= ids
@@ -432,6 +443,7 @@ class Mesh:
             "ops_received": self.ops_received,
             "clock_offsets_ms": self.clock_offsets_ms,
             "lag_ops": self.lag_ops,
+            "gossip": self.guard.status(),
         }
 
     def members(self) -> list[Member]:

@@ -130,6 +130,14 @@ class NodeMetrics:
             (*n, "outcome"),
             registry=r,
         )
+        # -- transport (recorded by the gRPC server when it refuses or cuts a stream)
+        self.refused_streams = Counter(
+            "syncfw_refused_streams",
+            "Incoming streams the transport refused or cut (over a quota, no first frame "
+            "in time, a write left blocked on flow control at the deadline), by reason.",
+            (*n, "reason"),
+            registry=r,
+        )
         # -- clock
         self.clock_offset_ms = Gauge(
             "syncfw_clock_offset_ms",
@@ -239,6 +247,7 @@ class NodeMetrics:
             "gossip_refused": ints(self.by_label("syncfw_gossip_refused_total", "reason")),
             "gossip_evicted": ints(self.by_label("syncfw_gossip_evicted_total", "reason")),
             "gossip_dials": ints(self.by_label("syncfw_gossip_dials_total", "outcome")),
+            "refused_streams": ints(self.by_label("syncfw_refused_streams_total", "reason")),
             "clock_offset_ms": self.by_label("syncfw_clock_offset_ms", "source"),
         }
 

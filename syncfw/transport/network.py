@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
+from syncfw.metrics import NodeMetrics
 from syncfw.transport.base import FrameStream
 from syncfw.transport.memory import MemoryNetwork
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
@@ -52,15 +53,24 @@ class Network(Protocol):
 
 
 class GrpcNetwork:
-    """The mesh over gRPC: a :class:`GrpcServer` and a :class:`ChannelPool`."""
+    """The mesh over gRPC: a :class:`GrpcServer` and a :class:`ChannelPool`.
 
-    def __init__(self, config: TransportConfig | None = None) -> None:
+    Args:
+        config: transport tunables (quotas, deadlines, connection limits, TLS).
+        metrics: the node's registry; the server counts refused and cut
+            streams there (``syncfw_refused_streams{reason}``).
+    """
+
+    def __init__(
+        self, config: TransportConfig | None = None, *, metrics: NodeMetrics | None = None
+    ) -> None:
         self.config = config or TransportConfig()
+        self.metrics = metrics
         self.pool = ChannelPool(self.config)
 
     async def serve(self, listen: str, handler: Handler) -> GrpcServer:
         """Start a gRPC server on ``listen``."""
-        return await GrpcServer.start(listen, handler, config=self.config)
+        return await GrpcServer.start(listen, handler, config=self.config, metrics=self.metrics)
 
     async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
         """Open an Exchange call on the pooled channel to ``address``."""

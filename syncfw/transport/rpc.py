@@ -12,9 +12,17 @@ Invariants:
    ``Frame`` of ``protos/syncfw/v1/sync.proto``, so any gRPC client that speaks
    the ``.proto`` interoperates.
 3. Every call has a deadline, every channel has keepalive and a max message
-   size, and the server caps concurrent exchanges (``RESOURCE_EXHAUSTED``
-   beyond it); grpc's HTTP/2 flow control is the backpressure under the
-   session's window.
+   size. The server admits a call against quotas per connection, peer
+   address, identity and overall (:mod:`~syncfw.transport.admission`;
+   ``RESOURCE_EXHAUSTED`` at once beyond one), ends a call whose first frame
+   does not come within ``hello_timeout_s``, and cuts every call at
+   ``exchange_timeout_s``: a call whose write is blocked on flow control is
+   abandoned without waiting for the write (its slot is reclaimed at once, its
+   peer's quota when the connection's age limit has freed it in grpc).
+   grpc's HTTP/2 flow control is the backpressure under the session's window.
+5. Every refusal or cut is a WARNING, rate-limited per peer host and reason,
+   with peer-supplied text clipped, and a count in
+   ``syncfw_refused_streams{reason}`` when the server has the node's metrics.
 4. A non-OK end of an exchange on the server becomes the call's gRPC status
    (code and details), so any gRPC client sees a clear status too.
 """
@@ -25,17 +33,18 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from syncfw.metrics import NodeMetrics
 from syncfw.sync.frames import Status
 from syncfw.transport._pb import health_pb2, health_pb2_grpc
+from syncfw.transport.admission import Admission, Refusal, RefusalLog
 from syncfw.transport.base import FrameStream, LinkError
-from syncfw.transport.wire import MAX_FRAME_BYTES
+from syncfw.transport.config import TlsConfig, TransportConfig
+from syncfw.transport.health import SERVICE, HealthServicer, check_health
 
 __all__ = [
     "ChannelPool",
@@ -48,7 +57,6 @@ __all__ = [
 
 log = logging.getLogger("syncfw.transport")
 
-SERVICE = "syncfw.v1.Sync"
 EXCHANGE = "/syncfw.v1.Sync/Exchange"
 # Frames cross gRPC as the bytes wire.encode_frame makes (identity
 # serializers), so every transport carries the very same bytes and a
@@ -59,84 +67,6 @@ _EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-s
 def _same_bytes(data: bytes) -> bytes:
     """The identity (de)serializer: the Exchange method carries opaque bytes."""
     return data
-
-
-@dataclass(frozen=True, slots=True)
-class TlsConfig:
-    """Mutual TLS: this node's certificate and the fleet's CA.
-
-    A node's certificate carries its node id as the subject common name; the
-    server refuses a peer whose ``Hello`` names another node than its
-    certificate does.
-
-    Attributes:
-        ca_pem: the fleet CA certificate(s), PEM.
-        cert_pem: this node's certificate chain, PEM.
-        key_pem: this node's private key, PEM.
-        server_name: the name peers' certificates are checked against when
-            dialing (their SAN); None checks the dialed host.
-    """
-
-    ca_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
-    server_name: str | None = None
-
-    @classmethod
-    def from_files(
-        cls, ca: str | Path, cert: str | Path, key: str | Path, *, server_name: str | None = None
-    ) -> TlsConfig:
-        """Read the three PEM files."""
-        return cls(
-            Path(ca).read_bytes(), Path(cert).read_bytes(), Path(key).read_bytes(), server_name
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TransportConfig:
-    """Tunables of the gRPC transport.
-
-    Attributes:
-        max_message_bytes: largest frame either way (gRPC max message size).
-        keepalive_s: interval of HTTP/2 keepalive pings on idle connections.
-        keepalive_timeout_s: a ping unanswered this long closes the connection.
-        connect_timeout_s: how long to wait for a channel to become ready.
-        exchange_timeout_s: deadline of one exchange call.
-        max_concurrent_exchanges: exchanges the server serves at once.
-        http_proxy: dial peers through this HTTP CONNECT proxy (``http://host:port``).
-        tls: mutual TLS; None serves and dials in plaintext (loopback, tests).
-    """
-
-    max_message_bytes: int = MAX_FRAME_BYTES
-    keepalive_s: float = 20.0
-    keepalive_timeout_s: float = 10.0
-    connect_timeout_s: float = 5.0
-    exchange_timeout_s: float = 60.0
-    max_concurrent_exchanges: int = 64
-    http_proxy: str | None = None
-    tls: TlsConfig | None = None
-
-    def channel_options(self) -> list[tuple[str, Any]]:
-        """grpc channel arguments for these settings."""
-        return (
-            [
-                ("grpc.max_send_message_length", self.max_message_bytes),
-                ("grpc.max_receive_message_length", self.max_message_bytes),
-                ("grpc.keepalive_time_ms", int(self.keepalive_s * 1000)),
-                ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.max_pings_without_data", 0),
-                ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
-                ("grpc.enable_retries", 0),
-                ("grpc.so_reuseport", 0),
-            ]
-            + ([("grpc.http_proxy", self.http_proxy)] if self.http_proxy else [])
-            + (
-                [("grpc.ssl_target_name_override", self.tls.server_name)]
-                if self.tls is not None and self.tls.server_name
-                else []
-            )
-        )
 
 
 def _status_of(code: grpc.StatusCode | None) -> Status:
@@ -156,7 +86,22 @@ def _translate(exc: BaseException) -> LinkError:
 
 
 class GrpcStream:
-    """A :class:`FrameStream` over one gRPC ``Exchange`` call, either side."""
+    """A :class:`FrameStream` over one gRPC ``Exchange`` call, either side.
+
+    It holds no queue of its own: at most one message is in flight each way
+    (a write awaits grpc's flow control; a read returns one message), so what
+    a peer can make this side buffer is bounded by the HTTP/2 window grpc
+    grants plus one message of at most ``max_message_bytes``; the exchange
+    runner's receive queue (``2 * window + 8`` frames) is the only queue above it.
+
+    Args:
+        call: the client call (dialing side), or
+        context: the server call's context (serving side).
+        peer_address: the other end, for logs.
+        peer_identity: the node id the link authenticated (mTLS), if any.
+        first: on the server, the first message, already read by the servicer
+            (:data:`_EOF` if the peer finished before sending one).
+    """
 
     def __init__(
         self,
@@ -165,6 +110,7 @@ class GrpcStream:
         context: grpc.aio.ServicerContext[bytes, bytes] | None = None,
         peer_address: str = "",
         peer_identity: str | None = None,
+        first: object = None,
     ) -> None:
         if (call is None) == (context is None):
             raise ValueError("a GrpcStream wraps a client call or a server context")
@@ -172,9 +118,16 @@ class GrpcStream:
         self._ctx = context
         self._peer = peer_address
         self.peer_identity = peer_identity
+        self._first = first
         self._closed = False
+        self._writing = False
         self.end_status: Status | None = None
         self.end_reason = ""
+
+    @property
+    def write_blocked(self) -> bool:
+        """True if a write was started and never completed (cut while flow control held it)."""
+        return self._writing
 
     @property
     def peer_address(self) -> str:
@@ -188,15 +141,19 @@ class GrpcStream:
             LinkError: the call ended (with the peer's status, if it set one).
         """
         msg = data
+        self._writing = True  # stays set if the write is cancelled while flow control holds it
         try:
             if self._call is not None:
                 await self._call.write(msg)
             else:
                 assert self._ctx is not None
                 await self._ctx.write(msg)
+            self._writing = False
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            self._writing = False
             raise await self._ended_with(_translate(exc)) from None
         except (grpc.RpcError, grpc.aio.BaseError) as exc:  # e.g. the call ended under us
+            self._writing = False
             raise await self._ended_with(
                 LinkError(Status.ABORTED, f"write failed: {exc!r}")
             ) from None
@@ -226,7 +183,10 @@ class GrpcStream:
                     raise LinkError(_status_of(code), await self._call.details() or code.name)
             else:
                 assert self._ctx is not None
-                msg = await self._ctx.read()
+                if self._first is not None:
+                    msg, self._first = self._first, None
+                else:
+                    msg = await self._ctx.read()
                 if msg is _EOF:
                     return None
         except LinkError:
@@ -266,9 +226,26 @@ def _identity(context: grpc.aio.ServicerContext[bytes, bytes]) -> str | None:
     return names[0].decode("utf-8", "replace") if names else None
 
 
+_REFUSED_TEXT = {
+    Refusal.GLOBAL_CAP: "server busy: every exchange slot is taken",
+    Refusal.PEER_QUOTA: "too many exchanges at once from this address",
+    Refusal.IDENTITY_QUOTA: "too many exchanges at once from this node id",
+    Refusal.CONNECTION_QUOTA: "too many exchanges at once on this connection",
+}
+_HANDLER_GRACE_S = 1.0  # the handler's own deadline (the same figure) speaks first
+
+
 class _SyncServicer:
-    def __init__(self, handler: ExchangeHandler) -> None:
+    """``Exchange``: admission, the first-frame deadline, the hard deadline, then the handler."""
+
+    def __init__(
+        self, handler: ExchangeHandler, config: TransportConfig, metrics: NodeMetrics | None
+    ) -> None:
         self._handler = handler
+        self._config = config
+        self._metrics = metrics
+        self.admission = Admission(config.quotas())
+        self.refusals = RefusalLog(log, config.refusal_log_interval_s)
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """``syncfw.v1.Sync`` with raw-bytes frames."""
@@ -283,66 +260,82 @@ class _SyncServicer:
             },
         )
 
+    def _refused(self, peer: str, reason: Refusal, detail: str) -> None:
+        """One WARNING (rate-limited per peer host and reason) and one count."""
+        self.refusals.refused(peer, reason, detail)
+        if self._metrics is not None:
+            self._metrics.refused_streams.labels(self._metrics.node_id, reason.value).inc()
+
     async def Exchange(
         self,
         request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> None:
-        stream = GrpcStream(
-            context=context, peer_address=context.peer(), peer_identity=_identity(context)
-        )
+        peer, identity = context.peer(), _identity(context)
+        ticket = self.admission.admit(peer, identity)
+        if isinstance(ticket, Refusal):
+            self._refused(peer, ticket, _REFUSED_TEXT[ticket])
+            context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.set_details(f"{_REFUSED_TEXT[ticket]} ({ticket.value})")
+            return
+        stalled = False
         try:
-            await self._handler(stream)
+            first = await self._first_message(context, peer)
+            if first is not None:
+                stream = GrpcStream(
+                    context=context, peer_address=peer, peer_identity=identity, first=first
+                )
+                stalled = await self._serve(stream, context, peer)
+        finally:
+            self.admission.release(ticket, stalled=stalled)
+        if stalled:
+            # grpc would wait for the blocked write before sending a status, and
+            # hold the call (and its slot) for as long as the peer keeps its
+            # window shut. Ending the handler with CancelledError sends nothing;
+            # the connection's age limit frees the call in grpc itself.
+            raise asyncio.CancelledError
+
+    async def _first_message(
+        self, context: grpc.aio.ServicerContext[bytes, bytes], peer: str
+    ) -> object | None:
+        """The peer's first message within ``hello_timeout_s``; None if the call is over."""
+        limit = self._config.hello_timeout_s
+        try:
+            async with asyncio.timeout(limit):
+                return await context.read()
+        except TimeoutError:
+            reason = f"no first frame within {limit}s of opening the stream"
+            self._refused(peer, Refusal.NO_HELLO, reason)
+            context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+            context.set_details(reason)
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+            pass  # the peer is gone before saying anything
+        return None
+
+    async def _serve(
+        self, stream: GrpcStream, context: grpc.aio.ServicerContext[bytes, bytes], peer: str
+    ) -> bool:
+        """Run the handler under the hard deadline; True if it left a write blocked."""
+        limit = self._config.exchange_timeout_s + _HANDLER_GRACE_S
+        try:
+            async with asyncio.timeout(limit):
+                await self._handler(stream)
+        except TimeoutError:
+            if not stream.write_blocked:
+                context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+                context.set_details(f"exchange took over {limit}s")
         except Exception:  # never let a handler bug leak a grpc traceback to the peer
-            log.exception("exchange handler failed for %s", context.peer())
+            log.exception("exchange handler failed for %s", peer)
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details("internal error")
-
-
-class _HealthServicer(health_pb2_grpc.HealthServicer):
-    def __init__(self) -> None:
-        self.statuses: dict[str, int] = {
-            "": health_pb2.HealthCheckResponse.SERVING,
-            SERVICE: health_pb2.HealthCheckResponse.SERVING,
-        }
-        self.changed = asyncio.Event()
-
-    def set(self, status: int) -> None:
-        for name in self.statuses:
-            self.statuses[name] = status
-        self.changed.set()
-        self.changed = asyncio.Event()
-
-    async def Check(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> health_pb2.HealthCheckResponse:
-        status = self.statuses.get(request.service)
-        if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-        return health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
-
-    async def List(
-        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> health_pb2.HealthListResponse:
-        return health_pb2.HealthListResponse(
-            statuses={
-                k: health_pb2.HealthCheckResponse(status=v)  # type: ignore[arg-type]
-                for k, v in self.statuses.items()
-            }
-        )
-
-    async def Watch(
-        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        last = None
-        while True:
-            status = self.statuses.get(
-                request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+        if stream.write_blocked:
+            self._refused(
+                peer,
+                Refusal.STALLED,
+                "its window stayed shut past the exchange deadline: call cut, slot reclaimed",
             )
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)  # type: ignore[arg-type]
-                last = status
-            await self.changed.wait()
+            return True
+        return False
 
 
 class GrpcServer:
@@ -352,12 +345,23 @@ class GrpcServer:
     """
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, host: str, health: _HealthServicer
+        self,
+        server: grpc.aio.Server,
+        port: int,
+        host: str,
+        health: HealthServicer,
+        servicer: _SyncServicer,
     ) -> None:
         self._server = server
         self.port = port
         self.host = host
         self._health = health
+        self._servicer = servicer
+
+    @property
+    def admission(self) -> Admission:
+        """The server's admission bookkeeping (what it serves, per peer)."""
+        return self._servicer.admission
 
     @property
     def address(self) -> str:
@@ -371,27 +375,35 @@ class GrpcServer:
         handler: ExchangeHandler,
         *,
         config: TransportConfig | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> GrpcServer:
         """Listen on ``listen`` (``host:port``; port 0 picks a free one).
 
         With ``config.tls`` the server requires client certificates from the
         fleet CA (mutual TLS) and binds each exchange to the certificate's node id.
+        Each call is admitted against the quotas of ``config`` (per connection,
+        peer address, identity, and overall), must send its first frame within
+        ``config.hello_timeout_s``, and is cut at ``config.exchange_timeout_s``
+        even when a write is blocked on flow control.
 
         Args:
             listen: address to bind.
             handler: runs one exchange on each incoming stream.
             config: transport tunables.
+            metrics: the node's registry; refused and cut streams are counted
+                in ``syncfw_refused_streams{reason}``.
 
         Raises:
             LinkError: ``UNAVAILABLE``: the address cannot be bound.
         """
         cfg = config or TransportConfig()
-        server = grpc.aio.server(
-            options=cfg.channel_options(),
-            maximum_concurrent_rpcs=cfg.max_concurrent_exchanges,
-        )
-        server.add_generic_rpc_handlers((_SyncServicer(handler).generic_handler(),))
-        health = _HealthServicer()
+        # No maximum_concurrent_rpcs: grpc's limiter holds a slot until grpc
+        # frees the call, which a peer with a shut window delays for as long as
+        # its connection lives; admission (per peer, then overall) does it.
+        server = grpc.aio.server(options=cfg.server_options())
+        servicer = _SyncServicer(handler, cfg, metrics)
+        server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
         host = listen.rsplit(":", 1)[0] or "127.0.0.1"
         try:
@@ -409,7 +421,7 @@ class GrpcServer:
         if port == 0:
             raise LinkError(Status.UNAVAILABLE, f"cannot listen on {listen}")
         await server.start()
-        return cls(server, port, host, health)
+        return cls(server, port, host, health, servicer)
 
     async def aclose(self, grace_s: float = 1.0) -> None:
         """Report NOT_SERVING, let running exchanges finish for ``grace_s``, stop."""
@@ -483,16 +495,3 @@ class ChannelPool:
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close(None)
-
-
-async def check_health(address: str, *, service: str = "", timeout_s: float = 2.0) -> bool:
-    """True if ``address`` answers the gRPC health check with SERVING."""
-    try:
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = health_pb2_grpc.HealthStub(ch)  # type: ignore[no-untyped-call]
-            resp = await stub.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
-    except (TimeoutError, grpc.RpcError):
-        return False
-    return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)

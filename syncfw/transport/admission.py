@@ -1,0 +1,241 @@
+"""Who may open an exchange on this server now: quotas per connection, peer and identity.
+
+Invariants:
+
+1. At most ``max_concurrent_exchanges`` exchanges are served at once, at most
+   ``per_peer`` of them for one peer address (the host, whatever its ports),
+   ``per_identity`` for one authenticated node id (mTLS) and ``per_connection``
+   on one HTTP/2 connection. Each quota is well below the global cap, so one
+   address or identity holding its quota leaves room for everyone else.
+2. A refusal is decided at once (never queued) and names its
+   :class:`Refusal` reason; the caller ends the call ``RESOURCE_EXHAUSTED``.
+3. A call whose write was left blocked on flow control when it ended
+   (a *stalled* call: grpc cannot finish it until the connection goes) keeps
+   counting against its peer's and identity's quotas until ``stall_hold_s``
+   has passed (the connection age limit plus its grace, by which grpc has
+   closed the connection and freed the call), but not against the global cap,
+   so a stalling peer locks out only itself.
+4. Every table is bounded by the calls being served and stalled: an entry
+   goes when its count drops to zero.
+
+Pure bookkeeping: no grpc, no I/O; time comes from an injected clock.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["Admission", "Quotas", "Refusal", "RefusalLog", "Ticket", "clip", "peer_host"]
+
+
+class Refusal(enum.Enum):
+    """Why the transport refused or cut a stream (the ``reason`` label of ``syncfw_refused_streams``)."""
+
+    GLOBAL_CAP = "global_cap"
+    PEER_QUOTA = "peer_quota"
+    IDENTITY_QUOTA = "identity_quota"
+    CONNECTION_QUOTA = "connection_quota"
+    NO_HELLO = "no_hello"
+    STALLED = "stalled"
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """The limits :class:`Admission` enforces (from ``TransportConfig``).
+
+    Attributes:
+        max_concurrent_exchanges: exchanges served at once, all peers together.
+        per_peer: exchanges at once from one peer address (host).
+        per_identity: exchanges at once from one authenticated node id.
+        per_connection: exchanges at once on one HTTP/2 connection.
+        stall_hold_s: how long a stalled call keeps counting against its
+            peer's quotas (invariant 3).
+    """
+
+    max_concurrent_exchanges: int
+    per_peer: int
+    per_identity: int
+    per_connection: int
+    stall_hold_s: float
+
+
+def peer_host(peer: str) -> str:
+    """The host part of a grpc peer string (``ipv4:1.2.3.4:567`` -> ``ipv4:1.2.3.4``).
+
+    The port is left out so that one host's connections share one quota.
+    """
+    if peer.startswith("ipv6:[") and "]" in peer:
+        return peer[: peer.index("]") + 1]
+    head, sep, _port = peer.rpartition(":")
+    return head if sep and head else peer
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    """One admitted call; hand it back to :meth:`Admission.release` exactly once."""
+
+    connection: str
+    host: str
+    identity: str | None
+
+
+class Admission:
+    """Counts the calls being served and decides whether one more may start.
+
+    Args:
+        quotas: the limits.
+        clock: monotonic seconds (tests inject their own).
+    """
+
+    def __init__(self, quotas: Quotas, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.quotas = quotas
+        self._clock = clock
+        self.active = 0
+        self._by_conn: dict[str, int] = {}
+        self._by_host: dict[str, int] = {}
+        self._by_identity: dict[str, int] = {}
+        self._stalled: deque[tuple[float, Ticket]] = deque()
+
+    def admit(self, connection: str, identity: str | None) -> Ticket | Refusal:
+        """A ticket for a new call from ``connection`` (grpc's peer string), or why not.
+
+        Args:
+            connection: the peer as grpc names it (address and port: one connection).
+            identity: the node id the link authenticated (mTLS), if any.
+
+        Returns:
+            A :class:`Ticket` (the call counts until released) or the :class:`Refusal`.
+        """
+        self._expire()
+        q, host = self.quotas, peer_host(connection)
+        if self._by_conn.get(connection, 0) >= q.per_connection:
+            return Refusal.CONNECTION_QUOTA
+        if self._by_host.get(host, 0) >= q.per_peer:
+            return Refusal.PEER_QUOTA
+        if identity is not None and self._by_identity.get(identity, 0) >= q.per_identity:
+            return Refusal.IDENTITY_QUOTA
+        if self.active >= q.max_concurrent_exchanges:
+            return Refusal.GLOBAL_CAP
+        ticket = Ticket(connection, host, identity)
+        self.active += 1
+        _inc(self._by_conn, connection, 1)
+        _inc(self._by_host, host, 1)
+        if identity is not None:
+            _inc(self._by_identity, identity, 1)
+        return ticket
+
+    def release(self, ticket: Ticket, *, stalled: bool = False) -> None:
+        """The call ended; a ``stalled`` one keeps its peer quotas for ``stall_hold_s``."""
+        self.active -= 1
+        _inc(self._by_conn, ticket.connection, -1)
+        if stalled:
+            self._stalled.append((self._clock() + self.quotas.stall_hold_s, ticket))
+            return
+        self._drop_peer(ticket)
+
+    @property
+    def stalled(self) -> int:
+        """Stalled calls still counted against their peers."""
+        self._expire()
+        return len(self._stalled)
+
+    def held_by(self, connection: str) -> int:
+        """Calls (served and stalled) counted against the host of ``connection``."""
+        self._expire()
+        return self._by_host.get(peer_host(connection), 0)
+
+    def _drop_peer(self, ticket: Ticket) -> None:
+        _inc(self._by_host, ticket.host, -1)
+        if ticket.identity is not None:
+            _inc(self._by_identity, ticket.identity, -1)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._stalled and self._stalled[0][0] <= now:
+            self._drop_peer(self._stalled.popleft()[1])
+
+
+def _inc(table: dict[str, int], key: str, by: int) -> None:
+    n = table.get(key, 0) + by
+    if n > 0:
+        table[key] = n
+    else:
+        table.pop(key, None)
+
+
+def clip(text: str, limit: int = 64) -> str:
+    """``text`` as a quoted, escaped literal of at most about ``limit`` characters."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}…(+{len(text) - limit} chars)"
+
+
+class RefusalLog:
+    """WARNING lines about refused streams: at most one per (peer host, reason) every ``every_s``.
+
+    What is held back in between is counted and reported by the next line of
+    that key; the key table is bounded (``max_keys``, then one shared key), so
+    a peer inventing addresses cannot grow it.
+
+    Args:
+        logger: where the lines go.
+        every_s: the least time between two lines of one key.
+        max_keys: distinct keys tracked at most.
+        clock: monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every_s: float,
+        *,
+        max_keys: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self.every_s = every_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._last: dict[tuple[str, Refusal], float] = {}
+        self._held: dict[tuple[str, Refusal], int] = {}
+        self.lines = 0
+
+    def refused(self, connection: str, reason: Refusal, detail: str) -> bool:
+        """Log that a stream from ``connection`` was refused for ``reason``, unless it was lately.
+
+        Returns:
+            True if a line was written.
+        """
+        key = (peer_host(connection), reason)
+        now = self._clock()
+        if key not in self._last and len(self._last) >= self.max_keys:
+            self._prune(now)
+            if len(self._last) >= self.max_keys:
+                key = ("(other)", reason)
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held = self._held.pop(key, 0)
+        self._log.warning(
+            "refused a stream from %s (%s): %s [%d since the last such line]",
+            clip(connection),
+            reason.value,
+            detail,
+            held + 1,
+        )
+        self.lines += 1
+        return True
+
+    def _prune(self, now: float) -> None:
+        # only keys with nothing held back: a held count is reported, never dropped
+        for key in [
+            k for k, t in self._last.items() if now - t >= self.every_s and k not in self._held
+        ]:
+            del self._last[key]

@@ -36,7 +36,8 @@ __all__ = [
 
 MAX_ADDRESS_CHARS = 262
 """253 for the longest hostname, brackets, a colon and five digits, with slack."""
-MAX_NODE_ID_CHARS = 128
+MAX_NODE_ID_CHARS = 256
+"""As long as an op's origin may be: a node that can write can be gossiped."""
 
 BAD_ADDRESS = "bad_address"
 BAD_NODE_ID = "bad_node_id"

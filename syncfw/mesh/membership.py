@@ -46,8 +46,9 @@ from syncfw.sync.frames import PeerInfo
 __all__ = ["Choice", "Learned", "Member", "MemberState", "Membership"]
 
 # protobuf framing of one gossiped entry beyond its two strings: tags, lengths,
-# a varint heartbeat of up to 10 bytes and the entry's own header
-_ENTRY_OVERHEAD = 24
+# a varint heartbeat of up to 10 bytes and the entry's own header, whatever the lengths
+_ENTRY_OVERHEAD = 32
+_FRAME_OVERHEAD = 16  # the Frame's and the Peers message's own tags and lengths
 
 
 class MemberState(enum.Enum):
@@ -162,7 +163,7 @@ class Membership:
         self.seeds: frozenset[str] = frozenset(s for s in seeds if s and s != address)
         for seed in sorted(self.seeds):
             self.members[seed] = Member("", seed)
-        self._rotation = 0
+        self._rotation = [0, 0, 0]  # where each tier's next gossiped list starts
 
     # -- news ---------------------------------------------------------------------
 
@@ -375,7 +376,7 @@ class Membership:
         """
         b = self.bounds
         own = PeerInfo(self.node_id, self.address, self.heartbeat)
-        room = b.gossip_bytes - _entry_bytes(own)
+        room = b.gossip_bytes - _FRAME_OVERHEAD - _entry_bytes(own)
         tiers: tuple[list[Member], ...] = ([], [], [])
         for m in sorted(self.members.values(), key=lambda m: m.address):
             if not m.node_id or m.state is MemberState.DEAD:
@@ -385,10 +386,11 @@ class Membership:
             else:
                 tiers[0 if m.last_ok is not None else 1].append(m)
         out = [own]
-        for tier in tiers:
+        for i, tier in enumerate(tiers):
             if not tier:
                 continue
-            k = self._rotation % len(tier)
+            k = self._rotation[i] % len(tier)
+            taken = 0
             for m in tier[k:] + tier[:k]:
                 entry = PeerInfo(m.node_id, m.address, m.heartbeat)
                 cost = _entry_bytes(entry)
@@ -396,7 +398,9 @@ class Membership:
                     break
                 room -= cost
                 out.append(entry)
-        self._rotation += max(1, b.gossip_members)
+                taken += 1
+            # the next list starts where this one stopped, tier by tier
+            self._rotation[i] = (k + taken) % len(tier)
         return tuple(out)
 
     def snapshot(self) -> dict[str, dict[str, object]]:

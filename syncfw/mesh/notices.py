@@ -24,10 +24,11 @@ _OVERFLOW = "(other)"
 
 
 def clip(text: str, limit: int = 64) -> str:
-    """``text`` as a quoted, escaped literal of at most about ``limit`` characters."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}…(+{len(text) - limit} chars)"
+    """``text`` as a quoted, escaped literal, cut to ``limit`` characters of it (escapes counted)."""
+    shown = repr(text)
+    if len(shown) <= limit:
+        return shown
+    return f"{shown[:limit]}…({len(text)} chars)"
 
 
 class Notices:

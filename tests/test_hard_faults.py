@@ -3,6 +3,8 @@ durability by default, forks without lock-out, loud pending, integrity, budgets,
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -10,11 +12,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import FLEET, NodeFactory, exchange
+from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange
 
 import syncfw
 from syncfw import Node, StoreConfig
 from syncfw.codec import encode_batch
+from syncfw.log import Op, OpChain, encode_value
 
 HOLDER = textwrap.dedent(
     """
@@ -138,3 +141,74 @@ async def test_durability_is_full_by_default(make_node: NodeFactory) -> None:
     assert rows[0][0] == 2  # FULL
     fast = await make_node("t9", config=StoreConfig(synchronous="NORMAL"))
     assert (await fast.store._read("PRAGMA synchronous"))[0][0] == 1  # NORMAL, opted in
+
+
+# ------------------------------------------------------------------ 4. forks without lock-out
+
+
+async def test_a_forged_pending_op_never_locks_out_the_genuine_chain(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    t9, depot = await make_node("t9"), await make_node("depot")
+    for i in range(5):
+        await t9.put(f"trucks/t9/k{i}", i)
+    ops = await t9.ops_since({})
+    await depot.apply_remote(ops[:1])
+    forged = dataclasses.replace(ops[3], value=encode_value("forged"), prev=b"\x07" * 32)
+    await depot.apply_remote([forged])  # held behind the gap at 2..3
+    assert depot.store.pending() == {"t9": {4: "gap: waiting for earlier ops of this origin"}}
+    with caplog.at_level(logging.WARNING, logger="syncfw.store"):
+        await exchange(t9, depot)  # carries the genuine 2..5
+    assert (await depot.version_vector())["t9"] == 5
+    assert await depot.get("trucks/t9/k3") == 3
+    assert depot.store.pending() == {}
+    assert depot.store.discarded() == {"fork": 1}
+    assert "fork evidence" in caplog.text
+    assert await depot.state_digest() == await t9.state_digest()
+
+
+# ------------------------------------------------------------------ 5. loud pending
+
+
+def crafted(origin: str, n: int, *, zone: str, epoch: int, start: int = 1) -> list[Op]:
+    """``n`` chained lww ops of ``origin`` from seq ``start`` (the earlier ones left out)."""
+    chain = OpChain(origin)
+    ops = [
+        chain.mint((START_MS << 16) + i, zone, epoch, f"{zone}k{i}", "lww", encode_value(i))
+        for i in range(start + n - 1)
+    ]
+    return ops[start - 1 :]
+
+
+async def test_ops_held_for_a_missing_grant_warn_after_the_age_threshold_rate_limited(
+    make_node: NodeFactory, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    depot = await make_node("depot")
+    # t9 writes under an epoch of its zone this node holds no grant for.
+    with caplog.at_level(logging.WARNING, logger="syncfw.store"):
+        await depot.apply_remote(crafted("t9", 3, zone="trucks/t9/", epoch=5))
+        assert "held back" not in caplog.text  # young and few: not yet alarming
+        clock.advance(61_000)
+        await depot.store.retry_pending()
+        assert "3 remote ops held back (epoch) for 61 s" in caplog.text
+        assert "missing grant" in caplog.text
+        caplog.clear()
+        clock.advance(10_000)
+        await depot.store.retry_pending()
+        assert "held back" not in caplog.text  # at most once a minute per reason
+        clock.advance(60_000)
+        await depot.store.retry_pending()
+        assert "held back (epoch)" in caplog.text
+    status = await depot.status()
+    assert status["pending_by_reason"] == {"gap": 0, "epoch": 3, "clock_skew": 0}
+    assert status["metrics"]["ops_pending"]["epoch"] == 3
+
+
+async def test_many_ops_behind_a_gap_warn_at_once_with_the_count(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    depot = await make_node("depot", config=StoreConfig(pending_warn_ops=10))
+    with caplog.at_level(logging.WARNING, logger="syncfw.store"):
+        await depot.apply_remote(crafted("t9", 12, zone="trucks/t9/", epoch=1, start=3))
+    assert "12 remote ops held back (gap)" in caplog.text
+    assert (await depot.status())["pending_by_reason"]["gap"] == 12

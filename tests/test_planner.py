@@ -205,8 +205,8 @@ def test_sig_takes_no_part_in_the_same_op() -> None:
     moved = dataclasses.replace(op, seq=2)
     pend = Mirrors({}, {}, {"n2": {2: (moved, "gap")}}, ZoneTable(FLEET))
     assert triage([dataclasses.replace(moved, sig=b"x")], pend).duplicates
-    with pytest.raises(ForkError):
-        triage([dataclasses.replace(moved, value=b"\x02")], pend)
+    # Differing from a pending (never verified) op is no fork yet: contested.
+    assert triage([dataclasses.replace(moved, value=b"\x02")], pend).contested == {("n2", 2)}
     with pytest.raises(ForkError):
         plan_remote(triage([dataclasses.replace(op, value=b"\x02")], m), m, {op.id: op}, {}, LIM)
 
@@ -255,3 +255,68 @@ def test_local_stamp_past_what_sqlite_stores_fails_the_write_alone() -> None:
     )
     assert not plan.ops and isinstance(plan.failed[0][1], ClockError)
     assert chain.tip == (0, GENESIS)
+
+
+# ---------------------------------------------------------------- forks without lock-out
+
+
+def genuine_chain(n: int) -> list[Op]:
+    chain = OpChain("n2")
+    return [chain.mint(T0 + i, "shared/", 1, f"shared/k{i}", "lww", encode_value(i)) for i in range(n)]
+
+
+def forged_at(ops: list[Op], seq: int) -> Op:
+    """A different op at ``seq`` whose ``prev`` is bogus. (One whose ``prev`` is genuine
+    extends the chain as well as the genuine op does: only signatures tell them apart.)"""
+    return dataclasses.replace(ops[seq - 1], value=encode_value("forged"), prev=b"\x07" * 32)
+
+
+def test_a_forged_pending_op_is_discarded_when_the_genuine_chain_reaches_it() -> None:
+    ops = genuine_chain(5)
+    r = Replay()
+    r.apply([ops[0]])
+    r.apply([forged_at(ops, 4)])  # held behind the gap at 2..3
+    assert r.pending["n2"][4][0].value == encode_value("forged")
+    m = Mirrors(r.vv, r.heads, r.pending, r.zones)
+    plan = plan_remote(triage(ops[1:5], m), m, {}, {}, LIM)
+    assert [op.seq for op in plan.applied] == [2, 3, 4, 5]
+    assert plan.applied[2] == ops[3]
+    assert plan.discarded == {"fork": 1}
+    assert any("fork evidence" in w and "(n2, 4)" in w for w in plan.warnings)
+    assert plan.pending == {}
+    assert ("DELETE FROM pending WHERE origin = ? AND seq = ?", [("n2", 4)]) in plan.steps
+
+
+def test_a_contested_op_that_still_waits_replaces_the_pending_one() -> None:
+    ops = genuine_chain(5)
+    r = Replay()
+    r.apply([ops[0]])
+    r.apply([forged_at(ops, 4)])
+    m = Mirrors(r.vv, r.heads, r.pending, r.zones)
+    plan = plan_remote(triage([ops[3], ops[4]], m), m, {}, {}, LIM)  # 2..3 still missing
+    assert plan.pending["n2"][4][0] == ops[3]
+    inserted = [rows for sql, rows in plan.steps if sql.startswith("INSERT OR REPLACE INTO pending")]
+    assert [row[:2] for row in inserted[0]] == [("n2", 4), ("n2", 5)]
+    r.apply([ops[3], ops[4]])
+    r.apply(ops[1:3])
+    assert r.vv["n2"] == 5 and r.pending == {}
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), n=st.integers(3, 8))
+def test_no_forged_pending_op_locks_out_the_genuine_chain(data: st.DataObject, n: int) -> None:
+    """Forged ops pending anywhere, the genuine chain in any batching: it all applies."""
+    ops = genuine_chain(n)
+    seqs = data.draw(st.sets(st.integers(2, n), min_size=1, max_size=3))
+    r = Replay()
+    for seq in sorted(seqs):
+        r.apply([forged_at(ops, seq)])
+    for batch in data.draw(batchings(n))[2]:
+        r.apply([ops[i] for i in batch])
+    # A forged op still pending when the walk reached it was dropped there, so the
+    # genuine one it displaced is resent, as the next exchange would.
+    missing = [op for op in ops if op.seq > r.vv.get("n2", 0)]
+    if missing:
+        r.apply(missing)
+    assert r.vv["n2"] == n
+    assert all(r.stored[op.id] == op for op in ops)

@@ -109,14 +109,21 @@ async def test_two_different_ops_at_one_id_is_a_fork(make_node: NodeFactory) -> 
     other = dataclasses.replace(ops[1], value=encode_value("fork"))
     with pytest.raises(syncfw.ForkError):
         await node.apply_remote([other])
-    # within one batch too, and against a pending op
+    # within one batch too
     node2 = await make_node("t9")
     with pytest.raises(syncfw.ForkError):
         await node2.apply_remote([ops[0], ops[0], dataclasses.replace(ops[0], hlc=ops[0].hlc + 1)])
+    # A pending op was never verified: another op at its id takes its place
+    # (no ForkError), and the chain walk judges it when the gap fills.
     await node2.apply_remote(ops[2:])
-    with pytest.raises(syncfw.ForkError):
-        await node2.apply_remote([dataclasses.replace(ops[2], value=b"\xc0")])
+    await node2.apply_remote([dataclasses.replace(ops[2], value=b"\xc0", prev=b"\x01" * 32)])
+    assert node2.store.pending() == {"t7": {3: "gap: waiting for earlier ops of this origin"}}
     assert await node2.version_vector() == {}
+    await node2.apply_remote(ops[:2])  # the replacement does not chain: dropped, loudly
+    assert (await node2.version_vector())["t7"] == 2
+    assert node2.store.discarded() == {"broken_chain": 1}
+    await node2.apply_remote(ops[2:])  # resent, as the next exchange does
+    assert (await node2.version_vector())["t7"] == 3
 
 
 async def test_clock_skew_quarantines_until_local_time_catches_up(

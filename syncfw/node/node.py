@@ -104,6 +104,10 @@ class Node:
         return self._store.fleet.fleet_id
 
     @property
+    def fleet_digest(self) -> bytes:
+        return self._store.fleet.bootstrap_digest()
+
+    @property
     def store(self) -> Store:
         """The underlying store (for tools and tests)."""
         return self._store
@@ -455,7 +459,9 @@ class Node:
         Its figures come from :attr:`metrics`, as ``/metrics`` does: the
         ``"metrics"`` section holds every family (counters since this process
         opened the node, gauges as they are now); ``pending`` (ops held back)
-        and ``file_bytes`` are the same gauges summed. ``ops``, ``keys`` and
+        and ``file_bytes`` are the same gauges summed, ``pending_by_reason``
+        the pending ops by reason (``gap``, ``epoch``, ``clock_skew``) and
+        ``discarded`` the held-back ops dropped since open, by why. ``ops``, ``keys`` and
         ``rejected`` are what the file holds, across restarts.
         """
         st = await self._store.stats()
@@ -466,6 +472,8 @@ class Node:
             "hlc": self._store.clock.last,
             "version_vector": self._store.version_vector,
             "pending": sum(figures["ops_pending"].values()),
+            "pending_by_reason": self._store.pending_counts(),
+            "discarded": self._store.discarded(),
             "rejected": st.rejected,
             "ops": st.ops,
             "keys": st.keys,

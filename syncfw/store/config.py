@@ -37,6 +37,9 @@ class StoreConfig:
             fits in one batch. (A link configured with smaller batches, such
             as ``MeshConfig.metered_link``'s 256 KiB, needs a smaller limit.)
         max_key_bytes: longest key (UTF-8 bytes) a local write may use.
+        pending_warn_ops: held-back ops of one reason that make a WARNING.
+        pending_warn_age_s: ...or how long some have been held without a break.
+        pending_warn_every_s: at most one such WARNING per reason this often.
     """
 
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -47,3 +50,6 @@ class StoreConfig:
     changes_buffer: int = 10_000
     max_value_bytes: int = MAX_VALUE_BYTES
     max_key_bytes: int = MAX_KEY_BYTES
+    pending_warn_ops: int = 1_000
+    pending_warn_age_s: float = 60.0
+    pending_warn_every_s: float = 60.0

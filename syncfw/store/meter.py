@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from syncfw.metrics import NodeMetrics
 
-__all__ = ["StoreMeter"]
+__all__ = ["PendingAlarm", "StoreMeter"]
 
 PENDING_BUCKETS = ("gap", "epoch", "clock_skew")
 
@@ -37,6 +37,8 @@ class StoreMeter:
         self._storage = metrics.storage_bytes.labels(n)
         self._size_every_s = size_every_s
         self._size_due = 0.0
+        self.discarded: dict[str, int] = {}
+        """Held-back or rejected data dropped since open, by why (see :meth:`discard`)."""
 
     def size_due(self) -> bool:
         """True if the next commit should read the file size."""
@@ -71,3 +73,53 @@ class StoreMeter:
         """Set the pending gauge, by bucket."""
         for bucket, gauge in self._pending.items():
             gauge.set(counts.get(bucket, 0))
+
+    def discard(self, counts: Mapping[str, int]) -> None:
+        """Count held-back ops (or rejected ops' values) dropped, by why."""
+        for why, n in counts.items():
+            self.discarded[why] = self.discarded.get(why, 0) + n
+
+
+class PendingAlarm:
+    """Says, rate-limited, when held-back ops pile up or wait too long.
+
+    A bucket (``gap``, ``epoch``, ``clock_skew``) is alarming when it holds at
+    least ``max_ops`` ops, or has held some without a break for ``max_age_ms``
+    (a missing grant or a stuck gap holds a handful of ops forever). Each
+    bucket warns at most once per ``every_ms``.
+    """
+
+    def __init__(self, max_ops: int, max_age_ms: int, every_ms: int) -> None:
+        self._max_ops, self._max_age_ms, self._every_ms = max_ops, max_age_ms, every_ms
+        self._since: dict[str, int] = {}
+        self._warned: dict[str, int] = {}
+
+    def observe(self, counts: Mapping[str, int], now_ms: int) -> list[str]:
+        """Record the pending counts as of now; return the warnings due."""
+        out: list[str] = []
+        for bucket in PENDING_BUCKETS:
+            n = counts.get(bucket, 0)
+            if n <= 0:
+                self._since.pop(bucket, None)
+                continue
+            since = self._since.setdefault(bucket, now_ms)
+            age = now_ms - since
+            if n < self._max_ops and age < self._max_age_ms:
+                continue
+            if now_ms - self._warned.get(bucket, -(1 << 62)) < self._every_ms:
+                continue
+            self._warned[bucket] = now_ms
+            out.append(
+                f"{n} remote ops held back ({bucket}) for {age // 1000} s; "
+                + _PENDING_HINTS[bucket]
+            )
+        return out
+
+
+_PENDING_HINTS = {
+    "gap": "earlier ops of their origins have not arrived",
+    "epoch": "they name a zone epoch this node has no grant for (a missing grant or "
+    "a different fleet bootstrap?)",
+    "clock_skew": "their timestamps are ahead of local time by more than max_offset_ms "
+    "(a peer's clock, or this one's)",
+}

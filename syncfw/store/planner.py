@@ -16,7 +16,14 @@ Invariants:
 3. "The same op" is :func:`~syncfw.log.same_op` (``sig`` takes no part): an op
    equal to one held, pending or earlier in the batch but for ``sig`` is a
    duplicate, and the first copy is kept; any other difference at one
-   ``(origin, seq)`` is a :class:`ForkError` and refuses the whole batch.
+   ``(origin, seq)`` with a held op or one earlier in the batch is a
+   :class:`ForkError` and refuses the whole batch.
+7. Forks without lock-out: a pending op was never chain-verified (it waits
+   behind a gap), so a fresh op that differs from it is not refused. The
+   fresh op takes its place; if it then extends the verified chain, the
+   pending one is discarded as fork evidence (a warning and a count,
+   :attr:`RemotePlan.discarded`). A forged op held pending can therefore
+   never make the genuine chain fail.
 4. Ops of one origin apply in seq order, each naming the hash of the one
    before as ``prev``; past a gap, an unknown zone epoch or a timestamp too
    far ahead, the rest of that origin waits in ``pending``.
@@ -139,6 +146,8 @@ class Triage:
     fresh: Mapping[str, Mapping[int, Op]]
     held: tuple[Op, ...]
     duplicates: tuple[Op, ...]
+    contested: frozenset[OpId] = frozenset()
+    """Fresh ops that differ from the pending op at their id (invariant 7)."""
 
     def state_keys(self, pending: Pending) -> set[tuple[str, str]]:
         """The non-lww ``(kind, key)`` states the plan will fold into."""
@@ -156,13 +165,15 @@ def triage(incoming: Iterable[Op], m: Mirrors) -> Triage:
 
     Raises:
         DecodeError: an op's hlc is at or past :data:`HLC_LIMIT`.
-        ForkError: an op differs (not :func:`same_op`) from a pending op or
-            one earlier in the batch at its ``(origin, seq)``.
+        ForkError: an op differs (not :func:`same_op`) from one earlier in
+            the batch at its ``(origin, seq)``. (One that differs from a
+            pending op is ``contested``: invariant 7.)
     """
     vv, pending = m.vv, m.pending
     fresh: dict[str, dict[int, Op]] = {}
     held: list[Op] = []
     dups: list[Op] = []
+    contested: set[OpId] = set()
     for op in incoming:
         if op.hlc >= HLC_LIMIT or op.seq >= HLC_LIMIT or op.epoch >= HLC_LIMIT:
             raise DecodeError(
@@ -176,17 +187,21 @@ def triage(incoming: Iterable[Op], m: Mirrors) -> Triage:
         if mine is None:
             mine = fresh[op.origin] = {}
         seen = mine.get(op.seq)
-        if seen is None:
-            waiting = pending.get(op.origin)
-            if waiting is not None and op.seq in waiting:
-                seen = waiting[op.seq][0]
         if seen is not None:
             if not same_op(seen, op):
                 raise _fork(op)
             dups.append(op)
             continue
+        waiting = pending.get(op.origin)
+        if waiting is not None and op.seq in waiting:
+            if same_op(waiting[op.seq][0], op):
+                dups.append(op)
+                continue
+            contested.add(op.id)  # never verified: the chain walk decides
         mine[op.seq] = op
-    return Triage({o: d for o, d in fresh.items() if d}, tuple(held), tuple(dups))
+    return Triage(
+        {o: d for o, d in fresh.items() if d}, tuple(held), tuple(dups), frozenset(contested)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +218,8 @@ class RemotePlan:
         zones: the zone table after the batch (None: unchanged).
         observe_hlc: the greatest hlc applied, for the clock to observe.
         warnings: what was dropped or rejected, to log after COMMIT.
+        discarded: held-back ops dropped, by why (``fork``: contradicted by
+            the verified chain; ``broken_chain``; ``max_pending``).
     """
 
     applied: tuple[Op, ...] = ()
@@ -215,6 +232,7 @@ class RemotePlan:
     zones: ZoneTable | None = None
     observe_hlc: int | None = None
     warnings: tuple[str, ...] = ()
+    discarded: Mapping[str, int] = field(default_factory=dict)
 
     def result(self) -> ApplyResult:
         """The caller's summary."""
@@ -296,6 +314,8 @@ class _Run:
         self.accepted: list[Op] = []
         self.rejected: list[tuple[Op, str]] = []
         self.warnings: list[str] = []
+        self.discarded: dict[str, int] = {}
+        self.contested = t.contested
         self.zones = m.zones
         self.stage = Stage()
         self.states = dict(states)
@@ -322,8 +342,18 @@ class _Run:
                 # A held-back op that turns out not to chain is dropped; the
                 # genuine one can still arrive.
                 self.warnings.append(f"dropping pending op ({op.origin}, {op.seq}): broken chain")
+                self.discard("broken_chain")
                 del old_ops[n]
                 break
+            if is_fresh and op.id in self.contested:
+                # The verified chain reaches this seq with another op than the
+                # one held pending: that one is fork evidence (invariant 7).
+                self.warnings.append(
+                    f"fork evidence: discarded pending op ({op.origin}, {op.seq}), which "
+                    "differs from the op that extends the verified chain"
+                )
+                self.discard("fork")
+                old_ops.pop(n, None)
             if op.hlc >= HLC_LIMIT:  # held back by an older syncfw: it can never be stored
                 self.warnings.append(f"dropping pending op ({op.origin}, {op.seq}): hlc >= 2**63")
                 del old_ops[n]
@@ -357,6 +387,10 @@ class _Run:
         self.nxt[origin], self.heads[origin] = n, head
         return moved
 
+    def discard(self, why: str, n: int = 1) -> None:
+        """Count held-back ops dropped for ``why``."""
+        self.discarded[why] = self.discarded.get(why, 0) + n
+
     def new_pending(self, lim: RemoteLimits, vv: Mapping[str, int]) -> dict[str, dict[int, tuple[Op, str]]]:
         """What stays held back: everything not consumed, with why, bounded."""
         out: dict[str, dict[int, tuple[Op, str]]] = {}
@@ -382,6 +416,7 @@ class _Run:
             for _, o, s in ranked[:excess]:
                 del out[o][s]
             self.warnings.append(f"pending ops over max_pending: dropped {excess}, to be resent")
+            self.discard("max_pending", excess)
             out = {o: d for o, d in out.items() if d}
         return out
 
@@ -426,9 +461,11 @@ def plan_remote(
     new_pending = run.new_pending(lim, m.vv)
     old_keys = {(o, s) for o, d in m.pending.items() for s in d}
     new_keys = {(o, s) for o, d in new_pending.items() for s in d}
+    # A contested op still waiting replaces the pending one at its id (invariant 7).
+    replaced = {(o, s) for o, s in t.contested if (o, s) in new_keys}
     to_insert = [
         (o, s, pack_op(new_pending[o][s][0]), new_pending[o][s][1])
-        for o, s in sorted(new_keys - old_keys)
+        for o, s in sorted((new_keys - old_keys) | replaced)
     ]
     progressed = [o for o in run.origins if run.nxt[o] != m.vv.get(o, 0) + 1]
     vv = {o: run.nxt[o] - 1 for o in progressed}
@@ -457,4 +494,5 @@ def plan_remote(
         zones=None if run.zones is m.zones else run.zones,
         observe_hlc=max((op.hlc for op in run.accepted), default=None),
         warnings=tuple(warnings),
+        discarded=run.discarded,
     )

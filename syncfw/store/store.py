@@ -54,7 +54,7 @@ from syncfw.store.export import StoreStats
 from syncfw.store.feed import Change, ChangeFeed
 from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
-from syncfw.store.meter import StoreMeter
+from syncfw.store.meter import PendingAlarm, StoreMeter
 from syncfw.store.planner import (
     HLC_LIMIT,
     Mirrors,
@@ -110,6 +110,11 @@ class Store:
         # Mints this node's ops; may run ahead of what is committed (pipelining).
         self._chain = OpChain(node_id)
         self._meter = StoreMeter(metrics)
+        self._alarm = PendingAlarm(
+            config.pending_warn_ops,
+            int(config.pending_warn_age_s * 1000),
+            int(config.pending_warn_every_s * 1000),
+        )
         self._writer = WriterQueue(self._commit_local, max_batch=config.max_batch)
         self._subscribers: set[asyncio.Queue[Change | None]] = set()
         self._listeners: list[Callable[[list[Op], bool], None]] = []
@@ -224,6 +229,15 @@ class Store:
     def pending(self) -> dict[str, dict[int, str]]:
         """Held-back ops: origin -> seq -> reason."""
         return {o: {s: why for s, (_, why) in d.items()} for o, d in self._pending.items()}
+
+    def pending_counts(self) -> dict[str, int]:
+        """Held-back ops by reason bucket: ``gap``, ``epoch``, ``clock_skew``."""
+        return {"gap": 0, "epoch": 0, "clock_skew": 0, **_pending_counts(self._pending)}
+
+    def discarded(self) -> dict[str, int]:
+        """Held-back ops dropped since open, by why: ``fork`` (contradicted by the
+        verified chain), ``broken_chain``, ``max_pending`` (resent later)."""
+        return dict(self._meter.discarded)
 
     # ------------------------------------------------------------------ local writes
 
@@ -409,8 +423,12 @@ class Store:
             self._meter.pending(plan.pending_counts())
         for warning in plan.warnings:
             log.warning("%s", warning)
+        for warning in self._alarm.observe(self.pending_counts(), self.clock.wall()):
+            log.warning("%s", warning)
         self._meter.remote(len(plan.applied), len(plan.rejected), bool(plan.steps))
         self._meter.duplicates(len(plan.duplicates))
+        if plan.discarded and plan.steps:
+            self._meter.discard(plan.discarded)
         self._notify(list(plan.applied), local=False)
         if plan.steps:
             self._committed()  # rejected-only commits advance the vector too

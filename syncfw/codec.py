@@ -16,7 +16,9 @@ against the chain head it holds, and every later hash follows from the ops.
 Invariants:
 
 1. :func:`decode_batch` either returns every op of the batch, each validated by
-   :meth:`Op.from_tuple`, or raises :class:`DecodeError`; never a partial list.
+   :meth:`Op.from_tuple`, or raises :class:`DecodeError` (or :class:`ChainError`
+   for a ``prev`` that breaks the chain within the batch, invariant 4); never a
+   partial list.
 2. Nothing larger than the caps is ever allocated while decoding: the
    compressed size is checked first, the zstd frame's declared content size is
    checked before decompressing, and decompression reads through a bounded
@@ -24,6 +26,14 @@ Invariants:
    ``max_decompressed + 1`` bytes and refused (a zstd bomb costs at most the cap).
 3. Compression is used only when the peer advertised ``zstd`` and the packed
    batch is at least ``compress_threshold`` bytes.
+4. Cheap checks come before expensive ones: sizes and the op count first, then
+   each op tuple's shape, origin and seq as it is unpacked (one op at a time,
+   so a worker thread decoding a batch hands the GIL back between ops), each
+   origin's seqs contiguous within the batch and continuing ``after``; only
+   then are ops built and elided ``prev`` hashes recomputed. In format 2 a
+   ``prev`` is left out wherever the op before implies it, so an explicit
+   ``prev`` right after its own predecessor is refused unhashed: it is either
+   redundant or a broken chain.
 
 Pure: no I/O, no asyncio; imports only :mod:`syncfw.log` and :mod:`syncfw.errors`.
 """
@@ -31,13 +41,14 @@ Pure: no I/O, no asyncio; imports only :mod:`syncfw.log` and :mod:`syncfw.errors
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import msgpack
 import zstandard
 
-from syncfw.errors import DecodeError
+from syncfw.errors import ChainError, DecodeError
 from syncfw.log import Op, op_hash
 
 __all__ = [
@@ -45,7 +56,9 @@ __all__ = [
     "COMPRESS_NONE",
     "COMPRESS_ZSTD",
     "DEFAULT_LIMITS",
+    "PEER_TEXT_CHARS",
     "BatchLimits",
+    "clip_text",
     "decode_batch",
     "encode_batch",
     "packed_size",
@@ -176,19 +189,108 @@ def _inflate(data: bytes, cap: int) -> bytes:
     return out
 
 
-def decode_batch(data: bytes, *, limits: BatchLimits = DEFAULT_LIMITS) -> list[Op]:
+def _unpack(
+    body: bytes, limits: BatchLimits, version: int, after: Mapping[str, int] | None
+) -> list[list[Any]]:
+    """The op tuples of a batch payload, headers checked before any op is built (invariant 4)."""
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        max_buffer_size=max(len(body), 1),
+        max_array_len=max(limits.max_ops, 16),
+        max_map_len=0,
+        max_ext_len=0,
+    )
+    unpacker.feed(body)
+    try:
+        n = unpacker.read_array_header()
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(f"a batch must be a msgpack array of ops: {exc}") from None
+    if n > limits.max_ops:
+        raise DecodeError(f"{n} ops exceed the batch cap of {limits.max_ops}")
+    items: list[list[Any]] = []
+    last: dict[str, int] = {}  # each origin's last seq in this batch
+    before: tuple[Any, Any] = (None, None)
+    for i in range(n):
+        try:
+            item = unpacker.unpack()
+        except Exception as exc:
+            raise DecodeError(f"malformed batch msgpack at op {i}: {exc}") from None
+        if not (isinstance(item, list) and len(item) == 10):
+            raise DecodeError(f"op {i} does not have 10 fields")
+        origin, seq = item[0], item[1]
+        if not (isinstance(origin, str) and origin) or type(seq) is not int or seq < 1:
+            raise DecodeError(f"op {i} has a malformed origin or seq")
+        prior = last.get(origin)
+        if prior is None:
+            have = after.get(origin, 0) if after is not None else seq - 1
+            if seq > have + 1:
+                raise DecodeError(
+                    f"gap in origin {clip_text(origin)!r}: op {seq} after {have}; nothing applied"
+                )
+        elif seq != prior + 1:
+            raise DecodeError(
+                f"gap in origin {clip_text(origin)!r}: op {seq} after {prior} in one batch"
+            )
+        last[origin] = seq
+        if version == 2 and item[8] is not None and before == (origin, seq - 1):
+            raise ChainError(
+                f"op ({clip_text(origin)!r}, {seq}) names a prev other than the op before it"
+            )
+        before = (origin, seq)
+        items.append(item)
+    try:
+        unpacker.unpack()
+    except msgpack.OutOfData:
+        return items
+    except Exception:  # any further bytes at all are trailing junk
+        pass
+    raise DecodeError("trailing bytes after the batch's msgpack array")
+
+
+PEER_TEXT_CHARS = 120
+"""What of a peer-supplied string (id, fleet, reason) goes into an error, a log line or a reason."""
+
+
+def clip_text(text: str, limit: int = PEER_TEXT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with ``…`` when it was longer.
+
+    Args:
+        text: a string a peer supplied.
+        limit: most characters kept.
+
+    Returns:
+        At most ``limit + 1`` characters.
+    """
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def decode_batch(
+    data: bytes,
+    *,
+    limits: BatchLimits = DEFAULT_LIMITS,
+    after: Mapping[str, int] | None = None,
+) -> list[Op]:
     """Unpack a batch made by :func:`encode_batch`.
 
     Args:
         data: the batch bytes, from the wire.
         limits: caps enforced before anything large is allocated.
+        after: the receiver's vector: an origin whose first op in the batch
+            is beyond ``after[origin] + 1`` is a gap, refused before any op
+            is built. None skips that check (each origin must still be
+            contiguous within the batch).
 
     Returns:
         The ops, every field validated.
 
     Raises:
         DecodeError: anything malformed: unknown version or compression, over a
-            cap, corrupt zstd, bad msgpack, trailing bytes, a malformed op.
+            cap, corrupt zstd, bad msgpack, trailing bytes, a malformed op, a
+            gap (within the batch or after ``after``).
+        ChainError: in format 2, an op names a ``prev`` although the op just
+            before it is its predecessor (which the format implies instead).
     """
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError("a batch must be bytes")
@@ -206,22 +308,7 @@ def decode_batch(data: bytes, *, limits: BatchLimits = DEFAULT_LIMITS) -> list[O
         raise DecodeError(f"unknown batch compression {mode}")
     elif len(body) > limits.max_decompressed:
         raise DecodeError(f"batch payload exceeds the cap of {limits.max_decompressed}")
-    try:
-        items = msgpack.unpackb(
-            body,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            max_array_len=max(limits.max_ops, 16),
-            max_map_len=0,
-            max_ext_len=0,
-        )
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise DecodeError(f"malformed batch msgpack: {exc}") from None
-    if not isinstance(items, list):
-        raise DecodeError("a batch must be a msgpack array of ops")
-    if len(items) > limits.max_ops:
-        raise DecodeError(f"{len(items)} ops exceed the batch cap of {limits.max_ops}")
+    items = _unpack(body, limits, version, after)
     if version == 1:
         return [Op.from_tuple(item) for item in items]
     ops: list[Op] = []

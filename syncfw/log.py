@@ -16,6 +16,10 @@ Invariants:
    a chain head (the last op of a commit) with ``sig``; ``sig`` takes no part
    in what "the same op" means (:func:`same_op`), because it covers the chain
    up to that op, not the op alone.
+6. Every string field of an op is bounded (:data:`MAX_ORIGIN_CHARS`,
+   :data:`MAX_KEY_BYTES`, :data:`MAX_ZONE_BYTES`, :data:`MAX_KIND_BYTES`):
+   :meth:`Op.from_tuple` refuses a longer one, so a peer cannot make a replica
+   store and relay an unbounded key.
 
 Nothing here touches SQLite, asyncio or the network.
 """
@@ -33,6 +37,10 @@ from syncfw.errors import DecodeError, ValueEncodingError
 
 __all__ = [
     "GENESIS",
+    "MAX_KEY_BYTES",
+    "MAX_KIND_BYTES",
+    "MAX_ORIGIN_CHARS",
+    "MAX_ZONE_BYTES",
     "ApplyResult",
     "Replica",
     "NodeId",
@@ -45,6 +53,7 @@ __all__ = [
     "encode_value",
     "op_hash",
     "same_op",
+    "utf8_len_over",
     "vv_digest",
     "vv_dominates",
     "vv_merge",
@@ -57,7 +66,26 @@ VersionVector = dict[str, int]
 GENESIS = b"\x00" * 32
 """``prev`` of every origin's first op."""
 
+MAX_ORIGIN_CHARS = 256
+"""Longest node id (an op's ``origin``, a ``Hello``'s ``node_id``), in characters."""
+MAX_KEY_BYTES = 1024
+"""Longest key, in UTF-8 bytes: remote ops are refused past it; local writes must be too."""
+MAX_ZONE_BYTES = MAX_KEY_BYTES
+"""Longest zone prefix, in UTF-8 bytes (a zone is a prefix of the key it covers)."""
+MAX_KIND_BYTES = 32
+"""Longest op kind (``lww``, ``counter``, ...), in UTF-8 bytes."""
+
 _HASH_PACKER = msgpack.Packer(use_bin_type=True)
+
+
+def utf8_len_over(text: str, limit: int) -> bool:
+    """True if ``text`` takes more than ``limit`` UTF-8 bytes (cheap when it clearly fits)."""
+    n = len(text)
+    if n > limit:  # every char takes at least one byte
+        return True
+    if 4 * n <= limit:  # and at most four
+        return False
+    return len(text.encode("utf-8", "surrogatepass")) > limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,8 +147,10 @@ class Op:
             origin, seq, hlc, zone, epoch, key, kind, value, prev, sig = t
         except (TypeError, ValueError) as exc:
             raise DecodeError(f"an op has 10 fields: {exc}") from None
-        if not (isinstance(origin, str) and origin and len(origin) <= 256):
-            raise DecodeError("op origin must be a non-empty string of at most 256 chars")
+        if not (isinstance(origin, str) and origin and len(origin) <= MAX_ORIGIN_CHARS):
+            raise DecodeError(
+                f"op origin must be a non-empty string of at most {MAX_ORIGIN_CHARS} chars"
+            )
         if type(seq) is not int or seq < 1:
             raise DecodeError("op seq must be an int >= 1")
         if type(hlc) is not int or not 0 <= hlc < 1 << 64:
@@ -129,6 +159,12 @@ class Op:
             raise DecodeError("op epoch must be an int >= 0")
         if not (isinstance(zone, str) and isinstance(key, str) and isinstance(kind, str)):
             raise DecodeError("op zone, key and kind must be strings")
+        if utf8_len_over(key, MAX_KEY_BYTES):
+            raise DecodeError(f"op key of {len(key)} chars exceeds {MAX_KEY_BYTES} UTF-8 bytes")
+        if utf8_len_over(zone, MAX_ZONE_BYTES):
+            raise DecodeError(f"op zone of {len(zone)} chars exceeds {MAX_ZONE_BYTES} UTF-8 bytes")
+        if utf8_len_over(kind, MAX_KIND_BYTES):
+            raise DecodeError(f"op kind of {len(kind)} chars exceeds {MAX_KIND_BYTES} UTF-8 bytes")
         if not isinstance(value, bytes):
             raise DecodeError("op value must be bytes")
         if not (isinstance(prev, bytes) and len(prev) == 32):
@@ -298,6 +334,12 @@ class Replica(Protocol):
 
     @property
     def fleet_id(self) -> str: ...
+
+    @property
+    def fleet_digest(self) -> bytes:
+        """Digest of this node's fleet bootstrap (``Fleet.bootstrap_digest``), sent in
+        ``Hello``: peers with different bootstraps refuse to sync (b"" for unknown)."""
+        ...
 
     def hlc_now(self) -> int:
         """A fresh hybrid timestamp of this node."""

@@ -31,8 +31,11 @@ exists only from the bootstrap, so an unknown epoch-0 zone is rejected at once.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+
+import msgpack
 
 from syncfw.errors import ZoneOwnershipError
 from syncfw.keys import NODE_TEMPLATES
@@ -123,6 +126,33 @@ class Fleet:
                     raise ValueError(
                         f"bootstrap grant {grant.prefix!r} nests with the per-node zones {head}<node>/"
                     )
+
+    def bootstrap_digest(self) -> bytes:
+        """A 16-byte digest of everything a replica's verdicts depend on at open.
+
+        Covers the fleet id, the authority, the grants, the node zone
+        templates, the telemetry prefixes and the priorities. Collections whose
+        order carries no meaning (grants, owners, templates, prefixes,
+        priorities: the highest match wins) are sorted first, so two equal
+        bootstraps written in another order have the same digest. Peers compare
+        it in ``Hello``: two nodes with different bootstraps judge the same op
+        differently (one holds back what the other applies), so they refuse to
+        sync rather than drift apart silently.
+
+        Returns:
+            The blake2b-128 digest.
+        """
+        grants = sorted((g.prefix, g.epoch, sorted(g.owners)) for g in self.grants)
+        body = (
+            1,  # layout version of this digest
+            self.fleet_id,
+            self.authority,
+            grants,
+            sorted(self.node_zones),
+            sorted(self.telemetry),
+            sorted(self.priorities),
+        )
+        return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=16).digest()
 
 
 class Verdict(enum.Enum):

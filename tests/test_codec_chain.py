@@ -8,7 +8,7 @@ import msgpack
 import pytest
 
 from syncfw.codec import decode_batch, encode_batch
-from syncfw.errors import DecodeError
+from syncfw.errors import ChainError, DecodeError
 from syncfw.testing.ops import chain
 
 
@@ -21,11 +21,15 @@ def test_chained_runs_round_trip_and_shrink() -> None:
     assert len(v2) < len(v1) - 30 * 240  # ~32 bytes saved on every op but each run's first
 
 
-def test_a_broken_chain_is_sent_as_it_is_so_the_store_still_sees_it() -> None:
+def test_a_broken_chain_is_sent_as_it_is_and_refused_unhashed_on_decoding() -> None:
     ops = chain("t7", 5)
     forged = [*ops[:2], dataclasses.replace(ops[2], prev=b"\x01" * 32), *ops[3:]]
-    got = decode_batch(encode_batch(forged, elide_prev=True))
-    assert got == forged  # the forged prev travels; nothing is "repaired"
+    data = encode_batch(forged, elide_prev=True)
+    assert msgpack.unpackb(data[2:])[2][8] == b"\x01" * 32  # nothing is "repaired"
+    with pytest.raises(ChainError, match="'t7', 3"):
+        decode_batch(data)
+    # format 1 carries every prev: the store checks the chain
+    assert decode_batch(encode_batch(forged)) == forged
 
 
 def test_an_elided_prev_without_its_predecessor_is_refused() -> None:
@@ -37,5 +41,5 @@ def test_an_elided_prev_without_its_predecessor_is_refused() -> None:
         [rows[0], ["t9", *rows[1][1:8], None, None]],  # another origin
     ):
         data = bytes((2, 0)) + msgpack.packb(bad, use_bin_type=True)
-        with pytest.raises(DecodeError, match="prev"):
+        with pytest.raises(DecodeError, match=r"prev|gap in origin .t7.: op 3 after 1"):
             decode_batch(data)

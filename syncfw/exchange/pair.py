@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from syncfw.exchange.performer import Performer
+from syncfw.exchange.runner import replica_wall_ms
 from syncfw.log import Replica
 from syncfw.sync import Frame, PeerInfo, Session, SessionConfig, SessionState, Status
 
@@ -105,8 +106,15 @@ class SessionPair:
     ) -> None:
         self.replicas = {"a": a, "b": b}
         self.sessions = {
-            "a": Session(a.node_id, a.fleet_id, hlc=a.hlc_now(), config=config_a),
-            "b": Session(b.node_id, b.fleet_id, hlc=b.hlc_now(), config=config_b),
+            side: Session(
+                r.node_id,
+                r.fleet_id,
+                hlc=r.hlc_now(),
+                config=cfg,
+                wall_ms=replica_wall_ms(r),
+                fleet_digest=r.fleet_digest,
+            )
+            for side, r, cfg in (("a", a, config_a), ("b", b, config_b))
         }
         self._encode = encode
         self._decode = decode

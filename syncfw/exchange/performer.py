@@ -24,6 +24,11 @@ error policy. Invariants:
 4. The code is ``async`` but imports no event loop: when the replica and the
    link never suspend, a performer is driven to completion by hand
    (:func:`~syncfw.exchange.pair.drive`), with no loop at all.
+5. A :class:`~syncfw.sync.DecodeOps` (a large batch) is decoded where the
+   ``offload`` hook says: inline by default (the pair and the simulator,
+   deterministic), in a worker thread for the runner, so a large or hostile
+   batch costs the event loop no long block. Decoding never touches the
+   replica, so where it runs changes no outcome.
 """
 
 from __future__ import annotations
@@ -33,11 +38,13 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
-from syncfw.errors import SyncfwError
-from syncfw.log import Replica
+from syncfw.codec import decode_batch
+from syncfw.errors import ChainError, DecodeError, SyncfwError
+from syncfw.log import Op, Replica
 from syncfw.sync import (
     Acknowledge,
     ApplyOps,
+    DecodeOps,
     Effect,
     End,
     FetchOps,
@@ -51,7 +58,7 @@ from syncfw.sync import (
 )
 from syncfw.transport.base import LinkError
 
-__all__ = ["Link", "OnEnd", "OnPeers", "OnSendError", "Performer"]
+__all__ = ["Link", "Offload", "OnEnd", "OnPeers", "OnSendError", "Performer"]
 
 log = logging.getLogger("syncfw.sync")
 
@@ -61,6 +68,8 @@ OnEnd = Callable[[Status, str], None]
 """Called once, when the session emits its :class:`End`."""
 OnSendError = Callable[[LinkError], Coroutine[Any, Any, list[Effect]]]
 """Decides what a failed send means; returns the session's effects for it."""
+Offload = Callable[[Callable[[], list[Op]]], Awaitable[list[Op]]]
+"""Runs a pure decoding job elsewhere (a worker thread) and returns its result."""
 
 
 class Link(Protocol):
@@ -95,6 +104,7 @@ class Performer:
         on_end: called once when the session ends.
         on_send_error: what a failed send means (default: end the exchange
             with the link's status); the runner prefers the peer's own reason.
+        offload: where large batches are decoded (default: inline).
 
     Attributes:
         frames_sent: frames the link accepted.
@@ -104,6 +114,7 @@ class Performer:
 
     __slots__ = (
         "_handlers",
+        "_offload",
         "_on_end",
         "_on_peers",
         "_on_send_error",
@@ -124,6 +135,7 @@ class Performer:
         on_peers: OnPeers | None = None,
         on_end: OnEnd | None = None,
         on_send_error: OnSendError | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.session = session
         self.replica = replica
@@ -131,6 +143,7 @@ class Performer:
         self._on_peers = on_peers
         self._on_end = on_end
         self._on_send_error = on_send_error
+        self._offload = offload
         self.frames_sent = 0
         self.bytes_sent = 0
         self.learned: list[tuple[PeerInfo, ...]] = []
@@ -138,6 +151,7 @@ class Performer:
         self._handlers: dict[type, Callable[[Any], Coroutine[Any, Any, list[Effect]]]] = {
             Send: self._send,
             FetchOps: self._fetch,
+            DecodeOps: self._decode,
             ApplyOps: self._apply,
             Acknowledge: self._acknowledge,
             LoadPeerAck: self._load_peer_ack,
@@ -211,6 +225,22 @@ class Performer:
             _log_unexpected(exc, "reading ops")
             return self.session.abort(Status.INTERNAL, f"could not read ops: {exc}")
         return self.session.ops_fetched(ops)
+
+    async def _decode(self, effect: DecodeOps) -> list[Effect]:
+        def work() -> list[Op]:
+            return decode_batch(effect.batch, limits=effect.limits, after=effect.after)
+
+        try:
+            if self._offload is not None:
+                ops = await self._offload(work)
+            else:
+                ops = work()
+        except (DecodeError, ChainError) as exc:
+            return self.session.decode_failed(exc)
+        except Exception as exc:  # a codec bug: say so, end the exchange, keep serving
+            _log_unexpected(exc, "decoding a batch")
+            return self.session.abort(Status.INTERNAL, f"could not decode a batch: {exc!r}")
+        return self.session.ops_decoded(ops)
 
     async def _apply(self, effect: ApplyOps) -> list[Effect]:
         try:

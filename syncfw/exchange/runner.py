@@ -13,7 +13,10 @@ Invariants:
    transport's backpressure on the peer.
 3. Effects are performed by the one :class:`~syncfw.exchange.performer.Performer`
    in the order the session emitted them, each answer fed back before the next
-   frame is.
+   frame is. Large batches are decoded on one shared worker thread
+   (:data:`DECODER`), so the CPU of a peer's batches never blocks the event
+   loop for long, and however many peers send at once only one decode competes
+   with the loop for the interpreter.
 4. Every exchange ends with exactly one :class:`ExchangeOutcome`, one log line
    and, with ``metrics``, one record in the node's registry; failures of the
    peer, the link or the batch never raise out of :func:`run_exchange` (only
@@ -26,19 +29,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
+from syncfw.clock import wall_ms as system_wall_ms
 from syncfw.errors import DecodeError
 from syncfw.exchange.performer import OnPeers, Performer
-from syncfw.log import Replica
+from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
-from syncfw.sync import Close, Effect, Frame, PeerInfo, Session, SessionConfig, Status
+from syncfw.sync import Close, Effect, Frame, PeerInfo, Session, SessionConfig, Status, clip
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.wire import decode_frame, encode_frame
 
 __all__ = [
+    "DECODER",
     "ExchangeOutcome",
     "ExchangeRunner",
     "FrameIn",
@@ -46,6 +52,8 @@ __all__ = [
     "LinkFailed",
     "SendBudget",
     "StreamEnded",
+    "WallClock",
+    "replica_wall_ms",
     "run_exchange",
 ]
 
@@ -53,6 +61,28 @@ log = logging.getLogger("syncfw.sync")
 
 _CONTROL_FRAMES = 8  # Hello, Peers, Digest, up to two Summaries, the last Ops, Close, slack
 _SEND_FAILED_WAIT_S = 1.0  # after a failed write the read side ends soon: wait that long for it
+
+
+DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncfw-decode")
+"""Where runners decode large batches: one thread, so hostile senders queue behind each other."""
+
+
+async def _offload(work: Callable[[], list[Op]]) -> list[Op]:
+    return await asyncio.get_running_loop().run_in_executor(DECODER, work)
+
+
+@runtime_checkable
+class WallClock(Protocol):
+    """A replica whose wall clock is injected (tests, the simulator) says so with this."""
+
+    def wall_ms(self) -> int:
+        """The replica's wall clock, in ms since the epoch."""
+        ...
+
+
+def replica_wall_ms(replica: Replica) -> int:
+    """The wall clock a replica's ``Hello`` reports: its own if it has one, else the system's."""
+    return replica.wall_ms() if isinstance(replica, WallClock) else system_wall_ms()
 
 
 class SendBudget(Protocol):
@@ -176,6 +206,7 @@ class ExchangeRunner:
             _StreamLink(stream, budget),
             on_peers=on_peers,
             on_send_error=self._send_failed,
+            offload=_offload,
         )
         size = 2 * session.config.window + _CONTROL_FRAMES
         self.queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=size)
@@ -312,10 +343,10 @@ def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) ->
         level,
         "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d",
         replica.node_id,
-        out.peer_id or "?",
-        stream.peer_address,
+        clip(out.peer_id or "?"),
+        clip(stream.peer_address),
         out.status.name,
-        out.reason,
+        clip(out.reason, 400),
         out.ops_sent,
         out.ops_received,
     )
@@ -361,6 +392,8 @@ async def run_exchange(
         config=config,
         peers=peers,
         expect_peer=expect_peer if expect_peer is not None else stream.peer_identity,
+        wall_ms=replica_wall_ms(replica),
+        fleet_digest=replica.fleet_digest,
     )
     runner = ExchangeRunner(replica, stream, session, budget=budget, on_peers=on_peers)
     try:

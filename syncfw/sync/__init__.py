@@ -1,6 +1,6 @@
 """The anti-entropy protocol as a sans-IO state machine: frames in, effects out.
 
-Owns the frame and effect types (``frames``), the :class:`Session` state
+Owns the frame types (``frames``), the effect types (``effects``), the :class:`Session` state
 machine (``session``) and :class:`SessionPair`, which drives two sessions in
 tests without an event loop (``pair``). Nothing here opens a socket, awaits,
 reads a clock or touches SQLite: whoever owns the I/O (the transport runner, the
@@ -10,7 +10,25 @@ May import: errors, log, codec. Must not import: store, node, transport, mesh,
 grpc, asyncio.
 """
 
+from syncfw.sync.effects import (
+    Acknowledge,
+    ApplyOps,
+    DecodeOps,
+    Effect,
+    End,
+    FetchOps,
+    LearnPeers,
+    LoadPeerAck,
+    Send,
+)
 from syncfw.sync.frames import (
+    MAX_ADDRESS_CHARS,
+    MAX_FEATURE_CHARS,
+    MAX_FEATURES,
+    MAX_FLEET_ID_CHARS,
+    MAX_NODE_ID_CHARS,
+    MAX_REASON_CHARS,
+    PEER_TEXT_CHARS,
     PROTOCOL_VERSION,
     Ack,
     Close,
@@ -22,27 +40,28 @@ from syncfw.sync.frames import (
     Peers,
     Status,
     Summary,
+    clip,
 )
 from syncfw.sync.session import (
-    Acknowledge,
-    ApplyOps,
-    Effect,
-    End,
-    FetchOps,
-    LearnPeers,
-    LoadPeerAck,
-    Send,
     Session,
     SessionConfig,
     SessionState,
 )
 
 __all__ = [
+    "MAX_ADDRESS_CHARS",
+    "MAX_FEATURES",
+    "MAX_FEATURE_CHARS",
+    "MAX_FLEET_ID_CHARS",
+    "MAX_NODE_ID_CHARS",
+    "MAX_REASON_CHARS",
+    "PEER_TEXT_CHARS",
     "PROTOCOL_VERSION",
     "Ack",
     "Acknowledge",
     "ApplyOps",
     "Close",
+    "DecodeOps",
     "Digest",
     "Effect",
     "End",
@@ -60,4 +79,5 @@ __all__ = [
     "SessionState",
     "Status",
     "Summary",
+    "clip",
 ]

@@ -1,7 +1,10 @@
 """The frames of sync protocol version 1, as plain values.
 
 The wire form (protobuf, ``protos/syncfw/v1/sync.proto``) is the transport's
-business; these dataclasses mirror it one to one.
+business; these dataclasses mirror it one to one. The field limits below are
+checked where the wire form is decoded (:mod:`syncfw.transport.wire`), so no
+frame that reaches a session carries an unbounded string; :func:`clip` bounds
+what of a peer's strings goes into a log line or a ``Close`` reason.
 """
 
 from __future__ import annotations
@@ -10,7 +13,17 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from syncfw.codec import PEER_TEXT_CHARS, clip_text
+from syncfw.log import MAX_ORIGIN_CHARS
+
 __all__ = [
+    "MAX_ADDRESS_CHARS",
+    "MAX_FEATURES",
+    "MAX_FEATURE_CHARS",
+    "MAX_FLEET_ID_CHARS",
+    "MAX_NODE_ID_CHARS",
+    "MAX_REASON_CHARS",
+    "PEER_TEXT_CHARS",
     "PROTOCOL_VERSION",
     "Ack",
     "Close",
@@ -22,10 +35,26 @@ __all__ = [
     "Peers",
     "Status",
     "Summary",
+    "clip",
 ]
 
 PROTOCOL_VERSION = 1
 """The sync protocol version this code speaks; ``Hello.protocol`` must equal it."""
+
+MAX_NODE_ID_CHARS = MAX_ORIGIN_CHARS
+"""Longest node id a peer may send (``Hello.node_id``, a gossiped member), as ops' origins."""
+MAX_FLEET_ID_CHARS = 256
+"""Longest ``Hello.fleet_id``."""
+MAX_FEATURES = 16
+"""Most entries in ``Hello.features``."""
+MAX_FEATURE_CHARS = 32
+"""Longest single entry of ``Hello.features``."""
+MAX_ADDRESS_CHARS = 256
+"""Longest gossiped ``host:port``."""
+MAX_REASON_CHARS = 1000
+"""A peer's ``Close.reason`` is cut to this many characters on decoding."""
+clip = clip_text
+"""A peer-supplied string cut for a log line or a reason (:func:`syncfw.codec.clip_text`)."""
 
 
 class Status(enum.IntEnum):
@@ -54,6 +83,11 @@ class Hello:
         hlc: the sender's hybrid clock when it said hello.
         features: capabilities, e.g. ``("zstd",)``.
         max_batch_bytes: largest ``Ops.batch`` the sender accepts.
+        fleet_digest: 16-byte digest of the sender's fleet bootstrap
+            (``Fleet.bootstrap_digest``); empty: unknown (an older sender).
+        wall_ms: the sender's wall clock at hello, in ms since the epoch; 0:
+            unknown. Clock offsets are measured from it, never from ``hlc``
+            (hybrid clocks observe each other, so they hide a peer's drift).
     """
 
     protocol: int
@@ -62,6 +96,8 @@ class Hello:
     hlc: int = 0
     features: tuple[str, ...] = ()
     max_batch_bytes: int = 1 << 20
+    fleet_digest: bytes = b""
+    wall_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)

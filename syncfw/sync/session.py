@@ -4,12 +4,15 @@ Invariants (everything that affects the state machine lives in this file):
 
 1. The session performs no I/O. Its inputs are :meth:`Session.start`,
    :meth:`Session.receive` (a frame from the peer) and the answers to the
-   effects it asked for (:meth:`ops_fetched`, :meth:`ops_applied`,
-   :meth:`apply_failed`); its outputs are lists of effects, to be performed in
-   order. At most one :class:`FetchOps`, one :class:`ApplyOps` and one
-   :class:`LoadPeerAck` are
-   outstanding at a time; frames arriving meanwhile are queued, so a performer
-   may answer late (the runner and the simulator answer at once).
+   effects it asked for (:meth:`ops_fetched`, :meth:`ops_decoded`,
+   :meth:`decode_failed`, :meth:`ops_applied`, :meth:`apply_failed`); its
+   outputs are lists of effects (:mod:`syncfw.sync.effects`), to be performed
+   in order. At most one :class:`FetchOps`, one :class:`DecodeOps` or
+   :class:`ApplyOps`, and one :class:`LoadPeerAck` are outstanding at a time;
+   frames arriving meanwhile are queued, so a performer may answer late (the
+   runner decodes large batches in a worker thread; the simulator and
+   :class:`SessionPair` answer at once, so they stay deterministic). Batches
+   under ``decode_effect_bytes`` are decoded inline, with the same checks.
 2. Both sides run the same machine. Each sends ``Hello`` and ``Digest`` at once;
    equal digests end the exchange after one round trip. Otherwise each sends a
    ``Summary`` and streams, in batches, what the other's summary lacks, then an
@@ -30,6 +33,13 @@ Invariants (everything that affects the state machine lives in this file):
    from their version vectors.
 5. The session ends exactly once, with one :class:`End` effect as the last
    effect it ever emits; after that every input returns no effects.
+6. ``OK`` means the vectors were compared: equal digests, or summaries
+   exchanged and both streams completed. A peer's ``Close(OK)`` arriving
+   before that ends the exchange ``ABORTED``, never ``OK``.
+7. Peers whose ``Hello`` names another fleet, another protocol version or
+   another fleet bootstrap (``fleet_digest``, when both sent one) are refused
+   ``FAILED_PRECONDITION``. A peer's strings enter reasons clipped
+   (:func:`~syncfw.sync.frames.clip`).
 """
 
 from __future__ import annotations
@@ -39,10 +49,20 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from syncfw.clock import LOGICAL_BITS
 from syncfw.codec import BatchLimits, decode_batch, encode_batch, packed_size
 from syncfw.errors import ChainError, DecodeError, ForkError, SyncfwError
 from syncfw.log import Op, VersionVector, vv_digest
+from syncfw.sync.effects import (
+    Acknowledge,
+    ApplyOps,
+    DecodeOps,
+    Effect,
+    End,
+    FetchOps,
+    LearnPeers,
+    LoadPeerAck,
+    Send,
+)
 from syncfw.sync.frames import (
     PROTOCOL_VERSION,
     Ack,
@@ -55,17 +75,10 @@ from syncfw.sync.frames import (
     Peers,
     Status,
     Summary,
+    clip,
 )
 
 __all__ = [
-    "Acknowledge",
-    "ApplyOps",
-    "Effect",
-    "End",
-    "FetchOps",
-    "LearnPeers",
-    "LoadPeerAck",
-    "Send",
     "Session",
     "SessionConfig",
     "SessionState",
@@ -73,67 +86,6 @@ __all__ = [
 
 ZSTD = "zstd"
 CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before are left out)
-
-
-# -- effects -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Send:
-    """Send ``frame`` to the peer."""
-
-    frame: Frame
-
-
-@dataclass(frozen=True, slots=True)
-class FetchOps:
-    """Read ops beyond ``vv`` (``Replica.ops_since``); answer with :meth:`Session.ops_fetched`."""
-
-    vv: Mapping[str, int]
-    limit: int
-    max_bytes: int
-
-
-@dataclass(frozen=True, slots=True)
-class ApplyOps:
-    """Apply a batch atomically (``Replica.apply_remote``), then answer with
-    :meth:`Session.ops_applied` (the new version vector) or :meth:`Session.apply_failed`."""
-
-    ops: tuple[Op, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Acknowledge:
-    """Durably record that ``peer`` holds ``vv`` (``Replica.acknowledge``)."""
-
-    peer: str
-    vv: Mapping[str, int]
-
-
-@dataclass(frozen=True, slots=True)
-class LoadPeerAck:
-    """Read the vector last recorded for ``peer`` (``Replica.peer_ack``); answer with
-    :meth:`Session.peer_ack_loaded`."""
-
-    peer: str
-
-
-@dataclass(frozen=True, slots=True)
-class LearnPeers:
-    """The peer gossiped its member list."""
-
-    peers: tuple[PeerInfo, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class End:
-    """The exchange is over; ``status`` says how. Always the last effect."""
-
-    status: Status
-    reason: str
-
-
-Effect = Send | FetchOps | ApplyOps | Acknowledge | LoadPeerAck | LearnPeers | End
 
 
 # -- configuration and state ---------------------------------------------------
@@ -150,6 +102,9 @@ class SessionConfig:
         zstd: this side speaks zstd (advertised in ``Hello``).
         delta_summary: send summaries as deltas against the last recorded vector.
         limits: codec caps; ``max_compressed`` is raised to ``max_batch_bytes``.
+        decode_effect_bytes: a received batch this large or larger is decoded
+            through a :class:`DecodeOps` effect (the runner does it on a
+            worker thread); a smaller one is decoded inline.
     """
 
     max_batch_bytes: int = 1 << 20
@@ -158,6 +113,7 @@ class SessionConfig:
     zstd: bool = True
     delta_summary: bool = True
     limits: BatchLimits = field(default_factory=BatchLimits)
+    decode_effect_bytes: int = 4096
 
     def batch_limits(self) -> BatchLimits:
         """Codec caps matching ``max_batch_bytes``."""
@@ -205,6 +161,9 @@ class Session:
         config: tunables.
         peers: a member list to gossip to the peer (after ``Hello``), if any.
         expect_peer: when set, a peer that says hello under another id is refused.
+        wall_ms: this replica's wall clock in ms, sent in ``Hello`` (0: unknown).
+        fleet_digest: this replica's ``Fleet.bootstrap_digest`` (empty: unknown);
+            a peer that sends another one is refused.
     """
 
     def __init__(
@@ -216,8 +175,12 @@ class Session:
         config: SessionConfig | None = None,
         peers: Sequence[PeerInfo] = (),
         expect_peer: str | None = None,
+        wall_ms: int = 0,
+        fleet_digest: bytes = b"",
     ) -> None:
         self.node_id = node_id
+        self.fleet_digest = fleet_digest
+        self._wall_ms = wall_ms
         self.fleet_id = fleet_id
         self.config = config or SessionConfig()
         self._limits = self.config.batch_limits()
@@ -245,6 +208,7 @@ class Session:
         # receive side
         self._recv_cursor: VersionVector = {}
         self._applying: tuple[Op, ...] | None = None
+        self._decoding: Ops | None = None
         self._rx: deque[Ops] = deque()
         self._recv_last = False
         # counters, for tests and metrics
@@ -266,14 +230,18 @@ class Session:
 
     @property
     def peer_clock_offset_ms(self) -> int | None:
-        """How far the peer's hybrid clock was ahead of ours at hello (ms; negative: behind).
+        """How far the peer's wall clock was ahead of ours at hello (ms; negative: behind).
 
-        Both readings are taken at each side's start, so it includes up to one
-        one-way delay; a health signal, never used to order anything.
+        Read from the wall clocks both sides sent in ``Hello``, not from their
+        hybrid clocks: those observe each other, so after one exchange a
+        clock a day behind would read as a few ms. Both readings are taken at
+        each side's start, so it includes up to one one-way delay; a health
+        signal, never used to order anything. None when either side did not
+        send its wall clock.
         """
-        if self.peer is None or not self.peer.hlc or not self._hlc:
+        if self.peer is None or not self.peer.wall_ms or not self._wall_ms:
             return None
-        return (self.peer.hlc >> LOGICAL_BITS) - (self._hlc >> LOGICAL_BITS)
+        return self.peer.wall_ms - self._wall_ms
 
     @property
     def peer_vv(self) -> VersionVector | None:
@@ -296,6 +264,8 @@ class Session:
             hlc=self._hlc,
             features=(ZSTD, CHAIN) if self.config.zstd else (CHAIN,),
             max_batch_bytes=self.config.max_batch_bytes,
+            fleet_digest=self.fleet_digest,
+            wall_ms=self._wall_ms,
         )
         out: list[Effect] = [Send(hello)]
         if self._gossip:
@@ -310,7 +280,14 @@ class Session:
         if self.state is SessionState.IDLE:
             raise RuntimeError("start() the session before feeding it frames")
         if isinstance(frame, Close):
-            return self._end(frame.code, f"peer closed: {frame.reason}", tell=False)
+            if frame.code is Status.OK:  # only this side can tell it compared (invariant 6)
+                return self._end(
+                    Status.ABORTED,
+                    f"peer ended before comparing vectors (in state {self.state.value}): "
+                    f"{clip(frame.reason)}",
+                    tell=False,
+                )
+            return self._end(frame.code, f"peer closed: {clip(frame.reason)}", tell=False)
         if isinstance(frame, Peers):
             if self.peer is None:
                 return self._fail(Status.INVALID_ARGUMENT, "Peers before Hello")
@@ -375,6 +352,36 @@ class Session:
         held, self._held = self._held, None
         return self._on_summary(held) if held is not None else []
 
+    def ops_decoded(self, ops: Sequence[Op]) -> list[Effect]:
+        """Answer a :class:`DecodeOps`: the batch's ops."""
+        if self.ended:
+            return []
+        frame, self._decoding = self._decoding, None
+        if frame is None:
+            raise RuntimeError("ops_decoded without a DecodeOps outstanding")
+        problem = self._check_contiguous(ops)
+        if problem:
+            return self._fail(Status.INVALID_ARGUMENT, problem)
+        if frame.last:
+            self._recv_last = True
+            if self._rx:
+                return self._fail(Status.INVALID_ARGUMENT, "Ops after the last batch")
+        if ops:
+            self._applying = tuple(ops)
+            return [ApplyOps(self._applying)]
+        if not frame.last:
+            return self._fail(Status.INVALID_ARGUMENT, "empty batch not marked last")
+        return self._drain()
+
+    def decode_failed(self, error: BaseException) -> list[Effect]:
+        """Answer a :class:`DecodeOps` that raised (``DecodeError``, ``ChainError``)."""
+        if self.ended:
+            return []
+        self._decoding = None
+        if isinstance(error, ChainError):
+            return self._fail(Status.DATA_LOSS, f"refused a batch: {error}")
+        return self._fail(Status.INVALID_ARGUMENT, f"malformed batch: {error}")
+
     def ops_applied(self, vv: Mapping[str, int]) -> list[Effect]:
         """Answer an :class:`ApplyOps`: the batch is durable; ``vv`` is the new vector."""
         if self.ended:
@@ -415,17 +422,26 @@ class Session:
                 Status.FAILED_PRECONDITION,
                 f"peer speaks sync protocol {hello.protocol}, this node speaks {PROTOCOL_VERSION}",
             )
+        peer = clip(hello.node_id)
         if hello.fleet_id != self.fleet_id:
             return self._fail(
                 Status.FAILED_PRECONDITION,
-                f"peer {hello.node_id!r} belongs to fleet {hello.fleet_id!r}, not {self.fleet_id!r}",
+                f"peer {peer!r} belongs to fleet {clip(hello.fleet_id)!r}, not {self.fleet_id!r}",
+            )
+        mine, theirs = self.fleet_digest, hello.fleet_digest
+        if mine and theirs and mine != theirs:
+            return self._fail(
+                Status.FAILED_PRECONDITION,
+                f"peer {peer!r} was given another fleet bootstrap (digest {theirs.hex()}, "
+                f"this node's {mine.hex()}): grants, node zones, telemetry or priorities "
+                "differ, so the two would judge ops differently",
             )
         if not hello.node_id or hello.node_id == self.node_id:
-            return self._fail(Status.FAILED_PRECONDITION, f"peer claims node id {hello.node_id!r}")
+            return self._fail(Status.FAILED_PRECONDITION, f"peer claims node id {peer!r}")
         if self._expect_peer is not None and hello.node_id != self._expect_peer:
             return self._fail(
                 Status.FAILED_PRECONDITION,
-                f"expected peer {self._expect_peer!r}, it says it is {hello.node_id!r}",
+                f"expected peer {self._expect_peer!r}, it says it is {peer!r}",
             )
         if hello.max_batch_bytes < 64:
             return self._fail(Status.INVALID_ARGUMENT, "peer batch cap is below 64 bytes")
@@ -517,32 +533,24 @@ class Session:
 
     def _drain(self) -> list[Effect]:
         """Take the next queued batch, if none is being applied."""
-        out: list[Effect] = []
-        while self._applying is None and self._rx:
+        if self._applying is None and self._decoding is None and self._rx:
             frame = self._rx.popleft()
+            # the size cap before any decoding (codec invariant 4: cheap checks first)
             if len(frame.batch) > self.config.max_batch_bytes:
-                return out + self._fail(
+                return self._fail(
                     Status.RESOURCE_EXHAUSTED,
                     f"batch of {len(frame.batch)} bytes exceeds the cap of "
                     f"{self.config.max_batch_bytes}",
                 )
-            try:
-                ops = decode_batch(frame.batch, limits=self._limits)
-            except DecodeError as exc:
-                return out + self._fail(Status.INVALID_ARGUMENT, f"malformed batch: {exc}")
-            problem = self._check_contiguous(ops)
-            if problem:
-                return out + self._fail(Status.INVALID_ARGUMENT, problem)
-            if frame.last:
-                self._recv_last = True
-                if self._rx:
-                    return out + self._fail(Status.INVALID_ARGUMENT, "Ops after the last batch")
-            if ops:
-                self._applying = tuple(ops)
-                out.append(ApplyOps(self._applying))
-            elif not frame.last:
-                return out + self._fail(Status.INVALID_ARGUMENT, "empty batch not marked last")
-        return out + self._maybe_done()
+            self._decoding = frame
+            if len(frame.batch) >= self.config.decode_effect_bytes:
+                return [DecodeOps(frame.batch, self._limits, dict(self._recv_cursor))]
+            try:  # small: cheaper here than a hop to a worker thread
+                ops = decode_batch(frame.batch, limits=self._limits, after=self._recv_cursor)
+            except (DecodeError, ChainError) as exc:
+                return self.decode_failed(exc)
+            return self.ops_decoded(ops)
+        return self._maybe_done()
 
     def _check_contiguous(self, ops: Sequence[Op]) -> str:
         """Each origin's ops must continue what this side holds (or has been sent)."""
@@ -605,6 +613,7 @@ class Session:
             and self._inflight == 0
             and self._recv_last
             and self._applying is None
+            and self._decoding is None
             and not self._rx
         ):
             return self._end(Status.OK, "synced", tell=False)

@@ -87,9 +87,18 @@ class MemoryReplica:
         """The fleet's id."""
         return self.fleet.fleet_id
 
+    @property
+    def fleet_digest(self) -> bytes:
+        """The fleet bootstrap's digest (:meth:`Fleet.bootstrap_digest`)."""
+        return self.fleet.bootstrap_digest()
+
     def hlc_now(self) -> int:
         """A fresh hybrid timestamp."""
         return self.clock.now()
+
+    def wall_ms(self) -> int:
+        """The injected wall clock (0 when none was injected: unknown)."""
+        return self.clock.wall()
 
     async def version_vector(self) -> VersionVector:
         """Highest contiguous seq held per origin."""

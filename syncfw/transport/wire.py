@@ -5,6 +5,10 @@ Invariants:
 1. ``decode_frame(encode_frame(f)) == f`` for every well-formed frame.
 2. :func:`decode_frame` raises only :class:`DecodeError`, for anything that is
    not exactly one well-formed frame of this protocol (protobuf errors never leak).
+3. Every string a peer sends is bounded here, before any session, log line or
+   table sees it: a ``Hello`` or gossiped field over its limit
+   (:mod:`syncfw.sync.frames`' ``MAX_*``) is a :class:`DecodeError` naming the
+   field and the limit (never echoed whole); a ``Close`` reason is cut.
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ from google.protobuf.message import DecodeError as _PbDecodeError
 
 from syncfw.errors import DecodeError
 from syncfw.sync.frames import (
+    MAX_ADDRESS_CHARS,
+    MAX_FEATURE_CHARS,
+    MAX_FEATURES,
+    MAX_FLEET_ID_CHARS,
+    MAX_NODE_ID_CHARS,
+    MAX_REASON_CHARS,
     Ack,
     Close,
     Digest,
@@ -38,11 +48,19 @@ def _vv_entries(vv: Mapping[str, int]) -> list[pb.VvEntry]:
     return [pb.VvEntry(origin=o, seq=s) for o, s in sorted(vv.items())]
 
 
+def _bounded(field: str, text: str, limit: int) -> str:
+    """``text`` if it has at most ``limit`` chars; else a DecodeError naming the field."""
+    if len(text) > limit:
+        raise DecodeError(f"{field} of {len(text)} chars exceeds {limit}")
+    return text
+
+
 def _vv_from(entries: Iterable[pb.VvEntry]) -> dict[str, int]:
     out: dict[str, int] = {}
     for e in entries:
         if not e.origin or e.origin in out:
             raise DecodeError("version vector with an empty or repeated origin")
+        _bounded("version vector origin", e.origin, MAX_NODE_ID_CHARS)
         out[e.origin] = int(e.seq)
     return out
 
@@ -58,6 +76,8 @@ def frame_to_pb(frame: Frame) -> pb.Frame:
                 hlc=frame.hlc,
                 features=list(frame.features),
                 max_batch_bytes=frame.max_batch_bytes,
+                fleet_digest=frame.fleet_digest,
+                wall_ms=frame.wall_ms,
             )
         )
     if isinstance(frame, Digest):
@@ -94,15 +114,7 @@ def pb_to_frame(msg: pb.Frame) -> Frame:
     """
     kind = msg.WhichOneof("body")
     if kind == "hello":
-        h = msg.hello
-        return Hello(
-            protocol=h.protocol,
-            fleet_id=h.fleet_id,
-            node_id=h.node_id,
-            hlc=h.hlc,
-            features=tuple(h.features),
-            max_batch_bytes=h.max_batch_bytes,
-        )
+        return _hello_from(msg.hello)
     if kind == "digest":
         if len(msg.digest.vv_digest) != 16:
             raise DecodeError("a digest is 16 bytes")
@@ -119,7 +131,11 @@ def pb_to_frame(msg: pb.Frame) -> Frame:
     if kind == "peers":
         return Peers(
             tuple(
-                PeerInfo(node_id=p.node_id, address=p.address, heartbeat=p.heartbeat)
+                PeerInfo(
+                    node_id=_bounded("Peers node_id", p.node_id, MAX_NODE_ID_CHARS),
+                    address=_bounded("Peers address", p.address, MAX_ADDRESS_CHARS),
+                    heartbeat=p.heartbeat,
+                )
                 for p in msg.peers.peers
             )
         )
@@ -128,8 +144,27 @@ def pb_to_frame(msg: pb.Frame) -> Frame:
             code = Status(msg.close.code)
         except ValueError:
             code = Status.INTERNAL
-        return Close(code, msg.close.reason[:1000])
+        return Close(code, msg.close.reason[:MAX_REASON_CHARS])
     raise DecodeError("empty frame")
+
+
+def _hello_from(h: pb.Hello) -> Hello:
+    """A Hello, every field within its limit (invariant 3)."""
+    if len(h.features) > MAX_FEATURES:
+        raise DecodeError(f"Hello.features has {len(h.features)} entries, over {MAX_FEATURES}")
+    features = tuple(_bounded("Hello.features entry", f, MAX_FEATURE_CHARS) for f in h.features)
+    if h.fleet_digest and len(h.fleet_digest) != 16:
+        raise DecodeError(f"Hello.fleet_digest is {len(h.fleet_digest)} bytes, not 16")
+    return Hello(
+        protocol=h.protocol,
+        fleet_id=_bounded("Hello.fleet_id", h.fleet_id, MAX_FLEET_ID_CHARS),
+        node_id=_bounded("Hello.node_id", h.node_id, MAX_NODE_ID_CHARS),
+        hlc=h.hlc,
+        features=features,
+        max_batch_bytes=h.max_batch_bytes,
+        fleet_digest=h.fleet_digest,
+        wall_ms=h.wall_ms,
+    )
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -25,20 +25,24 @@ class Frame(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., ops: _Optional[_Union[Ops, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., peers: _Optional[_Union[Peers, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol", "fleet_id", "node_id", "hlc", "features", "max_batch_bytes")
+    __slots__ = ("protocol", "fleet_id", "node_id", "hlc", "features", "max_batch_bytes", "fleet_digest", "wall_ms")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     FLEET_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     HLC_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FLEET_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WALL_MS_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     fleet_id: str
     node_id: str
     hlc: int
     features: _containers.RepeatedScalarFieldContainer[str]
     max_batch_bytes: int
-    def __init__(self, protocol: _Optional[int] = ..., fleet_id: _Optional[str] = ..., node_id: _Optional[str] = ..., hlc: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
+    fleet_digest: bytes
+    wall_ms: int
+    def __init__(self, protocol: _Optional[int] = ..., fleet_id: _Optional[str] = ..., node_id: _Optional[str] = ..., hlc: _Optional[int] = ..., features: _Optional[_Iterable[str]] = ..., max_batch_bytes: _Optional[int] = ..., fleet_digest: _Optional[bytes] = ..., wall_ms: _Optional[int] = ...) -> None: ...
 
 class VvEntry(_message.Message):
     __slots__ = ("origin", "seq")

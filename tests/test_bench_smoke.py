@@ -30,6 +30,11 @@ CASES = {
         ["--seeds", "1"],
         {"rounds_8", "rounds_32", "rounds_128", "grpc16_heal_s", "neighbour_p99_ms"},
     ),
+    "hostile": (
+        ["--quick"],
+        {"honest_ok_ratio_min", "honest_p99_ms_worst", "honest_p99_ms_quiet",
+         "rss_growth_mb_max", "cpu_ms_per_rejected_frame"},
+    ),
     "inference": (
         ["--quick"],
         {"bare_p50_ms", "bare_p99_ms", "engine_p50_ms", "engine_p99_ms", "bare_items_per_s",

@@ -141,6 +141,8 @@ class GrpcStream:
             LinkError: the call ended (with the peer's status, if it set one).
         """
         msg = data
+        if self._writing:  # grpc allows one write at a time; the last one never completed
+            raise LinkError(Status.ABORTED, "a previous write is still blocked on flow control")
         self._writing = True  # stays set if the write is cancelled while flow control holds it
         try:
             if self._call is not None:

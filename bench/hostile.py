@@ -1,0 +1,427 @@
+"""Hostile peers against a real node: does an honest peer keep being served?
+
+A real SQLite node serves gRPC on loopback. An honest peer (another real node)
+runs exchanges with it in a loop while, in turn, these attack it from other
+loopback addresses (127.0.0.2 and up, as other hosts would):
+
+- ``zero_window``: streams that say Hello, then never open their HTTP/2
+  receive window (the server's writes block on flow control);
+- ``slowloris``: streams that open and send nothing, reopened as they end;
+- ``flood``: a sender that ignores HTTP/2 flow control and streams DATA as
+  fast as the socket takes it;
+- ``bad_batches``: well-formed Ops frames of many chained ops whose last op
+  breaks the chain, sent again and again (each is refused).
+
+Prints one line per phase, then one JSON object (the last line): the
+honest peer's ok ratio under the worst attack over its quiet rate, p99
+latencies, the node's RSS growth, and the CPU spent per rejected frame.
+``--quick`` runs short phases with small batches (the smoke test).
+
+The raw HTTP/2 attacker (:class:`RawPeer`) is importable: the hostile-serving
+tests use it too. It needs the ``h2`` package (a dev dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
+import h2.settings
+from h2.settings import SettingCodes
+from hyperframe.frame import DataFrame
+
+from syncfw.codec import encode_batch
+from syncfw.exchange import run_exchange
+from syncfw.node import Node
+from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Ops, Summary
+from syncfw.testing.ops import OpWriter
+from syncfw.transport.base import FrameStream
+from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
+from syncfw.transport.wire import encode_frame
+from syncfw.zones import Fleet
+
+FLEET = Fleet(fleet_id="f")
+EXCHANGE_PATH = "/syncfw.v1.Sync/Exchange"
+
+
+def grpc_message(body: bytes) -> bytes:
+    """One length-prefixed gRPC message (uncompressed)."""
+    return b"\x00" + struct.pack(">I", len(body)) + body
+
+
+def hello(node_id: str = "evil") -> bytes:
+    """A valid Hello frame's bytes for the bench's fleet."""
+    return encode_frame(Hello(PROTOCOL_VERSION, FLEET.fleet_id, node_id))
+
+
+def opening(node_id: str = "evil") -> bytes:
+    """Hello, Digest and Summary as gRPC messages: what a peer sends before its ops."""
+    return b"".join(
+        grpc_message(encode_frame(f))
+        for f in (
+            Hello(PROTOCOL_VERSION, FLEET.fleet_id, node_id),
+            Digest(b"\x01" * 16),
+            Summary({}),
+        )
+    )
+
+
+def broken_chain_batch(n: int) -> bytes:
+    """An Ops frame of ``n`` chained ops whose last op's ``prev`` breaks the chain."""
+    w = OpWriter("evil")
+    ops = [w.write(f"fleet/evil/k{i}", i) for i in range(n)]
+    ops[-1] = dataclasses.replace(ops[-1], prev=b"\x66" * 32)
+    return encode_frame(Ops(encode_batch(ops)))
+
+
+class RawPeer:
+    """A raw HTTP/2 client of the ``Exchange`` method, for playing a hostile peer.
+
+    It answers the server's settings and pings (it reads the socket) but grants
+    no window beyond ``window``: with 0, the server can never send it DATA.
+
+    Args:
+        host: server host.
+        port: server port.
+        source: local address to bind (another loopback address = another host).
+        window: the HTTP/2 initial stream window it advertises.
+    """
+
+    def __init__(self, host: str, port: int, *, source: str = "127.0.0.2", window: int = 0) -> None:
+        self.host, self.port, self.source, self.window = host, port, source, window
+        self.ended: dict[int, tuple[str, str]] = {}
+        self.open_ids: set[int] = set()
+        self.closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    async def connect(self) -> RawPeer:
+        """Open the TCP connection and the HTTP/2 preface."""
+        self.reader, self.writer = await asyncio.open_connection(
+            self.host, self.port, local_addr=(self.source, 0)
+        )
+        cfg = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(cfg)
+        self.conn.local_settings = h2.settings.Settings(
+            client=True,
+            initial_values={SettingCodes.INITIAL_WINDOW_SIZE: self.window, SettingCodes.ENABLE_PUSH: 0},
+        )
+        self.conn.initiate_connection()
+        self._flush()
+        self._task = asyncio.create_task(self._pump())
+        return self
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data and not self.writer.is_closing():
+            self.writer.write(data)
+
+    def open(self, first: bytes | None = None) -> int | None:
+        """Open one Exchange stream, sending ``first`` (raw gRPC message bytes) if given.
+
+        Returns:
+            The stream id, or None if the connection is gone or full.
+        """
+        if self.closed:
+            return None
+        try:
+            sid = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", EXCHANGE_PATH),
+                    (":authority", f"{self.host}:{self.port}"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                ],
+            )
+            if first is not None:
+                self.conn.send_data(sid, first)
+        except (h2.exceptions.ProtocolError, h2.exceptions.FlowControlError):
+            return None
+        self.open_ids.add(sid)
+        self._flush()
+        return sid
+
+    async def blast(self, sid: int, chunk: bytes, total: int) -> int:
+        """Send ``total`` bytes of DATA on ``sid`` in ``chunk`` pieces, ignoring flow control.
+
+        Frames are written straight to the socket, past h2's window checks, as
+        a peer that ignores the window would. Returns the bytes written.
+        """
+        sent = 0
+        frame = DataFrame(sid)
+        frame.data = chunk
+        raw = frame.serialize()
+        while sent < total and not self.closed and not self.writer.is_closing():
+            self.writer.write(raw)
+            sent += len(chunk)
+            with contextlib.suppress(ConnectionError):
+                await self.writer.drain()
+        return sent
+
+    async def _pump(self) -> None:
+        try:
+            while True:
+                data = await self.reader.read(65536)
+                if not data:
+                    break
+                try:
+                    events = self.conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    break
+                for ev in events:
+                    self._on(ev)
+                self._flush()
+        except (ConnectionError, OSError):
+            pass
+        self.closed = True
+
+    def _on(self, ev: h2.events.Event) -> None:
+        ended: tuple[str, str] | None = None
+        sid = getattr(ev, "stream_id", 0)
+        if isinstance(ev, h2.events.TrailersReceived) or (
+            isinstance(ev, h2.events.ResponseReceived) and ev.stream_ended is not None
+        ):
+            headers = dict(ev.headers or [])
+            ended = (str(headers.get("grpc-status")), str(headers.get("grpc-message", "")))
+        elif isinstance(ev, h2.events.StreamReset) and sid not in self.ended:
+            ended = ("reset", str(ev.error_code))  # after a status, a reset adds nothing
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.closed = True
+        if ended is not None:
+            self.ended[sid] = ended
+            self.open_ids.discard(sid)
+
+    async def aclose(self) -> None:
+        """Drop the connection."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
+
+
+# -- attacks: each runs until cancelled --------------------------------------------
+
+
+async def zero_window(port: int, source: str, streams: int) -> None:
+    """Streams that say Hello and never grant a window; reopened as they end."""
+    peers: list[RawPeer] = []
+    try:
+        while True:
+            peers = [p for p in peers if not p.closed] or [await RawPeer("127.0.0.1", port, source=source).connect()]
+            p = peers[-1]
+            while len(p.open_ids) < streams and p.open(grpc_message(hello())) is not None:
+                pass
+            if p.closed or len(p.open_ids) < streams:
+                peers.append(await RawPeer("127.0.0.1", port, source=source).connect())
+            await asyncio.sleep(0.05)
+    finally:
+        for p in peers:
+            await p.aclose()
+
+
+async def slowloris(port: int, source: str, streams: int) -> None:
+    """Streams that open and send nothing, reopened as they end."""
+    p = await RawPeer("127.0.0.1", port, source=source, window=65535).connect()
+    try:
+        while True:
+            if p.closed:
+                await p.aclose()
+                p = await RawPeer("127.0.0.1", port, source=source, window=65535).connect()
+            while len(p.open_ids) < streams and p.open() is not None:
+                pass
+            await asyncio.sleep(0.05)
+    finally:
+        await p.aclose()
+
+
+async def flood(port: int, source: str, stats: dict[str, int]) -> None:
+    """DATA past the window, as fast as the socket takes it, on new connections as they die."""
+    chunk = b"\x00" * 16384
+    try:
+        while True:
+            p = await RawPeer("127.0.0.1", port, source=source, window=65535).connect()
+            sid = p.open(opening())
+            if sid is not None:
+                stats["bytes"] = stats.get("bytes", 0) + await p.blast(sid, chunk, 64 << 20)
+            stats["connections"] = stats.get("connections", 0) + 1
+            await p.aclose()
+    except asyncio.CancelledError:
+        raise
+
+
+async def bad_batches(port: int, source: str, frame: bytes, stats: dict[str, int]) -> None:
+    """Open, send the opening and one broken-chain batch, read the refusal; again."""
+    body = opening() + grpc_message(frame)
+    p = await RawPeer("127.0.0.1", port, source=source, window=1 << 20).connect()
+    try:
+        while True:
+            if p.closed:
+                await p.aclose()
+                p = await RawPeer("127.0.0.1", port, source=source, window=1 << 20).connect()
+            if len(p.open_ids) < 2:
+                before = len(p.ended)
+                if p.open(body) is not None:
+                    stats["sent"] = stats.get("sent", 0) + 1
+                stats["ended"] = stats.get("ended", 0) + len(p.ended) - before
+            await asyncio.sleep(0.005)
+    finally:
+        await p.aclose()
+
+
+# -- the bench ------------------------------------------------------------------------
+
+
+def rss_mb() -> float:
+    """This process's resident set size, MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def p99(xs: list[float]) -> float:
+    if not xs:
+        return 0.0
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(0.99 * len(s)))]
+
+
+async def honest_loop(node: Node, address: str, seconds: float) -> tuple[int, int, list[float]]:
+    """Exchanges for ``seconds``: (ok, tried, latencies in ms)."""
+    pool = ChannelPool(TransportConfig.test())
+    ok = tried = 0
+    lat: list[float] = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            await node.put(f"fleet/{node.node_id}/n", tried)
+            t0 = time.perf_counter()
+            tried += 1
+            try:
+                out = await run_exchange(node, await pool.open(address, timeout_s=3.0), timeout_s=3.0)
+                ok += out.ok
+            except Exception:  # a dial failure counts as a failed exchange
+                pass
+            lat.append((time.perf_counter() - t0) * 1000)
+    finally:
+        await pool.aclose()
+    return ok, tried, lat
+
+
+async def attack_main(name: str, port: int, source: str, batch_ops: int) -> None:
+    """Run one attack until killed (the bench runs each in a process of its own)."""
+    if name == "zero_window":
+        await zero_window(port, source, 16)
+    elif name == "slowloris":
+        await slowloris(port, source, 16)
+    elif name == "flood":
+        await flood(port, source, {})
+    elif name == "bad_batches":
+        await bad_batches(port, source, broken_chain_batch(batch_ops), {})
+    else:
+        raise SystemExit(f"unknown attack {name!r}")
+
+
+ATTACKS = {"zero_window": "127.0.0.2", "slowloris": "127.0.0.3", "flood": "127.0.0.4",
+           "bad_batches": "127.0.0.5"}
+
+
+def _refused_by_chain(node: Node) -> int:
+    got = node.metrics.snapshot()["exchanges"]
+    return sum(v for k, v in got.items() if k not in ("OK", "CANCELLED", "DEADLINE_EXCEEDED"))
+
+
+async def main(quick: bool) -> dict[str, float]:
+    logging.basicConfig(level=logging.ERROR)
+    phase_s = 2.0 if quick else 8.0
+    batch_ops = 5_000 if quick else 50_000
+    tmp = Path(tempfile.mkdtemp(prefix="syncfw-hostile-"))
+    server_node = await Node.open(tmp / "a.db", node_id="a", fleet=FLEET)
+    honest = await Node.open(tmp / "b.db", node_id="b", fleet=FLEET)
+    cfg = TransportConfig.test(exchange_timeout_s=3.0, hello_timeout_s=1.0)
+
+    async def handler(stream: FrameStream) -> None:
+        await run_exchange(
+            server_node, stream, timeout_s=cfg.exchange_timeout_s, metrics=server_node.metrics
+        )
+
+    server = await GrpcServer.start("127.0.0.1:0", handler, config=cfg, metrics=server_node.metrics)
+    rss0 = rss_mb()
+    results: dict[str, dict[str, float]] = {}
+    for name in ["quiet", *ATTACKS]:
+        proc = None
+        if name != "quiet":
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, __file__, "--attack", name, "--port", str(server.port),
+                "--source", ATTACKS[name], "--batch-ops", str(batch_ops),
+            )
+            await asyncio.sleep(0.5 if quick else 1.5)  # let it take hold (and build its batch)
+        refused0 = _refused_by_chain(server_node)
+        cpu0, wall0 = time.process_time(), time.monotonic()
+        ok, tried, lat = await honest_loop(honest, server.address, phase_s)
+        cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        if proc is not None:
+            proc.kill()
+            await proc.wait()
+        results[name] = {
+            "ok_per_s": ok / wall,
+            "tried": tried,
+            "p99_ms": p99(lat),
+            "cpu_s": cpu,
+            "wall_s": wall,
+            "rejected": _refused_by_chain(server_node) - refused0,
+            "rss_growth_mb": rss_mb() - rss0,
+        }
+        print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
+    quiet, bad = results["quiet"], results["bad_batches"]
+    attacked = [r for n, r in results.items() if n != "quiet"]
+    # the node's CPU beyond what serving the honest peer alone costs, per refused batch
+    extra_cpu = bad["cpu_s"] - quiet["cpu_s"] / quiet["wall_s"] * bad["wall_s"]
+    figures = {
+        "honest_ok_ratio_min": min(r["ok_per_s"] for r in attacked) / max(quiet["ok_per_s"], 1e-9),
+        "honest_p99_ms_worst": max(r["p99_ms"] for r in attacked),
+        "honest_p99_ms_quiet": quiet["p99_ms"],
+        "rss_growth_mb_max": max(0.0, *(r["rss_growth_mb"] for r in results.values())),
+        "cpu_ms_per_rejected_frame": max(0.0, extra_cpu) * 1000 / max(1.0, bad["rejected"]),
+        "rejected_frames": bad["rejected"],
+        "refused_streams": float(sum(server_node.metrics.snapshot()["refused_streams"].values())),
+    }
+    await server.aclose(grace_s=0)
+    await honest.close()
+    await server_node.close()
+    return {k: round(v, 3) for k, v in figures.items()}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="short phases, small batches (smoke test)")
+    ap.add_argument("--attack", choices=sorted(ATTACKS), help="run one attack until killed")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--source", default="127.0.0.2")
+    ap.add_argument("--batch-ops", type=int, default=50_000)
+    args = ap.parse_args()
+    if args.attack:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(attack_main(args.attack, args.port, args.source, args.batch_ops))
+        raise SystemExit(0)
+    print(json.dumps(asyncio.run(main(args.quick))))
+    sys.stdout.flush()

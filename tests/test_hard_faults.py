@@ -3,9 +3,12 @@ durability by default, forks without lock-out, loud pending, integrity, budgets,
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -16,6 +19,7 @@ from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange
 
 import syncfw
 from syncfw import Node, StoreConfig
+from syncfw.cli import main as cli_main
 from syncfw.codec import encode_batch
 from syncfw.log import Op, OpChain, encode_value
 
@@ -212,3 +216,87 @@ async def test_many_ops_behind_a_gap_warn_at_once_with_the_count(
         await depot.apply_remote(crafted("t9", 12, zone="trucks/t9/", epoch=1, start=3))
     assert "12 remote ops held back (gap)" in caplog.text
     assert (await depot.status())["pending_by_reason"]["gap"] == 12
+
+
+# ------------------------------------------------------------------ 6. integrity
+
+
+async def inspect_check(path: Path) -> int:
+    """``syncfw inspect --check PATH`` (the CLI runs its own event loop: off this one)."""
+    return await asyncio.to_thread(cli_main, ["inspect", "--check", str(path)])
+
+
+async def _file_with_ops(path: Path, n: int = 400) -> None:
+    async with Node.open(path, node_id="t7", fleet=FLEET) as node:
+        await node.put_many({f"trucks/t7/k{i}": "x" * 200 for i in range(n)})
+
+
+def _ops_leaf(path: Path) -> tuple[int, int]:
+    """The offset of a middle leaf page of the ``ops`` table, and the page size."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        pages = [
+            r[0]
+            for r in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'ops' AND pagetype = 'leaf' ORDER BY pageno"
+            )
+        ]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert len(pages) > 4
+    return (pages[len(pages) // 2] - 1) * size, size
+
+
+def _overwrite(path: Path, offset: int, data: bytes) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset : offset + len(data)] = data
+    path.write_bytes(bytes(raw))
+
+
+async def test_values_damaged_under_sqlite_are_never_served(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t7.db"
+    await _file_with_ops(path)
+    offset, size = _ops_leaf(path)
+    _overwrite(path, offset + size - 150, b"Y" * 20)  # inside an op's value: pages stay valid
+    async with Node.open(path, node_id="t7", fleet=FLEET) as node:
+        with pytest.raises(syncfw.CorruptDatabaseError, match=r"does not name op \d+'s hash"):
+            await node.ops_since({}, limit=100_000)
+        async with Node.open(tmp_path / "fresh.db", node_id="depot", fleet=FLEET) as fresh:
+            with pytest.raises(syncfw.CorruptDatabaseError):
+                await exchange(node, fresh)
+    assert await inspect_check(path) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "origin 't7': op" in out
+
+
+async def test_a_damaged_page_is_refused_at_open_by_quick_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t7.db"
+    await _file_with_ops(path)
+    offset, _ = _ops_leaf(path)
+    _overwrite(path, offset + 3, b"\x00\x00")  # the page's cell count
+    with pytest.raises(syncfw.CorruptDatabaseError, match="damaged"):
+        await Node.open(path, node_id="t7", fleet=FLEET)
+    assert await inspect_check(path) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+
+
+async def test_a_gap_in_the_stored_log_is_an_error_not_a_skip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "t7.db"
+    await _file_with_ops(path, 50)
+    assert await inspect_check(path) == 0
+    assert ": ok" in capsys.readouterr().out
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("DELETE FROM ops WHERE origin = 't7' AND seq IN (20, 21)")
+        conn.commit()
+    async with Node.open(path, node_id="t7", fleet=FLEET) as node:
+        assert len(await node.ops_since({}, limit=19)) == 19  # what is whole is served
+        with pytest.raises(syncfw.CorruptDatabaseError, match=r"ops 20\.\.21 are missing"):
+            await node.ops_since({}, limit=100)
+        with pytest.raises(syncfw.CorruptDatabaseError, match=r"ops 20\.\.21 are missing"):
+            await node.ops_since({"t7": 19})
+    assert await inspect_check(path) == 1
+    assert "ops 20..21 are missing" in capsys.readouterr().out

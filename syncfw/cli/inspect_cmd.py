@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from syncfw.errors import SyncfwError
-from syncfw.store.inspect import inspect_store
+from syncfw.store.inspect import check_store, inspect_store
 
 
 def register(sub: Any) -> None:
@@ -20,6 +20,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("db", help="path of the node's SQLite file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="check the file instead (PRAGMA quick_check and every origin's hash chain); "
+        "exit 1 with the findings if it is damaged",
+    )
     p.set_defaults(func=run)
 
 
@@ -28,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         # SQLite itself only says "disk I/O error" when asked to open a directory.
         print(f"syncfw inspect: {args.db!r} is a directory, not a syncfw database")
         return 2
+    if args.check:
+        return _check(args.db)
     try:
         info = asyncio.run(inspect_store(args.db))
     except SyncfwError as exc:
@@ -64,3 +72,18 @@ def run(args: argparse.Namespace) -> int:
         for r in info["pending"]:
             print(f"  ({r['origin']}, {r['seq']}): {r['reason']}")
     return 0
+
+
+def _check(db: str) -> int:
+    try:
+        found = asyncio.run(check_store(db))
+    except SyncfwError as exc:
+        print(f"syncfw inspect: {exc}")
+        return 2
+    if not found:
+        print(f"{db}: ok (quick_check and every origin's hash chain)")
+        return 0
+    print(f"{db}: DAMAGED ({len(found)} finding(s))")
+    for line in found:
+        print(f"  {line}")
+    return 1

@@ -40,6 +40,11 @@ class StoreConfig:
         pending_warn_ops: held-back ops of one reason that make a WARNING.
         pending_warn_age_s: ...or how long some have been held without a break.
         pending_warn_every_s: at most one such WARNING per reason this often.
+        open_check_s: time bound of the ``PRAGMA quick_check`` run at open (it
+            reads every page: about 1 s per GB on an SSD). A damaged file is
+            refused with :class:`~syncfw.errors.CorruptDatabaseError`; a check
+            that runs out of time is abandoned with a WARNING (run
+            ``syncfw inspect --check`` for the full one). 0 skips it.
     """
 
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
@@ -53,3 +58,4 @@ class StoreConfig:
     pending_warn_ops: int = 1_000
     pending_warn_age_s: float = 60.0
     pending_warn_every_s: float = 60.0
+    open_check_s: float = 5.0

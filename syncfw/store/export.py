@@ -11,6 +11,12 @@ Invariants:
    same way). Origins whose next ops touch higher-priority zones go first.
 3. The digest covers materialized state and the rejected set, in a canonical
    order, so replicas holding the same ops have the same digest.
+4. What :func:`ops_since` serves is verified as it is read: each origin's
+   rows are contiguous from the asked seq, each names the hash of the one
+   before as ``prev`` (the first, the op at the asked seq, read too), and
+   the origin's last op hashes to its chain head. A gap or a broken link is
+   a :class:`CorruptDatabaseError`, never a silent skip: a damaged file
+   must not tell a peer "synced" while it holds less than its vector says.
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ import msgpack
 
 from syncfw.crdt import KINDS, LWW, YDOC
 from syncfw.crdt.ydoc import canonical as ydoc_canonical
-from syncfw.log import Op, OpId, VersionVector, decode_value
+from syncfw.errors import CorruptDatabaseError
+from syncfw.log import GENESIS, Op, OpId, VersionVector, decode_value, op_hash
 from syncfw.store.sql import chunks
 from syncfw.zones import Fleet, Grant
 
@@ -106,8 +113,14 @@ async def ops_since(
     *,
     limit: int,
     max_bytes: int | None,
+    heads: Mapping[str, bytes] | None = None,
 ) -> list[Op]:
-    """Ops held (``have``: the store's vector) beyond ``vv`` (invariant 2)."""
+    """Ops held (``have``: the store's vector, ``heads`` its chain heads) beyond ``vv``
+    (invariants 2 and 4).
+
+    Raises:
+        CorruptDatabaseError: the rows read have a gap or a broken hash link.
+    """
     out: list[Op] = []
     size = 0
     wanted: list[tuple[int, str]] = []
@@ -126,17 +139,69 @@ async def ops_since(
     for _, origin in wanted:
         if len(out) >= limit:
             break
+        start = vv.get(origin, 0)
+        want = min(limit - len(out), have[origin] - start)
+        # From the op at ``start`` too (when held): the first link is checked.
         rows = await fetch(
-            f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (origin, vv.get(origin, 0), limit - len(out)),
+            f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq >= ? ORDER BY seq LIMIT ?",
+            (origin, start, want + 1),
         )
-        for row in rows:
-            op = Op(*row)
+        ops = verified(
+            origin, start, want, [Op(*row) for row in rows], heads, have[origin],
+            compacted.get(origin, 0),
+        )
+        for op in ops:
             size += op_size(op)
             if max_bytes is not None and out and size > max_bytes:
                 return out
             out.append(op)
     return out
+
+
+def verified(
+    origin: str,
+    start: int,
+    want: int,
+    rows: list[Op],
+    heads: Mapping[str, bytes] | None,
+    have: int,
+    compacted: int = 0,
+) -> list[Op]:
+    """The ``want`` ops after ``start`` from ``rows`` (which may begin at ``start``),
+    checked for contiguity and hash links (invariant 4).
+
+    Raises:
+        CorruptDatabaseError: a gap or a broken link.
+    """
+    prev: bytes | None = GENESIS if start == 0 else None
+    if rows and rows[0].seq == start:
+        prev = op_hash(rows[0])
+        rows = rows[1:]
+    elif start > compacted:
+        raise _damaged(origin, f"op {start} is missing")
+    # ``prev`` None: the op at ``start`` is compacted away; its link was checked at apply.
+    rows = rows[:want]
+    expect = start + 1
+    for op in rows:
+        if op.seq != expect:
+            raise _damaged(origin, f"ops {expect}..{op.seq - 1} are missing")
+        if prev is not None and op.prev != prev:
+            raise _damaged(origin, f"op {op.seq} does not name op {op.seq - 1}'s hash")
+        prev = op_hash(op)
+        expect += 1
+    if len(rows) < want:
+        raise _damaged(origin, f"ops {expect}..{have} are missing")
+    head = heads.get(origin) if heads is not None else None
+    if head is not None and rows and rows[-1].seq == have and prev != head:
+        raise _damaged(origin, f"op {have} does not hash to the recorded chain head")
+    return rows
+
+
+def _damaged(origin: str, what: str) -> CorruptDatabaseError:
+    return CorruptDatabaseError(
+        f"the log of origin {origin!r} is damaged: {what} (the file is corrupt; "
+        "run `syncfw inspect --check` and restore this node from a peer or a backup)"
+    )
 
 
 async def _priority(fetch: Fetch, fleet: Fleet, origin: str, start: int, window: int) -> int:

@@ -17,9 +17,12 @@ from syncfw.errors import (
     SchemaVersionError,
     StorageError,
 )
+from syncfw.log import GENESIS, Op, op_hash
+from syncfw.store.export import OP_COLUMNS
 from syncfw.store.schema import APPLICATION_ID, SCHEMA_VERSION
+from syncfw.store.sql import quick_check
 
-__all__ = ["inspect_store"]
+__all__ = ["check_store", "inspect_store"]
 
 
 def _file_facts(path: str) -> tuple[str, str, int]:
@@ -104,3 +107,56 @@ async def inspect_store(path: str | Path, *, rejected_limit: int = 50) -> dict[s
             "wal_bytes": wal_bytes,
         },
     }
+
+
+async def check_store(path: str | Path) -> list[str]:
+    """Check a store file without changing it: ``PRAGMA quick_check`` (every page, no
+    time bound) and every origin's log (contiguous, hash-linked, ending at its head).
+
+    Returns:
+        the findings; empty when the file is sound.
+
+    Raises:
+        StorageError: the file does not exist or cannot be opened.
+    """
+    path, uri, _ = _file_facts(str(path))
+    try:
+        conn = await aiosqlite.connect(uri, uri=True)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open {path!r}: {exc}") from None
+    try:
+        try:
+            found = await quick_check(conn, None) or []
+        except CorruptDatabaseError as exc:
+            return [str(exc)]
+        try:
+            found += await _check_logs(conn)
+        except sqlite3.DatabaseError as exc:
+            found.append(f"reading the log failed: {exc}")
+    finally:
+        await conn.close()
+    return found
+
+
+async def _check_logs(conn: aiosqlite.Connection) -> list[str]:
+    found: list[str] = []
+    heads = await conn.execute_fetchall("SELECT origin, seq, hash, compacted FROM heads ORDER BY origin")
+    for origin, head_seq, head_hash, compacted in heads:
+        expect, prev = compacted + 1, GENESIS if not compacted else None
+        async with conn.execute(
+            f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq > ? ORDER BY seq",
+            (origin, compacted),
+        ) as cur:
+            async for row in cur:
+                op = Op(*row)
+                if op.seq != expect:
+                    found.append(f"origin {origin!r}: ops {expect}..{op.seq - 1} are missing")
+                    prev = None
+                elif prev is not None and op.prev != prev:
+                    found.append(f"origin {origin!r}: op {op.seq} does not name op {op.seq - 1}'s hash")
+                prev, expect = op_hash(op), op.seq + 1
+        if expect <= head_seq:
+            found.append(f"origin {origin!r}: ops {expect}..{head_seq} are missing")
+        elif prev is not None and expect == head_seq + 1 and prev != head_hash:
+            found.append(f"origin {origin!r}: op {head_seq} does not hash to the chain head")
+    return found

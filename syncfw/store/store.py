@@ -66,7 +66,14 @@ from syncfw.store.planner import (
     plan_remote,
     triage,
 )
-from syncfw.store.sql import StaleTip, Step, check_and_migrate, transaction, translate_error
+from syncfw.store.sql import (
+    StaleTip,
+    Step,
+    check_and_migrate,
+    quick_check,
+    transaction,
+    translate_error,
+)
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
 from syncfw.zones import Fleet, ZoneTable
 
@@ -168,6 +175,7 @@ class Store:
             await check_and_migrate(
                 conn, path, node_id, fleet, config.synchronous, config.max_bytes
             )
+            await _check_at_open(conn, path, config.open_check_s)
             clock = HLC(wall, max_offset_ms=config.max_offset_ms)
             store = cls(conn, path, node_id, fleet, clock, config, metrics or NodeMetrics(node_id))
             await store._load()
@@ -459,11 +467,15 @@ class Store:
 
         Ops already compacted away cannot be exported; such an origin is
         skipped with a warning (a state snapshot transfer is future work).
+
+        Raises:
+            CorruptDatabaseError: the rows read have a gap or a broken hash
+                link (a damaged file); nothing is served as if complete.
         """
         self._check_open()
         return await export.ops_since(
             self._fetch, dict(self._vv), self._compacted, self.fleet, vv,
-            limit=limit, max_bytes=max_bytes,
+            limit=limit, max_bytes=max_bytes, heads=dict(self._heads),
         )
 
     async def read_lww(self, key: str) -> bytes | None:
@@ -655,3 +667,18 @@ def _pending_counts(pending: Pending) -> dict[str, int]:
             b = pending_bucket(why)
             out[b] = out.get(b, 0) + 1
     return out
+
+
+async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) -> None:
+    """``PRAGMA quick_check``, bounded by ``seconds`` (see ``StoreConfig.open_check_s``)."""
+    if seconds <= 0:
+        return
+    found = await quick_check(conn, seconds)
+    if found is None:
+        log.warning(
+            "quick_check of %r stopped after %.1f s (StoreConfig.open_check_s); "
+            "run `syncfw inspect --check` for the full check",
+            path, seconds,
+        )
+    elif found:
+        raise CorruptDatabaseError(f"{path!r} is damaged (quick_check): " + "; ".join(found))

@@ -84,7 +84,7 @@ def broken_chain_batch(n: int) -> bytes:
     w = OpWriter("evil")
     ops = [w.write(f"fleet/evil/k{i}", i) for i in range(n)]
     ops[-1] = dataclasses.replace(ops[-1], prev=b"\x66" * 32)
-    return encode_frame(Ops(encode_batch(ops)))
+    return encode_frame(Ops(encode_batch(ops, zstd=True, elide_prev=True)))
 
 
 class RawPeer:
@@ -380,8 +380,9 @@ async def main(quick: bool) -> dict[str, float]:
         ok, tried, lat = await honest_loop(honest, server.address, phase_s)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         if proc is not None:
-            proc.kill()
-            await proc.wait()
+            if proc.returncode is None:
+                proc.kill()
+            print(f"{name}: attacker exited {await proc.wait()}", file=sys.stderr)
         results[name] = {
             "ok_per_s": ok / wall,
             "tried": tried,

@@ -14,6 +14,15 @@ Quick start::
         await node.counter("site/ore-tonnes").add(40)
 """
 
+import os as _os
+
+# gRPC's C core reads GRPC_VERBOSITY when grpc is first imported (below, through
+# the transport), and would print its own lines (a refused proxy handshake) to
+# stderr; syncfw reports link failures through its logging instead. A value the
+# user set is kept. The ``syncfw`` command's package imports this first, so this
+# is the one place early enough for it too.
+_os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
 from syncfw.clock import HLC, NtpResult, check_ntp
 from syncfw.errors import (
     ChainError,

@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pycrdt
 import pytest
 from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange
 
@@ -300,3 +301,77 @@ async def test_a_gap_in_the_stored_log_is_an_error_not_a_skip(
             await node.ops_since({"t7": 19})
     assert await inspect_check(path) == 1
     assert "ops 20..21 are missing" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ 8. the small ones
+
+
+async def test_a_doc_opened_read_only_then_writable_records_its_edits(
+    make_node: NodeFactory,
+) -> None:
+    t7, depot = await make_node("t7"), await make_node("depot")
+    ro = await t7.doc("trucks/t7/notes", readonly=True)
+    doc = await t7.doc("trucks/t7/notes")
+    assert doc is ro  # one live doc per key, upgraded in place
+    text = doc.get("body", type=pycrdt.Text)
+    text += "tyre pressure low"
+    await t7.flush()
+    assert (await t7.version_vector())["t7"] == 1
+    await exchange(t7, depot)
+    mirror = await depot.doc("trucks/t7/notes", readonly=True)
+    assert str(mirror.get("body", type=pycrdt.Text)) == "tyre pressure low"
+
+
+async def test_scan_finds_keys_whose_rest_starts_with_the_last_code_point(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node("depot")
+    keys = ["site/a/", "site/a/\U0010ffff", "site/a/\U0010ffffz", "site/a/\U0010ffff\U0010ffff"]
+    await node.put_many({k: i for i, k in enumerate(keys)})
+    await node.put("site/b", "outside")
+    assert sorted(await node.scan("site/a/")) == sorted(keys)
+    assert sorted(await node.scan("site/a/\U0010ffff")) == sorted(keys[1:])
+    assert await node.scan("site/a/\U0010ffff\U0010ffff") == {keys[3]: 3}
+
+
+@pytest.mark.parametrize("bad", ["n1/x", "*", " ", "", "a b", "x" * 257, "-n1", "n1\n"])
+async def test_unsafe_node_ids_are_refused_at_open(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(ValueError, match="invalid node id"):
+        await Node.open(tmp_path / "n.db", node_id=bad, fleet=FLEET)
+    assert not (tmp_path / "n.db").exists()
+
+
+async def test_safe_node_ids_open(make_node: NodeFactory, tmp_path: Path) -> None:
+    for i, good in enumerate(("station-7", "t7.yard:2", "x" * 256, "truck_9@site")):
+        node = await make_node(good, path=tmp_path / f"n{i}.db")
+        assert node.node_id == good
+
+
+def test_a_missing_tls_file_is_a_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "ca.pem"
+    code = cli_main([
+        "node", "serve", str(tmp_path / "n.db"), "--id", "t7",
+        "--listen", "127.0.0.1:0", "--ca", str(missing), "--cert", str(missing),
+        "--key", str(missing),
+    ])
+    out = capsys.readouterr()
+    assert code == 2
+    assert f"cannot read TLS file {str(missing)!r}" in out.out
+    assert "Traceback" not in out.out + out.err
+
+
+def test_grpc_verbosity_is_set_before_grpc_is_imported() -> None:
+    probe = (
+        "import sys, os\n"
+        "import syncfw.cli\n"
+        "assert 'grpc' in sys.modules\n"
+        "print(os.environ['GRPC_VERBOSITY'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "NONE"
+    assert out.stderr == ""

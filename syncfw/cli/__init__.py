@@ -16,7 +16,10 @@ from collections.abc import Sequence
 from types import ModuleType
 
 # gRPC's C core logs refused proxy handshakes (the demo's partitions) to stderr
-# itself; syncfw reports link failures through its own logging instead.
+# itself; syncfw reports link failures through its own logging instead. The C
+# core reads this when grpc is imported, which ``import syncfw`` (run before this
+# module) already did: syncfw/__init__.py sets it first; this repeats it for
+# whoever imports the CLI with grpc not yet loaded.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from syncfw.cli import demo, inspect_cmd, node_cmd

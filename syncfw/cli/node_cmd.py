@@ -113,7 +113,11 @@ async def serve(args: argparse.Namespace) -> int:
         if not (args.ca and args.cert and args.key):
             print("syncfw node: --ca, --cert and --key go together")
             return 2
-        tls = TlsConfig.from_files(args.ca, args.cert, args.key)
+        try:
+            tls = TlsConfig.from_files(args.ca, args.cert, args.key)
+        except OSError as exc:  # a missing or unreadable PEM file: say which, no traceback
+            print(f"syncfw node: cannot read TLS file {exc.filename!r}: {exc.strerror}")
+            return 2
     network = GrpcNetwork(
         TransportConfig(http_proxy=args.proxy, tls=tls, connect_timeout_s=config.connect_timeout_s)
     )
@@ -137,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
     """Entry point of ``syncfw node serve``."""
     try:
         return asyncio.run(serve(args))
-    except SyncfwError as exc:
+    except (SyncfwError, ValueError) as exc:  # ValueError: an invalid node id
         print(f"syncfw node: {exc}")
         return 2

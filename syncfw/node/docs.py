@@ -33,39 +33,47 @@ class LiveDocs:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._docs: dict[str, pycrdt.Doc[Any]] = {}
+        self._recorded: set[str] = set()  # docs whose local edits become ops
         self._writes: set[asyncio.Task[Op]] = set()
         self.applying_remote = False
 
     async def open(self, key: str, zone_epoch: tuple[str, int] | None) -> pycrdt.Doc[Any]:
-        """The live doc at ``key``; with ``zone_epoch`` None, local edits are not recorded."""
+        """The live doc at ``key``; with ``zone_epoch`` None, local edits are not recorded.
+
+        A doc opened read-only first and then writable is upgraded in place:
+        from then on its local edits are recorded (there is one live doc per
+        key, so the read-only handle sees the same document).
+        """
         live = self._docs.get(key)
-        if live is not None:
-            return live
-        state = await self._store.read_state(YDOC.name, key)
-        live = self._docs.get(key)  # another caller may have opened it meanwhile
-        if live is not None:
-            return live
-        doc: pycrdt.Doc[Any] = pycrdt.Doc()
-        self.applying_remote = True
-        try:
-            doc.apply_update(state)
-        finally:
-            self.applying_remote = False
-        if zone_epoch is not None:
-            zone, epoch = zone_epoch
+        if live is None:
+            state = await self._store.read_state(YDOC.name, key)
+            live = self._docs.get(key)  # another caller may have opened it meanwhile
+        if live is None:
+            live = pycrdt.Doc()
+            self.applying_remote = True
+            try:
+                live.apply_update(state)
+            finally:
+                self.applying_remote = False
+            self._docs[key] = live
+        if zone_epoch is not None and key not in self._recorded:
+            self._record(key, live, *zone_epoch)
+        return live
 
-            def on_update(event: pycrdt.TransactionEvent) -> None:
-                if self.applying_remote:
-                    return  # remote applies are never re-emitted
-                task = asyncio.get_running_loop().create_task(
-                    self._store.write(YDOC.name, key, zone, epoch, bytes(event.update))
-                )
-                self._writes.add(task)
-                task.add_done_callback(self._write_done)
+    def _record(self, key: str, doc: pycrdt.Doc[Any], zone: str, epoch: int) -> None:
+        """Make every local edit of ``doc`` an op (invariant 3)."""
 
-            doc.observe(on_update)
-        self._docs[key] = doc
-        return doc
+        def on_update(event: pycrdt.TransactionEvent) -> None:
+            if self.applying_remote:
+                return  # remote applies are never re-emitted
+            task = asyncio.get_running_loop().create_task(
+                self._store.write(YDOC.name, key, zone, epoch, bytes(event.update))
+            )
+            self._writes.add(task)
+            task.add_done_callback(self._write_done)
+
+        doc.observe(on_update)
+        self._recorded.add(key)
 
     def _write_done(self, task: asyncio.Task[Op]) -> None:
         self._writes.discard(task)

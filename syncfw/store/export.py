@@ -211,7 +211,7 @@ async def _priority(fetch: Fetch, fleet: Fleet, origin: str, start: int, window:
         return 0
     # One CASE over the configured prefixes; prefix ranges use the key index order.
     case = " ".join("WHEN key >= ? AND key < ? THEN ?" for _ in prios)
-    params: list[Any] = [v for p, pr in prios for v in (p, p + "\U0010ffff", pr)]
+    params: list[Any] = [v for p, pr in prios for v in (p, prefix_end(p) or p + "\U0010ffff", pr)]
     rows = await fetch(
         f"SELECT max(CASE {case} ELSE 0 END) FROM "
         "(SELECT key FROM ops WHERE origin = ? AND seq > ? ORDER BY seq LIMIT ?)",
@@ -271,11 +271,35 @@ async def read_lww(fetch: Fetch, key: str) -> bytes | None:
 
 async def scan_lww(fetch: Fetch, prefix: str) -> dict[str, Any]:
     """Every present lww key under ``prefix`` with its decoded value."""
-    rows = await fetch(
-        "SELECT key, data FROM state WHERE kind = 'lww' AND key >= ? AND key < ? ORDER BY key",
-        (prefix, prefix + "\U0010ffff"),
-    )
+    end = prefix_end(prefix)
+    if end is None:  # no upper bound: every key from the prefix on, filtered
+        rows = await fetch(
+            "SELECT key, data FROM state WHERE kind = 'lww' AND key >= ? ORDER BY key", (prefix,)
+        )
+        rows = [r for r in rows if r[0].startswith(prefix)]
+    else:
+        rows = await fetch(
+            "SELECT key, data FROM state WHERE kind = 'lww' AND key >= ? AND key < ? ORDER BY key",
+            (prefix, end),
+        )
     return {key: decode_value(data) for key, data in rows if data}
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string greater than every string starting with ``prefix``
+    (None: there is none, the prefix is all U+10FFFF).
+
+    ``prefix + "\U0010ffff"`` is not it: that misses keys whose rest starts
+    with U+10FFFF. Trailing U+10FFFF characters cannot be incremented and
+    are dropped first; surrogates are skipped (SQLite text is UTF-8).
+    """
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    last = ord(stripped[-1]) + 1
+    if 0xD800 <= last <= 0xDFFF:
+        last = 0xE000
+    return stripped[:-1] + chr(last)
 
 
 async def rejected(fetch: Fetch) -> list[tuple[str, int, str, str]]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -77,9 +78,28 @@ from syncfw.store.sql import (
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
 from syncfw.zones import Fleet, ZoneTable
 
-__all__ = ["Priority", "Store", "StoreConfig", "StoreStats"]
+__all__ = ["NODE_ID_RE", "Priority", "Store", "StoreConfig", "StoreStats", "check_node_id"]
 
 log = logging.getLogger("syncfw.store")
+
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
+"""A node id: letters, digits and ``. _ : @ + -``, at most 256 characters, starting with
+a letter or digit. No ``/`` (a node's own zone is ``fleet/<id>/``: ``n1/x`` would
+write inside ``n1``'s) and no ``*`` (the owner wildcard)."""
+
+
+def check_node_id(node_id: str) -> None:
+    """Refuse a node id outside :data:`NODE_ID_RE`.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
+        shown = node_id[:64] if isinstance(node_id, str) else node_id
+        raise ValueError(
+            f"invalid node id {shown!r}: use 1 to 256 letters, digits and . _ : @ + - "
+            "(starting with a letter or digit; no '/', no '*', no spaces)"
+        )
 
 T = TypeVar("T")
 
@@ -156,10 +176,10 @@ class Store:
                 created for another node id or fleet.
             SchemaVersionError: the file's schema is newer than this syncfw.
             StorageError: the file cannot be opened at all.
+            ValueError: ``node_id`` is not a valid node id (see :func:`check_node_id`).
         In every case the file is left untouched.
         """
-        if not node_id:
-            raise ValueError("node_id must not be empty")
+        check_node_id(node_id)
         config = config or StoreConfig()
         path = str(path)
         lock = FileLock.acquire(path, node_id)  # before reading anything (see .lock)
@@ -588,7 +608,7 @@ class Store:
                 [
                     (
                         "DELETE FROM state WHERE key >= ? AND key < ? AND hlc < ?",
-                        [(p, p + "\U0010ffff", cutoff) for p in self.fleet.telemetry],
+                        [(p, export.prefix_end(p) or p + "\U0010ffff", cutoff) for p in self.fleet.telemetry],
                     )
                 ]
             )

@@ -106,10 +106,15 @@ async def _raw(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode, str]
     async with grpc.aio.insecure_channel(
         address, options=[("grpc.max_send_message_length", 64 << 20)]
     ) as ch:
-        call = ch.stream_stream("/syncfw.v1.Sync/Exchange")(timeout=10)
-        for f in frames:
-            await call.write(f)
-        await call.done_writing()
+        # A request iterator, not call.write(): the server may end the call after
+        # any frame (a wrong protocol ends it at Hello), and a write racing that
+        # end fails locally with INTERNAL, hiding the server's status. grpc stops
+        # consuming an iterator quietly once the call is over.
+        async def requests() -> AsyncIterator[bytes]:
+            for f in frames:
+                yield f
+
+        call = ch.stream_stream("/syncfw.v1.Sync/Exchange")(requests(), timeout=10)
         try:
             async for _ in call:
                 pass

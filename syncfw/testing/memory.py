@@ -8,7 +8,8 @@ Invariants (the same the SQLite store keeps, so the simulator's verdicts carry):
    anything changes; on :class:`ChainError`/:class:`ForkError` nothing is applied.
 3. "The same op" is :func:`~syncfw.log.same_op`: every field but ``sig``. A
    copy differing only in ``sig`` is a duplicate (the first copy is kept); one
-   differing in anything else is a fork.
+   differing in anything else from a held op, or from one earlier in its
+   batch, is a fork.
 4. An op beyond a gap, or naming a zone epoch not known yet, is held pending and
    applied when its predecessor arrives; a zone violation is recorded as
    rejected (it still counts in the version vector) and never merged. Every op
@@ -17,6 +18,9 @@ Invariants (the same the SQLite store keeps, so the simulator's verdicts carry):
    one LWW rule, so the same set of ops gives the same state in any order.
 6. Acknowledged vectors only move forward (pointwise maximum per origin).
 7. No method ever suspends, so sessions can be driven without an event loop.
+8. Forks without lock-out: a pending op was never chain-verified, so a fresh
+   op differing from it is no fork: it takes the pending one's place, and a
+   forged op held pending can never make the genuine chain fail.
 
 :func:`syncfw.testing.check_replica` holds this replica and the SQLite node
 to the same contract.
@@ -156,8 +160,21 @@ class MemoryReplica:
         fresh: dict[tuple[str, int], Op] = {}
         duplicates = 0
         for op in ops:
-            held = self._held(op.origin, op.seq) or fresh.get(op.id) or self._pending_op(op)
+            held = self._held(op.origin, op.seq) or fresh.get(op.id)
             if held is None:
+                waiting = self._pending_op(op)
+                if waiting is not None and same_op(waiting, op):
+                    duplicates += 1
+                    continue
+                if waiting is not None:
+                    # Never chain-verified: not a fork, the chain walk decides
+                    # (invariant 8); the fresh op takes its place.
+                    log.warning(
+                        "fork evidence: op (%s, %d) differs from the one held pending; "
+                        "the pending one is discarded",
+                        op.origin,
+                        op.seq,
+                    )
                 fresh[op.id] = op
                 continue
             if not same_op(held, op):

@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from syncfw.crdt.lww import TOMBSTONE, LwwState, lww_wins
 from syncfw.errors import ChainError, ForkError
-from syncfw.log import ApplyResult, Op, Replica, VersionVector, decode_value
+from syncfw.log import ApplyResult, Op, Replica, VersionVector, decode_value, encode_value
 from syncfw.testing.ops import OpWriter
 from syncfw.zones import Fleet, Grant
 
@@ -211,17 +211,15 @@ async def _fork_applies_nothing(factory: ReplicaFactory) -> None:
     keys = ["fleet/n3/k", "fleet/n2/k0", "fleet/n2/k1"]
     async with factory("r1", CHECK_FLEET) as r:
         await r.apply_remote(ops[:2])
-        await r.apply_remote([ops[3]])  # held pending behind the gap at seq 3
         for name, value in _FORK_FIELDS.items():
-            for target, where in ((ops[1], "held"), (ops[3], "pending")):
-                forked = dataclasses.replace(target, **{name: value})
-                await _expect_refused(
-                    r,
-                    [innocent, forked],
-                    ForkError,
-                    f"an op differing in {name} from the {where} one at {target.id}",
-                    keys,
-                )
+            forked = dataclasses.replace(ops[1], **{name: value})
+            await _expect_refused(
+                r,
+                [innocent, forked],
+                ForkError,
+                f"an op differing in {name} from the held one at {ops[1].id}",
+                keys,
+            )
             forked = dataclasses.replace(ops[2], **{name: value})
             await _expect_refused(
                 r,
@@ -231,6 +229,28 @@ async def _fork_applies_nothing(factory: ReplicaFactory) -> None:
                 keys,
             )
         assert await r.version_vector() == {"n2": 2}, "refused batches must apply nothing"
+
+
+async def _pending_fork_never_locks_out(factory: ReplicaFactory) -> None:
+    # A forged op held pending (behind a gap) was never chain-verified: a batch
+    # carrying the genuine op at its seq is not refused for it, and the
+    # genuine chain applies (the forged copy is discarded as fork evidence).
+    w = OpWriter("n2")
+    ops = [w.write(f"k{i}", i) for i in range(5)]
+    forged = dataclasses.replace(ops[3], value=encode_value("forged"), prev=b"\x07" * 32)
+    async with factory("r1", CHECK_FLEET) as r:
+        await r.apply_remote(ops[:2])
+        got = await r.apply_remote([forged])
+        assert got.pending >= 1, f"an op behind a gap is held pending: {got}"
+        try:
+            got = await r.apply_remote(ops[1:])
+        except ForkError as exc:
+            raise AssertionError(
+                f"a forged op held pending locked out the genuine chain: {exc}"
+            ) from None
+        vv = await r.version_vector()
+        assert vv == {"n2": 5}, f"the genuine chain must apply past the forged pending op: {vv}"
+        assert await _get(r, "fleet/n2/k3") == 3, "the genuine op at seq 4 must win"
 
 
 async def _forged_prev_applies_nothing(factory: ReplicaFactory) -> None:
@@ -468,6 +488,7 @@ REPLICA_CHECKS: dict[str, Check] = {
     "idempotence": _idempotence,
     "same_op_ignores_sig": _same_op_ignores_sig,
     "fork_applies_nothing": _fork_applies_nothing,
+    "pending_fork_never_locks_out": _pending_fork_never_locks_out,
     "forged_prev_applies_nothing": _forged_prev_applies_nothing,
     "gap_held_pending": _gap_held_pending,
     "foreign_write_rejected": _foreign_write_rejected,

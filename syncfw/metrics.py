@@ -69,6 +69,12 @@ class NodeMetrics:
         self.ops_duplicate = Counter(
             "syncfw_ops_duplicate", "Remote ops already held (no-ops).", n, registry=r
         )
+        self.ops_discarded = Counter(
+            "syncfw_ops_discarded",
+            "Held-back ops dropped: fork evidence, a broken chain, over max_pending (resent later).",
+            (*n, "reason"),
+            registry=r,
+        )
         self.commit_batch_ops = Histogram(
             "syncfw_commit_batch_ops",
             "Ops per committed transaction (group commit and remote batches).",

@@ -168,6 +168,7 @@ async def test_a_forged_pending_op_never_locks_out_the_genuine_chain(
     assert await depot.get("trucks/t9/k3") == 3
     assert depot.store.pending() == {}
     assert depot.store.discarded() == {"fork": 1}
+    assert depot.metrics.value("syncfw_ops_discarded_total", reason="fork") == 1
     assert "fork evidence" in caplog.text
     assert await depot.state_digest() == await t9.state_digest()
 

@@ -78,6 +78,7 @@ class StoreMeter:
         """Count held-back ops (or rejected ops' values) dropped, by why."""
         for why, n in counts.items():
             self.discarded[why] = self.discarded.get(why, 0) + n
+            self.metrics.ops_discarded.labels(self.metrics.node_id, why).inc(n)
 
 
 class PendingAlarm:

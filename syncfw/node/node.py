@@ -121,6 +121,10 @@ class Node:
         """A fresh hybrid timestamp."""
         return self._store.clock.now()
 
+    def wall_ms(self) -> int:
+        """This node's wall clock in ms (the injected one in tests and the simulator)."""
+        return self._store.clock.wall()
+
     def writable(self, key: str) -> bool:
         """True if this node may write ``key`` now."""
         try:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from syncfw.exchange.performer import Performer
+from syncfw.exchange.runner import replica_wall_ms
 from syncfw.log import Op, Replica, op_hash
 from syncfw.sync import Frame, Session, SessionConfig, SessionState, Status
 from syncfw.testing.memory import MemoryReplica
@@ -372,7 +373,12 @@ class Simulation:
         for side, other in ((a, b), (b, a)):
             node = self.nodes[side]
             session = Session(
-                node.node_id, FLEET.fleet_id, hlc=node.replica.hlc_now(), config=self.cfg.session
+                node.node_id,
+                FLEET.fleet_id,
+                hlc=node.replica.hlc_now(),
+                config=self.cfg.session,
+                wall_ms=replica_wall_ms(node.replica),
+                fleet_digest=node.replica.fleet_digest,
             )
             x.performers[side] = Performer(
                 session,

@@ -50,6 +50,7 @@ import zstandard
 
 from syncfw.errors import ChainError, DecodeError
 from syncfw.log import Op, op_hash
+from syncfw.notices import PEER_TEXT_CHARS, clip_text
 
 __all__ = [
     "BATCH_VERSION",
@@ -247,23 +248,6 @@ def _unpack(
     except Exception:  # any further bytes at all are trailing junk
         pass
     raise DecodeError("trailing bytes after the batch's msgpack array")
-
-
-PEER_TEXT_CHARS = 120
-"""What of a peer-supplied string (id, fleet, reason) goes into an error, a log line or a reason."""
-
-
-def clip_text(text: str, limit: int = PEER_TEXT_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, with ``…`` when it was longer.
-
-    Args:
-        text: a string a peer supplied.
-        limit: most characters kept.
-
-    Returns:
-        At most ``limit + 1`` characters.
-    """
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def decode_batch(

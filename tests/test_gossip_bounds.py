@@ -27,8 +27,8 @@ from syncfw.mesh import (
     check_node_id,
 )
 from syncfw.mesh.addresses import MAX_NODE_ID_CHARS
-from syncfw.mesh.notices import Notices, clip
 from syncfw.metrics import NodeMetrics
+from syncfw.notices import Notices, clip
 from syncfw.sync import PROTOCOL_VERSION, Hello, LearnPeers, PeerInfo, Peers, Session
 from syncfw.sync.frames import Status
 from syncfw.testing import MemoryReplica, wait_until

@@ -6,7 +6,7 @@ Invariants:
    counted in the node's metrics (``syncfw_gossip_refused{reason}``,
    ``syncfw_gossip_evicted{reason}``) and logged as a rate-limited WARNING
    with its count and one example, peer-chosen text clipped
-   (:mod:`syncfw.mesh.notices`).
+   (:mod:`syncfw.notices`).
 2. New dials (learned members never reached) take a token each from one
    bucket of ``dials_per_s`` / ``dial_burst``; a round never makes more new
    dials than the bucket holds, and what it left out is counted
@@ -24,8 +24,8 @@ from typing import Any
 from syncfw.mesh.budget import TokenBucket
 from syncfw.mesh.config import GossipBounds
 from syncfw.mesh.membership import Choice, Learned, Membership
-from syncfw.mesh.notices import Notices, clip
 from syncfw.metrics import NodeMetrics
+from syncfw.notices import Notices, clip
 
 __all__ = ["GossipGuard"]
 

@@ -24,13 +24,12 @@ Pure bookkeeping: no grpc, no I/O; time comes from an injected clock.
 from __future__ import annotations
 
 import enum
-import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Admission", "Quotas", "Refusal", "RefusalLog", "Ticket", "clip", "peer_host"]
+__all__ = ["Admission", "Quotas", "Refusal", "Ticket", "peer_host"]
 
 
 class Refusal(enum.Enum):
@@ -166,76 +165,3 @@ def _inc(table: dict[str, int], key: str, by: int) -> None:
         table[key] = n
     else:
         table.pop(key, None)
-
-
-def clip(text: str, limit: int = 64) -> str:
-    """``text`` as a quoted, escaped literal of at most about ``limit`` characters."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}…(+{len(text) - limit} chars)"
-
-
-class RefusalLog:
-    """WARNING lines about refused streams: at most one per (peer host, reason) every ``every_s``.
-
-    What is held back in between is counted and reported by the next line of
-    that key; the key table is bounded (``max_keys``, then one shared key), so
-    a peer inventing addresses cannot grow it.
-
-    Args:
-        logger: where the lines go.
-        every_s: the least time between two lines of one key.
-        max_keys: distinct keys tracked at most.
-        clock: monotonic seconds.
-    """
-
-    def __init__(
-        self,
-        logger: logging.Logger,
-        every_s: float,
-        *,
-        max_keys: int = 1024,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._log = logger
-        self.every_s = every_s
-        self.max_keys = max_keys
-        self._clock = clock
-        self._last: dict[tuple[str, Refusal], float] = {}
-        self._held: dict[tuple[str, Refusal], int] = {}
-        self.lines = 0
-
-    def refused(self, connection: str, reason: Refusal, detail: str) -> bool:
-        """Log that a stream from ``connection`` was refused for ``reason``, unless it was lately.
-
-        Returns:
-            True if a line was written.
-        """
-        key = (peer_host(connection), reason)
-        now = self._clock()
-        if key not in self._last and len(self._last) >= self.max_keys:
-            self._prune(now)
-            if len(self._last) >= self.max_keys:
-                key = ("(other)", reason)
-        last = self._last.get(key)
-        if last is not None and now - last < self.every_s:
-            self._held[key] = self._held.get(key, 0) + 1
-            return False
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        self._log.warning(
-            "refused a stream from %s (%s): %s [%d since the last such line]",
-            clip(connection),
-            reason.value,
-            detail,
-            held + 1,
-        )
-        self.lines += 1
-        return True
-
-    def _prune(self, now: float) -> None:
-        # only keys with nothing held back: a held count is reported, never dropped
-        for key in [
-            k for k, t in self._last.items() if now - t >= self.every_s and k not in self._held
-        ]:
-            del self._last[key]

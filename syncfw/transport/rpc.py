@@ -39,9 +39,10 @@ import grpc
 import grpc.aio
 
 from syncfw.metrics import NodeMetrics
+from syncfw.notices import Notices, clip
 from syncfw.sync.frames import Status
 from syncfw.transport._pb import health_pb2, health_pb2_grpc
-from syncfw.transport.admission import Admission, Refusal, RefusalLog
+from syncfw.transport.admission import Admission, Refusal, peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
@@ -247,7 +248,7 @@ class _SyncServicer:
         self._config = config
         self._metrics = metrics
         self.admission = Admission(config.quotas())
-        self.refusals = RefusalLog(log, config.refusal_log_interval_s)
+        self.refusals = Notices(log, config.refusal_log_interval_s, max_keys=1024)
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """``syncfw.v1.Sync`` with raw-bytes frames."""
@@ -264,7 +265,14 @@ class _SyncServicer:
 
     def _refused(self, peer: str, reason: Refusal, detail: str) -> None:
         """One WARNING (rate-limited per peer host and reason) and one count."""
-        self.refusals.refused(peer, reason, detail)
+        self.refusals.warn(
+            f"{peer_host(peer)}|{reason.value}",
+            1,
+            "refused a stream from %s (%s): %s",
+            clip(peer),
+            reason.value,
+            detail,
+        )
         if self._metrics is not None:
             self._metrics.refused_streams.labels(self._metrics.node_id, reason.value).inc()
 

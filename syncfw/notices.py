@@ -1,4 +1,9 @@
-"""Rate-limited, truncated warnings about what peers sent.
+"""Rate-limited, truncated warnings about what peers sent: the one place for both.
+
+Every layer that logs something a peer caused (the codec and session, the
+gRPC server's admission, the mesh's gossip guard, the store's pending alarm)
+clips peer-chosen text with :func:`clip` / :func:`clip_text` and rate-limits
+its lines with :class:`Notices`.
 
 Invariants:
 
@@ -18,9 +23,17 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["Notices", "clip"]
+__all__ = ["PEER_TEXT_CHARS", "Notices", "clip", "clip_text"]
+
+PEER_TEXT_CHARS = 120
+"""What of a peer-supplied string (id, fleet, reason) goes into an error, a log line or a reason."""
 
 _OVERFLOW = "(other)"
+
+
+def clip_text(text: str, limit: int = PEER_TEXT_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, with ``…`` when it was longer (at most ``limit + 1``)."""
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def clip(text: str, limit: int = 64) -> str:
@@ -69,9 +82,11 @@ class Notices:
         Returns:
             True if a line was written.
         """
-        if key not in self._last and len(self._last) >= self.max_keys:
-            key = _OVERFLOW
         now = self._clock()
+        if key not in self._last and len(self._last) >= self.max_keys:
+            self._prune(now)
+            if len(self._last) >= self.max_keys:
+                key = _OVERFLOW
         last = self._last.get(key)
         if last is not None and now - last < self.every_s:
             self._held[key] = self._held.get(key, 0) + count
@@ -82,3 +97,10 @@ class Notices:
         self._log.warning(message + suffix, *args)
         self.lines += 1
         return True
+
+    def _prune(self, now: float) -> None:
+        # Only keys with nothing held back: a held count is reported, never dropped.
+        for key in [
+            k for k, t in self._last.items() if now - t >= self.every_s and k not in self._held
+        ]:
+            del self._last[key]

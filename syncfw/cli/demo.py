@@ -178,7 +178,10 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
                 "127.0.0.1:0",
                 seeds,
                 config=MeshConfig.test(),
-                network=GrpcNetwork(TransportConfig(http_proxy=proxies[n].url, connect_timeout_s=1.0)),
+                network=GrpcNetwork(
+                    TransportConfig(http_proxy=proxies[n].url, connect_timeout_s=1.0),
+                    metrics=node.metrics,
+                ),
             )
             addresses[n] = mesh.address
             partition.owners[mesh.address] = n

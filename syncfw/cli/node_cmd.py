@@ -118,10 +118,13 @@ async def serve(args: argparse.Namespace) -> int:
         except OSError as exc:  # a missing or unreadable PEM file: say which, no traceback
             print(f"syncfw node: cannot read TLS file {exc.filename!r}: {exc.strerror}")
             return 2
-    network = GrpcNetwork(
-        TransportConfig(http_proxy=args.proxy, tls=tls, connect_timeout_s=config.connect_timeout_s)
-    )
     async with Node.open(args.db, node_id=args.node_id, fleet=fleet_of(args)) as node:
+        network = GrpcNetwork(
+            TransportConfig(
+                http_proxy=args.proxy, tls=tls, connect_timeout_s=config.connect_timeout_s
+            ),
+            metrics=node.metrics,
+        )
         mesh = await node.serve(
             args.listen, args.seed, config=config, advertise=args.advertise, network=network
         )

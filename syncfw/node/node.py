@@ -332,7 +332,8 @@ class Node:
                 config=config,
                 network=network
                 or GrpcNetwork(
-                    TransportConfig(tls=tls, connect_timeout_s=config.connect_timeout_s)
+                    TransportConfig(tls=tls, connect_timeout_s=config.connect_timeout_s),
+                    metrics=self.metrics,
                 ),
                 changes=self.changes,
                 metrics=self.metrics,

@@ -27,6 +27,7 @@ Nothing here touches SQLite, asyncio or the network.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NewType, Protocol
@@ -40,6 +41,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_KIND_BYTES",
     "MAX_ORIGIN_CHARS",
+    "NODE_ID_RE",
     "MAX_ZONE_BYTES",
     "ApplyResult",
     "Replica",
@@ -51,6 +53,8 @@ __all__ = [
     "VersionVector",
     "decode_value",
     "encode_value",
+    "check_node_id",
+    "is_node_id",
     "op_hash",
     "same_op",
     "utf8_len_over",
@@ -67,6 +71,30 @@ GENESIS = b"\x00" * 32
 """``prev`` of every origin's first op."""
 
 MAX_ORIGIN_CHARS = 256
+
+NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
+"""A node id: letters, digits and ``. _ : @ + -``, at most 256 characters, starting with
+a letter or digit. No ``/`` (a node's own zone is ``fleet/<id>/``: ``n1/x`` would
+write inside ``n1``'s) and no ``*`` (the owner wildcard)."""
+
+
+def is_node_id(node_id: object) -> bool:
+    """True if ``node_id`` is a valid node id (:data:`NODE_ID_RE`)."""
+    return isinstance(node_id, str) and NODE_ID_RE.fullmatch(node_id) is not None
+
+
+def check_node_id(node_id: str) -> None:
+    """Refuse a node id outside :data:`NODE_ID_RE`.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    if not is_node_id(node_id):
+        shown = node_id[:64] if isinstance(node_id, str) else node_id
+        raise ValueError(
+            f"invalid node id {shown!r}: use 1 to 256 letters, digits and . _ : @ + - "
+            "(starting with a letter or digit; no '/', no '*', no spaces)"
+        )
 """Longest node id (an op's ``origin``, a ``Hello``'s ``node_id``), in characters."""
 MAX_KEY_BYTES = 1024
 """Longest key, in UTF-8 bytes: remote ops are refused past it; local writes must be too."""

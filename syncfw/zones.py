@@ -39,7 +39,7 @@ import msgpack
 
 from syncfw.errors import ZoneOwnershipError
 from syncfw.keys import NODE_TEMPLATES
-from syncfw.log import Op
+from syncfw.log import Op, is_node_id
 
 __all__ = [
     "ANYONE",
@@ -310,6 +310,9 @@ class ZoneTable:
                 f"key {op.key!r} is in zone {static!r}, not the less specific {op.zone!r}",
             )
         if op.epoch == 0 and self._node_zone(op.origin, op.key) == op.zone:
+            if not is_node_id(op.origin):
+                # "n1/x" would own fleet/n1/x/, inside n1's own zone.
+                return Verdict.REJECT, f"origin {op.origin[:64]!r} is not a valid node id"
             return Verdict.ACCEPT, ""
         epochs = self._history.get(op.zone)
         if epochs is None or op.epoch not in epochs:

@@ -488,3 +488,13 @@ def test_a_bootstrap_zone_nesting_with_node_zones_is_refused_or_consistent(
     except ZoneOwnershipError:
         return  # refused locally, as it is remotely: fine
     assert t.judge(op(node, key, zone, epoch)) == (Verdict.ACCEPT, "")
+
+
+def test_an_origin_that_is_no_node_id_cannot_write_inside_another_nodes_zone() -> None:
+    table = ZoneTable(FLEET)
+    forged = Op("n1/x", 1, 1, "fleet/n1/x/", 0, "fleet/n1/x/k", "lww", b"\x01")
+    verdict, reason = table.judge(forged)
+    assert verdict is Verdict.REJECT
+    assert "not a valid node id" in reason
+    genuine = Op("n1", 1, 1, "fleet/n1/", 0, "fleet/n1/x/k", "lww", b"\x01")
+    assert table.judge(genuine)[0] is Verdict.ACCEPT

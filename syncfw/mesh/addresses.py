@@ -11,7 +11,8 @@ Invariants:
    bracketed IPv6 literal, and port is 1..65535; it is at most
    :data:`MAX_ADDRESS_CHARS` long. With allowed networks, host must be an IP
    literal inside one of them.
-4. An accepted node id is 1..:data:`MAX_NODE_ID_CHARS` printable characters.
+4. An accepted node id is a valid node id (:func:`syncfw.log.is_node_id`: the
+   rule the store applies at open and zones apply to remote ops).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+
+from syncfw.log import is_node_id
 
 __all__ = [
     "BAD_ADDRESS",
@@ -118,6 +121,6 @@ def check_node_id(node_id: str) -> str | None:
     Returns:
         None if it is acceptable, else :data:`BAD_NODE_ID`.
     """
-    if not 1 <= len(node_id) <= MAX_NODE_ID_CHARS or not node_id.isprintable():
+    if len(node_id) > MAX_NODE_ID_CHARS or not is_node_id(node_id):
         return BAD_NODE_ID
     return None

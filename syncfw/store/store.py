@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -47,7 +46,17 @@ from syncfw.errors import (
     StoreClosedError,
     ValueTooLargeError,
 )
-from syncfw.log import GENESIS, ApplyResult, Op, OpChain, VersionVector, vv_dominates, vv_merge
+from syncfw.log import (
+    GENESIS,
+    NODE_ID_RE,
+    ApplyResult,
+    Op,
+    OpChain,
+    VersionVector,
+    check_node_id,
+    vv_dominates,
+    vv_merge,
+)
 from syncfw.metrics import NodeMetrics
 from syncfw.store import export
 from syncfw.store.config import StoreConfig
@@ -81,25 +90,6 @@ from syncfw.zones import Fleet, ZoneTable
 __all__ = ["NODE_ID_RE", "Priority", "Store", "StoreConfig", "StoreStats", "check_node_id"]
 
 log = logging.getLogger("syncfw.store")
-
-NODE_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
-"""A node id: letters, digits and ``. _ : @ + -``, at most 256 characters, starting with
-a letter or digit. No ``/`` (a node's own zone is ``fleet/<id>/``: ``n1/x`` would
-write inside ``n1``'s) and no ``*`` (the owner wildcard)."""
-
-
-def check_node_id(node_id: str) -> None:
-    """Refuse a node id outside :data:`NODE_ID_RE`.
-
-    Raises:
-        ValueError: naming what is wrong.
-    """
-    if not isinstance(node_id, str) or not NODE_ID_RE.fullmatch(node_id):
-        shown = node_id[:64] if isinstance(node_id, str) else node_id
-        raise ValueError(
-            f"invalid node id {shown!r}: use 1 to 256 letters, digits and . _ : @ + - "
-            "(starting with a letter or digit; no '/', no '*', no spaces)"
-        )
 
 T = TypeVar("T")
 

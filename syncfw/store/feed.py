@@ -12,12 +12,20 @@ never dropped) use :meth:`syncfw.Node.follow` (:mod:`syncfw.store.follow`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from syncfw.errors import ChangeFeedLagged
+from syncfw.log import Op
 
-__all__ = ["Change", "ChangeFeed", "ChangeFeedLagged"]
+__all__ = ["Change", "ChangeFeed", "ChangeFeedLagged", "Notifier"]
+
+log = logging.getLogger("syncfw.store")
+
+Listener = Callable[[list[Op], bool], None]
+CommitListener = Callable[[], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,3 +86,79 @@ class ChangeFeed:
     async def aclose(self) -> None:
         """Stop receiving changes."""
         self._unsubscribe()
+
+
+class Notifier:
+    """Who hears of a store's commits, told synchronously after COMMIT.
+
+    - listeners: ``fn(ops, local)`` after every commit that applied ops (the
+      node's live documents, the mesh's eager push);
+    - commit listeners: ``fn()`` after every commit that wrote ops (applied,
+      rejected or held back) and once at close (``follow()`` wakes on it);
+    - live change subscribers (:meth:`changes`), each bounded by ``buffer``.
+
+    A listener's exception is logged and never reaches the writer.
+    """
+
+    def __init__(self, buffer: int, closed: Callable[[], bool]) -> None:
+        self._buffer = buffer
+        self._closed = closed
+        self._listeners: list[Listener] = []
+        self._commit_listeners: list[CommitListener] = []
+        self._subscribers: set[asyncio.Queue[Change | None]] = set()
+
+    def add_listener(self, fn: Listener) -> None:
+        self._listeners.append(fn)
+
+    def remove_listener(self, fn: Listener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(fn)
+
+    def add_commit_listener(self, fn: CommitListener) -> None:
+        self._commit_listeners.append(fn)
+
+    def remove_commit_listener(self, fn: CommitListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._commit_listeners.remove(fn)
+
+    def committed(self) -> None:
+        """A commit wrote ops (or the store closed)."""
+        for fn in list(self._commit_listeners):
+            try:
+                fn()
+            except Exception:  # a listener's bug must not break the writer
+                log.exception("store commit listener failed")
+
+    def applied(self, ops: list[Op], *, local: bool) -> None:
+        """A commit applied ``ops``."""
+        if not ops:
+            return
+        for fn in self._listeners:
+            try:
+                fn(ops, local)
+            except Exception:  # a listener's bug must not break the writer
+                log.exception("store listener failed")
+        if not self._subscribers:
+            return
+        changes = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
+        for q in list(self._subscribers):
+            if q.maxsize and q.qsize() + len(changes) >= q.maxsize:
+                # Too far behind: end this subscription rather than grow without bound.
+                self._subscribers.discard(q)
+                q.put_nowait(None)
+                continue
+            for ch in changes:
+                q.put_nowait(ch)
+
+    def changes(self) -> ChangeFeed:
+        """A new live subscription (see :meth:`Store.changes`)."""
+        q: asyncio.Queue[Change | None] = asyncio.Queue(self._buffer + 1)
+        self._subscribers.add(q)
+        return ChangeFeed(
+            q, unsubscribe=lambda: self._subscribers.discard(q), closed=self._closed, buffer=self._buffer
+        )
+
+    def close(self) -> None:
+        """End every live subscription (the store closed)."""
+        for q in self._subscribers:
+            q.put_nowait(None)

@@ -27,7 +27,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -61,7 +60,7 @@ from syncfw.metrics import NodeMetrics
 from syncfw.store import export
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
-from syncfw.store.feed import Change, ChangeFeed
+from syncfw.store.feed import ChangeFeed, Notifier
 from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
 from syncfw.store.meter import PendingAlarm, StoreMeter
@@ -133,10 +132,8 @@ class Store:
             int(config.pending_warn_every_s * 1000),
         )
         self._writer = WriterQueue(self._commit_local, max_batch=config.max_batch)
-        self._subscribers: set[asyncio.Queue[Change | None]] = set()
-        self._listeners: list[Callable[[list[Op], bool], None]] = []
-        self._commit_listeners: list[Callable[[], None]] = []
         self._closed = False
+        self._feed = Notifier(config.changes_buffer, lambda: self._closed)
         self._lock = FileLock(None)
 
     # ------------------------------------------------------------------ open/close
@@ -220,13 +217,12 @@ class Store:
             return
         self._closed = True
         await self._writer.close()
-        for q in self._subscribers:
-            q.put_nowait(None)
+        self._feed.close()
         try:
             await self._conn.close()
         finally:
             self._lock.release()
-        self._committed()  # followers see the close at once
+        self._feed.committed()  # followers see the close at once
 
     # ------------------------------------------------------------------ properties
 
@@ -375,8 +371,8 @@ class Store:
         for w, op in zip(done, plan.ops, strict=True):
             w.future.set_result(op)
         self._meter.local(len(plan.ops))
-        self._notify(list(plan.ops), local=True)
-        self._committed()
+        self._feed.applied(list(plan.ops), local=True)
+        self._feed.committed()
         return True
 
     def _hlc_step(self) -> Step:
@@ -447,9 +443,9 @@ class Store:
         self._meter.duplicates(len(plan.duplicates))
         if plan.discarded and plan.steps:
             self._meter.discard(plan.discarded)
-        self._notify(list(plan.applied), local=False)
+        self._feed.applied(list(plan.applied), local=False)
         if plan.steps:
-            self._committed()  # rejected-only commits advance the vector too
+            self._feed.committed()  # rejected-only commits advance the vector too
         return plan.result()
 
     # ------------------------------------------------------------------ reads
@@ -609,65 +605,29 @@ class Store:
 
     def add_listener(self, fn: Callable[[list[Op], bool], None]) -> None:
         """Call ``fn(ops, local)`` synchronously after every commit that applied ops."""
-        self._listeners.append(fn)
+        self._feed.add_listener(fn)
 
     def remove_listener(self, fn: Callable[[list[Op], bool], None]) -> None:
         """Stop calling ``fn`` (no error if it was not added)."""
-        with contextlib.suppress(ValueError):
-            self._listeners.remove(fn)
+        self._feed.remove_listener(fn)
 
     def add_commit_listener(self, fn: Callable[[], None]) -> None:
         """Call ``fn()`` synchronously after every commit that wrote ops (applied,
         rejected or held back), and once when the store closes."""
-        self._commit_listeners.append(fn)
+        self._feed.add_commit_listener(fn)
 
     def remove_commit_listener(self, fn: Callable[[], None]) -> None:
         """Stop calling ``fn`` (no error if it was not added)."""
-        with contextlib.suppress(ValueError):
-            self._commit_listeners.remove(fn)
-
-    def _committed(self) -> None:
-        for fn in list(self._commit_listeners):
-            try:
-                fn()
-            except Exception:  # a listener's bug must not break the writer
-                log.exception("store commit listener failed")
-
-    def _notify(self, ops: list[Op], *, local: bool) -> None:
-        if not ops:
-            return
-        for fn in self._listeners:
-            try:
-                fn(ops, local)
-            except Exception:  # a listener's bug must not break the writer
-                log.exception("store listener failed")
-        if not self._subscribers:
-            return
-        changes = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
-        for q in list(self._subscribers):
-            if q.maxsize and q.qsize() + len(changes) >= q.maxsize:
-                # Too far behind: end this subscription rather than grow without bound.
-                self._subscribers.discard(q)
-                q.put_nowait(None)
-                continue
-            for ch in changes:
-                q.put_nowait(ch)
+        self._feed.remove_commit_listener(fn)
 
     def changes(self) -> ChangeFeed:
         """Every change applied from now on (from this call, not from the first
-        ``__anext__``), local and remote, in commit order.
+        ``__anext__``), local and remote, in commit order: the lossy live view.
 
         Iterating raises :class:`ChangeFeedLagged` if the subscriber falls
         ``changes_buffer`` changes behind; it ends when the store closes.
         """
-        q: asyncio.Queue[Change | None] = asyncio.Queue(self.config.changes_buffer + 1)
-        self._subscribers.add(q)
-        return ChangeFeed(
-            q,
-            unsubscribe=lambda: self._subscribers.discard(q),
-            closed=lambda: self._closed,
-            buffer=self.config.changes_buffer,
-        )
+        return self._feed.changes()
 
 
 def _pending_counts(pending: Pending) -> dict[str, int]:

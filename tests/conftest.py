@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
 from syncfw import Fleet, Grant, Node, StoreConfig
@@ -67,3 +68,30 @@ async def exchange(a: Node, b: Node) -> None:
     for src, dst in ((a, b), (b, a)):
         while ops := await src.ops_since(await dst.version_vector(), limit=1000):
             await dst.apply_remote(ops)
+
+
+async def raw_exchange(
+    address: str, frames: list[bytes], *, timeout_s: float = 20.0
+) -> tuple[grpc.StatusCode, str]:
+    """Send ``frames`` (encoded sync frames) on one raw ``Exchange`` call; its status and details.
+
+    The frames come from a request iterator, not ``call.write()``: the server
+    may end the call after any frame (a wrong protocol ends it at Hello), and a
+    write racing that end fails locally with INTERNAL, hiding the server's
+    status; grpc stops consuming an iterator quietly once the call is over.
+    """
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as ch:
+
+        async def requests() -> AsyncIterator[bytes]:
+            for f in frames:
+                yield f
+
+        call = ch.stream_stream("/syncfw.v1.Sync/Exchange")(requests(), timeout=timeout_s)
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError:
+            pass
+        return await call.code(), await call.details() or ""

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from conftest import raw_exchange
 
 import syncfw.codec
 from syncfw.clock import wall_ms
@@ -47,6 +48,7 @@ from syncfw.sync import (
 )
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.ops import OpWriter
+from syncfw.testing.waiting import wait_until
 from syncfw.transport.base import FrameStream
 from syncfw.transport.memory import memory_pipe
 from syncfw.transport.rpc import ChannelPool, GrpcServer
@@ -326,19 +328,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Node, GrpcServer, list[E
 
 
 async def _raw(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode, str]:
-    async with grpc.aio.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as ch:
-        call = ch.stream_stream("/syncfw.v1.Sync/Exchange")(timeout=20)
-        for f in frames:
-            await call.write(f)
-        await call.done_writing()
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError:
-            pass
-        return await call.code(), await call.details() or ""
+    return await raw_exchange(address, frames, timeout_s=20)
 
 
 def _opening(hello: Hello | None = None) -> list[bytes]:
@@ -387,6 +377,8 @@ async def test_a_real_node_refuses_hostile_hellos_and_batches_and_keeps_serving(
             assert words in details and len(details) < 400
         # Close(OK) right after Hello: not a success on the node's side
         await _raw(server.address, [*_opening()[:1], encode_frame(Close(Status.OK, "done"))])
+    # the client's call can end before the node's handler has returned its outcome
+    await wait_until(lambda: len(outcomes) == len(cases) + 1, what="the node's last outcome")
     assert outcomes[-1].status is Status.ABORTED, outcomes[-1]
     assert not any(o.ok for o in outcomes)
     assert all(len(r.getMessage()) < 2000 for r in caplog.records)  # nothing echoed whole

@@ -16,6 +16,7 @@ import grpc
 import grpc.aio
 import pytest
 import zstandard
+from conftest import raw_exchange
 
 from syncfw.codec import BATCH_VERSION, COMPRESS_ZSTD, encode_batch
 from syncfw.exchange import run_exchange
@@ -103,24 +104,7 @@ CASES: dict[str, tuple[list[bytes], grpc.StatusCode, str]] = {
 
 
 async def _raw(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode, str]:
-    async with grpc.aio.insecure_channel(
-        address, options=[("grpc.max_send_message_length", 64 << 20)]
-    ) as ch:
-        # A request iterator, not call.write(): the server may end the call after
-        # any frame (a wrong protocol ends it at Hello), and a write racing that
-        # end fails locally with INTERNAL, hiding the server's status. grpc stops
-        # consuming an iterator quietly once the call is over.
-        async def requests() -> AsyncIterator[bytes]:
-            for f in frames:
-                yield f
-
-        call = ch.stream_stream("/syncfw.v1.Sync/Exchange")(requests(), timeout=10)
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError:
-            pass
-        return await call.code(), await call.details() or ""
+    return await raw_exchange(address, frames, timeout_s=10)
 
 
 @pytest.fixture

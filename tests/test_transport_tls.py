@@ -11,6 +11,7 @@ import pytest
 from syncfw.exchange import ExchangeOutcome, run_exchange
 from syncfw.sync import Status
 from syncfw.testing.memory import MemoryReplica
+from syncfw.testing.waiting import wait_until
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TlsConfig, TransportConfig
 
@@ -107,6 +108,8 @@ async def test_mtls_exchange_binds_the_peer_to_its_certificate(pki: dict[str, Tl
         a.put("fleet/a/k", 1)
         out = await run_exchange(a, await pool.open(server.address))
         assert out.ok, out
+        # the client can end before the server's handler has returned its outcome
+        await wait_until(lambda: len(seen) == 1, what="the server's outcome")
         assert seen[-1].peer_id == "a"
         assert b.get("fleet/a/k") == 1
         # a certified node that says hello as another node is refused

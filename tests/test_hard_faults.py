@@ -376,3 +376,34 @@ def test_grpc_verbosity_is_set_before_grpc_is_imported() -> None:
     )
     assert out.stdout.strip() == "NONE"
     assert out.stderr == ""
+
+
+async def test_held_back_ops_are_bounded_in_bytes_and_nothing_is_lost(
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A peer can make a node hold ops behind a gap; what it holds is bounded in
+    # bytes (2,000 held 64 KiB ops once cost 132 MB), the farthest ahead are
+    # dropped and resent later, and when the gap fills everything applies.
+    from syncfw.log import decode_value
+    from syncfw.store.planner import held_bytes
+    from syncfw.testing import OpWriter
+
+    cfg = StoreConfig(max_pending_bytes=4 << 20)
+    depot = await make_node("depot", config=cfg)
+    w = OpWriter("t9")
+    ops = [w.write(f"k{i}", os.urandom(32 << 10).hex()) for i in range(200)]  # ~64 KiB values
+    with caplog.at_level(logging.WARNING, logger="syncfw.store"):
+        for i in range(1, len(ops), 20):
+            await depot.apply_remote(ops[i : i + 20])  # all behind the missing seq 1
+    held = depot.store.pending().get("t9", {})
+    assert 0 < len(held) < 199
+    assert sum(held_bytes(op) for op in ops if op.seq in held) <= 4 << 20
+    assert min(held) == 2  # the nearest are kept: they are the next needed
+    assert depot.store.discarded()["max_pending"] == 199 - len(held)
+    assert depot.metrics.value("syncfw_ops_discarded_total", reason="max_pending") > 0
+    assert "max_pending_bytes" in caplog.text
+    # the gap fills and the peer resends what was dropped: nothing is lost
+    for i in range(0, len(ops), 20):
+        await depot.apply_remote(ops[i : i + 20])
+    assert (await depot.version_vector())["t9"] == 200
+    assert await depot.get(ops[-1].key) == decode_value(ops[-1].value)

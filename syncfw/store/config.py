@@ -29,6 +29,10 @@ class StoreConfig:
         max_offset_ms: how far ahead of local time a remote op may be.
         max_pending: most ops held back at once (the farthest ahead are
             dropped beyond it; they are resent by the next exchange).
+        max_pending_bytes: most bytes of held-back ops at once (values, keys
+            and about 128 bytes of overhead each; the same rule past it):
+            what a peer can make this node hold for it, apart from the
+            node's own data.
         changes_buffer: per-subscriber buffer of the change feed.
         max_value_bytes: largest op payload a local write may produce; larger
             ones raise :class:`~syncfw.errors.ValueTooLargeError` and write
@@ -52,6 +56,7 @@ class StoreConfig:
     max_batch: int = 2048
     max_offset_ms: int = 500
     max_pending: int = 100_000
+    max_pending_bytes: int = 32 << 20
     changes_buffer: int = 10_000
     max_value_bytes: int = MAX_VALUE_BYTES
     max_key_bytes: int = MAX_KEY_BYTES

@@ -279,6 +279,7 @@ class RemoteLimits:
     max_offset_ms: int
     max_pending: int
     authority: str
+    max_pending_bytes: int = 1 << 62
 
 
 PayloadFn = Callable[[Any], bytes]
@@ -406,19 +407,30 @@ class _Run:
             if keep:
                 out[origin] = keep
         total = sum(len(d) for d in out.values())
-        excess = total - lim.max_pending
-        if excess > 0:
-            # Drop the ops farthest ahead of their origin: they are the last
-            # needed and the next exchange sends them again.
-            ranked = sorted(
-                ((s - vv.get(o, 0), o, s) for o, d in out.items() for s in d), reverse=True
-            )
-            for _, o, s in ranked[:excess]:
-                del out[o][s]
-            self.warnings.append(f"pending ops over max_pending: dropped {excess}, to be resent")
-            self.discard("max_pending", excess)
-            out = {o: d for o, d in out.items() if d}
-        return out
+        size = sum(held_bytes(op) for d in out.values() for op, _ in d.values())
+        if total <= lim.max_pending and size <= lim.max_pending_bytes:
+            return out
+        # Drop the ops farthest ahead of their origin until both bounds hold:
+        # they are the last needed and the next exchange sends them again.
+        ranked = sorted(((s - vv.get(o, 0), o, s) for o, d in out.items() for s in d), reverse=True)
+        dropped = 0
+        for _, o, s in ranked:
+            if total <= lim.max_pending and size <= lim.max_pending_bytes:
+                break
+            size -= held_bytes(out[o].pop(s)[0])
+            total -= 1
+            dropped += 1
+        self.warnings.append(
+            f"held-back ops over max_pending ({lim.max_pending} ops) or max_pending_bytes "
+            f"({lim.max_pending_bytes} bytes): dropped {dropped}, to be resent"
+        )
+        self.discard("max_pending", dropped)
+        return {o: d for o, d in out.items() if d}
+
+
+def held_bytes(op: Op) -> int:
+    """What a held-back op costs in memory and in the pending table, about."""
+    return len(op.value) + len(op.key) + len(op.zone) + len(op.origin) + 128
 
 
 def has_work(t: Triage, m: Mirrors) -> bool:

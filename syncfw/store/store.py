@@ -418,7 +418,11 @@ class Store:
         work = has_work(t, m)
         states = await export.load_states(self._read, t.state_keys(m.pending)) if work else {}
         lim = RemoteLimits(
-            self.clock.wall(), self.clock.max_offset_ms, self.config.max_pending, self.fleet.authority
+            self.clock.wall(),
+            self.clock.max_offset_ms,
+            self.config.max_pending,
+            self.fleet.authority,
+            self.config.max_pending_bytes,
         )
         plan = plan_remote(t, m, stored, states, lim)
         if plan.steps:
@@ -441,7 +445,7 @@ class Store:
             log.warning("%s", warning)
         self._meter.remote(len(plan.applied), len(plan.rejected), bool(plan.steps))
         self._meter.duplicates(len(plan.duplicates))
-        if plan.discarded and plan.steps:
+        if plan.discarded:  # counted even when nothing else changed (all of a batch dropped)
             self._meter.discard(plan.discarded)
         self._feed.applied(list(plan.applied), local=False)
         if plan.steps:

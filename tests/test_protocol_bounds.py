@@ -395,3 +395,30 @@ async def test_a_real_node_refuses_hostile_hellos_and_batches_and_keeps_serving(
     assert out.peer_clock_offset_ms is not None
     assert abs(out.peer_clock_offset_ms - DAY_MS) < 60_000
     assert (await node.version_vector())["good"] == 1
+
+
+# -- log lines a flooding peer causes -------------------------------------------------
+
+
+async def test_failed_exchanges_from_one_peer_log_one_warning_per_status(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    victim = MemoryReplica("v", FLEET)
+    outsider = MemoryReplica("evil", Fleet(fleet_id="other"))
+    with caplog.at_level(logging.DEBUG, logger="syncfw.sync"):
+        for _ in range(20):  # another fleet, twenty times: FAILED_PRECONDITION
+            x, y = memory_pipe("v", "evil")
+            rv, _ = await asyncio.gather(run_exchange(victim, y), run_exchange(outsider, x))
+            assert rv.status is Status.FAILED_PRECONDITION
+    mine = [r for r in caplog.records if r.getMessage().startswith("exchange v <->")]
+    warned = [r for r in mine if r.levelno == logging.WARNING]
+    assert len(mine) == 20  # every exchange is still logged ...
+    assert len(warned) == 1  # ... but one WARNING for the lot, the rest at DEBUG
+    assert "FAILED_PRECONDITION" in warned[0].getMessage()
+    # another node is told apart: its own first failure warns
+    caplog.clear()
+    other = MemoryReplica("w", FLEET)
+    with caplog.at_level(logging.WARNING, logger="syncfw.sync"):
+        x, y = memory_pipe("w", "evil")
+        await asyncio.gather(run_exchange(other, y), run_exchange(outsider, x))
+    assert any(r.getMessage().startswith("exchange w <->") for r in caplog.records)

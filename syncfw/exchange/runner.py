@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,7 +40,9 @@ from syncfw.errors import DecodeError
 from syncfw.exchange.performer import OnPeers, Performer
 from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
+from syncfw.notices import Notices
 from syncfw.sync import Close, Effect, Frame, PeerInfo, Session, SessionConfig, Status, clip
+from syncfw.transport.admission import peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.wire import decode_frame, encode_frame
 
@@ -332,16 +335,25 @@ def _record(metrics: NodeMetrics, out: ExchangeOutcome) -> None:
     metrics.exchange_ops.labels(node, "received").inc(out.ops_received)
 
 
+FAILED_EXCHANGE_WARN_EVERY_S = 10.0
+"""A failed exchange logs a WARNING at most this often per (peer host, status) and
+node; the ones in between are counted in the next line and logged at DEBUG."""
+
+_notices: weakref.WeakKeyDictionary[Replica, Notices] = weakref.WeakKeyDictionary()
+
+
+def _notices_of(replica: Replica) -> Notices | None:
+    try:
+        got = _notices.get(replica)
+        if got is None:
+            got = _notices[replica] = Notices(log, FAILED_EXCHANGE_WARN_EVERY_S)
+        return got
+    except TypeError:  # a replica that cannot be weakly referenced: no rate limit
+        return None
+
+
 def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) -> None:
-    if out.ok:
-        level = logging.DEBUG
-    elif out.status is Status.CANCELLED:
-        level = logging.INFO
-    else:
-        level = logging.WARNING
-    log.log(
-        level,
-        "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d",
+    args = (
         replica.node_id,
         clip(out.peer_id or "?"),
         clip(stream.peer_address),
@@ -350,6 +362,18 @@ def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) ->
         out.ops_sent,
         out.ops_received,
     )
+    message = "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d"
+    if out.ok or out.status is Status.CANCELLED:
+        log.log(logging.DEBUG if out.ok else logging.INFO, message, *args)
+        return
+    # One flooding peer must not flood the log: rate-limited per host and status.
+    notices = _notices_of(replica)
+    key = f"{peer_host(stream.peer_address)}|{out.status.name}"
+    if notices is None or not notices.warn(key, 1, message, *args):
+        if notices is None:
+            log.warning(message, *args)
+        else:
+            log.debug(message, *args)
 
 
 async def run_exchange(

@@ -27,10 +27,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
-__all__ = ["NTP_SOURCE", "PEER_SOURCE", "MetricsServer", "NodeMetrics", "serve_metrics"]
+__all__ = [
+    "HLC_AHEAD_SOURCE", "NTP_SOURCE", "PEER_SOURCE", "MetricsServer", "NodeMetrics", "serve_metrics"]
 
 NTP_SOURCE = "ntp"
 """``clock_offset_ms{source}`` of the NTP measurement."""
+HLC_AHEAD_SOURCE = "hlc_ahead"
+"""``clock_offset_ms{source}``: how far this node's hybrid clock is ahead of
+NTP-checked time (its persisted high-water mark, left by a clock that ran ahead)."""
 PEER_SOURCE = "peer:"
 """``clock_offset_ms{source}`` prefix of a peer's offset (``peer:<id>``)."""
 

@@ -235,8 +235,34 @@ async def test_a_node_records_its_ntp_offset(responders: Factory, tmp_path: Path
         recorded = node.metrics.value("syncfw_clock_offset_ms", source="ntp")
         assert recorded == pytest.approx(result.offset_s * 1000)
         st = await node.status()
-        assert st["clock_offset_ms"] == {"ntp": recorded}
-        assert st["metrics"]["clock_offset_ms"] == {"ntp": recorded}
+        ahead = node.metrics.value("syncfw_clock_offset_ms", source="hlc_ahead")
+        assert ahead < 1000  # a fresh node's hybrid clock is not ahead of true time
+        assert st["clock_offset_ms"] == {"ntp": recorded, "hlc_ahead": ahead}
+        assert st["metrics"]["clock_offset_ms"] == {"ntp": recorded, "hlc_ahead": ahead}
+
+
+async def test_a_high_water_mark_far_ahead_of_ntp_time_is_loud(
+    responders: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The RTC ran an hour ahead, the node wrote, the RTC was fixed: the node keeps
+    # stamping from its persisted mark (never backwards) and says so.
+    import time
+
+    hour_ms = 3_600_000
+    fleet = Fleet(fleet_id="f")
+    ahead = lambda: int(time.time() * 1000) + hour_ms  # noqa: E731
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=fleet, clock=ahead) as node:
+        await node.put("fleet/n/x", 1)
+    server = responders("answer", skew_s=0.0)
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=fleet) as node:
+        with caplog.at_level(logging.WARNING, logger="syncfw.node"):
+            await node.check_clock(["127.0.0.1"], port=server.port, timeout_s=2.0)
+        got = node.metrics.value("syncfw_clock_offset_ms", source="hlc_ahead")
+        assert got == pytest.approx(hour_ms, abs=60_000)
+        assert (await node.status())["clock_offset_ms"]["hlc_ahead"] == got
+        assert any("ahead of NTP-checked time" in r.getMessage() for r in caplog.records)
+        op = await node.put("fleet/n/y", 2)  # still stamped from the mark, never behind it
+        assert (op.hlc >> 16) >= int(time.time() * 1000) + hour_ms - 60_000
 
 
 async def test_a_failed_check_keeps_the_last_offset_and_warns(

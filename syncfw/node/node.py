@@ -24,12 +24,12 @@ from typing import Any
 
 import pycrdt
 
-from syncfw.clock import NtpResult, check_ntp, wall_ms
+from syncfw.clock import LOGICAL_BITS, NtpResult, check_ntp, wall_ms
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
 from syncfw.mesh import Mesh, MeshConfig
-from syncfw.metrics import NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
+from syncfw.metrics import HLC_AHEAD_SOURCE, NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
 from syncfw.node.docs import LiveDocs
 from syncfw.node.handles import Counter, ORSet, Register
 from syncfw.node.opening import Opening
@@ -396,7 +396,33 @@ class Node:
             log.warning("%s: clock not checked: %s", self.node_id, exc)
             raise
         self.metrics.set_clock_offset(NTP_SOURCE, result.offset_s * 1000.0)
+        self._check_high_water(result)
         return result
+
+    def _check_high_water(self, result: NtpResult) -> None:
+        """Say loudly when the hybrid clock runs ahead of NTP-checked time.
+
+        The clock never issues a timestamp below its persisted high-water mark
+        (timestamps never move backwards), so after the wall clock ran ahead
+        and was fixed, this node keeps stamping from the mark, and peers hold
+        its writes as clock skew until true time catches up. The way out never
+        moves timestamps back: wait (writes flow again once true time passes
+        the mark), or retire this node id and have the authority grant its
+        zones to a fresh one (README, Operations).
+        """
+        true_ms = wall_ms() + result.offset_s * 1000.0
+        ahead_ms = max(0.0, (self._store.clock.last >> LOGICAL_BITS) - true_ms)
+        self.metrics.set_clock_offset(HLC_AHEAD_SOURCE, ahead_ms)
+        if ahead_ms > self._store.clock.max_offset_ms:
+            log.warning(
+                "%s: the hybrid clock is %.0f ms ahead of NTP-checked time (%s): its "
+                "high-water mark comes from a clock that ran ahead; peers hold this node's "
+                "writes as clock skew until true time catches up (never moved back: wait, "
+                "or retire this node id and grant its zones to a fresh one)",
+                self.node_id,
+                ahead_ms,
+                result.server,
+            )
 
     # ----------------------------------------------------------------- feed, status, upkeep
 

@@ -56,6 +56,7 @@ __all__ = [
     "check_node_id",
     "is_node_id",
     "op_hash",
+    "op_size",
     "same_op",
     "utf8_len_over",
     "vv_digest",
@@ -209,6 +210,12 @@ def op_hash(op: Op) -> bytes:
             (op.origin, op.seq, op.hlc, op.zone, op.epoch, op.key, op.kind, op.value, op.prev)
         )
     ).digest()
+
+
+def op_size(op: Op) -> int:
+    """What an op counts against ``ops_since``'s ``max_bytes``: value and key plus a
+    fixed overhead. Part of the :class:`Replica` contract, so every replica counts alike."""
+    return len(op.value) + len(op.key) + 80
 
 
 def same_op(a: Op, b: Op) -> bool:

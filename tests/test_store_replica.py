@@ -8,8 +8,7 @@ from pathlib import Path
 from conftest import NodeFactory
 from test_store_remote import chain
 
-from syncfw.log import same_op
-from syncfw.store.export import op_size
+from syncfw.log import op_size, same_op
 
 
 async def test_acks_only_move_forward_and_persist(make_node: NodeFactory) -> None:

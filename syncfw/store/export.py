@@ -7,7 +7,7 @@ Invariants:
    connection between writer jobs and sees committed data only.
 2. :func:`ops_since` returns each origin's ops in seq order, contiguous from
    the asked vector, at most ``limit`` ops and, past the first, no more than
-   ``max_bytes`` counted as :func:`op_size` (the in-memory replica counts the
+   ``max_bytes`` counted as :func:`syncfw.log.op_size` (the in-memory replica counts the
    same way). Origins whose next ops touch higher-priority zones go first.
 3. The digest covers materialized state and the rejected set, in a canonical
    order, so replicas holding the same ops have the same digest.
@@ -34,11 +34,11 @@ import msgpack
 from syncfw.crdt import KINDS, LWW, YDOC
 from syncfw.crdt.ydoc import canonical as ydoc_canonical
 from syncfw.errors import CorruptDatabaseError
-from syncfw.log import GENESIS, Op, OpId, VersionVector, decode_value, op_hash
+from syncfw.log import GENESIS, Op, OpId, VersionVector, decode_value, op_hash, op_size
 from syncfw.store.sql import chunks
 from syncfw.zones import Fleet, Grant
 
-__all__ = ["StoreStats", "op_size", "ops_since"]
+__all__ = ["StoreStats", "ops_since"]
 
 log = logging.getLogger("syncfw.store")
 
@@ -97,11 +97,6 @@ class StoreStats:
     rejected: int
     keys: int
     peers: int
-
-
-def op_size(op: Op) -> int:
-    """What an op counts against ``max_bytes``: its value and key plus a fixed overhead."""
-    return len(op.value) + len(op.key) + 80
 
 
 async def ops_since(

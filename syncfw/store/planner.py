@@ -115,6 +115,15 @@ class Mirrors:
     zones: ZoneTable
 
 
+def pending_counts(pending: Mapping[str, Mapping[int, tuple[Op, str]]]) -> dict[str, int]:
+    """Held-back ops by :func:`pending_bucket`, every bucket present."""
+    out = {"gap": 0, "epoch": 0, "clock_skew": 0}
+    for d in pending.values():
+        for _, why in d.values():
+            out[pending_bucket(why)] += 1
+    return out
+
+
 def pending_bucket(reason: str) -> str:
     """The metric label of a pending reason: ``gap``, ``clock_skew`` or ``epoch``."""
     if reason.startswith("gap"):
@@ -245,11 +254,7 @@ class RemotePlan:
 
     def pending_counts(self) -> dict[str, int]:
         """Pending ops by :func:`pending_bucket` (every bucket present)."""
-        out = {"gap": 0, "epoch": 0, "clock_skew": 0}
-        for d in self.pending.values():
-            for _, why in d.values():
-                out[pending_bucket(why)] += 1
-        return out
+        return pending_counts(self.pending)
 
     def verdicts(self, ops: Iterable[Op]) -> list[OpVerdict]:
         """The outcome of each of ``ops`` (the batch this plan was made from)."""

@@ -71,7 +71,7 @@ from syncfw.store.planner import (
     Pending,
     RemoteLimits,
     has_work,
-    pending_bucket,
+    pending_counts,
     plan_remote,
     triage,
 )
@@ -209,7 +209,7 @@ class Store:
         me = self.node_id
         self._chain.reset(self._vv.get(me, 0), self._heads.get(me, GENESIS))
         self._meter.set_size(await export.file_bytes(self._read))
-        self._meter.pending(_pending_counts(loaded.pending))
+        self._meter.pending(pending_counts(loaded.pending))
 
     async def aclose(self) -> None:
         """Finish queued writes, stop the writer and close the file. Idempotent."""
@@ -246,7 +246,7 @@ class Store:
 
     def pending_counts(self) -> dict[str, int]:
         """Held-back ops by reason bucket: ``gap``, ``epoch``, ``clock_skew``."""
-        return {"gap": 0, "epoch": 0, "clock_skew": 0, **_pending_counts(self._pending)}
+        return pending_counts(self._pending)
 
     def discarded(self) -> dict[str, int]:
         """Held-back ops dropped since open, by why: ``fork`` (contradicted by the
@@ -471,7 +471,7 @@ class Store:
         """Ops held here beyond ``vv``, each origin's in seq order (see :class:`Replica`).
 
         Contiguous from ``vv`` per origin; at most ``limit`` ops and, past the
-        first, at most ``max_bytes`` (:func:`.export.op_size`). Origins whose
+        first, at most ``max_bytes`` (:func:`syncfw.log.op_size`). Origins whose
         next ops touch higher-priority zones (``Fleet.priorities``) come first,
         so when the answer is cut an alert goes before telemetry.
 
@@ -567,7 +567,7 @@ class Store:
         return await self._call(self._compact, Priority.MAINTENANCE)
 
     async def _compact(self) -> int:
-        acks = await export.peer_acks(self._read)
+        acks = self._acks  # the committed acks, mirrored: no read
         if not acks:
             return 0
         bounds = {
@@ -632,15 +632,6 @@ class Store:
         ``changes_buffer`` changes behind; it ends when the store closes.
         """
         return self._feed.changes()
-
-
-def _pending_counts(pending: Pending) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for d in pending.values():
-        for _, why in d.values():
-            b = pending_bucket(why)
-            out[b] = out.get(b, 0) + 1
-    return out
 
 
 async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) -> None:

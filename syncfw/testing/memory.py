@@ -44,6 +44,7 @@ from syncfw.log import (
     decode_value,
     encode_value,
     op_hash,
+    op_size,
     same_op,
 )
 from syncfw.zones import Fleet, Verdict, ZoneTable
@@ -123,7 +124,7 @@ class MemoryReplica:
             for op in chain[vv.get(origin, 0) :]:
                 if len(out) >= limit:
                     return out
-                size += len(op.value) + len(op.key) + 80
+                size += op_size(op)
                 if max_bytes is not None and out and size > max_bytes:
                     return out
                 out.append(op)

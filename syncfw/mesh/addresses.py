@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from syncfw.log import is_node_id
+from syncfw.sync.frames import MAX_ADDRESS_CHARS, MAX_NODE_ID_CHARS
 
 __all__ = [
     "BAD_ADDRESS",
@@ -37,10 +38,7 @@ __all__ = [
     "check_node_id",
 ]
 
-MAX_ADDRESS_CHARS = 262
-"""253 for the longest hostname, brackets, a colon and five digits, with slack."""
-MAX_NODE_ID_CHARS = 256
-"""As long as an op's origin may be: a node that can write can be gossiped."""
+# The wire's caps, so what the mesh accepts is exactly what a Peers frame can carry.
 
 BAD_ADDRESS = "bad_address"
 BAD_NODE_ID = "bad_node_id"
@@ -121,6 +119,6 @@ def check_node_id(node_id: str) -> str | None:
     Returns:
         None if it is acceptable, else :data:`BAD_NODE_ID`.
     """
-    if len(node_id) > MAX_NODE_ID_CHARS or not is_node_id(node_id):
+    if not is_node_id(node_id):  # is_node_id caps the length at MAX_NODE_ID_CHARS
         return BAD_NODE_ID
     return None

@@ -120,6 +120,12 @@ class NodeMetrics:
         self.members = Gauge(
             "syncfw_members", "Entries in the mesh's member table (bounded).", n, registry=r
         )
+        self.peer_transitions = Counter(
+            "syncfw_peer_transitions",
+            "Member state changes seen by the mesh's failure detector, by the state entered.",
+            (*n, "state"),
+            registry=r,
+        )
         self.gossip_refused = Counter(
             "syncfw_gossip_refused",
             "Gossiped members refused (bad address or id, outside the allowed networks, "

@@ -54,9 +54,20 @@ def test_suspect_then_dead_then_revived() -> None:
     assert m.failed("B", now=13) is MemberState.DEAD
     assert [x.address for x in m.pick(3, rng, now=15)] == []  # retried only every 5 s
     assert [x.address for x in m.pick(3, rng, now=18.5)] == ["B"]
-    # fresher gossip about b (a higher heartbeat) revives it
+    # fresher gossip about b (a higher heartbeat) may predate its failure: it marks b
+    # for a probe, and the probe decides
     m.merge([PeerInfo("b", "B", 5)], now=20)
+    assert m.members["B"].state is MemberState.DEAD
+    assert m.members["B"].recheck
+    assert [x.address for x in m.probe_targets(set(), rng)] == ["B"]
+    m.heard("B", "b", now=20.5)  # the probe reached it
     assert m.members["B"].state is MemberState.ALIVE
+    assert not m.members["B"].recheck
+    assert [(t.old, t.new) for t in m.drain()] == [
+        (MemberState.ALIVE, MemberState.SUSPECT),
+        (MemberState.SUSPECT, MemberState.DEAD),
+        (MemberState.DEAD, MemberState.ALIVE),
+    ]
     m.failed("B", now=21)
     m.failed("B", now=22)
     m.succeeded("B", "b", now=23)
@@ -370,11 +381,11 @@ async def test_a_push_to_a_busy_peer_is_repeated_when_it_is_free() -> None:
     a._busy.add("n0")  # an exchange with n0 is running
     replicas[1].put("fleet/n1/late", 1)
     assert await a.push() == []
-    assert "n0" in a._repush
+    assert "n0" in a._again
     a._busy.discard("n0")
     before = a.outcomes.get("OK", 0)
     await a.sync_with("n0")  # the running exchange ends ... and the push follows it
-    assert "n0" not in a._repush
+    assert "n0" not in a._again
     await wait_until(
         lambda: not a._spawned and a.outcomes.get("OK", 0) == before + 2,
         what="the repeated push to finish",

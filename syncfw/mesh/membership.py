@@ -4,12 +4,19 @@ Invariants:
 
 1. Pure: every method takes ``now`` (seconds) from the caller; no clock, no I/O.
 2. A member's ``heartbeat`` only grows; gossip with a higher heartbeat than the
-   one held is fresher news about that member and revives it (the member itself
-   was heard from, indirectly).
-3. A member is ``ALIVE`` after any successful exchange or fresher gossip;
-   ``SUSPECT`` after ``suspect_after`` consecutive failures; ``DEAD`` once it has
-   been suspect for ``dead_after_s``. Dead members are still dialed every
+   one held is fresher news about that member. It never flips a suspect or dead
+   member alive by itself (a relayed heartbeat may predate the failure): it
+   marks the member for a probe (``recheck``), and the probe decides.
+3. A member is ``ALIVE`` after any successful exchange, any Hello heard from it,
+   or an indirect probe that reached it (``vouched``: a cut between this node
+   and it alone); ``SUSPECT`` after ``suspect_after`` consecutive failed
+   contacts that no indirect probe vouched for; ``DEAD`` once it has been
+   suspect for ``dead_after_s``. Dead members are still dialed every
    ``dead_retry_s`` so a healed partition is noticed; they are never forgotten.
+3a. Every change of a member's state is recorded as a :class:`Transition`
+   until the caller takes them (:meth:`Membership.drain`), however it happened
+   (a failure, :meth:`Membership.tick`, a success), so the mesh's cleanup runs
+   on every transition to dead.
 4. This node never appears among its own members.
 5. Bounded by :class:`~syncfw.mesh.config.GossipBounds`: the table never
    holds more than ``max_members``; one Peers frame adds at most
@@ -43,7 +50,7 @@ from syncfw.mesh.addresses import (
 from syncfw.mesh.config import GossipBounds
 from syncfw.sync.frames import PeerInfo
 
-__all__ = ["Choice", "Learned", "Member", "MemberState", "Membership"]
+__all__ = ["Choice", "Learned", "Member", "MemberState", "Membership", "Saved", "Transition"]
 
 # protobuf framing of one gossiped entry beyond its two strings: tags, lengths,
 # a varint heartbeat of up to 10 bytes and the entry's own header, whatever the lengths
@@ -72,6 +79,8 @@ class Member:
         since: when it entered ``state``.
         last_ok: when an exchange with it last succeeded.
         last_try: when it was last dialed.
+        recheck: fresher gossip came while it was suspect or dead: probe it.
+        vouched: when an indirect probe last reached it (this node could not).
     """
 
     node_id: str
@@ -82,6 +91,40 @@ class Member:
     since: float = 0.0
     last_ok: float | None = None
     last_try: float | None = None
+    recheck: bool = False
+    vouched: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One change of a member's state (:meth:`Membership.drain`).
+
+    Attributes:
+        member: the member (its state is ``new`` unless it changed again since).
+        old: the state it left.
+        new: the state it entered.
+        at: the caller's clock.
+    """
+
+    member: Member
+    old: MemberState
+    new: MemberState
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """A member as persisted across restarts (:mod:`syncfw.mesh.persist`).
+
+    Attributes:
+        node_id: its node id.
+        address: where it listens.
+        last_seen_ms: wall clock (ms since the epoch) of the last contact.
+    """
+
+    node_id: str
+    address: str
+    last_seen_ms: int
 
 
 @dataclass(slots=True)
@@ -164,6 +207,60 @@ class Membership:
         for seed in sorted(self.seeds):
             self.members[seed] = Member("", seed)
         self._rotation = [0, 0, 0]  # where each tier's next gossiped list starts
+        self._transitions: list[Transition] = []
+        self._probe_order: list[str] = []  # SWIM's round-robin probe list, reshuffled per pass
+
+    def restore(self, saved: Iterable[Saved], now: float) -> list[Member]:
+        """Add members persisted before a restart, beside the seeds (most recently seen first).
+
+        They are held like seeds (never evicted, never counted as new dials)
+        and start alive: the first rounds probe them like anyone else. Entries
+        with a bad id or address, this node itself, or past ``max_members``
+        are skipped.
+
+        Returns:
+            The members added.
+        """
+        b = self.bounds
+        added: list[Member] = []
+        for s in sorted(saved, key=lambda s: (-s.last_seen_ms, s.address)):
+            if len(self.members) >= b.max_members:
+                break
+            if not s.address or s.address == self.address or s.node_id == self.node_id:
+                continue
+            bad = check_node_id(s.node_id) or check_address(
+                s.address, require_port=b.require_port, allowed_networks=b.allowed_networks
+            )
+            if bad is not None:
+                continue
+            m = self.members.get(s.address)
+            if m is None:
+                m = self.members[s.address] = Member(s.node_id, s.address, since=now)
+                added.append(m)
+            elif not m.node_id:
+                m.node_id = s.node_id
+        self.seeds = self.seeds | {m.address for m in added}
+        return added
+
+    def saved(self, wall_ms: int, now: float) -> list[Saved]:
+        """Members worth keeping across a restart: the named ones ever reached.
+
+        Args:
+            wall_ms: the wall clock now, in ms (``last_ok`` is on the caller's
+                monotonic clock, which a restart does not keep).
+            now: the caller's clock.
+        """
+        out = []
+        for m in self.members.values():
+            if m.node_id and m.last_ok is not None:
+                seen = wall_ms - int((now - m.last_ok) * 1000)
+                out.append(Saved(m.node_id, m.address, seen))
+        return sorted(out, key=lambda s: s.address)
+
+    def drain(self) -> list[Transition]:
+        """The state changes since the last call (oldest first)."""
+        out, self._transitions = self._transitions, []
+        return out
 
     # -- news ---------------------------------------------------------------------
 
@@ -223,8 +320,7 @@ class Membership:
         if p.heartbeat > m.heartbeat:
             m.heartbeat = p.heartbeat
             if m.state is not MemberState.ALIVE:
-                self._set(m, MemberState.ALIVE, now)
-                m.failures = 0
+                m.recheck = True  # news, maybe older than the failure: a probe decides
 
     def _evict(self, out: Learned) -> bool:
         """Drop one learned member never reached, to make room; False if there is none."""
@@ -275,19 +371,43 @@ class Membership:
     def _reached(self, m: Member, node_id: str | None, now: float) -> None:
         if node_id:
             m.node_id = node_id
-        m.failures = 0
         m.last_ok = now
         m.last_try = now
+        self._alive(m, now)
+
+    def _alive(self, m: Member, now: float) -> None:
+        m.failures = 0
+        m.recheck = False
         if m.state is not MemberState.ALIVE:
             self._set(m, MemberState.ALIVE, now)
 
+    def heard(self, address: str, node_id: str | None, now: float) -> None:
+        """``address`` answered (its Hello, or a direct probe), though no exchange succeeded."""
+        m = self.members.get(address)
+        if m is None:
+            return
+        if node_id and not m.node_id and check_node_id(node_id) is None:
+            m.node_id = node_id
+        m.last_try = now
+        self._alive(m, now)
+
+    def vouched(self, address: str, now: float) -> None:
+        """This node failed to reach ``address``, but an indirect probe did: it is alive."""
+        m = self.members.get(address)
+        if m is None:
+            return
+        m.last_try = now
+        m.vouched = now
+        self._alive(m, now)
+
     def failed(self, address: str, now: float) -> MemberState | None:
-        """An exchange with ``address`` failed (unreachable, cut, timed out)."""
+        """A contact with ``address`` failed (unreachable, cut, timed out) and nobody vouched."""
         m = self.members.get(address)
         if m is None:
             return None
         m.failures += 1
         m.last_try = now
+        m.recheck = False
         if m.state is MemberState.ALIVE and m.failures >= self.suspect_after:
             self._set(m, MemberState.SUSPECT, now)
         self.tick(now)
@@ -299,10 +419,66 @@ class Membership:
             if m.state is MemberState.SUSPECT and now - m.since >= self.dead_after_s:
                 self._set(m, MemberState.DEAD, now)
 
-    @staticmethod
-    def _set(m: Member, state: MemberState, now: float) -> None:
+    def next_due(self) -> float | None:
+        """When the next suspect member is due to be declared dead (None: none is suspect)."""
+        due = [
+            m.since + self.dead_after_s
+            for m in self.members.values()
+            if m.state is MemberState.SUSPECT
+        ]
+        return min(due) if due else None
+
+    def _set(self, m: Member, state: MemberState, now: float) -> None:
+        self._transitions.append(Transition(m, m.state, state, now))
         m.state = state
         m.since = now
+
+    # -- probes (SWIM) ------------------------------------------------------------
+
+    def probe_targets(self, exclude: set[str], rng: random.Random) -> list[Member]:
+        """Members to probe this round, beside the round's exchanges (``exclude``).
+
+        Every suspect member (to confirm or refute it) and every member with
+        fresher gossip pending (``recheck``), then one more alive member in
+        SWIM's round-robin order (a shuffled pass over the table, reshuffled
+        with ``rng`` when done), so each member is probed at least once per
+        pass even when the fanout never picks it.
+        """
+        out = [
+            m
+            for m in sorted(self.members.values(), key=lambda m: m.address)
+            if m.address not in exclude and (m.state is MemberState.SUSPECT or m.recheck)
+        ]
+        taken = exclude | {m.address for m in out}
+        for _ in range(2):  # the rest of this pass, then a fresh one
+            while self._probe_order:
+                m = self.members.get(self._probe_order.pop())
+                if m is not None and m.state is MemberState.ALIVE and m.address not in taken:
+                    return [*out, m]
+            self._probe_order = sorted(self.members)
+            rng.shuffle(self._probe_order)
+        return out
+
+    def helpers(self, target: str, k: int, rng: random.Random) -> list[Member]:
+        """Up to ``k`` alive members to ask for an indirect probe of ``target``.
+
+        Members reached before are preferred (they are known to answer);
+        others alive fill in.
+        """
+        alive = sorted(
+            (
+                m
+                for m in self.members.values()
+                if m.state is MemberState.ALIVE and m.address != target
+            ),
+            key=lambda m: m.address,
+        )
+        reached = [m for m in alive if m.last_ok is not None]
+        rest = [m for m in alive if m.last_ok is None]
+        out = rng.sample(reached, min(k, len(reached)))
+        if len(out) < k:
+            out += rng.sample(rest, min(k - len(out), len(rest)))
+        return out
 
     # -- choices ------------------------------------------------------------------
 

@@ -2,10 +2,27 @@
 
 Invariants:
 
-1. At most one exchange at a time is dialed to a given peer; a round skips a
-   peer already being synced.
-2. A failing peer never stops the mesh: every exchange's outcome is recorded in
-   :class:`Membership` and logged, and the loop goes on.
+1. At most one exchange at a time per peer pair: a round skips a peer already
+   being synced (dialed, or serving an exchange from it once the caller is
+   named: its mTLS identity or the first entry of its Peers frame), and a push
+   to such a peer marks it "again" instead of starting another exchange; the
+   one push follows when the running exchange ends, however many were asked.
+2. A failing peer never stops the mesh, and the slowest peer never holds up
+   the others: the loop starts each round's exchanges and probes as tasks,
+   each under its own deadlines (``connect_timeout_s`` to dial,
+   ``probe_timeout_s`` for the peer's Hello, ``exchange_timeout_s`` in all),
+   and moves on; eager pushes likewise. Every outcome is recorded in
+   :class:`Membership` and logged.
+2a. Failure detection is SWIM's: a failed contact with no Hello heard is
+   checked through up to ``indirect_probes`` other members (``Probe`` with a
+   target, memberlist's ping-req) before it counts, so a cut between this node
+   and one peer alone never makes that peer suspect. Each round also probes
+   one member round-robin and every suspect one. A member this node probes on
+   another's behalf and fails to reach is probed by this node itself next round.
+2b. Every state transition the table records is handled once (the loop takes
+   them from :meth:`Membership.drain` after every change): to dead, the pooled
+   connection is dropped, "is dead" logged and
+   ``syncfw_peer_transitions{state=dead}`` counted, whichever path made it so.
 3. Randomness comes from one seeded :class:`random.Random`; the loop's timing
    from the event loop, so tests drive rounds with :meth:`Mesh.round` and never
    wait on wall time.
@@ -15,8 +32,13 @@ Invariants:
    peer's lag and clock offset after every exchange with it. Per-peer series
    exist only for node ids in the member table, and go when they leave it.
    :meth:`Mesh.status` reads them back, so it and ``/metrics`` agree.
-5. Dialing a peer takes at most ``config.connect_timeout_s``; the exchange
-   that follows, at most ``config.exchange_timeout_s``.
+5. Dialing a peer takes at most ``config.connect_timeout_s``; its Hello must
+   come within ``config.probe_timeout_s`` of the stream opening; the exchange
+   in all, at most ``config.exchange_timeout_s``. A probe takes at most
+   ``probe_timeout_s``, an indirect one twice that.
+7. With a :class:`~syncfw.mesh.persist.MemberFile`, the members ever reached
+   are saved every ``_SAVE_EVERY_S`` and at close, and restored at start
+   beside the seeds.
 6. Gossip is bounded (``config.gossip``): members are learned only from a
    Peers frame the session accepted, which it does only after the peer's
    Hello; the table, what one frame adds and this node's own list are capped
@@ -33,8 +55,8 @@ import functools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, TypeVar
 
 from syncfw.errors import SyncfwError
 from syncfw.exchange import ExchangeOutcome, SendBudget, run_exchange
@@ -43,10 +65,13 @@ from syncfw.mesh.budget import TokenBucket
 from syncfw.mesh.config import MeshConfig
 from syncfw.mesh.guard import GossipGuard
 from syncfw.mesh.membership import Member, Membership, MemberState
+from syncfw.mesh.persist import MemberFile
 from syncfw.metrics import PEER_SOURCE, NodeMetrics
+from syncfw.notices import clip
 from syncfw.sync.frames import PeerInfo, Status
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.network import GrpcNetwork, Listener, Network
+from syncfw.transport.probe import ProbeAnswer
 
 __all__ = ["Mesh", "lag_ops"]
 
@@ -54,6 +79,55 @@ log = logging.getLogger("syncfw.mesh")
 
 _STATES = tuple(s.value for s in MemberState)
 _UNLABELLED_WARNINGS = 256  # distinct non-member peer ids warned about, at most
+_MAX_SERVED_PROBES = 32  # indirect probes this node runs for others at once
+_SAVE_EVERY_S = 10.0  # how often the member table is saved (with a MemberFile)
+# a failed exchange that heard no Hello and ended with one of these is a failed
+# contact (checked through indirect probes); any other status is the peer answering
+_NO_CONTACT = frozenset(
+    {Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED, Status.ABORTED, Status.CANCELLED}
+)
+
+T = TypeVar("T")
+
+
+class _HelloDeadline:
+    """A dialed stream whose first frame (the peer's Hello) must come within ``limit_s``.
+
+    A peer that takes the TCP handshake (and the HTTP/2 one) but never says
+    hello is a failed contact in ``probe_timeout_s``, not in the exchange's
+    deadline.
+    """
+
+    def __init__(self, stream: FrameStream, limit_s: float) -> None:
+        self._stream = stream
+        self._limit = limit_s
+        self._first = True
+
+    @property
+    def peer_address(self) -> str:
+        return self._stream.peer_address
+
+    @property
+    def peer_identity(self) -> str | None:
+        return self._stream.peer_identity
+
+    async def send(self, data: bytes) -> None:
+        await self._stream.send(data)
+
+    async def recv(self) -> bytes | None:
+        if not self._first:
+            return await self._stream.recv()
+        self._first = False
+        try:
+            async with asyncio.timeout(self._limit):
+                return await self._stream.recv()
+        except TimeoutError:
+            raise LinkError(
+                Status.DEADLINE_EXCEEDED, f"no Hello within {self._limit}s of dialing"
+            ) from None
+
+    async def close(self, status: Status, reason: str) -> None:
+        await self._stream.close(status, reason)
 
 
 def lag_ops(ours: VersionVector, acked: VersionVector) -> int:
@@ -82,11 +156,16 @@ class Mesh:
         self.config = config
         self._rng = rng
         self.guard = GossipGuard(replica.node_id, config.gossip, self.metrics)
-        self._busy: set[str] = set()
+        self._busy: set[str] = set()  # addresses dialed and not done
+        self._serving: dict[str, int] = {}  # node ids of named callers being served
+        self._probing: set[str] = set()  # addresses being probed (directly or not)
+        self._probes_served = 0
         self._budgets: dict[str, TokenBucket] = {}
         self._serve_budget: TokenBucket | None = None
-        self._repush: set[str] = set()
-        self._spawned: set[asyncio.Task[ExchangeOutcome]] = set()
+        self._again: set[str] = set()  # peers owed one more exchange when theirs ends
+        self._spawned: set[asyncio.Task[Any]] = set()
+        self.member_file: MemberFile | None = None
+        self._saved_at = 0.0
         self._poke = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -109,6 +188,7 @@ class Mesh:
         seed: int | None = None,
         run_loop: bool = True,
         metrics: NodeMetrics | None = None,
+        member_file: MemberFile | None = None,
     ) -> Mesh:
         """Join the mesh: listen, learn peers from ``seeds``, gossip every interval.
 
@@ -126,6 +206,8 @@ class Mesh:
             seed: seeds the mesh's randomness (peer choice, jitter).
             run_loop: False to drive rounds by hand with :meth:`round`.
             metrics: the node's registry (``node.metrics``); a fresh one if None.
+            member_file: where the member table is kept across restarts
+                (``MemberFile(node.path)``); its members join the seeds.
 
         Returns:
             The running mesh.
@@ -134,11 +216,15 @@ class Mesh:
             LinkError: ``listen`` cannot be bound.
         """
         cfg = config or MeshConfig.lan()
-        net = network or GrpcNetwork()
+        net = network or GrpcNetwork(cfg.transport(), metrics=metrics)
         mesh = cls(
             replica, net, None, Membership(replica.node_id, ""), cfg, random.Random(seed), metrics
         )
-        listener = await net.serve(listen, mesh._serve) if listen is not None else None
+        listener = (
+            await net.serve(listen, mesh._serve, probe=mesh._serve_probe)
+            if listen is not None
+            else None
+        )
         address = advertise or (listener.address if listener is not None else "")
         mesh.listener = listener
         mesh.membership = Membership(
@@ -150,6 +236,17 @@ class Mesh:
             dead_retry_s=cfg.dead_retry_s,
             bounds=cfg.gossip,
         )
+        if member_file is not None:
+            mesh.member_file = member_file
+            restored = mesh.membership.restore(await member_file.load(), time.monotonic())
+            if restored:
+                log.info(
+                    "%s: %d members restored beside %d seeds",
+                    replica.node_id,
+                    len(restored),
+                    len(set(seeds)),
+                )
+            mesh._saved_at = time.monotonic()
         mesh._publish_members()
         if run_loop:
             mesh._tasks.append(asyncio.create_task(mesh._loop(), name="syncfw-mesh-gossip"))
@@ -169,23 +266,49 @@ class Mesh:
     # -- driving ------------------------------------------------------------------
 
     async def round(self) -> list[ExchangeOutcome]:
-        """One gossip round now: exchange with ``fanout`` random live peers."""
+        """One gossip round now: exchange with ``fanout`` random live peers, probe, and wait.
+
+        The loop does not wait (:meth:`start_round`); this waits for the
+        round's exchanges and probes, each under its own deadlines.
+        """
+        exchanges, probes = self.start_round()
+        outcomes = list(await asyncio.gather(*exchanges))
+        await asyncio.gather(*probes)
+        return outcomes
+
+    def start_round(
+        self,
+    ) -> tuple[list[asyncio.Task[ExchangeOutcome]], list[asyncio.Task[None]]]:
+        """Start one round's exchanges and probes as tasks, and return them without waiting."""
         now = time.monotonic()
         self.membership.beat()
         self.membership.tick(now)
-        self._publish_members()
+        self._changed()
         self.rounds += 1
         choice = self.guard.choose(self.membership, self.config.fanout, self._rng, now)
-        chosen = [m for m in choice.chosen if m.address not in self._busy]
-        return list(await asyncio.gather(*(self.sync_with(m.address) for m in chosen)))
+        chosen = [m for m in choice.chosen if not self._in_exchange(m)]
+        exchanges = [self._spawn(self.sync_with(m.address), "syncfw-mesh-exchange") for m in chosen]
+        exclude = {m.address for m in choice.chosen} | self._busy | self._probing
+        probes = [
+            self._spawn(self.probe(m.address), "syncfw-mesh-probe")
+            for m in self.membership.probe_targets(exclude, self._rng)
+        ]
+        if self.member_file is not None and now - self._saved_at >= _SAVE_EVERY_S:
+            self._saved_at = now
+            self._spawn(self.save_members(), "syncfw-mesh-save")
+        return exchanges, probes
 
     async def push(self) -> list[ExchangeOutcome]:
-        """Eager push: exchange now with the live peers synced with before.
+        """Eager push: exchange now with the live peers synced with before, and wait.
 
         At most ``push_fanout`` of them, the most recently synced first. A peer
-        already mid-exchange is pushed to again as soon as that exchange ends
-        (its summary may predate the write).
+        already mid-exchange (either way) is marked "again": one exchange
+        follows as soon as that one ends (its summary may predate the write).
         """
+        return list(await asyncio.gather(*self.start_push()))
+
+    def start_push(self) -> list[asyncio.Task[ExchangeOutcome]]:
+        """Start an eager push's exchanges as tasks and return them without waiting."""
         connected = sorted(
             (
                 m
@@ -196,23 +319,29 @@ class Mesh:
         )
         if self.config.push_fanout is not None:
             connected = connected[: self.config.push_fanout]
-        targets = []
+        tasks = []
         for m in connected:
-            if m.address in self._busy:
-                self._repush.add(m.address)
+            if self._in_exchange(m):
+                self._again.add(m.address)
             else:
-                targets.append(m)
-        return list(await asyncio.gather(*(self.sync_with(m.address) for m in targets)))
+                tasks.append(self._spawn(self.sync_with(m.address), "syncfw-mesh-push"))
+        return tasks
 
     def poke(self) -> None:
         """Ask for an eager push soon (a local write landed)."""
         self._poke.set()
 
     async def sync_with(self, address: str) -> ExchangeOutcome:
-        """Run one exchange with the peer at ``address`` and record how it went."""
-        if address in self._busy:
+        """Run one exchange with the peer at ``address`` and record how it went.
+
+        A failed contact (no Hello heard) is checked through indirect probes
+        before it counts against the peer; this returns once it is recorded.
+        """
+        m = self.membership.members.get(address)
+        if address in self._busy or (m is not None and self._in_exchange(m)):
             return ExchangeOutcome(Status.ABORTED, "already syncing with that peer")
         self._busy.add(address)
+        out = ExchangeOutcome(Status.CANCELLED, "exchange not run")
         try:
             try:
                 stream = await self._dial(address)
@@ -221,7 +350,7 @@ class Mesh:
             else:
                 out = await run_exchange(
                     self.replica,
-                    stream,
+                    _HelloDeadline(stream, self.config.probe_timeout_s),
                     config=self.config.session,
                     peers=self._gossip_list(),
                     budget=self._budget(address),
@@ -233,13 +362,139 @@ class Mesh:
             return out
         finally:
             self._busy.discard(address)
-            if address in self._repush and not self._closed:
-                self._repush.discard(address)
-                task = asyncio.create_task(self.sync_with(address), name="syncfw-mesh-repush")
-                self._spawned.add(task)
-                task.add_done_callback(self._spawned.discard)
+            self._follow_up(address, out)
+
+    async def probe(self, address: str) -> None:
+        """Probe the member at ``address`` (directly, then through others) and record it."""
+        if address in self._probing or address not in self.membership.members:
+            return
+        self._probing.add(address)
+        try:
+            answer = await self.network.probe(
+                address, source=self.address, timeout_s=self.config.probe_timeout_s
+            )
+            if answer.reachable:
+                self.membership.heard(address, answer.node_id or None, time.monotonic())
+                self._changed()
+            else:
+                await self._confirm(address, answer.reason)
+        finally:
+            self._probing.discard(address)
+
+    async def save_members(self) -> bool:
+        """Save the member table to the :class:`MemberFile` now (False: none, or it failed)."""
+        if self.member_file is None:
+            return False
+        saved = self.membership.saved(_wall_ms(), time.monotonic())
+        return await self.member_file.save(saved)
 
     # -- internals ----------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, T], name: str) -> asyncio.Task[T]:
+        task = asyncio.create_task(work, name=name)
+        self._spawned.add(task)
+        task.add_done_callback(self._reap)
+        return task
+
+    def _reap(self, task: asyncio.Task[Any]) -> None:
+        self._spawned.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("%s: %s failed", self.replica.node_id, task.get_name(), exc_info=exc)
+
+    def _in_exchange(self, m: Member) -> bool:
+        """Whether an exchange with ``m`` runs now, dialed or served."""
+        return m.address in self._busy or (bool(m.node_id) and m.node_id in self._serving)
+
+    def _follow_up(self, address: str, out: ExchangeOutcome) -> None:
+        """After an exchange with ``address``: the one push owed to it, if any."""
+        if address not in self._again:
+            return
+        self._again.discard(address)
+        m = self.membership.members.get(address)
+        if self._closed or m is None or m.state is not MemberState.ALIVE:
+            return
+        if out.status in _NO_CONTACT and out.peer_id is None:
+            return  # unreachable now: the rounds retry it, a push would only wait again
+        self._spawn(self.sync_with(address), "syncfw-mesh-repush")
+
+    async def _confirm(self, address: str, reason: str) -> None:
+        """This node failed to reach ``address``: ask others before it counts (ping-req)."""
+        m = self.membership.members.get(address)
+        if m is None:
+            return
+        helpers: list[Member] = []
+        if m.state is not MemberState.DEAD and self.config.indirect_probes:
+            helpers = self.membership.helpers(address, self.config.indirect_probes, self._rng)
+        answers: list[ProbeAnswer] = []
+        if helpers:
+            answers = list(
+                await asyncio.gather(
+                    *(
+                        self.network.probe(
+                            h.address,
+                            source=self.address,
+                            target=address,
+                            timeout_s=2 * self.config.probe_timeout_s,
+                        )
+                        for h in helpers
+                    )
+                )
+            )
+        now = time.monotonic()
+        vouching = [a.node_id or "?" for a in answers if a.reachable]
+        if vouching:
+            log.debug(
+                "%s: %s unreachable from here (%s), but %s reached it",
+                self.replica.node_id,
+                address,
+                reason,
+                ", ".join(vouching),
+            )
+            self.membership.vouched(address, now)
+        else:
+            self.membership.failed(address, now)
+        self._changed()
+
+    def _changed(self) -> None:
+        """After any change of the member table: handle its transitions, set the gauges."""
+        for t in self.membership.drain():
+            m = t.member
+            self.metrics.peer_transitions.labels(self.metrics.node_id, t.new.value).inc()
+            who = m.node_id or "?"
+            if t.new is MemberState.DEAD:
+                log.info("%s: peer %s at %s is dead", self.replica.node_id, who, m.address)
+                # drop its pooled channel (and grpc's reconnect backoff) until it is back
+                self._spawn(self.network.forget(m.address), "syncfw-mesh-forget")
+            elif t.new is MemberState.SUSPECT:
+                log.info("%s: peer %s at %s is suspect", self.replica.node_id, who, m.address)
+            elif t.old is MemberState.DEAD:
+                log.info("%s: peer %s at %s is back", self.replica.node_id, who, m.address)
+        self._publish_members()
+
+    async def _serve_probe(self, target: str, timeout_s: float) -> ProbeAnswer:
+        """Answer a probe: at once for a direct one; for an indirect one, probe ``target``."""
+        me = self.replica.node_id
+        if not target:
+            return ProbeAnswer(True, me)
+        m = self.membership.members.get(target)
+        if m is None:
+            return ProbeAnswer(False, me, "not a member here")
+        if self._probes_served >= _MAX_SERVED_PROBES:
+            return ProbeAnswer(False, me, "too many probes at once")
+        limit = self.config.probe_timeout_s
+        limit = min(limit, timeout_s) if timeout_s > 0 else limit
+        self._probes_served += 1
+        try:
+            got = await self.network.probe(target, source=self.address, timeout_s=limit)
+        finally:
+            self._probes_served -= 1
+        if got.reachable:
+            self.membership.heard(target, got.node_id or None, time.monotonic())
+            self._changed()
+        else:
+            m.recheck = True  # this node failed to reach it too: its own probe next round
+        return ProbeAnswer(got.reachable, me, clip(got.reason))
 
     async def _dial(self, address: str) -> FrameStream:
         """Open a stream to ``address`` within ``connect_timeout_s``.
@@ -276,7 +531,7 @@ class Mesh:
         # the session hands over a Peers frame only once the peer's Hello was accepted
         got = self.membership.learn(peers, time.monotonic())
         self.guard.learned(got, source, len(self.membership.members))
-        self._publish_members()
+        self._changed()
 
     async def _record(self, address: str, out: ExchangeOutcome) -> None:
         now = time.monotonic()
@@ -284,14 +539,15 @@ class Mesh:
             got = self.membership.succeeded(address, out.peer_id, now)
             if got is not None:
                 self.guard.learned(got, address, len(self.membership.members))
-        else:
-            before = self.membership.members.get(address)
-            was = before.state if before is not None else None
-            state = self.membership.failed(address, now)
-            if state is MemberState.DEAD and was is not MemberState.DEAD:
-                log.info("%s: peer at %s is dead: %s", self.replica.node_id, address, out.reason)
-                await self.network.forget(address)  # drop its pooled channel until it is back
-        self._publish_members()
+        elif out.peer_id is not None or out.status not in _NO_CONTACT:
+            self.membership.heard(address, out.peer_id, now)  # it answered: alive
+        elif address in self.membership.members:
+            self._probing.add(address)
+            try:
+                await self._confirm(address, out.reason)
+            finally:
+                self._probing.discard(address)
+        self._changed()
         await self._note_peer(out)
 
     async def _serve(self, stream: FrameStream) -> None:
@@ -301,21 +557,47 @@ class Mesh:
             self._serve_budget = TokenBucket(
                 self.config.peer_bytes_per_s, self.config.peer_burst_bytes
             )
-        out = await run_exchange(
-            self.replica,
-            stream,
-            config=self.config.session,
-            peers=self._gossip_list(),
-            budget=self._serve_budget,
-            on_peers=functools.partial(self._learn, source=stream.peer_address),
-            timeout_s=self.config.exchange_timeout_s,
-            metrics=self.metrics,
-        )
-        if out.ok and out.peer_id:  # a peer that dialed us is connected: push to it too
-            for m in self.membership.members.values():
+        named: list[str] = []
+
+        def name(peer_id: str) -> None:
+            if not named and peer_id:
+                named.append(peer_id)
+                self._serving[peer_id] = self._serving.get(peer_id, 0) + 1
+
+        if stream.peer_identity:
+            name(stream.peer_identity)
+
+        def on_peers(peers: tuple[PeerInfo, ...]) -> None:
+            if peers:  # a member list starts with its sender
+                name(peers[0].node_id)
+            self._learn(peers, source=stream.peer_address)
+
+        try:
+            out = await run_exchange(
+                self.replica,
+                stream,
+                config=self.config.session,
+                peers=self._gossip_list(),
+                budget=self._serve_budget,
+                on_peers=on_peers,
+                timeout_s=self.config.exchange_timeout_s,
+                metrics=self.metrics,
+            )
+        finally:
+            for peer_id in named:
+                left = self._serving.pop(peer_id, 1) - 1
+                if left > 0:
+                    self._serving[peer_id] = left
+        if out.peer_id:
+            for m in list(self.membership.members.values()):
                 if m.node_id == out.peer_id:
-                    self.membership.succeeded(m.address, out.peer_id, time.monotonic())
-            self._publish_members()
+                    if out.ok:  # a peer that dialed us is connected: push to it too
+                        self.membership.succeeded(m.address, out.peer_id, time.monotonic())
+                    else:
+                        self.membership.heard(m.address, out.peer_id, time.monotonic())
+                    if not self._busy & {m.address}:
+                        self._follow_up(m.address, out)
+            self._changed()
         await self._note_peer(out)
 
     def _publish_members(self) -> None:
@@ -368,11 +650,20 @@ class Mesh:
         return self.config.interval_s * self._rng.uniform(1 - j, 1 + j)
 
     async def _loop(self) -> None:
-        """Gossip rounds, every jittered interval."""
+        """Gossip rounds every jittered interval, never waiting on them; suspects to dead on time."""
+        next_round = time.monotonic() + self._interval()
         while not self._closed:
-            await asyncio.sleep(self._interval())
+            due = self.membership.next_due()
+            wake = next_round if due is None else min(next_round, due)
+            await asyncio.sleep(max(0.0, wake - time.monotonic()))
+            now = time.monotonic()
             try:
-                await self.round()
+                if now >= next_round:
+                    next_round = now + self._interval()
+                    self.start_round()
+                else:  # a suspect is due: declare it dead now, not at the next round
+                    self.membership.tick(now)
+                    self._changed()
             except SyncfwError:
                 log.exception("gossip round failed on %s", self.replica.node_id)
 
@@ -383,7 +674,7 @@ class Mesh:
             await asyncio.sleep(self.config.push_debounce_s)  # let a burst of writes batch up
             self._poke.clear()
             try:
-                await self.push()
+                self.start_push()
             except SyncfwError:
                 log.exception("eager push failed on %s", self.replica.node_id)
 
@@ -455,6 +746,8 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
+        if self.member_file is not None:
+            await self.save_members()
         tasks = [*self._tasks, *self._spawned]
         for task in tasks:
             task.cancel()
@@ -470,3 +763,7 @@ class Mesh:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _wall_ms() -> int:
+    return int(time.time() * 1000)

@@ -28,7 +28,7 @@ from syncfw.clock import LOGICAL_BITS, NtpResult, check_ntp, wall_ms
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
-from syncfw.mesh import Mesh, MeshConfig
+from syncfw.mesh import MemberFile, Mesh, MeshConfig
 from syncfw.metrics import HLC_AHEAD_SOURCE, NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
 from syncfw.node.docs import LiveDocs
 from syncfw.node.handles import Counter, ORSet, Register
@@ -331,12 +331,10 @@ class Node:
                 seeds=list(peers),
                 config=config,
                 network=network
-                or GrpcNetwork(
-                    TransportConfig(tls=tls, connect_timeout_s=config.connect_timeout_s),
-                    metrics=self.metrics,
-                ),
+                or GrpcNetwork(config.transport(TransportConfig(tls=tls)), metrics=self.metrics),
                 changes=self.changes,
                 metrics=self.metrics,
+                member_file=MemberFile(self._store.path),
             )
         except BaseException:
             if server is not None:

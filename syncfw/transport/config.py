@@ -63,7 +63,14 @@ class TransportConfig:
         max_message_bytes: largest frame either way (gRPC max message size).
         keepalive_s: interval of HTTP/2 keepalive pings on idle connections.
         keepalive_timeout_s: a ping unanswered this long closes the connection.
-        connect_timeout_s: how long to wait for a channel to become ready.
+        connect_timeout_s: how long to wait for a channel to become ready; also
+            the least time grpc gives one connection attempt
+            (``grpc.min_reconnect_backoff_ms``).
+        reconnect_backoff_s: grpc's first reconnect backoff after a failed
+            connection attempt (``grpc.initial_reconnect_backoff_ms``).
+        max_reconnect_backoff_s: the cap on grpc's growing reconnect backoff
+            (``grpc.max_reconnect_backoff_ms``; grpc's own default is 120 s,
+            which keeps a healed peer unreached for minutes).
         exchange_timeout_s: deadline of one exchange call; on the server, a
             call still running this long after it opened (plus a second for
             the handler's own deadline to speak first) is cut, even when a
@@ -100,6 +107,8 @@ class TransportConfig:
     keepalive_s: float = 20.0
     keepalive_timeout_s: float = 10.0
     connect_timeout_s: float = 5.0
+    reconnect_backoff_s: float = 1.0
+    max_reconnect_backoff_s: float = 5.0
     exchange_timeout_s: float = 60.0
     max_concurrent_exchanges: int = 64
     max_exchanges_per_peer: int = 8
@@ -115,6 +124,12 @@ class TransportConfig:
     refusal_log_interval_s: float = 10.0
     http_proxy: str | None = None
     tls: TlsConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.reconnect_backoff_s <= self.max_reconnect_backoff_s:
+            raise ValueError("0 < reconnect_backoff_s <= max_reconnect_backoff_s is required")
+        if self.connect_timeout_s <= 0:
+            raise ValueError("connect_timeout_s > 0 is required")
 
     @classmethod
     def test(cls, **changes: Any) -> TransportConfig:
@@ -151,6 +166,9 @@ class TransportConfig:
                 ("grpc.http2.max_pings_without_data", self.max_pings_without_data),
                 ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
                 ("grpc.enable_retries", 0),
+                ("grpc.initial_reconnect_backoff_ms", _ms(self.reconnect_backoff_s)),
+                ("grpc.max_reconnect_backoff_ms", _ms(self.max_reconnect_backoff_s)),
+                ("grpc.min_reconnect_backoff_ms", _ms(self.connect_timeout_s)),
                 ("grpc.so_reuseport", 0),
             ]
             + ([("grpc.http_proxy", self.http_proxy)] if self.http_proxy else [])
@@ -172,3 +190,8 @@ class TransportConfig:
             ("grpc.http2.max_ping_strikes", self.max_ping_strikes),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", int(self.keepalive_s * 500)),
         ]
+
+
+def _ms(seconds: float) -> int:
+    """A grpc millisecond option (at least 1 ms)."""
+    return max(1, int(seconds * 1000))

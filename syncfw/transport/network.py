@@ -6,12 +6,14 @@ a :class:`FrameStream` to an address), so the mesh is written once.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from syncfw.metrics import NodeMetrics
 from syncfw.transport.base import FrameStream
 from syncfw.transport.memory import MemoryNetwork
+from syncfw.transport.probe import ProbeAnswer, ProbeHandler
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
 
 __all__ = ["GrpcNetwork", "InMemoryNetwork", "Listener", "Network"]
@@ -35,12 +37,20 @@ class Listener(Protocol):
 class Network(Protocol):
     """What the mesh needs from a transport."""
 
-    async def serve(self, listen: str, handler: Handler) -> Listener:
-        """Accept exchanges on ``listen``, each handed to ``handler``."""
+    async def serve(
+        self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
+    ) -> Listener:
+        """Accept exchanges on ``listen``, each handed to ``handler``; answer probes with ``probe``."""
         ...
 
     async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
         """Open an exchange stream to ``address`` (``LinkError`` if unreachable)."""
+        ...
+
+    async def probe(
+        self, address: str, *, source: str, target: str = "", timeout_s: float
+    ) -> ProbeAnswer:
+        """Probe ``address`` (directly, or ``target`` through it); never raises."""
         ...
 
     async def forget(self, address: str) -> None:
@@ -68,9 +78,19 @@ class GrpcNetwork:
         self.metrics = metrics
         self.pool = ChannelPool(self.config)
 
-    async def serve(self, listen: str, handler: Handler) -> GrpcServer:
+    async def serve(
+        self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
+    ) -> GrpcServer:
         """Start a gRPC server on ``listen``."""
-        return await GrpcServer.start(listen, handler, config=self.config, metrics=self.metrics)
+        return await GrpcServer.start(
+            listen, handler, config=self.config, metrics=self.metrics, probe=probe
+        )
+
+    async def probe(
+        self, address: str, *, source: str, target: str = "", timeout_s: float
+    ) -> ProbeAnswer:
+        """``syncfw.v1.Sync/Probe`` on the pooled channel to ``address``."""
+        return await self.pool.probe(address, target=target, timeout_s=timeout_s)
 
     async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
         """Open an Exchange call on the pooled channel to ``address``."""
@@ -85,6 +105,12 @@ class GrpcNetwork:
         await self.pool.aclose()
 
 
+# probe handlers of in-memory listeners, per shared network (each node has its own adapter)
+_MEMORY_PROBES: weakref.WeakKeyDictionary[MemoryNetwork, dict[str, ProbeHandler]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class _MemoryListener:
     def __init__(self, net: MemoryNetwork, address: str) -> None:
         self._net = net
@@ -96,6 +122,7 @@ class _MemoryListener:
 
     async def aclose(self) -> None:
         self._net.unlisten(self._address)
+        _MEMORY_PROBES.get(self._net, {}).pop(self._address, None)
 
 
 class InMemoryNetwork:
@@ -104,10 +131,28 @@ class InMemoryNetwork:
     def __init__(self, net: MemoryNetwork) -> None:
         self.net = net
 
-    async def serve(self, listen: str, handler: Handler) -> _MemoryListener:
+    async def serve(
+        self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
+    ) -> _MemoryListener:
         """Listen under the name ``listen``."""
         self.net.listen(listen, handler)
+        if probe is not None:
+            _MEMORY_PROBES.setdefault(self.net, {})[listen] = probe
         return _MemoryListener(self.net, listen)
+
+    async def probe(
+        self, address: str, *, source: str, target: str = "", timeout_s: float
+    ) -> ProbeAnswer:
+        """Probe a listener of the shared network; partitions and unlistened names fail it."""
+        if (
+            address not in self.net._listeners  # the adapter of this very network
+            or frozenset((source, address)) in self.net.blocked
+        ):
+            return ProbeAnswer(False, "", f"{address} is unreachable")
+        handler = _MEMORY_PROBES.get(self.net, {}).get(address)
+        if handler is None:
+            return ProbeAnswer(not target, "", "the peer does not serve Probe")
+        return await handler(target, timeout_s / 2 if target else 0.0)
 
     async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
         """Open an in-memory pipe to ``address``."""

@@ -41,11 +41,12 @@ import grpc.aio
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices, clip
 from syncfw.sync.frames import Status
-from syncfw.transport._pb import health_pb2, health_pb2_grpc
+from syncfw.transport._pb import health_pb2, health_pb2_grpc, sync_pb2
 from syncfw.transport.admission import Admission, Refusal, peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
+from syncfw.transport.probe import MAX_TARGET_CHARS, ProbeAnswer, ProbeHandler
 
 __all__ = [
     "ChannelPool",
@@ -59,6 +60,7 @@ __all__ = [
 log = logging.getLogger("syncfw.transport")
 
 EXCHANGE = "/syncfw.v1.Sync/Exchange"
+PROBE = "/syncfw.v1.Sync/Probe"
 # Frames cross gRPC as the bytes wire.encode_frame makes (identity
 # serializers), so every transport carries the very same bytes and a
 # malformed frame surfaces in the exchange runner, as DecodeError, not in grpc.
@@ -386,6 +388,7 @@ class GrpcServer:
         *,
         config: TransportConfig | None = None,
         metrics: NodeMetrics | None = None,
+        probe: ProbeHandler | None = None,
     ) -> GrpcServer:
         """Listen on ``listen`` (``host:port``; port 0 picks a free one).
 
@@ -402,6 +405,8 @@ class GrpcServer:
             config: transport tunables.
             metrics: the node's registry; refused and cut streams are counted
                 in ``syncfw_refused_streams{reason}``.
+            probe: serves ``syncfw.v1.Sync/Probe`` (None: the method is
+                UNIMPLEMENTED, which a prober reads as "alive, no helper").
 
         Raises:
             LinkError: ``UNAVAILABLE``: the address cannot be bound.
@@ -413,6 +418,8 @@ class GrpcServer:
         server = grpc.aio.server(options=cfg.server_options())
         servicer = _SyncServicer(handler, cfg, metrics)
         server.add_generic_rpc_handlers((servicer.generic_handler(),))
+        if probe is not None:
+            server.add_generic_rpc_handlers((_probe_service(probe),))
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
         host = listen.rsplit(":", 1)[0] or "127.0.0.1"
@@ -494,6 +501,37 @@ class ChannelPool:
         )
         return GrpcStream(call=call, peer_address=address)
 
+    async def probe(self, address: str, *, target: str = "", timeout_s: float) -> ProbeAnswer:
+        """Probe ``address`` on its pooled channel (see :mod:`syncfw.transport.probe`).
+
+        Args:
+            address: the peer asked.
+            target: "" for a direct probe; else the member the peer should
+                probe on this node's behalf (given ``timeout_s / 2`` for it).
+            timeout_s: the whole call's deadline.
+
+        Returns:
+            The answer; a peer that does not serve Probe (UNIMPLEMENTED) is
+            alive for a direct probe and no help for an indirect one. Never raises.
+        """
+        method: Any = self.channel(address).unary_unary(
+            PROBE,
+            request_serializer=sync_pb2.ProbeRequest.SerializeToString,
+            response_deserializer=sync_pb2.ProbeReply.FromString,
+        )
+        inner_ms = int(timeout_s * 500) if target else 0
+        try:
+            reply = await method(
+                sync_pb2.ProbeRequest(target=target, timeout_ms=inner_ms), timeout=timeout_s
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return ProbeAnswer(not target, "", "the peer does not serve Probe")
+            return ProbeAnswer(False, "", f"{exc.code().name}: {clip(exc.details() or '')}")
+        except (grpc.RpcError, grpc.aio.UsageError) as exc:  # pragma: no cover - a closed channel
+            return ProbeAnswer(False, "", f"probe failed: {exc!r}")
+        return ProbeAnswer(bool(reply.reachable), clip(reply.node_id), clip(reply.reason))
+
     async def drop(self, address: str) -> None:
         """Close the channel to ``address`` (a dead peer)."""
         ch = self._channels.pop(address, None)
@@ -505,3 +543,34 @@ class ChannelPool:
         channels, self._channels = list(self._channels.values()), {}
         for ch in channels:
             await ch.close(None)
+
+
+def _probe_service(probe: ProbeHandler) -> grpc.GenericRpcHandler[Any, Any]:
+    """``syncfw.v1.Sync/Probe``, served by ``probe`` (beside the Exchange handler)."""
+
+    async def serve(
+        request: sync_pb2.ProbeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> sync_pb2.ProbeReply:
+        if len(request.target) > MAX_TARGET_CHARS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"target over {MAX_TARGET_CHARS} chars"
+            )
+        try:
+            answer = await probe(request.target, request.timeout_ms / 1000)
+        except Exception:  # never let a handler bug leak a traceback to the peer
+            log.exception("probe handler failed")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        return sync_pb2.ProbeReply(
+            reachable=answer.reachable, node_id=answer.node_id, reason=answer.reason
+        )
+
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Probe": grpc.unary_unary_rpc_method_handler(
+                serve,
+                request_deserializer=sync_pb2.ProbeRequest.FromString,
+                response_serializer=sync_pb2.ProbeReply.SerializeToString,
+            )
+        },
+    )

@@ -105,3 +105,21 @@ class Close(_message.Message):
     code: int
     reason: str
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ProbeRequest(_message.Message):
+    __slots__ = ("target", "timeout_ms")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    timeout_ms: int
+    def __init__(self, target: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+
+class ProbeReply(_message.Message):
+    __slots__ = ("reachable", "node_id", "reason")
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reachable: bool
+    node_id: str
+    reason: str
+    def __init__(self, reachable: _Optional[bool] = ..., node_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...

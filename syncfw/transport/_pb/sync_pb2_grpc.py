@@ -39,6 +39,11 @@ class SyncStub:
                 request_serializer=syncfw_dot_v1_dot_sync__pb2.Frame.SerializeToString,
                 response_deserializer=syncfw_dot_v1_dot_sync__pb2.Frame.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/syncfw.v1.Sync/Probe',
+                request_serializer=syncfw_dot_v1_dot_sync__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=syncfw_dot_v1_dot_sync__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class SyncServicer:
@@ -51,6 +56,17 @@ class SyncServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """A liveness probe (SWIM). An empty target: the callee answers at once (a
+        direct probe). A target address: the callee probes that member of its own
+        table directly and says whether it answered (an indirect probe,
+        memberlist's ping-req), so a cut between caller and target alone does not
+        make the target suspect.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SyncServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +74,11 @@ def add_SyncServicer_to_server(servicer, server):
                     servicer.Exchange,
                     request_deserializer=syncfw_dot_v1_dot_sync__pb2.Frame.FromString,
                     response_serializer=syncfw_dot_v1_dot_sync__pb2.Frame.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=syncfw_dot_v1_dot_sync__pb2.ProbeRequest.FromString,
+                    response_serializer=syncfw_dot_v1_dot_sync__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +108,33 @@ class Sync:
             '/syncfw.v1.Sync/Exchange',
             syncfw_dot_v1_dot_sync__pb2.Frame.SerializeToString,
             syncfw_dot_v1_dot_sync__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/syncfw.v1.Sync/Probe',
+            syncfw_dot_v1_dot_sync__pb2.ProbeRequest.SerializeToString,
+            syncfw_dot_v1_dot_sync__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,7 +30,7 @@ from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
 from syncfw.mesh import MemberFile, Mesh, MeshConfig
 from syncfw.metrics import HLC_AHEAD_SOURCE, NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
-from syncfw.node.docs import LiveDocs
+from syncfw.node.docs import DocUpdates, LiveDocs
 from syncfw.node.handles import Counter, ORSet, Register
 from syncfw.node.opening import Opening
 from syncfw.store import ChangeFeed, Store, StoreConfig
@@ -233,6 +233,48 @@ class Node:
             SyncfwError: the first error met storing an edit.
         """
         await self._docs.flush()
+
+    async def apply_update(self, key: str, update: bytes) -> Op:
+        """Store a Yjs update from a client (a browser) as one op, exactly as it came.
+
+        The open live doc at ``key`` (if any) gets it when it commits, so the
+        doc and the log never disagree, and the update is stored whole even
+        when it waits on another client's edit not yet here. Returns the op
+        once durable. Call it on the event loop; from another thread use
+        ``asyncio.run_coroutine_threadsafe(node.apply_update(key, update), loop)``.
+
+        Raises:
+            DecodeError: not one well-formed Yjs **v1** update (truncated,
+                garbage, an impossible count, bytes left over, or v2, which
+                is refused: pycrdt cannot convert it).
+            ValueTooLargeError: over ``StoreConfig.max_value_bytes`` (the
+                largest op one sync batch carries).
+            OpError: ``key`` holds another kind than a Yjs document.
+            ZoneOwnershipError: this node cannot write ``key``.
+        In every case nothing was written.
+        """
+        return await self._docs.apply_update(key, self._zone(key), update)
+
+    async def doc_state(self, key: str, state_vector: bytes | None = None) -> bytes:
+        """The Yjs document at ``key`` as one v1 update, read from the log.
+
+        With a client's ``state_vector`` (``Y.encodeStateVector``), only what
+        that client lacks; without, the whole document. Both include updates
+        still waiting on their dependencies, which a live doc leaves out.
+
+        Raises:
+            DecodeError: ``state_vector`` is not a Yjs state vector.
+        """
+        return await self._docs.state(key, state_vector)
+
+    def doc_updates(self, key: str) -> DocUpdates:
+        """The updates committed to the document at ``key`` from now on (local and
+        remote, in commit order), to push to browsers: ``async for update in ...``.
+
+        A consumer that falls far behind gets one update holding the whole
+        document instead of its backlog (see :class:`~syncfw.node.docs.DocUpdates`).
+        """
+        return self._docs.follow(key)
 
     # ----------------------------------------------------------------- zones
 

@@ -35,6 +35,7 @@ from syncfw.crdt import KINDS, LWW, YDOC
 from syncfw.crdt.ydoc import canonical as ydoc_canonical
 from syncfw.errors import CorruptDatabaseError
 from syncfw.log import GENESIS, Op, OpId, VersionVector, decode_value, op_hash, op_size
+from syncfw.store import ydocs
 from syncfw.store.sql import chunks
 from syncfw.zones import Fleet, Grant
 
@@ -333,6 +334,8 @@ async def state_digest(fetch: Fetch) -> str:
         if kind == YDOC.name:  # merged Yjs updates: equal content, unequal bytes
             data = ydoc_canonical(data)
         h.update(msgpack.packb([kind, key, hlc, origin, data], use_bin_type=True))
+    for ydoc_row in await ydocs.digest_rows(fetch):  # ydoc keys live apart (.ydocs)
+        h.update(msgpack.packb(list(ydoc_row), use_bin_type=True))
     for row in await rejected(fetch):
         h.update(msgpack.packb(list(row), use_bin_type=True))
     return h.hexdigest()

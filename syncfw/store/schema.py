@@ -10,7 +10,7 @@ as it was. Migrations are recorded steps, each run in its own transaction.
 from __future__ import annotations
 
 APPLICATION_ID = 0x5359_4E43  # "SYNC"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version 1. Ops are kept in one table keyed by their id; ``status`` is 0 for
 # applied, 1 for rejected (a rejected op is still part of its origin's chain and
@@ -90,5 +90,34 @@ CREATE TABLE peers (
 ) WITHOUT ROWID;
 """
 
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1}
+# Version 2: Yjs documents are stored by the edit, not by the document
+# (syncfw.store.ydocs). Each accepted ydoc op's update is one row of
+# ``ydoc_updates`` (so an edit writes a row the size of the edit); a
+# checkpoint (the merge of the updates folded so far) lives apart in
+# ``ydoc_checkpoints`` and is rewritten only when the updates since it have
+# grown to a share of its size. A ydoc key's state is its checkpoint merged
+# with its updates; ydoc states kept in ``state`` by version 1 become
+# checkpoints.
+SCHEMA_V2 = """
+CREATE TABLE ydoc_updates (
+    key TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hlc INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (key, origin, seq)
+) WITHOUT ROWID;
+
+CREATE TABLE ydoc_checkpoints (
+    key TEXT PRIMARY KEY,
+    hlc INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+
+INSERT INTO ydoc_checkpoints (key, hlc, data) SELECT key, hlc, data FROM state WHERE kind = 'ydoc';
+
+DELETE FROM state WHERE kind = 'ydoc'
+"""
+
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2}
 """Schema version -> the script that brings version ``n - 1`` to ``n``."""

@@ -1,8 +1,9 @@
 """Folding a transaction's ops into state rows, before they are written.
 
 :class:`Stage` applies accepted ops to in-memory CRDT states (the lww rule
-pre-folded per key with :func:`syncfw.crdt.lww.lww_wins`, other kinds through
-:mod:`syncfw.crdt`) and yields the
+pre-folded per key with :func:`syncfw.crdt.lww.lww_wins`, ydoc updates checked
+and kept as rows of their own (:mod:`.ydocs`: an edit never reads or rewrites
+its document), other kinds through :mod:`syncfw.crdt`) and yields the
 statements that write them; :func:`stage_grant` applies an authority grant to a
 staged copy of the zone table.
 """
@@ -13,10 +14,12 @@ from typing import Any
 
 import msgpack
 
-from syncfw.crdt import KINDS, OpView, lww_wins
+from syncfw.crdt import KINDS, YDOC, OpView, lww_wins
+from syncfw.crdt.ydoc import check_update
 from syncfw.errors import DecodeError
 from syncfw.log import Op, decode_value
 from syncfw.store.sql import UPSERT_LWW, UPSERT_STATE, Step
+from syncfw.store.ydocs import INSERT_UPDATE
 from syncfw.zones import GRANT_KEY_PREFIX, Grant, ZoneTable
 
 
@@ -34,18 +37,25 @@ def lww_ok(payload: bytes) -> bool:
 class Stage:
     """State changes of one transaction, folded in memory before they are written."""
 
-    __slots__ = ("grants", "lww", "touched")
+    __slots__ = ("grants", "lww", "touched", "ydoc")
 
     def __init__(self) -> None:
         self.lww: dict[str, tuple[int, str, bytes]] = {}
         self.touched: dict[tuple[str, str], int] = {}
         self.grants: list[Grant] = []
+        self.ydoc: list[tuple[str, str, int, int, bytes]] = []
 
     def apply(self, op: Op, states: dict[tuple[str, str], Any]) -> None:
         if op.kind == "lww":
             cand = (op.hlc, op.origin, op.value)
             if lww_wins(cand, self.lww.get(op.key)):
                 self.lww[op.key] = cand
+            return
+        if op.kind == YDOC.name:
+            # Checked whole (v1, nothing left over) and stored as it came; the
+            # document's state is neither read nor rewritten (.ydocs, invariant 1).
+            check_update(op.value)
+            self.ydoc.append((op.key, op.origin, op.seq, op.hlc, op.value))
             return
         crdt = KINDS.get(op.kind)
         if crdt is None:
@@ -69,6 +79,7 @@ class Stage:
                 "INSERT OR IGNORE INTO grants (prefix, epoch, owners) VALUES (?, ?, ?)",
                 [(g.prefix, g.epoch, msgpack.packb(sorted(g.owners))) for g in self.grants],
             ),
+            (INSERT_UPDATE, self.ydoc),
         ]
 
 

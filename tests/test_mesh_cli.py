@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from syncfw.cli import node_cmd
+from syncfw.cli.settings import resolve
 from syncfw.testing import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,8 +39,11 @@ def test_verb_has_help_for_every_option(capsys: pytest.CaptureFixture[str]) -> N
         "--shared",
     ):
         assert option in out
-    args = _parser().parse_args(
-        ["node", "serve", "x.db", "--id", "t7", "--shared", "site/", "--seed", "127.0.0.1:1"]
+    args = resolve(
+        _parser().parse_args(
+            ["node", "serve", "x.db", "--id", "t7", "--shared", "site/", "--seed", "127.0.0.1:1"]
+        ),
+        environ={},
     )
     fleet = node_cmd.fleet_of(args)
     assert fleet.grants[0].prefix == "site/"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,10 +21,19 @@ from types import ModuleType
 # whoever imports the CLI with grpc not yet loaded.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from syncfw.cli import demo, inspect_cmd, node_cmd
+from syncfw.cli import data_cmd, demo, inspect_cmd, node_cmd, status_cmd
+from syncfw.cli.common import DefaultsFormatter, add_log_options, finish_parsers
+from syncfw.cli.logs import configure_logging
 
-COMMANDS: list[ModuleType] = [demo, node_cmd, inspect_cmd]
-"""Verb modules, in the order ``--help`` lists them."""
+COMMANDS: list[tuple[str, ModuleType]] = [
+    ("demo", demo),
+    ("node", node_cmd),
+    ("status", status_cmd),
+    ("put, get, scan", data_cmd),
+    ("inspect", inspect_cmd),
+]
+"""Verb modules, in the order ``--help`` lists them: ``(the verbs it adds, module)``.
+Each module has ``register(subparsers)``; adding a verb is adding one row."""
 
 
 def version() -> str:
@@ -43,12 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="syncfw",
         description="syncfw: offline-first edge fleets (SQLite CRDTs, HLC, replicated log).",
+        formatter_class=DefaultsFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at debug level")
     parser.add_argument("--version", action="version", version=f"syncfw {version()}")
+    add_log_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in COMMANDS:
+    for _, module in COMMANDS:
         module.register(sub)
+    finish_parsers(parser)  # defaults in every --help; logging options after the verb too
     return parser
 
 
@@ -56,10 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``syncfw`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level, args.log_format, verbose=args.verbose)
     code: int = args.func(args)
     return code
 

@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck bench clean yjs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck yjs
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Real Yjs (npm yjs, from tests/yjs/package-lock.json) for the interop tests,
+# installed when absent. Without Node.js those tests skip, saying why.
+yjs:
+	@if command -v npm >/dev/null 2>&1 && [ ! -d tests/yjs/node_modules/yjs ]; then \
+		npm ci --prefix tests/yjs --no-audit --no-fund; fi
 
 bench: $(STAMP)
 	$(BIN)/python bench/local_write.py

@@ -38,7 +38,7 @@ import pycrdt
 from syncfw.crdt.base import CrdtType, OpView
 from syncfw.errors import DecodeError
 
-__all__ = ["EMPTY_UPDATE", "YDOC", "canonical", "check_update", "merge"]
+__all__ = ["EMPTY_UPDATE", "YDOC", "canonical", "check_update", "digest_form", "merge"]
 
 EMPTY_UPDATE = b"\x00\x00"
 """The v1 update of an empty document (no structs, no deletions)."""
@@ -185,12 +185,15 @@ class _Reader:
                         self.bytes_()
                 self.content(ref)
 
-    def delete_set(self) -> None:
+    def delete_set(self, into: dict[int, list[tuple[int, int]]] | None = None) -> None:
         for _ in range(self.count("delete-set client")):
-            self.uint()
+            client = self.uint()
+            ranges = None if into is None else into.setdefault(client, [])
             for _ in range(self.count("deleted range")):
-                self.uint()
-                self.uint()
+                clock = self.uint()
+                length = self.uint()
+                if ranges is not None:
+                    ranges.append((clock, length))
 
 
 def check_update(update: bytes) -> None:
@@ -211,6 +214,41 @@ def check_update(update: bytes) -> None:
         pycrdt.get_state(r.buf)
     except Exception as exc:  # yrs raises plain exceptions on malformed updates
         raise DecodeError(f"malformed Yjs update: {exc}") from None
+
+
+def digest_form(update: bytes) -> bytes:
+    """What identifies the ops an update holds, encoded the same however it was made.
+
+    The state vector and the delete set, each sorted and coalesced. Two
+    updates merged from the same set of updates, in any order, give equal
+    bytes; :func:`canonical` does not guarantee that (yrs writes an object
+    value's keys in hash-map order, which differs from one decode to the next).
+
+    Raises:
+        DecodeError: not a v1 update.
+    """
+    r = _Reader(bytes(update))
+    r.structs()
+    deletes: dict[int, list[tuple[int, int]]] = {}
+    r.delete_set(deletes)
+    if r.pos != r.end:
+        raise r.fail(f"{r.end - r.pos} bytes left over")
+    try:
+        sv = _Reader(pycrdt.get_state(r.buf))
+    except Exception as exc:
+        raise DecodeError(f"malformed Yjs update: {exc}") from None
+    clocks = sorted((sv.uint(), sv.uint()) for _ in range(sv.count("client")))
+    out: list[Any] = [clocks]
+    for client in sorted(deletes):
+        merged: list[list[int]] = []
+        for clock, length in sorted(deletes[client]):
+            if merged and clock <= merged[-1][0] + merged[-1][1]:
+                last = merged[-1]
+                last[1] = max(last[1], clock + length - last[0])
+            else:
+                merged.append([clock, length])
+        out.append([client, merged])
+    return repr(out).encode()
 
 
 def merge(*updates: bytes) -> bytes:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import pycrdt
 
-from syncfw.crdt.ydoc import EMPTY_UPDATE, canonical, merge
+from syncfw.crdt.ydoc import EMPTY_UPDATE, digest_form, merge
 from syncfw.errors import DecodeError
 
 if TYPE_CHECKING:
@@ -170,16 +170,18 @@ async def checkpoint(store: Store, key: str, *, force: bool = False) -> bool:
         )
         return True
 
-    from syncfw.store.writer import Priority  # here: the writer imports the stage, which imports this
+    # Imported here: the writer imports the stage, which imports this module.
+    from syncfw.store.writer import Priority
 
     return await store._call(run, Priority.MAINTENANCE)
 
 
 async def digest_rows(fetch: Fetch) -> list[tuple[str, str, int, str, bytes]]:
-    """Every ydoc key as a digest row ``(kind, key, hlc, origin, canonical bytes)``.
+    """Every ydoc key as a digest row ``(kind, key, hlc, origin, digest form)``.
 
     Replicas holding the same ops give the same rows, however their updates
-    are split between checkpoint and update rows.
+    are split between checkpoint and update rows and in whatever order they
+    were merged (:func:`~syncfw.crdt.ydoc.digest_form`).
     """
     keys = sorted(
         {str(r[0]) for r in await fetch("SELECT key FROM ydoc_checkpoints", ())}
@@ -188,5 +190,5 @@ async def digest_rows(fetch: Fetch) -> list[tuple[str, str, int, str, bytes]]:
     out = []
     for key in keys:
         p = await pile(fetch, key)
-        out.append(("ydoc", key, p.newest(), "", canonical(p.state())))
+        out.append(("ydoc", key, p.newest(), "", digest_form(p.state())))
     return out

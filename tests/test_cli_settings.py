@@ -54,7 +54,12 @@ def test_precedence_is_flag_then_environment_then_file_then_default(tmp_path: Pa
         ([], {"SYNCFW_SEED": "a:1,nonsense"}, "", "SYNCFW_SEED='a:1,nonsense': 'nonsense' must be"),
         ([], {}, 'seed = ["a:99999"]', "seed: 'a:99999' must be host:port with port 1..65535"),
         ([], {}, 'seed = "a:1"', "seed: 'a:1' is not a list of strings"),
-        (["--listen", "127.0.0.1:70000"], {}, "", "--listen: '127.0.0.1:70000' port '70000' is not"),
+        (
+            ["--listen", "127.0.0.1:70000"],
+            {},
+            "",
+            "--listen: '127.0.0.1:70000' port '70000' is not",
+        ),
         (["--listen", "nohost"], {}, "", "--listen: 'nohost' must be host:port"),
         (["--peer-bytes-per-s", "fast"], {}, "", "--peer-bytes-per-s: 'fast' is not a number"),
         ([], {}, 'peer_bytes_per_s = "fast"', "peer_bytes_per_s: 'fast' is not a number"),
@@ -66,7 +71,12 @@ def test_precedence_is_flag_then_environment_then_file_then_default(tmp_path: Pa
         ([], {"SYNCFW_SEEDS": "a:1"}, "", "unknown environment variable(s) SYNCFW_SEEDS"),
         (["--id", "a/b"], {}, "", "--id: 'a/b' must be 1-256 letters"),
         (["--shared", "site"], {}, "", "--shared: 'site' must be a key prefix ending in '/'"),
-        (["--proxy", "127.0.0.1:3128"], {}, "", "--proxy: '127.0.0.1:3128' must be http://host:port"),
+        (
+            ["--proxy", "127.0.0.1:3128"],
+            {},
+            "",
+            "--proxy: '127.0.0.1:3128' must be http://host:port",
+        ),
         (["--admin", "0.0.0.0:0"], {}, "", "'0.0.0.0:0' is not a loopback address"),
         (["--ca", "ca.pem"], {}, "", "--ca, --cert and --key go together"),
         ([], {}, 'admin_remote = "yes"', "admin_remote: 'yes' is not true or false"),
@@ -88,7 +98,9 @@ def test_bad_settings_are_refused_naming_the_setting_its_source_and_value(
 
 
 def test_a_missing_required_setting_says_every_place_it_may_come_from() -> None:
-    with pytest.raises(SettingsError, match=r"--id is required \(or SYNCFW_ID, or 'id' in --config\)"):
+    with pytest.raises(
+        SettingsError, match=r"--id is required \(or SYNCFW_ID, or 'id' in --config\)"
+    ):
         resolve(serve_args("x.db"), environ={})
     with pytest.raises(SettingsError, match="db is required"):
         resolve(serve_args("--id", "t7"), environ={})
@@ -121,7 +133,9 @@ def test_every_serve_setting_has_a_flag_a_variable_and_a_file_key(
         assert opt.key == opt.name.replace("-", "_")
 
 
-def _parsers(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
+def _parsers(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], argparse.ArgumentParser]]:
     yield path, parser
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
@@ -158,7 +172,9 @@ def test_log_options_are_taken_before_or_after_the_verb(argv: list[str]) -> None
 
 
 def test_log_level_before_the_verb_is_not_undone_by_the_verb() -> None:
-    args = build_parser().parse_args(["--log-level", "ERROR", "--log-format", "json", "inspect", "x.db"])
+    args = build_parser().parse_args(
+        ["--log-level", "ERROR", "--log-format", "json", "inspect", "x.db"]
+    )
     assert (args.log_level, args.log_format, args.verbose) == ("ERROR", "json", False)
     args = build_parser().parse_args(["inspect", "x.db"])
     assert (args.log_level, args.log_format, args.verbose) == ("INFO", "text", False)

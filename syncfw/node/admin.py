@@ -68,6 +68,8 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 REQUEST_TIMEOUT_S = 10.0
 MAX_CONCURRENT = 16
 SCAN_LIMIT = 1000
+LINGER_S = 1.0
+LINGER_BYTES = 8 * 1024 * 1024
 
 _REASONS = {
     200: "OK",
@@ -349,6 +351,7 @@ class AdminServer:
                 await self._reply(
                     writer, 503, {"error": "Busy", "message": "too many requests at once"}
                 )
+                await _linger(reader, writer)
                 return
             async with self._slots:
                 try:
@@ -363,6 +366,8 @@ class AdminServer:
                         {"error": "Timeout", "message": "request not sent in time"},
                     )
                 await self._reply(writer, status, answer)
+                if status != 200:
+                    await _linger(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the client went away: nothing to answer
         finally:
@@ -445,6 +450,18 @@ class AdminServer:
     async def _delete(self, _: dict[str, list[str]], body: dict[str, Any]) -> dict[str, Any]:
         op = await self.node.delete(_key(body.get("key")))
         return {"key": op.key, "origin": op.origin, "seq": op.seq, "hlc": op.hlc}
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """After refusing a request early, read what the client still sends (bounded in
+    bytes and time) so closing does not reset the connection before it read the answer."""
+    with contextlib.suppress(Exception):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(LINGER_S):
+            left = LINGER_BYTES
+            while left > 0 and (chunk := await reader.read(65536)):
+                left -= len(chunk)
 
 
 def _key(key: Any) -> str:

@@ -28,7 +28,6 @@ from syncfw.mesh.membership import (
     Transition,
 )
 from syncfw.mesh.mesh import Mesh
-from syncfw.mesh.persist import MemberFile
 from syncfw.mesh.models import (
     FleetModelView,
     ModelStatus,
@@ -38,6 +37,7 @@ from syncfw.mesh.models import (
     publish_model,
     read_fleet_models,
 )
+from syncfw.mesh.persist import MemberFile
 
 __all__ = [
     "Choice",

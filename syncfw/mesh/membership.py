@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import enum
 import random
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from syncfw.mesh.addresses import (
@@ -435,14 +435,21 @@ class Membership:
 
     # -- probes (SWIM) ------------------------------------------------------------
 
-    def probe_targets(self, exclude: set[str], rng: random.Random) -> list[Member]:
-        """Members to probe this round, beside the round's exchanges (``exclude``).
+    def probe_targets(
+        self,
+        exclude: set[str],
+        rng: random.Random,
+        avoid: Collection[str] = (),
+    ) -> list[Member]:
+        """Members to probe this round (never those in ``exclude``).
 
         Every suspect member (to confirm or refute it) and every member with
         fresher gossip pending (``recheck``), then one more alive member in
         SWIM's round-robin order (a shuffled pass over the table, reshuffled
         with ``rng`` when done), so each member is probed at least once per
-        pass even when the fanout never picks it.
+        pass even when the fanout never picks it. The round-robin one is
+        outside ``avoid`` (the round's exchanges) when any such member is left,
+        so probes and exchanges together cover as many members as they can.
         """
         out = [
             m
@@ -450,14 +457,19 @@ class Membership:
             if m.address not in exclude and (m.state is MemberState.SUSPECT or m.recheck)
         ]
         taken = exclude | {m.address for m in out}
+        fallback: Member | None = None
         for _ in range(2):  # the rest of this pass, then a fresh one
             while self._probe_order:
                 m = self.members.get(self._probe_order.pop())
-                if m is not None and m.state is MemberState.ALIVE and m.address not in taken:
+                if m is None or m.state is not MemberState.ALIVE or m.address in taken:
+                    continue
+                if m.address not in avoid:
                     return [*out, m]
+                if fallback is None:
+                    fallback = m
             self._probe_order = sorted(self.members)
             rng.shuffle(self._probe_order)
-        return out
+        return [*out, fallback] if fallback is not None else out
 
     def helpers(self, target: str, k: int, rng: random.Random) -> list[Member]:
         """Up to ``k`` alive members to ask for an indirect probe of ``target``.

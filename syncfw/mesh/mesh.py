@@ -67,7 +67,7 @@ from syncfw.mesh.guard import GossipGuard
 from syncfw.mesh.membership import Member, Membership, MemberState
 from syncfw.mesh.persist import MemberFile
 from syncfw.metrics import PEER_SOURCE, NodeMetrics
-from syncfw.notices import clip
+from syncfw.notices import clip_text
 from syncfw.sync.frames import PeerInfo, Status
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.network import GrpcNetwork, Listener, Network
@@ -288,11 +288,12 @@ class Mesh:
         choice = self.guard.choose(self.membership, self.config.fanout, self._rng, now)
         chosen = [m for m in choice.chosen if not self._in_exchange(m)]
         exchanges = [self._spawn(self.sync_with(m.address), "syncfw-mesh-exchange") for m in chosen]
-        exclude = {m.address for m in choice.chosen} | self._busy | self._probing
-        probes = [
-            self._spawn(self.probe(m.address), "syncfw-mesh-probe")
-            for m in self.membership.probe_targets(exclude, self._rng)
-        ]
+        # a chosen peer may be probed too: a dial that hangs (a peer taking the TCP
+        # handshake, never the Hello) waits connect_timeout_s, a probe only probe_timeout_s
+        targets = self.membership.probe_targets(
+            self._busy | self._probing, self._rng, avoid={m.address for m in chosen}
+        )
+        probes = [self._spawn(self.probe(m.address), "syncfw-mesh-probe") for m in targets]
         if self.member_file is not None and now - self._saved_at >= _SAVE_EVERY_S:
             self._saved_at = now
             self._spawn(self.save_members(), "syncfw-mesh-save")
@@ -494,7 +495,7 @@ class Mesh:
             self._changed()
         else:
             m.recheck = True  # this node failed to reach it too: its own probe next round
-        return ProbeAnswer(got.reachable, me, clip(got.reason))
+        return ProbeAnswer(got.reachable, me, clip_text(got.reason))
 
     async def _dial(self, address: str) -> FrameStream:
         """Open a stream to ``address`` within ``connect_timeout_s``.

@@ -39,7 +39,7 @@ import grpc
 import grpc.aio
 
 from syncfw.metrics import NodeMetrics
-from syncfw.notices import Notices, clip
+from syncfw.notices import Notices, clip, clip_text
 from syncfw.sync.frames import Status
 from syncfw.transport._pb import health_pb2, health_pb2_grpc, sync_pb2
 from syncfw.transport.admission import Admission, Refusal, peer_host
@@ -491,6 +491,10 @@ class ChannelPool:
                 await ch.channel_ready()
         except TimeoutError:
             raise LinkError(Status.UNAVAILABLE, f"{address} unreachable") from None
+        except grpc.aio.UsageError:  # the channel was dropped (a peer declared dead) meanwhile
+            raise LinkError(
+                Status.UNAVAILABLE, f"{address}: channel closed while dialing"
+            ) from None
         except grpc.RpcError as exc:  # pragma: no cover
             raise LinkError(Status.UNAVAILABLE, f"{address}: {exc!r}") from None
         method: Any = ch.stream_stream(  # bytes in, bytes out
@@ -527,10 +531,10 @@ class ChannelPool:
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                 return ProbeAnswer(not target, "", "the peer does not serve Probe")
-            return ProbeAnswer(False, "", f"{exc.code().name}: {clip(exc.details() or '')}")
+            return ProbeAnswer(False, "", f"{exc.code().name}: {clip_text(exc.details() or '')}")
         except (grpc.RpcError, grpc.aio.UsageError) as exc:  # pragma: no cover - a closed channel
             return ProbeAnswer(False, "", f"probe failed: {exc!r}")
-        return ProbeAnswer(bool(reply.reachable), clip(reply.node_id), clip(reply.reason))
+        return ProbeAnswer(bool(reply.reachable), clip_text(reply.node_id), clip_text(reply.reason))
 
     async def drop(self, address: str) -> None:
         """Close the channel to ``address`` (a dead peer)."""

@@ -40,13 +40,27 @@ Invariants (everything that affects the state machine lives in this file):
    another fleet bootstrap (``fleet_digest``, when both sent one) are refused
    ``FAILED_PRECONDITION``. A peer's strings enter reasons clipped
    (:func:`~syncfw.sync.frames.clip`).
+8. Batches are sized per link (:class:`~syncfw.sync.links.BatchSizer`): small
+   at first, doubling while acks come back fast, halving when they are slow,
+   so a thin link gets batches it delivers in about a second and each is
+   applied (and acknowledged) as it arrives. The session reads time only
+   through injected clocks (:class:`SessionClocks`); without them every ack
+   counts as fast.
+9. With a :class:`~syncfw.sync.links.PeerBook` shared by a replica's sessions,
+   no two live exchanges with one peer send it the same origin at once, and
+   none re-sends what another had acknowledged (links invariant 4).
+10. Clock offsets are measured from wall clocks, never hybrid ones: the
+   initiator's Hello and the responder's answering Hello make one NTP round
+   trip (``t1 = t2`` = the responder's Hello stamp, which it sends only once
+   the initiator's first frame arrived), bounding the offset on both sides;
+   the responder gets a one-way lower bound (:attr:`Session.peer_clock`).
 """
 
 from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from syncfw.codec import BatchLimits, decode_batch, encode_batch, packed_size
@@ -63,6 +77,7 @@ from syncfw.sync.effects import (
     LoadPeerAck,
     Send,
 )
+from syncfw.sync.links import BatchSizer, ClockEstimate, PeerBook, PeerLink
 from syncfw.sync.frames import (
     PROTOCOL_VERSION,
     Ack,
@@ -80,10 +95,12 @@ from syncfw.sync.frames import (
 
 __all__ = [
     "Session",
+    "SessionClocks",
     "SessionConfig",
     "SessionState",
 ]
 
+_SKIP = 1 << 62  # a fetch's vector entry that leaves an origin out
 ZSTD = "zstd"
 CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before are left out)
 
@@ -105,6 +122,11 @@ class SessionConfig:
         decode_effect_bytes: a received batch this large or larger is decoded
             through a :class:`DecodeOps` effect (the runner does it on a
             worker thread); a smaller one is decoded inline.
+        first_batch_bytes: the size of a link's first batch (invariant 8).
+        min_batch_bytes: the smallest batch size it shrinks to.
+        ack_fast_s: an ack this soon after the previous one grows the batch size.
+        ack_slow_s: an ack later than this shrinks it.
+        min_rate_bps: the slowest delivery rate waited for (:meth:`Session.patience_s`).
     """
 
     max_batch_bytes: int = 1 << 20
@@ -114,6 +136,22 @@ class SessionConfig:
     delta_summary: bool = True
     limits: BatchLimits = field(default_factory=BatchLimits)
     decode_effect_bytes: int = 4096
+    first_batch_bytes: int = 8 * 1024
+    min_batch_bytes: int = 2 * 1024
+    ack_fast_s: float = 0.5
+    ack_slow_s: float = 2.0
+    min_rate_bps: float = 1024.0
+
+    def sizer(self) -> BatchSizer:
+        """A fresh link's batch sizing under these tunables."""
+        cap = max(64, self.max_batch_bytes * 3 // 4)
+        return BatchSizer(
+            size=min(self.first_batch_bytes, cap),
+            floor=min(self.min_batch_bytes, cap),
+            cap=cap,
+            fast_s=self.ack_fast_s,
+            slow_s=self.ack_slow_s,
+        )
 
     def batch_limits(self) -> BatchLimits:
         """Codec caps matching ``max_batch_bytes``."""
@@ -125,6 +163,19 @@ class SessionConfig:
             compress_threshold=lim.compress_threshold,
             zstd_level=lim.zstd_level,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClocks:
+    """The clocks a session reads (injected: the runner's real ones, the simulator's virtual ones).
+
+    Attributes:
+        monotonic: seconds, for ack timing and rates.
+        wall_ms: the replica's wall clock in ms since the epoch, for clock offsets.
+    """
+
+    monotonic: Callable[[], float]
+    wall_ms: Callable[[], int]
 
 
 class SessionState(enum.Enum):
@@ -164,6 +215,9 @@ class Session:
         wall_ms: this replica's wall clock in ms, sent in ``Hello`` (0: unknown).
         fleet_digest: this replica's ``Fleet.bootstrap_digest`` (empty: unknown);
             a peer that sends another one is refused.
+        clocks: where the session reads time (invariant 8, 10); None: it does not.
+        book: the replica's peer links, shared by its sessions (invariant 9).
+        initiator: this side opened the exchange (its Hello went first).
     """
 
     def __init__(
@@ -177,8 +231,16 @@ class Session:
         expect_peer: str | None = None,
         wall_ms: int = 0,
         fleet_digest: bytes = b"",
+        clocks: SessionClocks | None = None,
+        book: PeerBook | None = None,
+        initiator: bool = False,
     ) -> None:
         self.node_id = node_id
+        self._clocks = clocks
+        self._book = book
+        self.initiator = initiator
+        self.link: PeerLink | None = None
+        self.peer_clock: ClockEstimate | None = None
         self.fleet_digest = fleet_digest
         self._wall_ms = wall_ms
         self.fleet_id = fleet_id
@@ -203,6 +265,10 @@ class Session:
         # send side
         self._cursor: VersionVector = {}
         self._fetching = False
+        self._fetch_from: VersionVector = {}
+        self._flights: deque[tuple[int, int, float | None, frozenset[str]]] = deque()
+        self._last_ack_at: float | None = None
+        self._sizer = self.config.sizer()
         self._inflight = 0
         self._sent_last = False
         # receive side
@@ -212,6 +278,8 @@ class Session:
         self._rx: deque[Ops] = deque()
         self._recv_last = False
         # counters, for tests and metrics
+        self.ops_acked = 0
+        self.bytes_unacked = 0
         self.ops_sent = 0
         self.ops_received = 0
         self.batches_sent = 0
@@ -230,18 +298,16 @@ class Session:
 
     @property
     def peer_clock_offset_ms(self) -> int | None:
-        """How far the peer's wall clock was ahead of ours at hello (ms; negative: behind).
+        """How far the peer's wall clock is ahead of ours (ms; negative: behind).
 
-        Read from the wall clocks both sides sent in ``Hello``, not from their
-        hybrid clocks: those observe each other, so after one exchange a
-        clock a day behind would read as a few ms. Both readings are taken at
-        each side's start, so it includes up to one one-way delay; a health
-        signal, never used to order anything. None when either side did not
-        send its wall clock.
+        The midpoint of :attr:`peer_clock` (invariant 10); for a one-way
+        estimate, its lower bound. Read from wall clocks, not hybrid ones: those
+        observe each other, so after one exchange a clock a day behind would
+        read as a few ms. A health signal, never used to order anything. None
+        when either side did not send its wall clock.
         """
-        if self.peer is None or not self.peer.wall_ms or not self._wall_ms:
-            return None
-        return self.peer.wall_ms - self._wall_ms
+        est = self.peer_clock
+        return None if est is None else round(est.offset_ms)
 
     @property
     def peer_vv(self) -> VersionVector | None:
@@ -254,6 +320,8 @@ class Session:
         """Begin the exchange from this replica's current version vector ``vv``."""
         if self.state is not SessionState.IDLE:
             raise RuntimeError("a session starts once")
+        if self._clocks is not None:
+            self._wall_ms = self._clocks.wall_ms()
         self._vv = dict(vv)
         self._recv_cursor = dict(vv)
         self.state = SessionState.HELLO
@@ -315,12 +383,13 @@ class Session:
         if not self._fetching:
             raise RuntimeError("ops_fetched without a FetchOps outstanding")
         self._fetching = False
-        cursor = self._cursor
-        # only ops that continue the cursor count: a replica answering with ops the
-        # peer already has must not make the session resend them forever
+        cursor, start = self._cursor, self._fetch_from
+        # only ops that continue where the fetch began count: a replica answering
+        # with ops the peer already has must not make the session resend them forever
         fresh: list[Op] = []
         for op in ops:
-            if op.seq == cursor.get(op.origin, 0) + 1:
+            if op.seq == start.get(op.origin, 0) + 1:
+                start[op.origin] = op.seq
                 cursor[op.origin] = op.seq
                 fresh.append(op)
         ops = fresh
@@ -329,13 +398,19 @@ class Session:
             out: list[Effect] = [Send(Ops(encode_batch([], limits=self._limits), last=True))]
             return out + self._maybe_done()
         out = []
-        for batch in self._split(list(ops)):
-            if batch is None:
+        now = self._now()
+        for part in self._split(list(ops)):
+            if part is None:
                 return self._fail(
                     Status.RESOURCE_EXHAUSTED,
                     f"an op is larger than the peer's batch cap of {self._peer_cap()} bytes",
                 )
+            batch, n, origins = part
             out.append(Send(Ops(batch)))
+            self._flights.append((n, len(batch), now, origins))
+            self.bytes_unacked += len(batch)
+            if self.link is not None:
+                self.link.lease(self, set(origins))
             self._inflight += 1
             self.batches_sent += 1
         self.ops_sent += len(ops)
@@ -394,6 +469,8 @@ class Session:
         moved = {op.origin for op in self._applying}
         self._applying = None
         self._vv = dict(vv)
+        if self._book is not None:
+            self._book.note_held(vv, moved)
         out: list[Effect] = [Send(Ack({o: vv[o] for o in sorted(moved) if vv.get(o, 0) > 0}))]
         return out + self._drain()
 
@@ -447,6 +524,11 @@ class Session:
             return self._fail(Status.INVALID_ARGUMENT, "peer batch cap is below 64 bytes")
         self.peer = hello
         self.state = SessionState.DIGEST
+        self._measure_clock(hello)
+        if self._book is not None:
+            self.link = self._book.link(hello.node_id)
+            self._sizer = self.link.sizer
+            self._sizer.cap = max(64, self._peer_cap() * 3 // 4)
         if self.config.delta_summary:
             self._loading = True
             return [LoadPeerAck(hello.node_id)]
@@ -527,6 +609,19 @@ class Session:
                 view[origin] = seq
         self._peer_vv = view
         self._inflight -= 1
+        n, size, sent_at, origins = self._flights.popleft()
+        self.ops_acked += n
+        self.bytes_unacked -= size
+        now = self._now()
+        service = None
+        if now is not None and sent_at is not None:
+            service = now - max(sent_at, self._last_ack_at or sent_at)
+            self._last_ack_at = now
+        self._sizer.acked(size, service)
+        if self.link is not None:
+            self.link.fold_ack(ack.vv)
+            if not any(origins & f[3] for f in self._flights):
+                self.link.release(self, set(origins))
         return [Acknowledge(self.peer.node_id, dict(view)), *self._pump()]
 
     # -- helpers -------------------------------------------------------------------
@@ -543,10 +638,16 @@ class Session:
                     f"{self.config.max_batch_bytes}",
                 )
             self._decoding = frame
+            after = self._recv_cursor
+            if self._book is not None and self._book.held:
+                # another exchange may have brought ops the sender now skips (invariant 9)
+                for o, s in self._book.held.items():
+                    if s > after.get(o, 0):
+                        after[o] = s
             if len(frame.batch) >= self.config.decode_effect_bytes:
-                return [DecodeOps(frame.batch, self._limits, dict(self._recv_cursor))]
+                return [DecodeOps(frame.batch, self._limits, dict(after))]
             try:  # small: cheaper here than a hop to a worker thread
-                ops = decode_batch(frame.batch, limits=self._limits, after=self._recv_cursor)
+                ops = decode_batch(frame.batch, limits=self._limits, after=after)
             except (DecodeError, ChainError) as exc:
                 return self.decode_failed(exc)
             return self.ops_decoded(ops)
@@ -570,14 +671,55 @@ class Session:
         if self._inflight >= self.config.window:
             return []
         self._fetching = True
-        max_bytes = max(64, min(self._peer_cap(), self.config.max_batch_bytes) * 3 // 4)
-        return [FetchOps(dict(self._cursor), self.config.batch_ops, max_bytes)]
+        max_bytes = self._sizer.target(max(64, self._peer_cap() * 3 // 4))
+        start = dict(self._cursor)
+        link = self.link
+        if link is not None:
+            # what the peer acknowledged to any exchange is not sent again, and an
+            # origin another exchange has in flight is left to it (invariant 9)
+            for origin, seq in link.acked.items():
+                if seq > start.get(origin, 0):
+                    start[origin] = seq
+            for origin in link.leased_by_others(self):
+                start[origin] = _SKIP
+        self._fetch_from = start
+        return [FetchOps(dict(start), self.config.batch_ops, max_bytes)]
+
+    def _now(self) -> float | None:
+        return self._clocks.monotonic() if self._clocks is not None else None
+
+    def _measure_clock(self, hello: Hello) -> None:
+        """The peer's clock offset from the Hellos (invariant 10)."""
+        if not hello.wall_ms or not self._wall_ms:
+            return
+        if self._clocks is None:  # no clock to stamp the arrival: our start stands in
+            self.peer_clock = ClockEstimate(hello.wall_ms - self._wall_ms)
+            return
+        arrived = self._clocks.wall_ms()
+        if self.initiator:
+            t = hello.wall_ms
+            sample = ClockEstimate.round_trip(self._wall_ms, t, t, arrived)
+        else:
+            sample = ClockEstimate(hello.wall_ms - arrived)
+        self.peer_clock = sample
+        if self._book is not None:
+            self.peer_clock = self._book.link(hello.node_id).clock.add(sample)
+
+    def patience_s(self, base_s: float) -> float:
+        """How long to wait for the peer's next frame: ``base_s`` plus the bytes in
+        flight at the link's measured rate (at least ``min_rate_bps``)."""
+        rate = max(self._sizer.rate_bps or 0.0, self.config.min_rate_bps)
+        return base_s + self.bytes_unacked / rate
+
+    def timed_out(self) -> None:
+        """The peer's next frame did not come within :meth:`patience_s`: smaller batches next."""
+        self._sizer.timed_out()
 
     def _peer_cap(self) -> int:
         cap = self.peer.max_batch_bytes if self.peer else self.config.max_batch_bytes
         return min(cap, self.config.max_batch_bytes)
 
-    def _split(self, ops: list[Op]) -> list[bytes | None]:
+    def _split(self, ops: list[Op]) -> list[tuple[bytes, int, frozenset[str]] | None]:
         """Encode ``ops`` into batches under the peer's cap (None: one op is too big)."""
         zstd = self.config.zstd and self.peer is not None and ZSTD in self.peer.features
         cap = self._peer_cap()
@@ -591,7 +733,7 @@ class Session:
         chain = self.peer is not None and CHAIN in self.peer.features
         data = encode_batch(ops, zstd=zstd, elide_prev=chain, limits=limits)
         if len(data) <= cap:
-            return [data]
+            return [(data, len(ops), frozenset(op.origin for op in ops))]
         if len(ops) == 1:
             return [None]
         # estimate a split point from packed sizes rather than halving blindly
@@ -624,6 +766,8 @@ class Session:
 
     def _end(self, status: Status, reason: str, *, tell: bool) -> list[Effect]:
         self.state = SessionState.DONE if status is Status.OK else SessionState.FAILED
+        if self.link is not None:
+            self.link.release(self)
         self.status = status
         self.reason = reason
         self._rx.clear()

@@ -1,0 +1,218 @@
+"""What a replica's sessions know of each peer link across exchanges, as plain state.
+
+Invariants:
+
+1. Nothing here performs I/O or reads a clock: times come from the session,
+   which has them injected (:class:`~syncfw.sync.session.SessionClocks`).
+2. Batch sizes adapt per link (:class:`BatchSizer`): the first batch is small;
+   the size doubles while acks come back within ``fast_s`` of the one before,
+   halves when one takes longer than ``slow_s`` and drops to the floor on a
+   timeout. What a link learned is kept for its next exchange.
+3. Clock offsets are NTP-style intervals (:class:`ClockEstimate`): an
+   initiator's Hello round trip bounds a peer's offset on both sides, a
+   responder's one-way Hello from below only. :class:`ClockFilter` intersects
+   the recent intervals of one peer (the tightest estimate consistent with all
+   of them) and starts afresh when they contradict (a clock stepped).
+4. No two live exchanges with one peer send it the same origin's ops at once:
+   an origin with ops sent and not acknowledged by one exchange is left out of
+   the others' fetches (:meth:`PeerLink.leased_by_others`), and what any
+   exchange had acknowledged is skipped by the rest (:attr:`PeerLink.acked`).
+   What a replica holds, as its sessions last learned it (:attr:`PeerBook.held`),
+   lets a receiver accept a sender that skipped ahead over ops it already holds.
+5. Everything is bounded: at most ``max_peers`` links per book (the least
+   recently used goes), ``window`` samples per clock filter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["BatchSizer", "ClockEstimate", "ClockFilter", "PeerBook", "PeerLink"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClockEstimate:
+    """A peer's wall clock minus ours, known to lie in ``[low_ms, high_ms]``.
+
+    ``high_ms`` is ``inf`` for a one-way sample (a responder's: the peer's
+    Hello can only have been sent before it arrived).
+    """
+
+    low_ms: float
+    high_ms: float = math.inf
+
+    @classmethod
+    def round_trip(cls, t0: float, t1: float, t2: float, t3: float) -> ClockEstimate:
+        """The NTP estimate: ``t0`` our send, ``t1`` peer's receive, ``t2`` peer's send, ``t3`` our receive.
+
+        The midpoint is ``((t1 - t0) + (t2 - t3)) / 2``, the half-width the
+        round trip less the peer's turnaround, halved.
+        """
+        return cls(min(t2 - t3, t1 - t0), max(t2 - t3, t1 - t0))
+
+    @property
+    def bounded(self) -> bool:
+        """True when the interval is finite on both sides."""
+        return math.isfinite(self.high_ms)
+
+    @property
+    def offset_ms(self) -> float:
+        """The midpoint (the lower bound of a one-way estimate)."""
+        return (self.low_ms + self.high_ms) / 2 if self.bounded else self.low_ms
+
+    @property
+    def uncertainty_ms(self) -> float:
+        """Half the interval's width (``inf`` for a one-way estimate)."""
+        return (self.high_ms - self.low_ms) / 2
+
+    def exceeds(self, limit_ms: float) -> bool:
+        """True only when every offset the samples allow is beyond ``±limit_ms``.
+
+        For a bounded estimate that is ``|offset| > limit + uncertainty``.
+        """
+        return self.low_ms > limit_ms or self.high_ms < -limit_ms
+
+    def intersect(self, other: ClockEstimate) -> ClockEstimate | None:
+        """Offsets both allow; None if they contradict."""
+        low, high = max(self.low_ms, other.low_ms), min(self.high_ms, other.high_ms)
+        return ClockEstimate(low, high) if low <= high else None
+
+
+@dataclass(slots=True)
+class ClockFilter:
+    """The recent clock samples of one peer, combined (invariant 3)."""
+
+    window: int = 8
+    samples: deque[ClockEstimate] = field(default_factory=deque)
+
+    def add(self, sample: ClockEstimate) -> ClockEstimate:
+        """Take a sample; return the combined estimate."""
+        self.samples.append(sample)
+        while len(self.samples) > self.window:
+            self.samples.popleft()
+        best: ClockEstimate | None = sample
+        for older in reversed(list(self.samples)[:-1]):
+            assert best is not None
+            merged = best.intersect(older)
+            if merged is None:  # the clock stepped: older samples no longer hold
+                self.samples = deque([sample])
+                return sample
+            best = merged
+        assert best is not None
+        return best
+
+
+@dataclass(slots=True)
+class BatchSizer:
+    """The adaptive batch size of one link (invariant 2).
+
+    Attributes:
+        size: the target encoded size of the next batch, in bytes.
+        floor: the smallest target.
+        cap: the largest target (the peer's cap, less headroom).
+        fast_s: an ack within this long of the one before grows the size.
+        slow_s: an ack later than this shrinks it.
+        rate_bps: the measured delivery rate (bytes acked per second), if any.
+    """
+
+    size: int = 8 * 1024
+    floor: int = 2 * 1024
+    cap: int = 768 * 1024
+    fast_s: float = 0.5
+    slow_s: float = 2.0
+    rate_bps: float | None = None
+
+    def acked(self, nbytes: int, service_s: float | None) -> None:
+        """A batch of ``nbytes`` was acknowledged ``service_s`` after the previous ack
+        (or its own send); None: no clock, count it as fast."""
+        if service_s is not None and service_s > 0:
+            rate = nbytes / service_s
+            self.rate_bps = rate if self.rate_bps is None else 0.7 * self.rate_bps + 0.3 * rate
+        if service_s is None or service_s <= self.fast_s:
+            self.size = min(self.cap, self.size * 2)
+        elif service_s > self.slow_s:
+            self.size = max(self.floor, self.size // 2)
+
+    def timed_out(self) -> None:
+        """No ack came in time: start again from the floor."""
+        self.size = self.floor
+
+    def target(self, cap: int) -> int:
+        """The next batch's size, within ``cap``."""
+        return max(64, min(self.size, cap, self.cap))
+
+
+class PeerLink:
+    """One peer as seen by one replica's sessions (invariants 2-4)."""
+
+    __slots__ = ("acked", "clock", "leases", "sizer")
+
+    def __init__(self, sizer: BatchSizer | None = None) -> None:
+        self.sizer = sizer or BatchSizer()
+        self.clock = ClockFilter()
+        self.acked: dict[str, int] = {}  # what the peer acknowledged to any exchange
+        self.leases: dict[str, Any] = {}  # origin -> the session sending it unacknowledged
+
+    def fold_ack(self, vv: dict[str, int] | Any) -> None:
+        """Entries the peer acknowledged (only ever moving forward)."""
+        acked = self.acked
+        for origin, seq in vv.items():
+            if seq > acked.get(origin, 0):
+                acked[origin] = seq
+
+    def leased_by_others(self, session: object) -> set[str]:
+        """Origins another live exchange has ops of in flight to this peer."""
+        return {o for o, s in self.leases.items() if s is not session}
+
+    def lease(self, session: object, origins: set[str]) -> None:
+        """``session`` now has ops of ``origins`` in flight."""
+        for o in origins:
+            self.leases.setdefault(o, session)
+
+    def release(self, session: object, origins: set[str] | None = None) -> None:
+        """``session`` has nothing of ``origins`` (None: of anything) in flight any more."""
+        for o in list(self.leases) if origins is None else origins:
+            if self.leases.get(o) is session:
+                del self.leases[o]
+
+
+class PeerBook:
+    """A replica's :class:`PeerLink` per peer id, bounded, and what it holds (invariant 4-5).
+
+    Args:
+        max_peers: links kept at most; the least recently used goes.
+        sizer: a template for new links' batch sizing.
+    """
+
+    def __init__(self, max_peers: int = 4096, sizer: BatchSizer | None = None) -> None:
+        self.max_peers = max_peers
+        self._sizer = sizer or BatchSizer()
+        self._links: OrderedDict[str, PeerLink] = OrderedDict()
+        self.held: dict[str, int] = {}
+
+    def link(self, peer: str) -> PeerLink:
+        """The link to ``peer`` (made on first use)."""
+        got = self._links.get(peer)
+        if got is None:
+            s = self._sizer
+            got = PeerLink(BatchSizer(s.size, s.floor, s.cap, s.fast_s, s.slow_s))
+            self._links[peer] = got
+            while len(self._links) > self.max_peers:
+                self._links.popitem(last=False)
+        else:
+            self._links.move_to_end(peer)
+        return got
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def note_held(self, vv: dict[str, int] | Any, origins: set[str]) -> None:
+        """The replica holds ``vv[o]`` of each origin in ``origins`` (fresh from an apply)."""
+        held = self.held
+        for o in origins:
+            seq = vv.get(o, 0)
+            if seq > held.get(o, 0):
+                held[o] = seq

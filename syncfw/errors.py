@@ -25,6 +25,8 @@ and never leak::
     ├── FeedError
     │   ├── ChangeFeedLagged          a live change subscriber fell a whole buffer behind
     │   └── FeedPositionError         follow() from a vector ahead of the node or below compaction
+    ├── TrustError                    a key, signature or authority statement does not verify
+    │   └── KeyFileError              a fleet or node key directory is missing, unreadable or unsafe
     ├── DecodeError                   malformed bytes from the wire or disk
     ├── ProtocolError                 peer broke the sync protocol (version, fleet, order)
     │   └── LinkError                 the link failed or the peer ended with an error status
@@ -56,6 +58,7 @@ __all__ = [
     "CorruptDatabaseError",
     "DatabaseLockedError",
     "DecodeError",
+    "KeyFileError",
     "EngineStateError",
     "FeedError",
     "FeedPositionError",
@@ -77,6 +80,7 @@ __all__ = [
     "StorageError",
     "StorageFullError",
     "StoreClosedError",
+    "TrustError",
     "SyncfwError",
     "ValueEncodingError",
     "ValueTooLargeError",
@@ -184,6 +188,15 @@ class DatabaseLockedError(StorageError):
     def __init__(self, message: str, holder: str = "") -> None:
         super().__init__(message)
         self.holder = holder
+
+
+class TrustError(SyncfwError):
+    """A key, a chain-head signature or an authority statement does not verify."""
+
+
+class KeyFileError(TrustError):
+    """A fleet or node key directory is missing, unreadable or unsafe (e.g. a private
+    key readable by others)."""
 
 
 class DecodeError(SyncfwError, ValueError):

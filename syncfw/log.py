@@ -41,6 +41,7 @@ __all__ = [
     "MAX_KEY_BYTES",
     "MAX_KIND_BYTES",
     "MAX_ORIGIN_CHARS",
+    "MAX_SIG_BYTES",
     "NODE_ID_RE",
     "MAX_ZONE_BYTES",
     "ApplyResult",
@@ -103,6 +104,8 @@ MAX_ZONE_BYTES = MAX_KEY_BYTES
 """Longest zone prefix, in UTF-8 bytes (a zone is a prefix of the key it covers)."""
 MAX_KIND_BYTES = 32
 """Longest op kind (``lww``, ``counter``, ...), in UTF-8 bytes."""
+MAX_SIG_BYTES = 64
+"""Longest ``sig`` (an ed25519 signature): a longer one is refused, never stored or relayed."""
 
 _HASH_PACKER = msgpack.Packer(use_bin_type=True)
 
@@ -198,8 +201,8 @@ class Op:
             raise DecodeError("op value must be bytes")
         if not (isinstance(prev, bytes) and len(prev) == 32):
             raise DecodeError("op prev must be 32 bytes")
-        if sig is not None and not isinstance(sig, bytes):
-            raise DecodeError("op sig must be bytes or absent")
+        if sig is not None and not (isinstance(sig, bytes) and len(sig) <= MAX_SIG_BYTES):
+            raise DecodeError(f"op sig must be absent or at most {MAX_SIG_BYTES} bytes")
         return cls(origin, seq, hlc, zone, epoch, key, kind, value, prev, sig)
 
 

@@ -89,6 +89,27 @@ class NodeMetrics:
         self.storage_bytes = Gauge(
             "syncfw_storage_bytes", "Size of the node's SQLite file.", n, registry=r
         )
+        # -- trust (signed fleets)
+        self.trust_mode = Gauge(
+            "syncfw_trust_mode",
+            "1 for the mode this node runs in: signed (ops verified against registered keys) "
+            "or unsigned (development: anyone who can sync can forge ops).",
+            (*n, "mode"),
+            registry=r,
+        )
+        self.fork_evidence = Gauge(
+            "syncfw_fork_evidence",
+            "1 for each origin with verified fork evidence (its later ops are held).",
+            (*n, "origin"),
+            registry=r,
+        )
+        self.acks_ignored = Counter(
+            "syncfw_acks_ignored",
+            "Peer acknowledgements not recorded because the peer was not authenticated "
+            "(they never drive compaction).",
+            n,
+            registry=r,
+        )
         # -- exchanges (recorded by the runner when an exchange ends)
         self.exchanges = Counter(
             "syncfw_exchanges", "Sync exchanges, by how they ended.", (*n, "outcome"), registry=r

@@ -40,6 +40,7 @@ import msgpack
 from syncfw.errors import ZoneOwnershipError
 from syncfw.keys import NODE_TEMPLATES
 from syncfw.log import Op, is_node_id
+from syncfw.trust import KeyRing
 
 __all__ = [
     "ANYONE",
@@ -104,6 +105,12 @@ class Fleet:
         priorities: ``(prefix, priority)`` pairs; when a sync exchange must
             choose, origins with ops in higher-priority zones are sent first
             (other keys are priority 0).
+        authority_key: the authority's raw 32-byte ed25519 public key. Set, the
+            fleet is **signed** (secure mode): every op is applied only once a
+            chain head signed by its origin's registered key covers it, and
+            registrations, revocations and grants verify against this key
+            (:mod:`syncfw.trust`). Empty: an unsigned, development fleet, loudly
+            labelled as such in logs, status and metrics.
     """
 
     fleet_id: str = "default"
@@ -112,8 +119,11 @@ class Fleet:
     node_zones: tuple[str, ...] = NODE_TEMPLATES
     telemetry: tuple[str, ...] = ("telemetry/",)
     priorities: tuple[tuple[str, int], ...] = (("sys/", 100), ("telemetry/", -10))
+    authority_key: bytes = b""
 
     def __post_init__(self) -> None:
+        if self.authority_key and len(self.authority_key) != 32:
+            raise ValueError("authority_key must be a raw 32-byte ed25519 public key (or empty)")
         for template in self.node_zones:
             if "{node}" not in template or not template.endswith("/"):
                 raise ValueError(f"node zone template {template!r} must contain {{node}} and end in '/'")
@@ -126,6 +136,17 @@ class Fleet:
                     raise ValueError(
                         f"bootstrap grant {grant.prefix!r} nests with the per-node zones {head}<node>/"
                     )
+
+    @property
+    def signed(self) -> bool:
+        """True for a signed (secure) fleet: one with an :attr:`authority_key`."""
+        return bool(self.authority_key)
+
+    def keyring(self) -> KeyRing | None:
+        """A fresh key ring knowing the authority key (None for an unsigned fleet)."""
+        if not self.authority_key:
+            return None
+        return KeyRing(self.fleet_id, self.authority, self.authority_key)
 
     def bootstrap_digest(self) -> bytes:
         """A 16-byte digest of everything a replica's verdicts depend on at open.
@@ -143,7 +164,7 @@ class Fleet:
             The blake2b-128 digest.
         """
         grants = sorted((g.prefix, g.epoch, sorted(g.owners)) for g in self.grants)
-        body = (
+        body: tuple[object, ...] = (
             1,  # layout version of this digest
             self.fleet_id,
             self.authority,
@@ -152,6 +173,8 @@ class Fleet:
             sorted(self.telemetry),
             sorted(self.priorities),
         )
+        if self.authority_key:  # unsigned fleets keep the digest they always had
+            body = (*body, self.authority_key)
         return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=16).digest()
 
 

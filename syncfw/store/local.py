@@ -10,6 +10,7 @@ zone table.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,9 +18,16 @@ from typing import Any, Protocol
 from syncfw.crdt import lww_wins
 from syncfw.errors import ClockError, ValueTooLargeError
 from syncfw.log import Op, OpChain
-from syncfw.store.planner import HLC_LIMIT, PayloadFn
+from syncfw.store.planner import (
+    HLC_LIMIT,
+    INSERT_STATE_ROW,
+    LOG_ONLY_KINDS,
+    TRUST_STATE,
+    PayloadFn,
+)
 from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, stage_grant
+from syncfw.trust import EVIDENCE_KIND, SEAL_EVERY
 from syncfw.zones import GRANT_KIND, ZoneTable
 
 __all__ = ["LocalPlan", "LocalWrite", "WriteSpec", "check_size", "plan_local"]
@@ -125,6 +133,7 @@ def plan_local(
     taken: list[int] = []
     failed: list[tuple[int, BaseException]] = []
     lww = stage.lww
+    trust_rows: list[tuple[str, str, bytes]] = []
     for i, w in enumerate(writes):
         if w is None:
             continue
@@ -157,6 +166,12 @@ def plan_local(
                 reason = stage_grant(zones, op, stage)
                 if reason is not None:
                     raise ValueError(reason)
+            elif op.kind in LOG_ONLY_KINDS:
+                # Statements and evidence: the op is the record (the store verified it
+                # before queueing and learns it after commit); statements are also
+                # kept apart from the log, so compaction never loses a key.
+                if op.kind != EVIDENCE_KIND:
+                    trust_rows.append((TRUST_STATE, hashlib.sha256(payload).hexdigest(), payload))
             else:
                 stage.apply(op, work)
         except Exception as exc:  # one bad write fails alone
@@ -165,11 +180,16 @@ def plan_local(
             continue
         ops.append(op)
         taken.append(i)
-    if ops:
+    if ops and chain.signer is not None:
+        # The signing unit: the group's last op, and every SEAL_EVERY-th op of a
+        # long group, so no receiver holds more than that waiting for a head.
+        for i in range(SEAL_EVERY - 1, len(ops) - 1, SEAL_EVERY):
+            ops[i] = chain.seal(ops[i])
         ops[-1] = chain.seal(ops[-1])
     tip = chain.tip
     steps: list[Step] = [(INSERT_OP, [(*op.to_tuple(), 0) for op in ops])]
     steps += stage.steps(work)
+    steps.append((INSERT_STATE_ROW, trust_rows))
     steps.append((UPSERT_HEAD, [(chain.origin, *tip)] if ops else []))
     return LocalPlan(
         ops=tuple(ops),

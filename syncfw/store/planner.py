@@ -44,7 +44,8 @@ Invariants:
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Mapping
+import hashlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,14 +53,27 @@ import msgpack
 
 from syncfw.clock import LOGICAL_BITS
 from syncfw.crdt import KINDS, lww_wins
-from syncfw.errors import ChainError, ClockSkewError, DecodeError, ForkError
+from syncfw.errors import ChainError, ClockSkewError, DecodeError, ForkError, TrustError
 from syncfw.log import GENESIS, ApplyResult, Op, OpId, decode_value, op_hash, same_op
 from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, lww_ok, stage_grant
+from syncfw.trust import (
+    EVIDENCE_KIND,
+    KEYREG_KIND,
+    MAX_BRANCH_OPS,
+    REVOKE_KIND,
+    ForkEvidence,
+    KeyRing,
+    cover,
+)
 from syncfw.zones import GRANT_KIND, Verdict, ZoneTable
 
 __all__ = [
+    "FORK_STATE",
     "HLC_LIMIT",
+    "INSERT_STATE_ROW",
+    "LOG_ONLY_KINDS",
+    "TRUST_STATE",
     "Mirrors",
     "OpVerdict",
     "PayloadFn",
@@ -81,6 +95,17 @@ Pending = Mapping[str, Mapping[int, tuple[Op, str]]]
 
 GAP = "gap: waiting for earlier ops of this origin"
 SKEW = "clock skew"
+FORK_HOLD = "fork evidence against this origin: held until the authority acts"
+STATEMENT_KINDS = (KEYREG_KIND, REVOKE_KIND)
+LOG_ONLY_KINDS = (KEYREG_KIND, REVOKE_KIND, EVIDENCE_KIND)
+"""Kinds with no CRDT state: the op (and, for statements, a ``trust`` row) is the record."""
+TRUST_STATE = "trust"
+"""``state.kind`` of a verified authority statement (key: its digest; data: the op value)."""
+FORK_STATE = "fork"
+"""``state.kind`` of fork evidence (key: ``origin``; data: the encoded evidence)."""
+MAX_STATEMENTS_PER_PLAN = 64
+"""Statement ops verified ahead of their turn per plan, at most (each costs a verify)."""
+INSERT_STATE_ROW = "INSERT OR IGNORE INTO state (kind, key, data) VALUES (?, ?, ?)"
 
 INSERT_REJECTED = "INSERT INTO rejected (origin, seq, key, reason) VALUES (?, ?, ?, ?)"
 DELETE_PENDING = "DELETE FROM pending WHERE origin = ? AND seq = ?"
@@ -113,11 +138,15 @@ class Mirrors:
     heads: Mapping[str, bytes]
     pending: Pending
     zones: ZoneTable
+    keys: KeyRing | None = None
+    """The key ring of a signed fleet (None: unsigned, nothing is verified)."""
+    forks: Mapping[str, int] = field(default_factory=dict)
+    """Origins with verified fork evidence, and the seq they forked at."""
 
 
 def pending_counts(pending: Mapping[str, Mapping[int, tuple[Op, str]]]) -> dict[str, int]:
     """Held-back ops by :func:`pending_bucket`, every bucket present."""
-    out = {"gap": 0, "epoch": 0, "clock_skew": 0}
+    out = {"gap": 0, "epoch": 0, "clock_skew": 0, "unsigned": 0, "fork": 0}
     for d in pending.values():
         for _, why in d.values():
             out[pending_bucket(why)] += 1
@@ -125,11 +154,16 @@ def pending_counts(pending: Mapping[str, Mapping[int, tuple[Op, str]]]) -> dict[
 
 
 def pending_bucket(reason: str) -> str:
-    """The metric label of a pending reason: ``gap``, ``clock_skew`` or ``epoch``."""
+    """The metric label of a pending reason: ``gap``, ``clock_skew``, ``epoch``,
+    ``unsigned`` (waiting for a signed head) or ``fork`` (held on fork evidence)."""
     if reason.startswith("gap"):
         return "gap"
     if reason.startswith(SKEW):
         return "clock_skew"
+    if reason.startswith("unsigned"):
+        return "unsigned"
+    if reason.startswith("fork"):
+        return "fork"
     return "epoch"
 
 
@@ -228,7 +262,14 @@ class RemotePlan:
         observe_hlc: the greatest hlc applied, for the clock to observe.
         warnings: what was dropped or rejected, to log after COMMIT.
         discarded: held-back ops dropped, by why (``fork``: contradicted by
-            the verified chain; ``broken_chain``; ``max_pending``).
+            the verified chain; ``broken_chain``; ``max_pending``; in a signed
+            fleet also ``bad_sig`` (signatures stripped) and ``unsigned_fork``
+            (a conflicting op no verified head covers)).
+        keys: the key ring after the batch (None: unchanged).
+        forks: origins newly flagged by verified fork evidence ops.
+        suspects: conflicting branches a verified head covers, ``(origin, seq,
+            ops)``: the store pairs each with its own signed branch as
+            :class:`~syncfw.trust.ForkEvidence`.
     """
 
     applied: tuple[Op, ...] = ()
@@ -242,6 +283,9 @@ class RemotePlan:
     observe_hlc: int | None = None
     warnings: tuple[str, ...] = ()
     discarded: Mapping[str, int] = field(default_factory=dict)
+    keys: KeyRing | None = None
+    forks: Mapping[str, int] = field(default_factory=dict)
+    suspects: tuple[tuple[str, int, tuple[Op, ...]], ...] = ()
 
     def result(self) -> ApplyResult:
         """The caller's summary."""
@@ -295,6 +339,8 @@ def _stage(op: Op, zones: ZoneTable, stage: Stage, states: dict[tuple[str, str],
     """Stage an accepted op; return why it cannot be merged ("" if it can)."""
     if op.kind == GRANT_KIND:
         return stage_grant(zones, op, stage) or ""
+    if op.kind in STATEMENT_KINDS or op.kind == EVIDENCE_KIND:
+        return f"{op.kind} ops need a signed fleet (this one has no authority key)"
     if op.kind not in KINDS:
         return f"unknown op kind {op.kind!r}"
     try:
@@ -310,7 +356,10 @@ class _Run:
     """The mutable working set of one :func:`plan_remote` call."""
 
     def __init__(self, t: Triage, m: Mirrors, states: Mapping[tuple[str, str], Any]) -> None:
-        self.fresh = t.fresh
+        self.fresh = {o: dict(d) for o, d in t.fresh.items()}
+        self.held_of: dict[str, list[Op]] = {}
+        for op in t.held:
+            self.held_of.setdefault(op.origin, []).append(op)
         # Held-back ops, by origin, copied: a broken one is dropped from the copy.
         self.held_back = {o: {s: op for s, (op, _) in d.items()} for o, d in m.pending.items()}
         self.origins = sorted(set(t.fresh) | set(m.pending))
@@ -326,22 +375,139 @@ class _Run:
         self.stage = Stage()
         self.states = dict(states)
         self.base_zones = m.zones
+        self.keys = m.keys
+        self.base_keys = m.keys
+        self.forks = dict(m.forks)
+        self.new_forks: dict[str, int] = {}
+        self.verified: set[OpId] = set()
+        self.trust_rows: list[tuple[str, str, bytes]] = []
+        self.suspects: list[tuple[str, int, tuple[Op, ...]]] = []
+        self.covered: dict[str, list[Op]] = {}
+        if self.keys is not None:
+            self.learn_ahead()
+
+    # ------------------------------------------------------------ signed fleets
+
+    def own_keys(self) -> KeyRing:
+        """The run's key ring, copied before its first change (rollback, as zones)."""
+        assert self.keys is not None
+        if self.keys is self.base_keys:
+            self.keys = self.keys.copy()
+        return self.keys
+
+    def learn_ahead(self) -> None:
+        """Learn the statements the batch and the held-back ops carry before any
+        chain is covered: a node's registration travels in its own chain, ahead of
+        the heads it verifies (statements prove themselves, wherever found)."""
+        budget = MAX_STATEMENTS_PER_PLAN
+        for d in (*self.fresh.values(), *self.held_back.values()):
+            for op in d.values():
+                if op.kind in STATEMENT_KINDS and budget > 0:
+                    budget -= 1
+                    keys = self.keys
+                    assert keys is not None
+                    try:
+                        if not keys.has(op.value):
+                            self.own_keys().learn_value(op.value)
+                    except TrustError:
+                        pass  # judged (rejected) in its turn
+
+    def signed_run(self, origin: str, n: int, head: bytes) -> list[Op]:
+        """The ops of ``origin`` from ``n`` that link to ``head`` and that verified
+        heads cover (walked instead of the raw fresh/pending ops)."""
+        new_ops = self.fresh.get(origin, {})
+        old_ops = self.held_back.get(origin, {})
+        run: list[Op] = []
+        s, h = n, head
+        while True:
+            f, p = new_ops.get(s), old_ops.get(s)
+            if f is not None and f.prev == h:
+                op = f
+            elif p is not None and p.prev == h:
+                op = p
+            else:
+                if f is not None and s == n:
+                    self.conflict(origin, f)  # does not extend the verified chain
+                break
+            run.append(op)
+            h = op_hash(op)
+            s += 1
+        keys = self.keys
+        assert keys is not None
+        c = cover(keys, run)
+        if c.bad:
+            self.discard("bad_sig", len(c.bad))
+            self.warnings.append(
+                f"stripped {len(c.bad)} signature(s) of {origin} that do not verify"
+            )
+        self.verified.update((origin, q) for q in c.verified)
+        if c.waiting:
+            self.waiting[origin] = c.waiting
+        return run[: max(0, c.upto - n + 1)]
+
+    def conflict(self, origin: str, op: Op) -> None:
+        """``op`` contradicts the verified chain: fork evidence if a verified head of
+        its own branch covers it, else discarded (never a lock-out)."""
+        if any(o == origin for o, _, _ in self.suspects):
+            return
+        ops = {q.seq: q for q in self.batch_of(origin)}
+        branch = [op]
+        while len(branch) < MAX_BRANCH_OPS:
+            nxt = ops.get(branch[-1].seq + 1)
+            if nxt is None or nxt.prev != op_hash(branch[-1]):
+                break
+            branch.append(nxt)
+        keys = self.keys
+        assert keys is not None
+        c = cover(keys, branch)
+        if c.upto >= op.seq:
+            top = c.upto - op.seq + 1
+            self.suspects.append((origin, op.seq, tuple(branch[:top])))
+        else:
+            self.discard("unsigned_fork")
+            self.warnings.append(
+                f"discarded op ({origin}, {op.seq}): it contradicts the verified chain and "
+                "no head signed by its origin covers it"
+            )
+        fresh = self.fresh.get(origin)
+        if isinstance(fresh, dict):
+            for q in branch:
+                if fresh.get(q.seq) is q:
+                    del fresh[q.seq]
+
+    def batch_of(self, origin: str) -> list[Op]:
+        """Every op of ``origin`` this batch carries (held range too)."""
+        return [*self.held_of.get(origin, ()), *self.fresh.get(origin, {}).values()]
 
     def origin(self, origin: str, lim: RemoteLimits) -> bool:
         """Apply what ``origin`` can apply now; True if anything moved."""
+        n, head = self.nxt[origin], self.heads[origin]
+        signed: Iterator[Op] | None = None
+        if self.keys is not None:
+            if origin in self.forks and not self.released(origin, n):
+                self.waiting[origin] = FORK_HOLD
+                return False
+            signed = iter(self.signed_run(origin, n, head))
         new_ops = self.fresh.get(origin, {})
         old_ops = self.held_back.get(origin, {})
-        n, head = self.nxt[origin], self.heads[origin]
         stage, lww = self.stage, self.stage.lww
         skew_ms = lim.wall_ms + lim.max_offset_ms
         moved = False
         while True:
-            op = new_ops.get(n)
-            is_fresh = op is not None
-            if op is None:
-                op = old_ops.get(n)
-                if op is None:
+            if signed is not None:  # linked and covered by verified heads
+                got = next(signed, None)
+                if got is None:
                     break
+                op = got
+                is_fresh = new_ops.get(n) is op
+            else:
+                got = new_ops.get(n)
+                is_fresh = got is not None
+                if got is None:
+                    got = old_ops.get(n)
+                    if got is None:
+                        break
+                op = got
             if op.prev != head:
                 if is_fresh:
                     raise ChainError(f"op ({op.origin!r}, {op.seq}) does not extend its origin's chain")
@@ -373,7 +539,13 @@ class _Run:
             if verdict is Verdict.WAIT:
                 self.waiting[origin] = reason
                 break
-            if not reason:
+            if not reason and self.keys is not None:
+                reason = self.keys.op_reason(op)  # revoked or expired key
+                if not reason and (op.kind in STATEMENT_KINDS or op.kind == EVIDENCE_KIND):
+                    reason = self.stage_trust(op) or "-"
+            if reason == "-":
+                reason = ""
+            elif not reason:
                 if op.kind == "lww" and lww_ok(op.value):
                     cand = (op.hlc, origin, op.value)
                     if lww_wins(cand, lww.get(op.key)):
@@ -392,6 +564,41 @@ class _Run:
             moved = True
         self.nxt[origin], self.heads[origin] = n, head
         return moved
+
+    def released(self, origin: str, n: int) -> bool:
+        """True if the authority acted on ``origin``'s fork: its key at ``n`` is revoked
+        (the ops past the revocation point are then rejected, and the chain moves on)."""
+        assert self.keys is not None
+        entries = self.keys.entries_at(origin, n)
+        return bool(entries) and all(
+            e.revoked_after is not None and e.revoked_after < n for e in entries
+        )
+
+    def stage_trust(self, op: Op) -> str:
+        """Stage a statement or evidence op; why it is rejected ("" if it is not)."""
+        keys = self.keys
+        assert keys is not None
+        if op.kind in STATEMENT_KINDS:
+            if not keys.has(op.value):
+                try:
+                    self.own_keys().learn_value(op.value)
+                except TrustError as exc:
+                    return f"{op.kind}: {exc}"
+            self.trust_rows.append((TRUST_STATE, hashlib.sha256(op.value).hexdigest(), op.value))
+            return ""
+        try:
+            ev = ForkEvidence.decode(op.value, keys)
+        except TrustError as exc:
+            return f"evidence: {exc}"
+        self.flag(ev.origin, ev.seq, op.value)
+        return ""
+
+    def flag(self, origin: str, seq: int, evidence: bytes) -> None:
+        """Record verified fork evidence against ``origin`` (its later ops are held)."""
+        if seq < self.forks.get(origin, seq + 1):
+            self.forks[origin] = seq
+            self.new_forks[origin] = seq
+        self.trust_rows.append((FORK_STATE, origin, evidence))
 
     def discard(self, why: str, n: int = 1) -> None:
         """Count held-back ops dropped for ``why``."""
@@ -463,15 +670,23 @@ def plan_remote(
         ForkError: a held op differs from its stored copy.
         ChainError: a fresh op does not extend its origin's chain.
     """
+    conflicts: dict[str, Op] = {}
     for op in t.held:
         kept = stored.get(op.id)
         # Compacted ops are no longer comparable; their chain was verified at apply.
         if kept is not None and not same_op(kept, op):
-            raise _fork(op)
-    duplicates = t.duplicates + t.held
-    if not has_work(t, m):
+            if m.keys is None:
+                raise _fork(op)
+            # Signed fleet: evidence if signed, else discarded; never a refusal.
+            if op.origin not in conflicts or op.seq < conflicts[op.origin].seq:
+                conflicts[op.origin] = op
+    against = {id(op) for op in conflicts.values()}
+    duplicates = t.duplicates + tuple(op for op in t.held if id(op) not in against)
+    if not has_work(t, m) and not conflicts:
         return RemotePlan(duplicates=duplicates, pending=m.pending)
     run = _Run(t, m, states)
+    for origin, op in sorted(conflicts.items()):
+        run.conflict(origin, op)
     order = sorted(run.origins, key=lambda o: (o != lim.authority, o))
     while any([run.origin(o, lim) for o in order]):
         pass
@@ -487,12 +702,20 @@ def plan_remote(
     progressed = [o for o in run.origins if run.nxt[o] != m.vv.get(o, 0) + 1]
     vv = {o: run.nxt[o] - 1 for o in progressed}
     heads = {o: run.heads[o] for o in progressed}
-    rows = [(*op.to_tuple(), 0) for op in run.accepted]
-    rows += [(*op.to_tuple(), 1) for op, _ in run.rejected]
+    if m.keys is None:
+        rows = [(*op.to_tuple(), 0) for op in run.accepted]
+        rows += [(*op.to_tuple(), 1) for op, _ in run.rejected]
+    else:  # only verified heads keep their sig (a junk one is never stored or relayed)
+        ok = run.verified
+        rows = [(*op.to_tuple()[:9], op.sig if op.id in ok else None, 0) for op in run.accepted]
+        rows += [
+            (*op.to_tuple()[:9], op.sig if op.id in ok else None, 1) for op, _ in run.rejected
+        ]
     steps: list[Step] = [
         (INSERT_OP, rows),
         (INSERT_REJECTED, [(op.origin, op.seq, op.key, why) for op, why in run.rejected]),
         *run.stage.steps(run.states),
+        (INSERT_STATE_ROW, run.trust_rows),
         (UPSERT_HEAD, [(o, vv[o], heads[o]) for o in progressed]),
         (DELETE_PENDING, sorted(old_keys - new_keys)),
         (INSERT_PENDING, to_insert),
@@ -512,4 +735,7 @@ def plan_remote(
         observe_hlc=max((op.hlc for op in run.accepted), default=None),
         warnings=tuple(warnings),
         discarded=run.discarded,
+        keys=None if run.keys is m.keys else run.keys,
+        forks=run.new_forks,
+        suspects=tuple(run.suspects),
     )

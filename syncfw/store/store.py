@@ -43,6 +43,7 @@ from syncfw.errors import (
     DecodeError,
     StorageError,
     StoreClosedError,
+    TrustError,
     ValueTooLargeError,
 )
 from syncfw.log import (
@@ -51,6 +52,7 @@ from syncfw.log import (
     ApplyResult,
     Op,
     OpChain,
+    Signer,
     VersionVector,
     check_node_id,
     vv_dominates,
@@ -65,7 +67,10 @@ from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
 from syncfw.store.meter import PendingAlarm, StoreMeter
 from syncfw.store.planner import (
+    FORK_STATE,
     HLC_LIMIT,
+    INSERT_STATE_ROW,
+    TRUST_STATE,
     Mirrors,
     PayloadFn,
     Pending,
@@ -84,6 +89,7 @@ from syncfw.store.sql import (
     translate_error,
 )
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
+from syncfw.trust import MAX_BRANCH_OPS, ForkEvidence, KeyRing, verify_fork
 from syncfw.zones import Fleet, ZoneTable
 
 __all__ = ["NODE_ID_RE", "Priority", "Store", "StoreConfig", "StoreStats", "check_node_id"]
@@ -108,6 +114,7 @@ class Store:
         clock: HLC,
         config: StoreConfig,
         metrics: NodeMetrics,
+        signer: Signer | None = None,
     ) -> None:
         self._conn = conn
         self.path = path
@@ -124,7 +131,11 @@ class Store:
         self._acks: dict[str, VersionVector] = {}
         self._pending: Pending = {}
         # Mints this node's ops; may run ahead of what is committed (pipelining).
-        self._chain = OpChain(node_id)
+        self._chain = OpChain(node_id, signer=signer)
+        # A signed fleet's key ring (verified statements) and fork flags (mirrors).
+        self.keys: KeyRing | None = fleet.keyring()
+        self.forks: dict[str, int] = {}
+        self.evidence: dict[str, ForkEvidence] = {}
         self._meter = StoreMeter(metrics)
         self._alarm = PendingAlarm(
             config.pending_warn_ops,
@@ -148,12 +159,15 @@ class Store:
         wall: Callable[[], int] = wall_ms,
         config: StoreConfig | None = None,
         metrics: NodeMetrics | None = None,
+        signer: Signer | None = None,
     ) -> Store:
         """Open (creating if needed) the store at ``path``.
 
         Args:
             metrics: the node's metric registry to record in (a new one by
                 default); exposed as :attr:`metrics`.
+            signer: seals this node's chain heads (:class:`syncfw.trust.NodeSigner`);
+                a signed fleet's peers apply only what a verified head covers.
 
         Raises:
             DatabaseLockedError: the file is open in another store (this
@@ -184,7 +198,9 @@ class Store:
             )
             await _check_at_open(conn, path, config.open_check_s)
             clock = HLC(wall, max_offset_ms=config.max_offset_ms)
-            store = cls(conn, path, node_id, fleet, clock, config, metrics or NodeMetrics(node_id))
+            store = cls(
+                conn, path, node_id, fleet, clock, config, metrics or NodeMetrics(node_id), signer
+            )
             await store._load()
         except BaseException:
             await conn.close()
@@ -204,12 +220,32 @@ class Store:
             self.zones.add_grant(grant)
         self._pending = loaded.pending
         self._acks = await export.peer_acks(self._read)
+        if self.keys is not None:
+            await self._load_trust(self.keys)
         # A restart with the wall clock set in the past never issues a smaller timestamp.
         self.clock.advance_to(loaded.high_water)
         me = self.node_id
         self._chain.reset(self._vv.get(me, 0), self._heads.get(me, GENESIS))
         self._meter.set_size(await export.file_bytes(self._read))
         self._meter.pending(pending_counts(loaded.pending))
+
+    async def _load_trust(self, keys: KeyRing) -> None:
+        """The verified statements and fork evidence kept beside the log."""
+        for (value,) in await self._read("SELECT data FROM state WHERE kind = ?", (TRUST_STATE,)):
+            try:
+                keys.learn_value(bytes(value))
+            except TrustError as exc:
+                log.warning("ignoring a stored statement that does not verify: %s", exc)
+        for origin, data in await self._read(
+            "SELECT key, data FROM state WHERE kind = ?", (FORK_STATE,)
+        ):
+            try:
+                ev = ForkEvidence.decode(bytes(data), keys)
+            except TrustError as exc:
+                log.warning("ignoring stored fork evidence against %s: %s", origin, exc)
+                continue
+            self.forks[ev.origin] = ev.seq
+            self.evidence[ev.origin] = ev
 
     async def aclose(self) -> None:
         """Finish queued writes, stop the writer and close the file. Idempotent."""
@@ -412,7 +448,7 @@ class Store:
         return await self._call(lambda: self._apply_remote([]), Priority.REMOTE)
 
     async def _apply_remote(self, incoming: list[Op]) -> ApplyResult:
-        m = Mirrors(self._vv, self._heads, self._pending, self.zones)
+        m = Mirrors(self._vv, self._heads, self._pending, self.zones, self.keys, self.forks)
         t = triage(incoming, m)
         stored = await export.stored_ops(self._read, t.held) if t.held else {}
         work = has_work(t, m)
@@ -438,7 +474,12 @@ class Store:
             self._pending = plan.pending
             if plan.zones is not None:
                 self.zones = plan.zones
+            if plan.keys is not None:
+                self.keys = plan.keys
+            self.forks.update(plan.forks)
             self._meter.pending(plan.pending_counts())
+        if plan.suspects:
+            await self._record_forks(plan.suspects)
         for warning in plan.warnings:
             log.warning("%s", warning)
         for warning in self._alarm.observe(self.pending_counts(), self.clock.wall()):
@@ -451,6 +492,43 @@ class Store:
         if plan.steps:
             self._feed.committed()  # rejected-only commits advance the vector too
         return plan.result()
+
+    async def _record_forks(self, suspects: Sequence[tuple[str, int, tuple[Op, ...]]]) -> None:
+        """Pair each signed conflicting branch with this store's own signed branch;
+        verified pairs are fork evidence: stored, flagged, reported (DESIGN §3)."""
+        keys = self.keys
+        assert keys is not None
+        for origin, seq, branch in suspects:
+            rows = await self._read(
+                f"SELECT {export.OP_COLUMNS} FROM ops WHERE origin = ? AND seq >= ? "
+                "ORDER BY seq LIMIT ?",
+                (origin, max(1, seq - 1), MAX_BRANCH_OPS),
+            )
+            mine = [Op(*row) for row in rows]
+            found: ForkEvidence | None = None
+            for i, op in enumerate(mine):
+                if op.sig is None:
+                    continue
+                try:
+                    found = verify_fork(keys, mine[: i + 1], branch)
+                    break
+                except TrustError:
+                    continue
+            if found is None:
+                self._meter.discard({"unsigned_fork": 1})
+                log.warning(
+                    "signed ops of %s contradict its chain at seq %d, but this node's own copy "
+                    "is compacted or unsigned: the conflicting ops were discarded", origin, seq,
+                )
+                continue
+            await self._txn([(INSERT_STATE_ROW, [(FORK_STATE, origin, found.encode())])])
+            self.forks[origin] = min(self.forks.get(origin, found.seq), found.seq)
+            self.evidence.setdefault(origin, found)
+            self.metrics.fork_evidence.labels(self.node_id, origin).set(1)
+            log.warning(
+                "FORK EVIDENCE: the key of %s signed two different histories at seq %d; its "
+                "later ops are held until the authority revokes it", origin, found.seq,
+            )
 
     # ------------------------------------------------------------------ reads
 

@@ -21,6 +21,11 @@ Invariants (the same the SQLite store keeps, so the simulator's verdicts carry):
 8. Forks without lock-out: a pending op was never chain-verified, so a fresh
    op differing from it is no fork: it takes the pending one's place, and a
    forged op held pending can never make the genuine chain fail.
+9. A signed fleet (``Fleet.authority_key``) applies an origin's ops only up to
+   the highest head a registered key signed (:func:`syncfw.trust.cover`); the
+   rest wait. A conflicting op is fork evidence if a verified head covers it,
+   and is discarded otherwise: never a ``ForkError`` or ``ChainError``, never a
+   lock-out. Only verified heads keep their ``sig``.
 
 :func:`syncfw.testing.check_replica` holds this replica and the SQLite node
 to the same contract.
@@ -28,24 +33,37 @@ to the same contract.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from syncfw.clock import HLC
 from syncfw.crdt.lww import TOMBSTONE, lww_wins
-from syncfw.errors import ChainError, ForkError
+from syncfw.errors import ChainError, ForkError, TrustError
 from syncfw.log import (
     GENESIS,
     ApplyResult,
     Op,
     OpChain,
+    Signer,
     VersionVector,
     decode_value,
     encode_value,
     op_hash,
     op_size,
     same_op,
+)
+from syncfw.trust import (
+    EVIDENCE_KIND,
+    KEYREG_KIND,
+    MAX_BRANCH_OPS,
+    REVOKE_KIND,
+    ForkEvidence,
+    KeyRing,
+    cover,
+    verify_fork,
 )
 from syncfw.zones import Fleet, Verdict, ZoneTable
 
@@ -79,6 +97,11 @@ class MemoryReplica:
         self.applied_ids: set[tuple[str, int]] = set()
         self.apply_count: dict[tuple[str, int], int] = {}
         self.listeners: list[Callable[[list[Op]], None]] = []
+        self.keys: KeyRing | None = self.fleet.keyring()
+        self.forks: dict[str, int] = {}
+        self.evidence: dict[str, ForkEvidence] = {}
+        self.discarded: dict[str, int] = {}
+        self.signer: Signer | None = None
 
     # -- Replica ------------------------------------------------------------------
 
@@ -139,6 +162,8 @@ class MemoryReplica:
             ChainError: an op of the batch does not extend its origin's chain.
             In both cases nothing of the batch is applied.
         """
+        if self.keys is not None:
+            return self._apply_signed(ops)
         fresh, duplicates = self._check_forks(ops)
         self._check_chains(fresh)
         for op in fresh.values():
@@ -236,6 +261,148 @@ class MemoryReplica:
             self.pending.pop(origin, None)
         return rejected
 
+    # -- signed fleets (invariant 9) ------------------------------------------------
+
+    def _apply_signed(self, ops: list[Op]) -> ApplyResult:
+        keys = self.keys
+        assert keys is not None
+        duplicates = 0
+        fresh: dict[tuple[str, int], Op] = {}
+        conflicts: dict[str, Op] = {}
+        for op in ops:
+            held = self._held(op.origin, op.seq)
+            if held is not None:
+                if same_op(held, op):
+                    duplicates += 1
+                elif op.origin not in conflicts or op.seq < conflicts[op.origin].seq:
+                    conflicts[op.origin] = op
+                continue
+            seen = fresh.get(op.id)
+            if seen is not None:
+                if not same_op(seen, op):
+                    conflicts.setdefault(op.origin, op)
+                else:
+                    duplicates += 1
+                continue
+            waiting = self._pending_op(op)
+            if waiting is not None and same_op(waiting, op):
+                duplicates += 1
+                continue
+            fresh[op.id] = op
+        for op in ops:  # statements prove themselves: learn them ahead of their turn
+            if op.kind in (KEYREG_KIND, REVOKE_KIND):
+                with contextlib.suppress(TrustError):  # judged (rejected) in its turn
+                    keys.learn_value(op.value)
+        by_origin: dict[str, dict[int, Op]] = {}
+        for op in ops:
+            by_origin.setdefault(op.origin, {})[op.seq] = op
+        for origin, op in sorted(conflicts.items()):
+            self._conflict(op, by_origin[origin])
+        for op in fresh.values():
+            n, head = self._head(op.origin)
+            if op.seq == n + 1 and op.prev != head and op.origin not in conflicts:
+                conflicts[op.origin] = op
+                self._conflict(op, by_origin[op.origin])
+                continue
+            if op.origin in conflicts and op.seq >= conflicts[op.origin].seq:
+                continue
+            self.pending.setdefault(op.origin, {})[op.seq] = op
+        applied: list[Op] = []
+        rejected = 0
+        moved = True
+        while moved:
+            moved = False
+            for origin in sorted(set(self.pending)):
+                got, rej = self._release_signed(origin, applied)
+                rejected += rej
+                moved = moved or got
+        for listener in self.listeners:
+            listener(applied)
+        return ApplyResult(
+            applied=len(applied),
+            duplicates=duplicates,
+            pending=sum(len(q) for q in self.pending.values()),
+            rejected=rejected,
+        )
+
+    def _conflict(self, op: Op, batch: Mapping[int, Op]) -> None:
+        keys = self.keys
+        assert keys is not None
+        branch = [op]
+        while len(branch) < MAX_BRANCH_OPS:
+            nxt = batch.get(branch[-1].seq + 1)
+            if nxt is None or nxt.prev != op_hash(branch[-1]):
+                break
+            branch.append(nxt)
+        c = cover(keys, branch)
+        mine = self.chains.get(op.origin, [])[max(0, op.seq - 2) :]
+        if c.upto >= op.seq:
+            for i, held in enumerate(mine):
+                if held.sig is None:
+                    continue
+                try:
+                    ev = verify_fork(keys, mine[: i + 1], branch[: c.upto - op.seq + 1])
+                except TrustError:
+                    continue
+                self.forks[op.origin] = min(self.forks.get(op.origin, ev.seq), ev.seq)
+                self.evidence.setdefault(op.origin, ev)
+                log.warning("FORK EVIDENCE: %s signed two histories at seq %d", op.origin, ev.seq)
+                return
+        self.discarded["unsigned_fork"] = self.discarded.get("unsigned_fork", 0) + 1
+        log.warning("discarded op (%s, %d): contradicts the verified chain", op.origin, op.seq)
+
+    def _release_signed(self, origin: str, applied: list[Op]) -> tuple[bool, int]:
+        keys = self.keys
+        assert keys is not None
+        queue = self.pending.get(origin, {})
+        n, head = self._head(origin)
+        if origin in self.forks:
+            entries = keys.entries_at(origin, n + 1)
+            if not entries or not all(
+                e.revoked_after is not None and e.revoked_after <= n for e in entries
+            ):
+                return False, 0
+        run: list[Op] = []
+        h = head
+        while (op := queue.get(n + 1 + len(run))) is not None and op.prev == h:
+            run.append(op)
+            h = op_hash(op)
+        c = cover(keys, run)
+        rejected = 0
+        moved = False
+        for op in run[: max(0, c.upto - n)]:
+            verdict, reason = self.zones.judge(op)
+            if verdict is Verdict.WAIT:
+                break
+            del queue[op.seq]
+            kept = op if op.seq in c.verified else dataclasses.replace(op, sig=None)
+            self._append(kept)
+            moved = True
+            reason = reason or keys.op_reason(op)
+            if not reason and op.kind in (KEYREG_KIND, REVOKE_KIND):
+                try:
+                    keys.learn_value(op.value)
+                except TrustError as exc:
+                    reason = f"{op.kind}: {exc}"
+            elif not reason and op.kind == EVIDENCE_KIND:
+                try:
+                    ev = ForkEvidence.decode(op.value, keys)
+                    self.forks[ev.origin] = min(self.forks.get(ev.origin, ev.seq), ev.seq)
+                    self.evidence.setdefault(ev.origin, ev)
+                except TrustError as exc:
+                    reason = f"evidence: {exc}"
+            if reason:
+                self.rejected[op.id] = reason
+                rejected += 1
+            elif op.kind == "lww":
+                self._merge(kept)
+                applied.append(kept)
+            else:
+                applied.append(kept)
+        if not queue:
+            self.pending.pop(origin, None)
+        return moved, rejected
+
     async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
         """Record what ``peer`` acknowledged holding (never moving backwards)."""
         cur = self.acks.setdefault(peer, {})
@@ -253,9 +420,8 @@ class MemoryReplica:
         """Write ``key`` locally (zone-checked) and return the op."""
         zone, epoch = self.zones.zone_for_write(self._node_id, key)
         # Minted from the held chain's tip, which the simulator's foreign writes also extend.
-        op = OpChain(self._node_id, *self._head(self._node_id)).mint(
-            self.clock.now(), zone, epoch, key, "lww", encode_value(value)
-        )
+        chain = OpChain(self._node_id, *self._head(self._node_id), signer=self.signer)
+        op = chain.seal(chain.mint(self.clock.now(), zone, epoch, key, "lww", encode_value(value)))
         self._append(op)
         self._merge(op)
         for listener in self.listeners:

@@ -1,0 +1,55 @@
+"""Trust: who may sign which chain, and the proofs that travel with ops.
+
+Pure core, above the log: authority statements (:mod:`.statements`), signed chain
+heads and the key ring (:mod:`.ring`), fork evidence (:mod:`.evidence`). Key files
+on disk and X.509 certificates live in :mod:`.keydir`.
+"""
+
+from syncfw.trust.evidence import EVIDENCE_KIND, MAX_BRANCH_OPS, ForkEvidence, verify_fork
+from syncfw.trust.ring import (
+    MAX_TRIES,
+    SEAL_EVERY,
+    SIG_BYTES,
+    UNSIGNED,
+    Cover,
+    KeyEntry,
+    KeyRing,
+    NodeSigner,
+    cover,
+    head_message,
+)
+from syncfw.trust.statements import (
+    KEYREG_KIND,
+    REVOKE_KIND,
+    Registration,
+    Revocation,
+    Statement,
+    open_statement,
+    public_key_bytes,
+    seal_statement,
+)
+
+__all__ = [
+    "EVIDENCE_KIND",
+    "KEYREG_KIND",
+    "MAX_BRANCH_OPS",
+    "MAX_TRIES",
+    "REVOKE_KIND",
+    "SEAL_EVERY",
+    "SIG_BYTES",
+    "UNSIGNED",
+    "Cover",
+    "ForkEvidence",
+    "KeyEntry",
+    "KeyRing",
+    "NodeSigner",
+    "Registration",
+    "Revocation",
+    "Statement",
+    "cover",
+    "head_message",
+    "open_statement",
+    "public_key_bytes",
+    "seal_statement",
+    "verify_fork",
+]

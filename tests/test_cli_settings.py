@@ -126,6 +126,9 @@ def test_every_serve_setting_has_a_flag_a_variable_and_a_file_key(
         main(["node", "serve", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for opt in SERVE_OPTIONS:
+        if not opt.flag:  # the logging settings: their flags are every verb's
+            assert f"--{opt.name}" in text
+            continue
         assert opt.env in text, opt.name
         if opt.default not in (None, [], False):
             assert f"(default: {opt.default})" in text, opt.name
@@ -177,7 +180,37 @@ def test_log_level_before_the_verb_is_not_undone_by_the_verb() -> None:
     )
     assert (args.log_level, args.log_format, args.verbose) == ("ERROR", "json", False)
     args = build_parser().parse_args(["inspect", "x.db"])
-    assert (args.log_level, args.log_format, args.verbose) == ("INFO", "text", False)
+    assert (args.log_level, args.log_format, args.verbose) == (
+        None,
+        None,
+        False,
+    )  # main: INFO, text
+
+
+def test_serve_takes_the_logging_settings_from_the_environment_and_the_file(tmp_path: Path) -> None:
+    conf = tmp_path / "n.toml"
+    conf.write_text('log_level = "debug"\nlog_format = "json"\n')
+    got = resolve(serve_args("x.db", "--id", "a", "--config", str(conf)), environ={})
+    assert (got.log_level, got.log_format) == ("debug", "json")
+    got = resolve(
+        serve_args("x.db", "--id", "a", "--config", str(conf)),
+        environ={"SYNCFW_LOG_LEVEL": "ERROR"},
+    )
+    assert got.log_level == "ERROR"
+    got = resolve(
+        serve_args("x.db", "--id", "a", "--log-level", "warning"),
+        environ={"SYNCFW_LOG_LEVEL": "ERROR"},
+    )
+    assert got.log_level == "WARNING"  # the flag, before or after the verb, wins
+    got = resolve(
+        build_parser().parse_args(
+            ["--log-level", "critical", "node", "serve", "x.db", "--id", "a"]
+        ),
+        environ={},
+    )
+    assert got.log_level == "CRITICAL"
+    with pytest.raises(SettingsError, match="SYNCFW_LOG_LEVEL='loud': 'loud' is not one of DEBUG"):
+        resolve(serve_args("x.db", "--id", "a"), environ={"SYNCFW_LOG_LEVEL": "loud"})
 
 
 def test_logging_sets_syncfw_loggers_only_and_writes_json() -> None:
@@ -206,3 +239,17 @@ def test_logging_sets_syncfw_loggers_only_and_writes_json() -> None:
         ("asyncio", "WARNING", "a real problem"),
     ]
     assert all(x["time"].endswith("+00:00") and x["ts"] > 0 for x in lines)
+
+
+def test_the_readme_config_example_is_valid(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    conf = tmp_path / "t7.toml"
+    conf.write_text(readme.split("```toml\n", 1)[1].split("```", 1)[0])
+    got = resolve(serve_args("--config", str(conf)), environ={})
+    assert (got.node_id, got.fleet, got.preset, got.seed) == (
+        "t7",
+        "mine-7",
+        "metered",
+        ["depot.yard:7000"],
+    )
+    assert all(src.startswith("config ") for k, src in got.sources.items() if k in ("db", "listen"))

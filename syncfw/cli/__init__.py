@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``syncfw`` command; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.log_level, args.log_format, verbose=args.verbose)
+    configure_logging(args.log_level or "INFO", args.log_format or "text", verbose=args.verbose)
     code: int = args.func(args)
     return code
 

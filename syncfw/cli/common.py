@@ -61,33 +61,30 @@ class DefaultsFormatter(argparse.HelpFormatter):
 
 
 def add_log_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
-    """The logging options; below the top parser they default to SUPPRESS, so a
-    value given before the verb is not overwritten by the verb's parser."""
+    """The logging options. On the top parser an unset one is None (``main`` then
+    uses INFO and text, and ``node serve`` may take them from its environment or
+    config file); below it they default to SUPPRESS, so a value given before the
+    verb is not overwritten by the verb's parser."""
     group = parser.add_argument_group("logging")
-
-    def default(value: object) -> object:
-        return value if top else argparse.SUPPRESS
-
+    unset = None if top else argparse.SUPPRESS
     group.add_argument(
         "--log-level",
         type=str.upper,
         choices=LOG_LEVELS,
-        default=default("INFO"),
-        help="level of syncfw's own loggers (other libraries log at WARNING)"
-        + (" (default: INFO)" if not top else ""),
+        default=unset,
+        help="level of syncfw's own loggers (other libraries log at WARNING) (default: INFO)",
     )
     group.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
-        default=default("text"),
-        help="log lines as text or as one JSON object per line"
-        + (" (default: text)" if not top else ""),
+        default=unset,
+        help="log lines as text or as one JSON object per line (default: text)",
     )
     group.add_argument(
         "-v",
         "--verbose",
         action="store_true",
-        default=default(False),
+        default=False if top else argparse.SUPPRESS,
         help="shorthand for --log-level DEBUG (syncfw's loggers only)",
     )
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from syncfw.cli.common import fail
+from syncfw.cli.logs import configure_logging
 from syncfw.cli.sdnotify import notify
 from syncfw.cli.settings import SERVE_OPTIONS, SettingsError, add_options, resolve
 from syncfw.cli.target import admin_file
@@ -50,7 +51,8 @@ def register(sub: Any) -> None:
         "a TOML file (--config; keys are the flag names with '_' for '-', e.g. "
         'peer_bytes_per_s = 65536, seed = ["10.0.0.2:7000"]); a flag wins over the '
         "environment, which wins over the file. Lists in the environment are "
-        "comma-separated.",
+        "comma-separated. --log-level and --log-format may also come from "
+        "SYNCFW_LOG_LEVEL, SYNCFW_LOG_FORMAT or log_level, log_format in the file.",
     )
     add_options(s, SERVE_OPTIONS)
     s.set_defaults(func=run)
@@ -232,6 +234,10 @@ def run(args: argparse.Namespace) -> int:
         settings = resolve(args)
     except SettingsError as exc:
         return fail("node", str(exc))
+    # the logging settings may come from the environment or the config file too
+    configure_logging(
+        settings.log_level.upper(), settings.log_format, verbose=getattr(args, "verbose", False)
+    )
     try:
         return asyncio.run(serve(settings))
     except (SyncfwError, ValueError) as exc:  # ValueError: an invalid node id

@@ -25,7 +25,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from syncfw.cli.common import any_of, check_dial_address, check_listen_address, is_loopback_host
+from syncfw.cli.common import (
+    LOG_FORMATS,
+    LOG_LEVELS,
+    any_of,
+    check_dial_address,
+    check_listen_address,
+    is_loopback_host,
+)
 from syncfw.log import is_node_id
 
 __all__ = [
@@ -65,6 +72,9 @@ class Option:
         positional: a positional argument (optional on the command line, so it
             may come from the environment or the file instead).
         required: it must be set somewhere.
+        flag: it has a flag of its own; False for the logging settings, whose
+            flags every verb shares (:mod:`syncfw.cli.common`): for those a
+            flag left unset is None.
     """
 
     name: str
@@ -77,6 +87,7 @@ class Option:
     metavar: str | None = None
     positional: bool = False
     required: bool = False
+    flag: bool = True
 
     @property
     def attr(self) -> str:
@@ -92,7 +103,8 @@ class Option:
         return ENV_PREFIX + self.key.upper()
 
     @property
-    def flag(self) -> str:
+    def option(self) -> str:
+        """How errors name it: ``--name``, or the positional's name."""
         return self.name if self.positional else "--" + self.name
 
 
@@ -144,6 +156,13 @@ def _proxy(value: str) -> str | None:
     if parts is None or parts.scheme != "http" or not parts.hostname or port is None:
         return "must be http://host:port"
     return None
+
+
+def _one_of(allowed: Sequence[str]) -> Check:
+    def run(value: str) -> str | None:
+        return None if value.upper() in allowed else f"is not one of {', '.join(allowed)}"
+
+    return run
 
 
 def _optional_address(check: Check) -> Check:
@@ -240,6 +259,8 @@ SERVE_OPTIONS: list[Option] = [
         kind="bool",
         default=False,
     ),
+    Option("log-level", "", default="INFO", check=_one_of(LOG_LEVELS), flag=False),
+    Option("log-format", "", default="text", choices=LOG_FORMATS, flag=False),
 ]
 """Every setting of ``node serve``, in ``--help`` order."""
 
@@ -248,6 +269,8 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
     """Add ``options`` as flags whose defaults are SUPPRESS (so :func:`resolve`
     sees only what the command line set); ``--help`` shows the real defaults."""
     for opt in options:
+        if not opt.flag:
+            continue
         shown = "" if opt.default in (None, [], False) else f" (default: {opt.default})"
         text = f"{opt.help}{shown} [{opt.env}]"
         if opt.positional:
@@ -257,7 +280,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
             continue
         kwargs: dict[str, Any] = {"dest": opt.attr, "default": argparse.SUPPRESS, "help": text}
         if opt.kind == "bool":
-            parser.add_argument(opt.flag, action="store_true", **kwargs)
+            parser.add_argument(opt.option, action="store_true", **kwargs)
             continue
         if opt.kind == "list":
             kwargs["action"] = "append"
@@ -267,7 +290,7 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
             kwargs["metavar"] = opt.metavar
         # Values stay strings here: resolve() parses them so that its errors
         # name the setting and its source the same way for all three places.
-        parser.add_argument(opt.flag, **kwargs)
+        parser.add_argument(opt.option, **kwargs)
     parser.add_argument(
         "--config",
         default=argparse.SUPPRESS,
@@ -369,8 +392,8 @@ def resolve(
     out = argparse.Namespace(**vars(given))
     sources: dict[str, str] = {}
     for opt in options:
-        if hasattr(given, opt.attr):
-            value, where = getattr(given, opt.attr), opt.flag
+        if getattr(given, opt.attr, None) is not None:
+            value, where = getattr(given, opt.attr), opt.option
         elif opt.env in env:
             value, where = _env_value(opt, env[opt.env]), f"{opt.env}={env[opt.env]!r}"
         elif opt.key in config:
@@ -378,7 +401,7 @@ def resolve(
         else:
             if opt.required:
                 raise SettingsError(
-                    f"{opt.flag} is required (or {opt.env}, or {opt.key!r} in --config)"
+                    f"{opt.option} is required (or {opt.env}, or {opt.key!r} in --config)"
                 )
             value = list(opt.default) if isinstance(opt.default, list) else opt.default
             setattr(out, opt.attr, value)

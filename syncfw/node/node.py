@@ -16,6 +16,7 @@ codec, zones, keys, log, crdt, clock, metrics, errors).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,6 +38,8 @@ from syncfw.store import ChangeFeed, Store, StoreConfig
 from syncfw.store.follow import Follow
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
+from syncfw.trust import STATEMENT_KIND_OF
+from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
 
 __all__ = ["Node"]
@@ -72,6 +75,7 @@ class Node:
         fleet: Fleet | None = None,
         config: StoreConfig | None = None,
         clock: Callable[[], int] = wall_ms,
+        keys: NodeKeys | None = None,
     ) -> Opening:
         """Open the node stored at ``path`` (created if absent).
 
@@ -82,12 +86,18 @@ class Node:
                 node of a fleet must be given the same one.
             config: storage tuning (durability, size cap, batching).
             clock: wall clock in milliseconds (injected by tests and the simulator).
+            keys: this node's keys in a signed fleet (``syncfw keys add-node``,
+                :func:`syncfw.trust.keydir.load_node`): its chain heads are signed
+                and its registration is published in its own zone at open. The
+                fleet takes the authority key from them when it has none.
 
         Raises:
+            ValueError: ``keys`` are for another node, fleet or authority key, or
+                the fleet is signed and no ``keys`` were given.
             CorruptDatabaseError, ForeignDatabaseError, SchemaVersionError,
             StorageError: see :meth:`syncfw.store.Store.open`.
         """
-        return Opening(cls, path, node_id, fleet or Fleet(), config, clock)
+        return Opening(cls, path, node_id, fleet or Fleet(), config, clock, keys)
 
     # ----------------------------------------------------------------- identity
 
@@ -550,6 +560,7 @@ class Node:
             "keys": st.keys,
             "file_bytes": figures["storage_bytes"],
             "clock_offset_ms": figures["clock_offset_ms"],
+            "trust": self._trust_status(figures),
             "metrics": figures,
         }
         for name, fn in self._status_sources.items():
@@ -558,6 +569,42 @@ class Node:
             except Exception as exc:  # a broken source must not hide the rest
                 out[name] = {"error": str(exc)}
         return out
+
+    async def publish(self, statement: bytes) -> Op:
+        """Write an authority-signed statement (a registration or a revocation, as
+        ``syncfw keys`` makes them) into the log, so every node learns it.
+
+        The authority writes under ``sys/trust/``; any other node in its own zone
+        (``fleet/<id>/keys/``): a statement proves itself wherever it travels.
+
+        Raises:
+            TrustError: the statement does not verify against the authority key.
+            ValueError: the fleet is unsigned.
+        """
+        ring = self._store.keys
+        if ring is None:
+            raise ValueError(f"fleet {self.fleet_id!r} is unsigned: it has no authority key")
+        kind = STATEMENT_KIND_OF[type(ring.open(statement))]
+        digest = hashlib.sha256(statement).hexdigest()[:32]
+        if self.node_id == self.fleet.authority:
+            key = f"{SYS_PREFIX}trust/{digest}"
+        else:
+            key = f"fleet/{self.node_id}/keys/{digest}"
+        zone, epoch = self._store.zones.zone_for_write(self.node_id, key)
+        return await self._store.write(kind, key, zone, epoch, statement)
+
+    def _trust_status(self, figures: Mapping[str, Any]) -> dict[str, Any]:
+        store = self._store
+        if store.keys is None:
+            return {
+                "mode": "unsigned",
+                "warning": "UNSIGNED fleet: any peer that can sync can forge any node's ops",
+            }
+        return {
+            "mode": "signed",
+            "forks": dict(store.forks),
+            "acks_ignored": figures.get("acks_ignored", 0),
+        }
 
     async def state_digest(self) -> str:
         """Digest of the materialized state: equal on replicas holding the same ops."""

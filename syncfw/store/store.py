@@ -70,6 +70,7 @@ from syncfw.store.planner import (
     FORK_STATE,
     HLC_LIMIT,
     INSERT_STATE_ROW,
+    STATEMENT_KINDS,
     TRUST_STATE,
     Mirrors,
     PayloadFn,
@@ -404,6 +405,15 @@ class Store:
         self._vv[me], self._heads[me] = plan.tip
         if plan.zones is not None:
             self.zones = plan.zones
+        if self.keys is not None and any(op.kind in STATEMENT_KINDS for op in plan.ops):
+            keys = self.keys.copy()
+            for op in plan.ops:
+                if op.kind in STATEMENT_KINDS:
+                    try:
+                        keys.learn_value(op.value)
+                    except TrustError as exc:  # the caller verified it; say so if not
+                        log.warning("a local %s op does not verify: %s", op.kind, exc)
+            self.keys = keys
         for w, op in zip(done, plan.ops, strict=True):
             w.future.set_result(op)
         self._meter.local(len(plan.ops))

@@ -21,6 +21,7 @@ from syncfw.trust.ring import (
 from syncfw.trust.statements import (
     KEYREG_KIND,
     REVOKE_KIND,
+    STATEMENT_KIND_OF,
     Registration,
     Revocation,
     Statement,
@@ -37,6 +38,7 @@ __all__ = [
     "REVOKE_KIND",
     "SEAL_EVERY",
     "SIG_BYTES",
+    "STATEMENT_KIND_OF",
     "UNSIGNED",
     "Cover",
     "ForkEvidence",

@@ -33,6 +33,7 @@ from syncfw.errors import TrustError
 __all__ = [
     "KEYREG_KIND",
     "REVOKE_KIND",
+    "STATEMENT_KIND_OF",
     "Registration",
     "Revocation",
     "Statement",
@@ -113,6 +114,9 @@ class Revocation:
 
 
 Statement = Registration | Revocation
+
+STATEMENT_KIND_OF: dict[type, str] = {Registration: KEYREG_KIND, Revocation: REVOKE_KIND}
+"""The op kind that carries each statement type."""
 
 
 def seal_statement(authority: Ed25519PrivateKey, statement: Statement) -> bytes:

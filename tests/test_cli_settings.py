@@ -253,3 +253,17 @@ def test_the_readme_config_example_is_valid(tmp_path: Path) -> None:
         ["depot.yard:7000"],
     )
     assert all(src.startswith("config ") for k, src in got.sources.items() if k in ("db", "listen"))
+
+
+@pytest.mark.parametrize("preset", ["lan", "metered", "test"])
+def test_the_served_transport_takes_the_presets_connect_timeout_and_backoff(preset: str) -> None:
+    from syncfw.cli.node_cmd import PRESETS, node_parts
+
+    got = resolve(
+        serve_args("x.db", "--id", "a", "--preset", preset, "--proxy", "http://p:3128"), environ={}
+    )
+    parts = node_parts(got)
+    mesh = PRESETS[preset]()
+    assert parts.transport.connect_timeout_s == mesh.connect_timeout_s
+    assert parts.transport.max_reconnect_backoff_s == mesh.max_reconnect_backoff_s
+    assert parts.transport.http_proxy == "http://p:3128"

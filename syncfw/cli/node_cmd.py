@@ -93,9 +93,8 @@ def node_parts(settings: argparse.Namespace) -> NodeParts:
     tls = None
     if settings.ca:
         tls = TlsConfig.from_files(settings.ca, settings.cert, settings.key)
-    transport = TransportConfig(
-        http_proxy=settings.proxy, tls=tls, connect_timeout_s=config.connect_timeout_s
-    )
+    # the mesh's connect timeout and reconnect backoff apply to the transport it dials with
+    transport = config.transport(TransportConfig(http_proxy=settings.proxy, tls=tls))
     return NodeParts(fleet, config, transport)
 
 

@@ -224,3 +224,34 @@ def test_verbs_refuse_targets_that_are_neither_file_nor_address(
     code, _, err = _run(["put", "127.0.0.1:1", "site/k", "night"], capsys)
     assert code == 2 and "is not JSON" in err and "--string" in err
     assert not (tmp_path / "missing.db").exists()  # never created
+
+
+def test_status_of_a_file_whose_node_died_reads_the_file_and_says_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from syncfw import Fleet, Node
+
+    async def make() -> None:
+        async with Node.open(tmp_path / "d.db", node_id="d", fleet=Fleet(fleet_id="f")) as node:
+            await node.put("fleet/d/k", 1)
+            await node.acknowledge("e", {})  # a peer that holds nothing yet
+
+    asyncio.run(make())
+    Path(str(tmp_path / "d.db") + ".admin").write_text("127.0.0.1:1\n")  # left by a SIGKILL
+    code, out, err = _run(["status", str(tmp_path / "d.db"), "--json"], capsys)
+    snap = json.loads(out)
+    assert code == 0 and snap["source"] == "file" and "did not answer" in err
+    assert snap["peers"] == [
+        {
+            "node_id": "e",
+            "address": None,
+            "state": None,
+            "failures": None,
+            "last_contact": None,
+            "last_contact_ago_s": None,
+            "lag_ops": 1,
+            "lag_s": snap["peers"][0]["lag_s"],
+            "clock_offset_ms": None,
+        }
+    ]
+    assert 0 <= snap["peers"][0]["lag_s"] < 60

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from syncfw.exchange.performer import Performer
-from syncfw.exchange.runner import replica_wall_ms
+from syncfw.exchange.runner import peer_book, replica_wall_ms
 from syncfw.log import Replica
 from syncfw.sync import Frame, PeerInfo, Session, SessionConfig, SessionState, Status
 
@@ -113,6 +113,8 @@ class SessionPair:
                 config=cfg,
                 wall_ms=replica_wall_ms(r),
                 fleet_digest=r.fleet_digest,
+                book=peer_book(r),
+                initiator=side == "a",
             )
             for side, r, cfg in (("a", a, config_a), ("b", b, config_b))
         }

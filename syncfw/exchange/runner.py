@@ -20,7 +20,16 @@ Invariants:
 4. Every exchange ends with exactly one :class:`ExchangeOutcome`, one log line
    and, with ``metrics``, one record in the node's registry; failures of the
    peer, the link or the batch never raise out of :func:`run_exchange` (only
-   cancellation does), so a node keeps serving its other peers.
+   cancellation does), so a node keeps serving its other peers. Ops count as
+   sent once the peer acknowledged them; the rest are "queued".
+5. Deadlines scale with the bytes in flight: the exchange ends
+   ``DEADLINE_EXCEEDED`` only when no frame came from the peer for
+   ``timeout_s`` plus the unacknowledged bytes at the link's measured rate
+   (:meth:`~syncfw.sync.Session.patience_s`), so a thin link that keeps
+   acknowledging keeps its exchange.
+6. One :class:`~syncfw.sync.links.PeerBook` per replica (:func:`peer_book`) is
+   shared by all its runners: batch sizes learned on a link carry to its next
+   exchange, and live exchanges with one peer never send it the same origin.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices
 from syncfw.sync import Close, Effect, Frame, PeerInfo, Session, SessionConfig, Status, clip
+from syncfw.sync.links import ClockEstimate, PeerBook
+from syncfw.sync.session import SessionClocks
 from syncfw.transport.admission import peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.wire import decode_frame, encode_frame
@@ -56,6 +67,7 @@ __all__ = [
     "SendBudget",
     "StreamEnded",
     "WallClock",
+    "peer_book",
     "replica_wall_ms",
     "run_exchange",
 ]
@@ -86,6 +98,20 @@ class WallClock(Protocol):
 def replica_wall_ms(replica: Replica) -> int:
     """The wall clock a replica's ``Hello`` reports: its own if it has one, else the system's."""
     return replica.wall_ms() if isinstance(replica, WallClock) else system_wall_ms()
+
+
+_books: weakref.WeakKeyDictionary[Replica, PeerBook] = weakref.WeakKeyDictionary()
+
+
+def peer_book(replica: Replica) -> PeerBook | None:
+    """The replica's shared :class:`PeerBook` (invariant 6); None if it cannot be weakly referenced."""
+    try:
+        got = _books.get(replica)
+        if got is None:
+            got = _books[replica] = PeerBook()
+        return got
+    except TypeError:
+        return None
 
 
 class SendBudget(Protocol):
@@ -131,7 +157,8 @@ class ExchangeOutcome:
         status: the end status (``OK`` when both sides are in sync).
         reason: why it ended.
         peer_id: the peer's node id, if it said hello.
-        ops_sent: ops this side sent.
+        ops_sent: ops this side sent that the peer acknowledged (applied and durable).
+        ops_queued: ops this side sent, acknowledged or not.
         ops_received: ops this side applied from the peer.
         bytes_sent: wire bytes this side sent.
         frames_sent: frames this side sent.
@@ -139,8 +166,11 @@ class ExchangeOutcome:
         frames_received: frames this side read from the peer.
         duration_s: wall time of the exchange.
         learned: peer lists the peer gossiped.
-        peer_clock_offset_ms: how far the peer's clock was ahead of ours at
-            hello (see :attr:`Session.peer_clock_offset_ms`).
+        peer_clock_offset_ms: how far the peer's clock is ahead of ours
+            (see :attr:`Session.peer_clock_offset_ms`).
+        peer_clock: the interval the peer's offset lies in, over recent
+            exchanges (:class:`~syncfw.sync.links.ClockEstimate`); warn only
+            when :meth:`~syncfw.sync.links.ClockEstimate.exceeds` the limit.
     """
 
     status: Status
@@ -155,6 +185,8 @@ class ExchangeOutcome:
     duration_s: float = 0.0
     learned: list[tuple[PeerInfo, ...]] = field(default_factory=list)
     peer_clock_offset_ms: int | None = None
+    peer_clock: ClockEstimate | None = None
+    ops_queued: int = 0
 
     @property
     def ok(self) -> bool:
@@ -222,8 +254,10 @@ class ExchangeRunner:
         """Run the exchange to its end.
 
         Args:
-            timeout_s: the whole exchange's deadline; past it the exchange ends
-                with ``DEADLINE_EXCEEDED`` (what was applied stays applied).
+            timeout_s: how long the peer may stay silent with nothing in
+                flight; unacknowledged bytes extend it (invariant 5). Past it
+                the exchange ends ``DEADLINE_EXCEEDED`` (what was applied stays
+                applied).
 
         Returns:
             How the exchange ended. Never raises for a peer's, the link's or a
@@ -238,11 +272,22 @@ class ExchangeRunner:
         )
         status: Status | None = None
         reason = ""
+        loop = asyncio.get_running_loop()
+        patience = 0.0
         try:
-            async with asyncio.timeout(timeout_s):
+            async with asyncio.timeout(None) as deadline:
+
+                def progressed() -> None:  # a frame came: the deadline moves (invariant 5)
+                    nonlocal patience
+                    if timeout_s is not None:
+                        patience = session.patience_s(timeout_s)
+                        deadline.reschedule(loop.time() + patience)
+
+                progressed()
                 await performer.start()
                 while not session.ended:
                     item = await self.queue.get()
+                    progressed()
                     if isinstance(item, FrameIn):
                         await performer.receive(item.frame)
                     elif isinstance(item, LinkFailed):
@@ -250,7 +295,10 @@ class ExchangeRunner:
                     else:
                         await performer.abort(Status.ABORTED, "peer hung up mid-exchange")
         except TimeoutError:
-            reason = f"exchange took over {timeout_s}s"
+            session.timed_out()
+            reason = (
+                f"no progress for {patience:.1f}s ({session.bytes_unacked} bytes unacknowledged)"
+            )
             # telling the peer must not hang on a peer that stopped reading
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_SEND_FAILED_WAIT_S):
@@ -274,7 +322,8 @@ class ExchangeRunner:
             status,
             reason,
             peer_id=session.peer_id,
-            ops_sent=session.ops_sent,
+            ops_sent=session.ops_acked,
+            ops_queued=session.ops_sent,
             ops_received=session.ops_received,
             bytes_sent=performer.bytes_sent,
             frames_sent=performer.frames_sent,
@@ -283,6 +332,7 @@ class ExchangeRunner:
             duration_s=time.monotonic() - self._started,
             learned=performer.learned,
             peer_clock_offset_ms=session.peer_clock_offset_ms,
+            peer_clock=session.peer_clock,
         )
 
     async def _read(self) -> None:
@@ -360,9 +410,13 @@ def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) ->
         out.status.name,
         clip(out.reason, 400),
         out.ops_sent,
+        out.ops_queued - out.ops_sent,
         out.ops_received,
     )
-    message = "exchange %s <-> %s (%s) ended %s: %s; sent %d ops, applied %d"
+    message = (
+        "exchange %s <-> %s (%s) ended %s: %s; "
+        "delivered %d ops (acknowledged), %d more unacknowledged, applied %d"
+    )
     if out.ok or out.status is Status.CANCELLED:
         log.log(logging.DEBUG if out.ok else logging.INFO, message, *args)
         return
@@ -387,6 +441,7 @@ async def run_exchange(
     on_peers: OnPeers | None = None,
     timeout_s: float | None = None,
     metrics: NodeMetrics | None = None,
+    initiator: bool = False,
 ) -> ExchangeOutcome:
     """Run one exchange over ``stream`` to its end.
 
@@ -400,10 +455,12 @@ async def run_exchange(
             (defaults to the id the link authenticated, under mTLS).
         budget: per-peer bandwidth budget charged for every frame sent.
         on_peers: called with each member list the peer gossips.
-        timeout_s: the whole exchange's deadline; past it the exchange ends
-            with ``DEADLINE_EXCEEDED`` (what was applied stays applied).
+        timeout_s: how long the peer may stay silent with nothing in flight;
+            unacknowledged bytes extend it (invariant 5).
         metrics: the node's registry; the exchange's outcome, duration, wire
             bytes and ops are recorded there when it ends.
+        initiator: this side dialed (its Hello goes first; clock offsets are
+            then bounded on both sides).
 
     Returns:
         How the exchange ended. Never raises for a peer's, the link's or a
@@ -418,6 +475,9 @@ async def run_exchange(
         expect_peer=expect_peer if expect_peer is not None else stream.peer_identity,
         wall_ms=replica_wall_ms(replica),
         fleet_digest=replica.fleet_digest,
+        clocks=SessionClocks(time.monotonic, lambda: replica_wall_ms(replica)),
+        book=peer_book(replica),
+        initiator=initiator,
     )
     runner = ExchangeRunner(replica, stream, session, budget=budget, on_peers=on_peers)
     try:

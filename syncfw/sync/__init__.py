@@ -42,8 +42,10 @@ from syncfw.sync.frames import (
     Summary,
     clip,
 )
+from syncfw.sync.links import BatchSizer, ClockEstimate, ClockFilter, PeerBook, PeerLink
 from syncfw.sync.session import (
     Session,
+    SessionClocks,
     SessionConfig,
     SessionState,
 )
@@ -59,6 +61,9 @@ __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
     "Acknowledge",
+    "BatchSizer",
+    "ClockEstimate",
+    "ClockFilter",
     "ApplyOps",
     "Close",
     "DecodeOps",
@@ -71,10 +76,13 @@ __all__ = [
     "LearnPeers",
     "LoadPeerAck",
     "Ops",
+    "PeerBook",
     "PeerInfo",
+    "PeerLink",
     "Peers",
     "Send",
     "Session",
+    "SessionClocks",
     "SessionConfig",
     "SessionState",
     "Status",

@@ -77,7 +77,6 @@ from syncfw.sync.effects import (
     LoadPeerAck,
     Send,
 )
-from syncfw.sync.links import BatchSizer, ClockEstimate, PeerBook, PeerLink
 from syncfw.sync.frames import (
     PROTOCOL_VERSION,
     Ack,
@@ -92,6 +91,7 @@ from syncfw.sync.frames import (
     Summary,
     clip,
 )
+from syncfw.sync.links import BatchSizer, ClockEstimate, PeerBook, PeerLink
 
 __all__ = [
     "Session",

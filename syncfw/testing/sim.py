@@ -37,6 +37,8 @@ from syncfw.exchange.performer import Performer
 from syncfw.exchange.runner import replica_wall_ms
 from syncfw.log import Op, Replica, op_hash
 from syncfw.sync import Frame, Session, SessionConfig, SessionState, Status
+from syncfw.sync.links import PeerBook
+from syncfw.sync.session import SessionClocks
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.wire import decode_frame, encode_frame
 from syncfw.zones import Fleet, Grant, Verdict
@@ -243,6 +245,7 @@ class Simulation:
         self._seq = itertools.count()
         self._xid = itertools.count(1)
         self._side: list[int] = []  # partition side per node (all 0: connected)
+        self._books: dict[int, PeerBook] = {}  # per node: its sessions' peer links
         self._faults = True
 
     # -- scheduling ----------------------------------------------------------------
@@ -356,6 +359,7 @@ class Simulation:
         if not self._faults or not self.nodes[i].up:
             return
         await self.nodes[i].crash()
+        self._books.pop(i, None)  # what its sessions knew of links is lost with it
         self.report.crashes += 1
 
     async def _ev_restart(self, i: int) -> None:
@@ -379,6 +383,12 @@ class Simulation:
                 config=self.cfg.session,
                 wall_ms=replica_wall_ms(node.replica),
                 fleet_digest=node.replica.fleet_digest,
+                # virtual time: simulated delays never trip a wall-clock deadline
+                clocks=SessionClocks(
+                    lambda: self.now / 1000, functools.partial(replica_wall_ms, node.replica)
+                ),
+                book=self._books.setdefault(side, PeerBook()),
+                initiator=side == a,
             )
             x.performers[side] = Performer(
                 session,

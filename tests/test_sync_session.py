@@ -636,3 +636,43 @@ def test_the_performer_needs_no_event_loop() -> None:
     res = _pair(a, b).run()
     assert res.a == (Status.OK, "synced")
     assert _converged(a, b)
+
+
+# -- clock offsets as NTP intervals, batch sizes per link -----------------------------
+
+
+def test_a_shared_clock_with_slow_hellos_reads_as_in_step_within_its_uncertainty() -> None:
+    from syncfw.sync.links import ClockEstimate, ClockFilter
+
+    # one clock, 8 s each way (the false warnings): the midpoint is 0
+    est = ClockEstimate.round_trip(t0=1_000, t1=9_000, t2=9_000, t3=17_000)
+    assert est.offset_ms == 0 and est.uncertainty_ms == 8_000
+    assert not est.exceeds(500)
+    # a peer 2 s ahead over a 100 ms round trip is beyond 500 ms plus the uncertainty
+    ahead = ClockEstimate.round_trip(t0=0, t1=2_050, t2=2_050, t3=100)
+    assert ahead.offset_ms == 2_000 and ahead.uncertainty_ms == 50 and ahead.exceeds(500)
+    # a one-way (responder's) sample bounds from below only: behind is never claimed
+    assert ClockEstimate(-3_000).exceeds(500) is False
+    assert ClockEstimate(3_000).exceeds(500) is True
+    # the filter intersects recent samples, and starts afresh when a clock steps
+    f = ClockFilter()
+    f.add(ClockEstimate(-100, 300))
+    assert f.add(ClockEstimate(0, 500)) == ClockEstimate(0, 300)
+    assert f.add(ClockEstimate(5_000, 5_100)) == ClockEstimate(5_000, 5_100)
+
+
+def test_batches_start_small_grow_on_fast_acks_and_shrink_on_slow_ones() -> None:
+    from syncfw.sync.links import BatchSizer
+
+    s = BatchSizer(size=8192, floor=2048, cap=65536)
+    s.acked(8192, 0.1)
+    assert s.size == 16384
+    s.acked(16384, None)  # no clock: fast
+    assert s.size == 32768
+    s.acked(32768, 4.0)
+    assert s.size == 16384 and s.rate_bps is not None
+    s.timed_out()
+    assert s.size == 2048
+    for _ in range(10):
+        s.acked(1, 0.0)
+    assert s.size == 65536

@@ -14,6 +14,14 @@ Usage: ``python bench/convergence.py [--seeds S]`` (< 60 s).
   node to its arrival on a peer it is connected to (eager push), over 200
   writes 20 ms apart.
 
+- ``slow_link_efficiency``: a node behind a 64 kbit/s link (a shaping TCP
+  proxy on loopback, ``syncfw.testing.shaping``, in front of a real gRPC
+  server) with a backlog of 1 KiB random writes, caught up by repeated
+  exchanges: (backlog wire bytes / link rate) / catch-up time, median of 3.
+  Scaled down to fit a minute: the backlog is ``--backlog-s`` (default 5) s
+  of the link, not 60.
+- ``slow_link_stalls``: runs in which no op moved for 30 s (of the 3).
+
 The last line printed is one JSON object.
 """
 
@@ -179,9 +187,51 @@ async def grpc_heal_and_latency() -> tuple[float, float]:
     return heal_s, p99
 
 
+async def slow_link_run(backlog_s: float) -> tuple[float, bool]:
+    """One catch-up over a shaped 64 kbit/s link: (efficiency, stalled)."""
+    import os
+
+    from syncfw.codec import encode_batch
+    from syncfw.exchange import run_exchange
+    from syncfw.testing.shaping import ShapedLink
+    from syncfw.transport.rpc import ChannelPool, GrpcServer
+
+    rate = 64_000 / 8
+    a, b = MemoryReplica("a", FLEET), MemoryReplica("b", FLEET)
+
+    async def handler(stream: FrameStream) -> None:
+        await run_exchange(b, stream, timeout_s=30.0)
+
+    server = await GrpcServer.start("127.0.0.1:0", handler)
+    link = await ShapedLink(server.address, rate_bps=rate).start()
+    writes = int(backlog_s * rate / 1024)
+    for k in range(writes):
+        a.put(f"fleet/a/k{k}", os.urandom(1024))
+    backlog = len(encode_batch(a.all_ops(), zstd=True, elide_prev=True))
+    pool = ChannelPool()
+    last_move, seen, stalled = time.monotonic(), 0, False
+    t0 = time.monotonic()
+    try:
+        while b.vv().get("a", 0) < writes:
+            await run_exchange(a, await pool.open(link.address), timeout_s=30.0, initiator=True)
+            now, got = time.monotonic(), b.vv().get("a", 0)
+            if got > seen:
+                seen, last_move = got, now
+            elif now - last_move > 30:
+                stalled = True
+                break
+        took = time.monotonic() - t0
+    finally:
+        await pool.aclose()
+        await link.aclose()
+        await server.aclose()
+    return (backlog / rate) / took, stalled
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--backlog-s", type=float, default=5.0)
     args = parser.parse_args()
     res: dict[str, float] = {}
     for n in (8, 32, 128):
@@ -192,6 +242,10 @@ async def main() -> None:
     heal, p99 = await grpc_heal_and_latency()
     res["grpc16_heal_s"] = round(heal, 3)
     res["neighbour_p99_ms"] = round(p99, 2)
+    runs = [await slow_link_run(args.backlog_s) for _ in range(3)]
+    print(f"slow link: efficiency {[round(e, 3) for e, _ in runs]}")
+    res["slow_link_efficiency"] = round(statistics.median(e for e, _ in runs), 3)
+    res["slow_link_stalls"] = sum(1 for _, st in runs if st)
     print(json.dumps(res))
 
 

@@ -356,6 +356,7 @@ async def test_members_are_kept_in_the_nodes_file_across_a_restart(tmp_path: Pat
         async with Node.open(tmp_path / "b.db", node_id="b", fleet=fleet) as b:
             mb = await b.serve("b", ["a"], config=cfg, network=InMemoryNetwork(net))
             assert (await mb.sync_with("a")).ok
+            assert await mb.save_members()  # what the rounds do every 10 s
         # b closed (saving its members); it restarts with no seeds at all
         async with Node.open(tmp_path / "b.db", node_id="b", fleet=fleet) as b:
             mb = await b.serve("b2", [], config=cfg, network=InMemoryNetwork(net))

@@ -35,6 +35,7 @@ from syncfw.testing import MemoryReplica, wait_until
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.memory import Handler, MemoryNetwork
 from syncfw.transport.network import GrpcNetwork, InMemoryNetwork, Listener, Network
+from syncfw.transport.probe import ProbeAnswer, ProbeHandler
 from syncfw.transport.wire import MAX_FRAME_BYTES, encode_frame
 
 # -- addresses and node ids (pure) ---------------------------------------------------------
@@ -309,8 +310,18 @@ class _Recording:
         self.honest = honest
         self.dialed: list[str] = []
 
-    async def serve(self, listen: str, handler: Handler) -> Listener:
-        return await self.inner.serve(listen, handler)
+    async def serve(
+        self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
+    ) -> Listener:
+        return await self.inner.serve(listen, handler, probe=probe)
+
+    async def probe(
+        self, address: str, *, source: str, target: str = "", timeout_s: float
+    ) -> ProbeAnswer:
+        self.dialed.append(address)
+        if address not in self.honest:
+            return ProbeAnswer(False, "", f"{address}: invented")
+        return await self.inner.probe(address, source=source, target=target, timeout_s=timeout_s)
 
     async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
         self.dialed.append(address)

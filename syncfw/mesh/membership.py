@@ -450,18 +450,27 @@ class Membership:
         pass even when the fanout never picks it. The round-robin one is
         outside ``avoid`` (the round's exchanges) when any such member is left,
         so probes and exchanges together cover as many members as they can.
+        Learned members never reached (:meth:`is_new`) are never probed: a
+        probe is a dial, and new dials are the rounds' own, rate-limited.
         """
         out = [
             m
             for m in sorted(self.members.values(), key=lambda m: m.address)
-            if m.address not in exclude and (m.state is MemberState.SUSPECT or m.recheck)
+            if m.address not in exclude
+            and (m.state is MemberState.SUSPECT or m.recheck)
+            and not self.is_new(m)
         ]
         taken = exclude | {m.address for m in out}
         fallback: Member | None = None
         for _ in range(2):  # the rest of this pass, then a fresh one
             while self._probe_order:
                 m = self.members.get(self._probe_order.pop())
-                if m is None or m.state is not MemberState.ALIVE or m.address in taken:
+                if (
+                    m is None
+                    or m.state is not MemberState.ALIVE
+                    or m.address in taken
+                    or self.is_new(m)  # a learned address never reached: dialed only by rounds
+                ):
                     continue
                 if m.address not in avoid:
                     return [*out, m]
@@ -475,7 +484,8 @@ class Membership:
         """Up to ``k`` alive members to ask for an indirect probe of ``target``.
 
         Members reached before are preferred (they are known to answer);
-        others alive fill in.
+        seeds fill in. Learned members never reached are never asked (asking
+        is a dial, which only rounds make, within the new-dial rate).
         """
         alive = sorted(
             (
@@ -486,7 +496,7 @@ class Membership:
             key=lambda m: m.address,
         )
         reached = [m for m in alive if m.last_ok is not None]
-        rest = [m for m in alive if m.last_ok is None]
+        rest = [m for m in alive if m.last_ok is None and m.address in self.seeds]
         out = rng.sample(reached, min(k, len(reached)))
         if len(out) < k:
             out += rng.sample(rest, min(k - len(out), len(rest)))

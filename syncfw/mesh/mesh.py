@@ -37,8 +37,9 @@ Invariants:
    in all, at most ``config.exchange_timeout_s``. A probe takes at most
    ``probe_timeout_s``, an indirect one twice that.
 7. With a :class:`~syncfw.mesh.persist.MemberFile`, the members ever reached
-   are saved every ``_SAVE_EVERY_S`` and at close, and restored at start
-   beside the seeds.
+   are saved every ``_SAVE_EVERY_S`` (from the rounds; not at close, which
+   writes nothing to the node's file after the store's last commit), and
+   restored at start beside the seeds.
 6. Gossip is bounded (``config.gossip``): members are learned only from a
    Peers frame the session accepted, which it does only after the peer's
    Hello; the table, what one frame adds and this node's own list are capped
@@ -747,8 +748,6 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        if self.member_file is not None:
-            await self.save_members()
         tasks = [*self._tasks, *self._spawned]
         for task in tasks:
             task.cancel()

@@ -3,7 +3,7 @@
 Invariants:
 
 1. One small table, ``mesh_members`` (address, node id, last seen, wall-clock
-   ms), created here if absent (``CREATE TABLE IF NOT EXISTS``: the store's
+   ms), created by the first save if absent (``CREATE TABLE IF NOT EXISTS``: the store's
    checks at open accept a syncfw file with it); this module reads and
    replaces its rows and touches nothing else in the file. It is never
    created in a file that is not already a syncfw store (``application_id``).
@@ -57,7 +57,7 @@ class MemberFile:
         self.path = str(path)
         self.limit = limit
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, *, create: bool) -> sqlite3.Connection:
         if not Path(self.path).is_file():
             raise sqlite3.OperationalError(f"no such file {self.path!r}")
         conn = sqlite3.connect(self.path, timeout=_BUSY_MS / 1000, isolation_level=None)
@@ -66,15 +66,21 @@ class MemberFile:
             (app_id,) = conn.execute("PRAGMA application_id").fetchone()
             if app_id != _APPLICATION_ID:
                 raise sqlite3.DatabaseError(f"{self.path!r} is not a syncfw store")
-            conn.execute(_CREATE)
+            if create:
+                conn.execute(_CREATE)
         except BaseException:
             conn.close()
             raise
         return conn
 
     def _load(self) -> list[Saved]:
-        conn = self._connect()
+        conn = self._connect(create=False)
         try:
+            known = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)
+            ).fetchone()
+            if known is None:
+                return []  # never saved: nothing to restore (reading creates nothing)
             rows = conn.execute(
                 f"SELECT node_id, address, last_seen_ms FROM {TABLE} "
                 "ORDER BY last_seen_ms DESC, address LIMIT ?",
@@ -90,7 +96,7 @@ class MemberFile:
 
     def _save(self, members: Sequence[Saved]) -> None:
         keep = sorted(members, key=lambda s: (-s.last_seen_ms, s.address))[: self.limit]
-        conn = self._connect()
+        conn = self._connect(create=True)
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:

@@ -286,6 +286,9 @@ class NodeMetrics:
             "gossip_dials": ints(self.by_label("syncfw_gossip_dials_total", "outcome")),
             "refused_streams": ints(self.by_label("syncfw_refused_streams_total", "reason")),
             "clock_offset_ms": self.by_label("syncfw_clock_offset_ms", "source"),
+            "trust_mode": ints(self.by_label("syncfw_trust_mode", "mode")),
+            "fork_evidence": ints(self.by_label("syncfw_fork_evidence", "origin")),
+            "acks_ignored": int(self.value("syncfw_acks_ignored_total")),
         }
 
     def exposition(self) -> bytes:

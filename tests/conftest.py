@@ -11,6 +11,7 @@ import pytest
 
 from syncfw import Fleet, Grant, Node, StoreConfig
 from syncfw.testing import FakeClock
+from syncfw.trust.keydir import NodeKeys
 
 __all__ = ["FLEET", "START_MS", "FakeClock", "NodeFactory", "exchange"]
 
@@ -47,6 +48,7 @@ async def make_node(tmp_path: Path, clock: FakeClock) -> AsyncIterator[NodeFacto
         config: StoreConfig | None = None,
         wall: Callable[[], int] | None = None,
         path: Path | None = None,
+        keys: NodeKeys | None = None,
     ) -> Node:
         node = await Node.open(
             path or tmp_path / f"{node_id}.db",
@@ -54,6 +56,7 @@ async def make_node(tmp_path: Path, clock: FakeClock) -> AsyncIterator[NodeFacto
             fleet=fleet,
             config=config,
             clock=wall or clock,
+            keys=keys,
         )
         opened.append(node)
         return node

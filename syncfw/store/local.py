@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from syncfw.crdt import lww_wins
 from syncfw.errors import ClockError, ValueTooLargeError
-from syncfw.log import Op, OpChain
+from syncfw.log import Op, OpChain, op_size
 from syncfw.store.planner import (
     HLC_LIMIT,
     INSERT_STATE_ROW,
@@ -27,7 +27,7 @@ from syncfw.store.planner import (
 )
 from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, stage_grant
-from syncfw.trust import EVIDENCE_KIND, SEAL_EVERY
+from syncfw.trust import EVIDENCE_KIND, SEAL_BYTES, SEAL_EVERY
 from syncfw.zones import GRANT_KIND, ZoneTable
 
 __all__ = ["LocalPlan", "LocalWrite", "WriteSpec", "check_size", "plan_local"]
@@ -181,10 +181,16 @@ def plan_local(
         ops.append(op)
         taken.append(i)
     if ops and chain.signer is not None:
-        # The signing unit: the group's last op, and every SEAL_EVERY-th op of a
-        # long group, so no receiver holds more than that waiting for a head.
-        for i in range(SEAL_EVERY - 1, len(ops) - 1, SEAL_EVERY):
-            ops[i] = chain.seal(ops[i])
+        # The signing unit: the group's last op, and within a long group every
+        # SEAL_EVERY-th op or SEAL_BYTES of ops, so a receiver never holds more
+        # than that waiting for a head (and every sync batch carries one).
+        since, size = 0, 0
+        for i in range(len(ops) - 1):
+            since += 1
+            size += op_size(ops[i])
+            if since >= SEAL_EVERY or size >= SEAL_BYTES:
+                ops[i] = chain.seal(ops[i])
+                since, size = 0, 0
         ops[-1] = chain.seal(ops[-1])
     tip = chain.tip
     steps: list[Step] = [(INSERT_OP, [(*op.to_tuple(), 0) for op in ops])]

@@ -191,6 +191,9 @@ class Triage:
     duplicates: tuple[Op, ...]
     contested: frozenset[OpId] = frozenset()
     """Fresh ops that differ from the pending op at their id (invariant 7)."""
+    resealed: frozenset[OpId] = frozenset()
+    """Signed fleets: copies of pending ops with another ``sig``, which replace them
+    (a held copy's sig was never verified; a relayer's junk must not shadow the real one)."""
 
     def state_keys(self, pending: Pending) -> set[tuple[str, str]]:
         """The non-lww ``(kind, key)`` states the plan will fold into."""
@@ -213,6 +216,8 @@ def triage(incoming: Iterable[Op], m: Mirrors) -> Triage:
             pending op is ``contested``: invariant 7.)
     """
     vv, pending = m.vv, m.pending
+    signed = m.keys is not None
+    resealed: set[OpId] = set()
     fresh: dict[str, dict[int, Op]] = {}
     held: list[Op] = []
     dups: list[Op] = []
@@ -238,12 +243,19 @@ def triage(incoming: Iterable[Op], m: Mirrors) -> Triage:
         waiting = pending.get(op.origin)
         if waiting is not None and op.seq in waiting:
             if same_op(waiting[op.seq][0], op):
-                dups.append(op)
-                continue
-            contested.add(op.id)  # never verified: the chain walk decides
+                if not (signed and op.sig is not None and op.sig != waiting[op.seq][0].sig):
+                    dups.append(op)
+                    continue
+                resealed.add(op.id)  # a held copy's sig was never verified: try this one
+            else:
+                contested.add(op.id)  # never verified: the chain walk decides
         mine[op.seq] = op
     return Triage(
-        {o: d for o, d in fresh.items() if d}, tuple(held), tuple(dups), frozenset(contested)
+        {o: d for o, d in fresh.items() if d},
+        tuple(held),
+        tuple(dups),
+        frozenset(contested),
+        frozenset(resealed),
     )
 
 
@@ -694,7 +706,7 @@ def plan_remote(
     old_keys = {(o, s) for o, d in m.pending.items() for s in d}
     new_keys = {(o, s) for o, d in new_pending.items() for s in d}
     # A contested op still waiting replaces the pending one at its id (invariant 7).
-    replaced = {(o, s) for o, s in t.contested if (o, s) in new_keys}
+    replaced = {(o, s) for o, s in t.contested | t.resealed if (o, s) in new_keys}
     to_insert = [
         (o, s, pack_op(new_pending[o][s][0]), new_pending[o][s][1])
         for o, s in sorted((new_keys - old_keys) | replaced)

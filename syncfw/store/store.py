@@ -90,7 +90,7 @@ from syncfw.store.sql import (
     translate_error,
 )
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
-from syncfw.trust import MAX_BRANCH_OPS, ForkEvidence, KeyRing, verify_fork
+from syncfw.trust import EVIDENCE_KIND, MAX_BRANCH_OPS, ForkEvidence, KeyRing, verify_fork
 from syncfw.zones import Fleet, ZoneTable
 
 __all__ = ["NODE_ID_RE", "Priority", "Store", "StoreConfig", "StoreStats", "check_node_id"]
@@ -137,6 +137,7 @@ class Store:
         self.keys: KeyRing | None = fleet.keyring()
         self.forks: dict[str, int] = {}
         self.evidence: dict[str, ForkEvidence] = {}
+        self._tasks: set[asyncio.Future[None]] = set()
         self._meter = StoreMeter(metrics)
         self._alarm = PendingAlarm(
             config.pending_warn_ops,
@@ -539,6 +540,18 @@ class Store:
                 "FORK EVIDENCE: the key of %s signed two different histories at seq %d; its "
                 "later ops are held until the authority revokes it", origin, found.seq,
             )
+            task = asyncio.ensure_future(self._gossip_evidence(found))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _gossip_evidence(self, ev: ForkEvidence) -> None:
+        """Write the evidence into this node's own zone, so every node learns it."""
+        key = f"fleet/{self.node_id}/evidence/{ev.origin}"
+        try:
+            zone, epoch = self.zones.zone_for_write(self.node_id, key)
+            await self.write(EVIDENCE_KIND, key, zone, epoch, ev.encode())
+        except Exception as exc:  # kept locally either way; say why it was not relayed
+            log.warning("fork evidence against %s kept here but not gossiped: %s", ev.origin, exc)
 
     # ------------------------------------------------------------------ reads
 

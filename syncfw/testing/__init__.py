@@ -14,6 +14,7 @@ hypothesis strategies, as one flat surface (``from syncfw.testing import ...``):
   :class:`SimReport`, the node kinds :class:`SimNode`, :class:`MemorySimNode`,
   :class:`SqliteSimNode`, and :func:`check`, its checker;
 - transports: :func:`check_transport`, the conformance suite;
+- trust: :class:`SignedFleet`, a signed fleet's authority and node keys in memory;
 - hypothesis strategies: :data:`values`, :func:`chains`, :func:`op_tuples` for
   the log; :func:`histories`, :func:`ydoc_histories` and :class:`History` for
   CRDT laws (more in :mod:`syncfw.testing.strategies`). ``hypothesis`` is a
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
         values,
         ydoc_histories,
     )
+    from syncfw.testing.trust import SignedFleet
 
 __all__ = [
     "REPLICA_CHECKS",
@@ -73,6 +75,7 @@ __all__ = [
     "ReplicaFactory",
     "SimConfig",
     "SimNode",
+    "SignedFleet",
     "SimReport",
     "Simulation",
     "SqliteSimNode",
@@ -96,6 +99,7 @@ _LAZY = {
     "MemorySimNode": "syncfw.testing.sim",
     "check": "syncfw.testing.sim",
     "SqliteSimNode": "syncfw.testing.sqlite_node",
+    "SignedFleet": "syncfw.testing.trust",
     "check_transport": "syncfw.testing.conformance",
     "chains": "syncfw.testing.strategies",
     "op_tuples": "syncfw.testing.strategies",

@@ -285,7 +285,8 @@ class MemoryReplica:
                     duplicates += 1
                 continue
             waiting = self._pending_op(op)
-            if waiting is not None and same_op(waiting, op):
+            # A held copy's sig was never verified: one with another sig replaces it.
+            if waiting is not None and same_op(waiting, op) and op.sig in (None, waiting.sig):
                 duplicates += 1
                 continue
             fresh[op.id] = op

@@ -8,6 +8,7 @@ on disk and X.509 certificates live in :mod:`.keydir`.
 from syncfw.trust.evidence import EVIDENCE_KIND, MAX_BRANCH_OPS, ForkEvidence, verify_fork
 from syncfw.trust.ring import (
     MAX_TRIES,
+    SEAL_BYTES,
     SEAL_EVERY,
     SIG_BYTES,
     UNSIGNED,
@@ -36,6 +37,7 @@ __all__ = [
     "MAX_BRANCH_OPS",
     "MAX_TRIES",
     "REVOKE_KIND",
+    "SEAL_BYTES",
     "SEAL_EVERY",
     "SIG_BYTES",
     "STATEMENT_KIND_OF",

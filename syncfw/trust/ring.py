@@ -47,6 +47,7 @@ from syncfw.trust.statements import (
 
 __all__ = [
     "MAX_TRIES",
+    "SEAL_BYTES",
     "SEAL_EVERY",
     "SIG_BYTES",
     "UNSIGNED",
@@ -63,6 +64,9 @@ SIG_BYTES = 64
 SEAL_EVERY = 256
 """A long group commit is sealed at least every this many ops, so a receiver never
 holds more than this many of an origin's ops waiting for a signature."""
+SEAL_BYTES = 256 << 10
+"""... and at least every this many bytes of ops (``op_size``), so every sync batch
+(up to 3/4 MiB) carries a head."""
 MAX_TRIES = 4
 """Signature verifications spent on one origin's ops per batch, at most."""
 

@@ -359,6 +359,7 @@ class Mesh:
                     on_peers=functools.partial(self._learn, source=address),
                     timeout_s=self.config.exchange_timeout_s,
                     metrics=self.metrics,
+                    initiator=True,
                 )
             await self._record(address, out)
             return out
@@ -622,9 +623,14 @@ class Mesh:
         if peer is None:
             return
         offset = out.peer_clock_offset_ms
-        if offset is not None and abs(offset) > self.config.clock_warn_ms:
+        clock = out.peer_clock  # warn only beyond the limit plus the uncertainty
+        if offset is not None and clock is not None and clock.exceeds(self.config.clock_warn_ms):
             log.warning(
-                "%s: clock of peer %s is %+d ms off ours", self.replica.node_id, peer, offset
+                "%s: clock of peer %s is %+d ms off ours (uncertainty %.0f ms)",
+                self.replica.node_id,
+                peer,
+                offset,
+                clock.uncertainty_ms,
             )
         if not any(m.node_id == peer for m in self.membership.members.values()):
             # per-peer series stay bounded by the member table; it learns the

@@ -25,21 +25,30 @@ from syncfw.testing import (
     ReplicaFactory,
     check_replica,
 )
+from syncfw.trust import NodeSigner
+from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet
 
 
 @asynccontextmanager
-async def _memory(node_id: str, fleet: Fleet) -> AsyncIterator[CheckedReplica]:
-    yield MemoryReplica(node_id, fleet)
+async def _memory(
+    node_id: str, fleet: Fleet, *, keys: NodeKeys | None = None
+) -> AsyncIterator[CheckedReplica]:
+    r = MemoryReplica(node_id, fleet)
+    if keys is not None:
+        r.signer = NodeSigner(fleet.fleet_id, keys.signing_key)
+    yield r
 
 
 def _sqlite(tmp_path: Path) -> ReplicaFactory:
     count = itertools.count()
 
     @asynccontextmanager
-    async def factory(node_id: str, fleet: Fleet) -> AsyncIterator[CheckedReplica]:
+    async def factory(
+        node_id: str, fleet: Fleet, *, keys: NodeKeys | None = None
+    ) -> AsyncIterator[CheckedReplica]:
         async with Node.open(
-            tmp_path / f"{next(count)}-{node_id}.db", node_id=node_id, fleet=fleet
+            tmp_path / f"{next(count)}-{node_id}.db", node_id=node_id, fleet=fleet, keys=keys
         ) as node:
             yield node
 
@@ -78,7 +87,9 @@ class _SigStrict(MemoryReplica):
 
 def _of(cls: type[MemoryReplica]) -> ReplicaFactory:
     @asynccontextmanager
-    async def factory(node_id: str, fleet: Fleet) -> AsyncIterator[CheckedReplica]:
+    async def factory(
+        node_id: str, fleet: Fleet, *, keys: NodeKeys | None = None
+    ) -> AsyncIterator[CheckedReplica]:
         yield cls(node_id, fleet)
 
     return factory

@@ -29,6 +29,13 @@ run it, so what one does the other does. What it asserts:
 8. Concurrent lww writes converge by :func:`~syncfw.crdt.lww.lww_wins`
    (greater hlc, then greater origin; a tombstone wins like any write),
    whatever order they arrive in, and replicas that exchange ops agree.
+9. A signed fleet (an authority key in the bootstrap) applies an origin's ops
+   only up to the highest head its registered key signed; a head signed by
+   another key covers nothing, and the genuine copy re-sent replaces it; only
+   verified heads keep their ``sig``. Conflicting unsigned ops are discarded,
+   never a ``ForkError``/``ChainError``; a signed conflicting op is fork
+   evidence and holds its origin while other origins apply; ops past a
+   revocation point are rejected and still counted.
 """
 
 from __future__ import annotations
@@ -41,8 +48,20 @@ from typing import Any, Protocol
 
 from syncfw.crdt.lww import TOMBSTONE, LwwState, lww_wins
 from syncfw.errors import ChainError, ForkError
-from syncfw.log import ApplyResult, Op, Replica, VersionVector, decode_value, encode_value
+from syncfw.log import (
+    ApplyResult,
+    Op,
+    OpChain,
+    Replica,
+    VersionVector,
+    decode_value,
+    encode_value,
+    op_hash,
+)
 from syncfw.testing.ops import OpWriter
+from syncfw.testing.trust import SignedFleet
+from syncfw.trust import KEYREG_KIND, REVOKE_KIND
+from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet, Grant
 
 __all__ = ["CHECK_FLEET", "REPLICA_CHECKS", "CheckedReplica", "ReplicaFactory", "check_replica"]
@@ -64,9 +83,17 @@ class CheckedReplica(Replica, Protocol):
         ...
 
 
-ReplicaFactory = Callable[[str, Fleet], AbstractAsyncContextManager[CheckedReplica]]
-"""``factory(node_id, fleet)``: an async context manager yielding a fresh,
-empty replica with that id in that fleet. Several may be open at once."""
+class ReplicaFactory(Protocol):
+    """``factory(node_id, fleet)``: an async context manager yielding a fresh, empty
+    replica with that id in that fleet. Several may be open at once.
+
+    The signed-fleet checks call ``factory(node_id, fleet, keys=keys)`` with a fleet
+    that has an authority key and the node's :class:`~syncfw.trust.keydir.NodeKeys`.
+    """
+
+    def __call__(
+        self, node_id: str, fleet: Fleet, /, *, keys: NodeKeys | None = None
+    ) -> AbstractAsyncContextManager[CheckedReplica]: ...
 
 Check = Callable[[ReplicaFactory], Awaitable[None]]
 
@@ -483,6 +510,100 @@ async def _replicas_converge_by_exchange(factory: ReplicaFactory) -> None:
             )
 
 
+# -- signed fleets ---------------------------------------------------------------------
+
+
+def _signed_chain(sf: SignedFleet, origin: str, n: int, heads: set[int]) -> list[Op]:
+    """``origin``'s registration op, then ``n - 1`` lww ops; ``heads`` sealed with its key."""
+    chain = OpChain(origin)
+    signer = sf.signer(origin)
+    zone = f"fleet/{origin}/"
+    out = [chain.mint(1, zone, 0, zone + "keys/0", KEYREG_KIND, sf.keys(origin).registration)]
+    for i in range(2, n + 1):
+        out.append(chain.mint(i, zone, 0, f"{zone}k{i}", "lww", encode_value(i)))
+    return [dataclasses.replace(op, sig=signer(op)) if op.seq in heads else op for op in out]
+
+
+async def _signed_heads_gate(factory: ReplicaFactory) -> None:
+    sf = SignedFleet(CHECK_FLEET)
+    ops = _signed_chain(sf, "n2", 5, {3, 5})
+    async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
+        got = await r.apply_remote(ops[:2])
+        assert (got.applied, got.pending) == (0, 2), (
+            f"ops no verified head covers must wait, got {got}"
+        )
+        got = await r.apply_remote(ops[2:3])
+        assert got.applied == 3, f"a verified head covers every op below it, got {got}"
+        wrong = dataclasses.replace(ops[4], sig=sf.signer("r1")(ops[4]))
+        got = await r.apply_remote([ops[3], wrong])
+        assert (got.applied, got.pending) == (0, 2), (
+            f"a head signed by another node's key must cover nothing, got {got}"
+        )
+        got = await r.apply_remote([ops[4]])
+        assert got.applied == 2, (
+            f"the genuine head, re-sent, must replace a wrongly signed held copy, got {got}"
+        )
+        sigs = {op.seq: op.sig is not None for op in await r.ops_since({}) if op.origin == "n2"}
+        assert sigs == {1: False, 2: False, 3: True, 4: False, 5: True}, (
+            f"only verified heads keep their sig (relayed onward), got {sigs}"
+        )
+
+
+async def _signed_conflicts_never_refuse(factory: ReplicaFactory) -> None:
+    sf = SignedFleet(CHECK_FLEET)
+    ops = _signed_chain(sf, "n2", 6, {3, 6})
+    async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
+        await r.apply_remote(ops[:3])
+        keys = ["fleet/n2/k2", "fleet/n2/k3"]
+        before = await _snapshot(r, keys)
+        unsigned_fork = dataclasses.replace(ops[1], value=encode_value("forged"), sig=None)
+        stray = dataclasses.replace(ops[3], prev=b"\x01" * 32, sig=None)
+        got = await r.apply_remote([unsigned_fork, stray])  # no ForkError, no ChainError
+        assert got.applied == 0, f"conflicting unsigned ops must be discarded, got {got}"
+        after = await _snapshot(r, keys)
+        assert after == before, f"discarded ops changed the replica: {before} -> {after}"
+        got = await r.apply_remote(ops[3:])
+        assert got.applied == 3, f"the genuine chain must go on after them, got {got}"
+
+
+async def _signed_fork_holds_origin(factory: ReplicaFactory) -> None:
+    sf = SignedFleet(CHECK_FLEET)
+    ops = _signed_chain(sf, "n2", 3, {3})
+    other = OpChain("n2", 2, op_hash(ops[1]))
+    twin = other.mint(3, "fleet/n2/", 0, "fleet/n2/k3", "lww", encode_value("twin"))
+    twin = dataclasses.replace(twin, sig=sf.signer("n2")(twin))
+    later = _signed_chain(sf, "n2", 4, {4})[3]
+    later = dataclasses.replace(later, prev=op_hash(ops[2]))
+    later = dataclasses.replace(later, sig=sf.signer("n2")(later))
+    n3 = _signed_chain(sf, "n3", 2, {2})
+    async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
+        await r.apply_remote(ops)
+        got = await r.apply_remote([twin, *n3])  # two signed ops at (n2, 3): evidence
+        assert got.applied == 2, f"other origins in the batch must still apply, got {got}"
+        assert await _get(r, "fleet/n2/k3") == 3, "the held op must stay"
+        got = await r.apply_remote([later])
+        assert (got.applied, got.pending) == (0, 1), (
+            f"an origin with fork evidence is held until the authority acts, got {got}"
+        )
+
+
+async def _revoked_key_rejected(factory: ReplicaFactory) -> None:
+    sf = SignedFleet(CHECK_FLEET)
+    ops = _signed_chain(sf, "n2", 4, {2, 4})
+    auth = OpChain("cloud")
+    rev = auth.mint(1, "sys/", 0, "sys/trust/r", REVOKE_KIND, sf.revoke("n2", 2))
+    rev = dataclasses.replace(rev, sig=sf.signer("cloud")(rev))
+    async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
+        got = await r.apply_remote([rev, *ops])
+        assert (got.applied, got.rejected) == (3, 2), (
+            f"ops past a revocation point are rejected (and still counted), got {got}"
+        )
+        vv = await r.version_vector()
+        assert vv.get("n2") == 4, f"rejected ops stay in their origin's chain, vv {vv}"
+        assert await _get(r, "fleet/n2/k2") == 2, "ops before the revocation point apply"
+        assert await _get(r, "fleet/n2/k3") is None, "ops past it never merge"
+
+
 REPLICA_CHECKS: dict[str, Check] = {
     "acks_move_forward": _acks_move_forward,
     "idempotence": _idempotence,
@@ -498,5 +619,9 @@ REPLICA_CHECKS: dict[str, Check] = {
     "ops_since_order": _ops_since_order,
     "lww_convergence": _lww_convergence,
     "replicas_converge_by_exchange": _replicas_converge_by_exchange,
+    "signed_heads_gate": _signed_heads_gate,
+    "signed_conflicts_never_refuse": _signed_conflicts_never_refuse,
+    "signed_fork_holds_origin": _signed_fork_holds_origin,
+    "revoked_key_rejected": _revoked_key_rejected,
 }
 """Every check of the contract, by name (``check_replica(factory, only=[name])``)."""

@@ -34,6 +34,7 @@ from syncfw import Fleet, Grant, Node, StoreConfig
 from syncfw.clock import HLC
 from syncfw.log import GENESIS, Op, encode_value, op_hash
 from syncfw.store.schema import SCHEMA_V1
+from syncfw.testing import SignedFleet
 
 FLEET = Fleet(fleet_id="bench", authority="cloud", grants=(Grant.of("site/", "*"),))
 
@@ -109,11 +110,19 @@ async def bench_apply(folder: Path, ops: list[Op], batch: int) -> float:
 
 
 async def bench_put(
-    folder: Path, name: str, sync: str, writers: int, per_writer: int
+    folder: Path, name: str, sync: str, writers: int, per_writer: int, *, signed: bool = False
 ) -> tuple[float, float, float, float]:
-    """Puts from ``writers`` concurrent writers: ops/s, p50 and p99 ms, mean group-commit size."""
+    """Puts from ``writers`` concurrent writers: ops/s, p50 and p99 ms, mean group-commit size.
+
+    ``signed``: in a signed fleet, every group commit's head sealed with ed25519."""
     cfg = StoreConfig(synchronous=sync)  # type: ignore[arg-type]
-    async with Node.open(folder / f"{name}.db", node_id="t7", fleet=FLEET, config=cfg) as node:
+    fleet, keys = FLEET, None
+    if signed:
+        sf = SignedFleet(FLEET)
+        fleet, keys = sf.fleet, sf.keys("t7")
+    async with Node.open(
+        folder / f"{name}.db", node_id="t7", fleet=fleet, config=cfg, keys=keys
+    ) as node:
         lat: list[float] = []
 
         async def writer(w: int) -> None:
@@ -162,6 +171,7 @@ def main() -> None:
     ops = make_ops(args.ops, args.keys)
     pops = put_ops(args.writers, args.per_writer)
     floors, applies, puts, fulls, p99s, p50s, put_floors, means = [], [], [], [], [], [], [], []
+    signed_puts: list[float] = []
     for r in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="syncfw-bench-") as tmp:
             folder = Path(tmp)
@@ -172,6 +182,9 @@ def main() -> None:
             )
             puts.append(ops_s)
             means.append(mean)
+            signed_puts.append(asyncio.run(
+                bench_put(folder, f"sput{r}", "NORMAL", args.writers, args.per_writer, signed=True)
+            )[0])
             put_floors.append(floor_sqlite(folder, pops, max(1, round(mean)), name=f"putfloor{r}"))
             p50s.append(p50)
             p99s.append(p99)
@@ -185,6 +198,7 @@ def main() -> None:
         # put_normal_ops_per_s says so, put_full_ops_per_s is the default's.
         "put_ops_per_s": round(med(puts)),
         "put_normal_ops_per_s": round(med(puts)),
+        "signed_put_ops_per_s": round(med(signed_puts)),
         "put_floor_ops_per_s": round(med(put_floors)),
         "put_mean_batch": round(med(means), 1),
         "put_p50_ms": round(med(p50s), 2),
@@ -203,6 +217,8 @@ def main() -> None:
          f"{fig['put_floor_ops_per_s']:,.0f} ops/s", "1.00x put floor"),
         (f"put, {args.writers} writers, NORMAL (opt-in)", f"{fig['put_ops_per_s']:,.0f} ops/s",
          f"{fig['put_ops_per_s'] / fig['put_floor_ops_per_s']:.2f}x put floor (target >= 0.5)"),
+        ("put, same writers, signed fleet (NORMAL)", f"{fig['signed_put_ops_per_s']:,.0f} ops/s",
+         f"{fig['signed_put_ops_per_s'] / fig['put_ops_per_s']:.2f}x put (target >= 0.8)"),
         ("put latency p50 / p99", f"{fig['put_p50_ms']} / {fig['put_p99_ms']} ms", "target p99 <= 10"),
         (f"put, {args.writers} writers, FULL (default)", f"{fig['put_full_ops_per_s']:,.0f} ops/s",
          f"{fig['put_full_ops_per_s'] / fl:.2f}x floor"),

@@ -14,6 +14,9 @@ dials it. Figures:
 - ``floor_ops_per_s``: the same copy done in-process with no protocol, no
   codec and no network (``ops_since`` + ``apply_remote`` in 2,000-op batches):
   the store-bound ceiling sync can approach; their ratio is the protocol's cost.
+- ``signed_ops_per_s``: the same catch-up in a signed fleet (the sender's heads
+  sealed with ed25519, every covering head verified by the receiver);
+  ``signed_ratio`` is it over ``ops_per_s`` of the same run (target >= 0.7).
 - ``wire_bytes_per_op``: gRPC payload bytes both ways / N (zstd on).
 - ``msgpack_bytes_per_op``: the same ops packed as plain msgpack / N.
 - ``peak_rss_mb``: peak resident memory of this process.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import resource
@@ -41,14 +45,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import msgpack
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from syncfw.codec import BatchLimits, encode_batch
 from syncfw.exchange import ExchangeOutcome, SessionPair, run_exchange
 from syncfw.log import Op
 from syncfw.node import Node
 from syncfw.testing.memory import MemoryReplica
+from syncfw.testing.trust import SignedFleet
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer
 from syncfw.transport.wire import decode_frame, encode_frame
+from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet
 
 FLEET = Fleet(fleet_id="bench")
@@ -64,13 +73,35 @@ async def _fill(node: Node, n: int) -> None:
         )
 
 
-async def serve_sender(db: str) -> None:
-    """``--serve DB``: the sending node in its own process, as in a real fleet.
+def _save_keys(path: Path, sf: SignedFleet, node_id: str) -> None:
+    """What the sender process needs to open ``node_id`` in the signed fleet."""
+    k = sf.keys(node_id)
+    path.write_bytes(
+        msgpack.packb(
+            [sf.fleet.authority_key, node_id, k.signing_key.private_bytes_raw(), k.registration]
+        )
+    )
 
-    Opens the node stored at ``db``, serves exchanges over gRPC on loopback,
-    prints ``ADDR host:port`` and runs until its standard input closes.
+
+def _load_keys(path: str) -> tuple[Fleet, NodeKeys]:
+    auth, node_id, raw, reg = msgpack.unpackb(Path(path).read_bytes())
+    fleet = dataclasses.replace(FLEET, authority_key=auth)
+    keys = NodeKeys(
+        fleet.fleet_id, fleet.authority, auth, node_id,
+        Ed25519PrivateKey.from_private_bytes(raw), reg, b"", b"", b"",
+    )
+    return fleet, keys
+
+
+async def serve_sender(db: str, keyfile: str | None = None) -> None:
+    """``--serve DB [--keys FILE]``: the sending node in its own process, as in a real fleet.
+
+    Opens the node stored at ``db`` (in the signed fleet ``FILE`` describes, if given),
+    serves exchanges over gRPC on loopback, prints ``ADDR host:port`` and runs until its
+    standard input closes.
     """
-    node = await Node.open(db, node_id="a", fleet=FLEET)
+    fleet, keys = _load_keys(keyfile) if keyfile else (FLEET, None)
+    node = await Node.open(db, node_id="a", fleet=fleet, keys=keys)
 
     async def handler(stream: FrameStream) -> None:
         await run_exchange(node, stream)
@@ -84,9 +115,12 @@ async def serve_sender(db: str) -> None:
         await node.close()
 
 
-async def _start_sender(db: Path) -> tuple[asyncio.subprocess.Process, str]:
+async def _start_sender(
+    db: Path, keyfile: Path | None = None
+) -> tuple[asyncio.subprocess.Process, str]:
+    extra = ["--keys", str(keyfile)] if keyfile else []
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", str(db),
+        sys.executable, __file__, "--serve", str(db), *extra,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -118,6 +152,33 @@ async def _grpc_sync(address: str, b: Node) -> tuple[float, ExchangeOutcome]:
         await pool.aclose()
     assert out.ok, out
     return elapsed, out
+
+
+async def _signed_figures(d: Path, n: int, repeat: int) -> list[float]:
+    """``signed_ops_per_s``: the same catch-up in a signed fleet, the sender in its own
+    process, every covering head verified by the receiver."""
+    sf = SignedFleet(FLEET)
+    a = await Node.open(d / "sa.db", node_id="a", fleet=sf.fleet, keys=sf.keys("a"))
+    await _fill(a, n)
+    want = await a.version_vector()
+    await a.close()
+    keyfile = d / "a.keys"
+    _save_keys(keyfile, sf, "a")
+    rates = []
+    proc, address = await _start_sender(d / "sa.db", keyfile)
+    try:
+        for r in range(repeat):
+            b = await Node.open(
+                d / f"sb{r}.db", node_id=f"b{r}", fleet=sf.fleet, keys=sf.keys(f"b{r}")
+            )
+            elapsed, _ = await _grpc_sync(address, b)
+            got = await b.version_vector()
+            assert got.get("a") == want["a"], (got, want)
+            rates.append(n / elapsed)
+            await b.close()
+    finally:
+        await _stop_sender(proc)
+    return rates
 
 
 async def _receiver_apply(b: Node, ops: list[Op], batch: int = 2000) -> float:
@@ -227,9 +288,10 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--follow-ops", type=int, default=None, help="default: max(--ops, 50000)")
     parser.add_argument("--serve", metavar="DB", help=argparse.SUPPRESS)
+    parser.add_argument("--keys", metavar="FILE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        await serve_sender(args.serve)
+        await serve_sender(args.serve, args.keys)
         return
     n = args.ops
     with tempfile.TemporaryDirectory() as d:
@@ -267,6 +329,7 @@ async def main() -> None:
                 await b.close()
         finally:
             await _stop_sender(proc)
+        signed_rates = await _signed_figures(Path(d), n, args.repeat)
     insync_bytes, insync_rt = _pair_cost(0)
     diff_bytes, diff_rt = _pair_cost(10)
     ops_per_s = statistics.median(rates)
@@ -275,6 +338,8 @@ async def main() -> None:
     result = {
         "ops": n,
         "ops_per_s": round(ops_per_s),
+        "signed_ops_per_s": round(statistics.median(signed_rates)),
+        "signed_ratio": round(statistics.median(signed_rates) / ops_per_s, 3),
         "floor_ops_per_s": round(floor),
         "ratio_to_floor": round(ops_per_s / floor, 3),
         "receiver_apply_ops_per_s": round(receiver),
@@ -293,6 +358,11 @@ async def main() -> None:
         f"sync of {n} ops over gRPC from a sender process: median {ops_per_s:,.0f} ops/s; "
         f"floor {floor:,.0f} ops/s ({ops_per_s / floor:.2f}x); receiver's apply_remote alone "
         f"{receiver:,.0f} ops/s ({ops_per_s / receiver:.2f}x)"
+    )
+    print(
+        f"signed fleet, same catch-up (every covering head verified): "
+        f"{result['signed_ops_per_s']:,} ops/s ({result['signed_ratio']:.2f}x unsigned, "
+        "target >= 0.7)"
     )
     result.update(await follow_figures(args.follow_ops or max(n, 50_000), floor))
     print(json.dumps(result))

@@ -59,7 +59,7 @@ from syncfw.log import (
     vv_merge,
 )
 from syncfw.metrics import NodeMetrics
-from syncfw.store import export
+from syncfw.store import export, ydocs
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
 from syncfw.store.feed import ChangeFeed, Notifier
@@ -599,6 +599,8 @@ class Store:
 
     async def read_state(self, kind: str, key: str) -> Any:
         """The decoded CRDT state of a non-lww key (its empty state if absent)."""
+        if kind == "ydoc":  # kept as updates and checkpoints, merged on read
+            return await ydocs.read(self._fetch, key)
         return (await export.load_states(self._fetch, [(kind, key)]))[(kind, key)]
 
     async def rejected(self) -> list[tuple[str, int, str, str]]:

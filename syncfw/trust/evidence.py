@@ -105,5 +105,6 @@ def verify_fork(ring: KeyRing, a: Sequence[Op], b: Sequence[Op]) -> ForkEvidence
     for x, y in ((a, b), (b, a)):
         below = {op.seq: op for op in x}.get(y[0].seq - 1)
         if below is not None and op_hash(below) != y[0].prev:
-            return ForkEvidence(y[0].origin, y[0].seq, tuple(a), tuple(b))
+            # y's chain holds another op at below.seq than x: the fork is there.
+            return ForkEvidence(y[0].origin, below.seq, tuple(a), tuple(b))
     raise TrustError("evidence branches do not disagree")

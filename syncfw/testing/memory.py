@@ -60,6 +60,7 @@ from syncfw.trust import (
     KEYREG_KIND,
     MAX_BRANCH_OPS,
     REVOKE_KIND,
+    STATEMENT_KIND_OF,
     ForkEvidence,
     KeyRing,
     cover,
@@ -425,6 +426,28 @@ class MemoryReplica:
         op = chain.seal(chain.mint(self.clock.now(), zone, epoch, key, "lww", encode_value(value)))
         self._append(op)
         self._merge(op)
+        for listener in self.listeners:
+            listener([op])
+        return op
+
+    def publish(self, statement: bytes) -> Op:
+        """Write an authority statement (a registration, a revocation) into this
+        replica's own zone, sealed: as :meth:`syncfw.Node.publish` does.
+
+        Raises:
+            TrustError: it does not verify against the fleet's authority key.
+            ValueError: the fleet is unsigned.
+        """
+        keys = self.keys
+        if keys is None:
+            raise ValueError(f"fleet {self.fleet.fleet_id!r} is unsigned")
+        kind = STATEMENT_KIND_OF[type(keys.open(statement))]
+        key = f"fleet/{self._node_id}/keys/{len(self.chains.get(self._node_id, ()))}"
+        zone, epoch = self.zones.zone_for_write(self._node_id, key)
+        chain = OpChain(self._node_id, *self._head(self._node_id), signer=self.signer)
+        op = chain.seal(chain.mint(self.clock.now(), zone, epoch, key, kind, statement))
+        keys.learn_value(statement)
+        self._append(op)
         for listener in self.listeners:
             listener([op])
         return op

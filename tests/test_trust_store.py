@@ -294,3 +294,27 @@ async def test_keys_survive_a_restart(make_node, sf, tmp_path) -> None:
     await a.put("fleet/t1/x", 2)
     await sync(a, b2)
     assert await b2.get("fleet/t1/x") == 2
+
+
+async def test_rotation_registers_a_new_key_from_a_seq(make_node, sf, tmp_path) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    a = await open_signed(make_node, sf, "t1")
+    b = await open_signed(make_node, sf, "t2")
+    await a.put("fleet/t1/x", 1)
+    old = sf.keys("t1")
+    n = (await a.version_vector())["t1"]
+    await a.close()
+    new_key = Ed25519PrivateKey.generate()
+    rotated = dataclasses.replace(
+        old, signing_key=new_key, registration=sf.register("t1", new_key, from_seq=n + 1)
+    )
+    a2 = await make_node("t1", fleet=sf.fleet, keys=rotated, path=tmp_path / "t1.db")
+    await a2.put("fleet/t1/x", 2)
+    await sync(a2, b)
+    assert await b.get("fleet/t1/x") == 2
+    # The old key can no longer vouch for t1's ops from the rotation on.
+    vv = await b.version_vector()
+    op = forge("t1", vv["t1"] + 1, b.store.head("t1"), "fleet/t1/x", "old key")
+    res = await b.apply_remote([dataclasses.replace(op, sig=NodeSigner("trust", old.signing_key)(op))])
+    assert res.applied == 0 and await b.get("fleet/t1/x") == 2

@@ -25,12 +25,14 @@ _os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 from syncfw.clock import HLC, NtpResult, check_ntp
 from syncfw.errors import (
+    AccuracyBudgetError,
     ChainError,
     ChangeFeedLagged,
     ClockError,
     ClockSkewError,
     CorruptDatabaseError,
     DatabaseLockedError,
+    DatasetError,
     DecodeError,
     EngineStateError,
     FeedError,
@@ -71,6 +73,7 @@ from syncfw.zones import Fleet, Grant
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccuracyBudgetError",
     "ApplyResult",
     "ChainError",
     "Change",
@@ -80,6 +83,7 @@ __all__ = [
     "CorruptDatabaseError",
     "Counter",
     "DatabaseLockedError",
+    "DatasetError",
     "DecodeError",
     "EngineStateError",
     "FeedError",

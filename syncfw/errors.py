@@ -42,7 +42,11 @@ and never leak::
         ├── InferenceTimeoutError (TimeoutError)   the per-call watchdog fired
         ├── InferenceRunError         the runtime, or a pre/post function, raised during the call
         │   └── WorkerDied            the isolated worker process exited or was killed
-        └── EngineStateError          no model loaded yet, or the engine is closed
+        ├── EngineStateError          no model loaded yet, or the engine is closed
+        ├── DatasetError (ValueError) a calibration or canary set that is missing, unreadable,
+        │                             empty, unlabelled or the wrong shape for the model
+        └── AccuracyBudgetError       an optimized model loses more canary accuracy than the
+                                      budget allows (names both figures)
 
 A test walks ``SyncfwError.__subclasses__()`` recursively: every class is drawn
 here and exported from :mod:`syncfw`.
@@ -51,12 +55,14 @@ here and exported from :mod:`syncfw`.
 from __future__ import annotations
 
 __all__ = [
+    "AccuracyBudgetError",
     "ChainError",
     "ChangeFeedLagged",
     "ClockError",
     "ClockSkewError",
     "CorruptDatabaseError",
     "DatabaseLockedError",
+    "DatasetError",
     "DecodeError",
     "KeyFileError",
     "EngineStateError",
@@ -249,6 +255,37 @@ class WorkerDied(InferenceRunError):
 
 class EngineStateError(InferenceError):
     """No model is loaded yet, or the engine has been closed."""
+
+
+class DatasetError(InferenceError, ValueError):
+    """A calibration or canary set that cannot be used: missing, unreadable, empty, without
+    labels, or of a shape or dtype the model does not take. Nothing was written."""
+
+
+class AccuracyBudgetError(InferenceError):
+    """An optimized model loses more accuracy on the canary set than the budget allows.
+
+    Attributes:
+        baseline: the reference model's canary accuracy (a fraction, e.g. 0.96).
+        candidate: the optimized model's canary accuracy.
+        loss_points: ``(baseline - candidate) * 100``, in percentage points.
+        budget_points: the largest loss allowed, in percentage points.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        baseline: float = 0.0,
+        candidate: float = 0.0,
+        loss_points: float = 0.0,
+        budget_points: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.baseline = baseline
+        self.candidate = candidate
+        self.loss_points = loss_points
+        self.budget_points = budget_points
 
 
 class FeedError(SyncfwError):

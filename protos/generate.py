@@ -16,9 +16,13 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-PROTOS = ("syncfw/v1/sync.proto", "grpc/health/v1/health.proto")
+PROTOS = ("syncfw/v1/sync.proto", "grpc/health/v1/health.proto", "syncfw/v1/feed.proto")
 # generated module name -> the proto file it comes from
-MODULES = {"sync": "syncfw/v1/sync.proto", "health": "grpc/health/v1/health.proto"}
+MODULES = {
+    "sync": "syncfw/v1/sync.proto",
+    "health": "grpc/health/v1/health.proto",
+    "feed": "syncfw/v1/feed.proto",
+}
 
 
 def generate(out_dir: Path) -> list[Path]:

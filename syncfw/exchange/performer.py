@@ -29,6 +29,12 @@ error policy. Invariants:
    deterministic), in a worker thread for the runner, so a large or hostile
    batch costs the event loop no long block. Decoding never touches the
    replica, so where it runs changes no outcome.
+6. Acknowledgements drive compaction, so a peer's acknowledged vector is
+   recorded only for the peer the link authenticated (:meth:`Performer.
+   authenticate`: the node id of its mTLS certificate, bound to its Hello). In a
+   signed fleet an ack from an unauthenticated peer is never recorded: it is
+   counted (``syncfw_acks_ignored``) and warned about, rate-limited. An unsigned
+   fleet (development) records every peer's ack, as it always did.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ from typing import Any, Protocol
 from syncfw.codec import decode_batch
 from syncfw.errors import ChainError, DecodeError, SyncfwError
 from syncfw.log import Op, Replica
+from syncfw.metrics import NodeMetrics
+from syncfw.notices import Notices, clip
 from syncfw.sync import (
     Acknowledge,
     ApplyOps,
@@ -61,6 +69,10 @@ from syncfw.transport.base import LinkError
 __all__ = ["Link", "Offload", "OnEnd", "OnPeers", "OnSendError", "Performer"]
 
 log = logging.getLogger("syncfw.sync")
+
+ACK_IGNORED_WARN_EVERY_S = 10.0
+"""An ignored ack warns at most this often per peer id (the rest are counted)."""
+_ack_notices = Notices(log, ACK_IGNORED_WARN_EVERY_S, max_keys=1024)
 
 OnPeers = Callable[[tuple[PeerInfo, ...]], Awaitable[None] | None]
 """Called with each member list the peer gossips (may be async)."""
@@ -114,6 +126,8 @@ class Performer:
 
     __slots__ = (
         "_handlers",
+        "_identity",
+        "_metrics",
         "_offload",
         "_on_end",
         "_on_peers",
@@ -147,6 +161,8 @@ class Performer:
         self.frames_sent = 0
         self.bytes_sent = 0
         self.learned: list[tuple[PeerInfo, ...]] = []
+        self._identity: str | None = None
+        self._metrics: NodeMetrics | None = None
         # one dict lookup per effect instead of a chain of isinstance checks
         self._handlers: dict[type, Callable[[Any], Coroutine[Any, Any, list[Effect]]]] = {
             Send: self._send,
@@ -163,6 +179,24 @@ class Performer:
     def ended(self) -> bool:
         """True once the session emitted :class:`End`."""
         return self.session.ended
+
+    def authenticate(self, identity: str | None, metrics: NodeMetrics | None = None) -> None:
+        """Name the peer the link authenticated (invariant 6) and the registry to count in.
+
+        Args:
+            identity: the node id the link proved (mTLS), or None: the link
+                proved nothing, and in a signed fleet the peer's acks are ignored.
+            metrics: the node's registry (``syncfw_acks_ignored``).
+        """
+        self._identity = identity
+        self._metrics = metrics
+
+    def _ack_trusted(self, peer: str) -> bool:
+        """True if ``peer``'s ack may be recorded (invariant 6)."""
+        if self._identity is not None:
+            return self._identity == peer  # the session refused any other Hello already
+        fleet = getattr(self.replica, "fleet", None)
+        return not getattr(fleet, "signed", False)
 
     # -- inputs ------------------------------------------------------------------
 
@@ -252,6 +286,19 @@ class Performer:
         return self.session.ops_applied(vv)
 
     async def _acknowledge(self, effect: Acknowledge) -> list[Effect]:
+        if not self._ack_trusted(effect.peer):
+            if self._metrics is not None:
+                self._metrics.acks_ignored.labels(self._metrics.node_id).inc()
+            _ack_notices.warn(
+                f"{self.replica.node_id}|{clip(effect.peer)}",
+                1,
+                "%s: ignored the ack of %s: the peer is not authenticated (no mTLS certificate "
+                "bound to its Hello), and in a signed fleet only authenticated acks drive "
+                "compaction",
+                self.replica.node_id,
+                clip(effect.peer),
+            )
+            return []
         try:
             await self.replica.acknowledge(effect.peer, effect.vv)
         except Exception as exc:

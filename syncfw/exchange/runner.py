@@ -480,6 +480,7 @@ async def run_exchange(
         initiator=initiator,
     )
     runner = ExchangeRunner(replica, stream, session, budget=budget, on_peers=on_peers)
+    runner.performer.authenticate(stream.peer_identity, metrics)  # acks only from it (trust)
     try:
         out = await runner.run(timeout_s=timeout_s)
     except asyncio.CancelledError:

@@ -76,7 +76,7 @@ class GrpcNetwork:
     ) -> None:
         self.config = config or TransportConfig()
         self.metrics = metrics
-        self.pool = ChannelPool(self.config)
+        self.pool = ChannelPool(self.config, metrics=metrics)
 
     async def serve(
         self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None

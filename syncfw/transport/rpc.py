@@ -25,6 +25,17 @@ Invariants:
    ``syncfw_refused_streams{reason}`` when the server has the node's metrics.
 4. A non-OK end of an exchange on the server becomes the call's gRPC status
    (code and details), so any gRPC client sees a clear status too.
+6. Under mTLS identity is bound on both ends. The server binds the client
+   certificate's node id (CN) to its Hello. The dialer binds the server's
+   certificate to a node id before any frame goes: the id it meant to dial
+   when the caller names it, else the id a verified TLS handshake with the
+   address showed (:func:`learn_identity`: grpc-python exposes no peer
+   certificate to a client). That id becomes the channel's
+   ``grpc.ssl_target_name_override``, so grpc's own handshake checks it against
+   the certificate's SAN on every connection, and the stream's
+   :attr:`~GrpcStream.peer_identity`, so a Hello under another id is refused.
+   A dial refused for identity is a WARNING (rate-limited) and a count in
+   ``syncfw_refused_streams{reason}``.
 """
 
 from __future__ import annotations
@@ -32,12 +43,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import ssl
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 import grpc.aio
 
+from syncfw.errors import KeyFileError
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices, clip, clip_text
 from syncfw.sync.frames import Status
@@ -47,6 +63,7 @@ from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
 from syncfw.transport.probe import MAX_TARGET_CHARS, ProbeAnswer, ProbeHandler
+from syncfw.trust.keydir import certificate_identity
 
 __all__ = [
     "ChannelPool",
@@ -55,6 +72,7 @@ __all__ = [
     "TlsConfig",
     "TransportConfig",
     "check_health",
+    "learn_identity",
 ]
 
 log = logging.getLogger("syncfw.transport")
@@ -447,50 +465,156 @@ class GrpcServer:
 
 
 class ChannelPool:
-    """One gRPC channel per peer address, reused across exchanges.
+    """One gRPC channel per peer address (and, under mTLS, per bound node id), reused.
+
+    Under mTLS every channel is bound to the node id the server's certificate
+    must name (invariant 6): the id the caller expects, else the one learned
+    from the address with a verified handshake, remembered until :meth:`drop`.
 
     Args:
-        config: transport tunables (keepalive, deadlines, message size).
+        config: transport tunables (keepalive, deadlines, message size, TLS).
+        metrics: the node's registry; dials refused for identity are counted in
+            ``syncfw_refused_streams{reason}``.
     """
 
-    def __init__(self, config: TransportConfig | None = None) -> None:
+    def __init__(
+        self, config: TransportConfig | None = None, *, metrics: NodeMetrics | None = None
+    ) -> None:
         self.config = config or TransportConfig()
+        self.metrics = metrics
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # address -> (the node id its certificate showed, whether its SAN names it)
+        self._bound: dict[str, tuple[str, bool]] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self.refusals = Notices(log, self.config.refusal_log_interval_s, max_keys=1024)
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        """The pooled channel to ``address`` (created on first use)."""
-        ch = self._channels.get(address)
+    def channel(self, address: str, identity: str | None = None) -> grpc.aio.Channel:
+        """The pooled channel to ``address`` (created on first use).
+
+        Args:
+            address: ``host:port``.
+            identity: under mTLS, the node id the server's certificate must name
+                (its SAN); None checks the dialed host (or ``tls.server_name``).
+        """
+        key = address if identity is None else f"{address}|{identity}"
+        ch = self._channels.get(key)
         if ch is None:
             tls = self.config.tls
+            options = self.config.channel_options()
             if tls is None:
-                ch = grpc.aio.insecure_channel(address, options=self.config.channel_options())
+                ch = grpc.aio.insecure_channel(address, options=options)
             else:
                 creds = grpc.ssl_channel_credentials(
                     root_certificates=tls.ca_pem,
                     private_key=tls.key_pem,
                     certificate_chain=tls.cert_pem,
                 )
-                ch = grpc.aio.secure_channel(address, creds, options=self.config.channel_options())
-            self._channels[address] = ch
+                if identity is not None:
+                    options = [o for o in options if o[0] != "grpc.ssl_target_name_override"]
+                    options.append(("grpc.ssl_target_name_override", identity))
+                ch = grpc.aio.secure_channel(address, creds, options=options)
+            self._channels[key] = ch
         return ch
 
-    async def open(self, address: str, *, timeout_s: float | None = None) -> GrpcStream:
+    def _refused(self, address: str, reason: str, detail: str) -> LinkError:
+        """A dial refused for identity: one rate-limited WARNING, one count, the error."""
+        self.refusals.warn(
+            f"{address}|{reason}", 1, "refused to exchange with %s (%s): %s",
+            clip(address), reason, detail,
+        )
+        if self.metrics is not None:
+            self.metrics.refused_streams.labels(self.metrics.node_id, reason).inc()
+        return LinkError(
+            Status.UNAVAILABLE if reason == "server_certificate" else Status.FAILED_PRECONDITION,
+            detail,
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            tls = self.config.tls
+            assert tls is not None
+            self._ssl = client_ssl_context(tls)
+        return self._ssl
+
+    async def identity(
+        self, address: str, *, expect_id: str | None = None, timeout_s: float | None = None
+    ) -> tuple[str | None, str | None]:
+        """The node id a dial to ``address`` is bound to, and the SAN grpc checks.
+
+        Returns:
+            ``(identity, san)``: the node id (None without TLS) and the name the
+            channel's handshake checks the certificate's SAN against (None: the
+            dialed host, for a certificate whose SAN does not name its node).
+
+        Args:
+            address: ``host:port``.
+            expect_id: the node id the caller means to dial; bound as is (grpc's
+                handshake then refuses a certificate that does not name it).
+            timeout_s: for learning the id (default: ``connect_timeout_s``).
+
+        Raises:
+            LinkError: ``UNAVAILABLE``: no verified handshake with the address
+                (unreachable, no certificate, another fleet's CA), counted as
+                ``server_certificate``.
+        """
+        tls = self.config.tls
+        if tls is None:
+            return None, None
+        if expect_id is not None:
+            return expect_id, expect_id
+        known = self._bound.get(address)
+        if known is None:
+            known = await self._learn(address, timeout_s)
+            self._bound[address] = known
+        node, pinned = known
+        return node, node if pinned else None
+
+    async def _learn(self, address: str, timeout_s: float | None) -> tuple[str, bool]:
+        try:
+            node, sans = await learn_identity(
+                address, self._ssl_context(), proxy=self.config.http_proxy,
+                timeout_s=timeout_s if timeout_s is not None else self.config.connect_timeout_s,
+            )
+        except ssl.SSLError as exc:
+            raise self._refused(
+                address, "server_certificate",
+                f"{address} did not prove a fleet certificate: {exc.reason or exc}",
+            ) from None
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise LinkError(Status.UNAVAILABLE, f"{address} unreachable: {exc!r}") from None
+        if node not in sans:
+            self.refusals.warn(
+                f"{address}|san", 1,
+                "the certificate of %s names %s in its CN but not its SAN: the dial is "
+                "bound to it by the handshake's host check only; reissue it (syncfw keys add-node)",
+                clip(address), clip(node),
+            )
+        return node, node in sans
+
+    async def open(
+        self, address: str, *, timeout_s: float | None = None, expect_id: str | None = None
+    ) -> GrpcStream:
         """Open an ``Exchange`` call to ``address``.
 
         Args:
             address: ``host:port`` of the peer.
             timeout_s: the call's deadline (default: ``exchange_timeout_s``).
+            expect_id: under mTLS, the node id the caller means to dial; None:
+                the id the address's certificate names (invariant 6).
 
         Raises:
             LinkError: ``UNAVAILABLE`` if the peer cannot be reached in
-                ``connect_timeout_s``.
+                ``connect_timeout_s`` (or shows no fleet certificate);
+                ``FAILED_PRECONDITION`` if its certificate names another node
+                than the one bound.
         """
-        ch = self.channel(address)
+        identity, san = await self.identity(address, expect_id=expect_id)
+        ch = self.channel(address, san)
         try:
             async with asyncio.timeout(self.config.connect_timeout_s):
                 await ch.channel_ready()
         except TimeoutError:
-            raise LinkError(Status.UNAVAILABLE, f"{address} unreachable") from None
+            raise await self._unready(address, identity) from None
         except grpc.aio.UsageError:  # the channel was dropped (a peer declared dead) meanwhile
             raise LinkError(
                 Status.UNAVAILABLE, f"{address}: channel closed while dialing"
@@ -503,7 +627,32 @@ class ChannelPool:
         call = method(
             timeout=timeout_s if timeout_s is not None else self.config.exchange_timeout_s
         )
-        return GrpcStream(call=call, peer_address=address)
+        return GrpcStream(call=call, peer_address=address, peer_identity=identity)
+
+    async def _unready(self, address: str, identity: str | None) -> LinkError:
+        """Why a channel never became ready: unreachable, or a certificate for another id."""
+        plain = LinkError(Status.UNAVAILABLE, f"{address} unreachable")
+        if identity is None:
+            return plain
+        self._bound.pop(address, None)  # the next dial learns the address afresh
+        try:
+            shown, _ = await learn_identity(
+                address, self._ssl_context(), proxy=self.config.http_proxy,
+                timeout_s=min(1.0, self.config.connect_timeout_s),
+            )
+        except ssl.SSLError as exc:
+            return self._refused(
+                address, "server_certificate",
+                f"{address} did not prove a fleet certificate: {exc.reason or exc}",
+            )
+        except (OSError, TimeoutError, ValueError):
+            return plain
+        if shown != identity:
+            return self._refused(
+                address, "server_identity",
+                f"{address} presents a certificate for {clip(shown)}, not {identity!r}",
+            )
+        return plain
 
     async def probe(self, address: str, *, target: str = "", timeout_s: float) -> ProbeAnswer:
         """Probe ``address`` on its pooled channel (see :mod:`syncfw.transport.probe`).
@@ -518,7 +667,11 @@ class ChannelPool:
             The answer; a peer that does not serve Probe (UNIMPLEMENTED) is
             alive for a direct probe and no help for an indirect one. Never raises.
         """
-        method: Any = self.channel(address).unary_unary(
+        try:
+            _, san = await self.identity(address, timeout_s=timeout_s)
+        except LinkError as exc:
+            return ProbeAnswer(False, "", exc.reason)
+        method: Any = self.channel(address, san).unary_unary(
             PROBE,
             request_serializer=sync_pb2.ProbeRequest.SerializeToString,
             response_deserializer=sync_pb2.ProbeReply.FromString,
@@ -537,16 +690,86 @@ class ChannelPool:
         return ProbeAnswer(bool(reply.reachable), clip_text(reply.node_id), clip_text(reply.reason))
 
     async def drop(self, address: str) -> None:
-        """Close the channel to ``address`` (a dead peer)."""
-        ch = self._channels.pop(address, None)
-        if ch is not None:
-            await ch.close(None)
+        """Close the channels to ``address`` (a dead peer) and forget the id bound to it."""
+        self._bound.pop(address, None)
+        for key in [k for k in self._channels if k == address or k.startswith(f"{address}|")]:
+            await self._channels.pop(key).close(None)
 
     async def aclose(self) -> None:
         """Close every channel."""
         channels, self._channels = list(self._channels.values()), {}
+        self._bound.clear()
         for ch in channels:
             await ch.close(None)
+
+
+def client_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """A TLS client context that proves this node's certificate and trusts only the fleet CA.
+
+    No hostname check: the server's node id is what :func:`learn_identity` reads.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=tls.ca_pem.decode("ascii", "replace"))
+    ctx.set_alpn_protocols(["h2"])
+    # ssl loads a key pair only from files: a private folder, gone once loaded
+    with tempfile.TemporaryDirectory(prefix="syncfw-tls-") as tmp:
+        cert, key = os.path.join(tmp, "node.crt"), os.path.join(tmp, "node.key")
+        for path, data in ((cert, tls.cert_pem), (key, tls.key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+async def learn_identity(
+    address: str, context: ssl.SSLContext, *, proxy: str | None = None, timeout_s: float
+) -> tuple[str, tuple[str, ...]]:
+    """The node id (CN) and DNS SANs of the certificate ``address`` proves in a verified
+    TLS handshake.
+
+    The handshake checks the certificate against the fleet CA (``context``) and
+    presents this node's own; nothing is sent after it. Through ``proxy`` (an
+    HTTP CONNECT proxy, like grpc's ``grpc.http_proxy``) when given.
+
+    Raises:
+        ssl.SSLError: the server proves no certificate of the fleet CA.
+        OSError, TimeoutError, ValueError: the address cannot be reached.
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    async with asyncio.timeout(timeout_s):
+        if proxy:
+            parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            reader, writer = await asyncio.open_connection(parts.hostname, parts.port or 80)
+            try:
+                writer.write(f"CONNECT {address} HTTP/1.1\r\nHost: {address}\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                if not head.split(b"\r\n", 1)[0].split(b" ")[1:2] == [b"200"]:
+                    raise ConnectionRefusedError(f"proxy refused CONNECT {address}")
+                await writer.start_tls(context)
+            except BaseException:
+                writer.close()
+                raise
+        else:
+            reader, writer = await asyncio.open_connection(host, int(port), ssl=context)
+        try:
+            obj = writer.get_extra_info("ssl_object")
+            der = obj.getpeercert(binary_form=True) if obj is not None else None
+            if not der:
+                raise ssl.SSLError("the server sent no certificate")
+            try:
+                return certificate_identity(ssl.DER_cert_to_PEM_cert(der).encode("ascii"))
+            except KeyFileError as exc:
+                raise ssl.SSLError(str(exc)) from None
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
 
 
 def _probe_service(probe: ProbeHandler) -> grpc.GenericRpcHandler[Any, Any]:

@@ -16,12 +16,18 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-PROTOS = ("syncfw/v1/sync.proto", "grpc/health/v1/health.proto", "syncfw/v1/feed.proto")
+PROTOS = (
+    "syncfw/v1/sync.proto",
+    "grpc/health/v1/health.proto",
+    "syncfw/v1/feed.proto",
+    "syncfw/v1/artifacts.proto",
+)
 # generated module name -> the proto file it comes from
 MODULES = {
     "sync": "syncfw/v1/sync.proto",
     "health": "grpc/health/v1/health.proto",
     "feed": "syncfw/v1/feed.proto",
+    "artifacts": "syncfw/v1/artifacts.proto",
 }
 
 

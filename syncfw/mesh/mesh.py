@@ -553,13 +553,22 @@ class Mesh:
         self._changed()
         await self._note_peer(out)
 
-    async def _serve(self, stream: FrameStream) -> None:
-        # the caller is not known before its Hello, so what this node sends while
-        # serving shares one bucket of the per-peer rate
+    @property
+    def serve_budget(self) -> TokenBucket | None:
+        """The bucket what this node sends while serving is charged to (None: no budget).
+
+        The caller is not known before its Hello, so everything served (sync
+        frames, and artifact chunks at bulk priority) shares one bucket of the
+        per-peer rate.
+        """
         if self.config.peer_bytes_per_s is not None and self._serve_budget is None:
             self._serve_budget = TokenBucket(
                 self.config.peer_bytes_per_s, self.config.peer_burst_bytes
             )
+        return self._serve_budget
+
+    async def _serve(self, stream: FrameStream) -> None:
+        budget = self.serve_budget
         named: list[str] = []
 
         def name(peer_id: str) -> None:
@@ -581,7 +590,7 @@ class Mesh:
                 stream,
                 config=self.config.session,
                 peers=self._gossip_list(),
-                budget=self._serve_budget,
+                budget=budget,
                 on_peers=on_peers,
                 timeout_s=self.config.exchange_timeout_s,
                 metrics=self.metrics,

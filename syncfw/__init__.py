@@ -27,6 +27,7 @@ from syncfw.clock import HLC, NtpResult, check_ntp
 from syncfw.errors import (
     AccuracyBudgetError,
     ChainError,
+    ChainFencedError,
     ChangeFeedLagged,
     ClockError,
     ClockSkewError,
@@ -76,6 +77,7 @@ __all__ = [
     "AccuracyBudgetError",
     "ApplyResult",
     "ChainError",
+    "ChainFencedError",
     "Change",
     "ChangeFeedLagged",
     "ClockError",

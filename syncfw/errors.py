@@ -21,7 +21,8 @@ and never leak::
     │   ├── ForeignDatabaseError      a SQLite file that syncfw did not create, or another node's
     │   ├── SchemaVersionError        written by a newer/unknown schema version
     │   ├── StoreClosedError          the store was closed
-    │   └── DatabaseLockedError       the file is open in another store (names the holder)
+    │   ├── DatabaseLockedError       the file is open in another store (names the holder)
+    │   └── ChainFencedError          the file lost this node's own ops: writes wait for them
     ├── FeedError
     │   ├── ChangeFeedLagged          a live change subscriber fell a whole buffer behind
     │   └── FeedPositionError         follow() from a vector ahead of the node or below compaction
@@ -57,6 +58,7 @@ from __future__ import annotations
 __all__ = [
     "AccuracyBudgetError",
     "ChainError",
+    "ChainFencedError",
     "ChangeFeedLagged",
     "ClockError",
     "ClockSkewError",
@@ -203,6 +205,12 @@ class TrustError(SyncfwError):
 class KeyFileError(TrustError):
     """A fleet or node key directory is missing, unreadable or unsafe (e.g. a private
     key readable by others)."""
+
+
+class ChainFencedError(StorageError):
+    """The database lost ops of this node's own chain that it once committed (a lost WAL,
+    a restore from an older backup): local writes are refused until a peer relays them
+    back, or an operator accepts the loss, because re-issuing their seqs forks the chain."""
 
 
 class DecodeError(SyncfwError, ValueError):

@@ -103,6 +103,12 @@ class NodeMetrics:
             (*n, "origin"),
             registry=r,
         )
+        self.chain_fenced = Gauge(
+            "syncfw_chain_fenced",
+            "The own-chain seq local writes wait for after the file lost ops (0: not fenced).",
+            n,
+            registry=r,
+        )
         self.acks_ignored = Counter(
             "syncfw_acks_ignored",
             "Peer acknowledgements not recorded because the peer was not authenticated "
@@ -289,6 +295,7 @@ class NodeMetrics:
             "trust_mode": ints(self.by_label("syncfw_trust_mode", "mode")),
             "fork_evidence": ints(self.by_label("syncfw_fork_evidence", "origin")),
             "acks_ignored": int(self.value("syncfw_acks_ignored_total")),
+            "chain_fenced": int(self.value("syncfw_chain_fenced")),
         }
 
     def exposition(self) -> bytes:

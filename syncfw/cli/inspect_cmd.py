@@ -10,6 +10,8 @@ from typing import Any
 
 from syncfw.errors import SyncfwError
 from syncfw.store.inspect import check_store, inspect_store
+from syncfw.store.lease import read_lease, write_lease
+from syncfw.store.lock import FileLock
 
 
 def register(sub: Any) -> None:
@@ -26,6 +28,13 @@ def register(sub: Any) -> None:
         help="check the file instead (PRAGMA quick_check and every origin's hash chain); "
         "exit 1 with the findings if it is damaged",
     )
+    p.add_argument(
+        "--accept-lost-ops",
+        action="store_true",
+        help="the file lost ops of its own node's chain (a lost WAL, an older backup) and no "
+        "peer can hold them: let the node issue those seqs again (rewrites only <db>.head; "
+        "the node must be stopped)",
+    )
     p.set_defaults(func=run)
 
 
@@ -36,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.check:
         return _check(args.db)
+    if args.accept_lost_ops:
+        return _accept_lost_ops(args.db)
     try:
         info = asyncio.run(inspect_store(args.db))
     except SyncfwError as exc:
@@ -72,6 +83,33 @@ def run(args: argparse.Namespace) -> int:
         for r in info["pending"]:
             print(f"  ({r['origin']}, {r['seq']}): {r['reason']}")
     return 0
+
+
+def _accept_lost_ops(db: str) -> int:
+    try:
+        lock = FileLock.acquire(db, "syncfw inspect")
+    except SyncfwError as exc:
+        print(f"syncfw inspect: {exc}; stop the node first")
+        return 2
+    try:
+        info = asyncio.run(inspect_store(db))
+        node = str(info["node_id"])
+        have = int(info["version_vector"].get(node, 0))
+        leased = read_lease(db, node)
+        if leased <= have:
+            print(f"syncfw inspect: {node}'s chain is whole in {db} (seq {have}); nothing to accept")
+            return 0
+        write_lease(db, node, have)
+        print(
+            f"syncfw inspect: accepted the loss of {node}'s ops {have + 1}..{leased}; the node "
+            f"will issue them again from seq {have + 1}"
+        )
+        return 0
+    except SyncfwError as exc:
+        print(f"syncfw inspect: {exc}")
+        return 2
+    finally:
+        lock.release()
 
 
 def _check(db: str) -> int:

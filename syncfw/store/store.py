@@ -39,6 +39,7 @@ import msgpack
 from syncfw.clock import HLC, wall_ms
 from syncfw.crdt import KINDS
 from syncfw.errors import (
+    ChainFencedError,
     CorruptDatabaseError,
     DecodeError,
     StorageError,
@@ -63,6 +64,7 @@ from syncfw.store import export, ydocs
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
 from syncfw.store.feed import ChangeFeed, Notifier
+from syncfw.store.lease import LEASE_EVERY, read_lease, write_lease
 from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
 from syncfw.store.meter import PendingAlarm, StoreMeter
@@ -138,6 +140,10 @@ class Store:
         self.forks: dict[str, int] = {}
         self.evidence: dict[str, ForkEvidence] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        # The head lease (.lease): how far this node's own chain is known to have
+        # reached, and the seq local writes wait for when the file lost ops.
+        self.fenced_until = 0
+        self._lease_seq = 0
         self._meter = StoreMeter(metrics)
         self._alarm = PendingAlarm(
             config.pending_warn_ops,
@@ -209,6 +215,7 @@ class Store:
             lock.release()
             raise
         store._lock = lock
+        store._check_lease()
         store._writer.start(f"syncfw-writer-{node_id}")
         return store
 
@@ -249,12 +256,57 @@ class Store:
             self.forks[ev.origin] = ev.seq
             self.evidence[ev.origin] = ev
 
+    def _check_lease(self) -> None:
+        """Fence local writes if the file holds less of our own chain than the lease."""
+        me = self.node_id
+        have = self._vv.get(me, 0)
+        leased = read_lease(self.path, me)
+        self._lease_seq = max(leased, have)
+        if leased > have:
+            self.fenced_until = leased
+            log.warning(
+                "%s: this file holds %s's own chain up to seq %d, but it once held seq %d "
+                "(a lost WAL, or a restore from an older backup); local writes are refused "
+                "until a peer relays those ops back, so no seq is issued twice. If no peer "
+                "can hold them: syncfw inspect %s --accept-lost-ops",
+                self.path, me, have, leased, self.path,
+            )
+        self.metrics.chain_fenced.labels(me).set(self.fenced_until)
+
+    def accept_lost_ops(self) -> int:
+        """Lift the fence: the operator's word that no peer holds the lost ops (their seqs
+        are issued again). Returns the seq the fence waited for (0: none)."""
+        was, self.fenced_until = self.fenced_until, 0
+        if was:
+            me = self.node_id
+            self._lease_seq = self._vv.get(me, 0)
+            write_lease(self.path, me, self._lease_seq)
+            log.warning("%s: the operator accepted the loss of %s's ops after seq %d",
+                        self.path, me, self._lease_seq)
+            self.metrics.chain_fenced.labels(me).set(0)
+        return was
+
+    def _note_own(self, force: bool = False) -> None:
+        """After a commit: lift a fence our own ops made up for; move the lease on."""
+        me = self.node_id
+        seq = self._vv.get(me, 0)
+        if self.fenced_until and seq >= self.fenced_until:
+            log.warning("%s: %s's own chain is back to seq %d; local writes resume",
+                        self.path, me, seq)
+            self.fenced_until = 0
+            self.metrics.chain_fenced.labels(me).set(0)
+        if seq > self._lease_seq and (force or seq - self._lease_seq >= LEASE_EVERY):
+            self._lease_seq = seq
+            write_lease(self.path, me, seq)
+
     async def aclose(self) -> None:
         """Finish queued writes, stop the writer and close the file. Idempotent."""
         if self._closed:
             return
         self._closed = True
         await self._writer.close()
+        if not self.fenced_until:
+            self._note_own(force=True)
         self._feed.close()
         try:
             await self._conn.close()
@@ -293,6 +345,16 @@ class Store:
 
     # ------------------------------------------------------------------ local writes
 
+    def _check_fence(self) -> None:
+        if self.fenced_until:
+            have = self._vv.get(self.node_id, 0)
+            raise ChainFencedError(
+                f"{self.path!r} lost {self.node_id!r}'s own ops {have + 1}..{self.fenced_until} "
+                "(a lost WAL or an older backup): local writes wait until a peer relays them "
+                "back (sync with any peer), or, if no peer can hold them, "
+                f"syncfw inspect {self.path} --accept-lost-ops"
+            )
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosedError("the store is closed")
@@ -320,6 +382,7 @@ class Store:
                 was written.
         """
         self._check_open()
+        self._check_fence()
         self.check_size(key, payload)
         fut: asyncio.Future[Op] = asyncio.get_running_loop().create_future()
         self._writer.put(WriteJob(kind, key, zone, epoch, payload, fut))
@@ -335,6 +398,7 @@ class Store:
         (:class:`ValueTooLargeError` as for :meth:`write`).
         """
         self._check_open()
+        self._check_fence()
         loop = asyncio.get_running_loop()
         jobs = [WriteJob(k, key, z, e, p, loop.create_future()) for k, key, z, e, p in writes]
         if not jobs:
@@ -418,6 +482,7 @@ class Store:
         for w, op in zip(done, plan.ops, strict=True):
             w.future.set_result(op)
         self._meter.local(len(plan.ops))
+        self._note_own()
         self._feed.applied(list(plan.ops), local=True)
         self._feed.committed()
         return True
@@ -482,6 +547,7 @@ class Store:
             me = self.node_id
             if me in plan.vv:  # our own ops, relayed back (a restore from backup)
                 self._chain.reset(self._vv[me], self._heads[me])
+                self._note_own()
             self._pending = plan.pending
             if plan.zones is not None:
                 self.zones = plan.zones

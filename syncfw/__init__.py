@@ -26,6 +26,10 @@ _os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from syncfw.clock import HLC, NtpResult, check_ntp
 from syncfw.errors import (
     AccuracyBudgetError,
+    ArtifactError,
+    ChunkError,
+    FetchError,
+    ManifestError,
     ChainError,
     ChainFencedError,
     ChangeFeedLagged,
@@ -76,6 +80,10 @@ __version__ = "0.1.0"
 __all__ = [
     "AccuracyBudgetError",
     "ApplyResult",
+    "ArtifactError",
+    "ChunkError",
+    "FetchError",
+    "ManifestError",
     "ChainError",
     "ChainFencedError",
     "Change",

@@ -28,6 +28,12 @@ and never leak::
     │   └── FeedPositionError         follow() from a vector ahead of the node or below compaction
     ├── TrustError                    a key, signature or authority statement does not verify
     │   └── KeyFileError              a fleet or node key directory is missing, unreadable or unsafe
+    ├── ArtifactError                 a model artifact cannot be published, verified or fetched;
+    │   │                             the model serving before still serves
+    │   ├── ManifestError             a release manifest refused: unsigned, badly signed, not the
+    │   │                             authority's, another fleet's, or a version moving backwards
+    │   ├── ChunkError                chunk bytes that do not match their hash (tampered, a lying peer)
+    │   └── FetchError                an artifact's chunks could not all be fetched (names why)
     ├── DecodeError                   malformed bytes from the wire or disk
     ├── ProtocolError                 peer broke the sync protocol (version, fleet, order)
     │   └── LinkError                 the link failed or the peer ended with an error status
@@ -57,6 +63,10 @@ from __future__ import annotations
 
 __all__ = [
     "AccuracyBudgetError",
+    "ArtifactError",
+    "ChunkError",
+    "FetchError",
+    "ManifestError",
     "ChainError",
     "ChainFencedError",
     "ChangeFeedLagged",
@@ -211,6 +221,44 @@ class ChainFencedError(StorageError):
     """The database lost ops of this node's own chain that it once committed (a lost WAL,
     a restore from an older backup): local writes are refused until a peer relays them
     back, or an operator accepts the loss, because re-issuing their seqs forks the chain."""
+
+
+class ArtifactError(SyncfwError):
+    """A model artifact cannot be published, verified or fetched; nothing was activated and
+    the model serving before still serves."""
+
+
+class ManifestError(ArtifactError):
+    """A release manifest is refused: unsigned, badly signed, signed by another key than the
+    fleet authority's, for another fleet, malformed, or a version that moves backwards.
+
+    Attributes:
+        reason: a short fixed label (``unsigned``, ``bad_signature``, ``not_authority``,
+            ``other_fleet``, ``malformed``, ``backwards``, ``reused_version``), the
+            ``reason`` of the ``syncfw_model_manifests_refused`` metric.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class ChunkError(ArtifactError):
+    """Chunk bytes that do not match the hash they were asked or stored under (a tampered
+    file, a peer that lies about what it holds); they are never stored or served."""
+
+
+class FetchError(ArtifactError):
+    """An artifact's chunks could not all be fetched; what was fetched stays held, so the
+    next fetch resumes.
+
+    Attributes:
+        missing: how many chunks are still missing.
+    """
+
+    def __init__(self, message: str, missing: int = 0) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 class DecodeError(SyncfwError, ValueError):

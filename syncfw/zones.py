@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import msgpack
 
-from syncfw.errors import ZoneOwnershipError
+from syncfw.errors import OpError, ZoneOwnershipError
 from syncfw.keys import NODE_TEMPLATES
 from syncfw.log import Op, is_node_id
 from syncfw.trust import KeyRing
@@ -56,6 +56,8 @@ ANYONE = "*"
 SYS_PREFIX = "sys/"
 GRANT_KIND = "grant"
 GRANT_KEY_PREFIX = "sys/zones/"
+_SYSTEM_KINDS = frozenset({GRANT_KIND, "keyreg", "keyrevoke", "evidence"})
+"""Kinds that may sit under any prefix: grants, authority statements, fork evidence."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,13 @@ class Fleet:
         priorities: ``(prefix, priority)`` pairs; when a sync exchange must
             choose, origins with ops in higher-priority zones are sent first
             (other keys are priority 0).
+        kinds: ``(prefix, kind)`` pairs: every key under ``prefix`` holds only
+            ``kind`` (``lww``, ``counter``, ``orset``, ``mvreg``, ``ydoc``; the most
+            specific prefix wins). A local write of another kind raises
+            :class:`~syncfw.errors.OpError`; a remote op of another kind is rejected
+            and recorded, identically everywhere (the rule is in the bootstrap, so no
+            replica's verdict depends on which op it saw first). Keys under no
+            declared prefix keep one state per kind.
         authority_key: the authority's raw 32-byte ed25519 public key. Set, the
             fleet is **signed** (secure mode): every op is applied only once a
             chain head signed by its origin's registered key covers it, and
@@ -120,8 +129,12 @@ class Fleet:
     telemetry: tuple[str, ...] = ("telemetry/",)
     priorities: tuple[tuple[str, int], ...] = (("sys/", 100), ("telemetry/", -10))
     authority_key: bytes = b""
+    kinds: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
+        for prefix, kind in self.kinds:
+            if not prefix or not kind:
+                raise ValueError(f"a declared kind needs a prefix and a kind, got {(prefix, kind)!r}")
         if self.authority_key and len(self.authority_key) != 32:
             raise ValueError("authority_key must be a raw 32-byte ed25519 public key (or empty)")
         for template in self.node_zones:
@@ -175,6 +188,8 @@ class Fleet:
         )
         if self.authority_key:  # unsigned fleets keep the digest they always had
             body = (*body, self.authority_key)
+        if self.kinds:
+            body = (*body, "kinds", sorted(self.kinds))
         return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=16).digest()
 
 
@@ -204,6 +219,28 @@ class ZoneTable:
             (t[: t.index("{node}")], t[t.index("{node}") + len("{node}") :])
             for t in self.fleet.node_zones
         )
+        # Longest prefix first: the first match is the most specific declaration.
+        self._kinds = tuple(sorted(self.fleet.kinds, key=lambda pk: -len(pk[0])))
+
+    def kind_of(self, key: str) -> str | None:
+        """The kind the fleet bootstrap declares for ``key`` (None: undeclared)."""
+        for prefix, kind in self._kinds:
+            if key.startswith(prefix):
+                return kind
+        return None
+
+    def check_kind(self, key: str, kind: str) -> None:
+        """Refuse a local write of ``kind`` at ``key`` if the bootstrap declares another.
+
+        Raises:
+            OpError: naming the declared kind; nothing is written.
+        """
+        declared = self.kind_of(key) if self._kinds else None
+        if declared is not None and kind != declared and kind not in _SYSTEM_KINDS:
+            raise OpError(
+                f"key {key!r} holds {declared} values (the fleet bootstrap declares it), "
+                f"not {kind}; nothing was written"
+            )
 
     def _static_zone(self, key: str) -> str | None:
         """The most specific zone known to every replica from the start that covers ``key``."""
@@ -332,6 +369,13 @@ class ZoneTable:
                 Verdict.REJECT,
                 f"key {op.key!r} is in zone {static!r}, not the less specific {op.zone!r}",
             )
+        if self._kinds and op.kind not in _SYSTEM_KINDS:
+            declared = self.kind_of(op.key)
+            if declared is not None and op.kind != declared:
+                return (
+                    Verdict.REJECT,
+                    f"key {op.key!r} holds {declared} values (fleet bootstrap), not {op.kind}",
+                )
         if op.epoch == 0 and self._node_zone(op.origin, op.key) == op.zone:
             if not is_node_id(op.origin):
                 # "n1/x" would own fleet/n1/x/, inside n1's own zone.

@@ -42,6 +42,7 @@ from syncfw.errors import (
     ChainFencedError,
     CorruptDatabaseError,
     DecodeError,
+    OpError,
     StorageError,
     StoreClosedError,
     TrustError,
@@ -383,6 +384,7 @@ class Store:
         """
         self._check_open()
         self._check_fence()
+        self.zones.check_kind(key, kind)
         self.check_size(key, payload)
         fut: asyncio.Future[Op] = asyncio.get_running_loop().create_future()
         self._writer.put(WriteJob(kind, key, zone, epoch, payload, fut))
@@ -405,8 +407,9 @@ class Store:
             return []
         for job in jobs:
             try:
+                self.zones.check_kind(job.key, job.kind)
                 self.check_size(job.key, job.payload)
-            except ValueTooLargeError as exc:
+            except (ValueTooLargeError, OpError) as exc:
                 job.future.set_exception(exc)  # refused alone, never queued
         if queued := [j for j in jobs if not j.future.done()]:
             self._writer.put_writes(queued)

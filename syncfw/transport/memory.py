@@ -135,6 +135,10 @@ class MemoryNetwork:
         """Stop serving ``address``."""
         self._listeners.pop(address, None)
 
+    def listening(self, address: str) -> bool:
+        """True if something serves ``address``."""
+        return address in self._listeners
+
     def partition(self, a: str, b: str) -> None:
         """Make connections between ``a`` and ``b`` fail."""
         self.blocked.add(frozenset((a, b)))

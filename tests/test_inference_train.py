@@ -13,6 +13,16 @@ from syncfw.inference import train
 # score 0.960 and 0.868.
 MODEL_MIN_ACCURACY = 0.93
 TRIGGER_MIN_ACCURACY = 0.80
+# The deliberately bad INT8 variant scores 0.750: far more than the 2-point budget below the MLP.
+BAD_MIN_LOSS = 0.05
+
+ASSET_PATHS = (
+    train.MODEL_PATH,
+    train.TRIGGER_PATH,
+    train.CANARY_PATH,
+    train.CALIBRATION_PATH,
+    train.BAD_MODEL_PATH,
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +37,7 @@ def _weights(model: bytes | str) -> dict[str, np.ndarray]:
 
 
 def test_assets_are_small_and_present() -> None:
-    sizes = {
-        p.name: p.stat().st_size for p in (train.MODEL_PATH, train.TRIGGER_PATH, train.CANARY_PATH)
-    }
+    sizes = {p.name: p.stat().st_size for p in ASSET_PATHS}
     assert all(0 < s < 200_000 for s in sizes.values()), sizes
     assert sum(sizes.values()) < 1_000_000
 
@@ -49,7 +57,7 @@ def test_dataset_is_seeded() -> None:
 
 def test_canary_set_is_the_held_out_stream() -> None:
     x, y = train.load_canary()
-    cx, cy = train.make_dataset(len(y), train.DEFAULT_SEED + 1_000_003)
+    cx, cy = train.make_dataset(len(y), train.DEFAULT_SEED + train.CANARY_STREAM)
     np.testing.assert_array_equal(x, cx)
     np.testing.assert_array_equal(y, cy)
     tx, _ = train.make_dataset(200, train.DEFAULT_SEED)
@@ -84,6 +92,38 @@ def test_regenerating_with_the_same_seed_gives_the_shipped_models(
         train.accuracy(train.TRIGGER_PATH, x, y), abs=0.005
     )
     assert regenerated.model_accuracy >= MODEL_MIN_ACCURACY
+
+
+def test_regenerating_gives_the_shipped_calibration_set_and_bad_variant(
+    regenerated: train.TrainReport,
+) -> None:
+    with np.load(train.CALIBRATION_PATH) as data:
+        assert data.files == ["x"]  # no labels: calibration needs none
+        shipped = data["x"]
+    assert shipped.dtype == np.uint8
+    np.testing.assert_array_equal(shipped.astype(np.float32) / 255.0, regenerated.calibration_x)
+    canary_x, _ = train.load_canary()
+    assert not any(
+        (regenerated.calibration_x == img).all(axis=(1, 2, 3)).any() for img in canary_x[:50]
+    )
+    # The bad variant: the same graph, its INT8 weights within one quantization step
+    # (the FP32 weights it quantizes agree up to BLAS rounding), the same canary score.
+    new, old = _weights(regenerated.bad), _weights(str(train.BAD_MODEL_PATH))
+    assert new.keys() == old.keys()
+    assert any(a.dtype == np.int8 for a in old.values())
+    for name in new:
+        if new[name].dtype == np.int8:
+            diff = np.abs(new[name].astype(np.int16) - old[name].astype(np.int16))
+            assert diff.max() <= 1, name
+        else:
+            np.testing.assert_allclose(new[name], old[name], rtol=1e-3, atol=1e-6, err_msg=name)
+    x, y = train.load_canary()
+    shipped_bad = train.accuracy(train.BAD_MODEL_PATH, x, y)
+    assert regenerated.bad_accuracy == pytest.approx(shipped_bad, abs=0.005)
+    assert regenerated.model_accuracy - shipped_bad >= BAD_MIN_LOSS
+    meta = {p.key: p.value for p in onnx.load(str(train.BAD_MODEL_PATH)).metadata_props}
+    assert meta["name"] == "inspection"
+    assert "mis-calibrated" in meta["quantization"]
 
 
 def test_models_carry_their_metadata_and_signature() -> None:

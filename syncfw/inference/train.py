@@ -15,6 +15,14 @@ degradation ladder can swap one for the other:
 * ``inspection.onnx`` — a small MLP (256 → 64 → 2), the primary model;
 * ``trigger.onnx`` — logistic regression on four image statistics (edge energy,
   intensity), the cheap duty-cycled model of the ``minimal`` mode.
+
+Beside them: ``canary.npz`` (the labelled held-out set every gate measures on),
+``calibration.npz`` (unlabelled frames from a third random stream, for static
+INT8 quantization: ``syncfw model optimize --calibration``) and
+``inspection_bad.onnx``, a deliberately bad INT8 release of the MLP that the
+accuracy gate must catch: it was calibrated on the raw 0-255 frames instead of
+the ``[0, 1]`` images the model takes (a preprocessing slip), so its activation
+ranges are 255 times too wide and it loses well over the 2-point budget.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ import numpy.typing as npt
 
 __all__ = [
     "ASSETS",
+    "BAD_MODEL_PATH",
+    "CALIBRATION_PATH",
     "CANARY_PATH",
     "IMAGE_SIZE",
     "LABELS",
@@ -42,6 +52,8 @@ __all__ = [
     "make_dataset",
     "render_part",
     "main",
+    "make_bad_variant",
+    "save_calibration",
     "save_canary",
     "train_all",
     "train_logreg",
@@ -53,9 +65,15 @@ ASSETS = Path(__file__).parent / "assets"
 MODEL_PATH = ASSETS / "inspection.onnx"
 TRIGGER_PATH = ASSETS / "trigger.onnx"
 CANARY_PATH = ASSETS / "canary.npz"
+CALIBRATION_PATH = ASSETS / "calibration.npz"
+BAD_MODEL_PATH = ASSETS / "inspection_bad.onnx"
 IMAGE_SIZE = 16
 LABELS = ("ok", "defect")
 DEFAULT_SEED = 7
+# Three disjoint random streams: training, the held-out canary set, calibration.
+CANARY_STREAM = 1_000_003
+CALIBRATION_STREAM = 2_000_003
+N_CALIBRATION = 128
 MODEL_VERSION = "1.0.0"
 # ONNX opset 17 is understood by every onnxruntime the project supports (>= 1.18).
 OPSET = 17
@@ -377,6 +395,34 @@ def accuracy(model: bytes | str | Path, x: F32, y: I64) -> float:
     return float((np.argmax(probs, axis=1) == y).mean())
 
 
+def make_bad_variant(model: bytes, calibration_x: F32) -> bytes:
+    """The deliberately bad INT8 release: calibrated on raw 0-255 frames.
+
+    Static quantization picks each activation's INT8 range from what the
+    calibration set produces; fed frames 255 times brighter than the model
+    ever sees, every range is 255 times too wide and most of the 8 bits go
+    unused. Real quantization, real tooling, one realistic slip.
+
+    Args:
+        model: the FP32 MLP.
+        calibration_x: the calibration images, in ``[0, 1]`` as the model takes them.
+
+    Returns:
+        The INT8 model's bytes (its ``quantization`` metadata says what went wrong).
+    """
+    from syncfw.inference.optimize import quantize_int8
+
+    raw = (calibration_x * np.float32(255.0)).astype(np.float32)
+    return quantize_int8(
+        model,
+        [raw],
+        note=(
+            f"int8 static QDQ, MinMax over {len(raw)} raw 0-255 frames: deliberately "
+            "mis-calibrated (the model takes [0, 1]); the accuracy gate must refuse it"
+        ),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class TrainReport:
     """What :func:`train_all` made.
@@ -388,6 +434,9 @@ class TrainReport:
         canary_y: their labels.
         model_accuracy: MLP accuracy on the canary set.
         trigger_accuracy: trigger-model accuracy on the canary set.
+        calibration_x: unlabelled images for INT8 calibration.
+        bad: the deliberately bad INT8 variant (:func:`make_bad_variant`).
+        bad_accuracy: its accuracy on the canary set.
     """
 
     model: bytes
@@ -396,23 +445,35 @@ class TrainReport:
     canary_y: I64
     model_accuracy: float
     trigger_accuracy: float
+    calibration_x: F32
+    bad: bytes
+    bad_accuracy: float
 
 
-def train_all(seed: int = DEFAULT_SEED, *, n_train: int = 4000, n_canary: int = 400) -> TrainReport:
+def train_all(
+    seed: int = DEFAULT_SEED,
+    *,
+    n_train: int = 4000,
+    n_canary: int = 400,
+    n_calibration: int = N_CALIBRATION,
+) -> TrainReport:
     """Draw the data sets, train both models, export them and score them on the canary set.
 
     Args:
-        seed: master seed; the canary set uses a different stream than training.
+        seed: master seed; the canary and calibration sets use streams of their own.
         n_train: training images.
         n_canary: held-out canary images.
+        n_calibration: calibration images.
 
     Returns:
-        The models, the canary set and the canary accuracies.
+        The models, the canary and calibration sets, the bad variant and the canary accuracies.
     """
     x, y = make_dataset(n_train, seed)
-    cx, cy = make_dataset(n_canary, seed + 1_000_003)  # held out: a disjoint random stream
+    cx, cy = make_dataset(n_canary, seed + CANARY_STREAM)  # held out: a disjoint random stream
     model = export_mlp(train_mlp(x, y, seed=seed), seed=seed)
     trigger = export_trigger(train_logreg(x, y, seed=seed), seed=seed)
+    calibration_x, _ = make_dataset(n_calibration, seed + CALIBRATION_STREAM)
+    bad = make_bad_variant(model, calibration_x)
     return TrainReport(
         model=model,
         trigger=trigger,
@@ -420,6 +481,9 @@ def train_all(seed: int = DEFAULT_SEED, *, n_train: int = 4000, n_canary: int = 
         canary_y=cy,
         model_accuracy=accuracy(model, cx, cy),
         trigger_accuracy=accuracy(trigger, cx, cy),
+        calibration_x=calibration_x,
+        bad=bad,
+        bad_accuracy=accuracy(bad, cx, cy),
     )
 
 
@@ -433,6 +497,16 @@ def save_canary(path: Path, x: F32, y: I64) -> None:
     """
     frames = np.round(x * 255.0).astype(np.uint8)
     np.savez_compressed(path, x=frames, y=y, labels=np.array(LABELS))
+
+
+def save_calibration(path: Path, x: F32) -> None:
+    """Write a calibration set: ``x`` as 8-bit frames (no labels: calibration needs none).
+
+    Args:
+        path: the ``.npz`` to write.
+        x: images in ``[0, 1]`` quantized to 1/255 steps.
+    """
+    np.savez_compressed(path, x=np.round(x * 255.0).astype(np.uint8))
 
 
 def load_canary(path: Path = CANARY_PATH) -> tuple[F32, I64]:
@@ -462,10 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     (out / MODEL_PATH.name).write_bytes(report.model)
     (out / TRIGGER_PATH.name).write_bytes(report.trigger)
     save_canary(out / CANARY_PATH.name, report.canary_x, report.canary_y)
+    save_calibration(out / CALIBRATION_PATH.name, report.calibration_x)
+    (out / BAD_MODEL_PATH.name).write_bytes(report.bad)
     print(
         f"inspection.onnx {len(report.model)} B, canary accuracy {report.model_accuracy:.3f}; "
         f"trigger.onnx {len(report.trigger)} B, canary accuracy {report.trigger_accuracy:.3f}; "
-        f"canary set {len(report.canary_y)} images -> {out}"
+        f"inspection_bad.onnx {len(report.bad)} B, canary accuracy {report.bad_accuracy:.3f}; "
+        f"canary set {len(report.canary_y)} images, calibration set "
+        f"{len(report.calibration_x)} images -> {out}"
     )
     return 0
 

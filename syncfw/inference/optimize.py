@@ -1,0 +1,661 @@
+"""Optimize a model under an accuracy budget: calibrate, quantize to INT8, measure, gate.
+
+The release step before a model is published: ONNX Runtime's static
+quantization (``quantize_static``, QDQ format, signed INT8 weights and
+activations, MinMax calibration) with a :class:`CalibrationDataReader` over a
+calibration set; :func:`evaluate` measures accuracy and single-item latency
+(p50/p99) on a labelled canary set; :func:`gate` refuses a candidate whose
+accuracy loss against its baseline exceeds the budget (2 points by default),
+naming both figures.
+
+Invariants:
+
+1. Pure inference: numpy, onnx, onnxruntime, the standard library and the
+   inference package's own modules. No store, transport, mesh or node import
+   (an import contract checks it); nothing here writes a file the caller did
+   not name: the quantizer works on paths, so it runs in a private temporary
+   directory that is removed afterwards, and the result comes back as bytes.
+2. Every bad input is a :class:`~syncfw.errors.SyncfwError` naming the file
+   and what is wrong: :class:`DatasetError` for a calibration or canary set
+   (missing, unreadable, empty, without labels, wrong shape or dtype),
+   :class:`ModelLoadError` for a model that does not load or quantize,
+   :class:`AccuracyBudgetError` for a loss over budget. ONNX Runtime's own
+   exceptions are translated here and never leak.
+3. Data sets speak one convention, the shipped canary set's: ``uint8`` arrays
+   are 8-bit camera frames and are scaled to ``[0, 1]``; float arrays are taken
+   as they are. An array either holds a batch (the model input's rank) or one
+   sample (one dimension less); fixed dimensions must match the model's.
+4. Both sides of a gate are measured the same way on the same canary set (its
+   digest is in every :class:`Report`; the gate refuses reports on different
+   sets), and the loss is counted in whole predictions, so a budget of 2
+   points over 400 images allows exactly 8 more mistakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from syncfw.errors import (
+    AccuracyBudgetError,
+    DatasetError,
+    InferenceRunError,
+    ModelLoadError,
+)
+from syncfw.inference.manifest import parse_model
+from syncfw.inference.signature import TensorSpec
+
+__all__ = [
+    "DEFAULT_BUDGET_POINTS",
+    "CanarySet",
+    "Optimization",
+    "Report",
+    "evaluate",
+    "gate",
+    "load_calibration",
+    "load_canary_set",
+    "optimize_int8",
+    "quantize_int8",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUDGET_POINTS = 2.0
+CALIBRATION_BATCH = 64
+"""Samples per batch the calibration reader hands the quantizer."""
+
+F32 = npt.NDArray[np.float32]
+I64 = npt.NDArray[np.int64]
+ModelSource = bytes | str | Path
+
+
+# --- data sets ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CanarySet:
+    """A labelled canary set, as :func:`load_canary_set` reads it.
+
+    Attributes:
+        x: float32 samples ``[n, ...]`` (``uint8`` frames already scaled to ``[0, 1]``).
+        y: int64 labels ``[n]``.
+        labels: class names, when the file names them.
+        source: where it was read from (for messages).
+        digest: hex sha256 over ``x`` and ``y``: two reports compare only on equal digests.
+    """
+
+    x: F32
+    y: I64
+    labels: tuple[str, ...] | None
+    source: str
+    digest: str
+
+    @classmethod
+    def of(
+        cls,
+        x: npt.NDArray[Any],
+        y: npt.NDArray[Any],
+        *,
+        labels: Sequence[str] | None = None,
+        source: str = "canary set",
+    ) -> CanarySet:
+        """A canary set from arrays (checked as a file's would be).
+
+        Raises:
+            DatasetError: no samples, labels that are not integers ``>= 0``, or
+                a different number of samples and labels.
+        """
+        fx = _as_float(x, f"{source} 'x'")
+        if fx.ndim < 1 or len(fx) == 0:
+            raise DatasetError(f"{source} holds no samples")
+        ly = np.asarray(y)
+        if ly.ndim != 1 or ly.dtype.kind not in "iu":
+            raise DatasetError(
+                f"{source} 'y' must be integer labels [n], got {ly.dtype} {list(ly.shape)}"
+            )
+        if len(ly) != len(fx):
+            raise DatasetError(f"{source} has {len(fx)} samples but {len(ly)} labels")
+        if ly.min() < 0:
+            raise DatasetError(f"{source} has a negative label ({int(ly.min())})")
+        iy = ly.astype(np.int64)
+        digest = hashlib.sha256(np.ascontiguousarray(fx).tobytes() + iy.tobytes()).hexdigest()
+        names = tuple(str(s) for s in labels) if labels is not None else None
+        return cls(fx, iy, names, source, digest)
+
+
+def load_canary_set(path: str | Path) -> CanarySet:
+    """Read a labelled canary set: an ``.npz`` with ``x`` (samples) and ``y`` (labels).
+
+    The shipped ``canary.npz`` is the format: ``x`` uint8 frames ``[n, 1, 16, 16]``,
+    ``y`` int64 ``[n]``, optionally ``labels`` (class names).
+
+    Raises:
+        DatasetError: missing or unreadable file, no ``x`` or no ``y`` (a canary
+            set without labels cannot measure accuracy), or arrays that do not
+            fit together.
+    """
+    p = Path(path)
+    arrays = _read_npz(p, "canary set")
+    if "x" not in arrays:
+        raise DatasetError(f"canary set {p} has no 'x' (samples); it holds {sorted(arrays)}")
+    if "y" not in arrays:
+        raise DatasetError(
+            f"canary set {p} has no 'y' (labels): accuracy cannot be measured without them"
+        )
+    names = arrays.get("labels")
+    labels = [str(s) for s in names.tolist()] if names is not None and names.ndim == 1 else None
+    return CanarySet.of(arrays["x"], arrays["y"], labels=labels, source=f"canary set {p}")
+
+
+def load_calibration(path: str | Path, spec: TensorSpec) -> list[F32]:
+    """Read a calibration set for the input ``spec``: a directory of ``.npy``/``.npz`` or one ``.npz``.
+
+    In an ``.npz`` the array named like the input is used, else ``x``, else
+    its only array. Labels are not needed (and ignored). Arrays are checked
+    against the input (invariant 3) and split into batches.
+
+    Args:
+        path: a directory (its ``.npy`` and ``.npz`` files, in name order) or an ``.npz``/``.npy``.
+        spec: the model input the samples feed.
+
+    Returns:
+        float32 batches ``[<= CALIBRATION_BATCH, ...]`` in file order.
+
+    Raises:
+        DatasetError: missing path, a directory without data files, an
+            unreadable file, or samples of the wrong shape or dtype.
+    """
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".npz") and f.is_file())
+        others = sorted(
+            f.name for f in p.iterdir() if f not in files and not f.name.startswith(".")
+        )
+        if others:
+            log.warning(
+                "calibration set %s: ignoring %d file(s) that are not .npy/.npz: %s",
+                p,
+                len(others),
+                ", ".join(others[:5]),
+            )
+        if not files:
+            raise DatasetError(f"calibration directory {p} holds no .npy or .npz files")
+    elif p.exists():
+        files = [p]
+    else:
+        raise DatasetError(f"calibration set {p} does not exist")
+    batches: list[F32] = []
+    for f in files:
+        arr = _pick(f, _read_any(f, "calibration set"), spec.name)
+        samples = _fit(arr, spec, f"calibration set {f}")
+        batches += [
+            samples[i : i + CALIBRATION_BATCH] for i in range(0, len(samples), CALIBRATION_BATCH)
+        ]
+    return batches
+
+
+def _read_any(path: Path, what: str) -> dict[str, npt.NDArray[Any]]:
+    if path.suffix == ".npy":
+        try:
+            return {"x": np.load(path, allow_pickle=False)}
+        except FileNotFoundError:
+            raise DatasetError(f"{what} {path} does not exist") from None
+        except (OSError, ValueError, EOFError) as exc:
+            raise DatasetError(f"{what} {path} is not a readable .npy file: {exc}") from None
+    return _read_npz(path, what)
+
+
+def _read_npz(path: Path, what: str) -> dict[str, npt.NDArray[Any]]:
+    if not path.exists():
+        raise DatasetError(f"{what} {path} does not exist")
+    if path.is_dir():
+        raise DatasetError(f"{what} {path} is a directory, not an .npz file")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise DatasetError(f"{what} {path} is a bare .npy array, not an .npz archive")
+            return {k: data[k] for k in data.files}
+    except DatasetError:
+        raise
+    except Exception as exc:  # zipfile.BadZipFile, ValueError (pickles refused), OSError
+        raise DatasetError(
+            f"{what} {path} is not a readable .npz file: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def _pick(path: Path, arrays: dict[str, npt.NDArray[Any]], name: str) -> npt.NDArray[Any]:
+    for key in (name, "x"):
+        if key in arrays:
+            return arrays[key]
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    raise DatasetError(
+        f"calibration set {path} holds {sorted(arrays)}: name the samples {name!r} or 'x'"
+    )
+
+
+def _as_float(arr: npt.NDArray[Any], what: str) -> F32:
+    a = np.asarray(arr)
+    if a.dtype == np.uint8:
+        return (a.astype(np.float32) / np.float32(255.0)).astype(np.float32)
+    if a.dtype.kind != "f":
+        raise DatasetError(f"{what} must be uint8 frames or floats, got {a.dtype}")
+    out = a.astype(np.float32)
+    if not np.isfinite(out).all():
+        raise DatasetError(f"{what} holds NaN or infinity")
+    return out
+
+
+def _fit(arr: npt.NDArray[Any], spec: TensorSpec, what: str) -> F32:
+    """Samples as a float32 batch for ``spec`` (one sample gets a batch axis)."""
+    if spec.np_dtype != np.float32:
+        raise DatasetError(
+            f"model input {spec.name!r} is {spec.dtype}; only float32 inputs are supported"
+        )
+    x = _as_float(arr, what)
+    rank = len(spec.shape)
+    if x.ndim == rank - 1:
+        x = x[None]
+    want = [d if d is not None else "?" for d in spec.shape]
+    if x.ndim != rank or any(
+        d is not None and d != got for d, got in zip(spec.shape, x.shape, strict=True)
+    ):
+        raise DatasetError(
+            f"{what}: samples of shape {list(x.shape)} do not fit the model input "
+            f"{spec.name!r} {want} (or one sample {want[1:]})"
+        )
+    if len(x) == 0:
+        raise DatasetError(f"{what} holds no samples")
+    return x
+
+
+# --- measuring ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """How a model does on a canary set.
+
+    Attributes:
+        label: what it is (``"fp32"``, ``"int8"``).
+        accuracy: fraction of top-1 predictions equal to the label.
+        correct: how many were.
+        n: canary samples.
+        p50_ms: median latency of one single-sample ``session.run``, in ms.
+        p99_ms: 99th percentile of the same, in ms.
+        size: model bytes.
+        sha256: hex sha256 of the model bytes.
+        provider: the execution provider the session used.
+        canary_digest: :attr:`CanarySet.digest` of the set it was measured on.
+    """
+
+    label: str
+    accuracy: float
+    correct: int
+    n: int
+    p50_ms: float
+    p99_ms: float
+    size: int
+    sha256: str
+    provider: str
+    canary_digest: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data (the CLI's ``--json``)."""
+        return {
+            "label": self.label,
+            "accuracy": self.accuracy,
+            "correct": self.correct,
+            "n": self.n,
+            "p50_ms": round(self.p50_ms, 4),
+            "p99_ms": round(self.p99_ms, 4),
+            "size": self.size,
+            "sha256": self.sha256,
+            "provider": self.provider,
+        }
+
+
+def _model_bytes(model: ModelSource) -> tuple[bytes, str]:
+    if isinstance(model, bytes):
+        return model, "model bytes"
+    try:
+        return Path(model).read_bytes(), str(model)
+    except OSError as exc:
+        raise ModelLoadError(f"model {model}: {exc.strerror or exc}") from None
+
+
+def _only_input(data: bytes, where: str) -> tuple[TensorSpec, TensorSpec]:
+    parsed = parse_model(data, where)
+    if len(parsed.inputs) != 1:
+        names = [s.name for s in parsed.inputs]
+        raise ModelLoadError(
+            f"model {where} takes inputs {names}; only one-input models are supported"
+        )
+    out = parsed.outputs[0]
+    if len(out.shape) != 2:
+        raise ModelLoadError(
+            f"model {where} output {out.name!r} has shape {out.display_shape}; "
+            "class scores [N, classes] are needed"
+        )
+    return parsed.inputs[0], out
+
+
+def _session(data: bytes, where: str, providers: Sequence[str], threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only: a refusal is translated below
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=list(providers))
+    except Exception as exc:  # onnxruntime's Fail/InvalidGraph/... translated here
+        raise ModelLoadError(f"model {where} does not load: {type(exc).__name__}: {exc}") from None
+
+
+def evaluate(
+    model: ModelSource,
+    canary: CanarySet | str | Path,
+    *,
+    label: str = "",
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+    threads: int = 1,
+    warmup: int = 10,
+) -> Report:
+    """Accuracy and single-sample latency of ``model`` on a labelled canary set.
+
+    Each sample is one ``session.run`` (as a node serving one frame at a time
+    runs it); its prediction is the top class, and the call's wall time goes
+    into the percentiles. One intra-op thread by default, so figures from two
+    models measured in one process compare.
+
+    Args:
+        model: ONNX bytes or a path.
+        canary: a :class:`CanarySet` or the path of one (:func:`load_canary_set`).
+        label: names the report.
+        providers: ONNX Runtime execution providers, in order.
+        threads: intra-op threads of the session.
+        warmup: untimed calls before measuring.
+
+    Raises:
+        ModelLoadError: the model does not load, has more than one input, or
+            does not output class scores ``[N, classes]``.
+        DatasetError: the canary set is unusable, does not fit the model's
+            input, or has labels beyond the model's classes.
+        InferenceRunError: ONNX Runtime failed during a call.
+    """
+    data, where = _model_bytes(model)
+    spec, out = _only_input(data, where)
+    cs = canary if isinstance(canary, CanarySet) else load_canary_set(canary)
+    x = _fit(cs.x, spec, cs.source)
+    session = _session(data, where, providers, threads)
+    feed, fetch = spec.name, [out.name]
+    times = np.empty(len(x), dtype=np.float64)
+    preds = np.empty(len(x), dtype=np.int64)
+    classes = 0
+    try:
+        for i in range(min(warmup, len(x))):
+            session.run(fetch, {feed: x[i : i + 1]})
+        for i in range(len(x)):
+            t0 = time.perf_counter()
+            scores = session.run(fetch, {feed: x[i : i + 1]})[0]
+            times[i] = time.perf_counter() - t0
+            preds[i] = int(np.argmax(scores[0]))
+            classes = scores.shape[-1]
+    except Exception as exc:
+        raise InferenceRunError(
+            f"model {where} failed on {cs.source}: {type(exc).__name__}: {exc}"
+        ) from None
+    if int(cs.y.max()) >= classes:
+        raise DatasetError(
+            f"{cs.source} has labels up to {int(cs.y.max())}, but model {where} scores {classes} classes"
+        )
+    correct = int((preds == cs.y).sum())
+    p50, p99 = np.percentile(times, [50, 99]) * 1e3
+    return Report(
+        label=label,
+        accuracy=correct / len(x),
+        correct=correct,
+        n=len(x),
+        p50_ms=float(p50),
+        p99_ms=float(p99),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        provider=session.get_providers()[0],
+        canary_digest=cs.digest,
+    )
+
+
+def gate(
+    baseline: Report, candidate: Report, budget_points: float = DEFAULT_BUDGET_POINTS
+) -> float:
+    """Refuse ``candidate`` when it loses more than ``budget_points`` of accuracy against ``baseline``.
+
+    Args:
+        baseline: the reference (the FP32 model).
+        candidate: the optimized model, measured on the same canary set.
+        budget_points: the largest loss allowed, in percentage points (``>= 0``).
+
+    Returns:
+        The loss in points (negative when the candidate does better).
+
+    Raises:
+        AccuracyBudgetError: the loss exceeds the budget; the message names both accuracies.
+        DatasetError: the two reports were measured on different canary sets.
+        ValueError: a negative or non-finite budget.
+    """
+    if not math.isfinite(budget_points) or budget_points < 0:
+        raise ValueError(f"budget_points must be a finite number >= 0, got {budget_points}")
+    if baseline.canary_digest != candidate.canary_digest or baseline.n != candidate.n:
+        raise DatasetError(
+            f"{baseline.label or 'baseline'} and {candidate.label or 'candidate'} were measured "
+            "on different canary sets; compare them on one"
+        )
+    # Counted in predictions (invariant 4): no float rounding decides a verdict at the edge.
+    lost = baseline.correct - candidate.correct
+    loss_points = lost * 100.0 / baseline.n
+    if lost * 100 > budget_points * baseline.n + 1e-9:
+        b, c = baseline.label or "baseline", candidate.label or "candidate"
+        raise AccuracyBudgetError(
+            f"{c} accuracy {candidate.accuracy:.2%} against {b} {baseline.accuracy:.2%} on "
+            f"{baseline.n} canary samples: a loss of {loss_points:.2f} points exceeds the budget "
+            f"of {budget_points:g} points",
+            baseline=baseline.accuracy,
+            candidate=candidate.accuracy,
+            loss_points=loss_points,
+            budget_points=budget_points,
+        )
+    return loss_points
+
+
+# --- quantizing -----------------------------------------------------------------------------
+
+
+class _QuantizerLog(logging.Filter):
+    """ONNX Runtime's quantizer logs advice on the root logger (and would install a
+    handler there on its own); it goes to this module's logger at DEBUG instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "onnxruntime" in record.pathname:
+            log.debug("onnxruntime.quantization: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    flt = _QuantizerLog()
+    root.addHandler(guard)  # present, so logging.warning() does not call basicConfig()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
+        root.removeHandler(guard)
+
+
+def _reader(name: str, batches: Sequence[F32]) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _Reader(CalibrationDataReader):  # type: ignore[misc]
+        """Feeds the calibration batches once, in order."""
+
+        def __init__(self) -> None:
+            self._next = iter(batches)
+
+        def get_next(self) -> dict[str, F32] | None:
+            batch = next(self._next, None)
+            return None if batch is None else {name: batch}
+
+    return _Reader()
+
+
+def quantize_int8(
+    model: ModelSource,
+    calibration: str | Path | Sequence[npt.NDArray[Any]],
+    *,
+    per_channel: bool = False,
+    note: str | None = None,
+) -> bytes:
+    """Static INT8 quantization with ONNX Runtime (QDQ, signed INT8, MinMax calibration).
+
+    Args:
+        model: the FP32 ONNX model, bytes or a path.
+        calibration: a calibration set (:func:`load_calibration`) or sample arrays.
+        per_channel: per-channel weight scales (per-tensor by default: on the
+            shipped model, per-tensor scores better).
+        note: recorded in the result's ``quantization`` metadata instead of the default.
+
+    Returns:
+        The quantized model's bytes; the model's metadata is kept and
+        ``quantization`` is added.
+
+    Raises:
+        ModelLoadError: the model does not load, or quantization failed.
+        DatasetError: the calibration set is unusable for this model.
+    """
+    data, where = _model_bytes(model)
+    spec, _ = _only_input(data, where)
+    _session(data, where, ("CPUExecutionProvider",), 1)  # refuse a model that will not load first
+    if isinstance(calibration, str | Path):
+        batches = load_calibration(calibration, spec)
+    else:
+        if not calibration:
+            raise DatasetError("the calibration set is empty")
+        batches = [_fit(a, spec, f"calibration array {i}") for i, a in enumerate(calibration)]
+    n = sum(len(b) for b in batches)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    with tempfile.TemporaryDirectory(prefix="syncfw-quant-") as tmp:
+        src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(data)
+        try:
+            with _quiet_quantizer():
+                quantize_static(
+                    str(src),
+                    str(dst),
+                    _reader(spec.name, batches),
+                    quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    per_channel=per_channel,
+                    calibrate_method=CalibrationMethod.MinMax,
+                )
+            out = dst.read_bytes()
+        except Exception as exc:
+            raise ModelLoadError(
+                f"quantizing {where} failed: {type(exc).__name__}: {exc}"
+            ) from None
+    return _annotate(out, note or f"int8 static QDQ, MinMax over {n} calibration samples")
+
+
+def _annotate(data: bytes, note: str) -> bytes:
+    import onnx
+
+    proto = onnx.load_model_from_string(data)
+    kept = [(p.key, p.value) for p in proto.metadata_props if p.key != "quantization"]
+    del proto.metadata_props[:]
+    for key, value in [*kept, ("quantization", note)]:
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    out: bytes = proto.SerializeToString()
+    return out
+
+
+# --- the whole step -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Optimization:
+    """An FP32 model, its INT8 version, and how both did on one canary set.
+
+    Attributes:
+        fp32: the original's report.
+        int8: the quantized model's report.
+        model: the quantized model's bytes.
+        budget_points: the budget it is gated against.
+    """
+
+    fp32: Report
+    int8: Report
+    model: bytes
+    budget_points: float
+
+    @property
+    def loss_points(self) -> float:
+        """Accuracy lost, in points (negative: INT8 does better)."""
+        return (self.fp32.correct - self.int8.correct) * 100.0 / self.fp32.n
+
+    def check(self) -> float:
+        """:func:`gate` on the two reports; returns the loss in points.
+
+        Raises:
+            AccuracyBudgetError: over budget.
+        """
+        return gate(self.fp32, self.int8, self.budget_points)
+
+
+def optimize_int8(
+    model: ModelSource,
+    calibration: str | Path | Sequence[npt.NDArray[Any]],
+    canary: CanarySet | str | Path,
+    *,
+    budget_points: float = DEFAULT_BUDGET_POINTS,
+    per_channel: bool = False,
+) -> Optimization:
+    """Quantize ``model`` and measure both versions on ``canary``; gate with :meth:`Optimization.check`.
+
+    Raises:
+        ModelLoadError, DatasetError, InferenceRunError: as :func:`quantize_int8`
+            and :func:`evaluate` do (checked before anything is quantized where
+            it can be: the canary set is read first).
+        ValueError: a negative or non-finite budget.
+    """
+    if not math.isfinite(budget_points) or budget_points < 0:
+        raise ValueError(f"budget_points must be a finite number >= 0, got {budget_points}")
+    data, where = _model_bytes(model)
+    cs = canary if isinstance(canary, CanarySet) else load_canary_set(canary)
+    fp32 = evaluate(data, cs, label="fp32")
+    int8_model = quantize_int8(data, calibration, per_channel=per_channel)
+    int8 = evaluate(int8_model, cs, label="int8")
+    log.info(
+        "optimized %s: fp32 %.4f, int8 %.4f on %d canary samples",
+        where,
+        fp32.accuracy,
+        int8.accuracy,
+        cs.x.shape[0],
+    )
+    return Optimization(fp32=fp32, int8=int8, model=int8_model, budget_points=budget_points)

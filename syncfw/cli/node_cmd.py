@@ -172,7 +172,17 @@ async def serve(settings: argparse.Namespace) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     admin_path = Path(admin_file(settings.db))
-    async with Node.open(settings.db, node_id=settings.node_id, fleet=parts.fleet) as node:
+    keys = None
+    if settings.keys:  # a signed fleet: keys, authority key and mTLS from the key directory
+        from syncfw.cli.keys_cmd import node_keys
+
+        try:
+            keys, parts = node_keys(settings.keys, settings.node_id, parts)
+        except SyncfwError as exc:
+            return fail("node", str(exc))
+    async with Node.open(
+        settings.db, node_id=settings.node_id, fleet=parts.fleet, keys=keys
+    ) as node:
         network = GrpcNetwork(parts.transport, metrics=node.metrics)
         mesh = await node.serve(
             settings.listen,

@@ -220,6 +220,11 @@ SERVE_OPTIONS: list[Option] = [
     Option("cert", "this node's certificate (PEM, CN = node id)", metavar="FILE"),
     Option("key", "this node's private key (PEM)", metavar="FILE"),
     Option(
+        "keys",
+        "this node's key directory (syncfw keys export): a signed fleet with mutual TLS",
+        metavar="DIR",
+    ),
+    Option(
         "status-file",
         "write status JSON here every --status-every seconds (atomically)",
         metavar="FILE",

@@ -10,6 +10,12 @@ into its own results zone. Then the link heals and the demo prints each
 node's state digest: identical digests mean identical state, and the depot
 holds every truck's results.
 
+The fleet is signed and every link is mutual TLS by default: the demo makes the
+fleet's keys in its folder (``keys/``: an authority key, a fleet CA, a
+certificate and an op-signing key per node, as ``syncfw keys`` does), every
+node signs its chain heads and verifies everyone else's. ``--insecure`` runs the
+unsigned development mode instead, without TLS.
+
 Inference is the optional extra ``syncfw[inference]`` (numpy, onnx,
 onnxruntime): this module imports it only when the demo runs, so the ``syncfw``
 command works on a base install and ``syncfw demo`` there says what to install.
@@ -34,7 +40,8 @@ from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.testing.partition import EgressProxy, Partition
 from syncfw.transport.network import GrpcNetwork
-from syncfw.transport.rpc import TransportConfig
+from syncfw.transport.rpc import TlsConfig, TransportConfig
+from syncfw.trust.keydir import NodeKeys, add_node, init_fleet, load_fleet, load_node
 from syncfw.zones import Fleet, Grant
 
 if TYPE_CHECKING:
@@ -70,6 +77,12 @@ def register(sub: Any) -> None:
     p.add_argument("--writes", type=int, default=100, help="writes per node per phase")
     p.add_argument("--frames", type=int, default=40, help="parts each truck inspects per phase")
     p.add_argument("--seed", type=int, default=7, help="seed of the random choices")
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="run the unsigned development mode: no keys, no TLS (anyone who can sync "
+        "could forge ops)",
+    )
     p.set_defaults(func=run)
 
 
@@ -105,9 +118,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.dir:
         Path(args.dir).mkdir(parents=True, exist_ok=True)
-        return asyncio.run(demo(Path(args.dir), args.writes, args.frames, args.seed))
+        return asyncio.run(
+            demo(Path(args.dir), args.writes, args.frames, args.seed, secure=not args.insecure)
+        )
     with tempfile.TemporaryDirectory(prefix="syncfw-demo-") as tmp:
-        return asyncio.run(demo(Path(tmp), args.writes, args.frames, args.seed))
+        return asyncio.run(
+            demo(Path(tmp), args.writes, args.frames, args.seed, secure=not args.insecure)
+        )
 
 
 async def _until(cond: Callable[[], Awaitable[bool]], timeout_s: float) -> float:
@@ -129,7 +146,9 @@ async def _writes(node: Node, rng: random.Random, n: int, phase: str) -> None:
     tonnes = node.counter("site/ore-tonnes")
     for i in range(n):
         if me in TRUCKS:
-            await node.put(f"trucks/{me}/position", {"lat": -22.3 + rng.random(), "lon": 118.6, "i": i})
+            await node.put(
+                f"trucks/{me}/position", {"lat": -22.3 + rng.random(), "lon": 118.6, "i": i}
+            )
             await tonnes.add(rng.randint(20, 60))
         if rng.random() < 0.05:
             await node.set("site/alerts").add(f"{phase}:{me}:{i}")
@@ -151,8 +170,24 @@ async def _inspect(engine: Engine, rng: np.random.Generator, frames: int, phase:
     return correct
 
 
-async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
+def demo_keys(folder: Path, names: list[str]) -> tuple[Fleet, dict[str, NodeKeys]]:
+    """The demo fleet's keys in ``folder/keys`` (made on first use) and the signed fleet."""
+    root = folder / "keys"
+    if not (root / "fleet.toml").exists():
+        init_fleet(root, DEMO_FLEET.fleet_id, DEMO_FLEET.authority)
+    for n in names:
+        if not (root / "nodes" / n).exists():
+            add_node(root, n)
+    return load_fleet(root).bind(DEMO_FLEET), {n: load_node(root, n) for n in names}
+
+
+async def demo(
+    folder: Path, writes: int, frames: int, seed: int, *, secure: bool = True
+) -> int:
     """Run the demo fleet in ``folder``; returns the exit status (0: converged).
+
+    ``secure`` (the default): a signed fleet over mutual TLS, keys made in
+    ``folder/keys``; False: the unsigned development mode, no TLS.
 
     Needs the inference extra (``run`` checks it first and says what to install).
     """
@@ -170,16 +205,23 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
     engines: dict[str, Engine] = {}
     try:
         print(f"fleet {DEMO_FLEET.fleet_id!r}: {', '.join(names)}; SQLite files in {folder}")
+        fleet, keys = demo_keys(folder, names) if secure else (DEMO_FLEET, {})
+        if secure:
+            print(f"  secure: signed ops, mutual TLS; keys made in {folder / 'keys'}")
+        else:
+            print("  INSECURE (--insecure): unsigned ops, no TLS: development mode only")
         for n in names:
-            node = await Node.open(folder / f"{n}.db", node_id=n, fleet=DEMO_FLEET)
+            mine = keys.get(n)
+            node = await Node.open(folder / f"{n}.db", node_id=n, fleet=fleet, keys=mine)
             nodes[n] = node
+            tls = TlsConfig(mine.ca_pem, mine.cert_pem, mine.key_pem) if mine else None
             seeds = [] if n == DEPOT else [addresses[DEPOT]]
             mesh = await node.serve(
                 "127.0.0.1:0",
                 seeds,
                 config=MeshConfig.test(),
                 network=GrpcNetwork(
-                    TransportConfig(http_proxy=proxies[n].url, connect_timeout_s=1.0),
+                    TransportConfig(http_proxy=proxies[n].url, connect_timeout_s=1.0, tls=tls),
                     metrics=node.metrics,
                 ),
             )
@@ -189,13 +231,17 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
         for t in TRUCKS:
             engines[t] = Engine(nodes[t])
             info = await engines[t].load(MODEL_PATH)
-        print(f"  trucks run {info.name} v{info.version} (sha256 {info.sha256[:12]}) "
-              f"on {info.provider}")
+        print(
+            f"  trucks run {info.name} v{info.version} (sha256 {info.sha256[:12]}) "
+            f"on {info.provider}"
+        )
         all_nodes = list(nodes.values())
         trucks = [nodes[t] for t in TRUCKS]
         frame_rng = np.random.default_rng(seed)
 
-        await asyncio.gather(*(_writes(n, random.Random(rng.random()), writes, "connected") for n in all_nodes))
+        await asyncio.gather(
+            *(_writes(n, random.Random(rng.random()), writes, "connected") for n in all_nodes)
+        )
         took = await _until(lambda: _same(all_nodes), 30)
         print(f"connected: {writes} writes per node, converged over gRPC in {took:.2f} s")
 
@@ -205,18 +251,24 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
             asyncio.gather(
                 *(_writes(n, random.Random(rng.random()), writes, "partitioned") for n in all_nodes)
             ),
-            asyncio.gather(*(_inspect(engines[t], frame_rng, frames, "partitioned") for t in TRUCKS)),
+            asyncio.gather(
+                *(_inspect(engines[t], frame_rng, frames, "partitioned") for t in TRUCKS)
+            ),
         )
         try:
             await nodes["t9"].put("trucks/t7/position", {"lat": 0, "lon": 0})
         except ZoneOwnershipError as exc:
             print(f"  refused: {exc}")
         took = await _until(lambda: _same(trucks), 30)
-        print(f"  trucks agree with each other after {took:.2f} s "
-              f"({sum(correct)}/{frames * len(TRUCKS)} parts judged right)")
+        print(
+            f"  trucks agree with each other after {took:.2f} s "
+            f"({sum(correct)}/{frames * len(TRUCKS)} parts judged right)"
+        )
         digests = await _show(all_nodes, "during partition")
-        print(f"  the depot {'differs' if digests[0] != digests[1] else 'matches'} "
-              "(it cannot hear the trucks)")
+        print(
+            f"  the depot {'differs' if digests[0] != digests[1] else 'matches'} "
+            "(it cannot hear the trucks)"
+        )
 
         partition.heal()
         took = await _until(lambda: _same(all_nodes), 30)
@@ -228,14 +280,20 @@ async def demo(folder: Path, writes: int, frames: int, seed: int) -> int:
         depot = nodes[DEPOT]
         results = {t: len(await depot.scan(results_prefix(t))) for t in TRUCKS}
         sample = next(iter((await depot.scan(results_prefix(TRUCKS[0]))).values()))
-        print("  depot holds the trucks' inference results: "
-              + ", ".join(f"{t} {k}" for t, k in results.items()))
-        print(f"  e.g. {sample['model']['name']} said {sample['label']!r} "
-              f"(confidence {sample['confidence']:.2f}, provider {sample['provider']})")
+        print(
+            "  depot holds the trucks' inference results: "
+            + ", ".join(f"{t} {k}" for t, k in results.items())
+        )
+        print(
+            f"  e.g. {sample['model']['name']} said {sample['label']!r} "
+            f"(confidence {sample['confidence']:.2f}, provider {sample['provider']})"
+        )
         tonnes = await depot.counter("site/ore-tonnes").value()
-        print(f"converged: identical state on {len(all_nodes)} nodes; ore tonnes {tonnes}, "
-              f"shift lead {await depot.get('site/shift-lead')!r}, "
-              f"{len(await depot.set('site/alerts').items())} alerts")
+        print(
+            f"converged: identical state on {len(all_nodes)} nodes; ore tonnes {tonnes}, "
+            f"shift lead {await depot.get('site/shift-lead')!r}, "
+            f"{len(await depot.set('site/alerts').items())} alerts"
+        )
         return 0
     except TimeoutError:
         print("NOT CONVERGED: timed out")

@@ -7,7 +7,7 @@ a :class:`FrameStream` to an address), so the mesh is written once.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from syncfw.metrics import NodeMetrics
@@ -69,21 +69,29 @@ class GrpcNetwork:
         config: transport tunables (quotas, deadlines, connection limits, TLS).
         metrics: the node's registry; the server counts refused and cut
             streams there (``syncfw_refused_streams{reason}``).
+        services: more gRPC services served beside the mesh's (the change
+            feed: :func:`syncfw.transport.feed.feed_service`).
     """
 
     def __init__(
-        self, config: TransportConfig | None = None, *, metrics: NodeMetrics | None = None
+        self,
+        config: TransportConfig | None = None,
+        *,
+        metrics: NodeMetrics | None = None,
+        services: Sequence[Any] = (),
     ) -> None:
         self.config = config or TransportConfig()
         self.metrics = metrics
         self.pool = ChannelPool(self.config, metrics=metrics)
+        self.services = tuple(services)
 
     async def serve(
         self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
     ) -> GrpcServer:
         """Start a gRPC server on ``listen``."""
         return await GrpcServer.start(
-            listen, handler, config=self.config, metrics=self.metrics, probe=probe
+            listen, handler, config=self.config, metrics=self.metrics, probe=probe,
+            services=self.services,
         )
 
     async def probe(

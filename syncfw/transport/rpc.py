@@ -46,7 +46,7 @@ import logging
 import os
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,7 +63,7 @@ from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
 from syncfw.transport.probe import MAX_TARGET_CHARS, ProbeAnswer, ProbeHandler
-from syncfw.trust.keydir import certificate_identity
+from syncfw.trust.keydir import certificate_identity, is_subscriber
 
 __all__ = [
     "ChannelPool",
@@ -302,6 +302,18 @@ class _SyncServicer:
         context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> None:
         peer, identity = context.peer(), _identity(context)
+        if identity is not None and is_subscriber(identity):
+            # a subscriber certificate reads the change feed and never writes
+            self.refusals.warn(
+                f"{peer_host(peer)}|subscriber", 1,
+                "refused a stream from %s (subscriber): %s may read the feed, never sync",
+                clip(peer), clip(identity),
+            )
+            if self._metrics is not None:
+                self._metrics.refused_streams.labels(self._metrics.node_id, "subscriber").inc()
+            context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            context.set_details("a subscriber certificate may read the change feed, never sync")
+            return
         ticket = self.admission.admit(peer, identity)
         if isinstance(ticket, Refusal):
             self._refused(peer, ticket, _REFUSED_TEXT[ticket])
@@ -407,6 +419,7 @@ class GrpcServer:
         config: TransportConfig | None = None,
         metrics: NodeMetrics | None = None,
         probe: ProbeHandler | None = None,
+        services: Sequence[grpc.GenericRpcHandler[Any, Any]] = (),
     ) -> GrpcServer:
         """Listen on ``listen`` (``host:port``; port 0 picks a free one).
 
@@ -425,6 +438,8 @@ class GrpcServer:
                 in ``syncfw_refused_streams{reason}``.
             probe: serves ``syncfw.v1.Sync/Probe`` (None: the method is
                 UNIMPLEMENTED, which a prober reads as "alive, no helper").
+            services: more services on the same port and credentials (the
+                change feed, :func:`syncfw.transport.feed.feed_service`).
 
         Raises:
             LinkError: ``UNAVAILABLE``: the address cannot be bound.
@@ -438,6 +453,8 @@ class GrpcServer:
         server.add_generic_rpc_handlers((servicer.generic_handler(),))
         if probe is not None:
             server.add_generic_rpc_handlers((_probe_service(probe),))
+        if services:
+            server.add_generic_rpc_handlers(tuple(services))
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
         host = listen.rsplit(":", 1)[0] or "127.0.0.1"

@@ -609,3 +609,67 @@ def export_node(root: str | Path, node: str, out: str | Path) -> Path:
         else:
             _write_public(dst / path.name, _read(path, path.name))
     return out
+
+
+# -------------------------------------------------------------- feed subscribers
+
+SUBSCRIBER_PREFIX = "sub:"
+"""A certificate whose CN starts with this names a change-feed subscriber: it may
+read ``syncfw.v1.Feed/Subscribe`` and is refused by ``Sync/Exchange`` (it never writes)."""
+
+
+def is_subscriber(identity: str) -> bool:
+    """True if a certificate identity (CN) names a feed subscriber, not a node."""
+    return identity.startswith(SUBSCRIBER_PREFIX)
+
+
+def add_subscriber(root: str | Path, name: str, *, valid_days: int = NODE_DAYS) -> Path:
+    """Issue a read-only change-feed subscriber's TLS key and certificate.
+
+    The certificate's CN is ``sub:<name>`` (:data:`SUBSCRIBER_PREFIX`), it has no
+    DNS SAN and only the client-auth usage, and no op-signing key or registration
+    is made: it can authenticate to the feed, never sign or sync an op.
+    Files: ``root/subscribers/NAME/{node.key, node.crt}`` (the key 0600).
+
+    Returns:
+        The subscriber's folder.
+
+    Raises:
+        KeyFileError: not a fleet directory, a bad name, or the name exists.
+    """
+    root = Path(root)
+    _check_node_id(name)
+    _fleet_info(root)
+    folder = root / "subscribers" / name
+    if folder.exists():
+        raise KeyFileError(f"subscriber {name!r} already has keys in {folder}")
+    try:
+        ca_key = serialization.load_pem_private_key(
+            _read_private(root / _CA_KEY, "fleet CA key"), password=None
+        )
+    except (ValueError, TypeError):
+        raise KeyFileError(f"fleet CA key {root / _CA_KEY} is not a PEM private key") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise KeyFileError(f"fleet CA key {root / _CA_KEY} is not an ECDSA key")
+    ca = _load_cert(root / _CA_CRT, "fleet CA certificate")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, SUBSCRIBER_PREFIX + name)])
+        )
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(min(now + datetime.timedelta(days=valid_days), ca.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _mkdir(folder.parent)
+    _mkdir(folder)
+    _write_private(folder / _NODE_KEY, _pem_private(key))
+    _write_public(folder / _NODE_CRT, cert.public_bytes(serialization.Encoding.PEM))
+    return folder

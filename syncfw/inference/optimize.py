@@ -208,7 +208,8 @@ def load_calibration(path: str | Path, spec: TensorSpec) -> list[F32]:
 def _read_any(path: Path, what: str) -> dict[str, npt.NDArray[Any]]:
     if path.suffix == ".npy":
         try:
-            return {"x": np.load(path, allow_pickle=False)}
+            with path.open("rb") as fh:  # our handle: numpy leaks its own when a file is bad
+                return {"x": np.load(fh, allow_pickle=False)}
         except FileNotFoundError:
             raise DatasetError(f"{what} {path} does not exist") from None
         except (OSError, ValueError, EOFError) as exc:
@@ -222,10 +223,12 @@ def _read_npz(path: Path, what: str) -> dict[str, npt.NDArray[Any]]:
     if path.is_dir():
         raise DatasetError(f"{what} {path} is a directory, not an .npz file")
     try:
-        with np.load(path, allow_pickle=False) as data:
-            if not hasattr(data, "files"):
+        with path.open("rb") as fh:  # our handle: numpy leaks its own when an archive is bad
+            data = np.load(fh, allow_pickle=False)
+            if not isinstance(data, np.lib.npyio.NpzFile):
                 raise DatasetError(f"{what} {path} is a bare .npy array, not an .npz archive")
-            return {k: data[k] for k in data.files}
+            with data:
+                return {k: data[k] for k in data.files}
     except DatasetError:
         raise
     except Exception as exc:  # zipfile.BadZipFile, ValueError (pickles refused), OSError

@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import struct
 import sys
 import tempfile
@@ -50,6 +51,7 @@ from syncfw.exchange import run_exchange
 from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Ops, Summary
 from syncfw.testing.ops import OpWriter
+from syncfw.transport.admission import cpu_budget_of
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
 from syncfw.transport.wire import encode_frame
@@ -270,15 +272,47 @@ async def flood(port: int, source: str, stats: dict[str, int]) -> None:
         raise
 
 
+async def forwarder(port: int, source: str) -> tuple[asyncio.Server, int]:
+    """A TCP relay on 127.0.0.1 whose upstream connections to ``port`` come from ``source``.
+
+    grpc's client cannot bind a source address: through this, its calls reach
+    the node from another host, as a remote attacker's would.
+    """
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        try:
+            while data := await src.read(1 << 16):
+                dst.write(data)
+                await dst.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            dst.close()
+
+    async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            ur, uw = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        except OSError:
+            w.close()
+            return
+        await asyncio.gather(pipe(r, uw), pipe(ur, w))
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 async def bad_batches(port: int, source: str, frame: bytes, stats: dict[str, int]) -> None:
     """Two calls at a time, each the opening and one broken-chain batch; again as they end.
 
     Sent with grpc's own client, which keeps to the server's flow-control window
     (the batch is larger than one window): the cost measured is the node's work
-    to refuse a well-delivered bad batch, not a protocol error. grpc cannot bind
-    a source address, so these calls come from 127.0.0.1, like the honest peer's.
+    to refuse a well-delivered bad batch, not a protocol error. The calls go
+    through :func:`forwarder`, so they come from ``source``, not the honest
+    peer's address.
     """
     import grpc  # the attacker process only
+
+    relay, port = await forwarder(port, source)
 
     frames = [
         encode_frame(f)
@@ -296,7 +330,7 @@ async def bad_batches(port: int, source: str, frame: bytes, stats: dict[str, int
                 pass
         stats["sent"] = stats.get("sent", 0) + 1
 
-    async with grpc.aio.insecure_channel(
+    async with relay, grpc.aio.insecure_channel(
         f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)]
     ) as ch:
         method = ch.stream_stream(EXCHANGE_PATH)
@@ -345,7 +379,12 @@ async def honest_loop(node: Node, address: str, seconds: float) -> tuple[int, in
 
 
 async def attack_main(name: str, port: int, source: str, batch_ops: int) -> None:
-    """Run one attack until killed (the bench runs each in a process of its own)."""
+    """Run one attack until killed (the bench runs each in a process of its own).
+
+    At the lowest CPU priority: an attacker stands for another machine, so on
+    the bench's shared cores its own CPU must not be taken from the node.
+    """
+    os.nice(19)
     if name == "zero_window":
         await zero_window(port, source, 16)
     elif name == "slowloris":
@@ -367,13 +406,62 @@ def _refused_by_chain(node: Node) -> int:
     return sum(v for k, v in got.items() if k not in ("OK", "CANCELLED", "DEADLINE_EXCEEDED"))
 
 
+def _exchanges(node: Node, outcome: str) -> int:
+    return int(node.metrics.snapshot()["exchanges"].get(outcome, 0))
+
+
+def _cpu_refusals(node: Node) -> int:
+    return int(node.metrics.snapshot()["refused_streams"].get("cpu_budget", 0))
+
+
+async def honest_main(port: int, db: Path) -> None:
+    """The honest peer's process: a node that runs exchanges for each number of seconds read."""
+    logging.basicConfig(level=logging.ERROR)
+    node = await Node.open(db, node_id="b", fleet=FLEET)
+    loop = asyncio.get_running_loop()
+    try:
+        while line := (await loop.run_in_executor(None, sys.stdin.readline)).strip():
+            ok, tried, lat = await honest_loop(node, f"127.0.0.1:{port}", float(line))
+            print(json.dumps({"ok": ok, "tried": tried, "lat": lat}), flush=True)
+    finally:
+        await node.close()
+
+
+class Honest:
+    """The honest peer, in a process of its own (its CPU is not the node's)."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+
+    @classmethod
+    async def start(cls, port: int, db: Path) -> Honest:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--honest", "--port", str(port), "--db", str(db),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        return cls(proc)
+
+    async def run(self, seconds: float) -> tuple[int, int, list[float]]:
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
+        self.proc.stdin.write(f"{seconds}\n".encode())
+        await self.proc.stdin.drain()
+        got = json.loads(await self.proc.stdout.readline())
+        return got["ok"], got["tried"], got["lat"]
+
+    async def aclose(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        await self.proc.wait()
+
+
 async def main(quick: bool) -> dict[str, float]:
     logging.basicConfig(level=logging.ERROR)
     phase_s = 2.0 if quick else 8.0
     batch_ops = 5_000 if quick else 50_000
     tmp = Path(tempfile.mkdtemp(prefix="syncfw-hostile-"))
     server_node = await Node.open(tmp / "a.db", node_id="a", fleet=FLEET)
-    honest = await Node.open(tmp / "b.db", node_id="b", fleet=FLEET)
+    budget = cpu_budget_of(server_node.metrics)  # the one the server and its runners share
     cfg = TransportConfig.test(exchange_timeout_s=3.0, hello_timeout_s=1.0)
 
     async def handler(stream: FrameStream) -> None:
@@ -382,7 +470,8 @@ async def main(quick: bool) -> dict[str, float]:
         )
 
     server = await GrpcServer.start("127.0.0.1:0", handler, config=cfg, metrics=server_node.metrics)
-    await honest_loop(honest, server.address, phase_s / 4)  # warm-up: channels, caches
+    honest = await Honest.start(server.port, tmp / "b.db")
+    await honest.run(phase_s / 4)  # warm-up: channels, caches
     rss0 = rss_mb()
     results: dict[str, dict[str, float]] = {}
     for name in ["quiet", *ATTACKS]:
@@ -394,8 +483,10 @@ async def main(quick: bool) -> dict[str, float]:
             )
             await asyncio.sleep(0.5 if quick else 1.5)  # let it take hold (and build its batch)
         refused0 = _refused_by_chain(server_node)
+        decoded0, unread0 = _exchanges(server_node, "DATA_LOSS"), _cpu_refusals(server_node)
+        charged0 = budget.charged_s
         cpu0, wall0 = time.process_time(), time.monotonic()
-        ok, tried, lat = await honest_loop(honest, server.address, phase_s)
+        ok, tried, lat = await honest.run(phase_s)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
         if proc is not None:
             if proc.returncode is None:
@@ -407,13 +498,19 @@ async def main(quick: bool) -> dict[str, float]:
             "p99_ms": p99(lat),
             "cpu_s": cpu,
             "wall_s": wall,
-            "rejected": _refused_by_chain(server_node) - refused0,
+            # exchanges refused, plus calls refused unread for the peer's CPU budget
+            "rejected": _refused_by_chain(server_node) - refused0
+            + _cpu_refusals(server_node) - unread0,
+            "decoded_bad": _exchanges(server_node, "DATA_LOSS") - decoded0,
+            "refused_cpu_budget": _cpu_refusals(server_node) - unread0,
+            "decode_cpu_s": budget.charged_s - charged0,
             "rss_growth_mb": rss_mb() - rss0,
         }
         print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
     quiet, bad = results["quiet"], results["bad_batches"]
     attacked = [r for n, r in results.items() if n != "quiet"]
-    # the node's CPU beyond what serving the honest peer alone costs, per refused batch
+    # the node's CPU beyond what serving the honest peer alone costs (the honest
+    # peer runs in a process of its own, so the node's process is not saturated)
     extra_cpu = bad["cpu_s"] - quiet["cpu_s"] / quiet["wall_s"] * bad["wall_s"]
     figures = {
         "honest_ok_ratio_min": min(r["ok_per_s"] for r in attacked) / max(quiet["ok_per_s"], 1e-9),
@@ -422,10 +519,13 @@ async def main(quick: bool) -> dict[str, float]:
         "rss_growth_mb_max": max(0.0, *(r["rss_growth_mb"] for r in results.values())),
         "cpu_ms_per_rejected_frame": max(0.0, extra_cpu) * 1000 / max(1.0, bad["rejected"]),
         "rejected_frames": bad["rejected"],
+        # what decoding one bad batch costs when it is decoded (not refused for the budget)
+        "decode_ms_per_decoded_bad_frame": bad["decode_cpu_s"] * 1000 / max(1.0, bad["decoded_bad"]),
+        "attacker_cpu_share": max(0.0, extra_cpu) / bad["wall_s"],
         "refused_streams": float(sum(server_node.metrics.snapshot()["refused_streams"].values())),
     }
+    await honest.aclose()
     await server.aclose(grace_s=0)
-    await honest.close()
     await server_node.close()
     return {k: round(v, 3) for k, v in figures.items()}
 
@@ -437,7 +537,12 @@ if __name__ == "__main__":
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--source", default="127.0.0.2")
     ap.add_argument("--batch-ops", type=int, default=50_000)
+    ap.add_argument("--honest", action="store_true", help="be the honest peer (reads seconds on stdin)")
+    ap.add_argument("--db", type=Path)
     args = ap.parse_args()
+    if args.honest:
+        asyncio.run(honest_main(args.port, args.db))
+        raise SystemExit(0)
     if args.attack:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(attack_main(args.attack, args.port, args.source, args.batch_ops))

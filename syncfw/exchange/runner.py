@@ -30,6 +30,17 @@ Invariants:
 6. One :class:`~syncfw.sync.links.PeerBook` per replica (:func:`peer_book`) is
    shared by all its runners: batch sizes learned on a link carry to its next
    exchange, and live exchanges with one peer never send it the same origin.
+7. The CPU spent decoding a peer's batches is charged to that peer (its mTLS
+   identity, else its host) in one :class:`~syncfw.transport.admission.CpuBudget`
+   per node (the one its gRPC server's admission refuses by, found through the
+   node's metrics registry; :func:`cpu_budget` for a replica without one),
+   measured as the worker thread's CPU time. A peer in debt is refused
+   ``RESOURCE_EXHAUSTED`` before its call is read (by the server's admission)
+   or its exchange starts (by the runner); mid-exchange its next batch waits for the debt to be repaid, up to
+   ``CpuShare.max_wait_s``, and is refused beyond it. Each refusal counts in
+   ``syncfw_refused_streams{reason="cpu_budget"}`` and warns at most once per
+   ``FAILED_EXCHANGE_WARN_EVERY_S`` per peer, so a peer sending expensive bad
+   batches costs the node a bounded share of one core while the others are served.
 """
 
 from __future__ import annotations
@@ -50,10 +61,20 @@ from syncfw.exchange.performer import OnPeers, Performer
 from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices
-from syncfw.sync import Close, Effect, Frame, PeerInfo, Session, SessionConfig, Status, clip
+from syncfw.sync import (
+    Close,
+    Effect,
+    Frame,
+    Ops,
+    PeerInfo,
+    Session,
+    SessionConfig,
+    Status,
+    clip,
+)
 from syncfw.sync.links import ClockEstimate, PeerBook
 from syncfw.sync.session import SessionClocks
-from syncfw.transport.admission import peer_host
+from syncfw.transport.admission import CpuBudget, budget_key, cpu_budget_of, peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.wire import decode_frame, encode_frame
 
@@ -67,6 +88,7 @@ __all__ = [
     "SendBudget",
     "StreamEnded",
     "WallClock",
+    "cpu_budget",
     "peer_book",
     "replica_wall_ms",
     "run_exchange",
@@ -82,8 +104,13 @@ DECODER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="syncfw-decode")
 """Where runners decode large batches: one thread, so hostile senders queue behind each other."""
 
 
-async def _offload(work: Callable[[], list[Op]]) -> list[Op]:
-    return await asyncio.get_running_loop().run_in_executor(DECODER, work)
+def _timed(work: Callable[[], list[Op]]) -> tuple[list[Op] | None, BaseException | None, float]:
+    """Run ``work`` (on the worker thread): its result or error, and the CPU it took there."""
+    t0 = time.thread_time()
+    try:
+        return work(), None, time.thread_time() - t0
+    except Exception as exc:  # handed back to the performer, which judges it
+        return None, exc, time.thread_time() - t0
 
 
 @runtime_checkable
@@ -112,6 +139,24 @@ def peer_book(replica: Replica) -> PeerBook | None:
         return got
     except TypeError:
         return None
+
+
+_budgets: weakref.WeakKeyDictionary[Replica, CpuBudget] = weakref.WeakKeyDictionary()
+
+
+def cpu_budget(replica: Replica) -> CpuBudget | None:
+    """The replica's shared :class:`CpuBudget` (invariant 7); None if it cannot be weakly referenced."""
+    try:
+        got = _budgets.get(replica)
+        if got is None:
+            got = _budgets[replica] = CpuBudget()
+        return got
+    except TypeError:
+        return None
+
+
+def _budget_for(replica: Replica, metrics: NodeMetrics | None) -> CpuBudget | None:
+    return cpu_budget_of(metrics) if metrics is not None else cpu_budget(replica)
 
 
 class SendBudget(Protocol):
@@ -221,6 +266,12 @@ class ExchangeRunner:
         session: the (not yet started) session to run.
         budget: per-peer bandwidth budget charged for every frame sent.
         on_peers: called with each member list the peer gossips.
+        cpu: the per-peer CPU budget charged for decoding the peer's batches
+            (invariant 7); None charges nothing.
+
+    Attributes:
+        cpu_s: CPU seconds spent decoding this peer's batches off the loop.
+        cpu_refused: the exchange was refused or cut for the peer's CPU budget.
     """
 
     def __init__(
@@ -231,6 +282,7 @@ class ExchangeRunner:
         *,
         budget: SendBudget | None = None,
         on_peers: OnPeers | None = None,
+        cpu: CpuBudget | None = None,
     ) -> None:
         self.replica = replica
         self.stream = stream
@@ -241,8 +293,12 @@ class ExchangeRunner:
             _StreamLink(stream, budget),
             on_peers=on_peers,
             on_send_error=self._send_failed,
-            offload=_offload,
+            offload=self._offload,
         )
+        self.cpu = cpu
+        self.cpu_key = budget_key(stream.peer_identity, stream.peer_address)
+        self.cpu_s = 0.0
+        self.cpu_refused = False
         size = 2 * session.config.window + _CONTROL_FRAMES
         self.queue: asyncio.Queue[Incoming] = asyncio.Queue(maxsize=size)
         self.bytes_received = 0
@@ -284,11 +340,18 @@ class ExchangeRunner:
                         deadline.reschedule(loop.time() + patience)
 
                 progressed()
-                await performer.start()
+                refusal = self._cpu_refusal()
+                if refusal:  # in debt: refused before any work (invariant 7)
+                    await performer.abort(Status.RESOURCE_EXHAUSTED, refusal)
+                else:
+                    await performer.start()
                 while not session.ended:
                     item = await self.queue.get()
                     progressed()
                     if isinstance(item, FrameIn):
+                        if isinstance(item.frame, Ops) and not await self._cpu_wait():
+                            await performer.abort(Status.RESOURCE_EXHAUSTED, self._cpu_refusal())
+                            break
                         await performer.receive(item.frame)
                     elif isinstance(item, LinkFailed):
                         await performer.abort(item.status, item.reason)
@@ -334,6 +397,43 @@ class ExchangeRunner:
             peer_clock_offset_ms=session.peer_clock_offset_ms,
             peer_clock=session.peer_clock,
         )
+
+    async def _offload(self, work: Callable[[], list[Op]]) -> list[Op]:
+        """Decode on the worker thread and charge its CPU time to the peer (invariant 7)."""
+        loop = asyncio.get_running_loop()
+        ops, exc, cpu_s = await loop.run_in_executor(DECODER, _timed, work)
+        self.cpu_s += cpu_s
+        if self.cpu is not None:
+            self.cpu.charge(self.cpu_key, cpu_s)
+        if exc is not None:
+            raise exc
+        return ops if ops is not None else []
+
+    def _cpu_refusal(self) -> str:
+        """Why the peer is refused for its CPU budget now, or "" if it is not."""
+        cpu = self.cpu
+        if cpu is None or cpu.allows(self.cpu_key):
+            return ""
+        self.cpu_refused = True
+        share = cpu.share
+        return (
+            f"CPU budget: decoding this peer's batches took more than its share "
+            f"({share.rate:g} CPU-s per s, burst {share.burst:g} s); "
+            f"retry in {cpu.wait_s(self.cpu_key):.1f} s"
+        )
+
+    async def _cpu_wait(self) -> bool:
+        """Slow a peer in debt until it is repaid; False if that would take too long."""
+        cpu = self.cpu
+        if cpu is None:
+            return True
+        wait = cpu.wait_s(self.cpu_key)
+        if wait <= 0:
+            return True
+        if wait > cpu.share.max_wait_s:
+            return False
+        await asyncio.sleep(wait)  # the reader's bounded queue holds the peer back meanwhile
+        return True
 
     async def _read(self) -> None:
         """Move the peer's frames into the queue until the stream ends or fails."""
@@ -402,7 +502,9 @@ def _notices_of(replica: Replica) -> Notices | None:
         return None
 
 
-def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) -> None:
+def _log_outcome(
+    replica: Replica, stream: FrameStream, out: ExchangeOutcome, cause: str = ""
+) -> None:
     args = (
         replica.node_id,
         clip(out.peer_id or "?"),
@@ -422,7 +524,7 @@ def _log_outcome(replica: Replica, stream: FrameStream, out: ExchangeOutcome) ->
         return
     # One flooding peer must not flood the log: rate-limited per host and status.
     notices = _notices_of(replica)
-    key = f"{peer_host(stream.peer_address)}|{out.status.name}"
+    key = f"{peer_host(stream.peer_address)}|{out.status.name}|{cause}"
     if notices is None or not notices.warn(key, 1, message, *args):
         if notices is None:
             log.warning(message, *args)
@@ -442,6 +544,7 @@ async def run_exchange(
     timeout_s: float | None = None,
     metrics: NodeMetrics | None = None,
     initiator: bool = False,
+    cpu: CpuBudget | None = None,
 ) -> ExchangeOutcome:
     """Run one exchange over ``stream`` to its end.
 
@@ -461,6 +564,10 @@ async def run_exchange(
             bytes and ops are recorded there when it ends.
         initiator: this side dialed (its Hello goes first; clock offsets are
             then bounded on both sides).
+        cpu: the per-peer CPU budget to charge (invariant 7); by default the
+            node's (:func:`~syncfw.transport.admission.cpu_budget_of` its
+            ``metrics``, the one its gRPC server refuses by), else the
+            replica's own (:func:`cpu_budget`).
 
     Returns:
         How the exchange ended. Never raises for a peer's, the link's or a
@@ -479,21 +586,35 @@ async def run_exchange(
         book=peer_book(replica),
         initiator=initiator,
     )
-    runner = ExchangeRunner(replica, stream, session, budget=budget, on_peers=on_peers)
+    runner = ExchangeRunner(
+        replica,
+        stream,
+        session,
+        budget=budget,
+        on_peers=on_peers,
+        cpu=_budget_for(replica, metrics) if cpu is None else cpu,
+    )
     runner.performer.authenticate(stream.peer_identity, metrics)  # acks only from it (trust)
     try:
         out = await runner.run(timeout_s=timeout_s)
     except asyncio.CancelledError:
         out = runner._outcome(Status.CANCELLED, "exchange cancelled")
-        _finish(replica, stream, out, metrics)
+        _finish(replica, stream, out, metrics, runner)
         raise
-    _finish(replica, stream, out, metrics)
+    _finish(replica, stream, out, metrics, runner)
     return out
 
 
 def _finish(
-    replica: Replica, stream: FrameStream, out: ExchangeOutcome, metrics: NodeMetrics | None
+    replica: Replica,
+    stream: FrameStream,
+    out: ExchangeOutcome,
+    metrics: NodeMetrics | None,
+    runner: ExchangeRunner,
 ) -> None:
-    _log_outcome(replica, stream, out)
+    refused = runner.cpu_refused and out.status is Status.RESOURCE_EXHAUSTED
+    _log_outcome(replica, stream, out, "cpu_budget" if refused else "")
     if metrics is not None:
         _record(metrics, out)
+        if refused:
+            metrics.refused_streams.labels(metrics.node_id, "cpu_budget").inc()

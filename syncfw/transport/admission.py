@@ -17,6 +17,14 @@ Invariants:
    so a stalling peer locks out only itself.
 4. Every table is bounded by the calls being served and stalled: an entry
    goes when its count drops to zero.
+5. The CPU spent on one peer's frames is bounded (:class:`CpuBudget`): each
+   peer (its mTLS identity, else its host) has a bucket of CPU seconds that
+   refills at ``rate`` seconds per second up to ``burst``; the work done on its
+   frames is charged to it afterwards. A peer in debt is refused
+   (:attr:`Refusal.CPU_BUDGET`) until the debt is repaid, so over any window
+   ``T`` it costs the node at most ``burst + rate * T`` plus the one frame
+   that ran it into debt. The table is bounded (``max_peers``): a full bucket
+   is the same as no bucket, so the fullest are dropped first.
 
 Pure bookkeeping: no grpc, no I/O; time comes from an injected clock.
 """
@@ -25,11 +33,12 @@ from __future__ import annotations
 
 import enum
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Admission", "Quotas", "Refusal", "Ticket", "peer_host"]
+__all__ = ["Admission", "CpuBudget", "CpuShare", "Quotas", "Refusal", "Ticket", "budget_key", "cpu_budget_of", "peer_host"]
 
 
 class Refusal(enum.Enum):
@@ -41,6 +50,7 @@ class Refusal(enum.Enum):
     CONNECTION_QUOTA = "connection_quota"
     NO_HELLO = "no_hello"
     STALLED = "stalled"
+    CPU_BUDGET = "cpu_budget"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +99,19 @@ class Admission:
     Args:
         quotas: the limits.
         clock: monotonic seconds (tests inject their own).
+        cpu: the node's per-peer CPU budget; a peer in debt is refused
+            :attr:`Refusal.CPU_BUDGET` before anything of its call is read.
     """
 
-    def __init__(self, quotas: Quotas, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        quotas: Quotas,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        cpu: CpuBudget | None = None,
+    ) -> None:
         self.quotas = quotas
+        self.cpu = cpu
         self._clock = clock
         self.active = 0
         self._by_conn: dict[str, int] = {}
@@ -112,6 +131,9 @@ class Admission:
         """
         self._expire()
         q, host = self.quotas, peer_host(connection)
+        if self.cpu is not None and not self.cpu.allows(budget_key(identity, connection)):
+            self.cpu.refused += 1
+            return Refusal.CPU_BUDGET
         if self._by_conn.get(connection, 0) >= q.per_connection:
             return Refusal.CONNECTION_QUOTA
         if self._by_host.get(host, 0) >= q.per_peer:
@@ -165,3 +187,111 @@ def _inc(table: dict[str, int], key: str, by: int) -> None:
         table[key] = n
     else:
         table.pop(key, None)
+
+
+# -- the CPU spent on each peer's frames (invariant 5) ----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CpuShare:
+    """How much CPU one peer's frames may cost (:class:`CpuBudget`).
+
+    Attributes:
+        rate: CPU seconds per second a peer's frames may use in the long run
+            (0.1: a tenth of one core).
+        burst: CPU seconds a peer may use at once after a quiet spell.
+        max_wait_s: a peer in debt mid-exchange is slowed (its next frame
+            waits for the debt to be repaid) when that takes at most this
+            long, and refused beyond it.
+        max_peers: buckets kept at most.
+    """
+
+    rate: float = 0.1
+    burst: float = 0.5
+    max_wait_s: float = 1.0
+    max_peers: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.rate <= 0 or self.burst <= 0 or self.max_wait_s < 0 or self.max_peers < 1:
+            raise ValueError(f"a CpuShare needs rate, burst and max_peers > 0: {self}")
+
+
+def budget_key(identity: str | None, address: str) -> str:
+    """Whom a frame's CPU is charged to: the authenticated id, else the peer's host.
+
+    A Hello's node id is not used: an unauthenticated peer could name a new
+    one for every exchange.
+    """
+    return f"id:{identity}" if identity is not None else f"host:{peer_host(address)}"
+
+
+class CpuBudget:
+    """Per-peer buckets of CPU seconds (invariant 5). Pure bookkeeping.
+
+    Args:
+        share: the rate, burst and table bound.
+        clock: monotonic seconds (tests inject their own).
+    """
+
+    def __init__(
+        self, share: CpuShare | None = None, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.share = share if share is not None else CpuShare()
+        self._clock = clock
+        self._level: dict[str, tuple[float, float]] = {}  # key -> (balance, at)
+        self.charged_s = 0.0
+        self.refused = 0
+
+    def balance(self, key: str) -> float:
+        """CPU seconds ``key`` may still spend (negative: its debt)."""
+        got = self._level.get(key)
+        if got is None:
+            return self.share.burst
+        level, at = got
+        return min(self.share.burst, level + (self._clock() - at) * self.share.rate)
+
+    def wait_s(self, key: str) -> float:
+        """Seconds until ``key`` is out of debt (0 when it may be served now)."""
+        level = self.balance(key)
+        return 0.0 if level > 0 else (-level) / self.share.rate + 1e-3
+
+    def allows(self, key: str) -> bool:
+        """True if ``key`` may be served now."""
+        return self.balance(key) > 0
+
+    def charge(self, key: str, cpu_s: float) -> None:
+        """Count ``cpu_s`` seconds of work done on ``key``'s frames."""
+        if cpu_s <= 0:
+            return
+        level = self.balance(key) - cpu_s
+        self.charged_s += cpu_s
+        if key not in self._level and len(self._level) >= self.share.max_peers:
+            self._evict()
+        self._level[key] = (level, self._clock())
+
+    def __len__(self) -> int:
+        return len(self._level)
+
+    def _evict(self) -> None:
+        # a full bucket is the same as none; else drop the fullest (the least in debt)
+        full = [k for k in self._level if self.balance(k) >= self.share.burst]
+        for k in full:
+            del self._level[k]
+        if len(self._level) >= self.share.max_peers:
+            del self._level[max(self._level, key=self.balance)]
+
+
+_node_budgets: weakref.WeakKeyDictionary[object, CpuBudget] = weakref.WeakKeyDictionary()
+
+
+def cpu_budget_of(owner: object) -> CpuBudget:
+    """The one :class:`CpuBudget` of ``owner`` (a node's metrics registry), made on first use.
+
+    The server's admission and the exchange runner find the node's budget
+    through the registry both are given, so what a peer's batches cost the
+    runner is what the server refuses it for.
+    """
+    got = _node_budgets.get(owner)
+    if got is None:
+        got = _node_budgets[owner] = CpuBudget()
+    return got

@@ -58,7 +58,7 @@ from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices, clip, clip_text
 from syncfw.sync.frames import Status
 from syncfw.transport._pb import health_pb2, health_pb2_grpc, sync_pb2
-from syncfw.transport.admission import Admission, Refusal, peer_host
+from syncfw.transport.admission import Admission, Refusal, cpu_budget_of, peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
@@ -254,6 +254,7 @@ _REFUSED_TEXT = {
     Refusal.PEER_QUOTA: "too many exchanges at once from this address",
     Refusal.IDENTITY_QUOTA: "too many exchanges at once from this node id",
     Refusal.CONNECTION_QUOTA: "too many exchanges at once on this connection",
+    Refusal.CPU_BUDGET: "this peer's batches used up its CPU budget; retry later",
 }
 _HANDLER_GRACE_S = 1.0  # the handler's own deadline (the same figure) speaks first
 
@@ -267,7 +268,9 @@ class _SyncServicer:
         self._handler = handler
         self._config = config
         self._metrics = metrics
-        self.admission = Admission(config.quotas())
+        self.admission = Admission(
+            config.quotas(), cpu=cpu_budget_of(metrics) if metrics is not None else None
+        )
         self.refusals = Notices(log, config.refusal_log_interval_s, max_keys=1024)
 
     def generic_handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:

@@ -1,0 +1,211 @@
+"""The CPU spent on one peer's frames is bounded: a per-peer budget, against a real node.
+
+A hostile peer (from another loopback address, through ``bench/hostile.py``'s
+relay) sends again and again batches of chained ops whose last op breaks the
+chain; each costs the node a full decode to refuse. An honest peer syncs
+alongside. The node charges the decode CPU to the hostile peer, refuses it
+``RESOURCE_EXHAUSTED`` (unread) once it is in debt, keeps serving the honest
+peer, and says so in a rate-limited WARNING and a count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import logging
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+
+from syncfw.exchange import run_exchange
+from syncfw.node import Node
+from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Summary
+from syncfw.transport.admission import (
+    Admission,
+    CpuBudget,
+    CpuShare,
+    Quotas,
+    Refusal,
+    budget_key,
+    cpu_budget_of,
+)
+from syncfw.transport.base import FrameStream
+from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
+from syncfw.transport.wire import encode_frame
+
+
+def _load_bench() -> ModuleType:
+    got = sys.modules.get("bench_hostile")
+    if got is not None:
+        return got
+    path = Path(__file__).resolve().parent.parent / "bench" / "hostile.py"
+    spec = importlib.util.spec_from_file_location("bench_hostile", path)
+    assert spec is not None
+    assert spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_hostile"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+hostile = _load_bench()
+CFG = TransportConfig.test(exchange_timeout_s=3.0, hello_timeout_s=1.0)
+SHARE = CpuShare(rate=0.02, burst=0.05, max_wait_s=0.2)  # 2 % of a core, 50 ms at once
+
+
+# -- the bookkeeping, on a fake clock ---------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_peer_in_debt_is_refused_until_its_debt_is_repaid() -> None:
+    clock = FakeClock()
+    budget = CpuBudget(CpuShare(rate=0.1, burst=0.5), clock=clock)
+    assert budget.allows("host:x")
+    budget.charge("host:x", 0.3)
+    assert budget.allows("host:x")  # 0.2 left
+    budget.charge("host:x", 0.5)  # one expensive frame runs it into debt: -0.3
+    assert not budget.allows("host:x")
+    assert budget.wait_s("host:x") == pytest.approx(3.0, abs=0.01)
+    assert budget.allows("host:y")  # others are not touched
+    clock.t += 2.9
+    assert not budget.allows("host:x")
+    clock.t += 0.2
+    assert budget.allows("host:x")
+    clock.t += 1000
+    assert budget.balance("host:x") == pytest.approx(0.5)  # never more than the burst
+
+
+def test_the_budget_table_is_bounded() -> None:
+    clock = FakeClock()
+    budget = CpuBudget(CpuShare(rate=0.1, burst=0.5, max_peers=8), clock=clock)
+    budget.charge("host:debtor", 5.0)
+    for i in range(1000):
+        budget.charge(f"host:{i}", 0.01)
+    assert len(budget) <= 8
+    assert not budget.allows("host:debtor")  # the one in debt is the last to go
+
+
+def test_admission_refuses_a_peer_in_debt_before_reading_its_call() -> None:
+    budget = CpuBudget(CpuShare(rate=0.1, burst=0.5))
+    adm = Admission(Quotas(64, 8, 8, 8, 1.0), cpu=budget)
+    budget.charge(budget_key(None, "ipv4:127.0.0.5:4000"), 2.0)
+    assert adm.admit("ipv4:127.0.0.5:4001", None) is Refusal.CPU_BUDGET  # the host, any port
+    assert not isinstance(adm.admit("ipv4:127.0.0.1:4000", None), Refusal)  # another host
+    # under mTLS the identity is charged, wherever it connects from
+    budget.charge(budget_key("evil", "ipv4:127.0.0.9:1"), 2.0)
+    assert adm.admit("ipv4:127.0.0.3:5", "evil") is Refusal.CPU_BUDGET
+    assert adm.admit("ipv4:127.0.0.3:6", "good") is not Refusal.CPU_BUDGET
+    assert budget.refused == 2
+
+
+# -- against a real node on loopback ------------------------------------------------------
+
+
+@pytest.fixture
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, GrpcServer]]:
+    node = await Node.open(tmp_path / "a.db", node_id="a", fleet=hostile.FLEET)
+    honest = await Node.open(tmp_path / "b.db", node_id="b", fleet=hostile.FLEET)
+    for i in range(20):
+        await node.put(f"fleet/a/k{i}", "x" * 100)
+
+    async def handler(stream: FrameStream) -> None:
+        await run_exchange(node, stream, timeout_s=CFG.exchange_timeout_s, metrics=node.metrics)
+
+    server = await GrpcServer.start("127.0.0.1:0", handler, config=CFG, metrics=node.metrics)
+    cpu_budget_of(node.metrics).share = SHARE
+    yield node, honest, server
+    await server.aclose(grace_s=0)
+    await honest.close()
+    await node.close()
+
+
+async def _attack(port: int, frame: bytes, stop: asyncio.Event, sent: list[str]) -> None:
+    """Send the opening and one bad batch per call, two calls at a time, until ``stop``."""
+    relay, relay_port = await hostile.forwarder(port, "127.0.0.5")
+    frames = [
+        encode_frame(f)
+        for f in (
+            Hello(PROTOCOL_VERSION, hostile.FLEET.fleet_id, "evil"),
+            Digest(b"\x01" * 16),
+            Summary({}),
+        )
+    ] + [frame]
+
+    async def one(method: grpc.aio.StreamStreamMultiCallable) -> None:
+        async def requests() -> AsyncIterator[bytes]:
+            for f in frames:
+                yield f
+
+        call = method(requests(), timeout=5)
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            sent.append(exc.code().name)
+            return
+        sent.append((await call.code()).name)
+
+    async with relay, grpc.aio.insecure_channel(
+        f"127.0.0.1:{relay_port}", options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as ch:
+        method = ch.stream_stream(hostile.EXCHANGE_PATH)
+        while not stop.is_set():
+            await asyncio.gather(one(method), one(method))
+
+
+async def test_expensive_bad_batches_are_refused_past_the_budget_and_honest_peers_served(
+    served: tuple[Node, Node, GrpcServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    node, honest, server = served
+    caplog.set_level(logging.WARNING, logger="syncfw")
+    budget = cpu_budget_of(node.metrics)
+    frame = hostile.broken_chain_batch(5_000)  # ~10 ms of decode each, over 50 KB
+    stop = asyncio.Event()
+    sent: list[str] = []
+    t0 = time.monotonic()
+    attacker = asyncio.create_task(_attack(server.port, frame, stop, sent))
+    pool = ChannelPool(CFG)
+    ok = tried = 0
+    try:
+        while time.monotonic() - t0 < 3.0:
+            await honest.put("fleet/b/n", tried)
+            tried += 1
+            out = await run_exchange(honest, await pool.open(server.address), timeout_s=3.0)
+            ok += out.ok
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(attacker, 10)
+        await pool.aclose()
+    elapsed = time.monotonic() - t0
+    # the honest peer is served throughout
+    assert tried >= 10
+    assert ok == tried
+    assert await honest.get("fleet/a/k19") == "x" * 100
+    # the hostile peer's bad batches were refused, most of them unread
+    assert "DATA_LOSS" in sent
+    assert sent.count("RESOURCE_EXHAUSTED") > sent.count("DATA_LOSS"), sent
+    refused = node.metrics.snapshot()["refused_streams"].get("cpu_budget", 0)
+    assert refused >= 1
+    # what it cost: at most the burst, the rate over the time, and the frame that ran it into debt
+    per_frame = max(0.05, 3 * budget.charged_s / max(1, sent.count("DATA_LOSS")))
+    assert budget.charged_s <= SHARE.burst + SHARE.rate * elapsed + 2 * per_frame
+    # loud, but rate-limited: a few lines, never one per refusal
+    lines = [r.getMessage() for r in caplog.records]
+    lines = [m for m in lines if "cpu_budget" in m or "CPU budget" in m]
+    print(f"{tried} honest, attacker {len(sent)} calls, {budget.charged_s:.3f} s charged")
+    assert 1 <= len(lines) <= 6, lines

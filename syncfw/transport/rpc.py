@@ -314,7 +314,7 @@ class _SyncServicer:
             )
             if self._metrics is not None:
                 self._metrics.refused_streams.labels(self._metrics.node_id, "subscriber").inc()
-            context.set_code(grpc.StatusCode.PERMISSION_DENIED)
+            context.set_code(grpc.StatusCode.FAILED_PRECONDITION)  # as for any identity refused
             context.set_details("a subscriber certificate may read the change feed, never sync")
             return
         ticket = self.admission.admit(peer, identity)

@@ -131,10 +131,14 @@ async def test_a_slow_consumer_is_paged_then_told_it_lags(tmp_path: Path) -> Non
         await asyncio.sleep(0.2)
         for start in range(20, 5020, 500):  # the consumer reads nothing meanwhile
             await _write(agg.node, start, 500)
-        with pytest.raises(LinkError) as exc:
+
+        async def drain() -> None:
             async with asyncio.timeout(20):
                 async for item in c:
                     got.append(item)
+
+        with pytest.raises(LinkError) as exc:
+            await drain()
         assert exc.value.status is Status.RESOURCE_EXHAUSTED
         assert "lags" in exc.value.reason and "limit 300" in exc.value.reason
         [info] = agg.feed.max_held_seen

@@ -213,11 +213,15 @@ async def test_a_subscriber_certificate_reads_the_feed_but_never_writes(
     before = dict(agg.node.store.version_vector)
     intruder = MemoryReplica("sub:dash", pki.fleet)
     pool = ChannelPool(TransportConfig.test(tls=tls))
+
+    async def sync() -> None:
+        out = await run_exchange(intruder, await pool.open(agg.address), timeout_s=5.0)
+        if not out.ok:
+            raise LinkError(out.status, out.reason)
+
     try:
         with pytest.raises(LinkError) as exc:
-            out = await run_exchange(intruder, await pool.open(agg.address), timeout_s=5.0)
-            if not out.ok:
-                raise LinkError(out.status, out.reason)
+            await sync()
         assert exc.value.status is Status.FAILED_PRECONDITION, exc.value
         assert "subscriber" in exc.value.reason
     finally:

@@ -148,7 +148,7 @@ def test_calibration_from_a_directory_of_npy_and_npz(
     np.save(d / "b_one.npy", frames[50].astype(np.float32) / 255)  # one sample, no batch axis
     np.savez(d / "c_named.npz", image=frames[51:128].astype(np.float32) / 255, y=np.zeros(77))
     (d / "notes.txt").write_text("not data")
-    with caplog.at_level(logging.WARNING, logger="syncfw.inference.optimize"):
+    with caplog.at_level(logging.WARNING, logger="syncfw.inference.datasets"):
         batches = opt.load_calibration(d, _spec())
     assert "notes.txt" in caplog.text
     assert [len(b) for b in batches] == [50, 1, 64, 13]

@@ -69,6 +69,7 @@ from syncfw.store.lease import LEASE_EVERY, read_lease, write_lease
 from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
 from syncfw.store.meter import PendingAlarm, StoreMeter
+from syncfw.store.plan_log import PlanLog
 from syncfw.store.planner import (
     FORK_STATE,
     HLC_LIMIT,
@@ -146,6 +147,7 @@ class Store:
         self.fenced_until = 0
         self._lease_seq = 0
         self._meter = StoreMeter(metrics)
+        self._plan_log = PlanLog(log, node_id)  # a plan's warnings, rate-limited per reason
         self._alarm = PendingAlarm(
             config.pending_warn_ops,
             int(config.pending_warn_age_s * 1000),
@@ -560,8 +562,7 @@ class Store:
             self._meter.pending(plan.pending_counts())
         if plan.suspects:
             await self._record_forks(plan.suspects)
-        for warning in plan.warnings:
-            log.warning("%s", warning)
+        self._plan_log.emit(plan.warnings)
         for warning in self._alarm.observe(self.pending_counts(), self.clock.wall()):
             log.warning("%s", warning)
         self._meter.remote(len(plan.applied), len(plan.rejected), bool(plan.steps))

@@ -116,6 +116,13 @@ class NodeMetrics:
             n,
             registry=r,
         )
+        self.peers_evicted = Counter(
+            "syncfw_peers_evicted",
+            "Acknowledging peers forgotten to keep the peers table within its bound "
+            "(ids no zone grant names, least recently heard first).",
+            n,
+            registry=r,
+        )
         # -- exchanges (recorded by the runner when an exchange ends)
         self.exchanges = Counter(
             "syncfw_exchanges", "Sync exchanges, by how they ended.", (*n, "outcome"), registry=r
@@ -295,6 +302,7 @@ class NodeMetrics:
             "trust_mode": ints(self.by_label("syncfw_trust_mode", "mode")),
             "fork_evidence": ints(self.by_label("syncfw_fork_evidence", "origin")),
             "acks_ignored": int(self.value("syncfw_acks_ignored_total")),
+            "peers_evicted": int(self.value("syncfw_peers_evicted_total")),
             "chain_fenced": int(self.value("syncfw_chain_fenced")),
         }
 

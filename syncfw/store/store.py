@@ -62,6 +62,7 @@ from syncfw.log import (
 )
 from syncfw.metrics import NodeMetrics
 from syncfw.store import export, ydocs
+from syncfw.store.budget import PeerBound
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
 from syncfw.store.feed import ChangeFeed, Notifier
@@ -148,6 +149,7 @@ class Store:
         self._lease_seq = 0
         self._meter = StoreMeter(metrics)
         self._plan_log = PlanLog(log, node_id)  # a plan's warnings, rate-limited per reason
+        self._peer_bound = PeerBound()  # the peers table's bound (store/budget.py)
         self._alarm = PendingAlarm(
             config.pending_warn_ops,
             int(config.pending_warn_age_s * 1000),
@@ -706,12 +708,29 @@ class Store:
             merged = vv_merge(before or {}, vv)
             if before is not None and merged == before:
                 return
-            await self._txn(
-                [("INSERT OR REPLACE INTO peers (peer, vv) VALUES (?, ?)", [(peer, msgpack.packb(merged))])]
-            )
-            self._acks[peer] = merged  # after COMMIT only
+            evict = self._peer_evictions(peer)
+            steps: list[Step] = [
+                ("INSERT OR REPLACE INTO peers (peer, vv) VALUES (?, ?)", [(peer, msgpack.packb(merged))])
+            ]
+            if evict:
+                steps.append(("DELETE FROM peers WHERE peer = ?", [(p,) for p in evict]))
+            await self._txn(steps)
+            for p in evict:  # after COMMIT only
+                self._acks.pop(p, None)
+            self._acks.pop(peer, None)
+            self._acks[peer] = merged  # the most recently heard last (store/budget.py)
+            self._peer_bound.note(self.node_id, evict, len(self._acks))
+            if evict:
+                self.metrics.peers_evicted.labels(self.node_id).inc(len(evict))
 
         await self._call(run, Priority.REMOTE)
+
+    def _peer_evictions(self, peer: str) -> list[str]:
+        """Who makes room for ``peer`` in the peers table (store/budget.py, invariants 1-2)."""
+        if self.keys is not None:  # a signed fleet records authenticated acks only
+            return []
+        owners = {o for g in self.zones.grants() for o in g.owners}
+        return self._peer_bound.evictions(self._acks, peer, owners)
 
     async def forget_peer(self, peer: str) -> None:
         """Stop counting ``peer`` as a replica (it no longer holds back compaction)."""

@@ -21,7 +21,16 @@ from types import ModuleType
 # whoever imports the CLI with grpc not yet loaded.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from syncfw.cli import data_cmd, demo, inspect_cmd, keys_cmd, model_cmd, node_cmd, status_cmd
+from syncfw.cli import (
+    cloud_cmd,
+    data_cmd,
+    demo,
+    inspect_cmd,
+    keys_cmd,
+    model_cmd,
+    node_cmd,
+    status_cmd,
+)
 from syncfw.cli.common import DefaultsFormatter, add_log_options, finish_parsers
 from syncfw.cli.logs import configure_logging
 
@@ -33,6 +42,7 @@ COMMANDS: list[tuple[str, ModuleType]] = [
     ("inspect", inspect_cmd),
     ("keys", keys_cmd),
     ("model", model_cmd),
+    ("cloud", cloud_cmd),
 ]
 """Verb modules, in the order ``--help`` lists them: ``(the verbs it adds, module)``.
 Each module has ``register(subparsers)``; adding a verb is adding one row."""

@@ -1,0 +1,241 @@
+"""``syncfw cloud run`` and ``syncfw cloud tail``: the aggregator and the change feed's reader.
+
+``cloud run`` opens an :class:`~syncfw.cloud.Aggregator` (the fleet authority,
+keeping the whole log in its own SQLite file), joins the mesh and serves the
+change feed on the same port until SIGINT/SIGTERM. ``cloud tail`` reads the
+feed of a running aggregator (or any node serving it) and prints one JSON
+object per op; its last line on stderr is the vector to resume from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from syncfw.cli.common import fail
+from syncfw.errors import FeedPositionError, SyncfwError
+from syncfw.mesh import MeshConfig
+from syncfw.zones import Fleet, Grant
+
+__all__ = ["parse_vector", "register"]
+
+PRESETS = {"lan": MeshConfig.lan, "metered": MeshConfig.metered_link, "test": MeshConfig.test}
+
+
+def register(sub: Any) -> None:
+    """Add the ``cloud`` verb to the ``syncfw`` command."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        "cloud",
+        help="run the cloud aggregator, or tail its change feed",
+        description="The cloud aggregator (fleet view, change feed) and the feed's reader.",
+    )
+    verbs = p.add_subparsers(dest="cloud_command", metavar="VERB", required=True)
+    r: argparse.ArgumentParser = verbs.add_parser(
+        "run",
+        help="run the aggregator: the fleet authority, the whole log, the change feed",
+        description="Open the aggregator's SQLite file, join the mesh, serve the change feed "
+        "(syncfw.v1.Feed/Subscribe) on the mesh port and keep the fleet view, until "
+        "SIGINT/SIGTERM.",
+    )
+    r.add_argument("--db", required=True, help="the aggregator's SQLite file")
+    r.add_argument("--keys", help="fleet key directory holding the authority's keys "
+                   "(syncfw keys init-fleet / add-node AUTHORITY); none: an unsigned fleet")
+    r.add_argument("--fleet", default="default", help="fleet id (unsigned fleets; --keys names it)")
+    r.add_argument("--authority", default="cloud", help="the authority's node id (unsigned fleets)")
+    r.add_argument("--shared", action="append", default=[], metavar="PREFIX",
+                   help="a prefix every node may write (as node serve --shared)")
+    r.add_argument("--listen", default="127.0.0.1:7000", help="host:port for the mesh and feed")
+    r.add_argument("--advertise", help="the address edges dial, if not --listen")
+    r.add_argument("--seed", action="append", default=[], metavar="ADDR", help="a peer to dial")
+    r.add_argument("--preset", default="lan", choices=sorted(PRESETS), help="mesh tunables")
+    r.add_argument("--metrics", metavar="HOST:PORT", help="serve /metrics (node and fleet series)")
+    r.add_argument("--view-file", metavar="FILE",
+                   help="write the fleet view (JSON) here every --view-every seconds")
+    r.add_argument("--view-every", type=float, default=5.0, help="seconds between view writes")
+    r.set_defaults(func=run)
+    t: argparse.ArgumentParser = verbs.add_parser(
+        "tail",
+        help="print the change feed of a node serving it, one JSON object per op",
+        description="Read syncfw.v1.Feed/Subscribe from ADDRESS and print each op as a JSON "
+        "line (origin, seq, hlc, key, kind, value, deleted, rejected). On exit (SIGINT, "
+        "--limit) the vector to resume from is printed on stderr as 'position {...}'.",
+    )
+    t.add_argument("address", help="host:port of the aggregator (or a node serving the feed)")
+    t.add_argument("--from", dest="since", default="{}", metavar="VV",
+                   help="the vector already processed: JSON {\"t1\": 5} or t1=5,t2=3")
+    t.add_argument("--prefix", action="append", default=[], help="only keys under this prefix")
+    t.add_argument("--include-rejected", action="store_true", help="also ops stored as rejected")
+    t.add_argument("--limit", type=int, default=0, help="stop after this many ops (0: never)")
+    t.add_argument("--keys", help="fleet key directory (mutual TLS)")
+    t.add_argument("--as", dest="identity", metavar="NAME",
+                   help="with --keys: a subscriber (subscribers/NAME, from "
+                   "syncfw.trust.keydir.add_subscriber) or node (nodes/NAME) certificate")
+    t.set_defaults(func=tail)
+
+
+def parse_vector(text: str) -> dict[str, int]:
+    """A version vector from ``{"t1": 5}`` or ``t1=5,t2=3``.
+
+    Raises:
+        ValueError: neither form, or a seq that is not a non-negative integer.
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        raw = json.loads(text)
+        if not isinstance(raw, dict):
+            raise ValueError("a vector is a JSON object")
+        items: list[tuple[Any, Any]] = list(raw.items())
+    else:
+        pairs = [part.split("=", 1) for part in text.split(",") if part.strip()]
+        if any(len(i) != 2 for i in pairs):
+            raise ValueError("a vector is ORIGIN=SEQ,ORIGIN=SEQ")
+        items = [(o, s) for o, s in pairs]
+    out: dict[str, int] = {}
+    for origin, seq in items:
+        text_seq = str(seq).strip()
+        if isinstance(seq, bool) or not text_seq.isdigit() or not str(origin).strip():
+            raise ValueError(f"seq of {str(origin)[:64]!r} is not a non-negative integer: "
+                             f"{text_seq[:64]!r}")
+        out[str(origin).strip()] = int(text_seq)
+    return out
+
+
+def _stop_event() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from syncfw.cloud import Aggregator, AggregatorConfig
+    from syncfw.trust.keydir import load_fleet, load_node
+
+    keys = None
+    try:
+        grants = tuple(Grant.of(p, "*") for p in args.shared)
+        if args.keys:
+            trust = load_fleet(args.keys)
+            keys = load_node(args.keys, trust.authority)
+            fleet = trust.bind(Fleet(fleet_id=trust.fleet_id, authority=trust.authority,
+                                     grants=grants))
+        else:
+            fleet = Fleet(fleet_id=args.fleet, authority=args.authority, grants=grants)
+    except (SyncfwError, ValueError) as exc:
+        return fail("cloud", str(exc))
+    config = AggregatorConfig(mesh=PRESETS[args.preset]())
+    stop = _stop_event()
+    try:
+        agg = await Aggregator.open(args.db, keys, fleet=fleet, config=config)
+    except (SyncfwError, ValueError) as exc:
+        return fail("cloud", str(exc))
+    try:
+        try:
+            mesh = await agg.serve(args.listen, args.seed, advertise=args.advertise,
+                                   metrics=args.metrics)
+        except (SyncfwError, OSError) as exc:
+            return fail("cloud", f"cannot serve: {exc}")
+        print(f"listening {mesh.address}", flush=True)
+        print(f"feed {mesh.address} (syncfw.v1.Feed/Subscribe)", flush=True)
+        for server in agg.node.metrics_servers:
+            print(f"metrics http://{server.address}/metrics", flush=True)
+        if keys is None:
+            print("WARNING: unsigned fleet (no --keys): any peer can forge any node's ops",
+                  flush=True)
+        while not stop.is_set():
+            if args.view_file:
+                _write_view(Path(args.view_file), agg.view())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(args.view_every):
+                    await stop.wait()
+    finally:
+        await agg.aclose()
+    return 0
+
+
+def _write_view(path: Path, view: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(view, sort_keys=True, default=str))
+    tmp.replace(path)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``syncfw cloud run``."""
+    return asyncio.run(_run(args))
+
+
+def _tail_tls(args: argparse.Namespace) -> Any:
+    from syncfw.transport.rpc import TlsConfig
+
+    if not args.keys:
+        if args.identity:
+            raise ValueError("--as needs --keys")
+        return None
+    if not args.identity:
+        raise ValueError("--keys needs --as NAME (a subscriber or node of the fleet)")
+    root = Path(args.keys)
+    for folder in (root / "subscribers" / args.identity, root / "nodes" / args.identity):
+        if (folder / "node.crt").is_file():
+            return TlsConfig.from_files(root / "ca.crt", folder / "node.crt", folder / "node.key")
+    raise ValueError(f"no subscriber or node {args.identity!r} in {root}")
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from syncfw.cloud import Consumer
+    from syncfw.node.admin import to_json
+    from syncfw.transport.base import LinkError
+
+    try:
+        since = parse_vector(args.since)
+        tls = _tail_tls(args)
+    except (ValueError, OSError) as exc:
+        return fail("cloud tail", str(exc), stream=sys.stderr)
+    stop = _stop_event()
+    consumer = Consumer(args.address, since=since, prefixes=args.prefix,
+                        include_rejected=args.include_rejected, tls=tls)
+    n = 0
+    code = 0
+    try:
+        reader = asyncio.ensure_future(consumer.__anext__())
+        waiter = asyncio.ensure_future(stop.wait())
+        while True:
+            done, _ = await asyncio.wait({reader, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter in done:
+                reader.cancel()
+                break
+            item = reader.result()
+            print(json.dumps({
+                "origin": item.origin, "seq": item.seq, "hlc": item.hlc, "key": item.key,
+                "kind": item.kind, "value": to_json(item.value), "deleted": item.deleted,
+                "rejected": item.rejected,
+            }), flush=True)
+            n += 1
+            if args.limit and n >= args.limit:
+                waiter.cancel()
+                break
+            reader = asyncio.ensure_future(consumer.__anext__())
+    except FeedPositionError as exc:
+        code = fail("cloud tail", f"{exc} (missing {exc.missing})", stream=sys.stderr)
+    except LinkError as exc:
+        code = fail("cloud tail", str(exc), stream=sys.stderr)
+    finally:
+        print(f"position {json.dumps(consumer.position, sort_keys=True)}", file=sys.stderr,
+              flush=True)
+        with contextlib.suppress(Exception):
+            await consumer.aclose()
+    return code
+
+
+def tail(args: argparse.Namespace) -> int:
+    """``syncfw cloud tail``."""
+    return asyncio.run(_tail(args))

@@ -6,7 +6,11 @@ Two models, same inputs, same run:
   one caller: latency percentiles and items/s, bare vs engine;
 * the shipped inspection model, 64 concurrent callers: items/s, bare (one
   ``session.run`` per item, back to back) vs engine (micro-batched, one result
-  op per item through the node's group commit).
+  op per item through the node's group commit);
+* the shipped inspection model quantized to INT8 (``syncfw.inference.optimize``,
+  the shipped calibration set) against its FP32 self, the floor: canary
+  accuracy, single-frame p50/p99 and size, and the deliberately bad INT8
+  variant's accuracy.
 
 Bare and engine runs alternate in rounds so drift (thermal, other load) hits
 both alike. Prints a table; the LAST line is one JSON object.
@@ -255,6 +259,31 @@ async def bench_node_put(node: Node, *, n: int, callers: int) -> dict[str, float
     }
 
 
+def bench_int8(*, repeat: int) -> dict[str, float]:
+    """FP32 against INT8 on the canary set (median of ``repeat`` measurements of each)."""
+    from syncfw.inference.optimize import evaluate, optimize_int8
+    from syncfw.inference.train import BAD_MODEL_PATH, CALIBRATION_PATH, CANARY_PATH
+
+    t0 = time.perf_counter()
+    result = optimize_int8(MODEL_PATH, CALIBRATION_PATH, CANARY_PATH)
+    optimize_s = time.perf_counter() - t0
+    fp32 = [result.fp32] + [evaluate(MODEL_PATH, CANARY_PATH) for _ in range(repeat - 1)]
+    int8 = [result.int8] + [evaluate(result.model, CANARY_PATH) for _ in range(repeat - 1)]
+    bad = evaluate(BAD_MODEL_PATH, CANARY_PATH)
+    return {
+        "fp32_accuracy": result.fp32.accuracy,
+        "int8_accuracy": result.int8.accuracy,
+        "int8_loss_points": result.loss_points,
+        "fp32_canary_p50_ms": statistics.median(r.p50_ms for r in fp32),
+        "fp32_canary_p99_ms": statistics.median(r.p99_ms for r in fp32),
+        "int8_p50_ms": statistics.median(r.p50_ms for r in int8),
+        "int8_p99_ms": statistics.median(r.p99_ms for r in int8),
+        "int8_size_ratio": result.int8.size / result.fp32.size,
+        "int8_optimize_s": optimize_s,
+        "bad_int8_accuracy": bad.accuracy,
+    }
+
+
 async def main_async(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = conv_net(Path(tmp) / "conv.onnx")
@@ -267,7 +296,8 @@ async def main_async(quick: bool) -> dict[str, Any]:
             )
             put = await bench_node_put(node, n=200 if quick else 1000, callers=64)
             proc = await bench_process(node, model, n=60 if quick else 300)
-    return conv | small | put | proc
+    int8 = bench_int8(repeat=1 if quick else 5)
+    return conv | small | put | proc | int8
 
 
 def main() -> int:
@@ -323,7 +353,24 @@ def main() -> int:
         f"  items/s                          {res['process_items_per_s']:8.1f}    x{res['process_items_per_s'] / res['bare_items_per_s']:.3f} of bare"
     )
     print(f"  worker (re)start (s)             {res['process_restart_s']:8.3f}")
-    print(json.dumps({k: round(v, 3) for k, v in res.items()}))
+    print()
+    print("inspection model, FP32 vs static INT8 (400 canary frames, one at a time, 1 thread)")
+    print("                                     fp32        int8        ratio / delta")
+    print(
+        f"  canary accuracy                  {res['fp32_accuracy']:8.4f}    {res['int8_accuracy']:8.4f}    {-res['int8_loss_points']:+.2f} points  (budget -2)"
+    )
+    print(
+        f"  p50 latency (ms)                 {res['fp32_canary_p50_ms']:8.4f}    {res['int8_p50_ms']:8.4f}    x{res['int8_p50_ms'] / res['fp32_canary_p50_ms']:.2f}"
+    )
+    print(
+        f"  p99 latency (ms)                 {res['fp32_canary_p99_ms']:8.4f}    {res['int8_p99_ms']:8.4f}    x{res['int8_p99_ms'] / res['fp32_canary_p99_ms']:.2f}"
+    )
+    print(f"  size                                          x{res['int8_size_ratio']:.3f}")
+    print(
+        f"  bad INT8 variant accuracy                    {res['bad_int8_accuracy']:8.4f}    (the gate refuses it)"
+    )
+    print(f"  quantize + measure both (s)      {res['int8_optimize_s']:8.3f}")
+    print(json.dumps({k: round(v, 4) if k.startswith(("int8", "fp32", "bad")) else round(v, 3) for k, v in res.items()}))
     return 0
 
 

@@ -38,7 +38,8 @@ CASES = {
     "inference": (
         ["--quick"],
         {"bare_p50_ms", "bare_p99_ms", "engine_p50_ms", "engine_p99_ms", "bare_items_per_s",
-         "engine_items_per_s", "small_bare_items_per_s", "small_engine_items_per_s"},
+         "engine_items_per_s", "small_bare_items_per_s", "small_engine_items_per_s",
+         "int8_p50_ms", "int8_accuracy"},
     ),
 }
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +167,27 @@ def test_model_verb_needs_a_sub_verb(capsys: pytest.CaptureFixture[str]) -> None
         main(["model", "--help"])
     assert exc.value.code == 0
     assert "optimize" in capsys.readouterr().out
+
+
+def test_without_the_inference_extra_the_verb_says_what_to_install(tmp_path: Path) -> None:
+    blocker = (
+        "import importlib.abc, sys\n"
+        "class _Base(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.partition('.')[0] in {'numpy', 'onnx', 'onnxruntime'}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Base())\n"
+        "from syncfw.cli import main\n"
+        f"sys.exit(main(['model', 'optimize', {MODEL!r}, '--int8', '--calibration', {CALIBRATION!r}]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", blocker],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2, out.stderr
+    assert "needs the inference extra" in out.stdout
+    assert "pip install 'syncfw[inference]'" in out.stdout

@@ -325,3 +325,21 @@ def _flat_output() -> bytes:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model.SerializeToString()
+
+
+def test_the_whole_step_checks_every_input_before_measuring(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_measuring(*_: object, **__: object) -> opt.Report:
+        raise AssertionError("measured before the inputs were checked")
+
+    monkeypatch.setattr(opt, "evaluate", no_measuring)
+    with pytest.raises(DatasetError, match="does not exist"):
+        opt.optimize_int8(train.MODEL_PATH, tmp_path / "missing", train.CANARY_PATH)
+    np.savez(tmp_path / "small.npz", x=np.zeros((4, 1, 8, 8), np.uint8), y=np.zeros(4, np.int64))
+    with pytest.raises(DatasetError, match="do not fit"):
+        opt.optimize_int8(train.MODEL_PATH, train.CALIBRATION_PATH, tmp_path / "small.npz")
+    with pytest.raises(ValueError, match="budget_points"):
+        opt.optimize_int8(
+            train.MODEL_PATH, train.CALIBRATION_PATH, train.CANARY_PATH, budget_points=-2
+        )

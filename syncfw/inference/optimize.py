@@ -346,12 +346,7 @@ def quantize_int8(
     data, where = _model_bytes(model)
     spec, _ = _only_input(data, where)
     _session(data, where, ("CPUExecutionProvider",), 1)  # refuse a model that will not load first
-    if isinstance(calibration, str | Path):
-        batches = load_calibration(calibration, spec)
-    else:
-        if not calibration:
-            raise DatasetError("the calibration set is empty")
-        batches = [fit_input(a, spec, f"calibration array {i}") for i, a in enumerate(calibration)]
+    batches = _batches(calibration, spec)
     n = sum(len(b) for b in batches)
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -376,6 +371,14 @@ def quantize_int8(
                 f"quantizing {where} failed: {type(exc).__name__}: {exc}"
             ) from None
     return _annotate(out, note or f"int8 static QDQ, MinMax over {n} calibration samples")
+
+
+def _batches(calibration: str | Path | Sequence[npt.NDArray[Any]], spec: TensorSpec) -> list[F32]:
+    if isinstance(calibration, str | Path):
+        return load_calibration(calibration, spec)
+    if not calibration:
+        raise DatasetError("the calibration set is empty")
+    return [fit_input(a, spec, f"calibration array {i}") for i, a in enumerate(calibration)]
 
 
 def _annotate(data: bytes, note: str) -> bytes:
@@ -436,16 +439,20 @@ def optimize_int8(
 
     Raises:
         ModelLoadError, DatasetError, InferenceRunError: as :func:`quantize_int8`
-            and :func:`evaluate` do (checked before anything is quantized where
-            it can be: the canary set is read first).
+            and :func:`evaluate` do; the model, the canary set and the
+            calibration set are all read and checked before anything is measured.
         ValueError: a negative or non-finite budget.
     """
     if not math.isfinite(budget_points) or budget_points < 0:
         raise ValueError(f"budget_points must be a finite number >= 0, got {budget_points}")
     data, where = _model_bytes(model)
+    spec, _ = _only_input(data, where)
+    # Every input is read and checked before anything is measured or quantized.
     cs = canary if isinstance(canary, CanarySet) else load_canary_set(canary)
+    fit_input(cs.x, spec, cs.source)
+    batches = _batches(calibration, spec)
     fp32 = evaluate(data, cs, label="fp32")
-    int8_model = quantize_int8(data, calibration, per_channel=per_channel)
+    int8_model = quantize_int8(data, batches, per_channel=per_channel)
     int8 = evaluate(int8_model, cs, label="int8")
     log.info(
         "optimized %s: fp32 %.4f, int8 %.4f on %d canary samples",

@@ -33,7 +33,7 @@ from typing import Any
 from syncfw.clock import wall_ms
 from syncfw.cloud.feed import FeedConfig, FeedServer
 from syncfw.cloud.metrics import FleetMetrics
-from syncfw.cloud.view import FleetView
+from syncfw.cloud.view import VIEW_VERSION, FleetView
 from syncfw.mesh import Mesh, MeshConfig
 from syncfw.node import Node
 from syncfw.node.admin import live_status
@@ -238,7 +238,7 @@ class Aggregator:
         self._seq += 1
         now = self.node.wall_ms()
         delta = {
-            "version": self.fleet.to_dict(now)["version"],
+            "version": VIEW_VERSION,
             "seq": self._seq,
             "nodes": {n: self.fleet.node_dict(n, now) for n in sorted(changed)},
         }

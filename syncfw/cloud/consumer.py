@@ -152,9 +152,13 @@ class Consumer:
             await asyncio.sleep(wait)
 
     async def aclose(self) -> None:
-        """Stop reading and close the channel. Idempotent."""
+        """Stop reading and close the channel. Idempotent.
+
+        A task still awaiting the next item must be cancelled (and awaited)
+        first; its call is then closed here with the channel.
+        """
         gen, self._gen = self._gen, None
-        if gen is not None:
+        if gen is not None and not getattr(gen, "ag_running", False):
             await gen.aclose()
         await self._pool.aclose()
 

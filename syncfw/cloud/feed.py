@@ -40,7 +40,13 @@ from syncfw.cloud.metrics import FleetMetrics
 from syncfw.store.follow import FeedItem
 from syncfw.sync.frames import Status
 from syncfw.transport.base import LinkError
-from syncfw.transport.feed import FeedCheckpoint, FeedEvent, FeedRecord, FeedRequest, feed_service
+from syncfw.transport.feed import (
+    FeedBatch,
+    FeedCheckpoint,
+    FeedRecord,
+    FeedRequest,
+    feed_service,
+)
 
 if TYPE_CHECKING:
     from syncfw.node import Node
@@ -50,6 +56,7 @@ __all__ = ["FeedConfig", "FeedServer"]
 log = logging.getLogger("syncfw.cloud.feed")
 
 _LAG_CHECK_EVERY = 256  # ops sent between two lag checks
+_BATCH_BYTES = 512 << 10  # a batch message stays far under the max message size
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +69,7 @@ class FeedConfig:
         max_lag_ops: how far behind the log a caught-up subscriber may fall.
         checkpoint_s: a position is sent after this long with nothing to send.
         checkpoint_every: ... and at least every this many ops.
+        batch_ops: ops sent in one message at most (those read and ready at once).
         stall_s: a subscriber that reads nothing this long is cut.
         max_subscribers: subscriptions served at once.
     """
@@ -70,6 +78,7 @@ class FeedConfig:
     max_lag_ops: int = 100_000
     checkpoint_s: float = 1.0
     checkpoint_every: int = 1000
+    batch_ops: int = 256
     stall_s: float = 30.0
     max_subscribers: int = 64
 
@@ -114,7 +123,7 @@ class FeedServer:
 
     async def handle(
         self, request: FeedRequest, identity: str | None
-    ) -> AsyncGenerator[FeedEvent, None]:
+    ) -> AsyncGenerator[FeedBatch | FeedCheckpoint, None]:
         """One subscription: the :data:`~syncfw.transport.feed.FeedHandler`."""
         cfg = self.config
         if len(self.subscribers) >= cfg.max_subscribers:
@@ -136,11 +145,24 @@ class FeedServer:
         caught_up = False
         since_check = since_ckpt = 0
         last: dict[str, int] | None = None
+        batch: list[FeedRecord] = []
+        size = 0
         try:
             async with follow:
                 while True:
                     if pending is None:
                         pending = asyncio.ensure_future(follow.__anext__())
+                    if batch:
+                        # an op already read comes back in one step: keep batching;
+                        # one that needs a read or a wait: send what we have first
+                        await asyncio.sleep(0)
+                        if not pending.done() or len(batch) >= cfg.batch_ops or (
+                            size >= _BATCH_BYTES
+                        ):
+                            info["sent"] += len(batch)
+                            yield FeedBatch(tuple(batch))
+                            batch, size = [], 0
+                            continue
                     done, _ = await asyncio.wait({pending}, timeout=cfg.checkpoint_s)
                     if not done:  # nothing to send: the subscriber is at the head
                         caught_up = True
@@ -154,9 +176,11 @@ class FeedServer:
                     try:
                         item = fut.result()
                     except StopAsyncIteration:  # the node closed
+                        if batch:
+                            yield FeedBatch(tuple(batch))
                         return
-                    yield FeedRecord(item.op, item.rejected, item.local)
-                    info["sent"] += 1
+                    batch.append(FeedRecord(item.op, item.rejected, item.local))
+                    size += len(item.op.value) + len(item.op.key) + 96
                     since_check += 1
                     since_ckpt += 1
                     if since_check >= _LAG_CHECK_EVERY:
@@ -167,12 +191,16 @@ class FeedServer:
                                 "feed subscriber %s is %d ops behind (limit %d): call ended",
                                 name, lag, cfg.max_lag_ops,
                             )
+                            # what was read is sent first: the position the
+                            # subscriber resumes from is then exact
+                            if batch:
+                                yield FeedBatch(tuple(batch))
                             raise LinkError(
                                 Status.RESOURCE_EXHAUSTED,
                                 f"subscriber lags {lag} ops behind the log (limit "
                                 f"{cfg.max_lag_ops}): resume from your last position",
                             )
-                    if since_ckpt >= cfg.checkpoint_every:
+                    if since_ckpt >= cfg.checkpoint_every and not batch:
                         last, since_ckpt = follow.position, 0
                         yield FeedCheckpoint(last, info["lag_ops"])
         finally:

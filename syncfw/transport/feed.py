@@ -51,6 +51,7 @@ __all__ = [
     "MAX_PREFIXES",
     "MAX_PREFIX_BYTES",
     "MAX_VECTOR_ENTRIES",
+    "FeedBatch",
     "FeedCheckpoint",
     "FeedEvent",
     "FeedHandler",
@@ -114,8 +115,16 @@ class FeedCheckpoint:
     lag_ops: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class FeedBatch:
+    """Ops ready at once, sent as one message (in feed order)."""
+
+    records: tuple[FeedRecord, ...]
+
+
 FeedEvent = FeedRecord | FeedCheckpoint
-FeedHandler = Callable[[FeedRequest, "str | None"], AsyncGenerator[FeedEvent, None]]
+"""What a subscriber receives, op by op (:func:`subscribe` unpacks batches)."""
+FeedHandler = Callable[[FeedRequest, "str | None"], AsyncGenerator["FeedBatch | FeedCheckpoint", None]]
 """Serves one subscription: ``(request, the caller's certificate identity or None)``."""
 
 
@@ -156,31 +165,39 @@ def parse_request(msg: feed_pb2.SubscribeRequest) -> FeedRequest:
     return FeedRequest(since, tuple(msg.prefixes), bool(msg.include_rejected))
 
 
-def _event_pb(event: FeedEvent) -> feed_pb2.FeedMessage:
-    if isinstance(event, FeedRecord):
-        op = event.op
+def _op_pb(rec: FeedRecord) -> feed_pb2.FeedOp:
+    op = rec.op
+    return feed_pb2.FeedOp(
+        origin=op.origin, seq=op.seq, hlc=op.hlc, zone=op.zone, epoch=op.epoch,
+        key=op.key, kind=op.kind, value=op.value, prev=op.prev, sig=op.sig or b"",
+        rejected=rec.rejected, local=rec.local,
+    )
+
+
+def _event_pb(event: FeedBatch | FeedCheckpoint) -> feed_pb2.FeedMessage:
+    if isinstance(event, FeedBatch):
         return feed_pb2.FeedMessage(
-            op=feed_pb2.FeedOp(
-                origin=op.origin, seq=op.seq, hlc=op.hlc, zone=op.zone, epoch=op.epoch,
-                key=op.key, kind=op.kind, value=op.value, prev=op.prev, sig=op.sig or b"",
-                rejected=event.rejected, local=event.local,
-            )
+            batch=feed_pb2.FeedBatch(ops=[_op_pb(r) for r in event.records])
         )
     return feed_pb2.FeedMessage(
         position=feed_pb2.FeedPosition(vv=_vv_pb(event.position), lag_ops=event.lag_ops)
     )
 
 
-def _event_of(msg: feed_pb2.FeedMessage) -> FeedEvent:
+def _events_of(msg: feed_pb2.FeedMessage) -> list[FeedEvent]:
     body = msg.WhichOneof("body")
-    if body == "op":
-        o = msg.op
-        op = Op(o.origin, o.seq, o.hlc, o.zone, o.epoch, o.key, o.kind, o.value, o.prev,
-                o.sig or None)
-        return FeedRecord(op, o.rejected, o.local)
+    if body == "batch":
+        return [
+            FeedRecord(
+                Op(o.origin, o.seq, o.hlc, o.zone, o.epoch, o.key, o.kind, o.value, o.prev,
+                   o.sig or None),
+                o.rejected, o.local,
+            )
+            for o in msg.batch.ops
+        ]
     if body == "position":
-        return FeedCheckpoint({e.origin: int(e.seq) for e in msg.position.vv},
-                              int(msg.position.lag_ops))
+        return [FeedCheckpoint({e.origin: int(e.seq) for e in msg.position.vv},
+                               int(msg.position.lag_ops))]
     raise LinkError(Status.INVALID_ARGUMENT, "a feed message with no body")
 
 
@@ -295,7 +312,8 @@ async def subscribe(
     call = method(request_pb(request), timeout=timeout_s)
     try:
         async for msg in call:
-            yield _event_of(msg)
+            for event in _events_of(msg):
+                yield event
     except grpc.aio.AioRpcError as exc:
         code, details = exc.code(), clip_text(exc.details() or exc.code().name, 1000)
         if code is grpc.StatusCode.OUT_OF_RANGE:

@@ -60,10 +60,16 @@ class FeedPosition(_message.Message):
     lag_ops: int
     def __init__(self, vv: _Optional[_Iterable[_Union[FeedVvEntry, _Mapping]]] = ..., lag_ops: _Optional[int] = ...) -> None: ...
 
+class FeedBatch(_message.Message):
+    __slots__ = ("ops",)
+    OPS_FIELD_NUMBER: _ClassVar[int]
+    ops: _containers.RepeatedCompositeFieldContainer[FeedOp]
+    def __init__(self, ops: _Optional[_Iterable[_Union[FeedOp, _Mapping]]] = ...) -> None: ...
+
 class FeedMessage(_message.Message):
-    __slots__ = ("op", "position")
-    OP_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("batch", "position")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
-    op: FeedOp
+    batch: FeedBatch
     position: FeedPosition
-    def __init__(self, op: _Optional[_Union[FeedOp, _Mapping]] = ..., position: _Optional[_Union[FeedPosition, _Mapping]] = ...) -> None: ...
+    def __init__(self, batch: _Optional[_Union[FeedBatch, _Mapping]] = ..., position: _Optional[_Union[FeedPosition, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,316 @@
+"""The cloud aggregator: ingest from 64 edges over real gRPC, and the change feed's latency.
+
+Usage: ``python bench/aggregator.py [--edges 64] [--backlog 500] [--rate 10000]
+[--seconds 15] [--soak MINUTES] [--quick]`` (< 60 s by default).
+
+One :class:`~syncfw.cloud.Aggregator` (its own SQLite file, the mesh and the
+feed on one gRPC port) runs in this process. The edges (``--edges`` nodes,
+each its own SQLite file) run together in a second process and dial it, as
+edges do in a fleet. Figures:
+
+- ``ingest_ops_per_s``: every edge holds ``--backlog`` ops; all sync to the
+  aggregator at once (one gRPC exchange each, concurrently); edges x backlog
+  / the time until the aggregator holds them all.
+- ``floor_ops_per_s``: ``apply_remote`` of the same ops, read back from the
+  aggregator, in 2,000-op batches into a fresh node in this process (the
+  store-bound ceiling); ``ingest_ratio`` = ingest / floor (target >= 0.5).
+- ``feed_p50_ms`` / ``feed_p99_ms``: the edges then write at ``--rate`` ops/s
+  in all (every 50 ms each writes its share and syncs), and a gRPC
+  :class:`~syncfw.cloud.Consumer` in this process follows the feed; latency
+  is from the commit that applied an op at the aggregator (its commit
+  listener) to the consumer yielding it. ``feed_rate_ops_per_s`` is the rate
+  the aggregator actually applied during that phase (the edges' process may
+  not sustain ``--rate`` on a small machine: this is the rate measured at).
+- ``rss_growth_mb``: resident memory of this process (aggregator and
+  consumer), mean of the last minute minus the first of ``--soak MINUTES``
+  (without ``--soak``: the last fifth of the steady phase minus the first,
+  ``rss_window`` says which).
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from syncfw import Fleet, Node
+from syncfw.cloud import Aggregator, AggregatorConfig, Consumer
+from syncfw.exchange import run_exchange
+from syncfw.mesh import MeshConfig
+from syncfw.store import StoreConfig
+from syncfw.transport.rpc import ChannelPool, TransportConfig
+
+FLEET = Fleet(fleet_id="bench-cloud")
+STORE = StoreConfig(synchronous="NORMAL")
+TICK_S = 0.05
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# ------------------------------------------------------------------ the edges' process
+
+
+async def _edges_main(address: str, folder: str, n_edges: int, backlog: int) -> None:
+    nodes = [
+        await Node.open(Path(folder) / f"e{i:03}.db", node_id=f"e{i:03}", fleet=FLEET,
+                        config=STORE)
+        for i in range(n_edges)
+    ]
+    pool = ChannelPool(TransportConfig(exchange_timeout_s=120.0))
+
+    async def sync(node: Node) -> bool:
+        out = await run_exchange(node, await pool.open(address), timeout_s=120.0)
+        return out.ok
+
+    for node in nodes:
+        for i in range(0, backlog, 500):
+            await node.put_many(
+                [(f"telemetry/{node.node_id}/m{j % 64}", {"j": j, "v": f"{j:016x}"})
+                 for j in range(i, min(i + 500, backlog))]
+            )
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = (await reader.readline()).decode().split()
+        if not line or line[0] == "quit":
+            break
+        if line[0] == "go":
+            oks = await asyncio.gather(*(sync(n) for n in nodes))
+            print(f"synced {sum(oks)}", flush=True)
+        elif line[0] == "steady":
+            rate, seconds = float(line[1]), float(line[2])
+            await _steady(nodes, sync, rate, seconds)
+            print("done", flush=True)
+    for node in nodes:
+        await node.close()
+    await pool.aclose()
+
+
+async def _steady(nodes: list[Node], sync: object, rate: float, seconds: float) -> None:
+    per_tick = rate * TICK_S / len(nodes)
+    busy: dict[str, asyncio.Task[bool]] = {}
+    owed = dict.fromkeys((n.node_id for n in nodes), 0.0)
+    counter = 0
+    t0 = time.monotonic()
+    tick = 0
+    while time.monotonic() - t0 < seconds:
+        tick += 1
+        for node in nodes:
+            owed[node.node_id] += per_tick
+            k = int(owed[node.node_id])
+            if k:
+                owed[node.node_id] -= k
+                await node.put_many(
+                    [(f"results/{node.node_id}/det/r{counter + j}", {"c": counter + j})
+                     for j in range(k)]
+                )
+                counter += k
+            task = busy.get(node.node_id)
+            if task is None or task.done():
+                busy[node.node_id] = asyncio.create_task(sync(node))  # type: ignore[operator]
+        await asyncio.sleep(max(0.0, t0 + tick * TICK_S - time.monotonic()))
+    await asyncio.gather(*busy.values(), return_exceptions=True)
+    await asyncio.gather(*(sync(n) for n in nodes), return_exceptions=True)  # type: ignore[operator]
+
+
+# ------------------------------------------------------------------ the aggregator's side
+
+
+class Commits:
+    """When each op became applied at the aggregator: its commit listener's times."""
+
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self.by_origin: dict[str, tuple[list[int], list[float]]] = {}
+        self._last: dict[str, int] = {}
+        node.store.add_commit_listener(self.on_commit)
+
+    def on_commit(self) -> None:
+        now = time.monotonic()
+        for o, s in self._node.store.version_vector.items():
+            if s != self._last.get(o):
+                self._last[o] = s
+                seqs, times = self.by_origin.setdefault(o, ([], []))
+                seqs.append(s)
+                times.append(now)
+
+    def applied_at(self, origin: str, seq: int) -> float | None:
+        got = self.by_origin.get(origin)
+        if got is None:
+            return None
+        i = bisect.bisect_left(got[0], seq)
+        return got[1][i] if i < len(got[0]) else None
+
+
+async def _floor(agg: Node, folder: Path) -> float:
+    ops = []
+    vv: dict[str, int] = {}
+    while True:
+        page = await agg.ops_since(vv, limit=10_000)
+        if not page:
+            break
+        ops += page
+        for op in page:
+            vv[op.origin] = max(vv.get(op.origin, 0), op.seq)
+    node = await Node.open(folder / "floor.db", node_id="floor", fleet=FLEET, config=STORE)
+    try:
+        t = time.perf_counter()
+        for i in range(0, len(ops), 2000):
+            await node.apply_remote(ops[i : i + 2000])
+        return len(ops) / (time.perf_counter() - t)
+    finally:
+        await node.close()
+
+
+async def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--edges", type=int, default=64)
+    p.add_argument("--backlog", type=int, default=500, help="ops per edge before the ingest")
+    p.add_argument("--rate", type=float, default=10_000, help="steady ops/s, all edges together")
+    p.add_argument("--seconds", type=float, default=15.0, help="steady phase length")
+    p.add_argument("--soak", type=float, default=0.0, metavar="MINUTES")
+    p.add_argument("--quick", action="store_true", help="8 edges, small figures (smoke test)")
+    p.add_argument("--edges-proc", nargs=4, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.edges_proc:
+        addr, folder, n, backlog = args.edges_proc
+        await _edges_main(addr, folder, int(n), int(backlog))
+        return
+    if args.quick:
+        args.edges, args.backlog, args.rate, args.seconds = 8, 100, 500, 3.0
+    steady_s = args.soak * 60 if args.soak else args.seconds
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        agg = await Aggregator.open(
+            folder / "cloud.db", fleet=FLEET,
+            config=AggregatorConfig(mesh=MeshConfig.lan(), store=STORE),
+        )
+        mesh = await agg.serve("127.0.0.1:0")
+        commits = Commits(agg.node)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--edges-proc", mesh.address, str(folder),
+            str(args.edges), str(args.backlog),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+
+        async def said(word: str) -> str:
+            assert proc.stdout is not None
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError("the edges' process ended")
+                if line.startswith(word):
+                    return line
+
+        try:
+            await said("ready")
+            total = args.edges * args.backlog
+            t = time.perf_counter()
+            proc.stdin.write(b"go\n")
+            await said("synced")
+            while sum(agg.node.store.version_vector.values()) < total:
+                await asyncio.sleep(0.01)
+            ingest = total / (time.perf_counter() - t)
+            print(f"ingest: {total} ops from {args.edges} edges in "
+                  f"{total / ingest:.2f} s = {ingest:,.0f} ops/s")
+            floor = await _floor(agg.node, folder)
+            print(f"floor (apply_remote of the same ops, 2k batches): {floor:,.0f} ops/s; "
+                  f"ingest ratio {ingest / floor:.2f}")
+
+            consumer = Consumer(mesh.address, since=agg.node.store.version_vector,
+                                prefixes=["results/"])
+            lat: list[float] = []
+            rss: list[tuple[float, float]] = []
+            delivered = 0
+            before = sum(agg.node.store.version_vector.values())
+
+            async def consume() -> None:
+                nonlocal delivered
+                async for item in consumer:
+                    now = time.monotonic()
+                    delivered += 1
+                    at = commits.applied_at(item.origin, item.seq)
+                    if at is not None:
+                        lat.append((now - at) * 1000)
+
+            reader = asyncio.create_task(consume())
+            t0 = time.monotonic()
+            proc.stdin.write(f"steady {args.rate} {steady_s}\n".encode())
+            done = asyncio.create_task(said("done"))
+            while not done.done():
+                rss.append((time.monotonic() - t0, _rss_mb()))
+                await asyncio.wait({done}, timeout=5.0 if args.soak else 0.5)
+            await done
+            elapsed = time.monotonic() - t0
+            applied = sum(agg.node.store.version_vector.values()) - before
+            expected = applied
+            deadline = time.monotonic() + 10
+            while delivered < expected and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await consumer.aclose()
+            proc.stdin.write(b"quit\n")
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+            await agg.aclose()
+    lat.sort()
+    rate = applied / elapsed
+    p50 = statistics.median(lat) if lat else float("nan")
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
+    if args.soak and elapsed > 120:
+        first = [m for s, m in rss if s <= 60]
+        last = [m for s, m in rss if s >= rss[-1][0] - 60]
+        window = "first vs last minute of the soak"
+    else:
+        cut = max(1, len(rss) // 5)
+        first, last = [m for _, m in rss[:cut]], [m for _, m in rss[-cut:]]
+        window = f"first vs last fifth of a {elapsed:.0f} s steady phase (no --soak)"
+    growth = statistics.mean(last) - statistics.mean(first)
+    print(f"steady: asked {args.rate:,.0f} ops/s, the aggregator applied {rate:,.0f} ops/s "
+          f"for {elapsed:.1f} s; the feed delivered {delivered}/{applied}")
+    print(f"feed latency (applied at the aggregator -> yielded by a gRPC consumer): "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,.0f} ops/s")
+    print(f"RSS growth {growth:+.1f} MB ({window})")
+    print(json.dumps({
+        "edges": args.edges,
+        "ingest_ops": total,
+        "ingest_ops_per_s": round(ingest),
+        "floor_ops_per_s": round(floor),
+        "ingest_ratio": round(ingest / floor, 3),
+        "feed_asked_ops_per_s": args.rate,
+        "feed_rate_ops_per_s": round(rate),
+        "feed_delivered": delivered,
+        "feed_applied": applied,
+        "feed_p50_ms": round(p50, 2),
+        "feed_p99_ms": round(p99, 2),
+        "rss_growth_mb": round(growth, 1),
+        "rss_window": window,
+        "steady_s": round(elapsed, 1),
+    }))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

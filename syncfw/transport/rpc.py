@@ -46,6 +46,7 @@ import logging
 import os
 import ssl
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -72,6 +73,7 @@ __all__ = [
     "TlsConfig",
     "TransportConfig",
     "check_health",
+    "client_ssl_context",
     "learn_identity",
 ]
 
@@ -144,6 +146,8 @@ class GrpcStream:
         self._writing = False
         self.end_status: Status | None = None
         self.end_reason = ""
+        self.last_progress = time.monotonic()
+        """When a message last arrived or a write last completed (the server's idle cut)."""
 
     @property
     def write_blocked(self) -> bool:
@@ -172,6 +176,7 @@ class GrpcStream:
                 assert self._ctx is not None
                 await self._ctx.write(msg)
             self._writing = False
+            self.last_progress = time.monotonic()
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             self._writing = False
             raise await self._ended_with(_translate(exc)) from None
@@ -220,6 +225,7 @@ class GrpcStream:
             raise LinkError(Status.ABORTED, f"read failed: {exc!r}") from None
         if not isinstance(msg, bytes):  # pragma: no cover  # identity deserializer
             raise LinkError(Status.INTERNAL, f"a message arrived as {type(msg).__name__}")
+        self.last_progress = time.monotonic()
         return msg
 
     async def close(self, status: Status, reason: str) -> None:
@@ -360,19 +366,44 @@ class _SyncServicer:
     async def _serve(
         self, stream: GrpcStream, context: grpc.aio.ServicerContext[bytes, bytes], peer: str
     ) -> bool:
-        """Run the handler under the hard deadline; True if it left a write blocked."""
-        limit = self._config.exchange_timeout_s + _HANDLER_GRACE_S
+        """Run the handler under the idle and total deadlines; True if it left a write blocked.
+
+        An exchange that makes progress (a message read, a write completed) within every
+        ``exchange_timeout_s`` runs on, up to ``max_exchange_s`` in all, so a thin link's
+        long catch-up is never cut; one that stalls — a window held shut, a silent peer —
+        is cut ``exchange_timeout_s`` after its last progress.
+        """
+        idle = self._config.exchange_timeout_s + _HANDLER_GRACE_S
+        cap = max(self._config.max_exchange_s, idle)
+        start = time.monotonic()
+        task = asyncio.ensure_future(self._handler(stream))
         try:
-            async with asyncio.timeout(limit):
-                await self._handler(stream)
-        except TimeoutError:
-            if not stream.write_blocked:
-                context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
-                context.set_details(f"exchange took over {limit}s")
+            while True:
+                now = time.monotonic()
+                due = min(stream.last_progress + idle, start + cap)
+                if now >= due:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                    if not stream.write_blocked:
+                        context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
+                        what = (
+                            f"exchange took over {cap}s" if now >= start + cap
+                            else f"exchange made no progress for {idle}s"
+                        )
+                        context.set_details(what)
+                    break
+                done, _ = await asyncio.wait({task}, timeout=due - now)
+                if done:
+                    task.result()
+                    break
         except Exception:  # never let a handler bug leak a grpc traceback to the peer
             log.exception("exchange handler failed for %s", peer)
             context.set_code(grpc.StatusCode.INTERNAL)
             context.set_details("internal error")
+        finally:
+            if not task.done():  # the call itself was cancelled (the peer went away)
+                task.cancel()
         if stream.write_blocked:
             self._refused(
                 peer,
@@ -618,7 +649,8 @@ class ChannelPool:
 
         Args:
             address: ``host:port`` of the peer.
-            timeout_s: the call's deadline (default: ``exchange_timeout_s``).
+            timeout_s: the call's deadline (default: ``max_exchange_s``; the
+                runner cuts an exchange that stops progressing).
             expect_id: under mTLS, the node id the caller means to dial; None:
                 the id the address's certificate names (invariant 6).
 
@@ -645,7 +677,7 @@ class ChannelPool:
             EXCHANGE, request_serializer=_same_bytes, response_deserializer=_same_bytes
         )
         call = method(
-            timeout=timeout_s if timeout_s is not None else self.config.exchange_timeout_s
+            timeout=timeout_s if timeout_s is not None else self.config.max_exchange_s
         )
         return GrpcStream(call=call, peer_address=address, peer_identity=identity)
 

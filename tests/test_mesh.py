@@ -442,7 +442,9 @@ async def test_a_dial_gives_up_after_connect_timeout_not_the_exchange_timeout() 
             raise AssertionError("unreachable")
 
     net = BlackHole()
-    cfg = MeshConfig.test().with_(connect_timeout_s=0.05, exchange_timeout_s=60.0)
+    cfg = MeshConfig.test().with_(
+        connect_timeout_s=0.05, exchange_timeout_s=60.0, max_exchange_s=600.0
+    )
     mesh = await Mesh.start(
         MemoryReplica("a"), listen=None, seeds=["b"], network=net, config=cfg, run_loop=False
     )
@@ -451,7 +453,7 @@ async def test_a_dial_gives_up_after_connect_timeout_not_the_exchange_timeout() 
             out = await mesh.sync_with("b")
         assert out.status is Status.UNAVAILABLE
         assert out.reason == "b: no connection in 0.05s"
-        assert net.dial_deadlines == [60.0]  # the stream's own deadline stays the exchange's
+        assert net.dial_deadlines == [600.0]  # the stream's own deadline: the exchange's cap
         assert mesh.membership.members["b"].failures == 1
         assert mesh.outcomes == {}  # no exchange ran
     finally:

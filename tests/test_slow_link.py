@@ -106,3 +106,33 @@ async def test_two_live_exchanges_with_one_peer_never_send_one_op_twice() -> Non
     # parallel copies would multiply this; sharing one link, each op went once
     assert sum(o.ops_queued for o in outs) == WRITES, [o.ops_queued for o in outs]
     assert max(b.apply_count.values()) == 1
+
+
+async def test_one_exchange_longer_than_the_idle_deadline_runs_on_while_it_progresses() -> None:
+    """The server's idle cut (``exchange_timeout_s``) never cuts an exchange that keeps
+    moving: the whole backlog crosses the thin link in one exchange of several seconds."""
+    from syncfw.transport.rpc import TransportConfig
+
+    a, b = MemoryReplica("a", FLEET), MemoryReplica("b", FLEET)
+    idle = 3.0  # longer than one batch takes to cross the link
+    cfg = TransportConfig.test(exchange_timeout_s=idle, max_exchange_s=60.0)
+
+    async def handler(stream: FrameStream) -> None:
+        await run_exchange(b, stream, timeout_s=idle)
+
+    server = await GrpcServer.start("127.0.0.1:0", handler, config=cfg)
+    link = await ShapedLink(server.address, rate_bps=RATE).start()
+    for k in range(3 * WRITES):
+        a.put(f"fleet/a/k{k}", os.urandom(1024))
+    pool = ChannelPool(cfg)
+    t0 = time.monotonic()
+    try:
+        out = await run_exchange(a, await pool.open(link.address), timeout_s=idle, initiator=True)
+    finally:
+        await pool.aclose()
+        await link.aclose()
+        await server.aclose()
+    took = time.monotonic() - t0
+    assert out.status is Status.OK, out
+    assert took > 2 * idle, took  # well past the idle deadline, and not cut
+    assert b.vv().get("a", 0) == 3 * WRITES

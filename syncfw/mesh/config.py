@@ -90,7 +90,10 @@ class MeshConfig:
         interval_s: mean time between gossip rounds.
         jitter: each interval is drawn uniformly in ``interval_s * (1 ± jitter)``.
         fanout: live peers exchanged with per round.
-        exchange_timeout_s: deadline of one exchange.
+        exchange_timeout_s: how long an exchange may go without progress (the
+            runner's idle cut, stretched by the bytes in flight at the link's rate).
+        max_exchange_s: the longest one exchange may run in all (its gRPC
+            deadline), however it progresses.
         connect_timeout_s: how long dialing a peer may take (the mesh's bound,
             the transport's channel-ready wait and grpc's least connection
             attempt; see :meth:`transport`).
@@ -122,6 +125,7 @@ class MeshConfig:
     jitter: float = 0.25
     fanout: int = 3
     exchange_timeout_s: float = 30.0
+    max_exchange_s: float = 600.0
     connect_timeout_s: float = 1.0
     probe_timeout_s: float = 0.5
     indirect_probes: int = 3
@@ -166,6 +170,7 @@ class MeshConfig:
             connect_timeout_s=self.connect_timeout_s,
             reconnect_backoff_s=self.reconnect_backoff_s,
             max_reconnect_backoff_s=self.max_reconnect_backoff_s,
+            max_exchange_s=self.max_exchange_s,
         )
 
     @classmethod

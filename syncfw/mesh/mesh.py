@@ -508,9 +508,10 @@ class Mesh:
         limit = self.config.connect_timeout_s
         try:
             async with asyncio.timeout(limit):
-                # timeout_s is the stream's own deadline: the whole exchange's
+                # timeout_s is the stream's own deadline: the whole exchange's cap
+                # (the runner cuts one that stops progressing, after exchange_timeout_s)
                 return await self.network.connect(
-                    address, source=self.address, timeout_s=self.config.exchange_timeout_s
+                    address, source=self.address, timeout_s=self.config.max_exchange_s
                 )
         except TimeoutError:
             raise LinkError(Status.UNAVAILABLE, f"{address}: no connection in {limit}s") from None

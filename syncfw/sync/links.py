@@ -141,8 +141,13 @@ class BatchSizer:
         self.size = self.floor
 
     def target(self, cap: int) -> int:
-        """The next batch's size, within ``cap``."""
-        return max(64, min(self.size, cap, self.cap))
+        """The next batch's size, within ``cap``, and never more than the link carries in
+        about ``2 * fast_s`` at its measured rate (so no one batch outlasts a peer's idle
+        deadline on a thin link, however fast its acks came before)."""
+        size = min(self.size, cap, self.cap)
+        if self.rate_bps is not None:
+            size = min(size, max(self.floor, int(self.rate_bps * 2 * self.fast_s)))
+        return max(64, size)
 
 
 class PeerLink:

@@ -71,10 +71,13 @@ class TransportConfig:
         max_reconnect_backoff_s: the cap on grpc's growing reconnect backoff
             (``grpc.max_reconnect_backoff_ms``; grpc's own default is 120 s,
             which keeps a healed peer unreached for minutes).
-        exchange_timeout_s: deadline of one exchange call; on the server, a
-            call still running this long after it opened (plus a second for
-            the handler's own deadline to speak first) is cut, even when a
-            write is blocked on flow control.
+        exchange_timeout_s: how long an exchange call may go without progress
+            (no message read, no write completed); on the server, a call idle
+            this long (plus a second for the handler's own deadline to speak
+            first) is cut, even when a write is blocked on flow control.
+        max_exchange_s: the longest an exchange call may run in all, however it
+            progresses (the dialer's gRPC deadline; the server cuts it too): a
+            thin link's long catch-up runs on up to it.
         max_concurrent_exchanges: exchanges the server serves at once.
         max_exchanges_per_peer: of those, at most this many from one peer
             address (host); beyond it ``RESOURCE_EXHAUSTED`` at once.
@@ -110,6 +113,7 @@ class TransportConfig:
     reconnect_backoff_s: float = 1.0
     max_reconnect_backoff_s: float = 5.0
     exchange_timeout_s: float = 60.0
+    max_exchange_s: float = 600.0
     max_concurrent_exchanges: int = 64
     max_exchanges_per_peer: int = 8
     max_exchanges_per_identity: int = 8

@@ -60,12 +60,12 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from syncfw.codec import BatchLimits, decode_batch, encode_batch, packed_size
 from syncfw.errors import ChainError, DecodeError, ForkError, SyncfwError
-from syncfw.log import Op, VersionVector, vv_digest
+from syncfw.log import Op, VersionVector
 from syncfw.sync.effects import (
     Acknowledge,
     ApplyOps,
@@ -92,6 +92,7 @@ from syncfw.sync.frames import (
     clip,
 )
 from syncfw.sync.links import BatchSizer, ClockEstimate, PeerBook, PeerLink
+from syncfw.sync.vectors import Vector, digest_of
 
 __all__ = [
     "Session",
@@ -103,6 +104,7 @@ __all__ = [
 _SKIP = 1 << 62  # a fetch's vector entry that leaves an origin out
 ZSTD = "zstd"
 CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before are left out)
+REPLY_DELTA = "reply_delta"  # takes a Summary given as a delta against its own (invariant 2a)
 
 
 # -- configuration and state ---------------------------------------------------
@@ -202,6 +204,39 @@ _ACCEPTS: dict[SessionState, tuple[type, ...]] = {
 _LIVE = frozenset(_ACCEPTS)
 
 
+class _After(Mapping[str, int]):
+    """What the receiving side holds or has been sent, per origin, read lazily.
+
+    The start vector, overlaid with what this exchange's batches moved, and
+    raised to what the replica's other exchanges brought (the book's ``held``):
+    a batch's origins are looked up, never the whole vector copied.
+    """
+
+    __slots__ = ("_base", "_held", "_over")
+
+    def __init__(
+        self, base: Mapping[str, int], over: Mapping[str, int], held: Mapping[str, int]
+    ) -> None:
+        self._base, self._over, self._held = base, over, held
+
+    def get(self, origin: str, default: int = 0) -> int:  # type: ignore[override]
+        got = self._over.get(origin)
+        if got is None:
+            got = self._base.get(origin, default)
+        return max(got, self._held.get(origin, default))
+
+    def __getitem__(self, origin: str) -> int:
+        if origin in self._over or origin in self._base or origin in self._held:
+            return self.get(origin)
+        raise KeyError(origin)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter({**self._base, **self._over, **self._held})
+
+    def __len__(self) -> int:
+        return len({**self._base, **self._over, **self._held})
+
+
 class Session:
     """One exchange with one peer; see the module docstring for the protocol.
 
@@ -253,8 +288,11 @@ class Session:
         self.peer: Hello | None = None
         self.status: Status | None = None
         self.reason = ""
-        self._vv: VersionVector = {}
+        self._vv: Mapping[str, int] = {}  # never changed in place (may be a shared Vector)
+        self._start_vv: Mapping[str, int] = {}  # the vector this side's Digest and Summary named
         self._peer_vv: VersionVector | None = None
+        self._peer_digest = b""
+        self._replying = False  # waiting for the peer's Summary to answer it as a delta
         # delta summaries
         self._record: VersionVector | None = None  # what this side last recorded of the peer
         self._loading = False
@@ -272,7 +310,8 @@ class Session:
         self._inflight = 0
         self._sent_last = False
         # receive side
-        self._recv_cursor: VersionVector = {}
+        self._recv_base: Mapping[str, int] = {}  # the start vector, and on it
+        self._recv_cursor: VersionVector = {}  # the entries batches moved since
         self._applying: tuple[Op, ...] | None = None
         self._decoding: Ops | None = None
         self._rx: deque[Ops] = deque()
@@ -322,15 +361,16 @@ class Session:
             raise RuntimeError("a session starts once")
         if self._clocks is not None:
             self._wall_ms = self._clocks.wall_ms()
-        self._vv = dict(vv)
-        self._recv_cursor = dict(vv)
+        # a Vector never changes, so it is held as it is: no copy, its digest cached
+        self._vv = vv if isinstance(vv, Vector) else Vector(vv)
+        self._start_vv = self._recv_base = self._vv
         self.state = SessionState.HELLO
         hello = Hello(
             protocol=PROTOCOL_VERSION,
             fleet_id=self.fleet_id,
             node_id=self.node_id,
             hlc=self._hlc,
-            features=(ZSTD, CHAIN) if self.config.zstd else (CHAIN,),
+            features=self._features(),
             max_batch_bytes=self.config.max_batch_bytes,
             fleet_digest=self.fleet_digest,
             wall_ms=self._wall_ms,
@@ -338,8 +378,12 @@ class Session:
         out: list[Effect] = [Send(hello)]
         if self._gossip:
             out.append(Send(Peers(self._gossip)))
-        out.append(Send(Digest(vv_digest(self._vv))))
+        out.append(Send(Digest(digest_of(self._vv))))
         return out
+
+    def _features(self) -> tuple[str, ...]:
+        base = (ZSTD, CHAIN) if self.config.zstd else (CHAIN,)
+        return (*base, REPLY_DELTA) if self.config.delta_summary else base
 
     def receive(self, frame: Frame) -> list[Effect]:
         """Feed one frame from the peer."""
@@ -423,7 +467,10 @@ class Session:
         if not self._loading:
             raise RuntimeError("peer_ack_loaded without a LoadPeerAck outstanding")
         self._loading = False
-        self._record = {o: s for o, s in vv.items() if s > 0}
+        record = dict(vv)
+        if record and min(record.values()) <= 0:
+            record = {o: s for o, s in record.items() if s > 0}
+        self._record = record
         held, self._held = self._held, None
         return self._on_summary(held) if held is not None else []
 
@@ -468,7 +515,7 @@ class Session:
         # the vector it already has of this side (its Summary), so acks stay small
         moved = {op.origin for op in self._applying}
         self._applying = None
-        self._vv = dict(vv)
+        self._vv = vv if isinstance(vv, Vector) else dict(vv)
         if self._book is not None:
             self._book.note_held(vv, moved)
         out: list[Effect] = [Send(Ack({o: vv[o] for o in sorted(moved) if vv.get(o, 0) > 0}))]
@@ -536,14 +583,33 @@ class Session:
 
     def _on_digest(self, digest: Digest) -> list[Effect]:
         assert self.peer is not None
-        if digest.digest == vv_digest(self._vv):
+        if digest.digest == digest_of(self._vv):
             self._peer_vv = dict(self._vv)
             return [
-                Acknowledge(self.peer.node_id, dict(self._vv)),
+                Acknowledge(self.peer.node_id, self._vv),
                 *self._end(Status.OK, "in sync", tell=False),
             ]
         self.state = SessionState.SUMMARY
+        self._peer_digest = digest.digest
+        return self._send_summary()
+
+    def _send_summary(self) -> list[Effect]:
+        """This side's Summary, once the digests differ and the peer's record is read.
+
+        Where both sides take delta replies and this side has no delta of its
+        own to send, the side with the larger node id waits for the peer's
+        Summary and answers it as a delta against it (invariant 2a).
+        """
+        assert self.peer is not None
         summary = self._summary()
+        if (
+            not summary.base_digest
+            and self.config.delta_summary
+            and REPLY_DELTA in self.peer.features
+            and self.node_id > self.peer.node_id
+        ):
+            self._replying = True
+            return []
         self.summary_entries_sent += len(summary.vv)
         return [Send(summary)]
 
@@ -554,8 +620,8 @@ class Session:
             delta = {o: s for o, s in vv.items() if base.get(o, 0) != s}
             delta.update({o: 0 for o in base if o not in vv})
             if len(delta) + 1 < len(vv):  # the digest costs about one entry
-                return Summary(delta, vv_digest(base))
-        return Summary(dict(vv))
+                return Summary(delta, digest_of(base))
+        return Summary(vv)
 
     def _on_summary(self, summary: Summary) -> list[Effect]:
         assert self.peer is not None
@@ -566,7 +632,7 @@ class Session:
                 )
             self._answered_full = True
             self.summary_entries_sent += len(self._vv)
-            return [Send(Summary(dict(self._vv)))]
+            return [Send(Summary(self._vv))]
         if self.state is not SessionState.SUMMARY:
             return self._fail(Status.INVALID_ARGUMENT, "a second Summary")
         entries: VersionVector = {}
@@ -574,22 +640,38 @@ class Session:
             if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
                 return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Summary")
             entries[origin] = seq
-        if summary.base_digest:
+        if summary.base_digest == digest_of(self._start_vv):
+            # a delta against the vector this side summarized (the peer replied to it)
+            entries = {**self._start_vv, **entries}
+        elif summary.base_digest:
             if self._loading:  # our record of the peer is still being read
                 self._held = summary
                 return []
             base = self._record or {}
-            if not base or vv_digest(base) != summary.base_digest:
+            if not base or digest_of(base) != summary.base_digest:
                 if self._asked_full:
                     return self._fail(Status.INVALID_ARGUMENT, "a delta Summary after want_full")
                 self._asked_full = True
                 return [Send(Summary(want_full=True))]
             entries = {**base, **entries}
-        vv = {o: s for o, s in entries.items() if s}
+        vv = {o: s for o, s in entries.items() if s} if 0 in entries.values() else entries
         self._peer_vv = vv
         self._cursor = dict(vv)
         self.state = SessionState.STREAMING
-        return [Acknowledge(self.peer.node_id, dict(vv)), *self._pump()]
+        out: list[Effect] = self._reply(vv) if self._replying else []
+        return [*out, Acknowledge(self.peer.node_id, vv), *self._pump()]
+
+    def _reply(self, theirs: Mapping[str, int]) -> list[Effect]:
+        """This side's Summary as a delta against the peer's (invariant 2a)."""
+        self._replying = False
+        mine = self._vv
+        delta = {o: s for o, s in mine.items() if theirs.get(o, 0) != s}
+        if len(theirs) + len(delta) > len(mine):  # origins only the peer holds: seq 0
+            delta.update({o: 0 for o in theirs if o not in mine})
+        small = len(delta) + 1 < len(mine)  # the base digest costs about one entry
+        summary = Summary(delta, self._peer_digest) if small else Summary(mine)
+        self.summary_entries_sent += len(summary.vv)
+        return [Send(summary)]
 
     def _on_ops(self, frame: Ops) -> list[Effect]:
         if self._recv_last:
@@ -602,11 +684,12 @@ class Session:
         if self._inflight <= 0:
             return self._fail(Status.INVALID_ARGUMENT, "Ack with no batch in flight")
         view = dict(self._peer_vv or {})
+        moved: VersionVector = {}
         for origin, seq in ack.vv.items():
             if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
                 return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Ack")
             if seq > view.get(origin, 0):
-                view[origin] = seq
+                view[origin] = moved[origin] = seq
         self._peer_vv = view
         self._inflight -= 1
         n, size, sent_at, origins = self._flights.popleft()
@@ -622,7 +705,9 @@ class Session:
             self.link.fold_ack(ack.vv)
             if not any(origins & f[3] for f in self._flights):
                 self.link.release(self, set(origins))
-        return [Acknowledge(self.peer.node_id, dict(view)), *self._pump()]
+        # the record only moves forward: the entries this ack moved are all it lacks
+        out: list[Effect] = [Acknowledge(self.peer.node_id, moved)] if moved else []
+        return [*out, *self._pump()]
 
     # -- helpers -------------------------------------------------------------------
 
@@ -638,14 +723,13 @@ class Session:
                     f"{self.config.max_batch_bytes}",
                 )
             self._decoding = frame
-            after = self._recv_cursor
-            if self._book is not None and self._book.held:
-                # another exchange may have brought ops the sender now skips (invariant 9)
-                for o, s in self._book.held.items():
-                    if s > after.get(o, 0):
-                        after[o] = s
+            # another exchange may have brought ops the sender now skips (invariant 9)
+            held = self._book.held if self._book is not None else {}
             if len(frame.batch) >= self.config.decode_effect_bytes:
-                return [DecodeOps(frame.batch, self._limits, dict(after))]
+                # decoded elsewhere (a worker thread): a view of copies, nothing shared
+                frozen = _After(self._recv_base, dict(self._recv_cursor), dict(held))
+                return [DecodeOps(frame.batch, self._limits, frozen)]
+            after = _After(self._recv_base, self._recv_cursor, held)
             try:  # small: cheaper here than a hop to a worker thread
                 ops = decode_batch(frame.batch, limits=self._limits, after=after)
             except (DecodeError, ChainError) as exc:
@@ -656,8 +740,9 @@ class Session:
     def _check_contiguous(self, ops: Sequence[Op]) -> str:
         """Each origin's ops must continue what this side holds (or has been sent)."""
         cursor = self._recv_cursor
+        have_of = _After(self._recv_base, cursor, self._book.held if self._book else {}).get
         for op in ops:
-            have = cursor.get(op.origin, 0)
+            have = have_of(op.origin, 0)
             if op.seq > have + 1:
                 return f"gap in origin {op.origin!r}: op {op.seq} after {have}; nothing applied"
             if op.seq == have + 1:

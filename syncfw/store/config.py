@@ -25,6 +25,11 @@ class StoreConfig:
             commits on power loss (never on a process crash).
         max_bytes: size cap of the database file; a write that would exceed
             it raises :class:`StorageFullError` and writes nothing.
+        local_reserve_bytes: of ``max_bytes``, the last this many bytes are kept for
+            this node's own writes: remote batches (others' ops, rejected ones
+            included) are refused with :class:`StorageFullError` once the file is
+            within them, so peers can never fill the space a node's own writes need.
+            None: 1/8 of ``max_bytes``. Only with ``max_bytes``.
         max_batch: most local writes grouped into one transaction.
         max_offset_ms: how far ahead of local time a remote op may be.
         max_pending: most ops held back at once (the farthest ahead are
@@ -53,6 +58,7 @@ class StoreConfig:
 
     synchronous: Literal["FULL", "NORMAL"] = "FULL"
     max_bytes: int | None = None
+    local_reserve_bytes: int | None = None
     max_batch: int = 2048
     max_offset_ms: int = 500
     max_pending: int = 100_000

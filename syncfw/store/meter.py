@@ -13,7 +13,7 @@ from syncfw.metrics import NodeMetrics
 
 __all__ = ["PendingAlarm", "StoreMeter"]
 
-PENDING_BUCKETS = ("gap", "epoch", "clock_skew")
+PENDING_BUCKETS = ("gap", "epoch", "clock_skew", "unsigned", "fork")
 
 
 class StoreMeter:
@@ -37,6 +37,8 @@ class StoreMeter:
         self._storage = metrics.storage_bytes.labels(n)
         self._size_every_s = size_every_s
         self._size_due = 0.0
+        self.size = 0
+        """The file's size when last measured."""
         self.discarded: dict[str, int] = {}
         """Held-back or rejected data dropped since open, by why (see :meth:`discard`)."""
 
@@ -47,6 +49,7 @@ class StoreMeter:
     def set_size(self, size: int | None) -> None:
         """Record the file size (None: not measured this time)."""
         if size is not None:
+            self.size = size
             self._storage.set(size)
             self._size_due = time.monotonic() + self._size_every_s
 

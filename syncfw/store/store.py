@@ -44,6 +44,7 @@ from syncfw.errors import (
     DecodeError,
     OpError,
     StorageError,
+    StorageFullError,
     StoreClosedError,
     TrustError,
     ValueTooLargeError,
@@ -57,6 +58,7 @@ from syncfw.log import (
     Signer,
     VersionVector,
     check_node_id,
+    op_size,
     vv_dominates,
     vv_merge,
 )
@@ -502,11 +504,22 @@ class Store:
             [(min(self.clock.last, HLC_LIMIT - 1),)],
         )
 
-    async def _txn(self, steps: Sequence[Step], *, expect: tuple[str, int] | None = None) -> int:
-        """One transaction (:func:`.sql.transaction`), measuring the file now and then."""
+    async def _txn(
+        self, steps: Sequence[Step], *, expect: tuple[str, int] | None = None, grow: int = 0
+    ) -> int:
+        """One transaction (:func:`.sql.transaction`), measuring the file now and then.
+
+        ``grow``: about how many bytes it adds; between measurements the known size
+        moves on by it, so the local reserve holds however fast peers write."""
+        cap = self.config.max_bytes
+        near = cap is not None and self._meter.size >= cap - 2 * (
+            self.config.local_reserve_bytes or cap // 8
+        )  # near the cap: measure every commit
         changed, size = await transaction(
-            self._conn, steps, expect=expect, measure=self._meter.size_due()
+            self._conn, steps, expect=expect, measure=near or self._meter.size_due()
         )
+        if size is None:
+            self._meter.size += grow  # an estimate until the next measurement
         self._meter.set_size(size)
         return changed
 
@@ -530,6 +543,20 @@ class Store:
         """Re-judge held-back ops (after a grant, or once local time caught up)."""
         return await self._call(lambda: self._apply_remote([]), Priority.REMOTE)
 
+    def _remote_room(self) -> None:
+        """Refuse remote ops once the file is within the space kept for local writes."""
+        cap = self.config.max_bytes
+        if cap is None:
+            return
+        reserve = self.config.local_reserve_bytes
+        reserve = cap // 8 if reserve is None else reserve
+        if self._meter.size >= cap - reserve:
+            raise StorageFullError(
+                f"{self.path!r} is at {self._meter.size} of its {cap} bytes: the last "
+                f"{reserve} are kept for {self.node_id!r}'s own writes, so remote ops are "
+                "refused (compact, expire telemetry, or raise max_bytes)"
+            )
+
     async def _apply_remote(self, incoming: list[Op]) -> ApplyResult:
         m = Mirrors(self._vv, self._heads, self._pending, self.zones, self.keys, self.forks)
         t = triage(incoming, m)
@@ -544,10 +571,15 @@ class Store:
             self.config.max_pending_bytes,
         )
         plan = plan_remote(t, m, stored, states, lim)
+        if plan.steps and (plan.applied or plan.rejected):
+            self._remote_room()
         if plan.steps:
             if plan.observe_hlc is not None:
                 self.clock.observe(plan.observe_hlc)
-            await self._txn([*plan.steps, self._hlc_step()])
+            grow = sum(op_size(op) for op in plan.applied) + sum(
+                op_size(op) for op, _ in plan.rejected
+            )
+            await self._txn([*plan.steps, self._hlc_step()], grow=2 * grow)
             # After COMMIT only: the mirrors.
             self._vv.update(plan.vv)
             self._heads.update(plan.heads)

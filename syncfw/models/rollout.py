@@ -28,8 +28,8 @@ Invariants:
 from __future__ import annotations
 
 import enum
-import itertools
 import hashlib
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Mapping

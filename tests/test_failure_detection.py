@@ -213,7 +213,9 @@ async def test_a_suspect_is_declared_dead_on_time_by_the_running_loop() -> None:
 class _Blackhole(InMemoryNetwork):
     """Dials to "hole" never complete; probes of it never answer in time."""
 
-    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
         if address == "hole":
             await asyncio.Event().wait()
         return await super().connect(address, source=source, timeout_s=timeout_s)
@@ -261,7 +263,9 @@ async def test_pushes_during_an_exchange_coalesce_into_one_more() -> None:
     dials: list[str] = []
 
     class Slow(InMemoryNetwork):
-        async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+        async def connect(
+            self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+        ) -> FrameStream:
             dials.append(address)
             await gate.wait()
             return await super().connect(address, source=source, timeout_s=timeout_s)

@@ -323,7 +323,9 @@ class _Recording:
             return ProbeAnswer(False, "", f"{address}: invented")
         return await self.inner.probe(address, source=source, target=target, timeout_s=timeout_s)
 
-    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
         self.dialed.append(address)
         if address not in self.honest:
             raise LinkError(Status.UNAVAILABLE, f"{address}: invented")

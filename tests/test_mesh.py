@@ -436,7 +436,9 @@ async def test_a_dial_gives_up_after_connect_timeout_not_the_exchange_timeout() 
             super().__init__(MemoryNetwork())
             self.dial_deadlines: list[float] = []
 
-        async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+        async def connect(
+            self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+        ) -> FrameStream:
             self.dial_deadlines.append(timeout_s)
             await asyncio.Event().wait()
             raise AssertionError("unreachable")
@@ -469,3 +471,35 @@ async def test_node_serve_dials_grpc_with_the_presets_connect_timeout(tmp_path: 
         assert isinstance(mesh.network, GrpcNetwork)
         # the channel-ready wait of the pool, not only the mesh's own bound
         assert mesh.network.config.connect_timeout_s == 15.0
+
+
+async def test_a_member_heard_from_is_dialed_as_the_node_it_said_it_was() -> None:
+    """Under mTLS the dial is then bound to that id (the server's certificate must name
+    it); the mesh passes it for every member whose Hello it has seen."""
+    from syncfw.transport.base import FrameStream
+
+    class Recording(InMemoryNetwork):
+        def __init__(self, net: MemoryNetwork) -> None:
+            super().__init__(net)
+            self.expected: list[str | None] = []
+
+        async def connect(
+            self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+        ) -> FrameStream:
+            self.expected.append(expect_id)
+            return await super().connect(address, source=source, timeout_s=timeout_s)
+
+    net = MemoryNetwork()
+    cfg = MeshConfig.test().with_(interval_s=30.0)
+    mb = await Mesh.start(MemoryReplica("nb"), listen="b", network=InMemoryNetwork(net), config=cfg)
+    rec = Recording(net)
+    ma = await Mesh.start(MemoryReplica("na"), listen="a", seeds=["b"], network=rec, config=cfg,
+                          run_loop=False)
+    try:
+        assert (await ma.sync_with("b")).ok
+        assert (await ma.sync_with("b")).ok
+        assert rec.expected[0] is None  # a seed not yet heard from
+        assert rec.expected[-1] == "nb"
+    finally:
+        await ma.aclose()
+        await mb.aclose()

@@ -510,8 +510,13 @@ class Mesh:
             async with asyncio.timeout(limit):
                 # timeout_s is the stream's own deadline: the whole exchange's cap
                 # (the runner cuts one that stops progressing, after exchange_timeout_s)
+                m = self.membership.members.get(address)
                 return await self.network.connect(
-                    address, source=self.address, timeout_s=self.config.max_exchange_s
+                    address,
+                    source=self.address,
+                    timeout_s=self.config.max_exchange_s,
+                    # a member heard from is dialed as the node it said it was (mTLS SAN)
+                    expect_id=(m.node_id or None) if m is not None else None,
                 )
         except TimeoutError:
             raise LinkError(Status.UNAVAILABLE, f"{address}: no connection in {limit}s") from None

@@ -7,10 +7,18 @@ a :class:`FrameStream` to an address), so the mesh is written once.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from syncfw.metrics import NodeMetrics
+from syncfw.transport.artifacts import (
+    ArtifactSlot,
+    ChunkPiece,
+    memory_fetch,
+    memory_listen,
+    memory_unlisten,
+)
+from syncfw.transport.artifacts_rpc import artifact_service, grpc_fetch
 from syncfw.transport.base import FrameStream
 from syncfw.transport.memory import MemoryNetwork
 from syncfw.transport.probe import ProbeAnswer, ProbeHandler
@@ -43,8 +51,13 @@ class Network(Protocol):
         """Accept exchanges on ``listen``, each handed to ``handler``; answer probes with ``probe``."""
         ...
 
-    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
-        """Open an exchange stream to ``address`` (``LinkError`` if unreachable)."""
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
+        """Open an exchange stream to ``address`` (``LinkError`` if unreachable).
+
+        ``expect_id``: the node id the caller means to reach, when it knows it; under
+        mTLS the link is refused unless the server's certificate names it."""
         ...
 
     async def probe(
@@ -84,6 +97,8 @@ class GrpcNetwork:
         self.metrics = metrics
         self.pool = ChannelPool(self.config, metrics=metrics)
         self.services = tuple(services)
+        self._artifacts = ArtifactSlot()
+        self.services += (artifact_service(self._artifacts, self.config, metrics),)
 
     async def serve(
         self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
@@ -100,13 +115,38 @@ class GrpcNetwork:
         """``syncfw.v1.Sync/Probe`` on the pooled channel to ``address``."""
         return await self.pool.probe(address, target=target, timeout_s=timeout_s)
 
-    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
-        """Open an Exchange call on the pooled channel to ``address``."""
-        return await self.pool.open(address, timeout_s=timeout_s)
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
+        """Open an Exchange call on the pooled channel to ``address``, bound to
+        ``expect_id`` when given (see :meth:`ChannelPool.open`)."""
+        return await self.pool.open(address, timeout_s=timeout_s, expect_id=expect_id)
 
     async def forget(self, address: str) -> None:
         """Close the pooled channel to ``address``."""
         await self.pool.drop(address)
+
+    @property
+    def artifacts(self) -> ArtifactSlot:
+        """The slot this network's server serves ``syncfw.v1.Artifacts/Fetch`` from."""
+        return self._artifacts
+
+    async def fetch(
+        self,
+        address: str,
+        hashes: Sequence[bytes],
+        *,
+        source: str,
+        node_id: str,
+        timeout_s: float,
+    ) -> AsyncIterator[ChunkPiece]:
+        """``syncfw.v1.Artifacts/Fetch`` on the pooled channel to ``address`` (same identity
+        binding as an exchange)."""
+        _, san = await self.pool.identity(address, timeout_s=timeout_s)
+        async for piece in grpc_fetch(
+            self.pool.channel(address, san), address, hashes, node_id=node_id, timeout_s=timeout_s
+        ):
+            yield piece
 
     async def aclose(self) -> None:
         """Close every pooled channel."""
@@ -131,6 +171,7 @@ class _MemoryListener:
     async def aclose(self) -> None:
         self._net.unlisten(self._address)
         _MEMORY_PROBES.get(self._net, {}).pop(self._address, None)
+        memory_unlisten(self._net, self._address)
 
 
 class InMemoryNetwork:
@@ -138,6 +179,7 @@ class InMemoryNetwork:
 
     def __init__(self, net: MemoryNetwork) -> None:
         self.net = net
+        self._artifacts = ArtifactSlot()
 
     async def serve(
         self, listen: str, handler: Handler, *, probe: ProbeHandler | None = None
@@ -146,6 +188,7 @@ class InMemoryNetwork:
         self.net.listen(listen, handler)
         if probe is not None:
             _MEMORY_PROBES.setdefault(self.net, {})[listen] = probe
+        memory_listen(self.net, listen, self._artifacts)
         return _MemoryListener(self.net, listen)
 
     async def probe(
@@ -162,12 +205,33 @@ class InMemoryNetwork:
             return ProbeAnswer(not target, "", "the peer does not serve Probe")
         return await handler(target, timeout_s / 2 if target else 0.0)
 
-    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
-        """Open an in-memory pipe to ``address``."""
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
+        """Open an in-memory pipe to ``address`` (no certificates: ``expect_id`` unused)."""
         return await self.net.connect(address, source=source)
 
     async def forget(self, address: str) -> None:
         """Nothing is cached."""
+
+    @property
+    def artifacts(self) -> ArtifactSlot:
+        """The slot this adapter's listeners serve fetches from."""
+        return self._artifacts
+
+    async def fetch(
+        self,
+        address: str,
+        hashes: Sequence[bytes],
+        *,
+        source: str,
+        node_id: str,
+        timeout_s: float,
+    ) -> AsyncIterator[ChunkPiece]:
+        """A fetch from a listener of the shared network (partitions cut it; the
+        caller bounds how long it waits for each piece)."""
+        async for piece in memory_fetch(self.net, address, hashes, source=source, node_id=node_id):
+            yield piece
 
     async def aclose(self) -> None:
         """Nothing to release (the shared network outlives one node)."""

@@ -56,7 +56,7 @@ ANYONE = "*"
 SYS_PREFIX = "sys/"
 GRANT_KIND = "grant"
 GRANT_KEY_PREFIX = "sys/zones/"
-_SYSTEM_KINDS = frozenset({GRANT_KIND, "keyreg", "keyrevoke", "evidence"})
+_SYSTEM_KINDS = frozenset({GRANT_KIND, "keyreg", "keyrevoke", "forkkeep", "evidence"})
 """Kinds that may sit under any prefix: grants, authority statements, fork evidence."""
 
 

@@ -318,3 +318,35 @@ async def test_rotation_registers_a_new_key_from_a_seq(make_node, sf, tmp_path) 
     op = forge("t1", vv["t1"] + 1, b.store.head("t1"), "fleet/t1/x", "old key")
     res = await b.apply_remote([dataclasses.replace(op, sig=NodeSigner("trust", old.signing_key)(op))])
     assert res.applied == 0 and await b.get("fleet/t1/x") == 2
+
+
+async def test_the_authority_keeps_a_branch_and_the_hold_lifts(make_node, sf) -> None:
+    from syncfw.log import op_hash
+    from syncfw.trust import ForkResolution, seal_statement
+
+    t9 = await open_signed(make_node, sf, "t9")
+    b = await open_signed(make_node, sf, "t2")
+    await t9.put("fleet/t9/a", 1)
+    await t9.put("fleet/t9/a", 2)
+    await sync(t9, b)
+    vv = await t9.version_vector()
+    seq = vv["t9"]
+    held = [op for op in await b.ops_since({}) if op.origin == "t9"][-1]
+    chain = OpChain("t9", seq - 1, held.prev, signer=sf.signer("t9"))
+    twin = chain.seal(chain.mint(held.hlc + 1, "fleet/t9/", 0, "fleet/t9/a", "lww",
+                                 encode_value("twin")))
+    await b.apply_remote([twin])
+    assert b.store.forks == {"t9": seq}
+    await t9.put("fleet/t9/a", 3)
+    await sync(t9, b)
+    assert await b.get("fleet/t9/a") == 2  # held
+    cloud = await open_signed(make_node, sf, "cloud")
+    ruling = ForkResolution("trust", "t9", op_hash(held), seq)
+    await cloud.publish(seal_statement(sf.authority_key, ruling))
+    await sync(cloud, b)
+    await sync(t9, b)
+    assert await b.get("fleet/t9/a") == 3  # the kept branch goes on
+    assert b.store.pending_counts()["fork"] == 0
+    res = await b.apply_remote([twin])  # the dropped branch: discarded, never re-flagged
+    assert res.applied == 0
+    assert (await b.version_vector())["t9"] == seq + 1

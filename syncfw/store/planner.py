@@ -59,6 +59,7 @@ from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, lww_ok, stage_grant
 from syncfw.trust import (
     EVIDENCE_KIND,
+    KEEP_KIND,
     KEYREG_KIND,
     MAX_BRANCH_OPS,
     REVOKE_KIND,
@@ -96,8 +97,8 @@ Pending = Mapping[str, Mapping[int, tuple[Op, str]]]
 GAP = "gap: waiting for earlier ops of this origin"
 SKEW = "clock skew"
 FORK_HOLD = "fork evidence against this origin: held until the authority acts"
-STATEMENT_KINDS = (KEYREG_KIND, REVOKE_KIND)
-LOG_ONLY_KINDS = (KEYREG_KIND, REVOKE_KIND, EVIDENCE_KIND)
+STATEMENT_KINDS = (KEYREG_KIND, REVOKE_KIND, KEEP_KIND)
+LOG_ONLY_KINDS = (KEYREG_KIND, REVOKE_KIND, KEEP_KIND, EVIDENCE_KIND)
 """Kinds with no CRDT state: the op (and, for statements, a ``trust`` row) is the record."""
 TRUST_STATE = "trust"
 """``state.kind`` of a verified authority statement (key: its digest; data: the op value)."""
@@ -142,6 +143,9 @@ class Mirrors:
     """The key ring of a signed fleet (None: unsigned, nothing is verified)."""
     forks: Mapping[str, int] = field(default_factory=dict)
     """Origins with verified fork evidence, and the seq they forked at."""
+    kept: frozenset[str] = frozenset()
+    """Forked origins whose branch this replica holds is the one the authority kept
+    (a ``forkkeep`` statement): their hold is lifted, the other branch discarded."""
 
 
 def pending_counts(pending: Mapping[str, Mapping[int, tuple[Op, str]]]) -> dict[str, int]:
@@ -390,6 +394,7 @@ class _Run:
         self.keys = m.keys
         self.base_keys = m.keys
         self.forks = dict(m.forks)
+        self.kept = m.kept
         self.new_forks: dict[str, int] = {}
         self.verified: set[OpId] = set()
         self.trust_rows: list[tuple[str, str, bytes]] = []
@@ -461,6 +466,15 @@ class _Run:
         """``op`` contradicts the verified chain: fork evidence if a verified head of
         its own branch covers it, else discarded (never a lock-out)."""
         if any(o == origin for o, _, _ in self.suspects):
+            return
+        if origin in self.kept:  # the authority kept this replica's branch
+            self.discard("dropped_branch")
+            self.warnings.append(
+                f"discarded op ({origin}, {op.seq}): of the branch the authority dropped"
+            )
+            fresh = self.fresh.get(origin)
+            if isinstance(fresh, dict):
+                fresh.pop(op.seq, None)
             return
         ops = {q.seq: q for q in self.batch_of(origin)}
         branch = [op]
@@ -578,8 +592,11 @@ class _Run:
         return moved
 
     def released(self, origin: str, n: int) -> bool:
-        """True if the authority acted on ``origin``'s fork: its key at ``n`` is revoked
-        (the ops past the revocation point are then rejected, and the chain moves on)."""
+        """True if the authority acted on ``origin``'s fork: it kept the branch this
+        replica holds, or revoked the key at ``n`` (the ops past the revocation point are
+        then rejected, and the chain moves on)."""
+        if origin in self.kept:
+            return True
         assert self.keys is not None
         entries = self.keys.entries_at(origin, n)
         return bool(entries) and all(
@@ -607,6 +624,8 @@ class _Run:
 
     def flag(self, origin: str, seq: int, evidence: bytes) -> None:
         """Record verified fork evidence against ``origin`` (its later ops are held)."""
+        if origin in self.kept:
+            return  # resolved by the authority: evidence is history now
         if seq < self.forks.get(origin, seq + 1):
             self.forks[origin] = seq
             self.new_forks[origin] = seq

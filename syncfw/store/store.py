@@ -58,6 +58,7 @@ from syncfw.log import (
     Signer,
     VersionVector,
     check_node_id,
+    op_hash,
     op_size,
     vv_dominates,
     vv_merge,
@@ -144,6 +145,7 @@ class Store:
         self.keys: KeyRing | None = fleet.keyring()
         self.forks: dict[str, int] = {}
         self.evidence: dict[str, ForkEvidence] = {}
+        self._kept_checked: dict[str, tuple[tuple[int, bytes], bool]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         # The head lease (.lease): how far this node's own chain is known to have
         # reached, and the seq local writes wait for when the file lost ops.
@@ -558,7 +560,10 @@ class Store:
             )
 
     async def _apply_remote(self, incoming: list[Op]) -> ApplyResult:
-        m = Mirrors(self._vv, self._heads, self._pending, self.zones, self.keys, self.forks)
+        m = Mirrors(
+            self._vv, self._heads, self._pending, self.zones, self.keys, self.forks,
+            await self._kept_branches(),
+        )
         t = triage(incoming, m)
         stored = await export.stored_ops(self._read, t.held) if t.held else {}
         work = has_work(t, m)
@@ -607,6 +612,35 @@ class Store:
         if plan.steps:
             self._feed.committed()  # rejected-only commits advance the vector too
         return plan.result()
+
+    async def _kept_branches(self) -> frozenset[str]:
+        """Forked origins whose branch here is the one the authority kept (``forkkeep``)."""
+        keys = self.keys
+        if keys is None or not self.forks or not keys.kept:
+            return frozenset()
+        out = set()
+        for origin in self.forks:
+            ruling = keys.kept.get(origin)
+            if ruling is None:
+                continue
+            seq, keep = ruling
+            if origin not in self._kept_checked or self._kept_checked[origin][0] != ruling:
+                rows = await self._read(
+                    f"SELECT {export.OP_COLUMNS} FROM ops WHERE origin = ? AND seq = ?",
+                    (origin, seq),
+                )
+                ours = op_hash(Op(*rows[0])) if rows else None
+                ok = ours == keep
+                self._kept_checked[origin] = (ruling, ok)
+                if not ok:
+                    log.warning(
+                        "the authority kept the other branch of %s's fork at seq %d; this node "
+                        "holds the dropped one: its ops of %s stay held (restore this node "
+                        "from a peer holding the kept branch)", origin, seq, origin,
+                    )
+            if self._kept_checked[origin][1]:
+                out.add(origin)
+        return frozenset(out)
 
     async def _record_forks(self, suspects: Sequence[tuple[str, int, tuple[Op, ...]]]) -> None:
         """Pair each signed conflicting branch with this store's own signed branch;

@@ -57,6 +57,7 @@ from syncfw.log import (
 )
 from syncfw.trust import (
     EVIDENCE_KIND,
+    KEEP_KIND,
     KEYREG_KIND,
     MAX_BRANCH_OPS,
     REVOKE_KIND,
@@ -292,7 +293,7 @@ class MemoryReplica:
                 continue
             fresh[op.id] = op
         for op in ops:  # statements prove themselves: learn them ahead of their turn
-            if op.kind in (KEYREG_KIND, REVOKE_KIND):
+            if op.kind in (KEYREG_KIND, REVOKE_KIND, KEEP_KIND):
                 with contextlib.suppress(TrustError):  # judged (rejected) in its turn
                     keys.learn_value(op.value)
         by_origin: dict[str, dict[int, Op]] = {}
@@ -381,7 +382,7 @@ class MemoryReplica:
             self._append(kept)
             moved = True
             reason = reason or keys.op_reason(op)
-            if not reason and op.kind in (KEYREG_KIND, REVOKE_KIND):
+            if not reason and op.kind in (KEYREG_KIND, REVOKE_KIND, KEEP_KIND):
                 try:
                     keys.learn_value(op.value)
                 except TrustError as exc:

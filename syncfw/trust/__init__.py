@@ -20,9 +20,11 @@ from syncfw.trust.ring import (
     head_message,
 )
 from syncfw.trust.statements import (
+    KEEP_KIND,
     KEYREG_KIND,
     REVOKE_KIND,
     STATEMENT_KIND_OF,
+    ForkResolution,
     Registration,
     Revocation,
     Statement,
@@ -33,6 +35,7 @@ from syncfw.trust.statements import (
 
 __all__ = [
     "EVIDENCE_KIND",
+    "KEEP_KIND",
     "KEYREG_KIND",
     "MAX_BRANCH_OPS",
     "MAX_TRIES",
@@ -44,6 +47,7 @@ __all__ = [
     "UNSIGNED",
     "Cover",
     "ForkEvidence",
+    "ForkResolution",
     "KeyEntry",
     "KeyRing",
     "NodeSigner",

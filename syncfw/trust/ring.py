@@ -39,6 +39,7 @@ from syncfw.clock import LOGICAL_BITS
 from syncfw.errors import TrustError
 from syncfw.log import Op, op_hash
 from syncfw.trust.statements import (
+    ForkResolution,
     Registration,
     Revocation,
     Statement,
@@ -131,6 +132,8 @@ class KeyRing:
         self._keys: dict[str, list[KeyEntry]] = {authority: [KeyEntry(authority_key, 1)]}
         self._revoked: dict[tuple[str, bytes], int] = {}
         self._seen: set[bytes] = set()  # statement values already learned
+        self.kept: dict[str, tuple[int, bytes]] = {}
+        """The authority's fork resolutions: origin -> (seq, hash of the kept op)."""
 
     def copy(self) -> KeyRing:
         """An independent copy (a plan stages statements on one, as zones do)."""
@@ -145,6 +148,7 @@ class KeyRing:
         }
         out._revoked = dict(self._revoked)
         out._seen = set(self._seen)
+        out.kept = dict(self.kept)
         return out
 
     # -------------------------------------------------------------- statements
@@ -159,6 +163,11 @@ class KeyRing:
 
     def learn(self, statement: Statement) -> bool:
         """Add a verified statement; True if it changed the ring."""
+        if isinstance(statement, ForkResolution):
+            if self.kept.get(statement.node) == (statement.seq, statement.keep):
+                return False
+            self.kept[statement.node] = (statement.seq, statement.keep)
+            return True
         if statement.node == self.authority:
             return False  # the authority signs with the bootstrap key; no rotation yet
         if isinstance(statement, Registration):

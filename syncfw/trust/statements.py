@@ -31,9 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from syncfw.errors import TrustError
 
 __all__ = [
+    "KEEP_KIND",
     "KEYREG_KIND",
     "REVOKE_KIND",
     "STATEMENT_KIND_OF",
+    "ForkResolution",
     "Registration",
     "Revocation",
     "Statement",
@@ -46,9 +48,12 @@ KEYREG_KIND = "keyreg"
 """Op kind whose value is an authority-signed :class:`Registration`."""
 REVOKE_KIND = "keyrevoke"
 """Op kind whose value is an authority-signed :class:`Revocation`."""
+KEEP_KIND = "forkkeep"
+"""Op kind whose value is an authority-signed :class:`ForkResolution`."""
 
 _REG_TAG = "syncfw/keyreg/v1"
 _REVOKE_TAG = "syncfw/revoke/v1"
+_KEEP_TAG = "syncfw/forkkeep/v1"
 MAX_STATEMENT_BYTES = 1024
 """A statement's op value is refused past this size before anything is decoded."""
 
@@ -113,9 +118,39 @@ class Revocation:
         )
 
 
-Statement = Registration | Revocation
+@dataclass(frozen=True, slots=True)
+class ForkResolution:
+    """The authority's word on a fork of ``node``'s chain: keep the branch whose op at
+    ``seq`` hashes to ``keep``. Replicas holding that branch lift the hold on ``node``;
+    the other branch's ops are discarded from then on.
+    """
 
-STATEMENT_KIND_OF: dict[type, str] = {Registration: KEYREG_KIND, Revocation: REVOKE_KIND}
+    fleet_id: str
+    node: str
+    keep: bytes
+    seq: int
+    issued_ms: int = 0
+
+    @property
+    def public_key(self) -> bytes:
+        """The slot a statement's 32-byte field fills (here: the kept op's hash)."""
+        return self.keep
+
+    def body(self) -> bytes:
+        """The bytes the authority signs."""
+        return msgpack.packb(
+            [_KEEP_TAG, self.fleet_id, self.node, self.keep, self.seq, self.issued_ms],
+            use_bin_type=True,
+        )
+
+
+Statement = Registration | Revocation | ForkResolution
+
+STATEMENT_KIND_OF: dict[type, str] = {
+    Registration: KEYREG_KIND,
+    Revocation: REVOKE_KIND,
+    ForkResolution: KEEP_KIND,
+}
 """The op kind that carries each statement type."""
 
 
@@ -171,4 +206,7 @@ def open_statement(value: bytes, authority_key: bytes, fleet_id: str) -> Stateme
     if tag == _REVOKE_TAG and len(rest) == 2:
         after, issued = (_int(x, "field") for x in rest)
         return Revocation(fleet, node, key, after, issued)
+    if tag == _KEEP_TAG and len(rest) == 2:
+        seq, issued = (_int(x, "field") for x in rest)
+        return ForkResolution(fleet, node, key, seq, issued)
     raise TrustError(f"unknown statement tag {str(tag)[:32]!r}")

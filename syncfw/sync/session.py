@@ -105,6 +105,7 @@ _SKIP = 1 << 62  # a fetch's vector entry that leaves an origin out
 ZSTD = "zstd"
 CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before are left out)
 REPLY_DELTA = "reply_delta"  # takes a Summary given as a delta against its own (invariant 2a)
+IMPLIED_ACK = "implied_ack"  # reads an Ack as the batch's own entries, unless it names others
 
 
 # -- configuration and state ---------------------------------------------------
@@ -304,7 +305,8 @@ class Session:
         self._cursor: VersionVector = {}
         self._fetching = False
         self._fetch_from: VersionVector = {}
-        self._flights: deque[tuple[int, int, float | None, frozenset[str]]] = deque()
+        # per batch in flight: ops, bytes, when sent, each origin's last seq in it
+        self._flights: deque[tuple[int, int, float | None, dict[str, int]]] = deque()
         self._last_ack_at: float | None = None
         self._sizer = self.config.sizer()
         self._inflight = 0
@@ -382,7 +384,7 @@ class Session:
         return out
 
     def _features(self) -> tuple[str, ...]:
-        base = (ZSTD, CHAIN) if self.config.zstd else (CHAIN,)
+        base = (ZSTD, CHAIN, IMPLIED_ACK) if self.config.zstd else (CHAIN, IMPLIED_ACK)
         return (*base, REPLY_DELTA) if self.config.delta_summary else base
 
     def receive(self, frame: Frame) -> list[Effect]:
@@ -449,12 +451,12 @@ class Session:
                     Status.RESOURCE_EXHAUSTED,
                     f"an op is larger than the peer's batch cap of {self._peer_cap()} bytes",
                 )
-            batch, n, origins = part
+            batch, n, tops = part
             out.append(Send(Ops(batch)))
-            self._flights.append((n, len(batch), now, origins))
+            self._flights.append((n, len(batch), now, tops))
             self.bytes_unacked += len(batch)
             if self.link is not None:
-                self.link.lease(self, set(origins))
+                self.link.lease(self, set(tops))
             self._inflight += 1
             self.batches_sent += 1
         self.ops_sent += len(ops)
@@ -512,13 +514,20 @@ class Session:
             raise RuntimeError("ops_applied without an ApplyOps outstanding")
         self.ops_received += len(self._applying)
         # the Ack names only the origins this batch moved: the peer folds it into
-        # the vector it already has of this side (its Summary), so acks stay small
-        moved = {op.origin for op in self._applying}
+        # the vector it already has of this side (its Summary), so acks stay small;
+        # to a peer that reads acks as implied, only where this side now holds
+        # other than the batch's last op (more, from elsewhere; less, held pending)
+        tops = {op.origin: op.seq for op in self._applying}  # each origin's in seq order
         self._applying = None
         self._vv = vv if isinstance(vv, Vector) else dict(vv)
         if self._book is not None:
-            self._book.note_held(vv, moved)
-        out: list[Effect] = [Send(Ack({o: vv[o] for o in sorted(moved) if vv.get(o, 0) > 0}))]
+            self._book.note_held(vv, set(tops))
+        assert self.peer is not None
+        if IMPLIED_ACK in self.peer.features:
+            entries = {o: vv.get(o, 0) for o in sorted(tops) if vv.get(o, 0) != tops[o]}
+        else:
+            entries = {o: vv[o] for o in sorted(tops) if vv.get(o, 0) > 0}
+        out: list[Effect] = [Send(Ack(entries))]
         return out + self._drain()
 
     def apply_failed(self, error: BaseException) -> list[Effect]:
@@ -683,16 +692,19 @@ class Session:
         assert self.peer is not None
         if self._inflight <= 0:
             return self._fail(Status.INVALID_ARGUMENT, "Ack with no batch in flight")
-        view = dict(self._peer_vv or {})
-        moved: VersionVector = {}
         for origin, seq in ack.vv.items():
             if not isinstance(origin, str) or not origin or type(seq) is not int or seq < 0:
                 return self._fail(Status.INVALID_ARGUMENT, "malformed version vector in Ack")
+        n, size, sent_at, tops = self._flights.popleft()
+        # a peer that reads acks as implied names only where it differs from the batch
+        named = {**tops, **ack.vv} if IMPLIED_ACK in self.peer.features else ack.vv
+        view = dict(self._peer_vv or {})
+        moved: VersionVector = {}
+        for origin, seq in named.items():
             if seq > view.get(origin, 0):
                 view[origin] = moved[origin] = seq
         self._peer_vv = view
         self._inflight -= 1
-        n, size, sent_at, origins = self._flights.popleft()
         self.ops_acked += n
         self.bytes_unacked -= size
         now = self._now()
@@ -702,9 +714,9 @@ class Session:
             self._last_ack_at = now
         self._sizer.acked(size, service)
         if self.link is not None:
-            self.link.fold_ack(ack.vv)
-            if not any(origins & f[3] for f in self._flights):
-                self.link.release(self, set(origins))
+            self.link.fold_ack(named)
+            if not any(tops.keys() & f[3].keys() for f in self._flights):
+                self.link.release(self, set(tops))
         # the record only moves forward: the entries this ack moved are all it lacks
         out: list[Effect] = [Acknowledge(self.peer.node_id, moved)] if moved else []
         return [*out, *self._pump()]
@@ -804,7 +816,7 @@ class Session:
         cap = self.peer.max_batch_bytes if self.peer else self.config.max_batch_bytes
         return min(cap, self.config.max_batch_bytes)
 
-    def _split(self, ops: list[Op]) -> list[tuple[bytes, int, frozenset[str]] | None]:
+    def _split(self, ops: list[Op]) -> list[tuple[bytes, int, dict[str, int]] | None]:
         """Encode ``ops`` into batches under the peer's cap (None: one op is too big)."""
         zstd = self.config.zstd and self.peer is not None and ZSTD in self.peer.features
         cap = self._peer_cap()
@@ -818,7 +830,7 @@ class Session:
         chain = self.peer is not None and CHAIN in self.peer.features
         data = encode_batch(ops, zstd=zstd, elide_prev=chain, limits=limits)
         if len(data) <= cap:
-            return [(data, len(ops), frozenset(op.origin for op in ops))]
+            return [(data, len(ops), {op.origin: op.seq for op in ops})]
         if len(ops) == 1:
             return [None]
         # estimate a split point from packed sizes rather than halving blindly

@@ -1,6 +1,7 @@
 # Two entry points (see README): `make demo` and `make test`.
 # Each creates its own virtual environment on first use and installs what it needs:
-# the dev tools and the inference extra (the demo and the inference tests use it).
+# the dev tools, the inference extra (the demo and the inference tests use it) and the
+# cloud extra (the dashboard).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,inference]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,inference,cloud]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -58,6 +58,8 @@ def register(sub: Any) -> None:
     r.add_argument("--view-file", metavar="FILE",
                    help="write the fleet view (JSON) here every --view-every seconds")
     r.add_argument("--view-every", type=float, default=5.0, help="seconds between view writes")
+    r.add_argument("--http", metavar="HOST:PORT",
+                   help="serve the web dashboard and its JSON API here (the cloud extra)")
     r.set_defaults(func=run)
     t: argparse.ArgumentParser = verbs.add_parser(
         "tail",
@@ -139,6 +141,7 @@ async def _run(args: argparse.Namespace) -> int:
         agg = await Aggregator.open(args.db, keys, fleet=fleet, config=config)
     except (SyncfwError, ValueError) as exc:
         return fail("cloud", str(exc))
+    dashboard: Any = None
     try:
         try:
             mesh = await agg.serve(args.listen, args.seed, advertise=args.advertise,
@@ -149,6 +152,9 @@ async def _run(args: argparse.Namespace) -> int:
         print(f"feed {mesh.address} (syncfw.v1.Feed/Subscribe)", flush=True)
         for server in agg.node.metrics_servers:
             print(f"metrics http://{server.address}/metrics", flush=True)
+        dashboard = await _dashboard(agg, args.http) if args.http else None
+        if dashboard is False:
+            return 2
         if keys is None:
             print("WARNING: unsigned fleet (no --keys): any peer can forge any node's ops",
                   flush=True)
@@ -159,8 +165,26 @@ async def _run(args: argparse.Namespace) -> int:
                 async with asyncio.timeout(args.view_every):
                     await stop.wait()
     finally:
+        if dashboard:
+            await dashboard.aclose()
         await agg.aclose()
     return 0
+
+
+async def _dashboard(agg: Any, listen: str) -> Any:
+    """The web dashboard on ``listen``, or False (said why) when it cannot be served."""
+    try:
+        from syncfw.cloud.web import Dashboard
+    except ImportError as exc:
+        fail("cloud", f"--http needs the cloud extra (pip install 'syncfw[cloud]'): {exc}")
+        return False
+    try:
+        dash = await Dashboard.start(agg, listen)
+    except (ValueError, OSError) as exc:
+        fail("cloud", f"cannot serve the dashboard on {listen}: {exc}")
+        return False
+    print(f"dashboard {dash.url}", flush=True)
+    return dash
 
 
 def _write_view(path: Path, view: dict[str, Any]) -> None:

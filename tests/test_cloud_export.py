@@ -317,3 +317,18 @@ async def test_two_exporters_both_owning_an_origin_export_it_once(
     finally:
         await a.close()
         await b.close()
+
+
+def test_the_stream_check_names_duplicates_gaps_and_disorder() -> None:
+    from syncfw.cloud.export_subjects import ExportedOp
+
+    def e(o: str, s: int) -> ExportedOp:
+        return ExportedOp(Op(o, s, s, "z/", 0, "z/k", "lww", b""), False)
+
+    good = check_stream([e("a", 1), e("b", 1), e("a", 2)], {"a": 2, "b": 1})
+    assert good.ok and "exactly once" in str(good)
+    bad = check_stream([e("a", 2), e("a", 1), e("a", 1), e("b", 2)], {"a": 3, "b": 2})
+    assert not bad.ok
+    assert bad.duplicates == [("a", 1)] and bad.out_of_order == [("a", 2, 1)]
+    assert bad.missing == {"a": [3], "b": [1]}
+    assert check_stream([e("a", 2)], {"a": 1}).extra == {"a": [2]}

@@ -5,6 +5,7 @@ client that can send what a polite client would not (huge heads, odd methods).""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -152,9 +153,11 @@ async def results(node: Node, latencies: list[float], start: int = 0) -> None:
 
 @asynccontextmanager
 async def web_fleet(tmp: Path, names: tuple[str, ...] = ("t1", "t2"),
-                    config: DashboardConfig | None = None) -> AsyncIterator[WebFleet]:
+                    config: DashboardConfig | None = None,
+                    mesh: MeshConfig | None = None) -> AsyncIterator[WebFleet]:
     """An aggregator with its dashboard and edges ``names``, each dialing through its own
-    egress proxy (``partition.split`` cuts a node off), all on loopback gRPC."""
+    egress proxy (``partition.split`` cuts a node off), all on loopback gRPC (``mesh``:
+    ``MeshConfig.test()`` by default)."""
     partition = Partition()
     proxies: list[EgressProxy] = []
 
@@ -163,18 +166,19 @@ async def web_fleet(tmp: Path, names: tuple[str, ...] = ("t1", "t2"),
         proxies.append(p)
         return TransportConfig(http_proxy=p.url, connect_timeout_s=1.0)
 
-    agg = await Aggregator.open(tmp / "cloud.db", fleet=FLEET, config=AggregatorConfig.test())
+    mcfg = mesh or MeshConfig.test()
+    agg = await Aggregator.open(tmp / "cloud.db", fleet=FLEET,
+                                config=dataclasses.replace(AggregatorConfig.test(), mesh=mcfg))
     edges: dict[str, Node] = {}
     dash: Dashboard | None = None
     try:
-        mcfg = MeshConfig.test()
-        mesh = await agg.serve("127.0.0.1:0", network=GrpcNetwork(
+        served = await agg.serve("127.0.0.1:0", network=GrpcNetwork(
             mcfg.transport(await proxy("cloud")), metrics=agg.node.metrics,
             services=[agg.feed.service()]))
-        partition.owners[mesh.address] = "cloud"
+        partition.owners[served.address] = "cloud"
         for name in names:
             node = edges[name] = await Node.open(tmp / f"{name}.db", node_id=name, fleet=FLEET)
-            m = await node.serve("127.0.0.1:0", [mesh.address], config=mcfg, network=GrpcNetwork(
+            m = await node.serve("127.0.0.1:0", [served.address], config=mcfg, network=GrpcNetwork(
                 mcfg.transport(await proxy(name)), metrics=node.metrics))
             partition.owners[m.address] = name
         dash = await Dashboard.start(agg, "127.0.0.1:0", config or DashboardConfig.test())

@@ -282,6 +282,8 @@ class _EventStream(Response):
             ]})
             await self._body(send, self.snapshot())
             await self._loop(send, updates, tick, gone, delta, sample)
+            # the dashboard closes (or the client went): end the body properly
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the client went mid-write
         finally:

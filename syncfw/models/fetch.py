@@ -1,0 +1,387 @@
+"""Fetching a manifest's missing chunks from whichever peers advertise them.
+
+Invariants:
+
+1. Only missing chunks are asked for: what the store holds is never fetched
+   again, so an interrupted fetch resumes where it stopped.
+2. Every chunk is hashed before it is stored (:meth:`ChunkStore.put`). A
+   peer that sends bytes that do not match, pieces out of order or over
+   length, a chunk not asked for, says "missing" for what it advertised, or
+   goes silent past ``piece_timeout_s`` is *skipped* for the rest of the
+   fetch, counted in ``syncfw_artifact_bad_chunks{peer,reason}`` and logged
+   once (WARNING); its chunks go back to the pool for the others.
+3. Load is spread so that a yard shares one download: chunks are asked in an
+   order of this node's own (seeded), and among a chunk's holders a peer
+   still fetching (a partial advert) is asked before a complete one (the
+   depot, the publisher), the least busy first; at most ``per_source``
+   requests go to one peer at once.
+4. A full disk ends the fetch at once (:class:`StorageFullError`): what was
+   stored stays stored. No holder for the remaining chunks for ``stall_s`` is
+   a :class:`FetchError` naming how many are missing; both leave the fetch
+   resumable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from syncfw.errors import ChunkError, FetchError, StorageFullError
+from syncfw.models.adverts import Advert
+from syncfw.models.chunks import ChunkStore
+from syncfw.models.figures import ArtifactMetrics
+from syncfw.models.manifest import ReleaseManifest
+from syncfw.notices import clip
+from syncfw.transport.artifacts import MAX_HASHES_PER_FETCH, ArtifactNetwork
+from syncfw.transport.base import LinkError
+
+__all__ = ["FetchConfig", "FetchProgress", "Fetcher", "Source"]
+
+log = logging.getLogger("syncfw.models")
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A peer that claims chunks of the artifact.
+
+    Attributes:
+        node_id: the peer.
+        address: where to dial it.
+        advert: what it claims.
+    """
+
+    node_id: str
+    address: str
+    advert: Advert
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    """Tunables of a fetch.
+
+    Attributes:
+        parallel: requests in flight at once, all peers together.
+        per_source: requests in flight to one peer at once.
+        batch: chunks named in one request (at most 64).
+        piece_timeout_s: a peer silent this long within a request is skipped.
+        stall_s: no holder for the missing chunks this long ends the fetch.
+        retry_s: how long to wait for adverts when no peer holds what is missing.
+        link_failures: link errors after which a peer is skipped for the fetch.
+    """
+
+    parallel: int = 4
+    per_source: int = 2
+    batch: int = 4
+    piece_timeout_s: float = 10.0
+    stall_s: float = 30.0
+    retry_s: float = 0.1
+    link_failures: int = 3
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.batch <= MAX_HASHES_PER_FETCH:
+            raise ValueError(f"batch must be in [1, {MAX_HASHES_PER_FETCH}]")
+        if self.parallel < 1 or self.per_source < 1:
+            raise ValueError("parallel and per_source must be >= 1")
+
+
+@dataclass(slots=True)
+class FetchProgress:
+    """How a fetch stands (handed to the progress callback after every chunk).
+
+    Attributes:
+        name, version, sha256: the artifact.
+        total: its chunk count.
+        held: chunks held now.
+        resumed: chunks already held when the fetch began.
+        bytes_in: bytes fetched in this fetch.
+        by_peer: bytes fetched from each peer.
+        skipped: peers skipped, with why.
+        done: every chunk is held.
+    """
+
+    name: str
+    version: int
+    sha256: str
+    total: int
+    held: int
+    resumed: int = 0
+    bytes_in: int = 0
+    by_peer: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    done: bool = False
+
+
+SourceList = Callable[[ReleaseManifest], Awaitable[list[Source]]]
+ChunkHook = Callable[[ReleaseManifest, int], Awaitable[None]]
+ProgressHook = Callable[[FetchProgress], None]
+
+
+class _Lie(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class Fetcher:
+    """Fetches artifacts' chunks into a store from peers (invariants at the top).
+
+    Args:
+        store: where chunks land.
+        network: a transport that carries the artifact stream kind.
+        node_id: this node (never asked).
+        sources: who claims the artifact's chunks now (called again as adverts change).
+        config: tunables.
+        metrics: the node's artifact figures.
+        on_chunk: awaited after each chunk is stored (the node's advert).
+        seed: seeds this node's chunk order.
+    """
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        network: ArtifactNetwork,
+        *,
+        node_id: str,
+        sources: SourceList,
+        config: FetchConfig | None = None,
+        metrics: ArtifactMetrics | None = None,
+        on_chunk: ChunkHook | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.store = store
+        self.network = network
+        self.node_id = node_id
+        self.sources = sources
+        self.config = config or FetchConfig()
+        self.metrics = metrics
+        self.on_chunk = on_chunk
+        self._rng = random.Random(seed if seed is not None else node_id)
+
+    async def fetch(
+        self, manifest: ReleaseManifest, progress: ProgressHook | None = None
+    ) -> FetchProgress:
+        """Fetch every chunk of ``manifest`` not held.
+
+        Returns:
+            The final progress (``done``).
+
+        Raises:
+            FetchError: no peer held the remaining chunks for ``stall_s``.
+            StorageFullError: the store's budget or the disk is full.
+        """
+        run = _Run(self, manifest, progress)
+        return await run.go()
+
+
+class _Run:
+    """One fetch of one manifest."""
+
+    def __init__(self, f: Fetcher, m: ReleaseManifest, hook: ProgressHook | None) -> None:
+        self.f, self.m, self.hook, self.cfg = f, m, hook, f.config
+        self.missing = set(f.store.missing(m))
+        n = len(m.chunks)
+        self.p = FetchProgress(m.name, m.version, m.sha256, n, n - len(self.missing))
+        self.p.resumed = self.p.held
+        self.order = sorted(self.missing)
+        f._rng.shuffle(self.order)
+        self.asked: set[int] = set()
+        self.busy: dict[str, int] = {}
+        self.denied: dict[str, set[int]] = {}
+        self.failures: dict[str, int] = {}
+        self.backoff: dict[str, float] = {}
+
+    def _report(self) -> None:
+        self.p.done = not self.missing
+        mt = self.f.metrics
+        if mt is not None:
+            label = f"{self.m.name}:{self.m.version}"
+            mt.progress.labels(mt.node_id, label, "held").set(self.p.held)
+            mt.progress.labels(mt.node_id, label, "total").set(self.p.total)
+        if self.hook is not None:
+            self.hook(self.p)
+
+    async def go(self) -> FetchProgress:
+        self._report()
+        tasks: dict[asyncio.Task[None], tuple[Source, list[int]]] = {}
+        last = time.monotonic()
+        try:
+            while self.missing:
+                if len(tasks) < self.cfg.parallel:
+                    for src, idx in self._plan(await self.f.sources(self.m), self.cfg.parallel - len(tasks)):
+                        self.asked.update(idx)
+                        self.busy[src.node_id] = self.busy.get(src.node_id, 0) + 1
+                        tasks[asyncio.create_task(self._request(src, idx))] = (src, idx)
+                if not tasks:
+                    if time.monotonic() - last > self.cfg.stall_s:
+                        raise FetchError(
+                            f"{self.m.name} {self.m.version}: no reachable peer holds the "
+                            f"{len(self.missing)} missing chunks of {self.p.total} "
+                            f"(skipped: {self.p.skipped or 'none'}); what is held is kept",
+                            missing=len(self.missing),
+                        )
+                    await asyncio.sleep(self.cfg.retry_s)
+                    continue
+                done, _ = await asyncio.wait(
+                    tasks, timeout=self.cfg.retry_s * 5, return_when=asyncio.FIRST_COMPLETED
+                )
+                for t in done:
+                    src, idx = tasks.pop(t)
+                    self.busy[src.node_id] -= 1
+                    self.asked.difference_update(idx)
+                    t.result()  # StorageFullError ends the fetch; everything else is handled inside
+                    last = time.monotonic()
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):  # ended with the fetch
+                    await t
+        self._report()
+        return self.p
+
+    def _plan(self, sources: list[Source], slots: int) -> list[tuple[Source, list[int]]]:
+        now = time.monotonic()
+        usable = [
+            s for s in sources
+            if s.node_id != self.f.node_id
+            and s.node_id not in self.p.skipped
+            and self.backoff.get(s.node_id, 0.0) <= now
+        ]
+        # others fetching too (a partial advert): a complete copy (the depot) is the
+        # scarce one, asked one chunk at a time, for chunks no peer holds yet
+        crowd = any(not s.advert.complete for s in sources if s.node_id != self.f.node_id)
+
+        def room(s: Source) -> bool:
+            seed = crowd and s.advert.complete
+            per, size = (1, 1) if seed else (self.cfg.per_source, self.cfg.batch)
+            return (
+                self.busy.get(s.node_id, 0) < per
+                and (s.node_id in batches or len(batches) < slots)
+                and len(batches.get(s.node_id, (s, []))[1]) < size
+            )
+
+        batches: dict[str, tuple[Source, list[int]]] = {}
+        rank = {i: r for r, i in enumerate(self.order)}
+        wanted = [i for i in self.order if i in self.missing and i not in self.asked]
+        # rarest first, then this node's own order
+        wanted.sort(key=lambda i: (sum(1 for s in usable if s.advert.holds(i)), rank[i]))
+        for i in wanted:
+            holders = [
+                s for s in usable
+                if s.advert.holds(i)
+                and i not in self.denied.get(s.node_id, ())
+                and room(s)
+            ]
+            if not holders:
+                continue
+            if crowd and any(not h.advert.complete for h in holders):
+                holders = [h for h in holders if not h.advert.complete]
+            best = min(
+                holders,
+                key=lambda s: (
+                    s.advert.complete,
+                    self.busy.get(s.node_id, 0) + (s.node_id in batches),
+                    self.f._rng.random(),
+                ),
+            )
+            batches.setdefault(best.node_id, (best, []))[1].append(i)
+        planned = list(batches.values())
+        if crowd:
+            # the complete copy only when no peer has anything for this node now
+            peers = [b for b in planned if not b[0].advert.complete]
+            peer_busy = any(
+                self.busy.get(s.node_id, 0) for s in usable if not s.advert.complete
+            )
+            if peers or peer_busy:
+                return peers
+        return planned
+
+    async def _request(self, src: Source, idx: list[int]) -> None:
+        m, f = self.m, self.f
+        want = {m.chunks[i]: i for i in idx}
+        left = dict(want)
+        buf: dict[bytes, bytearray] = {}
+        pieces = f.network.fetch(
+            src.address, list(want), source=f.node_id, node_id=f.node_id,
+            timeout_s=max(self.cfg.piece_timeout_s * len(idx), 30.0),
+        )
+        try:
+            while left:
+                try:
+                    piece = await asyncio.wait_for(anext(pieces), self.cfg.piece_timeout_s)
+                except StopAsyncIteration:
+                    raise _Lie("silent", f"ended the stream with {len(left)} chunks unsent") from None
+                except TimeoutError:
+                    raise _Lie("silent", f"sent nothing for {self.cfg.piece_timeout_s}s") from None
+                i = left.get(piece.digest)
+                if i is None:
+                    raise _Lie("malformed", "sent a chunk that was not asked for")
+                if piece.missing:
+                    left.pop(piece.digest)
+                    self._denied(src, i)
+                    continue
+                b = buf.setdefault(piece.digest, bytearray())
+                if piece.offset != len(b):
+                    raise _Lie("malformed", "sent pieces out of order")
+                b += piece.data
+                if len(b) > m.chunk_length(i):
+                    raise _Lie("malformed", f"sent chunk {i} longer than {m.chunk_length(i)} bytes")
+                if piece.last:
+                    left.pop(piece.digest)
+                    data = bytes(buf.pop(piece.digest))
+                    await self._store(src, i, data)
+        except _Lie as lie:
+            self._skip(src, lie.reason, lie.detail)
+        except LinkError as exc:
+            self._link_failed(src, exc)
+        finally:
+            closer = getattr(pieces, "aclose", None)  # an async generator's
+            if closer is not None:
+                await closer()
+
+    async def _store(self, src: Source, i: int, data: bytes) -> None:
+        try:
+            await asyncio.to_thread(self.f.store.put, self.m.chunks[i], data)
+        except ChunkError:
+            raise _Lie("bad_hash", f"sent chunk {i} with bytes that do not match its hash") from None
+        except StorageFullError:
+            raise
+        self.missing.discard(i)
+        self.p.held += 1
+        self.p.bytes_in += len(data)
+        self.p.by_peer[src.node_id] = self.p.by_peer.get(src.node_id, 0) + len(data)
+        if self.f.metrics is not None:
+            self.f.metrics.moved(src.node_id, "in", len(data))
+        if self.f.on_chunk is not None:
+            await self.f.on_chunk(self.m, i)
+        self._report()
+
+    def _denied(self, src: Source, i: int) -> None:
+        self.denied.setdefault(src.node_id, set()).add(i)
+        if self.f.metrics is not None:
+            self.f.metrics.refused_chunk(src.node_id, "denied")
+        if len(self.denied[src.node_id]) >= self.cfg.batch:
+            self._skip(src, "denied", "says it does not hold chunks it advertises")
+
+    def _skip(self, src: Source, reason: str, detail: str) -> None:
+        if self.f.metrics is not None and reason != "denied":
+            self.f.metrics.refused_chunk(src.node_id, reason)
+        if src.node_id in self.p.skipped:
+            return
+        self.p.skipped[src.node_id] = f"{reason}: {detail}"
+        log.warning(
+            "%s: skipping peer %s for %s %s (%s): %s; fetching from the others",
+            self.f.node_id, clip(src.node_id), self.m.name, self.m.version, reason, detail,
+        )
+
+    def _link_failed(self, src: Source, exc: LinkError) -> None:
+        n = self.failures[src.node_id] = self.failures.get(src.node_id, 0) + 1
+        self.backoff[src.node_id] = time.monotonic() + min(0.2 * 2**n, 5.0)
+        if n >= self.cfg.link_failures:
+            self._skip(src, "link", f"{n} failed requests, the last: {exc.reason}")

@@ -8,14 +8,21 @@ import asyncio
 import errno
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from syncfw import ChunkError, Fleet, Grant, Node, StorageFullError
 from syncfw.mesh import MeshConfig
-from syncfw.models import ArtifactConfig, Artifacts, ChunkStore, FetchConfig, advert_key, advert_value
+from syncfw.models import (
+    ArtifactConfig,
+    Artifacts,
+    ChunkStore,
+    FetchConfig,
+    advert_key,
+    advert_value,
+)
 from syncfw.models.manifest import ReleaseManifest
 from syncfw.testing import SignedFleet, wait_until
 from syncfw.transport.artifacts import ChunkPiece, ChunkRequest

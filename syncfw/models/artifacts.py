@@ -51,7 +51,7 @@ from syncfw.models.manifest import (
     seal_manifest,
 )
 from syncfw.node import Node
-from syncfw.notices import clip
+from syncfw.notices import clip, clip_text
 from syncfw.transport.artifacts import MAX_PIECE_BYTES, ArtifactNetwork, ChunkPiece, ChunkRequest
 from syncfw.transport.budget import Priority
 from syncfw.trust import public_key_bytes
@@ -408,7 +408,7 @@ class Artifacts:
                 if budget is not None:
                     await budget.spend(len(piece), Priority.BULK)
                 if last:  # counted before the caller, done, may close the stream
-                    self.metrics.moved(clip(request.node_id) or "?", "out", len(data))
+                    self.metrics.moved(clip_text(request.node_id) or "?", "out", len(data))
                 yield ChunkPiece(digest, off, piece, last=last)
 
     # ------------------------------------------------------------------ watching

@@ -18,7 +18,7 @@ import grpc
 import grpc.aio
 
 from syncfw.metrics import NodeMetrics
-from syncfw.notices import Notices, clip
+from syncfw.notices import Notices, clip, clip_text
 from syncfw.sync.frames import Status
 from syncfw.transport._pb import artifacts_pb2
 from syncfw.transport.admission import Admission, Refusal, peer_host
@@ -94,7 +94,7 @@ class _ArtifactServicer:
             )
             return
         req = ChunkRequest(
-            hashes, identity or clip(request.node_id), peer, authenticated=identity is not None
+            hashes, identity or clip_text(request.node_id), peer, authenticated=identity is not None
         )
         try:
             async with asyncio.timeout(self._config.exchange_timeout_s):

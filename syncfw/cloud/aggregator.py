@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,10 @@ class AggregatorConfig:
         store: the SQLite store's (None: the defaults).
         refresh_s: how often the live figures are read.
         updates_queue: deltas a view listener may fall behind before a reset.
+        transport: the gRPC transport's base (TLS is filled in from the keys);
+            an aggregator serves a whole fleet, so its exchange quotas are
+            larger than an edge's: 256 at once, 64 from one address (edges
+            behind one NAT share it).
     """
 
     mesh: MeshConfig = field(default_factory=MeshConfig.lan)
@@ -68,6 +73,11 @@ class AggregatorConfig:
     store: StoreConfig | None = None
     refresh_s: float = 1.0
     updates_queue: int = 256
+    transport: TransportConfig = field(
+        default_factory=lambda: TransportConfig(
+            max_concurrent_exchanges=256, max_exchanges_per_peer=64
+        )
+    )
 
     @classmethod
     def test(cls) -> AggregatorConfig:
@@ -202,7 +212,8 @@ class Aggregator:
         """
         mesh_cfg = self.config.mesh
         if network is None:
-            tcfg = mesh_cfg.transport(TransportConfig(tls=tls or self.tls()))
+            base = dataclasses.replace(self.config.transport, tls=tls or self.tls())
+            tcfg = mesh_cfg.transport(base)
             network = GrpcNetwork(tcfg, metrics=self.node.metrics, services=[self.feed.service()])
         self.mesh = await self.node.serve(
             listen, peers, config=mesh_cfg, advertise=advertise, network=network, metrics=metrics

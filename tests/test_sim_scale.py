@@ -6,6 +6,9 @@ The default run is a 200-node fleet; the 1,000-node one is ``-m slow``
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import math
 import random
 from typing import Any
 
@@ -16,7 +19,7 @@ from syncfw.log import vv_digest
 from syncfw.sync import Frame, SessionConfig, Status, Summary
 from syncfw.sync.session import REPLY_DELTA
 from syncfw.sync.vectors import LiveVector, Vector, digest_of
-from syncfw.testing.fleet_sim import FleetReplica
+from syncfw.testing.fleet_sim import FleetConfig, FleetReplica, FleetReport, FleetSim, IdleCost
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.ops import OpWriter
 from syncfw.transport.wire import decode_frame, encode_frame
@@ -126,3 +129,71 @@ def test_a_peer_without_delta_replies_gets_a_whole_vector_at_once() -> None:
     assert not any(s.base_digest for _, s in seen)
     assert {side for side, _ in seen} == {"a", "b"}
     assert REPLY_DELTA not in pair.sessions["b"].peer.features  # type: ignore[union-attr]
+
+
+# -- the fleet ---------------------------------------------------------------------------
+
+
+def _round_bound(n: int) -> int:
+    return math.ceil(math.log2(n)) + 2
+
+
+@pytest.fixture(scope="module")
+def fleet_200() -> tuple[FleetSim, FleetReport, IdleCost]:
+    async def go() -> tuple[FleetSim, FleetReport, IdleCost]:
+        sim = FleetSim(3, FleetConfig(nodes=200))
+        report = copy.deepcopy(await sim.run())  # as it stood at convergence
+        return sim, report, await sim.idle_rounds(2, member_lists=False)
+
+    return asyncio.run(go())
+
+
+def test_a_200_node_fleet_converges_within_the_round_bound(
+    fleet_200: tuple[FleetSim, FleetReport, IdleCost],
+) -> None:
+    _, report, _ = fleet_200
+    assert report.converged, report
+    assert not report.problems
+    assert 2 <= report.rounds <= _round_bound(200)
+    # virtual time: however long the process took, no exchange hit a deadline
+    assert set(report.statuses) == {"OK"}
+    assert report.bytes_per_node_round <= 41 * 1024
+    assert report.kinds["Summary"][1] < report.kinds["Ops"][1] * 3
+    # every node's one write reached every node; each origin's vector entry set once per node
+    assert report.vector_changes == 200 * 200
+
+
+async def test_rounds_where_nothing_moved_cost_the_same_at_any_size(
+    fleet_200: tuple[FleetSim, FleetReport, IdleCost],
+) -> None:
+    sim = FleetSim(4, FleetConfig(nodes=40))
+    small = await sim.run()
+    assert small.converged
+    lo, (_, _, hi) = await sim.idle_rounds(2, member_lists=False), fleet_200
+    assert not sim.report.problems and not fleet_200[0].report.problems  # no entry moved
+    assert lo.exchanges > 40 and hi.exchanges > 200
+    # Hello and Digest both ways: the same bytes at 40 and at 200 nodes (ids one char longer)
+    assert abs(hi.bytes_per_exchange - lo.bytes_per_exchange) < 0.05 * lo.bytes_per_exchange
+    assert lo.peers_bytes_per_exchange == hi.peers_bytes_per_exchange == 0
+    # and about the same work (CPU time; loose): no whole-vector pass when nothing moved
+    assert hi.us_per_exchange < 2 * lo.us_per_exchange
+
+
+def test_a_replayed_seed_runs_the_same_fleet() -> None:
+    one = asyncio.run(FleetSim(9, FleetConfig(nodes=30)).run())
+    two = asyncio.run(FleetSim(9, FleetConfig(nodes=30)).run())
+    one.wall_s = two.wall_s = one.cpu_s = two.cpu_s = 0.0
+    assert one == two
+    other = asyncio.run(FleetSim(10, FleetConfig(nodes=30)).run())
+    other.wall_s = other.cpu_s = 0.0
+    assert other != one
+
+
+@pytest.mark.slow
+def test_a_1000_node_fleet_converges_within_12_rounds() -> None:
+    report = asyncio.run(FleetSim(0, FleetConfig(nodes=1000)).run())
+    assert report.converged, report
+    assert not report.problems
+    assert report.rounds <= 12
+    assert set(report.statuses) == {"OK"}
+    assert report.bytes_per_node_round <= 41 * 1024

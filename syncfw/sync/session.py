@@ -23,6 +23,16 @@ Invariants (everything that affects the state machine lives in this file):
    (``Summary(want_full=True)``) otherwise. The receiver applies each batch whole
    (:class:`ApplyOps`) and answers it with an ``Ack`` carrying its new version
    vector, which the sender persists (:class:`Acknowledge`).
+2a. Between peers that both advertise ``reply_delta``, a side with no delta of
+   its own to send whose node id is the larger waits for the peer's Summary
+   and answers it with a delta against it (base digest: the peer's Digest), so
+   a pair that never met sends one whole vector, not two; a side reads a delta
+   whose base digest is that of the vector it summarized against that vector.
+   To a peer that advertises ``implied_ack``, an Ack names only the origins
+   where this side now holds other than the batch's last op (more from
+   elsewhere, or less: held pending); that peer reads the rest from the batch.
+   The vectors a session is handed may be immutable
+   :class:`~syncfw.sync.vectors.Vector` s: held without copying, digest cached.
 3. At most ``window`` batches are un-acknowledged at once, so a slow receiver
    bounds the sender's memory (backpressure end to end).
 4. A batch is applied whole or not at all: anything wrong with it (malformed,

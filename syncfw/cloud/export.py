@@ -344,7 +344,7 @@ class Exporter:
         return self
 
     async def aclose(self) -> None:
-        """Stop exporting and close the NATS connection (what is acked stays committed)."""
+        """Stop exporting, write the shared progress, close the NATS connection."""
         if self._closed:
             return
         self._closed = True
@@ -352,6 +352,12 @@ class Exporter:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
+        if self._dirty and self._kv is not None:
+            # A clean stop leaves the shared progress current, so whoever takes
+            # these origins over starts where this exporter stopped.
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self.config.ack_timeout_s):
+                    await self._flush_progress()
         await self._disconnect()
         await self._cursor_file.aclose()
         self.state = "closed"

@@ -86,3 +86,20 @@ async def test_group_commit_forms_batches_and_counts_them(make_node: NodeFactory
     assert m.value("syncfw_commit_batch_ops_sum", source="local") == 300
     assert 1 <= batches < 300  # writes ready together commit together
     assert m.value("syncfw_ops_applied_total", source="local") == 300
+
+
+async def test_a_put_cancelled_while_it_commits_never_kills_the_writer(
+    make_node: NodeFactory,
+) -> None:
+    import asyncio
+
+    node = await make_node("t7")
+    for r in range(40):
+        tasks = [asyncio.ensure_future(node.put(f"fleet/t7/k{i}", i)) for i in range(50)]
+        await asyncio.sleep((r % 8) * 0.0005)  # queued, planned, or committing
+        for t in tasks[::2]:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    op = await asyncio.wait_for(node.put("fleet/t7/after", 1), 5)  # the writer lives on
+    assert await node.get("fleet/t7/after") == 1 and op.seq > 1
+    await asyncio.wait_for(node.close(), 5)

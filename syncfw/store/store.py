@@ -449,7 +449,8 @@ class Store:
             live, self._chain, self.clock.now, self.zones, states, self.config.max_value_bytes
         )
         for i, failure in plan.failed:
-            batch[i].future.set_exception(failure)
+            if not batch[i].future.done():  # a caller cancelled while it was planned
+                batch[i].future.set_exception(failure)
         if not plan.ops:
             return None, False
         txn = asyncio.ensure_future(
@@ -476,7 +477,8 @@ class Store:
                 err = StorageError(f"unexpected failure committing local writes: {exc!r}")
             self._chain.reset(self._vv.get(me, 0), self._heads.get(me, GENESIS))
             for w in done:
-                w.future.set_exception(err)
+                if not w.future.done():
+                    w.future.set_exception(err)
             return False
         self._vv[me], self._heads[me] = plan.tip
         if plan.zones is not None:
@@ -491,7 +493,10 @@ class Store:
                         log.warning("a local %s op does not verify: %s", op.kind, exc)
             self.keys = keys
         for w, op in zip(done, plan.ops, strict=True):
-            w.future.set_result(op)
+            # A caller cancelled while its write committed: the op is in the log all the
+            # same (durable, relayed); nobody awaits it, and the writer must live on.
+            if not w.future.done():
+                w.future.set_result(op)
         self._meter.local(len(plan.ops))
         self._note_own()
         self._feed.applied(list(plan.ops), local=True)

@@ -350,3 +350,17 @@ async def test_the_authority_keeps_a_branch_and_the_hold_lifts(make_node, sf) ->
     res = await b.apply_remote([twin])  # the dropped branch: discarded, never re-flagged
     assert res.applied == 0
     assert (await b.version_vector())["t9"] == seq + 1
+
+
+async def test_many_ops_waiting_for_a_head_make_a_loud_warning(make_node, sf, caplog) -> None:
+    caplog.set_level(logging.WARNING)
+    from syncfw.store.config import StoreConfig
+
+    a = await open_signed(make_node, sf, "t1")
+    b = await make_node("t2", fleet=sf.fleet, keys=sf.keys("t2"),
+                        config=StoreConfig(pending_warn_ops=10))
+    await a.put_many({f"fleet/t1/k{i}": i for i in range(30)})
+    ops = [op for op in await a.ops_since({}) if op.origin == "t1"]
+    await b.apply_remote(ops[:-1])  # 29 ops wait for the head
+    assert b.store.pending_counts()["unsigned"] >= 10
+    assert any("no chain head signed" in r.getMessage() for r in caplog.records)

@@ -126,4 +126,8 @@ _PENDING_HINTS = {
     "a different fleet bootstrap?)",
     "clock_skew": "their timestamps are ahead of local time by more than max_offset_ms "
     "(a peer's clock, or this one's)",
+    "unsigned": "no chain head signed by their origin's registered key covers them yet "
+    "(forged, or their head and registration have not arrived)",
+    "fork": "their origin signed two histories (fork evidence): held until the authority "
+    "revokes its key or keeps a branch",
 }

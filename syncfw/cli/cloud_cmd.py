@@ -60,6 +60,14 @@ def register(sub: Any) -> None:
     r.add_argument("--view-every", type=float, default=5.0, help="seconds between view writes")
     r.add_argument("--http", metavar="HOST:PORT",
                    help="serve the web dashboard and its JSON API here (the cloud extra)")
+    r.add_argument("--nats", metavar="URL[,URL]",
+                   help="export every op to NATS JetStream at these servers (the cloud extra)")
+    r.add_argument("--nats-stream", default="SYNCFW", help="the JetStream stream (with --nats)")
+    r.add_argument("--nats-replicas", type=int, default=1,
+                   help="the stream's replicas when created (3 on a 3-server cluster)")
+    r.add_argument("--exporter", action="append", default=[], metavar="NODE",
+                   help="node ids sharing export duty with this one (split by a hash of the "
+                   "origin; liveness from the mesh)")
     r.set_defaults(func=run)
     t: argparse.ArgumentParser = verbs.add_parser(
         "tail",
@@ -142,6 +150,7 @@ async def _run(args: argparse.Namespace) -> int:
     except (SyncfwError, ValueError) as exc:
         return fail("cloud", str(exc))
     dashboard: Any = None
+    exporter: Any = None
     try:
         try:
             mesh = await agg.serve(args.listen, args.seed, advertise=args.advertise,
@@ -155,6 +164,9 @@ async def _run(args: argparse.Namespace) -> int:
         dashboard = await _dashboard(agg, args.http) if args.http else None
         if dashboard is False:
             return 2
+        exporter = await _exporter(agg, args) if args.nats else None
+        if exporter is False:
+            return 2
         if keys is None:
             print("WARNING: unsigned fleet (no --keys): any peer can forge any node's ops",
                   flush=True)
@@ -165,6 +177,8 @@ async def _run(args: argparse.Namespace) -> int:
                 async with asyncio.timeout(args.view_every):
                     await stop.wait()
     finally:
+        if exporter:
+            await exporter.aclose()
         if dashboard:
             await dashboard.aclose()
         await agg.aclose()
@@ -185,6 +199,30 @@ async def _dashboard(agg: Any, listen: str) -> Any:
         return False
     print(f"dashboard {dash.url}", flush=True)
     return dash
+
+
+async def _exporter(agg: Any, args: argparse.Namespace) -> Any:
+    """The JetStream exporter (``--nats``), started, or False (said why)."""
+    try:
+        from syncfw.cloud.export import ExportConfig, Exporter
+    except ImportError as exc:
+        fail("cloud", f"--nats needs the cloud extra (pip install 'syncfw[cloud]'): {exc}")
+        return False
+    try:
+        cfg = ExportConfig(
+            servers=tuple(u.strip() for u in args.nats.split(",") if u.strip()),
+            stream=args.nats_stream,
+            replicas=args.nats_replicas,
+            exporters=tuple(dict.fromkeys([agg.node.node_id, *args.exporter]))
+            if args.exporter else (),
+        )
+    except ValueError as exc:
+        fail("cloud", str(exc))
+        return False
+    exporter = await Exporter.for_aggregator(agg, cfg).start()
+    print(f"export nats {','.join(cfg.servers)} stream {cfg.stream} "
+          "(state in status()['export'])", flush=True)
+    return exporter
 
 
 def _write_view(path: Path, view: dict[str, Any]) -> None:

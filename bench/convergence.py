@@ -22,6 +22,24 @@ Usage: ``python bench/convergence.py [--seeds S]`` (< 60 s).
   of the link, not 60.
 - ``slow_link_stalls``: runs in which no op moved for 30 s (of the 3).
 
+- ``rounds_1000``: gossip rounds (intervals of the LAN preset's 1 s) until
+  1,000 simulated nodes, each with one fresh write, all hold everything, in
+  the fleet simulator (``syncfw.testing.fleet_sim``: virtual time, the real
+  ``Membership``/``GossipGuard`` choosing peers and probes, real sessions and
+  performer, frames as wire bytes); median over ``--fleet-seeds`` (default 1).
+- ``sim_1000_s``: wall seconds of one such run (setup included; median);
+  ``sim_1000_cpu_s`` the CPU seconds of this process in it (on a shared
+  machine wall time also counts everyone else's work).
+- ``gossip_bytes_per_node_round_1000``: mean wire bytes a node sends per
+  round in that run (frames and probes).
+- ``fleet_insync_bytes_per_exchange`` / ``fleet_insync_us_per_exchange_ratio``:
+  rounds run after convergence (nothing moved; member lists left out, their
+  cost is the mesh's) at 1,000 nodes against the same at 100: bytes per
+  exchange there, and the ratio of CPU time per exchange (1,000 / 100; about
+  1 when the cost does not grow with N).
+  ``--fleet-nodes N`` sizes the fleet (keys then end in ``_N``); ``--quick``
+  runs it at 200 nodes and skips the gRPC and slow-link parts.
+
 The last line printed is one JSON object.
 """
 
@@ -66,7 +84,9 @@ async def rounds_for(n: int, seed: int) -> int:
     # hand with no time passing: this measures gossip rounds, not dial pacing,
     # so the gossip bounds allow both.
     cfg = MeshConfig.lan()
-    cfg = cfg.with_(gossip=cfg.gossip.with_(require_port=False, dials_per_s=1e9, dial_burst=1 << 30))
+    cfg = cfg.with_(
+        gossip=cfg.gossip.with_(require_port=False, dials_per_s=1e9, dial_burst=1 << 30)
+    )
     meshes = []
     for i, r in enumerate(rs):
         m = await Mesh.start(
@@ -228,12 +248,60 @@ async def slow_link_run(backlog_s: float) -> tuple[float, bool]:
     return (backlog / rate) / took, stalled
 
 
+async def fleet(n: int, seeds: int, small: int = 100) -> dict[str, float]:
+    """The fleet simulator's figures at ``n`` nodes (median over ``seeds``), and what
+    rounds cost once nothing moves there against at ``small`` nodes."""
+    from syncfw.testing.fleet_sim import FleetConfig, FleetSim
+
+    runs = []
+    sim = FleetSim(0)
+    for seed in range(seeds):
+        sim = FleetSim(seed, FleetConfig(nodes=n))
+        rep = await sim.run()
+        if not rep.converged or rep.problems:
+            raise RuntimeError(f"fleet of {n} (seed {seed}) did not converge: {rep}")
+        runs.append(rep)
+        print(
+            f"fleet of {n}: {rep.rounds} rounds, {rep.wall_s:.1f} s wall ({rep.cpu_s:.1f} s CPU), "
+            f"{rep.exchanges} exchanges, {rep.bytes_per_node_round / 1024:.1f} KiB per "
+            "node-round; by frame "
+            + ", ".join(f"{k} {c} / {b / 1e6:.2f} MB" for k, (c, b) in sorted(rep.kinds.items()))
+        )
+    hi = await sim.idle_rounds(2, member_lists=False)
+    little = FleetSim(0, FleetConfig(nodes=small))
+    await little.run()
+    lo = await little.idle_rounds(2, member_lists=False)
+    print(
+        f"rounds in sync, at {small} / {n} nodes: {lo.bytes_per_exchange:.0f} / "
+        f"{hi.bytes_per_exchange:.0f} bytes and {lo.us_per_exchange:.0f} / "
+        f"{hi.us_per_exchange:.0f} us CPU per exchange"
+    )
+    return {
+        f"rounds_{n}": statistics.median(r.rounds for r in runs),
+        f"sim_{n}_s": round(statistics.median(r.wall_s for r in runs), 2),
+        f"sim_{n}_cpu_s": round(statistics.median(r.cpu_s for r in runs), 2),
+        f"gossip_bytes_per_node_round_{n}": round(
+            statistics.median(r.bytes_per_node_round for r in runs)
+        ),
+        "fleet_insync_bytes_per_exchange": round(hi.bytes_per_exchange, 1),
+        "fleet_insync_us_per_exchange_ratio": round(hi.us_per_exchange / lo.us_per_exchange, 2),
+    }
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--backlog-s", type=float, default=5.0)
+    parser.add_argument("--fleet-nodes", type=int, default=None)
+    parser.add_argument("--fleet-seeds", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     res: dict[str, float] = {}
+    n_fleet = args.fleet_nodes or (200 if args.quick else 1000)
+    res.update(await fleet(n_fleet, args.fleet_seeds))
+    if args.quick:
+        print(json.dumps(res))
+        return
     for n in (8, 32, 128):
         seeds = args.seeds if n < 128 else max(1, args.seeds // 2)
         rounds = [await rounds_for(n, s) for s in range(seeds)]

@@ -16,6 +16,7 @@ import pytest
 from test_cloud_web_kit import EventReader, WebFleet, http, results, web_fleet
 
 from syncfw.cloud.web import DashboardConfig, parse_listen
+from syncfw.cloud.web_api import STATES
 from syncfw.cloud.web_history import History
 from syncfw.testing import wait_until
 
@@ -29,7 +30,8 @@ async def wf(tmp_path: Path) -> WebFleet:
         def shown() -> bool:
             n = f.agg.view()["nodes"]
             return (n.get("t1", {}).get("inferences") == 100 and "t2" in n
-                    and all(n[x]["state"] == "alive" for x in ("t1", "t2")))
+                    and all(n[x]["state"] == "alive" and n[x]["sync_lag_ops"] is not None
+                            for x in ("t1", "t2")))
 
         await wait_until(shown, what="the view shows both edges", timeout_s=20)
         yield f
@@ -47,7 +49,7 @@ async def test_the_routes_answer_the_fleet_view(wf: WebFleet) -> None:
     assert view["version"] == 1 and view["api_version"] == 1 and view["aggregator"] == "cloud"
     t1 = view["nodes"]["t1"]
     assert t1["inferences"] == 100 and t1["latency_ms"]["p50_ms"] == 50.0
-    assert t1["latency_ms"]["p99_ms"] == 99.0 and t1["state"] == "alive"
+    assert t1["latency_ms"]["p99_ms"] == 99.0 and t1["state"] in STATES
     assert t1["sync_lag_ops"] is not None
     # the same document as the aggregator's own
     assert set(view["nodes"]) == set(wf.agg.view()["nodes"])
@@ -80,6 +82,9 @@ async def test_the_routes_answer_the_fleet_view(wf: WebFleet) -> None:
         assert b"http://" not in rest and b"https://" not in rest and b"//cdn" not in rest
     head = await http(a, "/api/v1/fleet", method="HEAD")
     assert head.status == 200 and head.body == b""
+    head = await http(a, "/api/v1/events", method="HEAD")  # answered, not held open
+    assert head.status == 200 and head.headers["content-type"].startswith("text/event-stream")
+    assert wf.dash.streams == 0
 
 
 BAD = [

@@ -5,6 +5,7 @@ client that can send what a polite client would not (huge heads, odd methods).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -22,9 +23,11 @@ from syncfw.testing.partition import EgressProxy, Partition
 from syncfw.transport.network import GrpcNetwork
 from syncfw.transport.rpc import TransportConfig
 
-__all__ = ["FLEET", "EventReader", "Reply", "WebFleet", "http", "results", "web_fleet"]
+__all__ = ["FLEET", "MESH", "EventReader", "Reply", "WebFleet", "http", "results", "web_fleet"]
 
 FLEET = Fleet(fleet_id="web-fleet", authority="cloud")
+MESH = MeshConfig.test().with_(probe_timeout_s=2.0, dead_after_s=5.0, connect_timeout_s=2.0)
+"""Failure detection that a loaded two-core machine (a browser starting) does not trip."""
 
 
 @dataclass
@@ -61,6 +64,8 @@ async def http(address: str, target: str, *, method: str = "GET",
             data = await r.read()
     finally:
         w.close()
+        with contextlib.suppress(OSError):
+            await w.wait_closed()
     head, _, rest = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     hdrs = {k.strip().lower(): v.strip()
@@ -97,6 +102,8 @@ class EventReader:
     async def __aexit__(self, *exc: object) -> None:
         if self._w is not None:
             self._w.close()
+            with contextlib.suppress(OSError):
+                await self._w.wait_closed()
 
     async def _chunk(self) -> bytes:
         assert self._r is not None
@@ -157,7 +164,7 @@ async def web_fleet(tmp: Path, names: tuple[str, ...] = ("t1", "t2"),
                     mesh: MeshConfig | None = None) -> AsyncIterator[WebFleet]:
     """An aggregator with its dashboard and edges ``names``, each dialing through its own
     egress proxy (``partition.split`` cuts a node off), all on loopback gRPC (``mesh``:
-    ``MeshConfig.test()`` by default)."""
+    :data:`MESH` by default)."""
     partition = Partition()
     proxies: list[EgressProxy] = []
 
@@ -166,7 +173,7 @@ async def web_fleet(tmp: Path, names: tuple[str, ...] = ("t1", "t2"),
         proxies.append(p)
         return TransportConfig(http_proxy=p.url, connect_timeout_s=1.0)
 
-    mcfg = mesh or MeshConfig.test()
+    mcfg = mesh or MESH
     agg = await Aggregator.open(tmp / "cloud.db", fleet=FLEET,
                                 config=dataclasses.replace(AggregatorConfig.test(), mesh=mcfg))
     edges: dict[str, Node] = {}
@@ -191,3 +198,15 @@ async def web_fleet(tmp: Path, names: tuple[str, ...] = ("t1", "t2"),
         await agg.aclose()
         for p in proxies:
             await p.aclose()
+        await _proxy_handlers_done()
+
+
+async def _proxy_handlers_done() -> None:
+    """Let the proxies' connection handlers end (a dial caught mid-way by the closing nodes
+    fails at once): left to the loop's teardown they would be cancelled holding a socket."""
+    handlers = [t for t in asyncio.all_tasks()
+                if getattr(t.get_coro(), "__qualname__", "") == "EgressProxy._handle"]
+    if handlers:
+        _, pending = await asyncio.wait(handlers, timeout=5)
+        for t in pending:
+            t.cancel()

@@ -232,10 +232,14 @@ class _Routes:
 
     async def events(self, request: Request) -> Response:
         _params(request, {})
+        if request.method == "HEAD":  # the headers only: no stream to hold open
+            return Response(media_type="text/event-stream",
+                            headers={"Cache-Control": "no-store"})
         if self.dash.streams >= self.dash.config.max_streams:
             raise ApiError(503, "too_many_streams",
                            f"{self.dash.streams} event streams are open (max_streams)",
                            {"Retry-After": "5"})
+        self.dash.stream_opened()  # taken here, so two requests at once cannot both pass
         return _EventStream(self.dash)
 
 
@@ -267,8 +271,7 @@ class _EventStream(Response):
         })
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        d = self.dash
-        d.stream_opened()
+        d = self.dash  # its stream slot was taken by the route, and is given back below
         updates = d.aggregator.updates()
         tick = d.ticks()
         gone = asyncio.ensure_future(_disconnected(receive))

@@ -662,56 +662,49 @@ class Exporter:
     async def _publish_lanes(
         self, lanes: dict[str, collections.deque[FeedItem]]
     ) -> tuple[dict[str, int], str | None]:
+        """One task per origin, each publishing its ops one after the other, the next
+        only once the previous is acknowledged (invariant 1); the origins run side by
+        side with no barrier between them. A lane stops at its first failure."""
         js = self._js
         assert js is not None
         cfg = self.config
         acked: dict[str, int] = {}
-        failure: str | None = None
-        stored = dup = 0
-        while lanes and failure is None:
-            round_items = [lane.popleft() for lane in lanes.values()]
-            futs: list[asyncio.Future[api.PubAck]] = []
-            sent: list[FeedItem] = []
-            for it in round_items:
+        failures: list[str] = []
+        counts = [0, 0]  # stored, duplicate
+
+        async def lane(origin: str, items: collections.deque[FeedItem]) -> None:
+            for it in items:
                 subject, body, headers = op_message(
                     cfg.subject_prefix, self.fleet_token, it.op, rejected=it.rejected
                 )
+                fut: asyncio.Future[api.PubAck] | None = None
                 try:
-                    fut = await js.publish_async(
-                        subject, body, wait_stall=cfg.ack_timeout_s, stream=cfg.stream,
-                        headers=headers,
-                    )
+                    async with asyncio.timeout(cfg.ack_timeout_s):
+                        fut = await js.publish_async(
+                            subject, body, wait_stall=cfg.ack_timeout_s, stream=cfg.stream,
+                            headers=headers,
+                        )
+                        ack = await fut
+                except TimeoutError:
+                    if fut is not None:
+                        fut.cancel()
+                    failures.append(f"no ack for {it.origin}:{it.seq} in {cfg.ack_timeout_s}s")
+                    return
                 except Exception as exc:
-                    failure = failure or f"publish of {it.origin}:{it.seq} failed: {_text(exc)}"
-                    break
-                futs.append(fut)
-                sent.append(it)
-            if futs:
-                _, not_done = await asyncio.wait(futs, timeout=cfg.ack_timeout_s)
-                for fut in not_done:
-                    fut.cancel()
-            for it, fut in zip(sent, futs, strict=True):
-                if fut.cancelled():
-                    failure = failure or f"no ack for {it.origin}:{it.seq} in {cfg.ack_timeout_s}s"
-                    lanes.pop(it.origin, None)
-                elif fut.exception() is not None:
-                    failure = failure or f"{it.origin}:{it.seq} refused: {_text(fut.exception())}"
-                    lanes.pop(it.origin, None)
-                else:
-                    acked[it.origin] = it.seq
-                    if fut.result().duplicate:
-                        dup += 1
-                    else:
-                        stored += 1
-            for o in [o for o, lane in lanes.items() if not lane]:
-                del lanes[o]
+                    failures.append(f"{it.origin}:{it.seq} not stored: {_text(exc)}")
+                    return
+                acked[origin] = it.seq
+                counts[1 if ack.duplicate else 0] += 1
+
+        await asyncio.gather(*(lane(o, items) for o, items in lanes.items()))
+        stored, dup = counts
         if stored or dup:
             self.stats.stored += stored
             self.stats.duplicates += dup
             self._meters.stored.inc(stored)
             self._meters.duplicate.inc(dup)
             self.stats.last_ack_at = time.monotonic()
-        return acked, failure
+        return acked, (failures[0] if failures else None)
 
     async def _commit(self, moved: Mapping[str, int], acked: Mapping[str, int]) -> None:
         """Invariant 2: the cursor, then the shared progress, only for what is in the stream."""

@@ -267,7 +267,8 @@ class Aggregator:
         target = dict(self.node.store.version_vector)
         pending: asyncio.Future[FeedItem] | None = None
         try:
-            async with self.node.follow({}, include_rejected=True) as feed:
+            page = self.feed.page_ops()  # many origins need a large page (FeedServer.page_ops)
+            async with self.node.follow({}, include_rejected=True, page_ops=page) as feed:
                 batch: list[FeedItem] = []
                 while True:
                     if pending is None:
@@ -317,6 +318,7 @@ class Aggregator:
                 "clock_offset_ms": off,
                 "clock_skewed": off is not None and abs(off) > max_off,
             }
+        nodes[node.node_id] = {"state": "self", "address": self.address}
         live = {
             "nodes": nodes,
             "forks": {o: s for o, s in node.store.forks.items()},

@@ -12,9 +12,9 @@ Invariants:
    passed over, so a subscriber resuming from the vector of what it received
    (or the last checkpoint, whichever is further) misses and repeats nothing,
    across reconnects and restarts of the server (the log is in SQLite).
-2. Bounded memory per subscriber: the follower holds at most
-   ``FeedConfig.page_ops`` ops, the call at most one message (flow control);
-   a slow subscriber is paged from SQLite.
+2. Bounded memory per subscriber: the follower holds at most one page
+   (:meth:`FeedServer.page_ops`, at most ``FeedConfig.max_page_ops`` ops), the
+   call at most one message (flow control); a slow subscriber is paged from SQLite.
 3. A stated lag. Once a subscriber has caught up (reached the head once), it
    may fall at most ``max_lag_ops`` behind the log; past that its call ends
    ``RESOURCE_EXHAUSTED`` naming its lag and the limit (it may resume from
@@ -65,7 +65,9 @@ class FeedConfig:
 
     Attributes:
         page_ops: ops a subscriber's follower reads from SQLite at once (and
-            holds at most).
+            holds at most), at least.
+        per_origin_ops: ... grown to this many per origin the node holds,
+        max_page_ops: ... up to this bound (see :meth:`FeedServer.page_ops`).
         max_lag_ops: how far behind the log a caught-up subscriber may fall.
         checkpoint_s: a position is sent after this long with nothing to send.
         checkpoint_every: ... and at least every this many ops.
@@ -75,6 +77,8 @@ class FeedConfig:
     """
 
     page_ops: int = 1000
+    per_origin_ops: int = 100
+    max_page_ops: int = 20_000
     max_lag_ops: int = 100_000
     checkpoint_s: float = 1.0
     checkpoint_every: int = 1000
@@ -85,7 +89,8 @@ class FeedConfig:
     @classmethod
     def test(cls) -> FeedConfig:
         """Tests: small pages, quick checkpoints and a short stall limit."""
-        return cls(page_ops=100, max_lag_ops=10_000, checkpoint_s=0.2, stall_s=5.0)
+        return cls(page_ops=100, per_origin_ops=10, max_lag_ops=10_000, checkpoint_s=0.2,
+                   stall_s=5.0)
 
 
 class FeedServer:
@@ -114,6 +119,19 @@ class FeedServer:
         """The gRPC service to pass to :class:`~syncfw.transport.network.GrpcNetwork`."""
         return feed_service(self.handle, stall_s=self.config.stall_s, metrics=self.node.metrics)
 
+    def page_ops(self) -> int:
+        """The follower's page: ``page_ops``, grown to ``per_origin_ops`` per origin
+        the node holds, at most ``max_page_ops`` (invariant 2's bound).
+
+        ``follow()`` splits a page evenly across the origins with ops to read;
+        with many origins and a small page it reads a few ops of each per page
+        and delivers a few hundred ops/s (64 origins, page 1,000: about 400
+        ops/s on the benchmark machine, against 8,000 with page 6,400).
+        """
+        cfg = self.config
+        n = len(self.node.store.version_vector)
+        return min(cfg.max_page_ops, max(cfg.page_ops, cfg.per_origin_ops * n))
+
     def _note_lag(self, name: str, info: dict[str, Any], position: dict[str, int]) -> int:
         vv = self.node.store.version_vector
         lag = sum(max(0, s - position.get(o, 0)) for o, s in vv.items())
@@ -133,7 +151,7 @@ class FeedServer:
             )
         follow = self.node.follow(
             request.since, request.prefixes,
-            include_rejected=request.include_rejected, page_ops=cfg.page_ops,
+            include_rejected=request.include_rejected, page_ops=self.page_ops(),
         )
         name = f"{identity or 'anonymous'}#{next(self._ids)}"
         info: dict[str, Any] = {

@@ -223,6 +223,8 @@ class FleetView:
         live = self.live.get("nodes", {}).get(node_id, {})
         return {
             "node_id": node_id,
+            # alive, suspect, dead (the mesh's member table), "not a member"
+            # (known from the log only) or "self" (the aggregator)
             "state": live.get("state", "not a member"),
             "address": live.get("address"),
             "last_contact_ago_s": live.get("last_contact_ago_s"),

@@ -1,0 +1,24 @@
+"""bench/aggregator.py runs (small sizes) and ends with its JSON line of the named keys.
+
+The figures are not asserted: benchmarks measure; the feed's delivery is (every op the
+aggregator applied reached the gRPC consumer)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_aggregator_bench_quick() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--quick"],
+        capture_output=True, text=True, timeout=180, check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"ingest_ops_per_s", "floor_ops_per_s", "ingest_ratio", "feed_p99_ms",
+            "feed_rate_ops_per_s", "rss_growth_mb"} <= set(figures)
+    assert figures["feed_delivered"] == figures["feed_applied"] > 0

@@ -40,6 +40,8 @@ def register(sub: Any) -> None:
     )
     verbs = p.add_subparsers(dest="model_verb", metavar="VERB", required=True)
     _register_optimize(verbs)
+    _register_rollout(verbs)
+    _register_status(verbs)
 
 
 # --- optimize -------------------------------------------------------------------------------
@@ -181,3 +183,118 @@ _ROWS: list[tuple[str, Callable[[Report], str]]] = [
     ("p99", lambda rep: _ms(rep.p99_ms)),
     ("size", lambda rep: f"{rep.size} B"),
 ]
+
+
+# --- rollout --------------------------------------------------------------------------------
+
+
+def _register_rollout(verbs: Any) -> None:
+    p: argparse.ArgumentParser = verbs.add_parser(
+        "rollout",
+        help="start a staged rollout of a release (an authority op)",
+        description="Write the rollout plan of NAME VERSION at sys/rollouts/NAME/VERSION on the "
+        "authority's file: its stages and gate. Nodes in the current stage run the release; "
+        "the authority promotes or halts from their reports.",
+    )
+    p.add_argument("name")
+    p.add_argument("version", type=int)
+    p.add_argument("--stages", default="5,25,100", help="percentages, increasing, ending at 100")
+    p.add_argument("--gate", default="accuracy>=-0.02", help='e.g. "accuracy>=-0.02,p99_ms<=45"')
+    p.add_argument("--halt-after", type=int, default=1, help="rolled-back nodes that halt it")
+    p.add_argument("--keys", metavar="DIR", required=True, help="the fleet's key directory")
+    p.add_argument("--db", metavar="DB", required=True, help="the authority's database file")
+    p.set_defaults(func=_rollout)
+
+
+def _rollout(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from syncfw.cli.target import TargetError, fleet_of_file
+    from syncfw.models.rollout import Plan, parse_gate
+    from syncfw.node import Node
+    from syncfw.trust.keydir import load_fleet, load_node
+
+    verb = "model rollout"
+    try:
+        stages = tuple(int(s) for s in args.stages.split(","))
+        Plan(args.name, args.version, stages, parse_gate(args.gate), args.halt_after)
+    except ValueError as exc:
+        return fail(verb, str(exc))
+    if not Path(args.db).exists():
+        return fail(verb, f"no database file {args.db}")
+
+    async def go() -> dict[str, Any]:
+        from syncfw.models.rollout_ops import start_rollout
+
+        node_id, fleet = fleet_of_file(args.db)
+        keys = load_node(args.keys, node_id)
+        fleet = load_fleet(args.keys).bind(fleet)
+        async with Node.open(args.db, node_id=node_id, fleet=fleet, keys=keys) as node:
+            r = await start_rollout(node, args.name, args.version, stages=stages,
+                                    gate=args.gate, halt_after=args.halt_after)
+            return r.describe()
+
+    try:
+        got = asyncio.run(go())
+    except (SyncfwError, TargetError, ValueError, PermissionError) as exc:
+        return fail(verb, str(exc))
+    print(json.dumps(got, sort_keys=True))
+    return 0
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+def _register_status(verbs: Any) -> None:
+    p: argparse.ArgumentParser = verbs.add_parser(
+        "status",
+        help="the fleet's state for one model: who runs what, who is updating, and why",
+        description="Read every node's lifecycle record for NAME and the rollouts of NAME "
+        "from a node's database file.",
+    )
+    p.add_argument("name")
+    p.add_argument("--db", metavar="DB", required=True, help="any node's database file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from syncfw.cli.target import TargetError, fleet_of_file
+    from syncfw.node import Node
+
+    verb = "model status"
+    if not Path(args.db).exists():
+        return fail(verb, f"no database file {args.db}")
+
+    async def go() -> dict[str, Any]:
+        from syncfw.models.lifecycle import read_records
+        from syncfw.models.rollout_ops import read_rollouts
+
+        node_id, fleet = fleet_of_file(args.db)
+        async with Node.open(args.db, node_id=node_id, fleet=fleet) as node:
+            recs = await read_records(node, args.name)
+            ros = await read_rollouts(node, args.name)
+        return {
+            "name": args.name,
+            "rollouts": [r.describe() for r in ros.values()],
+            "nodes": {n: r.value() for n, r in recs.items()},
+        }
+
+    try:
+        got = asyncio.run(go())
+    except (SyncfwError, TargetError) as exc:
+        return fail(verb, str(exc))
+    if args.json:
+        print(json.dumps(got, sort_keys=True))
+        return 0
+    for r in got["rollouts"]:
+        state = "HALTED: " + r["halt_reason"] if r["halted"] else ("done" if r["done"] else "open")
+        print(f"rollout {r['name']} v{r['version']} stages {r['stages']} at {r['stage_pct']} % "
+              f"gate {r['gate']}: {state}")
+    print(f"{'node':<16}{'serving':>8}{'target':>8}  {'step':<12}reason")
+    for n, v in got["nodes"].items():
+        print(f"{n:<16}{v['serving_version'] or '-':>8}{v['version']:>8}  {v['step']:<12}"
+              f"{v['reason']}")
+    return 0

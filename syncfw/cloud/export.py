@@ -123,7 +123,7 @@ class ExportConfig:
     replicas: int = 1
     duplicate_window_s: float = 120.0
     exporters: tuple[str, ...] = ()
-    batch_ops: int = 1024
+    batch_ops: int = 4096
     ack_timeout_s: float = 5.0
     progress_refresh_s: float = 0.5
     retry_initial_s: float = 0.2

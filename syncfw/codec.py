@@ -41,6 +41,7 @@ Pure: no I/O, no asyncio; imports only :mod:`syncfw.log` and :mod:`syncfw.errors
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,8 +95,27 @@ class BatchLimits:
 DEFAULT_LIMITS = BatchLimits()
 
 _PACKER = msgpack.Packer(use_bin_type=True)
-_ZC: dict[int, zstandard.ZstdCompressor] = {}
-_ZD = zstandard.ZstdDecompressor()
+# zstandard's (de)compressor objects must never be used by two threads at once, and
+# batches are encoded on the event loop and decoded on worker threads: one set per
+# thread.
+_LOCAL = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cs: dict[int, zstandard.ZstdCompressor] | None = getattr(_LOCAL, "zc", None)
+    if cs is None:
+        cs = _LOCAL.zc = {}
+    zc = cs.get(level)
+    if zc is None:
+        zc = cs[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return zc
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    zd: zstandard.ZstdDecompressor | None = getattr(_LOCAL, "zd", None)
+    if zd is None:
+        zd = _LOCAL.zd = zstandard.ZstdDecompressor()
+    return zd
 
 
 def packed_size(op: Op) -> int:
@@ -151,12 +171,7 @@ def encode_batch(
         raise ValueError(f"batch of {len(payload)} bytes exceeds {limits.max_decompressed}")
     mode = COMPRESS_NONE
     if zstd and len(payload) >= limits.compress_threshold:
-        zc = _ZC.get(limits.zstd_level)
-        if zc is None:
-            zc = _ZC[limits.zstd_level] = zstandard.ZstdCompressor(
-                level=limits.zstd_level, write_content_size=True
-            )
-        compressed = zc.compress(payload)
+        compressed = _compressor(limits.zstd_level).compress(payload)
         if len(compressed) < len(payload):
             payload, mode = compressed, COMPRESS_ZSTD
     data = bytes((version, mode)) + payload
@@ -174,7 +189,7 @@ def _inflate(data: bytes, cap: int) -> bytes:
     if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > cap:
         raise DecodeError(f"zstd frame declares {declared} bytes, over the cap of {cap}")
     try:
-        with _ZD.stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
+        with _decompressor().stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
             out = reader.read(cap + 1)
             # a truncated or corrupt frame raises here or returns short; a frame
             # followed by junk leaves bytes unread

@@ -165,3 +165,32 @@ def test_fuzz_structured_msgpack_payloads(items: list[object]) -> None:
         payload = zstandard.ZstdCompressor().compress(body) if mode else body
         with contextlib.suppress(DecodeError):
             decode_batch(bytes((BATCH_VERSION, mode)) + payload)
+
+
+def test_batches_encode_and_decode_on_many_threads_at_once() -> None:
+    """Batches are encoded on the event loop and decoded on worker threads; zstandard's
+    objects must never be shared between threads (a shared decompressor corrupted
+    frames and could crash the process)."""
+    import threading
+
+    from syncfw.codec import decode_batch, encode_batch
+    from syncfw.testing import chain
+
+    ops = chain("n1", 300, value_size=64)
+    data = encode_batch(ops, zstd=True)
+    errors: list[str] = []
+
+    def work() -> None:
+        for _ in range(100):
+            try:
+                assert decode_batch(data) == ops
+                assert decode_batch(encode_batch(ops, zstd=True)) == ops
+            except Exception as exc:  # collected: a thread's failure must fail the test
+                errors.append(repr(exc))
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

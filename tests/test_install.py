@@ -236,16 +236,20 @@ def test_the_wheel_ships_protos_and_declares_the_extras(tmp_path: Path) -> None:
     assert extra("inference") == {"numpy", "onnx", "onnxruntime"}
     assert extra("inference-gpu") == {"numpy", "onnx", "onnxruntime-gpu"}
     assert "grpcio-tools" in extra("dev")
-    assert set(meta.get_all("Provides-Extra")) == {"inference", "inference-gpu", "dev"}
+    assert extra("cloud") == {"starlette", "uvicorn", "nats-py"}
+    assert not base & {"starlette", "uvicorn", "nats-py"}  # the cloud is an extra
+    assert set(meta.get_all("Provides-Extra")) == {"inference", "inference-gpu", "cloud", "dev"}
+    static = {n for n in names if n.startswith("syncfw/cloud/static/")}
+    assert {"syncfw/cloud/static/index.html", "syncfw/cloud/static/dashboard.js"} <= static
 
 
 def test_readme_documents_the_installs() -> None:
     text = (ROOT / "README.md").read_text()
     section = text.split("## Installing", 1)[1].split("\n## ", 1)[0]
     for line in ("pip install syncfw", "pip install 'syncfw[inference]'",
-                 "pip install 'syncfw[inference-gpu]'"):
+                 "pip install 'syncfw[inference-gpu]'", "pip install 'syncfw[cloud]'"):
         assert line in section
-    assert "-e '.[dev,inference]'" in (ROOT / "Makefile").read_text()
+    assert "-e '.[dev,inference,cloud]'" in (ROOT / "Makefile").read_text()
 
 
 def test_no_module_outside_inference_imports_the_extra() -> None:

@@ -125,10 +125,14 @@ class _SplitNetwork(GrpcNetwork):
         super().__init__()
         self.blocked = blocked
 
-    async def connect(self, address: str, *, source: str, timeout_s: float) -> FrameStream:
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
         if frozenset((source, address)) in self.blocked:
             raise LinkError(Status.UNAVAILABLE, "partitioned")
-        return await super().connect(address, source=source, timeout_s=timeout_s)
+        return await super().connect(
+            address, source=source, timeout_s=timeout_s, expect_id=expect_id
+        )
 
 
 def _feed(r: MemoryReplica) -> AsyncIterator[object]:

@@ -73,7 +73,7 @@ def _register_optimize(verbs: Any) -> None:
         "--canary",
         metavar="NPZ",
         type=Path,
-        default=SHIPPED_CANARY,
+        default=None,
         help="labelled canary set: .npz with x (samples) and y (labels) "
         "(default: the shipped canary.npz, for the shipped inspection model)",
     )
@@ -118,6 +118,8 @@ def _optimize(args: argparse.Namespace) -> int:
             stream=err,
         )
     try:
+        if args.canary is None:
+            args.canary = SHIPPED_CANARY
         result = optimize_int8(model, args.calibration, args.canary, budget_points=args.budget)
     except SyncfwError as exc:
         return fail(verb, str(exc), stream=err)

@@ -61,10 +61,10 @@ from syncfw.trust import (
     EVIDENCE_KIND,
     KEEP_KIND,
     KEYREG_KIND,
-    MAX_BRANCH_OPS,
     REVOKE_KIND,
     ForkEvidence,
     KeyRing,
+    branch_from,
     cover,
 )
 from syncfw.zones import GRANT_KIND, Verdict, ZoneTable
@@ -476,13 +476,7 @@ class _Run:
             if isinstance(fresh, dict):
                 fresh.pop(op.seq, None)
             return
-        ops = {q.seq: q for q in self.batch_of(origin)}
-        branch = [op]
-        while len(branch) < MAX_BRANCH_OPS:
-            nxt = ops.get(branch[-1].seq + 1)
-            if nxt is None or nxt.prev != op_hash(branch[-1]):
-                break
-            branch.append(nxt)
+        branch = branch_from(op, {q.seq: q for q in self.batch_of(origin)})
         keys = self.keys
         assert keys is not None
         c = cover(keys, branch)

@@ -59,11 +59,11 @@ from syncfw.trust import (
     EVIDENCE_KIND,
     KEEP_KIND,
     KEYREG_KIND,
-    MAX_BRANCH_OPS,
     REVOKE_KIND,
     STATEMENT_KIND_OF,
     ForkEvidence,
     KeyRing,
+    branch_from,
     cover,
     verify_fork,
 )
@@ -331,12 +331,7 @@ class MemoryReplica:
     def _conflict(self, op: Op, batch: Mapping[int, Op]) -> None:
         keys = self.keys
         assert keys is not None
-        branch = [op]
-        while len(branch) < MAX_BRANCH_OPS:
-            nxt = batch.get(branch[-1].seq + 1)
-            if nxt is None or nxt.prev != op_hash(branch[-1]):
-                break
-            branch.append(nxt)
+        branch = branch_from(op, batch)
         c = cover(keys, branch)
         mine = self.chains.get(op.origin, [])[max(0, op.seq - 2) :]
         if c.upto >= op.seq:

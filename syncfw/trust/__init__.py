@@ -5,7 +5,13 @@ heads and the key ring (:mod:`.ring`), fork evidence (:mod:`.evidence`). Key fil
 on disk and X.509 certificates live in :mod:`.keydir`.
 """
 
-from syncfw.trust.evidence import EVIDENCE_KIND, MAX_BRANCH_OPS, ForkEvidence, verify_fork
+from syncfw.trust.evidence import (
+    EVIDENCE_KIND,
+    MAX_BRANCH_OPS,
+    ForkEvidence,
+    branch_from,
+    verify_fork,
+)
 from syncfw.trust.ring import (
     MAX_TRIES,
     SEAL_BYTES,
@@ -54,6 +60,7 @@ __all__ = [
     "Registration",
     "Revocation",
     "Statement",
+    "branch_from",
     "cover",
     "head_message",
     "open_statement",

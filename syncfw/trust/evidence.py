@@ -15,7 +15,7 @@ Nothing here touches SQLite, asyncio or the network.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import msgpack
@@ -24,7 +24,7 @@ from syncfw.errors import DecodeError, TrustError
 from syncfw.log import Op, op_hash, same_op
 from syncfw.trust.ring import KeyRing, head_message
 
-__all__ = ["EVIDENCE_KIND", "MAX_BRANCH_OPS", "ForkEvidence", "verify_fork"]
+__all__ = ["EVIDENCE_KIND", "MAX_BRANCH_OPS", "ForkEvidence", "branch_from", "verify_fork"]
 
 EVIDENCE_KIND = "evidence"
 """Op kind whose value is an encoded :class:`ForkEvidence`."""
@@ -70,6 +70,19 @@ class ForkEvidence:
         except Exception:  # msgpack raises several unrelated types
             raise TrustError("malformed evidence") from None
         return verify_fork(ring, ops_a, ops_b)
+
+
+def branch_from(op: Op, by_seq: Mapping[int, Op]) -> list[Op]:
+    """``op`` and the ops of ``by_seq`` (one origin's, by seq) that chain on from it, at
+    most :data:`MAX_BRANCH_OPS`: the branch a conflicting op starts, as both replicas
+    judge it."""
+    branch = [op]
+    while len(branch) < MAX_BRANCH_OPS:
+        nxt = by_seq.get(branch[-1].seq + 1)
+        if nxt is None or nxt.prev != op_hash(branch[-1]):
+            break
+        branch.append(nxt)
+    return branch
 
 
 def _branch(ring: KeyRing, ops: Sequence[Op], name: str) -> None:

@@ -392,8 +392,13 @@ class Lifecycle:
                        error_rate=0.0, p99_ms=got.p99_ms)
 
     def _calls(self) -> tuple[int, int]:
+        """Finished calls and the ok ones among them. A call still in flight counts in
+        neither (the engine counts ``calls`` at the start), so a sample taken mid-call
+        never reads as an error."""
         st = self.engine.status()
-        return int(st["calls"]), int(st["ok"])
+        ok = int(st["ok"])
+        failed = sum(int(n) for n in st["errors"].values())
+        return ok + failed, ok
 
     async def _watch(self, rec: Record) -> Record:
         cfg = self.config

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+import pytest
 from conftest import NodeFactory
 
 from syncfw import StorageFullError, StoreConfig
@@ -12,8 +14,9 @@ from syncfw.testing import OpWriter
 
 
 async def test_rejected_junk_from_invented_origins_never_blocks_own_writes(
-    make_node: NodeFactory,
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING)
     cfg = StoreConfig(max_bytes=4 << 20, local_reserve_bytes=1 << 20)
     node = await make_node("t7", config=cfg)
     refusals: list[str] = []
@@ -25,6 +28,8 @@ async def test_rejected_junk_from_invented_origins_never_blocks_own_writes(
             refusals.append(str(exc))
     assert refusals
     assert all("kept for 't7'" in r for r in refusals), refusals[:1]
+    assert node.store.discarded()["local_reserve"] == len(refusals)  # status and metric
+    assert any("refused a remote batch" in r.getMessage() for r in caplog.records)
     st = await node.status()
     assert st["file_bytes"] < 4 << 20
     for i in range(20):  # the node's own writes still fit

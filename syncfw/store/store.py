@@ -582,7 +582,12 @@ class Store:
         )
         plan = plan_remote(t, m, stored, states, lim)
         if plan.steps and (plan.applied or plan.rejected):
-            self._remote_room()
+            try:
+                self._remote_room()
+            except StorageFullError as exc:  # loud: a WARNING, status and a metric
+                self._meter.discard({"local_reserve": len(incoming)})
+                self._plan_log.emit([f"refused a remote batch of {len(incoming)} ops: {exc}"])
+                raise
         if plan.steps:
             if plan.observe_hlc is not None:
                 self.clock.observe(plan.observe_hlc)

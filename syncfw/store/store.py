@@ -621,7 +621,18 @@ class Store:
         self._feed.applied(list(plan.applied), local=False)
         if plan.steps:
             self._feed.committed()  # rejected-only commits advance the vector too
-        return plan.result()
+        got = plan.result()
+        if plan.keys is not None and plan.keys.kept and (await self._kept_branches()) - m.kept:
+            # The batch carried the authority's ruling on a fork: what it releases moves
+            # now, as it would have had the ruling come first (one more plan, no I/O else).
+            more = await self._apply_remote([])
+            got = ApplyResult(
+                applied=got.applied + more.applied,
+                duplicates=got.duplicates,
+                pending=more.pending,
+                rejected=got.rejected + more.rejected,
+            )
+        return got
 
     async def _kept_branches(self) -> frozenset[str]:
         """Forked origins whose branch here is the one the authority kept (``forkkeep``)."""

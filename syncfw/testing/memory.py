@@ -328,9 +328,23 @@ class MemoryReplica:
             rejected=rejected,
         )
 
+    def _kept(self, origin: str) -> bool:
+        """True if the authority kept the branch of ``origin``'s fork this replica holds."""
+        keys = self.keys
+        ruling = keys.kept.get(origin) if keys is not None else None
+        if ruling is None:
+            return False
+        held = self._held(origin, ruling[0])
+        return held is not None and op_hash(held) == ruling[1]
+
     def _conflict(self, op: Op, batch: Mapping[int, Op]) -> None:
         keys = self.keys
         assert keys is not None
+        if op.origin in self.forks and self._kept(op.origin):
+            self.discarded["dropped_branch"] = self.discarded.get("dropped_branch", 0) + 1
+            log.warning("discarded op (%s, %d): of the branch the authority dropped",
+                        op.origin, op.seq)
+            return
         branch = branch_from(op, batch)
         c = cover(keys, branch)
         mine = self.chains.get(op.origin, [])[max(0, op.seq - 2) :]
@@ -354,7 +368,7 @@ class MemoryReplica:
         assert keys is not None
         queue = self.pending.get(origin, {})
         n, head = self._head(origin)
-        if origin in self.forks:
+        if origin in self.forks and not self._kept(origin):
             entries = keys.entries_at(origin, n + 1)
             if not entries or not all(
                 e.revoked_after is not None and e.revoked_after <= n for e in entries

@@ -35,7 +35,9 @@ run it, so what one does the other does. What it asserts:
    verified heads keep their ``sig``. Conflicting unsigned ops are discarded,
    never a ``ForkError``/``ChainError``; a signed conflicting op is fork
    evidence and holds its origin while other origins apply; ops past a
-   revocation point are rejected and still counted.
+   revocation point are rejected and still counted; once the authority keeps
+   the branch a replica holds, the origin goes on and the other branch is
+   discarded.
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ from syncfw.log import (
 )
 from syncfw.testing.ops import OpWriter
 from syncfw.testing.trust import SignedFleet
-from syncfw.trust import KEYREG_KIND, REVOKE_KIND
+from syncfw.trust import (
+    KEEP_KIND,
+    KEYREG_KIND,
+    REVOKE_KIND,
+    ForkResolution,
+    seal_statement,
+)
 from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet, Grant
 
@@ -587,6 +595,31 @@ async def _signed_fork_holds_origin(factory: ReplicaFactory) -> None:
         )
 
 
+async def _fork_resolution_keeps_a_branch(factory: ReplicaFactory) -> None:
+    sf = SignedFleet(CHECK_FLEET)
+    ops = _signed_chain(sf, "n2", 3, {3})
+    other = OpChain("n2", 2, op_hash(ops[1]))
+    twin = other.mint(3, "fleet/n2/", 0, "fleet/n2/k3", "lww", encode_value("twin"))
+    twin = dataclasses.replace(twin, sig=sf.signer("n2")(twin))
+    later = _signed_chain(sf, "n2", 4, {4})[3]
+    later = dataclasses.replace(later, prev=op_hash(ops[2]))
+    later = dataclasses.replace(later, sig=sf.signer("n2")(later))
+    ruling = ForkResolution(sf.fleet.fleet_id, "n2", op_hash(ops[2]), 3)
+    auth = OpChain("cloud")
+    keep = auth.mint(1, "sys/", 0, "sys/trust/k", KEEP_KIND, seal_statement(sf.authority_key, ruling))
+    keep = dataclasses.replace(keep, sig=sf.signer("cloud")(keep))
+    async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
+        await r.apply_remote(ops)
+        await r.apply_remote([twin])  # evidence: n2 is held
+        got = await r.apply_remote([keep, later])
+        assert got.applied == 2, (
+            f"once the authority keeps the branch this replica holds, n2 goes on, got {got}"
+        )
+        got = await r.apply_remote([twin])
+        assert got.applied == 0, f"the dropped branch is discarded, got {got}"
+        assert await _get(r, "fleet/n2/k4") == 4
+
+
 async def _revoked_key_rejected(factory: ReplicaFactory) -> None:
     sf = SignedFleet(CHECK_FLEET)
     ops = _signed_chain(sf, "n2", 4, {2, 4})
@@ -623,5 +656,6 @@ REPLICA_CHECKS: dict[str, Check] = {
     "signed_conflicts_never_refuse": _signed_conflicts_never_refuse,
     "signed_fork_holds_origin": _signed_fork_holds_origin,
     "revoked_key_rejected": _revoked_key_rejected,
+    "fork_resolution_keeps_a_branch": _fork_resolution_keeps_a_branch,
 }
 """Every check of the contract, by name (``check_replica(factory, only=[name])``)."""

@@ -429,12 +429,14 @@ class _Run:
                     except TrustError:
                         pass  # judged (rejected) in its turn
 
-    def signed_run(self, origin: str, n: int, head: bytes) -> list[Op]:
+    def signed_run(self, origin: str, n: int, head: bytes) -> list[tuple[Op, bytes]]:
         """The ops of ``origin`` from ``n`` that link to ``head`` and that verified
-        heads cover (walked instead of the raw fresh/pending ops)."""
+        heads cover, each with its hash (walked instead of the raw fresh/pending ops;
+        the walk reuses the hashes rather than computing them again)."""
         new_ops = self.fresh.get(origin, {})
         old_ops = self.held_back.get(origin, {})
         run: list[Op] = []
+        hashes: list[bytes] = []
         s, h = n, head
         while True:
             f, p = new_ops.get(s), old_ops.get(s)
@@ -448,6 +450,7 @@ class _Run:
                 break
             run.append(op)
             h = op_hash(op)
+            hashes.append(h)
             s += 1
         keys = self.keys
         assert keys is not None
@@ -460,7 +463,8 @@ class _Run:
         self.verified.update((origin, q) for q in c.verified)
         if c.waiting:
             self.waiting[origin] = c.waiting
-        return run[: max(0, c.upto - n + 1)]
+        k = max(0, c.upto - n + 1)
+        return list(zip(run[:k], hashes[:k], strict=True))
 
     def conflict(self, origin: str, op: Op) -> None:
         """``op`` contradicts the verified chain: fork evidence if a verified head of
@@ -502,7 +506,7 @@ class _Run:
     def origin(self, origin: str, lim: RemoteLimits) -> bool:
         """Apply what ``origin`` can apply now; True if anything moved."""
         n, head = self.nxt[origin], self.heads[origin]
-        signed: Iterator[Op] | None = None
+        signed: Iterator[tuple[Op, bytes]] | None = None
         if self.keys is not None:
             if origin in self.forks and not self.released(origin, n):
                 self.waiting[origin] = FORK_HOLD
@@ -515,10 +519,10 @@ class _Run:
         moved = False
         while True:
             if signed is not None:  # linked and covered by verified heads
-                got = next(signed, None)
-                if got is None:
+                pair = next(signed, None)
+                if pair is None:
                     break
-                op = got
+                op, known = pair
                 is_fresh = new_ops.get(n) is op
             else:
                 got = new_ops.get(n)
@@ -527,7 +531,7 @@ class _Run:
                     got = old_ops.get(n)
                     if got is None:
                         break
-                op = got
+                op, known = got, b""
             if op.prev != head:
                 if is_fresh:
                     raise ChainError(f"op ({op.origin!r}, {op.seq}) does not extend its origin's chain")
@@ -578,7 +582,7 @@ class _Run:
                 self.rejected.append((op, reason))
             else:
                 self.accepted.append(op)
-            head = op_hash(op)
+            head = known or op_hash(op)
             n += 1
             self.waiting.pop(origin, None)
             moved = True

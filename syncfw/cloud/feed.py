@@ -182,10 +182,12 @@ class FeedServer:
                             batch, size = [], 0
                             continue
                     done, _ = await asyncio.wait({pending}, timeout=cfg.checkpoint_s)
-                    if not done:  # nothing to send: the subscriber is at the head
-                        caught_up = True
+                    if not done:  # nothing came within checkpoint_s
                         pos = follow.position
                         lag = self._note_lag(name, info, pos)
+                        # At the head only if the log agrees: a page read that was merely
+                        # slow (a loaded disk) mid-backlog is not "caught up".
+                        caught_up = caught_up or lag <= cfg.page_ops
                         if pos != last:
                             last, since_ckpt = pos, 0
                             yield FeedCheckpoint(pos, lag)

@@ -9,14 +9,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from conftest import FLEET, FakeClock, NodeFactory, exchange
+from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import syncfw
 from syncfw import Fleet, Grant, Node
+from syncfw.log import Op
 from syncfw.store import follow as follow_mod
 from syncfw.store.follow import FeedItem, Follow
+from syncfw.testing.ops import OpWriter
 from syncfw.testing.waiting import wait_until
 
 T7 = "trucks/t7/"
@@ -367,3 +369,78 @@ async def _vv_of(path: Path) -> dict[str, int]:
         return await node.version_vector()
     finally:
         await node.close()
+
+
+def _uneven_fleet(n_origins: int, seed: int, ticks: int = 20) -> list[Op]:
+    """Ops of ``n_origins`` origins at very different rates, in bursts, as a fleet's
+    edges commit them: each tick, origin i writes a burst with probability
+    ~1/(1 + i % 5), of 1 to 10·(1 + i % 4) ops; every op's hlc is distinct."""
+    rng = random.Random(seed)
+    writers = {f"e{i:02}": OpWriter(f"e{i:02}") for i in range(n_origins)}
+    ops: list[Op] = []
+    t = (START_MS - 60_000) << 16
+    for _tick in range(ticks):
+        for i, (origin, w) in enumerate(writers.items()):
+            if rng.random() * (1 + i % 5) > 1:
+                continue
+            for _ in range(rng.randint(1, 10 * (1 + i % 4))):
+                t += rng.randint(1, 3)
+                ops.append(w.write(f"k{rng.randint(0, 9)}", origin, hlc=t))
+    return ops
+
+
+async def test_many_origins_at_uneven_rates_are_paged_whole_in_hlc_order(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page carries whatever is ready across all origins: with 48 bursty origins
+    and a 600-op page, pages stay nearly full (the old even split across origins,
+    with a merge stopping at the first origin to run dry, read ~20 ops a page)."""
+    agg = await make_node("agg")
+    ops = _uneven_fleet(48, seed=7)
+    by_origin: dict[str, list[Op]] = {}
+    for op in ops:
+        by_origin.setdefault(op.origin, []).append(op)
+    for chain_ops in by_origin.values():  # each origin synced in whole, one after another
+        for i in range(0, len(chain_ops), 500):
+            await agg.apply_remote(chain_ops[i : i + 500])
+    expected = sorted((op.hlc, op.origin, op.seq) for op in ops)
+    assert len(by_origin) == 48 and len(expected) > 4000
+    reads = 0
+    real_read = Follow._read
+
+    async def counted(self: Follow) -> bool:
+        nonlocal reads
+        reads += 1
+        return await real_read(self)
+
+    monkeypatch.setattr(Follow, "_read", counted)
+    page = 600
+    cut = len(expected) // 3
+    async with agg.follow(page_ops=page) as feed:
+        first = await take(feed, cut)
+        saved = feed.position
+        assert feed.max_held <= page
+    async with agg.follow(since=saved, page_ops=page) as feed:
+        rest = await take(feed, len(expected) - cut)
+        assert feed.max_held <= page
+        assert feed.held == 0
+    got = [(it.hlc, it.origin, it.seq) for it in first + rest]
+    assert got == expected  # global (hlc, origin, seq) order, each op once, across the resume
+    # nearly full pages: the whole backlog in a few reads of 600 (the old code: ~250)
+    assert reads <= 3 * (len(expected) // page + 2), reads
+
+
+async def test_a_crowded_page_still_holds_one_op_per_origin_and_loses_nothing(
+    make_node: NodeFactory,
+) -> None:
+    """More origins than a page: one op each is held, and every op still comes once."""
+    agg = await make_node("agg")
+    ops = _uneven_fleet(12, seed=3, ticks=6)
+    for origin in sorted({op.origin for op in ops}):
+        await agg.apply_remote([op for op in ops if op.origin == origin])
+    async with agg.follow(page_ops=5) as feed:
+        items = await take(feed, len(ops))
+        assert feed.max_held <= 12
+    assert [(it.hlc, it.origin, it.seq) for it in items] == sorted(
+        (op.hlc, op.origin, op.seq) for op in ops
+    )

@@ -13,14 +13,19 @@ Invariants:
    across a restart of the consumer or of the node.
 2. Per-origin seq order, always: each origin's ops come in seq order, and
    ``position[origin]`` only ever moves one op at a time.
-3. Across origins, the ops read in one page are merged by ``(hlc, origin,
-   seq)``. An op that reaches this node later (a remote origin's old ops,
+3. Across origins, a page is merged by ``(hlc, origin, seq)``, and the merge
+   never passes an origin that has more ops in SQLite than it read: when one
+   runs dry the follower reads more of it, in the same snapshot, before it goes
+   on (an origin's hlc only grows with its seq). A backlog is therefore
+   delivered in global ``(hlc, origin, seq)`` order, whatever the origins'
+   rates. An op that reaches this node later (a remote origin's old ops,
    synced in) is delivered when it arrives, after ops already delivered with a
-   greater hlc. Delivery order across origins is therefore *not* causal order
-   and not global hlc order; only invariant 2 holds across pages.
+   greater hlc: delivery order across pages is *not* causal order; only
+   invariant 2 holds across pages.
 4. Bounded memory: a follower holds at most ``page_ops`` ops read but not yet
    delivered (:attr:`Follow.held`); when more origins than ``page_ops`` have
-   ops to serve, one op per such origin.
+   ops to serve, one op per such origin. To read more of the origin the merge
+   waits on, it drops the buffered ops that sort last (they are read again).
 5. Reads only, on its own read-only connection (WAL allows readers beside the
    writer). The store's commit listener only sets an :class:`asyncio.Event`;
    the follower then reads the next page beyond its position itself.
@@ -258,6 +263,10 @@ class Follow:
         self._done = False
         self.max_held = 0
         """The most ops this follower held at once (invariant 4; for tests)."""
+        self.pages_read = 0
+        """Pages read from SQLite so far (for tests and benchmarks)."""
+        self.refills = 0
+        """Extra reads of one origin the merge ran dry (invariant 3; for tests)."""
 
     # ------------------------------------------------------------------ surface
 
@@ -342,31 +351,24 @@ class Follow:
         conn = await self._connect()
         # Cleared before the read: a commit landing after our snapshot sets it again.
         self._wake.clear()
-        if self.held > self._page - self._page // 4:
-            # Leftovers crowd the page (one origin's ops sort first, again and
-            # again): drop them, so pages stay large; they are read again.
-            for origin, buf in self._bufs.items():
-                if buf:
-                    self._fetched[origin] = self._pos.get(origin, 0)
-            self._bufs.clear()
+        self.pages_read += 1
         try:
             await conn.execute("BEGIN")
             try:
                 heads = await conn.execute_fetchall("SELECT origin, seq, compacted FROM heads")
                 want = self._plan({o: (s, c) for o, s, c in heads})
-                rows: list[Any] = []
                 for i in range(0, len(want), _UNION_MAX):
                     part = want[i : i + _UNION_MAX]
-                    rows += await conn.execute_fetchall(
+                    rows = await conn.execute_fetchall(
                         " UNION ALL ".join([_OPS_TERM] * len(part)),
                         [v for w in part for v in w],
                     )
+                    self._take(rows, {o: min(after + n, upto) for o, after, upto, n in part})
+                await self._merge(conn)
             finally:
                 await conn.execute("COMMIT")
         except sqlite3.Error as exc:
             raise translate_error(exc) from None
-        self._take(rows, {o: min(after + limit, upto) for o, after, upto, limit in want})
-        self._merge()
         return bool(self._ready)
 
     def _plan(self, heads: dict[str, tuple[int, int]]) -> list[tuple[str, int, int, int]]:
@@ -391,8 +393,12 @@ class Follow:
             )
         if not need:
             return []
-        budget = max(self._page - self.held, 1)
-        each = max(budget // len(need), 1)
+        room = self._page - self.held
+        if room < len(need):  # leftovers crowd the page: one op of each origin first
+            room += self._evict(len(need) - room, keep=None)
+        # Half the room to start with: the rest is for the origins the merge
+        # runs dry (invariant 3) without dropping what was just read.
+        each = max(room // (2 * len(need)), 1)
         return [(o, self._fetched.get(o, 0), have[o], each) for o in sorted(need)]
 
     def _take(self, rows: list[Any], expect: dict[str, int]) -> None:
@@ -432,28 +438,69 @@ class Follow:
             raise FeedPositionError(f"ops vanished from the log while following: {gone}", gone)
         self.max_held = max(self.max_held, self.held)
 
-    def _merge(self) -> None:
+    async def _merge(self, conn: aiosqlite.Connection) -> None:
         """Move buffered ops to the ready queue in (hlc, origin, seq) order.
 
-        Stops at the first origin whose buffer runs dry while it has more ops
-        in SQLite: its next op may sort before every other head.
+        An origin whose buffer runs dry while it has more ops in SQLite is read
+        further (:meth:`_refill`) before the merge goes on: its next op may
+        sort before every other head. Without room for it, the merge stops
+        there; the rest is merged with the next page.
         """
         bufs, ready, fetched, known = self._bufs, self._ready, self._fetched, self._known
-        live = [o for o, b in bufs.items() if b]
-        if len(live) == 1:  # one origin: nothing to merge
-            (o,) = live
-            ready.extend((o, seq, item) for _, seq, item in bufs.pop(o))
-            return
-        heap = [(bufs[o][0][0], o, bufs[o][0][1]) for o in live]
+        heap = [(b[0][0], o, b[0][1]) for o, b in bufs.items() if b]
         heapq.heapify(heap)
         while heap:
-            _, origin, _ = heapq.heappop(heap)
+            origin = heap[0][1]
             buf = bufs[origin]
-            _, seq, item = buf.popleft()
-            ready.append((origin, seq, item))
-            if buf:
-                heapq.heappush(heap, (buf[0][0], origin, buf[0][1]))
-            elif known.get(origin, 0) > fetched.get(origin, 0):
-                break
+            if len(heap) == 1:  # one origin: nothing to merge
+                ready.extend((origin, seq, item) for _, seq, item in buf)
+                buf.clear()
+            else:
+                _, seq, item = buf.popleft()
+                ready.append((origin, seq, item))
+            if not buf:
+                if known.get(origin, 0) <= fetched.get(origin, 0):
+                    heapq.heappop(heap)
+                    continue
+                if not await self._refill(conn, origin):
+                    break
+            heapq.heapreplace(heap, (buf[0][0], origin, buf[0][1]))
         for o in [o for o, b in bufs.items() if not b]:
             del bufs[o]
+
+    async def _refill(self, conn: aiosqlite.Connection, origin: str) -> bool:
+        """Read more of ``origin`` into its (empty) buffer. False: no room for any."""
+        after = self._fetched.get(origin, 0)
+        want = min(self._known[origin] - after, max(self._page // 8, 1))
+        room = self._page - self.held
+        if room < want:
+            room += self._evict(want - room, keep=origin)
+        n = min(want, room)
+        if n < 1:
+            return False
+        try:
+            rows = await conn.execute_fetchall(_OPS_TERM, (origin, after, after + n, n))
+        except sqlite3.Error as exc:
+            raise translate_error(exc) from None
+        self.refills += 1
+        self._take(rows, {origin: after + n})
+        return True
+
+    def _evict(self, n: int, *, keep: str | None) -> int:
+        """Drop up to ``n`` buffered ops that sort last (never an origin's head,
+        nor ``keep``'s); they are read again later. Returns how many were dropped.
+        """
+        bufs, fetched = self._bufs, self._fetched
+        freed = 0
+        while freed < n:
+            tails = [(b[-1][0], o) for o, b in bufs.items() if o != keep and len(b) > 1]
+            if not tails:
+                break
+            origin = max(tails)[1]
+            buf = bufs[origin]
+            k = min(n - freed, len(buf) - 1, max(len(buf) // 2, 1))
+            for _ in range(k):
+                buf.pop()
+            fetched[origin] = buf[-1][1]
+            freed += k
+        return freed

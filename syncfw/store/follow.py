@@ -43,7 +43,7 @@ import heapq
 import logging
 import sqlite3
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -280,6 +280,21 @@ class Follow:
         """Ops read from SQLite and not yet delivered (at most ``page_ops``)."""
         return len(self._ready) + sum(len(b) for b in self._bufs.values())
 
+    def take_ready(self, limit: int) -> list[FeedItem]:
+        """Up to ``limit`` items already read, without reading or waiting (maybe none).
+
+        The same items, in the same order, as that many ``anext()`` calls
+        would return from what is held; :attr:`position` moves past them.
+        """
+        out: list[FeedItem] = []
+        ready, pos = self._ready, self._pos
+        while ready and len(out) < limit:
+            origin, seq, item = ready.popleft()
+            pos[origin] = seq
+            if item is not None:
+                out.append(item)
+        return out
+
     def __aiter__(self) -> Follow:
         return self
 
@@ -401,7 +416,7 @@ class Follow:
         each = max(room // (2 * len(need)), 1)
         return [(o, self._fetched.get(o, 0), have[o], each) for o in sorted(need)]
 
-    def _take(self, rows: list[Any], expect: dict[str, int]) -> None:
+    def _take(self, rows: Iterable[Any], expect: dict[str, int]) -> None:
         """Decode a page of rows into the per-origin buffers, checking contiguity.
 
         ``expect`` is, per origin read, the last seq the read must reach.

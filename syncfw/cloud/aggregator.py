@@ -39,7 +39,7 @@ from syncfw.mesh import Mesh, MeshConfig
 from syncfw.node import Node
 from syncfw.node.admin import live_status
 from syncfw.store import StoreConfig
-from syncfw.store.follow import FeedItem
+from syncfw.store.follow import FeedItem, Follow
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.trust.keydir import NodeKeys
@@ -260,35 +260,48 @@ class Aggregator:
     async def _follow(self) -> None:
         """Invariant 1: fold the whole log, then follow it.
 
-        A read is never cancelled (a follower cut mid-read would leave its
-        snapshot open): the next item is one pending future, waited on with
-        a timeout that flushes what was folded.
+        What the follower already read is folded without a wait
+        (``take_ready``), at most ``_FOLD_BATCH`` items a delta. A read is
+        never cancelled (a follower cut mid-read would leave its snapshot
+        open): the next item is one pending future, waited on with a timeout.
         """
         target = dict(self.node.store.version_vector)
         pending: asyncio.Future[FeedItem] | None = None
+
+        def folded(batch: list[FeedItem], feed: Follow) -> None:
+            self._publish(self.fleet.fold(batch))
+            if not self._rebuilt.is_set():
+                pos = feed.position
+                if all(pos.get(o, 0) >= s for o, s in target.items()):
+                    self._rebuilt.set()
+
         try:
             page = self.feed.page_ops()  # many origins need a large page (FeedServer.page_ops)
             async with self.node.follow({}, include_rejected=True, page_ops=page) as feed:
                 batch: list[FeedItem] = []
                 while True:
+                    room = _FOLD_BATCH - len(batch)
+                    got = feed.take_ready(room)
+                    batch += got
+                    if len(got) == room:  # a full delta, and maybe more ready
+                        folded(batch, feed)
+                        batch = []
+                        continue
+                    if batch:  # nothing more ready without a read
+                        folded(batch, feed)
+                        batch = []
                     if pending is None:
                         pending = asyncio.ensure_future(feed.__anext__())
                     done, _ = await asyncio.wait({pending}, timeout=0.05)
-                    if done:
-                        fut, pending = pending, None
-                        try:
-                            batch.append(fut.result())
-                        except StopAsyncIteration:
-                            self._publish(self.fleet.fold(batch))
-                            return
-                        if len(batch) < _FOLD_BATCH:
-                            continue
-                    self._publish(self.fleet.fold(batch))
-                    batch = []
-                    if not self._rebuilt.is_set():
-                        pos = feed.position
-                        if all(pos.get(o, 0) >= s for o, s in target.items()):
-                            self._rebuilt.set()
+                    if not done:
+                        folded([], feed)
+                        continue
+                    fut, pending = pending, None
+                    try:
+                        batch.append(fut.result())
+                    except StopAsyncIteration:
+                        self._publish(self.fleet.fold(batch))
+                        return
         except Exception:
             log.exception("the fleet view stopped following the log")
             raise

@@ -1,24 +1,27 @@
-"""``syncfw demo``: a small fleet on a real gRPC mesh that splits, keeps working, and converges.
+"""``syncfw demo``: the whole story on loopback, checked at the end.
 
-Three haul trucks and a depot, each a node with its own SQLite file, serving
-the sync protocol over gRPC on loopback and gossiping with each other. Every
-node dials its peers through its own egress proxy, which is how the demo cuts
-the backbone: the depot is partitioned from the trucks while the trucks keep
-talking truck to truck. Meanwhile every truck inspects parts with the shipped
-ONNX model (embedded inference) and writes each decision, with provenance,
-into its own results zone. Then the link heals and the demo prints each
-node's state digest: identical digests mean identical state, and the depot
-holds every truck's results.
+A cloud aggregator (the fleet authority) with its web dashboard, a depot, four
+haul trucks and a factory station, each a node with its own SQLite file,
+serving the sync protocol over gRPC on loopback (signed ops and mutual TLS by
+default; ``--insecure`` runs the unsigned development mode). The story:
 
-The fleet is signed and every link is mutual TLS by default: the demo makes the
-fleet's keys in its folder (``keys/``: an authority key, a fleet CA, a
-certificate and an op-signing key per node, as ``syncfw keys`` does), every
-node signs its chain heads and verifies everyone else's. ``--insecure`` runs the
-unsigned development mode instead, without TLS.
+1. connected: every node writes; trucks and the station inspect parts with the
+   shipped ONNX model and write each decision, with provenance, to the log;
+2. a backbone outage: the cloud and the depot lose the site; the trucks and the
+   station keep deciding and gossiping with each other;
+3. reconnection: the cloud catches up and every replica is identical;
+4. a model rollout with one rollback (:mod:`syncfw.cli.demo_rollout`);
+5. the export of every op to an embedded JetStream, when ``nats-server`` is
+   installed (otherwise said so and skipped);
 
-Inference is the optional extra ``syncfw[inference]`` (numpy, onnx,
-onnxruntime): this module imports it only when the demo runs, so the ``syncfw``
-command works on a base install and ``syncfw demo`` there says what to install.
+and a verified summary (:mod:`syncfw.cli.demo_summary`): a failed check exits 1.
+
+The set-up is :mod:`syncfw.cli.demo_fleet`, acts 1 to 3 are
+:mod:`syncfw.cli.demo_acts`. Inference is the optional extra
+``syncfw[inference]`` (numpy, onnx, onnxruntime): the demo imports it only when
+it runs, so the ``syncfw`` command works on a base install and ``syncfw demo``
+there says what to install. The dashboard and the export need ``syncfw[cloud]``;
+without it they are skipped, saying so.
 """
 
 from __future__ import annotations
@@ -26,62 +29,84 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import random
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from syncfw.errors import ZoneOwnershipError
-from syncfw.keys import results_prefix, status_key
-from syncfw.mesh import MeshConfig
-from syncfw.node import Node
-from syncfw.testing.partition import EgressProxy, Partition
-from syncfw.transport.network import GrpcNetwork
-from syncfw.transport.rpc import TlsConfig, TransportConfig
-from syncfw.trust.keydir import NodeKeys, add_node, init_fleet, load_fleet, load_node
-from syncfw.zones import Fleet, Grant
+from syncfw.cli.demo_fleet import (
+    CLOUD,
+    DEMO_FLEET,
+    DEPOT,
+    EDGES,
+    MODEL_NAME,
+    STATION,
+    TRUCKS,
+    DemoFleet,
+    DemoOptions,
+    demo_keys,
+)
 
-if TYPE_CHECKING:
-    import numpy as np
-
-    from syncfw.inference import Engine
+__all__ = [
+    "CLOUD",
+    "DEMO_FLEET",
+    "DEPOT",
+    "EDGES",
+    "STATION",
+    "TRUCKS",
+    "demo",
+    "demo_keys",
+    "missing_inference",
+    "register",
+    "run",
+]
 
 INFERENCE_MODULES = frozenset({"numpy", "onnx", "onnxruntime"})
 """What ``syncfw[inference]`` adds to a base install."""
 
 INFERENCE_EXTRA = "pip install 'syncfw[inference]'"
-TRUCKS = ("t7", "t9", "t12")
-DEPOT = "depot"
-
-DEMO_FLEET = Fleet(
-    fleet_id="demo-mine",
-    authority=DEPOT,
-    grants=(
-        *(Grant.of(f"trucks/{t}/", t) for t in TRUCKS),
-        Grant.of("site/", "*"),
-    ),
-)
 
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "demo",
-        help="run a local demo fleet: a gRPC mesh that splits, keeps working, heals, converges",
-        description="Run a demo fleet (three trucks and a depot) on a real gRPC mesh on "
-        "loopback: writes and inference on every node, a partition, a heal, converged state.",
+        help="run the whole story on loopback: cloud, depot, trucks, a station, an outage, "
+        "a rollout with a rollback, JetStream export, a verified summary",
+        description="Run a demo fleet on a real gRPC mesh on loopback: a cloud aggregator with "
+        "its dashboard, a depot, four trucks and a factory station running inference; a "
+        "backbone outage and catch-up; a staged model rollout with one rollback; export to an "
+        "embedded JetStream when nats-server is installed. It ends with a verified summary "
+        "and exits 1 if any check fails.",
     )
-    p.add_argument("--dir", help="keep the nodes' SQLite files here (default: a temp dir)")
-    p.add_argument("--writes", type=int, default=100, help="writes per node per phase")
-    p.add_argument("--frames", type=int, default=40, help="parts each truck inspects per phase")
+    p.add_argument(
+        "--dir", help="keep the nodes' files here, in a new or empty folder (default: a temp dir)"
+    )
+    p.add_argument("--writes", type=int, default=60, help="writes per node per phase")
+    p.add_argument("--frames", type=int, default=30, help="parts each edge inspects per phase")
     p.add_argument("--seed", type=int, default=7, help="seed of the random choices")
+    p.add_argument(
+        "--quick", action="store_true", help="shorter watch windows and fewer writes (tests, CI)"
+    )
+    p.add_argument(
+        "--http",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where the dashboard listens (port 0: any free one)",
+    )
+    p.add_argument(
+        "--no-nats",
+        action="store_true",
+        help="skip the JetStream export even when nats-server is installed",
+    )
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="run the unsigned development mode: no keys, no TLS (anyone who can sync "
-        "could forge ops)",
+        help="run the unsigned development mode: no keys, no TLS, no signed releases (anyone "
+        "who can sync could forge ops)",
     )
     p.set_defaults(func=run)
 
@@ -116,204 +141,119 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    quick = args.quick
+    opts = DemoOptions(
+        writes=min(args.writes, 20) if quick else args.writes,
+        frames=min(args.frames, 8) if quick else args.frames,
+        seed=args.seed,
+        secure=not args.insecure,
+        quick=quick,
+        http=args.http,
+        nats=not args.no_nats,
+    )
     if args.dir:
-        Path(args.dir).mkdir(parents=True, exist_ok=True)
-        return asyncio.run(
-            demo(Path(args.dir), args.writes, args.frames, args.seed, secure=not args.insecure)
-        )
-    with tempfile.TemporaryDirectory(prefix="syncfw-demo-") as tmp:
-        return asyncio.run(
-            demo(Path(tmp), args.writes, args.frames, args.seed, secure=not args.insecure)
-        )
-
-
-async def _until(cond: Callable[[], Awaitable[bool]], timeout_s: float) -> float:
-    """Poll ``cond`` until true; returns the seconds it took (raises TimeoutError)."""
-    start = time.perf_counter()
-    async with asyncio.timeout(timeout_s):
-        # Convergence is a property of several nodes at once: poll their digests.
-        while not await cond():  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    return time.perf_counter() - start
-
-
-async def _same(nodes: list[Node]) -> bool:
-    return len({await n.state_digest() for n in nodes}) == 1
-
-
-async def _writes(node: Node, rng: random.Random, n: int, phase: str) -> None:
-    me = node.node_id
-    tonnes = node.counter("site/ore-tonnes")
-    for i in range(n):
-        if me in TRUCKS:
-            await node.put(
-                f"trucks/{me}/position", {"lat": -22.3 + rng.random(), "lon": 118.6, "i": i}
+        folder = Path(args.dir)
+        if folder.exists() and any(folder.iterdir()):
+            print(
+                f"syncfw demo: {folder} is not empty: the demo starts a fleet from scratch "
+                "(its releases and rollouts exist once); give a new or empty --dir",
+                file=sys.stderr,
             )
-            await tonnes.add(rng.randint(20, 60))
-        if rng.random() < 0.05:
-            await node.set("site/alerts").add(f"{phase}:{me}:{i}")
-        if rng.random() < 0.1:
-            await node.put("site/shift-lead", me)
-    await node.put(status_key(me), {"phase": phase, "writes": n})
+            return 2
+        folder.mkdir(parents=True, exist_ok=True)
+        return _run_in(folder, opts, args)
+    with tempfile.TemporaryDirectory(prefix="syncfw-demo-") as tmp:
+        return _run_in(Path(tmp), opts, args)
 
 
-async def _inspect(engine: Engine, rng: np.random.Generator, frames: int, phase: str) -> int:
-    """Run the shipped model on synthetic camera frames; returns correct decisions."""
-    from syncfw.inference.train import IMAGE_SIZE, render_part  # the extra, checked by run()
-
-    correct = 0
-    for i in range(frames):
-        defect = bool(rng.random() < 0.5)
-        frame = render_part(rng, defect).reshape(1, 1, IMAGE_SIZE, IMAGE_SIZE)
-        result = await engine.infer(frame, key=f"{phase}-{i:04d}")
-        correct += result.prediction.label == ("defect" if defect else "ok")
-    return correct
+def _run_in(folder: Path, opts: DemoOptions, args: argparse.Namespace) -> int:
+    with _logs_to_file(folder, args):
+        code, summary = asyncio.run(demo(folder, opts))
+        if summary is None:
+            return code
+        if opts.secure and _model_status(folder) != 0:
+            code = 1
+    summary.print()
+    return code if summary.ok else 1
 
 
-def demo_keys(folder: Path, names: list[str]) -> tuple[Fleet, dict[str, NodeKeys]]:
-    """The demo fleet's keys in ``folder/keys`` (made on first use) and the signed fleet."""
-    root = folder / "keys"
-    if not (root / "fleet.toml").exists():
-        init_fleet(root, DEMO_FLEET.fleet_id, DEMO_FLEET.authority)
-    for n in names:
-        if not (root / "nodes" / n).exists():
-            add_node(root, n)
-    return load_fleet(root).bind(DEMO_FLEET), {n: load_node(root, n) for n in names}
+def _model_status(folder: Path) -> int:
+    """The operator's view of the rollouts, from the cloud's file, as the CLI prints it."""
+    from syncfw.cli import build_parser
+
+    db = folder / f"{CLOUD}.db"
+    print(f"\n$ syncfw model status {MODEL_NAME} --db {db}")
+    status = build_parser().parse_args(["model", "status", MODEL_NAME, "--db", str(db)])
+    code: int = status.func(status)
+    if code != 0:
+        print("syncfw model status failed")
+    return code
 
 
-async def demo(
-    folder: Path, writes: int, frames: int, seed: int, *, secure: bool = True
-) -> int:
-    """Run the demo fleet in ``folder``; returns the exit status (0: converged).
+@contextlib.contextmanager
+def _logs_to_file(folder: Path, args: argparse.Namespace) -> Iterator[None]:
+    """The story on stdout, syncfw's log lines in ``folder/demo.log`` (unless a
+    ``--log-level`` or ``-v`` asked for them on stderr)."""
+    if getattr(args, "log_level", None) or getattr(args, "verbose", False):
+        yield
+        return
+    from syncfw.cli.logs import configure_logging
 
-    ``secure`` (the default): a signed fleet over mutual TLS, keys made in
-    ``folder/keys``; False: the unsigned development mode, no TLS.
+    path = folder / "demo.log"
+    with path.open("a", encoding="utf-8") as f:
+        configure_logging("INFO", getattr(args, "log_format", None) or "text", stream=f)
+        print(
+            f"log lines go to {path}"
+            + ("" if args.dir else " (removed at the end; --dir keeps them)")
+        )
+        try:
+            yield
+        finally:
+            configure_logging("INFO", getattr(args, "log_format", None) or "text")
+            logging.getLogger("syncfw").setLevel(logging.INFO)
 
-    Needs the inference extra (``run`` checks it first and says what to install).
+
+async def demo(folder: Path, options: DemoOptions | None = None) -> tuple[int, Any]:
+    """Run the story in ``folder``; returns ``(exit status, the verified summary or None)``.
+
+    The summary is None when the story could not finish (a stage timed out: said
+    so, status 1). Needs the inference extra (``run`` checks it first).
     """
     import numpy as np
 
-    from syncfw.inference import Engine
-    from syncfw.inference.train import MODEL_PATH
+    from syncfw.cli.demo_acts import Ledger, connected, outage, reconnect, same, until
+    from syncfw.cli.demo_rollout import rollout
+    from syncfw.cli.demo_summary import verify
 
-    rng = random.Random(seed)
-    names = [DEPOT, *TRUCKS]
-    partition = Partition()
-    proxies = {n: await EgressProxy(n, partition).start() for n in names}
-    nodes: dict[str, Node] = {}
-    addresses: dict[str, str] = {}
-    engines: dict[str, Engine] = {}
+    opts = options or DemoOptions()
+    started = time.perf_counter()
+    rng = random.Random(opts.seed)
+    frame_rng = np.random.default_rng(opts.seed)
+    ledger = Ledger()
+    fleet = DemoFleet(folder, opts)
     try:
-        print(f"fleet {DEMO_FLEET.fleet_id!r}: {', '.join(names)}; SQLite files in {folder}")
-        fleet, keys = demo_keys(folder, names) if secure else (DEMO_FLEET, {})
-        if secure:
-            print(f"  secure: signed ops, mutual TLS; keys made in {folder / 'keys'}")
+        await fleet.open()
+        await connected(fleet, ledger, rng, frame_rng)
+        await outage(fleet, ledger, rng, frame_rng)
+        await reconnect(fleet, ledger)
+        outcome = None
+        if opts.secure:
+            outcome = await rollout(fleet, ledger, opts.seed)
         else:
-            print("  INSECURE (--insecure): unsigned ops, no TLS: development mode only")
-        for n in names:
-            mine = keys.get(n)
-            node = await Node.open(folder / f"{n}.db", node_id=n, fleet=fleet, keys=mine)
-            nodes[n] = node
-            tls = TlsConfig(mine.ca_pem, mine.cert_pem, mine.key_pem) if mine else None
-            seeds = [] if n == DEPOT else [addresses[DEPOT]]
-            mesh = await node.serve(
-                "127.0.0.1:0",
-                seeds,
-                config=MeshConfig.test(),
-                network=GrpcNetwork(
-                    TransportConfig(http_proxy=proxies[n].url, connect_timeout_s=1.0, tls=tls),
-                    metrics=node.metrics,
-                ),
+            print(
+                "\nact 4, model rollout: skipped in --insecure (releases are signed by the "
+                "fleet authority's key)"
             )
-            addresses[n] = mesh.address
-            partition.owners[mesh.address] = n
-            print(f"  {n:<6} serving gRPC on {mesh.address}")
-        for t in TRUCKS:
-            engines[t] = Engine(nodes[t])
-            info = await engines[t].load(MODEL_PATH)
+        took = await until(lambda: same(fleet.all_nodes()), 60)
         print(
-            f"  trucks run {info.name} v{info.version} (sha256 {info.sha256[:12]}) "
-            f"on {info.provider}"
+            f"\nact 5, settle: {len(fleet.names)} nodes identical again after {took:.2f} s"
+            + ("" if fleet.exporter is None else "; checking the JetStream stream")
         )
-        all_nodes = list(nodes.values())
-        trucks = [nodes[t] for t in TRUCKS]
-        frame_rng = np.random.default_rng(seed)
-
-        await asyncio.gather(
-            *(_writes(n, random.Random(rng.random()), writes, "connected") for n in all_nodes)
-        )
-        took = await _until(lambda: _same(all_nodes), 30)
-        print(f"connected: {writes} writes per node, converged over gRPC in {took:.2f} s")
-
-        print("partition: the depot loses the trucks; trucks still reach each other")
-        partition.split([DEPOT], TRUCKS)
-        _, correct = await asyncio.gather(
-            asyncio.gather(
-                *(_writes(n, random.Random(rng.random()), writes, "partitioned") for n in all_nodes)
-            ),
-            asyncio.gather(
-                *(_inspect(engines[t], frame_rng, frames, "partitioned") for t in TRUCKS)
-            ),
-        )
-        try:
-            await nodes["t9"].put("trucks/t7/position", {"lat": 0, "lon": 0})
-        except ZoneOwnershipError as exc:
-            print(f"  refused: {exc}")
-        took = await _until(lambda: _same(trucks), 30)
-        print(
-            f"  trucks agree with each other after {took:.2f} s "
-            f"({sum(correct)}/{frames * len(TRUCKS)} parts judged right)"
-        )
-        digests = await _show(all_nodes, "during partition")
-        print(
-            f"  the depot {'differs' if digests[0] != digests[1] else 'matches'} "
-            "(it cannot hear the trucks)"
-        )
-
-        partition.heal()
-        took = await _until(lambda: _same(all_nodes), 30)
-        print(f"heal: converged in {took:.2f} s")
-        digests = await _show(all_nodes, "after heal")
-        if len(set(digests)) != 1:
-            print("NOT CONVERGED")
-            return 1
-        depot = nodes[DEPOT]
-        results = {t: len(await depot.scan(results_prefix(t))) for t in TRUCKS}
-        sample = next(iter((await depot.scan(results_prefix(TRUCKS[0]))).values()))
-        print(
-            "  depot holds the trucks' inference results: "
-            + ", ".join(f"{t} {k}" for t, k in results.items())
-        )
-        print(
-            f"  e.g. {sample['model']['name']} said {sample['label']!r} "
-            f"(confidence {sample['confidence']:.2f}, provider {sample['provider']})"
-        )
-        tonnes = await depot.counter("site/ore-tonnes").value()
-        print(
-            f"converged: identical state on {len(all_nodes)} nodes; ore tonnes {tonnes}, "
-            f"shift lead {await depot.get('site/shift-lead')!r}, "
-            f"{len(await depot.set('site/alerts').items())} alerts"
-        )
-        return 0
+        summary = await verify(fleet, ledger, outcome)
+        print(f"\nthe story took {time.perf_counter() - started:.1f} s")
+        return 0, summary
     except TimeoutError:
-        print("NOT CONVERGED: timed out")
-        return 1
+        print("NOT CONVERGED: a stage of the story timed out (see the log lines)")
+        return 1, None
     finally:
-        for engine in engines.values():
-            await engine.aclose()
-        for node in nodes.values():
-            await node.close()
-        for proxy in proxies.values():
-            with contextlib.suppress(Exception):
-                await proxy.aclose()
-
-
-async def _show(nodes: list[Node], label: str) -> list[str]:
-    digests = []
-    print(f"  {label}:")
-    for n in nodes:
-        d = await n.state_digest()
-        digests.append(d)
-        vv = await n.version_vector()
-        print(f"    {n.node_id:<6} state {d[:16]}  vv {dict(sorted(vv.items()))}")
-    return digests
+        await fleet.aclose()

@@ -85,8 +85,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--dir", help="keep the nodes' files here, in a new or empty folder (default: a temp dir)"
     )
-    p.add_argument("--writes", type=int, default=60, help="writes per node per phase")
-    p.add_argument("--frames", type=int, default=30, help="parts each edge inspects per phase")
+    p.add_argument("--writes", type=int, default=40, help="writes per node per phase")
+    p.add_argument("--frames", type=int, default=20, help="parts each edge inspects per phase")
     p.add_argument("--seed", type=int, default=7, help="seed of the random choices")
     p.add_argument(
         "--quick", action="store_true", help="shorter watch windows and fewer writes (tests, CI)"

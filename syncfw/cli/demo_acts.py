@@ -126,7 +126,7 @@ async def _inspect(
 class Load:
     """Background inspections on every edge while a rollout runs (the swap must drop none)."""
 
-    def __init__(self, fleet: DemoFleet, ledger: Ledger, seed: int, every_s: float = 0.1) -> None:
+    def __init__(self, fleet: DemoFleet, ledger: Ledger, seed: int, every_s: float = 0.2) -> None:
         import numpy as np
 
         self.fleet, self.ledger, self.every_s = fleet, ledger, every_s

@@ -97,8 +97,8 @@ class DemoOptions:
         nats: run the embedded JetStream export when ``nats-server`` is installed.
     """
 
-    writes: int = 60
-    frames: int = 30
+    writes: int = 40
+    frames: int = 20
     seed: int = 7
     secure: bool = True
     quick: bool = False
@@ -305,7 +305,7 @@ class DemoFleet:
 
             quick = self.options.quick
             cfg = LifecycleConfig(
-                window_s=1.0 if quick else 1.5, check_every_s=0.25, min_window_calls=8
+                window_s=1.0 if quick else 1.5, check_every_s=0.25, min_window_calls=5
             )
             for n in EDGES:
                 lc = Lifecycle(self.nodes[n], self.artifacts[n], self.engines[n], MODEL_NAME, cfg)

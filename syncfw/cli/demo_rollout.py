@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,7 @@ class RolloutOutcome:
 
 async def _authority(fleet: DemoFleet, out: RolloutOutcome) -> None:
     """The cloud's rollout loop: decide, write promote/halt/done ops, say what changed."""
+    start = time.perf_counter()
     seen: dict[tuple[str, int], tuple[Verdict, int | None]] = {}
     while True:
         try:
@@ -78,7 +80,7 @@ async def _authority(fleet: DemoFleet, out: RolloutOutcome) -> None:
             seen[(name, version)] = tag
             line = f"authority: {name} v{version} {d.verdict.value.upper()}: {d.reason}"
             out.decisions.append(line)
-            print(f"  {line}")
+            print(f"  [{time.perf_counter() - start:5.1f} s] {line}")
         await asyncio.sleep(0.25)
 
 

@@ -31,16 +31,17 @@ def test_every_verb_has_help_and_is_in_the_readme(verb: str, capsys: pytest.Capt
 
 
 def test_demo_converges_and_inspect_describes_a_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--dir", str(tmp_path), "--writes", "30", "--frames", "10"]) == 0
+    assert main(["demo", "--dir", str(tmp_path), "--quick", "--frames", "5", "--insecure",
+                 "--no-nats"]) == 0
     out = capsys.readouterr().out
-    assert "converged: identical state on 4 nodes" in out
-    assert "the depot differs" in out  # the partition was real
+    assert "[ok  ] all replicas identical: 7 nodes" in out
+    assert "the cloud differs" in out  # the partition was real
     assert "refused:" in out
-    assert "depot holds the trucks' inference results: t7 10, t9 10, t12 10" in out
+    assert "cloud holds the site's inference results: t7 10, t9 10, t12 10, t14 10, station-8 10" in out
     assert main(["inspect", str(tmp_path / "t9.db"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["node_id"] == "t9" and info["fleet_id"] == "demo-mine"
-    assert set(info["version_vector"]) == {"t7", "t9", "t12", "depot"}
+    assert set(info["version_vector"]) == {"cloud", "depot", "t7", "t9", "t12", "t14", "station-8"}
     assert {z["prefix"] for z in info["zones"]} >= {"trucks/t7/", "site/", "sys/"}
     assert main(["inspect", str(tmp_path / "t9.db")]) == 0
     text = capsys.readouterr().out

@@ -26,14 +26,20 @@ Invariants:
    ``max_decompressed + 1`` bytes and refused (a zstd bomb costs at most the cap).
 3. Compression is used only when the peer advertised ``zstd`` and the packed
    batch is at least ``compress_threshold`` bytes.
-4. Cheap checks come before expensive ones: sizes and the op count first, then
-   each op tuple's shape, origin and seq as it is unpacked (one op at a time,
-   so a worker thread decoding a batch hands the GIL back between ops), each
-   origin's seqs contiguous within the batch and continuing ``after``; only
-   then are ops built and elided ``prev`` hashes recomputed. In format 2 a
-   ``prev`` is left out wherever the op before implies it, so an explicit
-   ``prev`` right after its own predecessor is refused unhashed: it is either
-   redundant or a broken chain.
+4. Cheap checks come before expensive ones: sizes and the op count first (an
+   op takes at least ``_MIN_OP_BYTES``, so a count the payload cannot hold is
+   refused unread), then, slice by slice (``_SLICE`` ops: a worker thread
+   decoding a batch hands the GIL back between ops and holds it for one
+   slice's C-level pass at most), each op tuple's shape, origin and seq, each
+   origin's seqs contiguous within the batch and continuing ``after``, and in
+   format 2 where ``prev`` is left out; only then are ops built and elided
+   ``prev`` hashes recomputed. These checks are column passes (``map``,
+   ``set``, ``compress``) with Python code once per *run* of one origin's
+   consecutive ops, so refusing a bad batch costs little more than unpacking
+   it, a small fraction of decoding a good one. In format 2 a ``prev`` is
+   left out wherever the op before implies it, so an explicit ``prev`` right
+   after its own predecessor is refused unhashed: it is either redundant or a
+   broken chain, and a run's first op must name its ``prev``.
 
 Pure: no I/O, no asyncio; imports only :mod:`syncfw.log` and :mod:`syncfw.errors`.
 """
@@ -44,6 +50,8 @@ import io
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import compress, repeat
+from operator import add, and_, eq, is_not, itemgetter, not_
 from typing import Any
 
 import msgpack
@@ -205,13 +213,19 @@ def _inflate(data: bytes, cap: int) -> bytes:
     return out
 
 
+_SLICE = 4096
+"""Ops unpacked and checked per slice: bounded work between GIL hand-backs."""
+_MIN_OP_BYTES = 12
+"""The smallest msgpack op tuple: fixarray, a 1-char origin and nine 1-byte fields."""
+
+
 def _unpack(
     body: bytes, limits: BatchLimits, version: int, after: Mapping[str, int] | None
-) -> list[list[Any]]:
+) -> list[tuple[Any, ...]]:
     """The op tuples of a batch payload, headers checked before any op is built (invariant 4)."""
     unpacker = msgpack.Unpacker(
         raw=False,
-        use_list=True,
+        use_list=False,  # tuples: cheaper to build, and untracked by the collector
         strict_map_key=True,
         max_buffer_size=max(len(body), 1),
         max_array_len=max(limits.max_ops, 16),
@@ -225,37 +239,22 @@ def _unpack(
         raise DecodeError(f"a batch must be a msgpack array of ops: {exc}") from None
     if n > limits.max_ops:
         raise DecodeError(f"{n} ops exceed the batch cap of {limits.max_ops}")
-    items: list[list[Any]] = []
-    last: dict[str, int] = {}  # each origin's last seq in this batch
-    before: tuple[Any, Any] = (None, None)
-    for i in range(n):
+    if n * _MIN_OP_BYTES > len(body):
+        raise DecodeError(
+            f"a batch of {len(body)} bytes cannot hold the {n} ops it declares "
+            f"(an op takes at least {_MIN_OP_BYTES} bytes)"
+        )
+    items: list[tuple[Any, ...]] = []
+    runs = _Runs(version, after)
+    unpack = unpacker.unpack
+    for lo in range(0, n, _SLICE):
+        k = min(_SLICE, n - lo)
         try:
-            item = unpacker.unpack()
+            chunk = [unpack() for _ in range(k)]
         except Exception as exc:
-            raise DecodeError(f"malformed batch msgpack at op {i}: {exc}") from None
-        if not (isinstance(item, list) and len(item) == 10):
-            raise DecodeError(f"op {i} does not have 10 fields")
-        origin, seq = item[0], item[1]
-        if not (isinstance(origin, str) and origin) or type(seq) is not int or seq < 1:
-            raise DecodeError(f"op {i} has a malformed origin or seq")
-        prior = last.get(origin)
-        if prior is None:
-            have = after.get(origin, 0) if after is not None else seq - 1
-            if seq > have + 1:
-                raise DecodeError(
-                    f"gap in origin {clip_text(origin)!r}: op {seq} after {have}; nothing applied"
-                )
-        elif seq != prior + 1:
-            raise DecodeError(
-                f"gap in origin {clip_text(origin)!r}: op {seq} after {prior} in one batch"
-            )
-        last[origin] = seq
-        if version == 2 and item[8] is not None and before == (origin, seq - 1):
-            raise ChainError(
-                f"op ({clip_text(origin)!r}, {seq}) names a prev other than the op before it"
-            )
-        before = (origin, seq)
-        items.append(item)
+            raise DecodeError(f"malformed batch msgpack in ops {lo}..{lo + k - 1}: {exc}") from None
+        runs.check(chunk, lo)
+        items.extend(chunk)
     try:
         unpacker.unpack()
     except msgpack.OutOfData:
@@ -263,6 +262,121 @@ def _unpack(
     except Exception:  # any further bytes at all are trailing junk
         pass
     raise DecodeError("trailing bytes after the batch's msgpack array")
+
+
+_ORIGIN, _SEQ, _PREV = itemgetter(0), itemgetter(1), itemgetter(8)
+
+
+class _Runs:
+    """Shape, origin, seq and run checks over a batch, one slice of op tuples at a time.
+
+    A *run* is a stretch of ops of one origin with consecutive seqs. Per op the
+    checks are C-level passes over the slice's columns (``map``, ``set``,
+    ``compress``, slice comparisons); Python code runs once per run, where each
+    origin's first op must continue ``after`` (or the origin's previous run in
+    the batch) and, in format 2, carry an explicit ``prev``, while every later
+    op of a run must leave it out (invariant 4). In format 2 the explicit
+    ``prev`` fields mark where the sender says runs start, so each run is
+    checked whole (one origin, consecutive seqs) rather than op by op: a batch
+    of long chained runs, the honest case and the expensive hostile one, costs
+    little more than its unpacking.
+    """
+
+    def __init__(self, version: int, after: Mapping[str, int] | None) -> None:
+        self.version = version
+        self.after = after
+        self.last: dict[str, int] = {}  # each origin's last seq in the batch so far
+        self.tail: tuple[Any, Any] = (None, None)  # the last op's (origin, seq)
+
+    def check(self, chunk: list[tuple[Any, ...]], lo: int) -> None:
+        """Check ``chunk``, the op tuples from index ``lo`` of the batch."""
+        if set(map(type, chunk)) != {tuple} or set(map(len, chunk)) != {10}:
+            i = next(i for i, it in enumerate(chunk) if not (type(it) is tuple and len(it) == 10))
+            raise DecodeError(f"op {lo + i} does not have 10 fields")
+        origins = list(map(_ORIGIN, chunk))
+        seqs = list(map(_SEQ, chunk))
+        if set(map(type, origins)) != {str} or set(map(type, seqs)) != {int} or min(seqs) < 1:
+            i = next(
+                i
+                for i, (o, s) in enumerate(zip(origins, seqs, strict=True))
+                if type(o) is not str or type(s) is not int or s < 1
+            )
+            raise DecodeError(f"op {lo + i} has a malformed origin or seq")
+        if self.version == 2:
+            starts = list(compress(range(len(chunk)), map(is_not, map(_PREV, chunk), repeat(None))))
+            wrong = self._misplaced(origins, seqs, starts)
+            if wrong is not None:
+                self._runs(origins[:wrong], seqs[:wrong], [s for s in starts if s < wrong], lo)
+                if wrong in starts:
+                    raise ChainError(
+                        f"op ({clip_text(origins[wrong])!r}, {seqs[wrong]}) names a prev "
+                        "other than the op before it"
+                    )
+                raise DecodeError(
+                    f"op {lo + wrong} leaves out prev but does not follow its predecessor"
+                )
+        else:
+            t_origin, t_seq = self.tail
+            follows = map(
+                and_,
+                map(eq, origins, [t_origin, *origins[:-1]]),
+                map(
+                    eq, seqs, map(add, [t_seq if t_seq is not None else -1, *seqs[:-1]], repeat(1))
+                ),
+            )
+            starts = list(compress(range(len(chunk)), map(not_, follows)))
+        self._runs(origins, seqs, starts, lo)
+        self.tail = (origins[-1], seqs[-1])
+
+    def _follows(self, origins: list[Any], seqs: list[Any], i: int) -> bool:
+        """True if op ``i`` of the slice is the next op of the op before it."""
+        before = self.tail if i == 0 else (origins[i - 1], seqs[i - 1])
+        return before[0] == origins[i] and before[1] is not None and before[1] + 1 == seqs[i]
+
+    def _misplaced(self, origins: list[Any], seqs: list[Any], starts: list[int]) -> int | None:
+        """Format 2: the first op whose explicit or elided ``prev`` contradicts the op before it.
+
+        An op with a ``prev`` must not follow the op before it (the format
+        would have left it out); every op of the stretch it starts must.
+        """
+        n = len(origins)
+        inside = not starts or starts[0] != 0  # the slice opens inside the last one's run
+        bounds = [0, *starts] if inside else starts
+        for j, (a, b) in enumerate(zip(bounds, [*bounds[1:], n], strict=True)):
+            if j == 0 and inside:
+                if not self._follows(origins, seqs, 0):
+                    return 0
+            elif self._follows(origins, seqs, a):
+                return a
+            first, k = seqs[a], b - a
+            if origins[a:b].count(origins[a]) != k or seqs[a:b] != list(range(first, first + k)):
+                return next(i for i in range(a + 1, b) if not self._follows(origins, seqs, i))
+        return None
+
+    def _runs(self, origins: list[Any], seqs: list[Any], starts: list[int], lo: int) -> None:
+        """Each run's first op continues its origin (``after``, or its last run in the batch)."""
+        last, after = self.last, self.after
+        if not origins:
+            return
+        if not starts or starts[0] != 0:  # the slice opens inside the last slice's run
+            last[origins[0]] = seqs[starts[0] - 1 if starts else -1]
+            if not starts:
+                return
+        for s, e in zip(starts, [*starts[1:], len(origins)], strict=True):
+            origin, seq = origins[s], seqs[s]
+            prior = last.get(origin)
+            if prior is None:
+                have = after.get(origin, 0) if after is not None else seq - 1
+                if seq > have + 1:
+                    raise DecodeError(
+                        f"gap in origin {clip_text(origin)!r}: op {seq} after {have}; "
+                        "nothing applied"
+                    )
+            elif seq != prior + 1:
+                raise DecodeError(
+                    f"gap in origin {clip_text(origin)!r}: op {seq} after {prior} in one batch"
+                )
+            last[origin] = seq + (e - s - 1)
 
 
 def decode_batch(
@@ -311,13 +425,8 @@ def decode_batch(
     if version == 1:
         return [Op.from_tuple(item) for item in items]
     ops: list[Op] = []
-    for i, item in enumerate(items):
-        if isinstance(item, list) and len(item) == 10 and item[8] is None:
-            before = ops[-1] if ops else None
-            if before is None or not (
-                before.origin == item[0] and type(item[1]) is int and before.seq + 1 == item[1]
-            ):
-                raise DecodeError(f"op {i} leaves out prev but does not follow its predecessor")
-            item[8] = op_hash(before)
+    for item in items:
+        if item[8] is None:  # _unpack checked that the op before is its predecessor
+            item = (*item[:8], op_hash(ops[-1]), item[9])
         ops.append(Op.from_tuple(item))
     return ops

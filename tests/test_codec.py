@@ -59,7 +59,9 @@ def test_encoder_refuses_batches_over_the_caps() -> None:
         (b"\x01\x00\xc1", "msgpack"),
         (b"\x01\x00\x90\x90", "msgpack"),  # trailing data
         (b"\x01\x00\x01", "array"),
-        (b"\x01\x00\x91\x01", "10 fields"),
+        (b"\x01\x00\x91\x01", "cannot hold the 1 ops"),  # refused unread
+        (b"\x01\x00\x91\x9b" + b"\x01" * 11, "10 fields"),
+        (b"\x01\x00\x92" + b"\x9a" + b"\x01" * 10 + b"\x01" * 12, "op 1 does not have 10 fields"),
         (b"\x01\x01not zstd", "zstd"),
     ],
 )

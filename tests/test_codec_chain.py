@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import statistics
+import time
+from collections.abc import Callable
 
 import msgpack
 import pytest
+import zstandard
 
 from syncfw.codec import decode_batch, encode_batch
 from syncfw.errors import ChainError, DecodeError
-from syncfw.testing.ops import chain
+from syncfw.testing.ops import OpWriter, chain
 
 
 def test_chained_runs_round_trip_and_shrink() -> None:
@@ -43,3 +48,61 @@ def test_an_elided_prev_without_its_predecessor_is_refused() -> None:
         data = bytes((2, 0)) + msgpack.packb(bad, use_bin_type=True)
         with pytest.raises(DecodeError, match=r"prev|gap in origin .t7.: op 3 after 1"):
             decode_batch(data)
+
+
+def _cpu_ms(fn: Callable[[], object], runs: int) -> float:
+    """The median thread CPU time of ``fn`` (errors it raises count as done)."""
+    times = []
+    for _ in range(runs):
+        t0 = time.thread_time()
+        with contextlib.suppress(DecodeError, ChainError):
+            fn()
+        times.append(time.thread_time() - t0)
+    return statistics.median(times) * 1000
+
+
+def test_a_batch_broken_at_its_last_op_is_refused_for_a_fraction_of_a_good_decode() -> None:
+    # The expensive hostile batch: a long chained run whose last op names a
+    # prev of its own. It is refused from the run checks (C-level passes over
+    # the unpacked tuples), never hashed or built into ops; measured in the
+    # same run against decoding the good batch of the same size, and against
+    # msgpack's own unpacking of the payload (the floor any check must pay).
+    w = OpWriter("evil")
+    ops = [w.write(f"fleet/evil/k{i}", i) for i in range(20_000)]
+    forged = [*ops[:-1], dataclasses.replace(ops[-1], prev=b"\x66" * 32)]
+    good = encode_batch(ops, zstd=True, elide_prev=True)
+    bad = encode_batch(forged, zstd=True, elide_prev=True)
+    with pytest.raises(ChainError, match="'evil', 20000"):
+        decode_batch(bad)
+    assert decode_batch(good) == ops
+    payload = zstandard.ZstdDecompressor().decompress(bad[2:])
+    floor_ms = _cpu_ms(lambda: msgpack.unpackb(payload, use_list=False), 5)
+    good_ms = _cpu_ms(lambda: decode_batch(good), 3)
+    bad_ms = _cpu_ms(lambda: decode_batch(bad), 5)
+    assert bad_ms < 0.3 * good_ms, (bad_ms, good_ms)  # measured 0.13-0.17; hashed first: ~1
+    assert bad_ms < 2.5 * floor_ms, (bad_ms, floor_ms)  # measured 1.35-1.8
+
+
+def test_runs_are_checked_across_slices_and_origins() -> None:
+    # runs that cross the decoder's slice boundary, interleaved origins, and a
+    # gap or a misplaced prev just after a boundary are found wherever they are
+    a, b = chain("a", 5000), chain("b", 4000)
+    mixed = [*a[:3000], *b, *a[3000:]]
+    assert decode_batch(encode_batch(mixed, elide_prev=True)) == mixed
+    assert decode_batch(encode_batch(mixed)) == mixed
+    for at in (4095, 4096, 4097, 4998):
+        forged = list(a)
+        forged[at] = dataclasses.replace(a[at], prev=b"\x02" * 32)
+        with pytest.raises(ChainError, match=f"'a', {at + 1}"):
+            decode_batch(encode_batch(forged, elide_prev=True))
+        gapped = a[:at] + a[at + 1 :]
+        with pytest.raises(DecodeError, match=f"gap in origin 'a': op {at + 2} after {at}"):
+            decode_batch(encode_batch(gapped, elide_prev=True))
+        with pytest.raises(DecodeError, match=f"gap in origin 'a': op {at + 2} after {at}"):
+            decode_batch(encode_batch(gapped))
+    # an origin's second run must continue its first
+    with pytest.raises(DecodeError, match="gap in origin 'a': op 3002 after 3000 in one batch"):
+        decode_batch(encode_batch([*a[:3000], *b, *a[3001:]], elide_prev=True))
+    # and the first op must continue what the receiver holds
+    with pytest.raises(DecodeError, match="gap in origin 'b': op 2 after 0; nothing applied"):
+        decode_batch(encode_batch(b[1:], elide_prev=True), after={})

@@ -94,6 +94,14 @@ async def _publish(fleet: DemoFleet, data: bytes, version: int, note: str, **fig
         f"  cloud published {MODEL_NAME} v{version}: {m.size} bytes in {len(m.chunks)} chunks, "
         f"sha256 {m.sha256[:12]}, signed by the authority ({note})"
     )
+    depot = fleet.artifacts[DEPOT]
+
+    async def staged() -> bool:
+        return depot.held(m)
+
+    # The yard's copy first: the canaries then share the depot's uplink with the cloud's.
+    took = await until(staged, 30, every_s=0.05)
+    print(f"  the depot holds v{version} {took:.1f} s later (its copy for the yard)")
     return m.sha256
 
 

@@ -108,6 +108,21 @@ def _translate(exc: BaseException) -> LinkError:
     return LinkError(Status.ABORTED, f"link failed: {exc!r}")
 
 
+_ENDED_WAIT_S = 2.0  # how long a failed client write waits for the call's own status
+
+
+async def _drain_first(requests: AsyncIterator[bytes]) -> None:
+    """Read a refused client's first message (briefly) before ending its call.
+
+    A call ended before the client's first write lands races that write, and
+    grpc then reports ``INTERNAL`` ("Internal error from Core") to the client
+    instead of the status set here.
+    """
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_ENDED_WAIT_S):
+            await anext(aiter(requests))
+
+
 class GrpcStream:
     """A :class:`FrameStream` over one gRPC ``Exchange`` call, either side.
 
@@ -187,10 +202,16 @@ class GrpcStream:
             ) from None
 
     async def _ended_with(self, fallback: LinkError) -> LinkError:
-        """The status the peer ended the call with, if it did (a write raced its end)."""
-        if self._call is not None and self._call.done():
+        """The status the peer ended the call with, if it did (a write raced its end).
+
+        A client write that races the server's end of the call fails locally
+        (``INTERNAL``, "Internal error from Core") a moment before the call is
+        done: wait briefly for the server's own status rather than hide it.
+        """
+        if self._call is not None:
             with contextlib.suppress(Exception):
-                code = await self._call.code()
+                async with asyncio.timeout(_ENDED_WAIT_S):
+                    code = await self._call.code()
                 if code is not grpc.StatusCode.OK and code is not grpc.StatusCode.CANCELLED:
                     return LinkError(_status_of(code), await self._call.details() or code.name)
         return fallback
@@ -320,6 +341,7 @@ class _SyncServicer:
             )
             if self._metrics is not None:
                 self._metrics.refused_streams.labels(self._metrics.node_id, "subscriber").inc()
+            await _drain_first(request_iterator)
             context.set_code(grpc.StatusCode.FAILED_PRECONDITION)  # as for any identity refused
             context.set_details("a subscriber certificate may read the change feed, never sync")
             return

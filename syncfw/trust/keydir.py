@@ -416,11 +416,18 @@ def add_node(
         The node's folder (``root/nodes/NODE``).
 
     Raises:
-        KeyFileError: not a fleet directory, a bad id, the node exists (and
-            this is no rotation), or a rotation of a node that has no keys.
+        KeyFileError: not a fleet directory, a bad id (one starting ``sub:``
+            included: :data:`SUBSCRIBER_PREFIX`), the node exists (and this is
+            no rotation), or a rotation of a node that has no keys.
     """
     root = Path(root)
     _check_node_id(node)
+    if is_subscriber(node):
+        raise KeyFileError(
+            f"{node[:64]!r}: ids starting {SUBSCRIBER_PREFIX!r} name change-feed subscribers, "
+            "which never write; a node cannot have one (for a subscriber: syncfw keys "
+            "add-subscriber DIR NAME)"
+        )
     if from_seq < 1:
         raise KeyFileError("from_seq must be >= 1")
     info = _fleet_info(root)

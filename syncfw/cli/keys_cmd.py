@@ -1,7 +1,7 @@
 """``syncfw keys``: the fleet's key directory (authority key, fleet CA, node keys).
 
-Verbs: ``init-fleet DIR``, ``add-node DIR NODE``, ``export DIR NODE OUT``,
-``revoke DIR NODE --after-seq N``, ``show DIR``. The files and their checks are
+Verbs: ``init-fleet DIR``, ``add-node DIR NODE``, ``add-subscriber DIR NAME``,
+``export DIR NODE OUT``, ``revoke DIR NODE --after-seq N``, ``show DIR``. The files and their checks are
 :mod:`syncfw.trust.keydir`'s; this module parses and prints. :func:`node_keys`
 is what ``syncfw node serve --keys DIR`` (and the demo) build a node from.
 """
@@ -24,8 +24,10 @@ from syncfw.transport.rpc import TlsConfig
 from syncfw.trust import Registration, open_statement
 from syncfw.trust.keydir import (
     NODE_DAYS,
+    SUBSCRIBER_PREFIX,
     NodeKeys,
     add_node,
+    add_subscriber,
     export_node,
     init_fleet,
     load_fleet,
@@ -65,6 +67,20 @@ def register(sub: Any) -> None:
     s.add_argument("--from-seq", type=int, default=1,
                    help="first seq the signing key signs (>1: rotate an existing node's key)")
     s.set_defaults(func=_add)
+    s = verbs.add_parser(
+        "add-subscriber",
+        help="issue a read-only change-feed subscriber's certificate (CN sub:NAME)",
+        description="Issue a TLS key and certificate for a change-feed consumer: its CN is "
+        f"'{SUBSCRIBER_PREFIX}NAME', it has only the client-auth usage and no op-signing key "
+        "or registration. It may read syncfw.v1.Feed/Subscribe (syncfw cloud tail --keys DIR "
+        "--as NAME) and is refused by Sync/Exchange: it never writes. Files: "
+        "DIR/subscribers/NAME/{node.key, node.crt}.",
+    )
+    s.add_argument("dir", metavar="DIR", help="the fleet's key directory (with the CA key)")
+    s.add_argument("name", metavar="NAME", help="the subscriber's name (its CN is sub:NAME)")
+    s.add_argument("--valid-days", type=int, default=NODE_DAYS,
+                   help="validity of the certificate")
+    s.set_defaults(func=_add_subscriber)
     s = verbs.add_parser("export", help="copy only what NODE needs into OUT (for its machine)")
     s.add_argument("dir", metavar="DIR", help="the fleet's key directory")
     s.add_argument("node", metavar="NODE", help="the node id")
@@ -115,6 +131,16 @@ def _add(args: argparse.Namespace) -> int:
         return 0
 
     return _guard("add-node", args, work)
+
+
+def _add_subscriber(args: argparse.Namespace) -> int:
+    def work(a: argparse.Namespace) -> int:
+        folder = add_subscriber(a.dir, a.name, valid_days=a.valid_days)
+        print(f"subscriber {SUBSCRIBER_PREFIX}{a.name}: certificate in {folder} "
+              f"(syncfw cloud tail ADDRESS --keys {a.dir} --as {a.name})")
+        return 0
+
+    return _guard("add-subscriber", args, work)
 
 
 def _export(args: argparse.Namespace) -> int:

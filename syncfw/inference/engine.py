@@ -215,6 +215,16 @@ class Engine:
         """
         return await self._loader.swap(model, manifest, self._worker.retire)
 
+    async def unload(self) -> ModelInfo | None:
+        """Stop serving the current model and serve none (a first model that rolled back
+        has nothing to fall back to). Calls already running finish on it; later calls
+        raise :class:`EngineStateError` until the next :meth:`load`.
+
+        Returns:
+            The model that was serving, or None.
+        """
+        return await self._loader.unload(self._worker.retire)
+
     # -- calls ---------------------------------------------------------------
 
     async def infer(self, inputs: Any, *, key: str | None = None) -> InferenceResult:

@@ -128,6 +128,14 @@ class Loader:
                 retire(old)
             return loaded.info
 
+    async def unload(self, retire: Callable[[Loaded], None]) -> ModelInfo | None:
+        """Stop serving the current model (after any load in progress); returns what served."""
+        async with self._lock:
+            old, self.current = self.current, None
+            if old is not None:
+                retire(old)
+            return None if old is None else old.info
+
     # -- on a worker thread ----------------------------------------------------
 
     def _load_sync(self, source: ModelSource, manifest: ModelManifest | None) -> Loaded:

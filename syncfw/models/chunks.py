@@ -18,6 +18,11 @@ Invariants:
 4. The store is bounded by ``max_bytes``: a write that would pass it, or a
    disk that is full, is a :class:`StorageFullError` naming the figures;
    nothing already held is touched, and the temp file is removed.
+5. Another process may add chunks to a folder a running node holds
+   (``syncfw model publish`` beside a running authority, opened with
+   ``sweep=False`` so it never removes the node's writes in flight): a chunk
+   asked for and not known is looked for on disk and adopted (its bytes are
+   verified on read, invariant 3).
 
 Blocking file I/O: async callers run these methods in a thread.
 """
@@ -51,12 +56,21 @@ class ChunkStore:
         root: the folder (created if absent).
         max_bytes: the disk budget for chunks (None: only the disk bounds it).
         durable: fsync every write (off only for tests and benchmarks).
+        sweep: remove leftovers in ``tmp/`` at open (False for a second writer
+            beside a running node, invariant 5).
 
     Raises:
         StorageError: the folder cannot be created or read.
     """
 
-    def __init__(self, root: str | Path, *, max_bytes: int | None = None, durable: bool = True) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        max_bytes: int | None = None,
+        durable: bool = True,
+        sweep: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.durable = durable
@@ -66,7 +80,7 @@ class ChunkStore:
         try:
             self._objects.mkdir(parents=True, exist_ok=True)
             self._tmp.mkdir(exist_ok=True)
-            for left in self._tmp.iterdir():  # writes a power cut interrupted (invariant 2)
+            for left in self._tmp.iterdir() if sweep else ():  # a power cut's (invariant 2)
                 left.unlink(missing_ok=True)
             self._sizes = {
                 bytes.fromhex(p.name): p.stat().st_size
@@ -89,19 +103,30 @@ class ChunkStore:
         return self._objects / h[:2] / h
 
     def has(self, digest: bytes) -> bool:
-        """True if the chunk is held."""
-        return digest in self._sizes
+        """True if the chunk is held (one another process wrote is adopted, invariant 5)."""
+        return digest in self._sizes or self._adopt(digest)
+
+    def _adopt(self, digest: bytes) -> bool:
+        try:
+            size = self._path(digest).stat().st_size
+        except (OSError, ValueError):
+            return False
+        with self._lock:
+            if digest not in self._sizes:
+                self._sizes[digest] = size
+                self.used_bytes += size
+        return True
 
     def __len__(self) -> int:
         return len(self._sizes)
 
     def missing(self, manifest: ReleaseManifest) -> list[int]:
         """Indexes of the manifest's chunks not held."""
-        return [i for i, h in enumerate(manifest.chunks) if h not in self._sizes]
+        return [i for i, h in enumerate(manifest.chunks) if not self.has(h)]
 
     def held(self, manifest: ReleaseManifest) -> list[int]:
         """Indexes of the manifest's chunks held."""
-        return [i for i, h in enumerate(manifest.chunks) if h in self._sizes]
+        return [i for i, h in enumerate(manifest.chunks) if self.has(h)]
 
     def put(self, digest: bytes, data: bytes) -> bool:
         """Store ``data`` as chunk ``digest``.
@@ -169,7 +194,7 @@ class ChunkStore:
             KeyError: not held.
             ChunkError: the file no longer matches its hash (it is removed).
         """
-        if digest not in self._sizes:
+        if not self.has(digest):
             raise KeyError(digest.hex())
         path = self._path(digest)
         try:
@@ -181,7 +206,9 @@ class ChunkStore:
             raise StorageError(f"cannot read chunk {path}: {exc}") from None
         if hashlib.sha256(data).digest() != digest:
             self.discard(digest)
-            raise ChunkError(f"chunk {path} no longer matches its hash; removed, to be fetched again")
+            raise ChunkError(
+                f"chunk {path} no longer matches its hash; removed, to be fetched again"
+            )
         return data
 
     def _forget(self, digest: bytes) -> None:

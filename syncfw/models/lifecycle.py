@@ -4,7 +4,8 @@ download -> verify (whole sha256; the manifest's authority signature was checked
 :meth:`Artifacts.releases`) -> load (the bytes against the manifest's signature) ->
 validate (canary accuracy against the model serving before, and latency, against the
 gate) -> activate (``Engine.load``: a hot swap, the old session serves until the new one
-is ready) -> watch for a window (error rate of the calls served) -> commit.
+is ready) -> watch for a window (error rate of the calls served; canary accuracy and
+latency measured again on this node, under its load of the moment) -> commit.
 
 Invariants:
 
@@ -26,6 +27,10 @@ Invariants:
    only move forward, a fix is a new release.
 5. The previous model's chunks stay in the chunk store (nothing here removes them), so a
    rollback needs no network.
+6. A first model has nothing to fall back to: its rollback unloads it (``Engine.unload``),
+   the record says ``serving_version`` 0 with the reason, the fleet view says
+   ``rolled_back``, and the status entry says ``serving: none`` in so many words. The
+   node serves no model rather than one that failed its gate.
 """
 
 from __future__ import annotations
@@ -202,6 +207,9 @@ class LifecycleConfig:
         window_s: how long a new model is watched before it is committed.
         check_every_s: how often the window is checked.
         min_window_calls: calls served in the window before its error rate counts.
+        remeasure_every_s: how often in the window the canary set is run again (accuracy
+            and p99 against the gate); it is always run once more at the window's end,
+            before the commit.
         max_resumes: restarts that may find one update under way before it rolls back.
     """
 
@@ -210,6 +218,7 @@ class LifecycleConfig:
     window_s: float = 30.0
     check_every_s: float = 1.0
     min_window_calls: int = 20
+    remeasure_every_s: float = 10.0
     max_resumes: int = 3
 
 
@@ -403,7 +412,9 @@ class Lifecycle:
     async def _watch(self, rec: Record) -> Record:
         cfg = self.config
         calls0, ok0 = self._calls()
-        end = time.monotonic() + cfg.window_s
+        start = time.monotonic()
+        end = start + cfg.window_s
+        measured = start
         while True:
             await asyncio.sleep(max(0.0, min(cfg.check_every_s, end - time.monotonic())))
             calls, ok = self._calls()
@@ -417,11 +428,44 @@ class Lifecycle:
                     return await self._rollback(probe, "regression in the watch window: "
                                                 + "; ".join(fails))
                 rec = probe
-            if time.monotonic() >= end:
+            now = time.monotonic()
+            if now >= end or now - measured >= cfg.remeasure_every_s:
+                measured = now
+                probe = await self._remeasure(rec)
+                fails = probe.report(self.node.node_id).failures(
+                    b for b in cfg.gate if b.figure in ("accuracy", "p99_ms"))
+                if fails:
+                    return await self._rollback(probe, "regression in the watch window "
+                                                "(canary measured again): " + "; ".join(fails))
+                rec = probe
+            if now >= end:
                 break
         rec = await self._write(replace(rec, step="committed"))
         await self._view(rec, "active")
         return rec
+
+    async def _remeasure(self, rec: Record) -> Record:
+        """The canary set run again on the serving model's bytes, on this node, now: the
+        accuracy against the same baseline as at validation, and the p99 under the
+        node's load of the moment."""
+        from syncfw.inference.optimize import evaluate
+
+        m = await self._manifest(rec.version)
+        if m is None or m.sha256 != rec.sha256:
+            return rec
+        data = await self.artifacts.read(m)
+        try:
+            got = await asyncio.to_thread(evaluate, data, self.config.canary,
+                                          label=f"v{m.version} window")
+        except SyncfwError as exc:
+            log.warning("%s: %s v%d: the canary could not be run again in the window: %s",
+                        self.node.node_id, self.name, rec.version, exc)
+            return rec
+        base = None
+        if rec.accuracy is not None and rec.accuracy_delta is not None:
+            base = rec.accuracy - rec.accuracy_delta
+        delta = rec.accuracy_delta if base is None else got.accuracy - base
+        return replace(rec, accuracy=got.accuracy, accuracy_delta=delta, p99_ms=got.p99_ms)
 
     async def _rollback(self, rec: Record, reason: str) -> Record:
         out = await self._write(replace(
@@ -433,8 +477,23 @@ class Lifecycle:
             if out.serving_version and (
                     self.engine.model is None or self.engine.model.sha256 != out.serving_sha256):
                 await self._serve(out.serving_version, out.serving_sha256)
+        if not out.serving_version:
+            await self._unload(out)
+            return out
         await self._view(out, "active")
         return out
+
+    async def _unload(self, rec: Record) -> None:
+        """A first model rolled back: serve none rather than it (invariant 6)."""
+        model = self.engine.model
+        gone = None
+        if model is not None and model.sha256 == rec.sha256:  # never a model loaded otherwise
+            gone = await self.engine.unload()
+        log.warning("%s: %s v%d was the first model of %s: unloaded, no model serves now "
+                    "(%s)", self.node.node_id, self.name, rec.version, self.name,
+                    "it was serving" if gone is not None else "it never served")
+        await publish_model(self.node, self.node.node_id, ModelStatus(
+            self.name, str(rec.version), rec.sha256, "rolled_back"))
 
     async def _fail(self, rec: Record, reason: str) -> Record:
         log.warning("%s: %s v%d failed: %s", self.node.node_id, self.name, rec.version, reason)
@@ -444,4 +503,14 @@ class Lifecycle:
 
     def status(self) -> dict[str, Any]:
         """The ``model_lifecycle:<name>`` entry of the node's status."""
-        return {} if self.record is None else self.record.value()
+        if self.record is None:
+            return {}
+        rec = self.record
+        model = self.engine.model
+        serving = (f"v{rec.serving_version}" if rec.serving_version else
+                   "none (the first model rolled back: no model serves)"
+                   if rec.step == "rolled_back" else "none")
+        return rec.value() | {
+            "serving": serving,
+            "engine_sha256": model.sha256 if model is not None else None,
+        }

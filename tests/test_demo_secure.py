@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +19,36 @@ from syncfw.cli.demo_summary import Summary, _writes
 from syncfw.node import Node
 
 
-def test_the_demo_runs_insecure_only_when_asked(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+def test_the_demo_runs_insecure_only_when_asked_and_prints_no_grpc_core_lines(
+    tmp_path: Path,
 ) -> None:
-    assert main(["demo", "--dir", str(tmp_path), "--quick", "--insecure", "--no-nats"]) == 0
-    out = capsys.readouterr().out
+    # A process of its own: gRPC's C core would write to file descriptor 2 directly.
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "syncfw",
+            "demo",
+            "--dir",
+            str(tmp_path),
+            "--quick",
+            "--insecure",
+            "--no-nats",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
     assert "INSECURE (--insecure)" in out
     assert "act 4, model rollout: skipped in --insecure" in out
     assert "[ok  ] all replicas identical: 7 nodes" in out
     assert "[SKIP] the JetStream stream complete: export skipped (--no-nats)" in out
     assert "all checks passed" in out
+    assert proc.stderr == ""  # the story on stdout, log lines in the folder, nothing else
+    assert "exchange" in (tmp_path / "demo.log").read_text()
     assert not (tmp_path / "keys").exists()
 
 

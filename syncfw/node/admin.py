@@ -227,6 +227,12 @@ async def live_status(node: Node, mesh: Mesh | None = None) -> dict[str, Any]:
         "discarded": st["discarded"],
         "clock_offset_ms": own_clock,
         "peers": peers,
+        # the model side's entries (chunk store, fetches, each lifecycle), for ``syncfw model``
+        "models": {
+            k: v
+            for k, v in st.items()
+            if k in ("artifacts", "models") or k.startswith("model_lifecycle:")
+        },
     }
 
 

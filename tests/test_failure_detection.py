@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import ClassVar
@@ -351,6 +354,63 @@ def test_presets_state_their_timings_and_reach_the_channels() -> None:
 # -- membership kept across restarts --------------------------------------------------
 
 
+_MEMBER_WORKER = """
+import asyncio, signal, sys
+from syncfw.mesh import MeshConfig
+from syncfw.node import Node
+from syncfw.zones import Fleet
+
+async def main(db: str, seed: str) -> None:
+    # no periodic save within the test: what the file holds after is the close's doing
+    cfg = MeshConfig.test().with_(save_members_every_s=3600.0)
+    async with Node.open(db, node_id="b", fleet=Fleet(fleet_id="f")) as node:
+        mesh = await node.serve("127.0.0.1:0", [seed], config=cfg)
+        while not any(m.last_ok is not None for m in mesh.members()):
+            await asyncio.sleep(0.02)
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        print("met", flush=True)
+        await stop.wait()
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("how", ["close", "kill"])
+async def test_members_are_saved_at_a_clean_close_and_a_kill_keeps_the_last_save(
+    tmp_path: Path, how: str
+) -> None:
+    root = Path(__file__).resolve().parent.parent
+    cfg = MeshConfig.test()
+    async with Node.open(tmp_path / "a.db", node_id="a", fleet=Fleet(fleet_id="f")) as a:
+        ma = await a.serve("127.0.0.1:0", config=cfg)
+        db = tmp_path / "b.db"
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _MEMBER_WORKER, str(db), ma.address,
+            cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            async with asyncio.timeout(60):
+                line = await proc.stdout.readline()
+            assert line == b"met\n", (line, await proc.stderr.read() if proc.stderr else b"")
+            proc.send_signal(signal.SIGTERM if how == "close" else signal.SIGKILL)
+            async with asyncio.timeout(60):
+                rc = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        saved = await MemberFile(db).load()
+    if how == "close":
+        assert rc == 0
+        assert [(s.node_id, s.address) for s in saved] == [("a", ma.address)]
+    else:
+        assert rc == -signal.SIGKILL
+        assert saved == []  # no save had come due: a kill forgets what the close keeps
+
+
 async def test_members_are_kept_in_the_nodes_file_across_a_restart(tmp_path: Path) -> None:
     fleet = Fleet(fleet_id="f")
     net = MemoryNetwork()
@@ -360,8 +420,8 @@ async def test_members_are_kept_in_the_nodes_file_across_a_restart(tmp_path: Pat
         async with Node.open(tmp_path / "b.db", node_id="b", fleet=fleet) as b:
             mb = await b.serve("b", ["a"], config=cfg, network=InMemoryNetwork(net))
             assert (await mb.sync_with("a")).ok
-            assert await mb.save_members()  # what the rounds do every 10 s
-        # b closed (saving its members); it restarts with no seeds at all
+            assert await mb.save_members()  # what the rounds do every save_members_every_s
+        # b closed (saving its members again); it restarts with no seeds at all
         async with Node.open(tmp_path / "b.db", node_id="b", fleet=fleet) as b:
             mb = await b.serve("b2", [], config=cfg, network=InMemoryNetwork(net))
             assert "a" in mb.membership.members

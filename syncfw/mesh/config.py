@@ -117,6 +117,9 @@ class MeshConfig:
             first); None pushes to every connected peer.
         gossip_peers_every: gossip the member list on every n-th exchange.
         clock_warn_ms: a peer clock further off than this is logged (a health signal).
+        save_members_every_s: with a member file, how often the rounds save the
+            member table (it is saved at a clean close too, so this bounds what
+            a killed process forgets).
         session: sync session tunables (batch size, window, zstd).
         gossip: caps on what peer lists can make this node hold, send and dial.
     """
@@ -141,6 +144,7 @@ class MeshConfig:
     push_fanout: int | None = None
     gossip_peers_every: int = 1
     clock_warn_ms: int = 500
+    save_members_every_s: float = 10.0
     session: SessionConfig = field(default_factory=SessionConfig)
     gossip: GossipBounds = field(default_factory=GossipBounds)
 
@@ -155,6 +159,8 @@ class MeshConfig:
             raise ValueError("indirect_probes >= 0 and suspect_after >= 1 are required")
         if self.dead_after_s < 0 or self.dead_retry_s < 0:
             raise ValueError("dead_after_s >= 0 and dead_retry_s >= 0 are required")
+        if self.save_members_every_s <= 0:
+            raise ValueError("save_members_every_s > 0 is required")
         if not 0 < self.reconnect_backoff_s <= self.max_reconnect_backoff_s:
             raise ValueError("0 < reconnect_backoff_s <= max_reconnect_backoff_s is required")
 

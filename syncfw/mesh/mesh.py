@@ -37,9 +37,11 @@ Invariants:
    in all, at most ``config.exchange_timeout_s``. A probe takes at most
    ``probe_timeout_s``, an indirect one twice that.
 7. With a :class:`~syncfw.mesh.persist.MemberFile`, the members ever reached
-   are saved every ``_SAVE_EVERY_S`` (from the rounds; not at close, which
-   writes nothing to the node's file after the store's last commit), and
-   restored at start beside the seeds.
+   are saved every ``config.save_members_every_s`` (from the rounds) and once
+   more at :meth:`Mesh.aclose`, after the rounds have stopped and before the
+   listener and channels go (a node closes its meshes before its store, so
+   the file is still open); they are restored at start beside the seeds. A
+   killed process keeps what the last save held.
 6. Gossip is bounded (``config.gossip``): members are learned only from a
    Peers frame the session accepted, which it does only after the peer's
    Hello; the table, what one frame adds and this node's own list are capped
@@ -81,7 +83,6 @@ log = logging.getLogger("syncfw.mesh")
 _STATES = tuple(s.value for s in MemberState)
 _UNLABELLED_WARNINGS = 256  # distinct non-member peer ids warned about, at most
 _MAX_SERVED_PROBES = 32  # indirect probes this node runs for others at once
-_SAVE_EVERY_S = 10.0  # how often the member table is saved (with a MemberFile)
 # a failed exchange that heard no Hello and ended with one of these is a failed
 # contact (checked through indirect probes); any other status is the peer answering
 _NO_CONTACT = frozenset(
@@ -295,7 +296,10 @@ class Mesh:
             self._busy | self._probing, self._rng, avoid={m.address for m in chosen}
         )
         probes = [self._spawn(self.probe(m.address), "syncfw-mesh-probe") for m in targets]
-        if self.member_file is not None and now - self._saved_at >= _SAVE_EVERY_S:
+        if (
+            self.member_file is not None
+            and now - self._saved_at >= self.config.save_members_every_s
+        ):
             self._saved_at = now
             self._spawn(self.save_members(), "syncfw-mesh-save")
         return exchanges, probes
@@ -775,6 +779,9 @@ class Mesh:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # the table as the rounds left it (a save they had started was cancelled with
+        # them; MemberFile.save warns rather than raises, so close goes on regardless)
+        await self.save_members()
         if self.listener is not None:
             await self.listener.aclose()
         await self.network.aclose()

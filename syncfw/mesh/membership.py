@@ -40,6 +40,7 @@ import enum
 import random
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from syncfw.mesh.addresses import (
     FRAME_CAP,
@@ -166,6 +167,54 @@ class Choice:
     deferred: int
 
 
+class _Table(dict[str, Member]):
+    """The member table, by address, counting changes to what it holds.
+
+    A round orders the table by address several times (its choice, its probes,
+    its peer list); :meth:`Membership._ordered` sorts it again only when the
+    count moved. Members' own fields change in place and need no re-sort: the
+    order is by address, the key.
+    """
+
+    __slots__ = ("version",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.version = 0
+
+    def __setitem__(self, key: str, value: Member) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        self.version += 1
+        return super().pop(key, *default)
+
+    def popitem(self) -> tuple[str, Member]:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def setdefault(self, key: str, default: Member | None = None) -> Member:
+        self.version += 1
+        return super().setdefault(key, default)  # type: ignore[arg-type]
+
+    def update(self, *args: Any, **kw: Any) -> None:
+        self.version += 1
+        super().update(*args, **kw)
+
+    def __ior__(self, other: Any) -> _Table:  # type: ignore[override,misc]
+        self.update(other)
+        return self
+
+
 class Membership:
     """The member table of one node.
 
@@ -201,7 +250,9 @@ class Membership:
         self.dead_after_s = dead_after_s
         self.dead_retry_s = dead_retry_s
         self.bounds = bounds or GossipBounds(require_port=False)
-        self.members: dict[str, Member] = {}  # by address
+        self._members = _Table()  # by address
+        self._order: list[Member] = []  # the table by address, as of _order_at
+        self._order_at = -1
         # the operator's own addresses: never evicted, never counted as new dials
         self.seeds: frozenset[str] = frozenset(s for s in seeds if s and s != address)
         for seed in sorted(self.seeds):
@@ -209,6 +260,24 @@ class Membership:
         self._rotation = [0, 0, 0]  # where each tier's next gossiped list starts
         self._transitions: list[Transition] = []
         self._probe_order: list[str] = []  # SWIM's round-robin probe list, reshuffled per pass
+
+    @property
+    def members(self) -> dict[str, Member]:
+        """The member table, by address."""
+        return self._members
+
+    @members.setter
+    def members(self, table: dict[str, Member]) -> None:
+        self._members = _Table()
+        self._members.update(table)
+
+    def _ordered(self) -> list[Member]:
+        """Every member, by address: sorted again only after the table changed."""
+        t = self._members
+        if self._order_at != t.version:
+            self._order = sorted(t.values(), key=_address)
+            self._order_at = t.version
+        return self._order
 
     def restore(self, saved: Iterable[Saved], now: float) -> list[Member]:
         """Add members persisted before a restart, beside the seeds (most recently seen first).
@@ -455,7 +524,7 @@ class Membership:
         """
         out = [
             m
-            for m in sorted(self.members.values(), key=lambda m: m.address)
+            for m in self._ordered()
             if m.address not in exclude
             and (m.state is MemberState.SUSPECT or m.recheck)
             and not self.is_new(m)
@@ -476,7 +545,7 @@ class Membership:
                     return [*out, m]
                 if fallback is None:
                     fallback = m
-            self._probe_order = sorted(self.members)
+            self._probe_order = [m.address for m in self._ordered()]
             rng.shuffle(self._probe_order)
         return [*out, fallback] if fallback is not None else out
 
@@ -487,14 +556,7 @@ class Membership:
         seeds fill in. Learned members never reached are never asked (asking
         is a dial, which only rounds make, within the new-dial rate).
         """
-        alive = sorted(
-            (
-                m
-                for m in self.members.values()
-                if m.state is MemberState.ALIVE and m.address != target
-            ),
-            key=lambda m: m.address,
-        )
+        alive = [m for m in self._ordered() if m.state is MemberState.ALIVE and m.address != target]
         reached = [m for m in alive if m.last_ok is not None]
         rest = [m for m in alive if m.last_ok is None and m.address in self.seeds]
         out = rng.sample(reached, min(k, len(reached)))
@@ -533,17 +595,15 @@ class Membership:
         Returns:
             The choice, with how many new dials it holds and how many it deferred.
         """
-        live = sorted(self.live(), key=lambda m: m.address)
+        live: list[Member] = []
+        due: list[Member] = []
+        dead = MemberState.DEAD
+        for m in self._ordered():
+            if m.state is not dead:
+                live.append(m)
+            elif m.last_try is None or now - m.last_try >= self.dead_retry_s:
+                due.append(m)
         chosen = rng.sample(live, min(fanout, len(live)))
-        due = sorted(
-            (
-                m
-                for m in self.members.values()
-                if m.state is MemberState.DEAD
-                and (m.last_try is None or now - m.last_try >= self.dead_retry_s)
-            ),
-            key=lambda m: m.address,
-        )
         if due:
             chosen.append(rng.choice(due))
         if new_dials is None:
@@ -576,7 +636,7 @@ class Membership:
         own = PeerInfo(self.node_id, self.address, self.heartbeat)
         room = b.gossip_bytes - _FRAME_OVERHEAD - _entry_bytes(own)
         tiers: tuple[list[Member], ...] = ([], [], [])
-        for m in sorted(self.members.values(), key=lambda m: m.address):
+        for m in self._ordered():
             if not m.node_id or m.state is MemberState.DEAD:
                 continue
             if m.state is MemberState.SUSPECT:
@@ -607,6 +667,10 @@ class Membership:
             m.address: {"node_id": m.node_id, "state": m.state.value, "failures": m.failures}
             for m in self.members.values()
         }
+
+
+def _address(m: Member) -> str:
+    return m.address
 
 
 def _entry_bytes(p: PeerInfo) -> int:

@@ -1,8 +1,9 @@
 """``syncfw cloud run`` and ``syncfw cloud tail``: the aggregator and the change feed's reader.
 
 ``cloud run`` opens an :class:`~syncfw.cloud.Aggregator` (the fleet authority,
-keeping the whole log in its own SQLite file), joins the mesh and serves the
-change feed on the same port until SIGINT/SIGTERM. ``cloud tail`` reads the
+or with ``--node`` another aggregator beside it; either keeps the whole log in
+its own SQLite file), joins the mesh and serves the change feed on the same
+port until SIGINT/SIGTERM. ``cloud tail`` reads the
 feed of a running aggregator (or any node serving it) and prints one JSON
 object per op; its last line on stderr is the vector to resume from.
 """
@@ -48,6 +49,11 @@ def register(sub: Any) -> None:
                    "(syncfw keys init-fleet / add-node AUTHORITY); none: an unsigned fleet")
     r.add_argument("--fleet", default="default", help="fleet id (unsigned fleets; --keys names it)")
     r.add_argument("--authority", default="cloud", help="the authority's node id (unsigned fleets)")
+    r.add_argument("--node", metavar="NODE",
+                   help="run as this node id, an aggregator beside the authority's (its keys: "
+                   "syncfw keys add-node DIR NODE); it builds the view, serves the feed and "
+                   "shares export duty, but writes nothing only the authority may "
+                   "(default: the authority)")
     r.add_argument("--shared", action="append", default=[], metavar="PREFIX",
                    help="a prefix every node may write (as node serve --shared)")
     r.add_argument("--listen", default="127.0.0.1:7000", help="host:port for the mesh and feed")
@@ -136,7 +142,7 @@ async def _run(args: argparse.Namespace) -> int:
         grants = tuple(Grant.of(p, "*") for p in args.shared)
         if args.keys:
             trust = load_fleet(args.keys)
-            keys = load_node(args.keys, trust.authority)
+            keys = load_node(args.keys, args.node or trust.authority)
             fleet = trust.bind(Fleet(fleet_id=trust.fleet_id, authority=trust.authority,
                                      grants=grants))
         else:
@@ -146,7 +152,8 @@ async def _run(args: argparse.Namespace) -> int:
     config = AggregatorConfig(mesh=PRESETS[args.preset]())
     stop = _stop_event()
     try:
-        agg = await Aggregator.open(args.db, keys, fleet=fleet, config=config)
+        agg = await Aggregator.open(args.db, keys, fleet=fleet, config=config,
+                                    node_id=args.node)
     except (SyncfwError, ValueError) as exc:
         return fail("cloud", str(exc))
     dashboard: Any = None

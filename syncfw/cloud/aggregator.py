@@ -1,9 +1,14 @@
 """The cloud composition root: :class:`Aggregator`.
 
-An aggregator is a syncfw node that holds the fleet authority's key, peers
-with edges over the same gRPC mesh, keeps the whole log (it never compacts),
-serves the change feed (``syncfw.v1.Feed/Subscribe``) on its mesh port, and
-materializes the fleet view (:mod:`syncfw.cloud.view`).
+An aggregator is a syncfw node that peers with edges over the same gRPC
+mesh, keeps the whole log (it never compacts), serves the change feed
+(``syncfw.v1.Feed/Subscribe``) on its mesh port, and materializes the fleet
+view (:mod:`syncfw.cloud.view`). One aggregator is the fleet authority and
+holds its key; others may run beside it under ordinary node ids (keys from
+``syncfw keys add-node``): they sync with it and with each other like any
+nodes, build the same view from the same log, serve the same feed and share
+export duty (:mod:`syncfw.cloud.export`), but write nothing only the
+authority may (``sys/``, grants, registrations).
 
 Invariants:
 
@@ -42,7 +47,7 @@ from syncfw.store import StoreConfig
 from syncfw.store.follow import FeedItem, Follow
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
-from syncfw.trust.keydir import NodeKeys
+from syncfw.trust.keydir import NodeKeys, is_subscriber
 from syncfw.zones import Fleet
 
 __all__ = ["Aggregator", "AggregatorConfig", "ViewUpdates"]
@@ -150,29 +155,30 @@ class Aggregator:
 
         Args:
             path: its SQLite file (the embedded default store).
-            keys: the authority's keys (``syncfw keys``; ``load_node(dir,
-                authority)``). None: an unsigned, development fleet.
+            keys: its node's keys (``syncfw keys``; ``load_node(dir, node)``): the
+                authority's for the fleet's authority aggregator, another
+                node's for one beside it. None: an unsigned, development fleet.
             fleet: the fleet bootstrap (default: the one ``keys`` names).
-            node_id: the aggregator's node id (default: the fleet's authority).
+            node_id: the aggregator's node id (default: the one ``keys`` name,
+                else the fleet's authority).
             config: tunables.
             clock: wall clock in ms (tests).
 
         Raises:
-            ValueError: ``keys`` are not the authority's, or ``node_id`` is not
-                the fleet's authority.
+            ValueError: ``node_id`` differs from the one ``keys`` name, or is a
+                subscriber's id (``sub:...``), which never writes.
         """
         cfg = config or AggregatorConfig()
         if keys is not None:
-            if keys.node_id != keys.authority:
+            if node_id is not None and node_id != keys.node_id:
                 raise ValueError(
-                    f"an aggregator holds the authority key: {keys.node_id!r} is not the "
-                    f"authority {keys.authority!r} of fleet {keys.fleet_id!r}"
+                    f"these keys are node {keys.node_id!r}'s, not {node_id!r}'s"
                 )
             fleet = fleet or Fleet(fleet_id=keys.fleet_id, authority=keys.authority)
         fleet = fleet or Fleet()
         nid = node_id or (keys.node_id if keys is not None else fleet.authority)
-        if nid != fleet.authority:
-            raise ValueError(f"an aggregator is the fleet authority {fleet.authority!r}, not {nid!r}")
+        if is_subscriber(nid):
+            raise ValueError(f"{nid!r} names a feed subscriber, which never syncs: not an aggregator")
         node = await Node.open(path, node_id=nid, fleet=fleet, config=cfg.store, clock=clock,
                                keys=keys)
         agg = cls(node, cfg, keys)
@@ -183,7 +189,7 @@ class Aggregator:
     # ------------------------------------------------------------------ serving
 
     def tls(self) -> TlsConfig | None:
-        """Mutual TLS from the authority's keys (None in an unsigned fleet)."""
+        """Mutual TLS from its keys (None in an unsigned fleet)."""
         k = self.keys
         return None if k is None else TlsConfig(k.ca_pem, k.cert_pem, k.key_pem)
 
@@ -203,7 +209,7 @@ class Aggregator:
             listen: ``host:port`` (port 0: any free one).
             peers: seed addresses.
             advertise: the address edges dial, if not ``listen``.
-            tls: mutual TLS (default: from the authority's keys).
+            tls: mutual TLS (default: from its keys).
             network: another transport (tests); it serves no feed unless it does itself.
             metrics: ``host:port`` for ``/metrics`` (node and fleet series).
 
@@ -219,6 +225,11 @@ class Aggregator:
             listen, peers, config=mesh_cfg, advertise=advertise, network=network, metrics=metrics
         )
         return self.mesh
+
+    @property
+    def is_authority(self) -> bool:
+        """Whether this aggregator is the fleet's authority (one per fleet)."""
+        return self.node.node_id == self.node.fleet.authority
 
     @property
     def address(self) -> str | None:
@@ -360,6 +371,7 @@ class Aggregator:
         v = self.view()
         return {
             "view_version": v["version"],
+            "authority": self.is_authority,
             "nodes": v["totals"]["nodes"],
             "by_state": v["totals"]["by_state"],
             "ops_folded": v["ops_folded"],

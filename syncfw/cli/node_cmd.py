@@ -5,6 +5,12 @@ Every setting comes from a flag, a ``SYNCFW_*`` variable, a TOML file
 all are checked before anything is opened. :func:`node_parts` is the one place
 that turns settings into the mesh and transport configuration, and
 :func:`serve` the one place that opens the node with them.
+
+Every serving node runs its model side (:class:`syncfw.models.service.ModelService`):
+it holds, serves and advertises release chunks, and for each ``--model NAME`` it follows
+that model's rollouts (fetch from peers, verify, validate on the canary set, activate,
+watch, commit or roll back); the fleet authority also promotes and halts rollouts from
+the nodes' reports.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +30,7 @@ from typing import Any
 from syncfw.cli.common import fail
 from syncfw.cli.logs import configure_logging
 from syncfw.cli.sdnotify import notify
-from syncfw.cli.settings import SERVE_OPTIONS, SettingsError, add_options, resolve
+from syncfw.cli.settings import SERVE_OPTIONS, Option, SettingsError, add_options, resolve
 from syncfw.cli.target import admin_file
 from syncfw.errors import SyncfwError
 from syncfw.mesh import Mesh, MeshConfig
@@ -32,6 +39,74 @@ from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.zones import Fleet, Grant
 
 PRESETS = {"lan": MeshConfig.lan, "metered": MeshConfig.metered_link, "test": MeshConfig.test}
+
+
+def _model_name(value: str) -> str | None:
+    from syncfw.models.manifest import check_name
+
+    try:
+        check_name(value)
+    except SyncfwError as exc:
+        return str(exc)
+    return None
+
+
+def _each_name(values: list[str]) -> str | None:
+    for v in values:
+        why = _model_name(v)
+        if why is not None:
+            return why
+    return None
+
+
+def _file(value: str) -> str | None:
+    return None if os.path.isfile(value) else "is no such file"
+
+
+def _positive(value: float) -> str | None:
+    return None if 0 < value < float("inf") else "must be a number above 0"
+
+
+def _not_negative(value: float) -> str | None:
+    return None if 0 <= value < float("inf") else "must be a number >= 0"
+
+
+MODEL_OPTIONS: list[Option] = [
+    Option(
+        "model",
+        "run the model lifecycle for NAME (repeatable): follow its rollouts, fetch from "
+        "peers, validate, activate, watch, commit or roll back (needs the inference extra)",
+        kind="list",
+        default=[],
+        check=_each_name,
+        metavar="NAME",
+    ),
+    Option(
+        "canary",
+        "labelled canary set (.npz with x and y) a new model is validated and watched on "
+        "(default: the shipped one, for the shipped inspection model)",
+        check=_file,
+        metavar="NPZ",
+    ),
+    Option(
+        "model-window-s",
+        "seconds a new model is watched before it is committed",
+        kind="float",
+        default=30.0,
+        check=_not_negative,
+        metavar="S",
+    ),
+    Option(
+        "chunk-max-bytes",
+        "disk budget of the chunk store beside the database (default: the disk)",
+        kind="float",
+        check=_positive,
+        metavar="N",
+    ),
+]
+"""The model settings of ``node serve`` (beside :data:`SERVE_OPTIONS`)."""
+NODE_OPTIONS = [*SERVE_OPTIONS[:-2], *MODEL_OPTIONS, *SERVE_OPTIONS[-2:]]
+""":data:`SERVE_OPTIONS` and :data:`MODEL_OPTIONS`, the logging settings last."""
 
 
 def register(sub: Any) -> None:
@@ -54,7 +129,7 @@ def register(sub: Any) -> None:
         "comma-separated. --log-level and --log-format may also come from "
         "SYNCFW_LOG_LEVEL, SYNCFW_LOG_FORMAT or log_level, log_format in the file.",
     )
-    add_options(s, SERVE_OPTIONS)
+    add_options(s, NODE_OPTIONS)
     s.set_defaults(func=run)
 
 
@@ -192,6 +267,9 @@ async def serve(settings: argparse.Namespace) -> int:
             network=network,
         )
         print(f"listening {mesh.listener.address if mesh.listener else '-'}", flush=True)
+        models = await _start_models(node, mesh, settings)
+        if isinstance(models, int):
+            return models
         admin: AdminServer | None = None
         try:
             if settings.metrics:
@@ -225,7 +303,34 @@ async def serve(settings: argparse.Namespace) -> int:
             if admin is not None:
                 await admin.aclose()
                 _remove_file(admin_path)
+            await models.aclose()
     return 0
+
+
+async def _start_models(node: Any, mesh: Mesh, settings: argparse.Namespace) -> Any:
+    """The node's model side (see the module docstring), or an exit status."""
+    from syncfw.models.artifacts import ArtifactConfig
+    from syncfw.models.lifecycle import LifecycleConfig
+    from syncfw.models.service import ModelService, ServiceConfig
+
+    names = tuple(getattr(settings, "model", None) or ())
+    lifecycle = LifecycleConfig(window_s=getattr(settings, "model_window_s", 30.0))
+    if getattr(settings, "canary", None):
+        lifecycle = dataclasses.replace(lifecycle, canary=settings.canary)
+    max_bytes = getattr(settings, "chunk_max_bytes", None)
+    config = ServiceConfig(
+        names=names,
+        artifacts=ArtifactConfig(max_bytes=int(max_bytes) if max_bytes else None),
+        lifecycle=lifecycle,
+    )
+    try:
+        return await ModelService.start(node, mesh, config)
+    except ImportError as exc:
+        return fail(
+            "node",
+            f"--model needs the inference extra ({exc.name} is missing): "
+            "pip install 'syncfw[inference]'",
+        )
 
 
 def _write_file(path: Path, text: str) -> None:
@@ -240,7 +345,7 @@ def _remove_file(path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``syncfw node serve``."""
     try:
-        settings = resolve(args)
+        settings = resolve(args, NODE_OPTIONS)
     except SettingsError as exc:
         return fail("node", str(exc))
     # the logging settings may come from the environment or the config file too

@@ -63,6 +63,7 @@ __all__ = [
     "Record",
     "lifecycle_key",
     "read_records",
+    "records_of",
 ]
 
 log = logging.getLogger("syncfw.models.lifecycle")
@@ -184,9 +185,14 @@ def _opt(x: Any) -> float | None:
 
 async def read_records(node: Node, name: str) -> dict[str, Record]:
     """Every node's record for ``name`` as ``node`` holds them now."""
+    return records_of(await node.scan("fleet/"), name)
+
+
+def records_of(state: Mapping[str, Any], name: str) -> dict[str, Record]:
+    """Every node's record for ``name`` in a ``scan("fleet/")`` result (pure)."""
     out: dict[str, Record] = {}
     suffix = f"/model/{name}"
-    for key, value in (await node.scan("fleet/")).items():
+    for key, value in state.items():
         if not key.endswith(suffix):
             continue
         nid = key[len("fleet/") : -len(suffix)]

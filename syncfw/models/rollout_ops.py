@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -34,9 +35,11 @@ __all__ = [
     "Rollout",
     "advance",
     "follow",
+    "plan_value",
     "read_rollout",
     "read_rollouts",
     "rollout_key",
+    "rollouts_of",
     "start_rollout",
     "step",
 ]
@@ -72,6 +75,11 @@ class Rollout:
         return {"name": p.name, "version": p.version, "stages": list(p.stages),
                 "gate": self.gate_text, "stage": self.stage, "stage_pct": p.stages[self.stage],
                 "halted": self.halted, "halt_reason": self.halt_reason, "done": self.done}
+
+
+def plan_value(plan: Plan, gate: str) -> dict[str, Any]:
+    """The op value of a rollout plan at :func:`rollout_key` (what :func:`start_rollout` writes)."""
+    return _plan_value(plan, gate)
 
 
 def _plan_value(plan: Plan, gate: str) -> dict[str, Any]:
@@ -115,7 +123,13 @@ def _parse(value: Any, stage: Any, halt: Any, done: Any) -> Rollout | None:
 
 async def read_rollouts(node: Node, name: str | None = None) -> dict[tuple[str, int], Rollout]:
     """Every rollout ``node`` knows (of ``name``, or all)."""
-    state = await node.scan(ROLLOUT_PREFIX if name is None else f"{ROLLOUT_PREFIX}{name}/")
+    return rollouts_of(
+        await node.scan(ROLLOUT_PREFIX if name is None else f"{ROLLOUT_PREFIX}{name}/")
+    )
+
+
+def rollouts_of(state: Mapping[str, Any]) -> dict[tuple[str, int], Rollout]:
+    """Every rollout in a ``scan("sys/rollouts/...")`` result (pure)."""
     out: dict[tuple[str, int], Rollout] = {}
     for key, value in state.items():
         parts = key[len(ROLLOUT_PREFIX):].split("/")

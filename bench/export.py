@@ -8,12 +8,18 @@ messages (same subjects, bodies and headers, ``Nats-Msg-Id`` included) to
 another R3 stream with ``publish_async`` and no other constraint: as many in
 flight as the client allows, no follow(), no per-origin order, no cursor.
 
+With ``--processes N`` (N > 1) the export duty is split by the origin hash
+(:func:`~syncfw.cloud.export.owner_of`) across N exporter processes, each
+with its own replica of the same log (as N aggregators side by side hold
+one), all started at once; ``export_ops_per_s`` is then every op over the
+time until the last process has exported its share.
+
 Keys: ``export_ops_per_s`` (the issue's figure; target ≥ 20k),
 ``floor_ops_per_s`` and the ratio, ``origins``, ``ops``, and the stream check
 (every op once, in per-origin order). Runs in well under a minute by default;
 the last line is one JSON object.
 
-    .venv/bin/python bench/export.py [--origins 64] [--ops 300] [--batch 4096]
+    .venv/bin/python bench/export.py [--origins 64] [--ops 300] [--batch 4096] [--processes N]
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -54,6 +61,83 @@ async def _fill(root: Path, origins: int, per: int, chunk: int = 10) -> Node:
         await node.apply_remote(await e.ops_since({}, limit=per + 10))
         await e.close()
     return node
+
+
+async def _worker(db: str, node_id: str, urls: str, exporters: str, batch: int) -> None:
+    """One exporter process: export this replica's share, say how many it stored."""
+    logging.basicConfig(level=logging.WARNING)
+    node = await Node.open(db, node_id=node_id, fleet=FLEET)
+    names = tuple(exporters.split(","))
+    cfg = ExportConfig(servers=tuple(urls.split(",")), replicas=3, batch_ops=batch,
+                       exporters=names)
+    ex = Exporter(node, cfg, alive=lambda: names)
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)  # "go"
+    t0 = time.perf_counter()
+    await ex.start()
+    while ex.state != "exporting" or ex.lag()[0] > 0:
+        if time.perf_counter() - t0 > 120:
+            raise RuntimeError(f"{node_id}: export stuck: {ex.status()}")
+        await asyncio.sleep(0.005)
+    dt = time.perf_counter() - t0
+    await ex.aclose()
+    await node.close()
+    print(f"done {ex.stats.stored} {dt:.4f}", flush=True)
+
+
+async def _replicas(root: Path, ops: list[Op], n: int) -> list[str]:
+    """``n`` replicas (x0, x1, ...) of the same log, each its own SQLite file."""
+    names = []
+    for i in range(n):
+        node = await Node.open(root / f"x{i}.db", node_id=f"x{i}", fleet=FLEET)
+        for j in range(0, len(ops), 5000):
+            await node.apply_remote(ops[j : j + 5000])
+        await node.close()
+        names.append(f"x{i}")
+    return names
+
+
+async def _export_split(root: Path, urls: list[str], ops: list[Op], n: int,
+                        batch: int) -> tuple[float, int, list[float]]:
+    """Every op exported by ``n`` processes; (seconds until the last is done, stored, each's s)."""
+    names = await _replicas(root, ops, n)
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--worker", str(root / f"{name}.db"), name,
+            ",".join(urls), ",".join(names), str(batch),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        for name in names
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None
+            line = (await p.stdout.readline()).decode()
+            if not line.startswith("ready"):
+                raise RuntimeError(f"an exporter process did not start: {line!r}")
+        t0 = time.perf_counter()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write(b"go\n")
+            await p.stdin.drain()
+        stored, each = 0, []
+        for p in procs:
+            assert p.stdout is not None
+            line = (await p.stdout.readline()).decode().split()
+            if not line or line[0] != "done":
+                raise RuntimeError(f"an exporter process failed: {line!r}")
+            stored += int(line[1])
+            each.append(float(line[2]))
+        dt = time.perf_counter() - t0
+        for p in procs:
+            await p.wait()
+        return dt, stored, each
+    finally:
+        for p in procs:
+            if p.returncode is None:
+                p.kill()
+                await p.wait()
 
 
 async def _ready(urls: list[str]) -> None:
@@ -99,21 +183,28 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         try:
             async with NatsCluster(root / "nats", 3) as cluster:
                 await _ready(cluster.urls)
-                cfg = ExportConfig(servers=tuple(cluster.urls), replicas=3,
-                                   batch_ops=args.batch)
-                ex = Exporter(node, cfg)
-                t0 = time.perf_counter()
-                await ex.start()
-                while ex.stats.stored < total:
-                    if time.perf_counter() - t0 > 120:
-                        raise RuntimeError(f"export stuck at {ex.stats.stored}/{total}: "
-                                           f"{ex.status()}")
-                    await asyncio.sleep(0.01)
-                export_s = time.perf_counter() - t0
-                await ex.aclose()
+                all_ops = await node.ops_since({}, limit=total + 10)
+                each: list[float] = []
+                if args.processes > 1:
+                    export_s, stored, each = await _export_split(
+                        root, cluster.urls, all_ops, args.processes, args.batch)
+                    if stored != total:
+                        raise RuntimeError(f"the exporters stored {stored} of {total} ops")
+                else:
+                    cfg = ExportConfig(servers=tuple(cluster.urls), replicas=3,
+                                       batch_ops=args.batch)
+                    ex = Exporter(node, cfg)
+                    t0 = time.perf_counter()
+                    await ex.start()
+                    while ex.stats.stored < total:
+                        if time.perf_counter() - t0 > 120:
+                            raise RuntimeError(f"export stuck at {ex.stats.stored}/{total}: "
+                                               f"{ex.status()}")
+                        await asyncio.sleep(0.01)
+                    export_s = time.perf_counter() - t0
+                    await ex.aclose()
                 rep = check_stream(await read_stream(cluster.urls, "SYNCFW"),
                                    node.store.version_vector)
-                all_ops = await node.ops_since({}, limit=total + 10)
                 floor = await _floor(cluster.urls, all_ops)
         finally:
             await node.close()
@@ -122,6 +213,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         "origins": args.origins,
         "ops": total,
         "batch_ops": args.batch,
+        "processes": args.processes,
         "export_ops_per_s": round(export_rate),
         "floor_ops_per_s": round(floor),
         "export_vs_floor": round(export_rate / floor, 2),
@@ -132,6 +224,9 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     print(f"{'floor_ops_per_s':<22} {out['floor_ops_per_s']:>10,}  (nats-py publish_async, "
           "same messages, no order kept)")
     print(f"{'export / floor':<22} {out['export_vs_floor']:>10}")
+    if each:
+        print(f"{'per process (s)':<22} {' '.join(f'{t:.2f}' for t in each)}  "
+              f"({args.processes} exporter processes, split by origin hash)")
     print(f"stream: {rep}")
     return out
 
@@ -141,6 +236,14 @@ if __name__ == "__main__":
     p.add_argument("--origins", type=int, default=64)
     p.add_argument("--ops", type=int, default=300, help="ops per origin")
     p.add_argument("--batch", type=int, default=4096, help="the exporter's batch_ops")
-    result = asyncio.run(main(p.parse_args()))
+    p.add_argument("--processes", type=int, default=1,
+                   help="exporter processes splitting the origins (each its own replica)")
+    p.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parsed = p.parse_args()
+    if parsed.worker:
+        db, nid, urls, names, batch = parsed.worker
+        asyncio.run(_worker(db, nid, urls, names, int(batch)))
+        sys.exit(0)
+    result = asyncio.run(main(parsed))
     print(json.dumps(result, sort_keys=True))
     sys.exit(0 if result["stream_ok"] else 1)

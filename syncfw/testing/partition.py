@@ -76,6 +76,13 @@ class EgressProxy:
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:
+            await self._tunnel(r, w)
+        except asyncio.CancelledError:
+            w.close()  # the loop is ending: leave no open socket to the collector
+            raise
+
+    async def _tunnel(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
             request = await r.readline()
             while (await r.readline()) not in (b"\r\n", b""):
                 pass

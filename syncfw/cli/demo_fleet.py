@@ -21,6 +21,7 @@ and :mod:`syncfw.cli.demo_rollout`.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from dataclasses import dataclass, field
@@ -348,3 +349,5 @@ class DemoFleet:
         for proxy in self.proxies.values():
             with contextlib.suppress(Exception):
                 await proxy.aclose()
+        # Tunnels and connections closed above finish on the loop, not at its shutdown.
+        await asyncio.sleep(0.2)

@@ -116,6 +116,13 @@ class NodeMetrics:
             n,
             registry=r,
         )
+        self.snapshots = Counter(
+            "syncfw_snapshots",
+            "State snapshots sent to peers below this node's compaction point, and "
+            "installed from peers (direction: sent, installed).",
+            (*n, "direction"),
+            registry=r,
+        )
         self.peers_evicted = Counter(
             "syncfw_peers_evicted",
             "Acknowledging peers forgotten to keep the peers table within its bound "
@@ -302,6 +309,7 @@ class NodeMetrics:
             "trust_mode": ints(self.by_label("syncfw_trust_mode", "mode")),
             "fork_evidence": ints(self.by_label("syncfw_fork_evidence", "origin")),
             "acks_ignored": int(self.value("syncfw_acks_ignored_total")),
+            "snapshots": ints(self.by_label("syncfw_snapshots_total", "direction")),
             "peers_evicted": int(self.value("syncfw_peers_evicted_total")),
             "chain_fenced": int(self.value("syncfw_chain_fenced")),
         }

@@ -47,6 +47,22 @@ async def test_heavy_faults_and_more_nodes() -> None:
     await _seeds(range(1000, 1060), cfg)
 
 
+async def test_seeds_converge_with_compaction_through_snapshots() -> None:
+    """Nodes compact what the peers they heard from acknowledged; a peer they never heard
+    from is then below their compaction point, and converges through a snapshot."""
+    cfg = SimConfig(nodes=6, writes=90, exchanges=70, compactions=25, crashes=2)
+    failures, snapshots, compacted = [], 0, 0
+    for seed in range(2000, 2040):
+        sim = Simulation(seed, cfg)
+        report = await sim.run()
+        if not report.ok:
+            failures.append(f"seed {seed}: {report.problems[:3]} ({report})")
+        compacted += report.compacted
+        snapshots += sum(n.mem.snapshots_installed for n in sim.nodes)  # type: ignore[attr-defined]
+    assert not failures, "failing seeds:\n" + "\n".join(failures[:5])
+    assert compacted > 0 and snapshots > 0, (compacted, snapshots)  # the path was exercised
+
+
 def test_same_seed_same_run() -> None:
     import asyncio
 

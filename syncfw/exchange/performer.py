@@ -29,6 +29,12 @@ error policy. Invariants:
    deterministic), in a worker thread for the runner, so a large or hostile
    batch costs the event loop no long block. Decoding never touches the
    replica, so where it runs changes no outcome.
+7. Snapshots (session invariant 11) follow the ack rule: a replica built
+   with compaction (:class:`~syncfw.sync.snapshot.SnapshotReplica`) starts
+   its sessions from its compaction points, and sends a snapshot to any peer
+   below them; it takes one only from a peer it may take acks from (in a
+   signed fleet, the authenticated peer). A refused or damaged snapshot ends
+   the exchange with a clear status and changes nothing.
 6. Acknowledgements drive compaction, so a peer's acknowledged vector is
    recorded only for the peer the link authenticated (:meth:`Performer.
    authenticate`: the node id of its mTLS certificate, bound to its Hello). In a
@@ -41,11 +47,11 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from syncfw.codec import decode_batch
-from syncfw.errors import ChainError, DecodeError, SyncfwError
+from syncfw.errors import ChainError, DecodeError, ForkError, SyncfwError
 from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices, clip
@@ -56,14 +62,19 @@ from syncfw.sync import (
     Effect,
     End,
     FetchOps,
+    FetchSnapshot,
     Frame,
+    InstallSnapshot,
     LearnPeers,
     LoadPeerAck,
     PeerInfo,
     Send,
     Session,
     Status,
+    decode_snapshot,
+    encode_snapshot,
 )
+from syncfw.sync.snapshot import Snapshot, SnapshotReplica
 from syncfw.transport.base import LinkError
 
 __all__ = ["Link", "Offload", "OnEnd", "OnPeers", "OnSendError", "Performer"]
@@ -80,7 +91,7 @@ OnEnd = Callable[[Status, str], None]
 """Called once, when the session emits its :class:`End`."""
 OnSendError = Callable[[LinkError], Coroutine[Any, Any, list[Effect]]]
 """Decides what a failed send means; returns the session's effects for it."""
-Offload = Callable[[Callable[[], list[Op]]], Awaitable[list[Op]]]
+Offload = Callable[[Callable[[], Any]], Awaitable[Any]]
 """Runs a pure decoding job elsewhere (a worker thread) and returns its result."""
 
 
@@ -103,6 +114,11 @@ def _log_unexpected(exc: BaseException, doing: str) -> None:
     """Replica errors of syncfw's own tree are expected; anything else is a bug worth a traceback."""
     if not isinstance(exc, SyncfwError):
         log.error("%s failed unexpectedly", doing, exc_info=exc)
+
+
+def _named(below: Mapping[str, int]) -> str:
+    shown = ", ".join(f"{clip(o)} up to {c}" for o, c in sorted(below.items())[:5])
+    return shown + (f" and {len(below) - 5} more" if len(below) > 5 else "")
 
 
 class Performer:
@@ -172,6 +188,8 @@ class Performer:
             Acknowledge: self._acknowledge,
             LoadPeerAck: self._load_peer_ack,
             LearnPeers: self._learn,
+            FetchSnapshot: self._fetch_snapshot,
+            InstallSnapshot: self._install_snapshot,
             End: self._end,
         }
 
@@ -207,11 +225,13 @@ class Performer:
         """
         try:
             vv = await self.replica.version_vector()
+            replica = self.replica
+            floor = replica.compacted() if isinstance(replica, SnapshotReplica) else None
         except Exception as exc:
             _log_unexpected(exc, "reading the version vector")
             await self.perform(self.session.abort(Status.INTERNAL, f"could not read vector: {exc}"))
         else:
-            await self.perform(self.session.start(vv))
+            await self.perform(self.session.start(vv, floor))
 
     async def receive(self, frame: Frame) -> None:
         """Feed a frame from the peer and perform what follows."""
@@ -284,6 +304,72 @@ class Performer:
             _log_unexpected(exc, "applying a batch")
             return self.session.apply_failed(exc)
         return self.session.ops_applied(vv)
+
+    async def _fetch_snapshot(self, effect: FetchSnapshot) -> list[Effect]:
+        replica = self.replica
+        if not isinstance(replica, SnapshotReplica):  # it sent a floor, so it compacts
+            return self.session.snapshot_unavailable("this replica builds no snapshots")
+        peer = clip(self.session.peer_id or "?")
+        try:
+            snap = await replica.snapshot()
+            data = await self._cpu(lambda: encode_snapshot(snap))
+        except Exception as exc:
+            _log_unexpected(exc, "building a snapshot")
+            return self.session.snapshot_unavailable(f"could not build one: {exc}")
+        log.warning(
+            "%s: peer %s lacks ops compacted here (%s); sending a state snapshot of %d "
+            "states (%d bytes) standing for %d origins",
+            replica.node_id,
+            peer,
+            _named(effect.below),
+            len(snap.states),
+            len(data),
+            len(snap.vv),
+        )
+        if self._metrics is not None:
+            self._metrics.snapshots.labels(self._metrics.node_id, "sent").inc()
+        return self.session.snapshot_fetched(data, snap.vv)
+
+    async def _install_snapshot(self, effect: InstallSnapshot) -> list[Effect]:
+        replica, peer = self.replica, self.session.peer_id or ""
+        if not isinstance(replica, SnapshotReplica):
+            return self.session.snapshot_failed(
+                Status.FAILED_PRECONDITION, "this replica takes no snapshots"
+            )
+        if not self._ack_trusted(peer):
+            return self.session.snapshot_failed(
+                Status.PERMISSION_DENIED,
+                "the peer is not authenticated, and in a signed fleet a snapshot (a claim "
+                "of the peer that sends it) is taken only from an authenticated peer",
+            )
+        cap = self.session.config.max_snapshot_bytes
+        try:
+            snap: Snapshot = await self._cpu(lambda: decode_snapshot(effect.data, max_bytes=cap))
+            await replica.install_snapshot(snap, source=peer)
+            vv = await replica.version_vector()
+        except DecodeError as exc:
+            return self.session.snapshot_failed(Status.INVALID_ARGUMENT, str(exc))
+        except (ChainError, ForkError) as exc:
+            return self.session.snapshot_failed(Status.DATA_LOSS, str(exc))
+        except Exception as exc:
+            _log_unexpected(exc, "installing a snapshot")
+            return self.session.snapshot_failed(Status.INTERNAL, f"could not install it: {exc}")
+        log.warning(
+            "%s: installed a state snapshot from %s (%d states, %d bytes): it stands for "
+            "%d origins, the ops before it are not held here",
+            replica.node_id,
+            clip(peer),
+            len(snap.states),
+            len(effect.data),
+            len(snap.vv),
+        )
+        if self._metrics is not None:
+            self._metrics.snapshots.labels(self._metrics.node_id, "installed").inc()
+        return self.session.snapshot_installed(vv)
+
+    async def _cpu(self, job: Callable[[], Any]) -> Any:
+        """Pure CPU work, where ``offload`` says (invariant 5)."""
+        return await self._offload(job) if self._offload is not None else job()
 
     async def _acknowledge(self, effect: Acknowledge) -> list[Effect]:
         if not self._ack_trusted(effect.peer):

@@ -373,6 +373,21 @@ class LiveDocs:
                 f.push(op.value)
             self._tally(key, len(op.value))
 
+    def on_snapshot(self, updates: list[tuple[str, bytes]]) -> None:
+        """After a snapshot was installed: each document's merged state reaches its live
+        doc and its followers, as committed ops do (merging is idempotent)."""
+        for key, update in updates:
+            doc = self._docs.get(key)
+            if doc is not None:
+                try:
+                    self._apply(doc, update)
+                except Exception:
+                    log.exception("a snapshot's state of document %r could not be applied", key)
+            elif key in self._early:
+                self._early[key].append(update)
+            for f in self._followers.get(key, ()):
+                f.push(update)
+
     # ------------------------------------------------------------------ checkpoints
 
     def _tally(self, key: str, n: int) -> None:

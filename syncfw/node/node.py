@@ -36,6 +36,7 @@ from syncfw.node.handles import Counter, ORSet, Register
 from syncfw.node.opening import Opening
 from syncfw.store import ChangeFeed, Store, StoreConfig
 from syncfw.store.follow import Follow
+from syncfw.sync.snapshot import Snapshot
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.trust import STATEMENT_KIND_OF
@@ -329,6 +330,19 @@ class Node:
 
     async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
         await self._store.acknowledge(peer, vv)
+
+    def compacted(self) -> dict[str, int]:
+        """Each compacted origin's compaction point (a peer below it gets a snapshot)."""
+        return self._store.compacted()
+
+    async def snapshot(self) -> Snapshot:
+        """This node's state and the vector it stands for (:mod:`syncfw.sync.snapshot`)."""
+        return await self._store.snapshot()
+
+    async def install_snapshot(self, snap: Snapshot, *, source: str) -> None:
+        """Join a peer's snapshot (the performer calls it; see ``Store.install_snapshot``)."""
+        await self._store.install_snapshot(snap, source=source)
+        self._docs.on_snapshot([(k, d) for kind, k, _, _, d in snap.states if kind == "ydoc"])
 
     async def peer_ack(self, peer: str) -> VersionVector:
         return self._store.peer_ack(peer)

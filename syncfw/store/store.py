@@ -64,7 +64,8 @@ from syncfw.log import (
     vv_merge,
 )
 from syncfw.metrics import NodeMetrics
-from syncfw.store import export, ydocs
+from syncfw.notices import clip
+from syncfw.store import export, snapshots, ydocs
 from syncfw.store.budget import PeerBound
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
@@ -98,6 +99,7 @@ from syncfw.store.sql import (
     translate_error,
 )
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
+from syncfw.sync.snapshot import Snapshot
 from syncfw.trust import EVIDENCE_KIND, MAX_BRANCH_OPS, ForkEvidence, KeyRing, verify_fork
 from syncfw.zones import Fleet, ZoneTable
 
@@ -863,6 +865,69 @@ class Store:
         )
         self._compacted.update(todo)
         return removed - len(todo)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def compacted(self) -> dict[str, int]:
+        """Each compacted origin's compaction point (its ops at or below are only in state)."""
+        return {o: c for o, c in self._compacted.items() if c > 0}
+
+    async def snapshot(self) -> Snapshot:
+        """The state now, the vector it stands for and every origin's chain head
+        (:mod:`syncfw.sync.snapshot`), read on the writer so no commit interleaves."""
+
+        async def run() -> Snapshot:
+            return await snapshots.build(self._read, dict(self._vv), dict(self._heads))
+
+        return await self._call(run, Priority.MAINTENANCE)
+
+    async def install_snapshot(self, snap: Snapshot, *, source: str) -> None:
+        """Join a peer's snapshot into this store, in one transaction
+        (:mod:`.snapshots`), then apply what was held back behind it.
+
+        Raises:
+            ForkError: it contradicts a chain head held here (nothing installed).
+            ClockSkewError: it holds a timestamp too far ahead of this node's clock.
+            StorageFullError: no room (nothing installed).
+        """
+
+        async def run() -> None:
+            plan = await snapshots.plan_install(self._read, snap, self._vv, self._heads)
+            if not plan.take:
+                return
+            if plan.newest_hlc:
+                self.clock.check(plan.newest_hlc)  # a local write after it must win
+            self._remote_room()
+            await self._txn([*plan.steps, self._hlc_step()])
+            # After COMMIT only: the mirrors.
+            if plan.newest_hlc:
+                self.clock.advance_to(plan.newest_hlc)
+            self._vv.update(plan.take)
+            self._heads.update(plan.heads)
+            self._compacted.update(plan.take)
+            for grant in plan.grants:
+                self.zones.add_grant(grant)
+            if self.keys is not None:
+                for value in plan.statements:
+                    try:
+                        self.keys.learn_value(value)
+                    except TrustError as exc:
+                        log.warning("snapshot from %s: a statement does not verify: %s",
+                                    clip(source), exc)
+            self._pending = {
+                o: {s: v for s, v in q.items() if s > plan.take.get(o, 0)}
+                for o, q in self._pending.items()
+            }
+            self._pending = {o: q for o, q in self._pending.items() if q}
+            me = self.node_id
+            if me in plan.take:  # our own chain, from a peer (a restore from backup)
+                self._chain.reset(self._vv[me], self._heads[me])
+                self._note_own()
+            self._meter.pending(self.pending_counts())
+            self._feed.committed()
+            await self._apply_remote([])  # what waited behind the snapshot's heads
+
+        await self._call(run, Priority.REMOTE)
 
     async def expire(self, retention_ms: int, *, now_ms: int | None = None) -> int:
         """Drop telemetry state older than ``retention_ms`` (see ``Fleet.telemetry``).

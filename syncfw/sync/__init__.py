@@ -6,7 +6,7 @@ tests without an event loop (``pair``). Nothing here opens a socket, awaits,
 reads a clock or touches SQLite: whoever owns the I/O (the transport runner, the
 simulator) performs the effects and feeds the results back.
 
-May import: errors, log, codec. Must not import: store, node, transport, mesh,
+May import: errors, log, codec, crdt (the snapshot's state checks). Must not import: store, node, transport, mesh,
 grpc, asyncio.
 """
 
@@ -17,6 +17,8 @@ from syncfw.sync.effects import (
     Effect,
     End,
     FetchOps,
+    FetchSnapshot,
+    InstallSnapshot,
     LearnPeers,
     LoadPeerAck,
     Send,
@@ -38,6 +40,7 @@ from syncfw.sync.frames import (
     Ops,
     PeerInfo,
     Peers,
+    SnapshotPart,
     Status,
     Summary,
     clip,
@@ -49,6 +52,7 @@ from syncfw.sync.session import (
     SessionConfig,
     SessionState,
 )
+from syncfw.sync.snapshot import Snapshot, decode_snapshot, encode_snapshot
 
 __all__ = [
     "MAX_ADDRESS_CHARS",
@@ -71,8 +75,10 @@ __all__ = [
     "Effect",
     "End",
     "FetchOps",
+    "FetchSnapshot",
     "Frame",
     "Hello",
+    "InstallSnapshot",
     "LearnPeers",
     "LoadPeerAck",
     "Ops",
@@ -85,7 +91,11 @@ __all__ = [
     "SessionClocks",
     "SessionConfig",
     "SessionState",
+    "Snapshot",
+    "SnapshotPart",
     "Status",
     "Summary",
     "clip",
+    "decode_snapshot",
+    "encode_snapshot",
 ]

@@ -24,6 +24,8 @@ __all__ = [
     "Effect",
     "End",
     "FetchOps",
+    "FetchSnapshot",
+    "InstallSnapshot",
     "LearnPeers",
     "LoadPeerAck",
     "Send",
@@ -98,6 +100,32 @@ class LearnPeers:
 
 
 @dataclass(frozen=True, slots=True)
+class FetchSnapshot:
+    """Build this replica's state snapshot (``encode_snapshot(await replica.snapshot())``)
+    for a peer below its compaction point, then answer with :meth:`Session.snapshot_fetched`
+    (the encoded bytes and the vector they stand for) or :meth:`Session.snapshot_unavailable`.
+
+    Attributes:
+        below: the origins the peer lacks compacted ops of (origin -> compacted seq).
+    """
+
+    below: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class InstallSnapshot:
+    """Check and install the peer's snapshot (``replica.install_snapshot``), then answer with
+    :meth:`Session.snapshot_installed` (the new version vector) or
+    :meth:`Session.snapshot_failed`; nothing changes when it fails.
+
+    Attributes:
+        data: the encoded snapshot, every piece joined, within ``max_snapshot_bytes``.
+    """
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class End:
     """The exchange is over; ``status`` says how. Always the last effect."""
 
@@ -105,5 +133,16 @@ class End:
     reason: str
 
 
-Effect = Send | FetchOps | DecodeOps | ApplyOps | Acknowledge | LoadPeerAck | LearnPeers | End
+Effect = (
+    Send
+    | FetchOps
+    | DecodeOps
+    | ApplyOps
+    | Acknowledge
+    | LoadPeerAck
+    | LearnPeers
+    | FetchSnapshot
+    | InstallSnapshot
+    | End
+)
 """Everything a session may ask for."""

@@ -33,6 +33,7 @@ __all__ = [
     "Ops",
     "PeerInfo",
     "Peers",
+    "SnapshotPart",
     "Status",
     "Summary",
     "clip",
@@ -64,9 +65,11 @@ class Status(enum.IntEnum):
     CANCELLED = 1
     INVALID_ARGUMENT = 3  # malformed frame or batch, frame out of order, gap
     DEADLINE_EXCEEDED = 4
+    PERMISSION_DENIED = 7  # a snapshot from a peer this side may not take one from
     RESOURCE_EXHAUSTED = 8  # batch over the size caps
     FAILED_PRECONDITION = 9  # protocol version, another fleet
     ABORTED = 10  # the link was cut
+    OUT_OF_RANGE = 11  # the peer needs ops this side compacted, and no snapshot can go
     INTERNAL = 13  # local storage failed
     UNAVAILABLE = 14  # the peer cannot be reached
     DATA_LOSS = 15  # forged or forked chain
@@ -139,6 +142,20 @@ class Ops:
 
 
 @dataclass(frozen=True, slots=True)
+class SnapshotPart:
+    """A piece of a state snapshot (:mod:`syncfw.sync.snapshot` bytes, cut to fit the
+    peer's batch cap), sent before any ``Ops`` to a peer below this side's compaction point.
+
+    Attributes:
+        data: the next bytes of the encoded snapshot.
+        last: the snapshot's final piece.
+    """
+
+    data: bytes
+    last: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     """The receiver's version vector after applying a batch."""
 
@@ -175,4 +192,4 @@ class Close:
     reason: str = ""
 
 
-Frame = Hello | Digest | Summary | Ops | Ack | Peers | Close
+Frame = Hello | Digest | Summary | Ops | SnapshotPart | Ack | Peers | Close

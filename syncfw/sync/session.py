@@ -59,6 +59,17 @@ Invariants (everything that affects the state machine lives in this file):
 9. With a :class:`~syncfw.sync.links.PeerBook` shared by a replica's sessions,
    no two live exchanges with one peer send it the same origin at once, and
    none re-sends what another had acknowledged (links invariant 4).
+11. Below a compaction point, a snapshot. A side started with a ``floor``
+   (where its log of each origin begins: the compaction points) that finds the
+   peer's Summary below it asks for a snapshot (:class:`FetchSnapshot`) before
+   it fetches any ops, sends it as ``SnapshotPart`` frames cut to the peer's
+   cap, and then streams the ops after the vector the snapshot stands for. The
+   receiver joins the parts in order with the batches (``max_snapshot_bytes``
+   at most, else ``RESOURCE_EXHAUSTED``), installs them whole
+   (:class:`InstallSnapshot`) before the next batch, and reads what follows
+   against the vector it then holds. At most one snapshot each way per
+   exchange. A peer that does not speak ``snapshot`` gets none: the exchange
+   ends ``OUT_OF_RANGE``, naming the origins, never ``OK``.
 10. Clock offsets are measured from wall clocks, never hybrid ones: the
    initiator's Hello and the responder's answering Hello make one NTP round
    trip (``t1 = t2`` = the responder's Hello stamp, which it sends only once
@@ -83,6 +94,8 @@ from syncfw.sync.effects import (
     Effect,
     End,
     FetchOps,
+    FetchSnapshot,
+    InstallSnapshot,
     LearnPeers,
     LoadPeerAck,
     Send,
@@ -97,11 +110,13 @@ from syncfw.sync.frames import (
     Ops,
     PeerInfo,
     Peers,
+    SnapshotPart,
     Status,
     Summary,
     clip,
 )
 from syncfw.sync.links import BatchSizer, ClockEstimate, PeerBook, PeerLink
+from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES
 from syncfw.sync.vectors import Vector, digest_of
 
 __all__ = [
@@ -116,6 +131,7 @@ ZSTD = "zstd"
 CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before are left out)
 REPLY_DELTA = "reply_delta"  # takes a Summary given as a delta against its own (invariant 2a)
 IMPLIED_ACK = "implied_ack"  # reads an Ack as the batch's own entries, unless it names others
+SNAPSHOT = "snapshot"  # takes a state snapshot below the sender's compaction point (invariant 11)
 
 
 # -- configuration and state ---------------------------------------------------
@@ -140,6 +156,7 @@ class SessionConfig:
         ack_fast_s: an ack this soon after the previous one grows the batch size.
         ack_slow_s: an ack later than this shrinks it.
         min_rate_bps: the slowest delivery rate waited for (:meth:`Session.patience_s`).
+        max_snapshot_bytes: the largest snapshot this side takes (invariant 11).
     """
 
     max_batch_bytes: int = 1 << 20
@@ -154,6 +171,7 @@ class SessionConfig:
     ack_fast_s: float = 0.5
     ack_slow_s: float = 2.0
     min_rate_bps: float = 1024.0
+    max_snapshot_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES
 
     def sizer(self) -> BatchSizer:
         """A fresh link's batch sizing under these tunables."""
@@ -209,8 +227,8 @@ class SessionState(enum.Enum):
 _ACCEPTS: dict[SessionState, tuple[type, ...]] = {
     SessionState.HELLO: (Hello,),
     SessionState.DIGEST: (Digest,),
-    SessionState.SUMMARY: (Summary, Ops),
-    SessionState.STREAMING: (Ops, Ack, Summary),
+    SessionState.SUMMARY: (Summary, Ops, SnapshotPart),
+    SessionState.STREAMING: (Ops, SnapshotPart, Ack, Summary),
 }
 _LIVE = frozenset(_ACCEPTS)
 
@@ -321,19 +339,28 @@ class Session:
         self._sizer = self.config.sizer()
         self._inflight = 0
         self._sent_last = False
+        self._floor: Mapping[str, int] = {}  # where this side's log of each origin begins
+        self._snapshotting = False  # a FetchSnapshot is outstanding
+        self._snapshot_sent = False
         # receive side
         self._recv_base: Mapping[str, int] = {}  # the start vector, and on it
         self._recv_cursor: VersionVector = {}  # the entries batches moved since
         self._applying: tuple[Op, ...] | None = None
         self._decoding: Ops | None = None
-        self._rx: deque[Ops] = deque()
+        self._rx: deque[Ops | SnapshotPart] = deque()
         self._recv_last = False
+        self._snap_parts: list[bytes] = []
+        self._snap_bytes = 0
+        self._installing = False  # an InstallSnapshot is outstanding
+        self._snapshot_taken = False
         # counters, for tests and metrics
         self.ops_acked = 0
         self.bytes_unacked = 0
         self.ops_sent = 0
         self.ops_received = 0
         self.batches_sent = 0
+        self.snapshot_bytes_sent = 0
+        self.snapshot_bytes_received = 0
 
     # -- properties ------------------------------------------------------------
 
@@ -367,10 +394,17 @@ class Session:
 
     # -- inputs ----------------------------------------------------------------
 
-    def start(self, vv: Mapping[str, int]) -> list[Effect]:
-        """Begin the exchange from this replica's current version vector ``vv``."""
+    def start(self, vv: Mapping[str, int], floor: Mapping[str, int] | None = None) -> list[Effect]:
+        """Begin the exchange from this replica's current version vector ``vv``.
+
+        Args:
+            vv: the replica's version vector.
+            floor: each compacted origin's compaction point (its log holds only
+                the ops after it); a peer below it gets a snapshot (invariant 11).
+        """
         if self.state is not SessionState.IDLE:
             raise RuntimeError("a session starts once")
+        self._floor = {o: c for o, c in (floor or {}).items() if c > 0}
         if self._clocks is not None:
             self._wall_ms = self._clocks.wall_ms()
         # a Vector never changes, so it is held as it is: no copy, its digest cached
@@ -394,7 +428,11 @@ class Session:
         return out
 
     def _features(self) -> tuple[str, ...]:
-        base = (ZSTD, CHAIN, IMPLIED_ACK) if self.config.zstd else (CHAIN, IMPLIED_ACK)
+        base = (
+            (ZSTD, CHAIN, IMPLIED_ACK, SNAPSHOT)
+            if self.config.zstd
+            else (CHAIN, IMPLIED_ACK, SNAPSHOT)
+        )
         return (*base, REPLY_DELTA) if self.config.delta_summary else base
 
     def receive(self, frame: Frame) -> list[Effect]:
@@ -427,7 +465,7 @@ class Session:
             return self._on_digest(frame)
         if isinstance(frame, Summary):
             return self._on_summary(frame)
-        if isinstance(frame, Ops):
+        if isinstance(frame, Ops | SnapshotPart):
             return self._on_ops(frame)
         assert isinstance(frame, Ack)
         return self._on_ack(frame)
@@ -471,6 +509,53 @@ class Session:
             self.batches_sent += 1
         self.ops_sent += len(ops)
         return out + self._pump()
+
+    def snapshot_fetched(self, data: bytes, vv: Mapping[str, int]) -> list[Effect]:
+        """Answer a :class:`FetchSnapshot`: the encoded snapshot and the vector it stands for."""
+        if self.ended:
+            return []
+        if not self._snapshotting:
+            raise RuntimeError("snapshot_fetched without a FetchSnapshot outstanding")
+        self._snapshotting = False
+        self._snapshot_sent = True
+        piece = max(64, self._peer_cap() * 3 // 4)
+        out: list[Effect] = []
+        for at in range(0, max(len(data), 1), piece):
+            out.append(Send(SnapshotPart(data[at : at + piece], last=at + piece >= len(data))))
+        self.snapshot_bytes_sent += len(data)
+        cursor = self._cursor
+        for origin, seq in vv.items():  # the peer holds all of it once installed
+            if seq > cursor.get(origin, 0):
+                cursor[origin] = seq
+        return out + self._pump()
+
+    def snapshot_unavailable(self, reason: str) -> list[Effect]:
+        """Answer a :class:`FetchSnapshot` this replica could not build."""
+        if self.ended:
+            return []
+        self._snapshotting = False
+        return self._fail(Status.OUT_OF_RANGE, f"the peer needs a snapshot: {reason}")
+
+    def snapshot_installed(self, vv: Mapping[str, int]) -> list[Effect]:
+        """Answer an :class:`InstallSnapshot`: it is durable; ``vv`` is the new vector."""
+        if self.ended:
+            return []
+        if not self._installing:
+            raise RuntimeError("snapshot_installed without an InstallSnapshot outstanding")
+        self._installing = False
+        self._vv = vv if isinstance(vv, Vector) else dict(vv)
+        have_of = _After(self._recv_base, self._recv_cursor, {}).get
+        for origin, seq in vv.items():
+            if seq > have_of(origin, 0):
+                self._recv_cursor[origin] = seq
+        return self._drain()
+
+    def snapshot_failed(self, status: Status, reason: str) -> list[Effect]:
+        """Answer an :class:`InstallSnapshot` that was refused; nothing of it was installed."""
+        if self.ended:
+            return []
+        self._installing = False
+        return self._fail(status, f"refused the peer's snapshot: {reason}")
 
     def peer_ack_loaded(self, vv: Mapping[str, int]) -> list[Effect]:
         """Answer a :class:`LoadPeerAck`: the vector last recorded for the peer."""
@@ -678,7 +763,18 @@ class Session:
         self._cursor = dict(vv)
         self.state = SessionState.STREAMING
         out: list[Effect] = self._reply(vv) if self._replying else []
-        return [*out, Acknowledge(self.peer.node_id, vv), *self._pump()]
+        out.append(Acknowledge(self.peer.node_id, vv))
+        below = {o: c for o, c in self._floor.items() if vv.get(o, 0) < c}
+        if below:  # invariant 11
+            if SNAPSHOT not in self.peer.features:
+                named = ", ".join(f"{clip(o)} up to {c}" for o, c in sorted(below.items())[:5])
+                return out + self._fail(
+                    Status.OUT_OF_RANGE,
+                    f"the peer lacks ops compacted here ({named}) and takes no snapshot",
+                )
+            self._snapshotting = True
+            return [*out, FetchSnapshot(below)]
+        return [*out, *self._pump()]
 
     def _reply(self, theirs: Mapping[str, int]) -> list[Effect]:
         """This side's Summary as a delta against the peer's (invariant 2a)."""
@@ -692,9 +788,21 @@ class Session:
         self.summary_entries_sent += len(summary.vv)
         return [Send(summary)]
 
-    def _on_ops(self, frame: Ops) -> list[Effect]:
+    def _on_ops(self, frame: Ops | SnapshotPart) -> list[Effect]:
         if self._recv_last:
             return self._fail(Status.INVALID_ARGUMENT, "Ops after the peer's last batch")
+        if isinstance(frame, SnapshotPart):
+            if self._snapshot_taken:
+                return self._fail(Status.INVALID_ARGUMENT, "a second snapshot in one exchange")
+            self._snap_bytes += len(frame.data)
+            if self._snap_bytes > self.config.max_snapshot_bytes:
+                return self._fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"snapshot over {self._snap_bytes} bytes exceeds the cap of "
+                    f"{self.config.max_snapshot_bytes} (SessionConfig.max_snapshot_bytes)",
+                )
+            if frame.last:
+                self._snapshot_taken = True
         self._rx.append(frame)
         return self._drain()
 
@@ -735,8 +843,26 @@ class Session:
 
     def _drain(self) -> list[Effect]:
         """Take the next queued batch, if none is being applied."""
-        if self._applying is None and self._decoding is None and self._rx:
+        while (
+            self._applying is None
+            and self._decoding is None
+            and not self._installing
+            and self._rx
+            and isinstance(self._rx[0], SnapshotPart)
+        ):
+            part = self._rx.popleft()
+            assert isinstance(part, SnapshotPart)
+            self._snap_parts.append(part.data)
+            if part.last:
+                data, self._snap_parts = b"".join(self._snap_parts), []
+                self.snapshot_bytes_received += len(data)
+                self._installing = True
+                return [InstallSnapshot(data)]
+        if self._applying is None and self._decoding is None and not self._installing and self._rx:
             frame = self._rx.popleft()
+            assert isinstance(frame, Ops)
+            if self._snap_parts:
+                return self._fail(Status.INVALID_ARGUMENT, "Ops inside a snapshot's parts")
             # the size cap before any decoding (codec invariant 4: cheap checks first)
             if len(frame.batch) > self.config.max_batch_bytes:
                 return self._fail(
@@ -773,7 +899,7 @@ class Session:
 
     def _pump(self) -> list[Effect]:
         """Ask for more ops to send, within the window."""
-        if self._sent_last or self._fetching or self.ended:
+        if self._sent_last or self._fetching or self._snapshotting or self.ended:
             return self._maybe_done()
         if self._inflight >= self.config.window:
             return []
@@ -863,6 +989,8 @@ class Session:
             and self._recv_last
             and self._applying is None
             and self._decoding is None
+            and not self._installing
+            and not self._snapshotting
             and not self._rx
         ):
             return self._end(Status.OK, "synced", tell=False)

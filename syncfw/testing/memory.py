@@ -21,6 +21,11 @@ Invariants (the same the SQLite store keeps, so the simulator's verdicts carry):
 8. Forks without lock-out: a pending op was never chain-verified, so a fresh
    op differing from it is no fork: it takes the pending one's place, and a
    forged op held pending can never make the genuine chain fail.
+10. Compaction and snapshots as the store does them: :meth:`compact` drops
+   the ops every acknowledging peer holds (``base`` is then where an origin's
+   held chain begins), a peer below that gets :meth:`snapshot`, and
+   :meth:`install_snapshot` joins one (lww states by the one rule), taking
+   each origin the snapshot holds more of to the snapshot's head.
 9. A signed fleet (``Fleet.authority_key``) applies an origin's ops only up to
    the highest head a registered key signed (:func:`syncfw.trust.cover`); the
    rest wait. A conflicting op is fork evidence if a verified head covers it,
@@ -55,6 +60,7 @@ from syncfw.log import (
     op_size,
     same_op,
 )
+from syncfw.sync.snapshot import Snapshot
 from syncfw.trust import (
     EVIDENCE_KIND,
     KEEP_KIND,
@@ -67,7 +73,7 @@ from syncfw.trust import (
     cover,
     verify_fork,
 )
-from syncfw.zones import Fleet, Verdict, ZoneTable
+from syncfw.zones import Fleet, Grant, Verdict, ZoneTable
 
 __all__ = ["MemoryReplica"]
 
@@ -90,8 +96,11 @@ class MemoryReplica:
         self.fleet = fleet or Fleet()
         self.zones = ZoneTable(self.fleet)
         self.clock = HLC(wall) if wall is not None else HLC(lambda: 0)
-        self.chains: dict[str, list[Op]] = {}
+        self.chains: dict[str, list[Op]] = {}  # the held ops after ``base``
         self.hashes: dict[str, list[bytes]] = {}
+        self.base: dict[str, tuple[int, bytes]] = {}  # compacted: (seq, hash) held chains follow
+        self.statements: list[bytes] = []  # verified authority statements, as op values
+        self.snapshots_installed = 0
         self.pending: dict[str, dict[int, Op]] = {}
         self.rejected: dict[tuple[str, int], str] = {}
         self.state: dict[str, tuple[int, str, bytes]] = {}
@@ -136,7 +145,7 @@ class MemoryReplica:
 
     def vv(self) -> VersionVector:
         """:meth:`version_vector`, without awaiting."""
-        return {o: len(c) for o, c in self.chains.items() if c}
+        return {o: n for o in {*self.chains, *self.base} if (n := self._head(o)[0])}
 
     async def ops_since(
         self, vv: Mapping[str, int], *, limit: int = 10_000, max_bytes: int | None = None
@@ -146,7 +155,16 @@ class MemoryReplica:
         size = 0
         for origin in sorted(self.chains):
             chain = self.chains[origin]
-            for op in chain[vv.get(origin, 0) :]:
+            base = self.base.get(origin, (0, GENESIS))[0]
+            if vv.get(origin, 0) < base:
+                log.warning(
+                    "peer lacks ops (%s, %d..%d) already compacted here",
+                    origin,
+                    vv.get(origin, 0) + 1,
+                    base,
+                )
+                continue
+            for op in chain[vv.get(origin, 0) - base :]:
                 if len(out) >= limit:
                     return out
                 size += op_size(op)
@@ -188,6 +206,9 @@ class MemoryReplica:
         fresh: dict[tuple[str, int], Op] = {}
         duplicates = 0
         for op in ops:
+            if self._compacted_away(op):
+                duplicates += 1
+                continue
             held = self._held(op.origin, op.seq) or fresh.get(op.id)
             if held is None:
                 waiting = self._pending_op(op)
@@ -272,6 +293,9 @@ class MemoryReplica:
         fresh: dict[tuple[str, int], Op] = {}
         conflicts: dict[str, Op] = {}
         for op in ops:
+            if self._compacted_away(op):
+                duplicates += 1
+                continue
             held = self._held(op.origin, op.seq)
             if held is not None:
                 if same_op(held, op):
@@ -342,12 +366,14 @@ class MemoryReplica:
         assert keys is not None
         if op.origin in self.forks and self._kept(op.origin):
             self.discarded["dropped_branch"] = self.discarded.get("dropped_branch", 0) + 1
-            log.warning("discarded op (%s, %d): of the branch the authority dropped",
-                        op.origin, op.seq)
+            log.warning(
+                "discarded op (%s, %d): of the branch the authority dropped", op.origin, op.seq
+            )
             return
         branch = branch_from(op, batch)
         c = cover(keys, branch)
-        mine = self.chains.get(op.origin, [])[max(0, op.seq - 2) :]
+        base = self.base.get(op.origin, (0, GENESIS))[0]
+        mine = self.chains.get(op.origin, [])[max(0, op.seq - 2 - base) :]
         if c.upto >= op.seq:
             for i, held in enumerate(mine):
                 if held.sig is None:
@@ -394,6 +420,7 @@ class MemoryReplica:
             if not reason and op.kind in (KEYREG_KIND, REVOKE_KIND, KEEP_KIND):
                 try:
                     keys.learn_value(op.value)
+                    self.statements.append(op.value)
                 except TrustError as exc:
                     reason = f"{op.kind}: {exc}"
             elif not reason and op.kind == EVIDENCE_KIND:
@@ -426,6 +453,76 @@ class MemoryReplica:
         """The last version vector ``peer`` acknowledged."""
         return dict(self.acks.get(peer, {}))
 
+    # -- compaction and snapshots (invariant 10) ---------------------------------------
+
+    async def compact(self) -> int:
+        """Drop the ops every acknowledging peer holds; returns how many."""
+        if not self.acks:
+            return 0
+        removed = 0
+        for origin in list(self.chains):
+            top = self._head(origin)[0]
+            bound = min(min(vv.get(origin, 0) for vv in self.acks.values()), top)
+            base = self.base.get(origin, (0, GENESIS))[0]
+            if bound <= base:
+                continue
+            cut = bound - base
+            self.base[origin] = (bound, self.hashes[origin][cut - 1])
+            self.chains[origin] = self.chains[origin][cut:]
+            self.hashes[origin] = self.hashes[origin][cut:]
+            removed += cut
+        return removed
+
+    def compacted(self) -> dict[str, int]:
+        """Each compacted origin's compaction point."""
+        return {o: b for o, (b, _) in self.base.items() if b}
+
+    async def snapshot(self) -> Snapshot:
+        """The lww state, the vector it stands for and each origin's chain head."""
+        vv = self.vv()
+        return Snapshot(
+            vv,
+            {o: self._head(o)[1] for o in vv},
+            sorted(("lww", k, h, o, v) for k, (h, o, v) in self.state.items()),
+            (),
+            tuple(sorted(set(self.statements))),
+        )
+
+    async def install_snapshot(self, snap: Snapshot, *, source: str) -> None:
+        """Join ``snap``: the lww rule per key, and each origin it holds more of moves to
+        its head (held ops and pending ones at or below it are dropped).
+
+        Raises:
+            ForkError: an origin held as far as the snapshot has another head there.
+        """
+        for origin, seq in snap.vv.items():
+            n, head = self._head(origin)
+            if n == seq and head != snap.heads[origin]:
+                raise ForkError(f"the snapshot's head of {origin!r} at seq {seq} differs")
+        take = {o: s for o, s in snap.vv.items() if s > self._head(o)[0]}
+        if not take:
+            return
+        for kind, key, hlc, origin, value in snap.states:
+            cand = (hlc, origin, value)
+            if kind == "lww" and lww_wins(cand, self.state.get(key)):
+                self.state[key] = cand
+            self.clock.advance_to(hlc)
+        for prefix, epoch, owners in snap.grants:
+            self.zones.add_grant(Grant(prefix, frozenset(owners), epoch))
+        if self.keys is not None:
+            for value in snap.statements:
+                with contextlib.suppress(TrustError):
+                    self.keys.learn_value(value)
+                    self.statements.append(value)
+        for origin, seq in take.items():
+            self.base[origin] = (seq, snap.heads[origin])
+            self.chains[origin], self.hashes[origin] = [], []
+            queue = self.pending.get(origin, {})
+            for s in [s for s in queue if s <= seq]:
+                del queue[s]
+        self.snapshots_installed += 1
+        await self.apply_remote([])  # what waited behind the snapshot's heads
+
     # -- local writes and reads -----------------------------------------------------
 
     def put(self, key: str, value: Any) -> Op:
@@ -452,7 +549,7 @@ class MemoryReplica:
         if keys is None:
             raise ValueError(f"fleet {self.fleet.fleet_id!r} is unsigned")
         kind = STATEMENT_KIND_OF[type(keys.open(statement))]
-        key = f"fleet/{self._node_id}/keys/{len(self.chains.get(self._node_id, ()))}"
+        key = f"fleet/{self._node_id}/keys/{self._head(self._node_id)[0]}"
         zone, epoch = self.zones.zone_for_write(self._node_id, key)
         chain = OpChain(self._node_id, *self._head(self._node_id), signer=self.signer)
         op = chain.seal(chain.mint(self.clock.now(), zone, epoch, key, kind, statement))
@@ -482,12 +579,18 @@ class MemoryReplica:
     # -- internals ------------------------------------------------------------------
 
     def _head(self, origin: str) -> tuple[int, bytes]:
+        base, base_hash = self.base.get(origin, (0, GENESIS))
         hashes = self.hashes.get(origin)
-        return (len(hashes), hashes[-1]) if hashes else (0, GENESIS)
+        return (base + len(hashes), hashes[-1]) if hashes else (base, base_hash)
 
     def _held(self, origin: str, seq: int) -> Op | None:
         chain = self.chains.get(origin)
-        return chain[seq - 1] if chain and seq <= len(chain) else None
+        i = seq - 1 - self.base.get(origin, (0, GENESIS))[0]
+        return chain[i] if chain and 0 <= i < len(chain) else None
+
+    def _compacted_away(self, op: Op) -> bool:
+        """At or below its origin's compaction point: no longer comparable (as the store)."""
+        return op.seq <= self.base.get(op.origin, (0, GENESIS))[0]
 
     def _pending_op(self, op: Op) -> Op | None:
         return self.pending.get(op.origin, {}).get(op.seq)

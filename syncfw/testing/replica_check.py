@@ -38,6 +38,14 @@ run it, so what one does the other does. What it asserts:
    revocation point are rejected and still counted; once the authority keeps
    the branch a replica holds, the origin goes on and the other branch is
    discarded.
+10. Below a compaction point, a snapshot (:mod:`syncfw.sync.snapshot`):
+   ``compact()`` drops what every acknowledging peer holds and
+   ``ops_since`` then serves nothing below it; ``snapshot()`` (through its
+   wire form) installed into a fresh replica gives the same state and
+   vector, releases ops held behind its heads, and the origins' chains go
+   on from its heads; ops at or below it are duplicates; installing it twice
+   changes nothing; a snapshot whose head contradicts a held one raises
+   :class:`~syncfw.errors.ForkError` and changes nothing.
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from syncfw.log import (
     encode_value,
     op_hash,
 )
+from syncfw.sync.snapshot import decode_snapshot, encode_snapshot
 from syncfw.testing.ops import OpWriter
 from syncfw.testing.trust import SignedFleet
 from syncfw.trust import (
@@ -102,6 +111,7 @@ class ReplicaFactory(Protocol):
     def __call__(
         self, node_id: str, fleet: Fleet, /, *, keys: NodeKeys | None = None
     ) -> AbstractAsyncContextManager[CheckedReplica]: ...
+
 
 Check = Callable[[ReplicaFactory], Awaitable[None]]
 
@@ -606,7 +616,9 @@ async def _fork_resolution_keeps_a_branch(factory: ReplicaFactory) -> None:
     later = dataclasses.replace(later, sig=sf.signer("n2")(later))
     ruling = ForkResolution(sf.fleet.fleet_id, "n2", op_hash(ops[2]), 3)
     auth = OpChain("cloud")
-    keep = auth.mint(1, "sys/", 0, "sys/trust/k", KEEP_KIND, seal_statement(sf.authority_key, ruling))
+    keep = auth.mint(
+        1, "sys/", 0, "sys/trust/k", KEEP_KIND, seal_statement(sf.authority_key, ruling)
+    )
     keep = dataclasses.replace(keep, sig=sf.signer("cloud")(keep))
     async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
         await r.apply_remote(ops)
@@ -637,6 +649,53 @@ async def _revoked_key_rejected(factory: ReplicaFactory) -> None:
         assert await _get(r, "fleet/n2/k3") is None, "ops past it never merge"
 
 
+async def _snapshot_below_compaction(factory: ReplicaFactory) -> None:
+    a, b = OpWriter("n1", "shared/", epoch=1), OpWriter("n2")
+    first = [a.write("x", 1), b.write("y", 2), a.write("x", 3), b.write("z", 4)]
+    later = [a.write("x", 5), b.write("w", 6)]
+    keys = ["shared/x", "fleet/n2/y", "fleet/n2/z", "fleet/n2/w"]
+    async with (
+        factory("r1", CHECK_FLEET) as src,
+        factory("r2", CHECK_FLEET) as fresh,
+        factory("r3", CHECK_FLEET) as other,
+    ):
+        await src.apply_remote(first)
+        await src.acknowledge("p1", await src.version_vector())
+        removed = await src.compact()  # type: ignore[attr-defined]
+        assert removed == 4, f"compacting 4 ops every peer holds removed {removed}"
+        floor = src.compacted()  # type: ignore[attr-defined]
+        assert floor == {"n1": 2, "n2": 2}, f"compaction points {floor}"
+        assert await src.ops_since({}) == [], "ops below a compaction point were served"
+        snap = decode_snapshot(encode_snapshot(await src.snapshot()))  # type: ignore[attr-defined]
+        assert dict(snap.vv) == {"n1": 2, "n2": 2}, f"the snapshot stands for {snap.vv}"
+        await fresh.apply_remote([later[1]])  # held behind the gap the snapshot fills
+        await fresh.install_snapshot(snap, source="r1")  # type: ignore[attr-defined]
+        got = await fresh.version_vector()
+        assert got == {"n1": 2, "n2": 3}, f"after the snapshot the vector is {got}"
+        want = {"shared/x": 3, "fleet/n2/y": 2, "fleet/n2/z": 4, "fleet/n2/w": 6}
+        values = {k: await _get(fresh, k) for k in keys}
+        assert values == want, f"state after the snapshot {values}, expected {want}"
+        before = await _snapshot(fresh, keys)
+        await fresh.install_snapshot(snap, source="r1")  # type: ignore[attr-defined]
+        assert await _snapshot(fresh, keys) == before, "installing a snapshot twice changed it"
+        res = await fresh.apply_remote([*first, later[0]])
+        assert (res.applied, res.duplicates) == (1, 4), (
+            f"ops at or below the snapshot must be duplicates and the chain go on from its "
+            f"heads: {res}"
+        )
+        assert await _get(fresh, "shared/x") == 5
+        forked = OpWriter("n1", "shared/", epoch=1)
+        await other.apply_remote([forked.write("x", 7), forked.write("x", 8)])
+        keep = await _snapshot(other, keys)
+        try:
+            await other.install_snapshot(snap, source="r1")  # type: ignore[attr-defined]
+        except ForkError:
+            pass
+        else:
+            raise AssertionError("a snapshot contradicting a held head was installed")
+        assert await _snapshot(other, keys) == keep, "a refused snapshot changed the replica"
+
+
 REPLICA_CHECKS: dict[str, Check] = {
     "acks_move_forward": _acks_move_forward,
     "idempotence": _idempotence,
@@ -657,5 +716,6 @@ REPLICA_CHECKS: dict[str, Check] = {
     "signed_fork_holds_origin": _signed_fork_holds_origin,
     "revoked_key_rejected": _revoked_key_rejected,
     "fork_resolution_keeps_a_branch": _fork_resolution_keeps_a_branch,
+    "snapshot_below_compaction": _snapshot_below_compaction,
 }
 """Every check of the contract, by name (``check_replica(factory, only=[name])``)."""

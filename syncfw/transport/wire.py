@@ -34,6 +34,7 @@ from syncfw.sync.frames import (
     Ops,
     PeerInfo,
     Peers,
+    SnapshotPart,
     Status,
     Summary,
 )
@@ -93,6 +94,8 @@ def frame_to_pb(frame: Frame) -> pb.Frame:
         return msg
     if isinstance(frame, Ops):
         return pb.Frame(ops=pb.Ops(batch=frame.batch, last=frame.last))
+    if isinstance(frame, SnapshotPart):
+        return pb.Frame(snapshot=pb.SnapshotPart(data=frame.data, last=frame.last))
     if isinstance(frame, Ack):
         msg = pb.Frame(ack=pb.Ack())
         _add_vv(msg.ack.vv, frame.vv)
@@ -131,6 +134,8 @@ def pb_to_frame(msg: pb.Frame) -> Frame:
         return Summary(_vv_from(msg.summary.vv), base, msg.summary.want_full)
     if kind == "ops":
         return Ops(batch=msg.ops.batch, last=msg.ops.last)
+    if kind == "snapshot":
+        return SnapshotPart(data=msg.snapshot.data, last=msg.snapshot.last)
     if kind == "ack":
         return Ack(_vv_from(msg.ack.vv))
     if kind == "peers":

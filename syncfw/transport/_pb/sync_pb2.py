@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14syncfw/v1/sync.proto\x12\tsyncfw.v1\"\x82\x02\n\x05\x46rame\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.syncfw.v1.HelloH\x00\x12#\n\x06\x64igest\x18\x02 \x01(\x0b\x32\x11.syncfw.v1.DigestH\x00\x12%\n\x07summary\x18\x03 \x01(\x0b\x32\x12.syncfw.v1.SummaryH\x00\x12\x1d\n\x03ops\x18\x04 \x01(\x0b\x32\x0e.syncfw.v1.OpsH\x00\x12\x1d\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x0e.syncfw.v1.AckH\x00\x12!\n\x05peers\x18\x06 \x01(\x0b\x32\x10.syncfw.v1.PeersH\x00\x12!\n\x05\x63lose\x18\x07 \x01(\x0b\x32\x10.syncfw.v1.CloseH\x00\x42\x06\n\x04\x62ody\"\x9b\x01\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x10\n\x08\x66leet_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x17\n\x0fmax_batch_bytes\x18\x06 \x01(\r\x12\x14\n\x0c\x66leet_digest\x18\x07 \x01(\x0c\x12\x0f\n\x07wall_ms\x18\x08 \x01(\x04\"&\n\x07VvEntry\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x1b\n\x06\x44igest\x12\x11\n\tvv_digest\x18\x01 \x01(\x0c\"Q\n\x07Summary\x12\x1e\n\x02vv\x18\x01 \x03(\x0b\x32\x12.syncfw.v1.VvEntry\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\x0c\x12\x11\n\twant_full\x18\x03 \x01(\x08\"\"\n\x03Ops\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"%\n\x03\x41\x63k\x12\x1e\n\x02vv\x18\x01 \x03(\x0b\x32\x12.syncfw.v1.VvEntry\";\n\x04Peer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\theartbeat\x18\x03 \x01(\x04\"\'\n\x05Peers\x12\x1e\n\x05peers\x18\x01 \x03(\x0b\x32\x0f.syncfw.v1.Peer\"%\n\x05\x43lose\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0cProbeRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"@\n\nProbeReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2s\n\x04Sync\x12\x32\n\x08\x45xchange\x12\x10.syncfw.v1.Frame\x1a\x10.syncfw.v1.Frame(\x01\x30\x01\x12\x37\n\x05Probe\x12\x17.syncfw.v1.ProbeRequest\x1a\x15.syncfw.v1.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14syncfw/v1/sync.proto\x12\tsyncfw.v1\"\xaf\x02\n\x05\x46rame\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.syncfw.v1.HelloH\x00\x12#\n\x06\x64igest\x18\x02 \x01(\x0b\x32\x11.syncfw.v1.DigestH\x00\x12%\n\x07summary\x18\x03 \x01(\x0b\x32\x12.syncfw.v1.SummaryH\x00\x12\x1d\n\x03ops\x18\x04 \x01(\x0b\x32\x0e.syncfw.v1.OpsH\x00\x12\x1d\n\x03\x61\x63k\x18\x05 \x01(\x0b\x32\x0e.syncfw.v1.AckH\x00\x12!\n\x05peers\x18\x06 \x01(\x0b\x32\x10.syncfw.v1.PeersH\x00\x12!\n\x05\x63lose\x18\x07 \x01(\x0b\x32\x10.syncfw.v1.CloseH\x00\x12+\n\x08snapshot\x18\x08 \x01(\x0b\x32\x17.syncfw.v1.SnapshotPartH\x00\x42\x06\n\x04\x62ody\"\x9b\x01\n\x05Hello\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x10\n\x08\x66leet_id\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0b\n\x03hlc\x18\x04 \x01(\x04\x12\x10\n\x08\x66\x65\x61tures\x18\x05 \x03(\t\x12\x17\n\x0fmax_batch_bytes\x18\x06 \x01(\r\x12\x14\n\x0c\x66leet_digest\x18\x07 \x01(\x0c\x12\x0f\n\x07wall_ms\x18\x08 \x01(\x04\"&\n\x07VvEntry\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x1b\n\x06\x44igest\x12\x11\n\tvv_digest\x18\x01 \x01(\x0c\"Q\n\x07Summary\x12\x1e\n\x02vv\x18\x01 \x03(\x0b\x32\x12.syncfw.v1.VvEntry\x12\x13\n\x0b\x62\x61se_digest\x18\x02 \x01(\x0c\x12\x11\n\twant_full\x18\x03 \x01(\x08\"\"\n\x03Ops\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"*\n\x0cSnapshotPart\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0c\n\x04last\x18\x02 \x01(\x08\"%\n\x03\x41\x63k\x12\x1e\n\x02vv\x18\x01 \x03(\x0b\x32\x12.syncfw.v1.VvEntry\";\n\x04Peer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x11\n\theartbeat\x18\x03 \x01(\x04\"\'\n\x05Peers\x12\x1e\n\x05peers\x18\x01 \x03(\x0b\x32\x0f.syncfw.v1.Peer\"%\n\x05\x43lose\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"2\n\x0cProbeRequest\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\"@\n\nProbeReply\x12\x11\n\treachable\x18\x01 \x01(\x08\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t2s\n\x04Sync\x12\x32\n\x08\x45xchange\x12\x10.syncfw.v1.Frame\x1a\x10.syncfw.v1.Frame(\x01\x30\x01\x12\x37\n\x05Probe\x12\x17.syncfw.v1.ProbeRequest\x1a\x15.syncfw.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,29 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'syncfw.v1.sync_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FRAME']._serialized_start=36
-  _globals['_FRAME']._serialized_end=294
-  _globals['_HELLO']._serialized_start=297
-  _globals['_HELLO']._serialized_end=452
-  _globals['_VVENTRY']._serialized_start=454
-  _globals['_VVENTRY']._serialized_end=492
-  _globals['_DIGEST']._serialized_start=494
-  _globals['_DIGEST']._serialized_end=521
-  _globals['_SUMMARY']._serialized_start=523
-  _globals['_SUMMARY']._serialized_end=604
-  _globals['_OPS']._serialized_start=606
-  _globals['_OPS']._serialized_end=640
-  _globals['_ACK']._serialized_start=642
-  _globals['_ACK']._serialized_end=679
-  _globals['_PEER']._serialized_start=681
-  _globals['_PEER']._serialized_end=740
-  _globals['_PEERS']._serialized_start=742
-  _globals['_PEERS']._serialized_end=781
-  _globals['_CLOSE']._serialized_start=783
-  _globals['_CLOSE']._serialized_end=820
-  _globals['_PROBEREQUEST']._serialized_start=822
-  _globals['_PROBEREQUEST']._serialized_end=872
-  _globals['_PROBEREPLY']._serialized_start=874
-  _globals['_PROBEREPLY']._serialized_end=938
-  _globals['_SYNC']._serialized_start=940
-  _globals['_SYNC']._serialized_end=1055
+  _globals['_FRAME']._serialized_end=339
+  _globals['_HELLO']._serialized_start=342
+  _globals['_HELLO']._serialized_end=497
+  _globals['_VVENTRY']._serialized_start=499
+  _globals['_VVENTRY']._serialized_end=537
+  _globals['_DIGEST']._serialized_start=539
+  _globals['_DIGEST']._serialized_end=566
+  _globals['_SUMMARY']._serialized_start=568
+  _globals['_SUMMARY']._serialized_end=649
+  _globals['_OPS']._serialized_start=651
+  _globals['_OPS']._serialized_end=685
+  _globals['_SNAPSHOTPART']._serialized_start=687
+  _globals['_SNAPSHOTPART']._serialized_end=729
+  _globals['_ACK']._serialized_start=731
+  _globals['_ACK']._serialized_end=768
+  _globals['_PEER']._serialized_start=770
+  _globals['_PEER']._serialized_end=829
+  _globals['_PEERS']._serialized_start=831
+  _globals['_PEERS']._serialized_end=870
+  _globals['_CLOSE']._serialized_start=872
+  _globals['_CLOSE']._serialized_end=909
+  _globals['_PROBEREQUEST']._serialized_start=911
+  _globals['_PROBEREQUEST']._serialized_end=961
+  _globals['_PROBEREPLY']._serialized_start=963
+  _globals['_PROBEREPLY']._serialized_end=1027
+  _globals['_SYNC']._serialized_start=1029
+  _globals['_SYNC']._serialized_end=1144
 # @@protoc_insertion_point(module_scope)

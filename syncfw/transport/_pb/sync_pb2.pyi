@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("hello", "digest", "summary", "ops", "ack", "peers", "close")
+    __slots__ = ("hello", "digest", "summary", "ops", "ack", "peers", "close", "snapshot")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,7 @@ class Frame(_message.Message):
     ACK_FIELD_NUMBER: _ClassVar[int]
     PEERS_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     digest: Digest
     summary: Summary
@@ -22,7 +23,8 @@ class Frame(_message.Message):
     ack: Ack
     peers: Peers
     close: Close
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., ops: _Optional[_Union[Ops, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., peers: _Optional[_Union[Peers, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    snapshot: SnapshotPart
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., digest: _Optional[_Union[Digest, _Mapping]] = ..., summary: _Optional[_Union[Summary, _Mapping]] = ..., ops: _Optional[_Union[Ops, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., peers: _Optional[_Union[Peers, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., snapshot: _Optional[_Union[SnapshotPart, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("protocol", "fleet_id", "node_id", "hlc", "features", "max_batch_bytes", "fleet_digest", "wall_ms")
@@ -75,6 +77,14 @@ class Ops(_message.Message):
     batch: bytes
     last: bool
     def __init__(self, batch: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class SnapshotPart(_message.Message):
+    __slots__ = ("data", "last")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    last: bool
+    def __init__(self, data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("vv",)

@@ -15,8 +15,8 @@ Invariants:
    ``position[origin]`` only ever moves one op at a time.
 3. Across origins, a page is merged by ``(hlc, origin, seq)``, and the merge
    never passes an origin that has more ops in SQLite than it read: when one
-   runs dry the follower reads more of it, in the same snapshot, before it goes
-   on (an origin's hlc only grows with its seq). A backlog is therefore
+   runs dry the follower reads more of it (up to the head it read at the
+   page's start) before it goes on (an origin's hlc only grows with its seq). A backlog is therefore
    delivered in global ``(hlc, origin, seq)`` order, whatever the origins'
    rates. An op that reaches this node later (a remote origin's old ops,
    synced in) is delivered when it arrives, after ops already delivered with a
@@ -367,21 +367,22 @@ class Follow:
         # Cleared before the read: a commit landing after our snapshot sets it again.
         self._wake.clear()
         self.pages_read += 1
+        # No read transaction around the page: every read is bounded by the
+        # heads read first (``seq <= upto``), and the log below a head only
+        # ever loses ops to compaction, which _plan and _take report (invariant
+        # 6). Each statement is one hop to the connection's thread and back
+        # through a busy event loop; BEGIN and COMMIT would be two more.
         try:
-            await conn.execute("BEGIN")
-            try:
-                heads = await conn.execute_fetchall("SELECT origin, seq, compacted FROM heads")
-                want = self._plan({o: (s, c) for o, s, c in heads})
-                for i in range(0, len(want), _UNION_MAX):
-                    part = want[i : i + _UNION_MAX]
-                    rows = await conn.execute_fetchall(
-                        " UNION ALL ".join([_OPS_TERM] * len(part)),
-                        [v for w in part for v in w],
-                    )
-                    self._take(rows, {o: min(after + n, upto) for o, after, upto, n in part})
-                await self._merge(conn)
-            finally:
-                await conn.execute("COMMIT")
+            heads = await conn.execute_fetchall("SELECT origin, seq, compacted FROM heads")
+            want = self._plan({o: (s, c) for o, s, c in heads})
+            for i in range(0, len(want), _UNION_MAX):
+                part = want[i : i + _UNION_MAX]
+                rows = await conn.execute_fetchall(
+                    " UNION ALL ".join([_OPS_TERM] * len(part)),
+                    [v for w in part for v in w],
+                )
+                self._take(rows, {o: min(after + n, upto) for o, after, upto, n in part})
+            await self._merge(conn)
         except sqlite3.Error as exc:
             raise translate_error(exc) from None
         return bool(self._ready)
@@ -427,7 +428,7 @@ class Follow:
         gone: Missing = {}
         for origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status in rows:
             nxt = fetched.get(origin, 0) + 1
-            if seq != nxt:  # rows vanished between the heads and the ops (cannot in one snapshot)
+            if seq != nxt:  # compacted away after the heads were read: not servable
                 gone.setdefault(origin, (nxt, seq - 1))
                 continue
             fetched[origin] = seq

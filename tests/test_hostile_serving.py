@@ -10,10 +10,12 @@ refusal is a clear status, a WARNING and a count.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import logging
 import resource
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import ModuleType
@@ -112,7 +114,9 @@ async def test_slowloris_streams_end_at_the_hello_deadline(
 ) -> None:
     node, honest, server = served
     caplog.set_level(logging.WARNING, logger="syncfw.transport")
-    atk = await hostile.RawPeer("127.0.0.1", server.port, source="127.0.0.3", window=65535).connect()
+    atk = await hostile.RawPeer(
+        "127.0.0.1", server.port, source="127.0.0.3", window=65535
+    ).connect()
     try:
         for _ in range(4):
             atk.open()
@@ -160,7 +164,9 @@ async def test_a_sender_that_ignores_flow_control_does_not_grow_memory(
 ) -> None:
     _node, honest, server = served
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    atk = await hostile.RawPeer("127.0.0.1", server.port, source="127.0.0.5", window=65535).connect()
+    atk = await hostile.RawPeer(
+        "127.0.0.1", server.port, source="127.0.0.5", window=65535
+    ).connect()
     try:
         sid = atk.open(hostile.opening())
         assert sid is not None
@@ -176,8 +182,10 @@ async def test_a_sender_that_ignores_flow_control_does_not_grow_memory(
 
 def test_admission_quotas_stalled_calls_and_release() -> None:
     now = [0.0]
-    adm = Admission(Quotas(4, per_peer=2, per_identity=1, per_connection=2, stall_hold_s=10),
-                    clock=lambda: now[0])
+    adm = Admission(
+        Quotas(4, per_peer=2, per_identity=1, per_connection=2, stall_hold_s=10),
+        clock=lambda: now[0],
+    )
     a = adm.admit("ipv4:10.0.0.1:1", None)
     b = adm.admit("ipv4:10.0.0.1:2", None)
     assert adm.admit("ipv4:10.0.0.1:3", None) is Refusal.PEER_QUOTA
@@ -193,3 +201,46 @@ def test_admission_quotas_stalled_calls_and_release() -> None:
     now[0] = 11.0
     assert adm.stalled == 0
     assert not isinstance(adm.admit("ipv4:10.0.0.1:4", None), Refusal)
+
+
+def test_refusals_held_before_their_answer_are_bounded_per_host_and_in_all() -> None:
+    adm = Admission(Quotas(4, 2, 2, 2, 10, refusal_hold_s=1.0, held_per_peer=2, max_held=3))
+    assert adm.hold("ipv4:10.0.0.1:1") and adm.hold("ipv4:10.0.0.1:2")
+    assert not adm.hold("ipv4:10.0.0.1:3")  # that host's bound: answered at once
+    assert adm.hold("ipv4:10.0.0.2:1")
+    assert not adm.hold("ipv4:10.0.0.3:1")  # the table's bound
+    adm.unhold("ipv4:10.0.0.1:1")
+    assert adm.held == 2
+    assert adm.hold("ipv4:10.0.0.3:1")
+    off = Admission(Quotas(4, 2, 2, 2, 10, refusal_hold_s=0))
+    assert not off.hold("ipv4:10.0.0.1:1")
+
+
+async def test_streams_reopened_as_they_are_refused_meet_a_held_answer(
+    served: tuple[Node, Node, GrpcServer],
+) -> None:
+    # A peer that reopens every refused stream at once used to cost the node a
+    # refusal per round trip (~100 a second from one connection). Refusals of
+    # its own quota are held before the answer, keeping its HTTP/2 streams, so
+    # it is refused about its stream limit per hold instead.
+    node, honest, server = served
+    atk = await hostile.RawPeer(
+        "127.0.0.1", server.port, source="127.0.0.6", window=65535
+    ).connect()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            while len(atk.open_ids) < 16 and atk.open() is not None:
+                pass
+            await asyncio.sleep(0.01)
+        elapsed = time.monotonic() - t0
+        refused = _refused(node).get("peer_quota", 0)
+        hold = CFG.quotas().refusal_hold_s
+        # 12 streams over the quota of 4, refused once per hold each (and 16 per
+        # connection is the stream limit the held ones keep)
+        assert 1 <= refused <= 12 * (elapsed / hold + 1), refused
+        assert server.admission.held <= 12
+        assert await _honest_round(honest, server, 5) == 5
+    finally:
+        await atk.aclose()
+    await wait_until(lambda: server.admission.held == 0, timeout_s=5)

@@ -9,6 +9,14 @@ Invariants:
    address or identity holding its quota leaves room for everyone else.
 2. A refusal is decided at once (never queued) and names its
    :class:`Refusal` reason; the caller ends the call ``RESOURCE_EXHAUSTED``.
+   A refusal the peer brought on itself (its own quotas or CPU budget, never
+   the global cap) is answered only after ``refusal_hold_s`` while
+   :meth:`Admission.hold` allows (at most ``held_per_peer`` such calls per
+   host, ``max_held`` in all; beyond them, at once): the held call keeps one
+   of the connection's HTTP/2 streams, so a peer that reopens what is refused
+   at once meets a bounded refusal rate (about its stream limit per
+   ``refusal_hold_s`` per connection) instead of costing the node a refusal
+   per round trip. A held call costs no CPU and reads nothing.
 3. A call whose write was left blocked on flow control when it ended
    (a *stalled* call: grpc cannot finish it until the connection goes) keeps
    counting against its peer's and identity's quotas until ``stall_hold_s``
@@ -64,6 +72,10 @@ class Quotas:
         per_connection: exchanges at once on one HTTP/2 connection.
         stall_hold_s: how long a stalled call keeps counting against its
             peer's quotas (invariant 3).
+        refusal_hold_s: how long a refusal the peer brought on itself waits
+            before it is answered (invariant 2); 0 answers at once.
+        held_per_peer: refused calls held at once for one host.
+        max_held: refused calls held at once, all hosts together.
     """
 
     max_concurrent_exchanges: int
@@ -71,6 +83,9 @@ class Quotas:
     per_identity: int
     per_connection: int
     stall_hold_s: float
+    refusal_hold_s: float = 1.0
+    held_per_peer: int = 16
+    max_held: int = 256
 
 
 def peer_host(peer: str) -> str:
@@ -118,6 +133,9 @@ class Admission:
         self._by_host: dict[str, int] = {}
         self._by_identity: dict[str, int] = {}
         self._stalled: deque[tuple[float, Ticket]] = deque()
+        self.held = 0
+        """Refused calls being held before their answer (invariant 2)."""
+        self._held_by_host: dict[str, int] = {}
 
     def admit(self, connection: str, identity: str | None) -> Ticket | Refusal:
         """A ticket for a new call from ``connection`` (grpc's peer string), or why not.
@@ -158,6 +176,26 @@ class Admission:
             self._stalled.append((self._clock() + self.quotas.stall_hold_s, ticket))
             return
         self._drop_peer(ticket)
+
+    def hold(self, connection: str) -> bool:
+        """Whether a refused call from ``connection`` may be held before its answer.
+
+        True counts the call until :meth:`unhold`; False (holding is off, or
+        the host or the whole table is at its bound): answer it at once.
+        """
+        q, host = self.quotas, peer_host(connection)
+        if q.refusal_hold_s <= 0 or self.held >= q.max_held:
+            return False
+        if self._held_by_host.get(host, 0) >= q.held_per_peer:
+            return False
+        self.held += 1
+        _inc(self._held_by_host, host, 1)
+        return True
+
+    def unhold(self, connection: str) -> None:
+        """A held refusal was answered (or its call ended); hand back what :meth:`hold` took."""
+        self.held -= 1
+        _inc(self._held_by_host, peer_host(connection), -1)
 
     @property
     def stalled(self) -> int:

@@ -14,7 +14,9 @@ Invariants:
 3. Every call has a deadline, every channel has keepalive and a max message
    size. The server admits a call against quotas per connection, peer
    address, identity and overall (:mod:`~syncfw.transport.admission`;
-   ``RESOURCE_EXHAUSTED`` at once beyond one), ends a call whose first frame
+   ``RESOURCE_EXHAUSTED`` beyond one: at once for the global cap, after a
+   bounded hold for the peer's own quotas and CPU budget, so reopening
+   refused calls cannot buy a refusal per round trip), ends a call whose first frame
    does not come within ``hello_timeout_s``, and cuts every call at
    ``exchange_timeout_s``: a call whose write is blocked on flow control is
    abandoned without waiting for the write (its slot is reclaimed at once, its
@@ -284,6 +286,10 @@ _REFUSED_TEXT = {
     Refusal.CPU_BUDGET: "this peer's batches used up its CPU budget; retry later",
 }
 _HANDLER_GRACE_S = 1.0  # the handler's own deadline (the same figure) speaks first
+# refusals a peer brings on itself, answered after Quotas.refusal_hold_s (admission, invariant 2)
+_HELD_REFUSALS = frozenset(
+    {Refusal.PEER_QUOTA, Refusal.IDENTITY_QUOTA, Refusal.CONNECTION_QUOTA, Refusal.CPU_BUDGET}
+)
 
 
 class _SyncServicer:
@@ -348,6 +354,8 @@ class _SyncServicer:
         ticket = self.admission.admit(peer, identity)
         if isinstance(ticket, Refusal):
             self._refused(peer, ticket, _REFUSED_TEXT[ticket])
+            if ticket in _HELD_REFUSALS:
+                await self._hold(peer)
             context.set_code(grpc.StatusCode.RESOURCE_EXHAUSTED)
             context.set_details(f"{_REFUSED_TEXT[ticket]} ({ticket.value})")
             return
@@ -367,6 +375,20 @@ class _SyncServicer:
             # window shut. Ending the handler with CancelledError sends nothing;
             # the connection's age limit frees the call in grpc itself.
             raise asyncio.CancelledError
+
+    async def _hold(self, peer: str) -> None:
+        """Wait ``refusal_hold_s`` before answering a refusal, when admission allows.
+
+        The call keeps its HTTP/2 stream meanwhile, so a peer that reopens
+        whatever is refused is held to its stream limit per hold on each
+        connection; the wait costs no CPU, and nothing of the call is read.
+        """
+        if not self.admission.hold(peer):
+            return
+        try:
+            await asyncio.sleep(self.admission.quotas.refusal_hold_s)
+        finally:
+            self.admission.unhold(peer)
 
     async def _first_message(
         self, context: grpc.aio.ServicerContext[bytes, bytes], peer: str

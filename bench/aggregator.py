@@ -1,7 +1,7 @@
 """The cloud aggregator: ingest from 64 edges over real gRPC, and the change feed's latency.
 
 Usage: ``python bench/aggregator.py [--edges 64] [--backlog 500] [--rate 10000]
-[--seconds 15] [--soak MINUTES] [--quick]`` (< 60 s by default).
+[--seconds 15] [--soak MINUTES] [--quick] [--feed-only]`` (< 60 s by default).
 
 One :class:`~syncfw.cloud.Aggregator` (its own SQLite file, the mesh and the
 feed on one gRPC port) runs in this process. The edges (``--edges`` nodes,
@@ -28,6 +28,12 @@ edges do in a fleet. Figures:
   consumer), mean of the last minute minus the first of ``--soak MINUTES``
   (without ``--soak``: the last fifth of the steady phase minus the first,
   ``rss_window`` says which).
+
+``--feed-only`` measures the feed alone, without the edges' process: the
+aggregator's own loop applies ``--edges`` origins' ops (``apply_remote``, a few
+origins' batches every 20 ms, as edges' syncs land) at up to ``--rate`` for
+``--seconds``, and the same gRPC consumer follows; keys ``feed_only_*``. It
+shows what the feed path costs apart from 64 concurrent gRPC exchanges.
 
 The last line printed is one JSON object.
 """
@@ -215,6 +221,77 @@ async def _floor(agg: Node, folder: Path) -> float:
         await node.close()
 
 
+async def _feed_only(args: argparse.Namespace) -> dict[str, object]:
+    """The feed's latency with ops applied in this process (see the module)."""
+    from syncfw.testing.ops import OpWriter
+
+    tick = 0.02
+    with tempfile.TemporaryDirectory() as d:
+        agg = await Aggregator.open(
+            Path(d) / "cloud.db", fleet=FLEET,
+            config=AggregatorConfig(mesh=MeshConfig.lan(), store=STORE),
+        )
+        try:
+            mesh = await agg.serve("127.0.0.1:0")
+            commits = Commits(agg.node)
+            writers = [OpWriter(f"e{i:03}", zone=f"results/e{i:03}/") for i in range(args.edges)]
+            consumer = Consumer(mesh.address, since={}, prefixes=["results/"])
+            lat: list[float] = []
+            delivered = 0
+
+            async def consume() -> None:
+                nonlocal delivered
+                async for item in consumer:
+                    now = time.monotonic()
+                    delivered += 1
+                    at = commits.applied_at(item.origin, item.seq)
+                    if at is not None:
+                        lat.append((now - at) * 1000)
+
+            reader = asyncio.create_task(consume())
+            per_tick = max(1, int(args.rate * tick))
+            t0 = time.monotonic()
+            k = total = 0
+            while time.monotonic() - t0 < args.seconds:
+                k += 1
+                batches: dict[str, list[object]] = {}
+                base = agg.node.wall_ms() << 16
+                for j in range(per_tick):  # 32-op batches of a few origins a tick
+                    w = writers[(k * 7 + j // 32) % len(writers)]
+                    op = w.write(f"det/r{w.seq}", {"c": w.seq}, hlc=base + j)
+                    batches.setdefault(op.origin, []).append(op)
+                for batch in batches.values():
+                    await agg.node.apply_remote(batch)  # type: ignore[arg-type]
+                total += per_tick
+                await asyncio.sleep(max(0.0, t0 + k * tick - time.monotonic()))
+            elapsed = time.monotonic() - t0
+            deadline = time.monotonic() + 10
+            while delivered < total and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            await consumer.aclose()
+        finally:
+            await agg.aclose()
+    lat.sort()
+    p50 = statistics.median(lat) if lat else float("nan")
+    p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan")
+    rate = total / elapsed
+    print(f"feed only: {args.edges} origins applied in-process at {rate:,.0f} ops/s "
+          f"(asked {args.rate:,.0f}) for {elapsed:.1f} s; delivered {delivered}/{total}; "
+          f"p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+    return {
+        "edges": args.edges,
+        "feed_only_asked_ops_per_s": args.rate,
+        "feed_only_rate_ops_per_s": round(rate),
+        "feed_only_delivered": delivered,
+        "feed_only_applied": total,
+        "feed_only_p50_ms": round(p50, 2),
+        "feed_only_p99_ms": round(p99, 2),
+    }
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--edges", type=int, default=64)
@@ -223,6 +300,8 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=15.0, help="steady phase length")
     p.add_argument("--soak", type=float, default=0.0, metavar="MINUTES")
     p.add_argument("--quick", action="store_true", help="8 edges, small figures (smoke test)")
+    p.add_argument("--feed-only", action="store_true",
+                   help="the feed's latency with ops applied in this process (no edges)")
     p.add_argument("--edges-proc", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.edges_proc:
@@ -231,6 +310,9 @@ async def main() -> None:
         return
     if args.quick:
         args.edges, args.backlog, args.rate, args.seconds = 8, 100, 500, 3.0
+    if args.feed_only:
+        print(json.dumps(await _feed_only(args)))
+        return
     steady_s = args.soak * 60 if args.soak else args.seconds
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d)

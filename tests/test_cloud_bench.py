@@ -22,3 +22,14 @@ def test_aggregator_bench_quick() -> None:
     assert {"ingest_ops_per_s", "floor_ops_per_s", "ingest_ratio", "feed_p99_ms",
             "feed_rate_ops_per_s", "rss_growth_mb"} <= set(figures)
     assert figures["feed_delivered"] == figures["feed_applied"] > 0
+
+
+def test_aggregator_bench_feed_only() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--feed-only", "--edges", "8",
+         "--rate", "500", "--seconds", "2"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"feed_only_p50_ms", "feed_only_p99_ms", "feed_only_rate_ops_per_s"} <= set(figures)
+    assert figures["feed_only_delivered"] == figures["feed_only_applied"] > 0

@@ -14,15 +14,22 @@ Invariants:
    of local physical time is refused with :class:`ClockSkewError`; the clock is
    left unchanged.
 
+5. The clock check (:class:`ClockWatch`) compares the high-water mark with
+   NTP-checked time, never with the local wall clock alone (which may be the
+   very clock that ran ahead), and only reports: nothing here ever moves a
+   timestamp backwards. The way out of a mark far ahead is :data:`WAY_OUT`.
+
 This module knows nothing of storage or the network (NTP aside, which is a
 measurement, not a dependency of the clock).
 """
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from syncfw.errors import ClockError, ClockSkewError
 
@@ -30,8 +37,13 @@ __all__ = [
     "HLC",
     "LOGICAL_BITS",
     "MAX_PHYSICAL_MS",
+    "WAY_OUT",
+    "ClockReport",
+    "ClockState",
+    "ClockWatch",
     "NtpResult",
     "check_ntp",
+    "hlc_ahead_ms",
     "hlc_logical",
     "hlc_pack",
     "hlc_physical",
@@ -194,3 +206,122 @@ def check_ntp(
             continue
         return NtpResult(server=server, offset_s=float(stats.offset), delay_s=float(stats.delay))
     raise ClockError("no NTP server answered: " + "; ".join(failures or ["no servers given"]))
+
+
+# -- the periodic clock check (invariant 5) ------------------------------------------
+
+WAY_OUT = (
+    "timestamps never move back: wait until true time passes the mark (writes flow "
+    "again then), or retire this node id and have the authority grant its zones to a "
+    "fresh one"
+)
+"""What an operator does about a high-water mark far ahead (README, Operations)."""
+
+
+class ClockState(enum.Enum):
+    """What the last clock check concluded."""
+
+    UNCHECKED = "unchecked"
+    OK = "ok"
+    AHEAD = "ahead"
+    """The high-water mark is more than the allowed offset ahead of NTP-checked time."""
+    UNREACHABLE = "unreachable"
+    """The last check found no NTP server (the last measurement is kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClockReport:
+    """The state of this node's clock as of the last check.
+
+    Attributes:
+        state: the verdict.
+        ahead_ms: how far the high-water mark was ahead of NTP-checked time at
+            the last measurement (0 when behind or level).
+        offset_ms: the last NTP offset (positive: the server is ahead of us),
+            None before any measurement.
+        server: the server that answered last.
+        checked_ms: NTP-checked time of the last measurement, None before any.
+        failures: checks in a row that found no server.
+        reason: one sentence for status and logs.
+    """
+
+    state: ClockState
+    ahead_ms: float = 0.0
+    offset_ms: float | None = None
+    server: str = ""
+    checked_ms: int | None = None
+    failures: int = 0
+    reason: str = "not checked yet"
+
+
+def hlc_ahead_ms(high_water: int, local_wall_ms: float, offset_s: float) -> float:
+    """How far a high-water mark is ahead of NTP-checked time, in ms (0 if not ahead).
+
+    Args:
+        high_water: the clock's highest timestamp (:attr:`HLC.last`).
+        local_wall_ms: the local wall clock when the offset was measured.
+        offset_s: the NTP offset (positive: the server is ahead of us).
+    """
+    return max(0.0, hlc_physical(high_water) - (local_wall_ms + offset_s * 1000.0))
+
+
+class ClockWatch:
+    """The verdict of the periodic clock check. Pure bookkeeping: the node runs the checks.
+
+    Args:
+        max_ahead_ms: a mark further ahead than this is :attr:`ClockState.AHEAD`
+            (the node's ``max_offset_ms``: peers hold writes further ahead as skew).
+    """
+
+    def __init__(self, max_ahead_ms: float) -> None:
+        self.max_ahead_ms = max_ahead_ms
+        self.report = ClockReport(ClockState.UNCHECKED)
+
+    def measured(self, result: NtpResult, high_water: int, local_wall_ms: float) -> ClockReport:
+        """Record a measurement taken when the local wall clock read ``local_wall_ms``."""
+        ahead = hlc_ahead_ms(high_water, local_wall_ms, result.offset_s)
+        state = ClockState.AHEAD if ahead > self.max_ahead_ms else ClockState.OK
+        if state is ClockState.AHEAD:
+            reason = (
+                f"the hybrid clock is {ahead:.0f} ms ahead of NTP-checked time ({result.server}): "
+                "its high-water mark comes from a clock that ran ahead; peers hold this node's "
+                f"writes as clock skew until true time catches up ({WAY_OUT})"
+            )
+        else:
+            reason = f"within {self.max_ahead_ms:.0f} ms of NTP-checked time ({result.server})"
+        self.report = ClockReport(
+            state,
+            ahead_ms=ahead,
+            offset_ms=result.offset_s * 1000.0,
+            server=result.server,
+            checked_ms=int(local_wall_ms + result.offset_s * 1000.0),
+            reason=reason,
+        )
+        return self.report
+
+    def failed(self, error: str) -> ClockReport:
+        """Record a check that found no server; the last measurement is kept."""
+        last = self.report
+        self.report = ClockReport(
+            ClockState.UNREACHABLE,
+            ahead_ms=last.ahead_ms,
+            offset_ms=last.offset_ms,
+            server=last.server,
+            checked_ms=last.checked_ms,
+            failures=last.failures + 1,
+            reason=f"clock not checked: {error}",
+        )
+        return self.report
+
+    def status(self) -> dict[str, Any]:
+        """The report as plain data (the node's ``status()["clock"]``)."""
+        r = self.report
+        return {
+            "state": r.state.value,
+            "ahead_ms": r.ahead_ms,
+            "offset_ms": r.offset_ms,
+            "server": r.server,
+            "checked_ms": r.checked_ms,
+            "failures": r.failures,
+            "reason": r.reason,
+        }

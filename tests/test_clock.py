@@ -354,3 +354,25 @@ def test_any_interleaving_is_strictly_increasing(
         assert clock.last == ts
     assert all(a < b for a, b in pairwise(issued))
     assert all(hlc_physical(ts) <= MAX_PHYSICAL_MS for ts in issued)
+
+
+def test_clock_watch_compares_the_mark_with_ntp_checked_time() -> None:
+    from syncfw.clock import ClockState, ClockWatch, NtpResult, hlc_ahead_ms, hlc_pack
+
+    watch = ClockWatch(max_ahead_ms=500)
+    assert watch.report.state is ClockState.UNCHECKED
+    mark = hlc_pack(10_000_000, 3)
+    # the local clock reads 9,000,000 and is 1,000 s slow: true time is the mark
+    assert hlc_ahead_ms(mark, 9_000_000, 1000.0) == 0.0
+    level = watch.measured(NtpResult("s", 1000.0, 0.01), mark, 9_000_000)
+    assert level.state is ClockState.OK and level.offset_ms == 1_000_000.0
+    # the local clock reads the mark but NTP says it is an hour fast: an hour ahead
+    got = watch.measured(NtpResult("s", -3600.0, 0.01), mark, 10_000_000)
+    assert got.state is ClockState.AHEAD and got.ahead_ms == 3_600_000
+    assert "never move back" in got.reason and got.checked_ms == 10_000_000 - 3_600_000
+    failed = watch.failed("no NTP server answered")
+    assert failed.state is ClockState.UNREACHABLE and failed.failures == 1
+    assert failed.ahead_ms == got.ahead_ms  # the last measurement is kept
+    assert watch.failed("again").failures == 2
+    assert watch.status()["state"] == "unreachable"
+    assert watch.measured(NtpResult("s", 0.0, 0.01), mark, 10_000_000).failures == 0

@@ -24,6 +24,7 @@ import pytest
 from syncfw import Fleet, Node
 from syncfw.clock import NtpResult, check_ntp
 from syncfw.errors import ClockError, SyncfwError
+from syncfw.testing.waiting import wait_until
 
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 PACKET = struct.Struct("!BBbb II 4s QQQQ")  # 48 bytes
@@ -278,3 +279,68 @@ async def test_a_failed_check_keeps_the_last_offset_and_warns(
         assert node.metrics.value("syncfw_clock_offset_ms", source="ntp") == before
         assert before == pytest.approx(-1000, abs=TOLERANCE_S * 1000)
         assert any("clock not checked" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("skew_s", [86_400.0, -86_400.0])
+def test_an_offset_of_a_day_is_reported_as_a_day(responders: Factory, skew_s: float) -> None:
+    server = responders("answer", skew_s=skew_s)
+    result = check_ntp(["127.0.0.1"], port=server.port, timeout_s=2.0)
+    assert result.offset_s == pytest.approx(skew_s, abs=TOLERANCE_S)
+
+
+async def test_the_periodic_check_is_loud_while_the_mark_is_ahead_and_never_moves_it_back(
+    responders: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The RTC ran 2 s ahead (4 x max_offset_ms), the node wrote, the RTC was
+    # fixed. The periodic check says so on every check while the mark is ahead
+    # (WARNING, status, metric), and says so once more when true time has
+    # passed the mark; no timestamp ever went back meanwhile.
+    ahead_ms = 2_000
+    fleet = Fleet(fleet_id="f")
+    fast = lambda: int(time.time() * 1000) + ahead_ms  # noqa: E731
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=fleet, clock=fast) as node:
+        mark = (await node.put("fleet/n/x", 1)).hlc
+    server = responders("answer", skew_s=0.0)
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=fleet) as node:
+        assert "clock" not in await node.status()  # nothing checked yet
+        with caplog.at_level(logging.WARNING, logger="syncfw.node"):
+            node.watch_clock(["127.0.0.1"], port=server.port, interval_s=0.2, timeout_s=1.0)
+            await wait_until(lambda: len(server.requests) >= 1, timeout_s=5)
+            await wait_until(
+                lambda: node.metrics.value("syncfw_clock_offset_ms", source="hlc_ahead") > 0,
+                timeout_s=5,
+            )
+            st = (await node.status())["clock"]
+            assert st["state"] == "ahead"
+            assert 1_000 < st["ahead_ms"] <= ahead_ms + 100
+            assert "never move back" in st["reason"]
+            assert st["server"] == "127.0.0.1"
+            hlcs = [(await node.put("fleet/n/y", i)).hlc for i in range(3)]
+            await wait_until(lambda: len(server.requests) >= 3, timeout_s=5)  # periodic
+            loud = [r for r in caplog.records if "ahead of NTP-checked time" in r.getMessage()]
+            assert len(loud) >= 2
+            await wait_until(lambda: node._clock_watch.report.state.value == "ok", timeout_s=10)
+            assert any("no longer ahead" in r.getMessage() for r in caplog.records)
+            hlcs.append((await node.put("fleet/n/y", 9)).hlc)
+        assert mark < hlcs[0] and hlcs == sorted(hlcs)  # never behind the mark, never back
+        st = (await node.status())["clock"]
+        assert st["state"] == "ok" and st["ahead_ms"] <= node.store.clock.max_offset_ms
+        got = node.metrics.value("syncfw_clock_offset_ms", source="hlc_ahead")
+        assert got == st["ahead_ms"]
+    assert node._clock_task is None  # close() ended the schedule
+
+
+async def test_the_periodic_check_says_when_no_server_answers(
+    responders: Factory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    silent = responders("silent")
+    async with Node.open(tmp_path / "n.db", node_id="n", fleet=Fleet(fleet_id="f")) as node:
+        with caplog.at_level(logging.WARNING, logger="syncfw.node"):
+            node.watch_clock(["127.0.0.1"], port=silent.port, interval_s=0.05, timeout_s=0.1)
+            await wait_until(lambda: node._clock_watch.report.failures >= 2, timeout_s=5)
+        st = (await node.status())["clock"]
+        assert st["state"] == "unreachable"
+        assert st["offset_ms"] is None and "no NTP server answered" in st["reason"]
+        assert sum("clock not checked" in r.getMessage() for r in caplog.records) >= 2
+        with pytest.raises(ValueError, match="interval_s"):
+            node.watch_clock(["127.0.0.1"], interval_s=0)

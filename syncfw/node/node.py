@@ -16,6 +16,7 @@ codec, zones, keys, log, crdt, clock, metrics, errors).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -25,7 +26,7 @@ from typing import Any
 
 import pycrdt
 
-from syncfw.clock import LOGICAL_BITS, NtpResult, check_ntp, wall_ms
+from syncfw.clock import ClockState, ClockWatch, NtpResult, check_ntp, wall_ms
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
@@ -65,6 +66,8 @@ class Node:
         self._zone_cache: dict[str, tuple[str, int]] = {}
         self._zone_cache_for: ZoneTable | None = None
         self._meshes: list[Mesh] = []
+        self._clock_watch = ClockWatch(store.clock.max_offset_ms)
+        self._clock_task: asyncio.Task[None] | None = None
         store.add_listener(self._docs.on_applied)
 
     @classmethod
@@ -441,7 +444,11 @@ class Node:
     ) -> NtpResult:
         """Measure this node's clock against NTP and record it as ``clock_offset_ms{source=ntp}``.
 
-        Runs :func:`syncfw.clock.check_ntp` in a thread.
+        Runs :func:`syncfw.clock.check_ntp` in a thread. The verdict (how far
+        the hybrid clock's high-water mark is ahead of NTP-checked time) is
+        ``clock_offset_ms{source=hlc_ahead}`` and ``status()["clock"]``, with a
+        WARNING while it is past ``max_offset_ms`` (:meth:`watch_clock` checks
+        periodically).
 
         Args:
             servers: NTP servers, tried in order until one answers.
@@ -454,39 +461,80 @@ class Node:
         Raises:
             ClockError: no server answered (the last recorded offset is kept).
         """
+        self.add_status_source("clock", self._clock_watch.status)
         try:
             result = await asyncio.to_thread(check_ntp, servers, port=port, timeout_s=timeout_s)
         except ClockError as exc:
+            self._clock_watch.failed(str(exc))
             log.warning("%s: clock not checked: %s", self.node_id, exc)
             raise
         self.metrics.set_clock_offset(NTP_SOURCE, result.offset_s * 1000.0)
-        self._check_high_water(result)
+        self._check_high_water(result, wall_ms())  # true time = the local clock + the offset
         return result
 
-    def _check_high_water(self, result: NtpResult) -> None:
+    def _check_high_water(self, result: NtpResult, local_ms: int) -> None:
         """Say loudly when the hybrid clock runs ahead of NTP-checked time.
 
         The clock never issues a timestamp below its persisted high-water mark
         (timestamps never move backwards), so after the wall clock ran ahead
         and was fixed, this node keeps stamping from the mark, and peers hold
         its writes as clock skew until true time catches up. The way out never
-        moves timestamps back: wait (writes flow again once true time passes
-        the mark), or retire this node id and have the authority grant its
-        zones to a fresh one (README, Operations).
+        moves timestamps back (:data:`syncfw.clock.WAY_OUT`; README, Operations).
         """
-        true_ms = wall_ms() + result.offset_s * 1000.0
-        ahead_ms = max(0.0, (self._store.clock.last >> LOGICAL_BITS) - true_ms)
-        self.metrics.set_clock_offset(HLC_AHEAD_SOURCE, ahead_ms)
-        if ahead_ms > self._store.clock.max_offset_ms:
-            log.warning(
-                "%s: the hybrid clock is %.0f ms ahead of NTP-checked time (%s): its "
-                "high-water mark comes from a clock that ran ahead; peers hold this node's "
-                "writes as clock skew until true time catches up (never moved back: wait, "
-                "or retire this node id and grant its zones to a fresh one)",
-                self.node_id,
-                ahead_ms,
-                result.server,
-            )
+        before = self._clock_watch.report.state
+        report = self._clock_watch.measured(result, self._store.clock.last, local_ms)
+        self.metrics.set_clock_offset(HLC_AHEAD_SOURCE, report.ahead_ms)
+        if report.state is ClockState.AHEAD:
+            log.warning("%s: %s", self.node_id, report.reason)
+        elif before is ClockState.AHEAD:
+            log.warning("%s: the hybrid clock is no longer ahead: %s", self.node_id, report.reason)
+
+    def watch_clock(
+        self,
+        servers: Sequence[str] = ("pool.ntp.org",),
+        *,
+        interval_s: float = 600.0,
+        port: int = 123,
+        timeout_s: float = 2.0,
+    ) -> None:
+        """Check the clock against NTP now and every ``interval_s`` until :meth:`close`.
+
+        Each check is :meth:`check_clock`: a high-water mark far ahead is a
+        WARNING on every check while it lasts, ``status()["clock"]`` (state
+        ``ahead``, how far, the way out) and ``clock_offset_ms{source=hlc_ahead}``;
+        a check that reaches no server is a WARNING and state ``unreachable``
+        (the last measurement kept). Calling it again replaces the schedule.
+
+        Args:
+            servers: NTP servers, tried in order until one answers.
+            interval_s: seconds between checks.
+            port: their UDP port.
+            timeout_s: per-server timeout.
+
+        Raises:
+            ValueError: ``interval_s`` is not positive.
+        """
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be > 0, not {interval_s}")
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+        self.add_status_source("clock", self._clock_watch.status)
+        self._clock_task = asyncio.get_running_loop().create_task(
+            self._watch_clock(tuple(servers), interval_s, port, timeout_s),
+            name=f"syncfw-clock-{self.node_id}",
+        )
+
+    async def _watch_clock(
+        self, servers: Sequence[str], interval_s: float, port: int, timeout_s: float
+    ) -> None:
+        while True:
+            try:
+                await self.check_clock(servers, port=port, timeout_s=timeout_s)
+            except ClockError:
+                pass  # check_clock warned and recorded it; the next check may reach one
+            except Exception:  # a check must never end the schedule silently
+                log.exception("%s: clock check failed", self.node_id)
+            await asyncio.sleep(interval_s)
 
     # ----------------------------------------------------------------- feed, status, upkeep
 
@@ -637,6 +685,11 @@ class Node:
 
         Idempotent.
         """
+        if self._clock_task is not None:
+            self._clock_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._clock_task
+            self._clock_task = None
         while self._meshes:
             await self._meshes.pop().aclose()
         while self._metrics_servers:  # shutdown() waits on the server's thread

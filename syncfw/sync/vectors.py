@@ -33,6 +33,10 @@ from syncfw.log import vv_digest
 
 __all__ = ["LiveVector", "Vector", "digest_of"]
 
+# packb's defaults, one Packer for every entry (packb builds one per call); a pack is
+# one C call under the GIL, so threads never interleave inside it
+_PACK = msgpack.Packer().pack
+
 
 def _frozen(*_: Any, **__: Any) -> NoReturn:
     raise TypeError("a Vector never changes (copy it with dict(v))")
@@ -105,19 +109,21 @@ class LiveVector:
     def set(self, origin: str, seq: int) -> None:
         """Hold ``seq`` of ``origin`` (seq 0 or less removes it)."""
         vec = self._vec
-        if vec.get(origin, 0) == seq or (seq <= 0 and origin not in vec):
+        old = vec.get(origin)
+        if old == seq or (seq <= 0 and old is None):
             return
         self.changes += 1
         self._snap = None
-        i = bisect.bisect_left(self._keys, origin)
+        keys = self._keys
+        i = bisect.bisect_left(keys, origin)
         if seq <= 0:
-            del vec[origin], self._keys[i], self._parts[i]
+            del vec[origin], keys[i], self._parts[i]
             return
-        part = msgpack.packb([origin, seq])
-        if origin in vec:
+        part = _PACK((origin, seq))
+        if old is not None:
             self._parts[i] = part
         else:
-            self._keys.insert(i, origin)
+            keys.insert(i, origin)
             self._parts.insert(i, part)
         vec[origin] = seq
 

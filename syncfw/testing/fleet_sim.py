@@ -67,6 +67,12 @@ class FleetReplica(MemoryReplica):
     def __init__(self, node_id: str, fleet: Fleet | None = None, **kw: Any) -> None:
         self.live = LiveVector()
         super().__init__(node_id, fleet, **kw)
+        self._fleet_digest = self.fleet.bootstrap_digest()  # the fleet never changes
+
+    @property
+    def fleet_digest(self) -> bytes:
+        """The fleet bootstrap's digest, computed once (each session's Hello carries it)."""
+        return self._fleet_digest
 
     def _append(self, op: Op) -> None:
         super()._append(op)
@@ -262,6 +268,7 @@ class FleetSim:
         self._seq = itertools.count()
         self._complete: set[int] = set()
         self._busy_s = 0.0  # CPU time spent in exchanges (delivering frames, starting them)
+        self._timing = False  # count _busy_s (idle_rounds): a clock read per event costs
         self._lists = True  # gossip member lists (idle_rounds may leave them out)
 
     def _at(self, t: float, kind: str, *args: Any) -> None:
@@ -291,9 +298,7 @@ class FleetSim:
             # across restarts, so never counted as a new dial. This is what
             # Membership.restore makes of the saved table; the ids are generated
             # and valid, so a million address checks are left out.
-            for other in ids:
-                if other != node_id:
-                    membership.members[other] = Member(other, other)
+            membership.members.update({o: Member(o, o) for o in ids if o != node_id})
             membership.seeds = everyone - {node_id}
             metrics = NodeMetrics(node_id)
             dials = TokenBucket(bounds.dials_per_s, bounds.dial_burst, clock=self._clock)
@@ -346,9 +351,11 @@ class FleetSim:
         # threads), with no collector pass whose cost grows with the whole heap
         gc.collect()
         gc.disable()
+        self._timing = True
         try:
             await self._drain(self.now + rounds * self.cfg.mesh.interval_s, until_complete=False)
         finally:
+            self._timing = False
             gc.enable()
         n = max(1, rep.exchanges - x0)
         changes = sum(nd.replica.live.changes for nd in self.nodes) - c0
@@ -360,12 +367,17 @@ class FleetSim:
     async def _drain(self, limit: float, *, until_complete: bool) -> None:
         n = self.cfg.nodes
         clock = time.thread_time
-        while self._heap and not (until_complete and len(self._complete) >= n):
-            t, _, kind, args = heapq.heappop(self._heap)
+        timing = self._timing
+        heap, pop = self._heap, heapq.heappop
+        while heap and not (until_complete and len(self._complete) >= n):
+            t, _, kind, args = pop(heap)
             if t > limit:
-                heapq.heappush(self._heap, (t, _, kind, args))
+                heapq.heappush(heap, (t, _, kind, args))
                 break
             self.now = max(self.now, t)
+            if not timing:
+                await getattr(self, "_ev_" + kind)(*args)
+                continue
             t0 = clock()
             await getattr(self, "_ev_" + kind)(*args)
             if kind == "deliver":
@@ -388,10 +400,11 @@ class FleetSim:
         m.drain()
         choice = node.guard.choose(m, self.cfg.mesh.fanout, self.rng, now)
         chosen = [p for p in choice.chosen if p.address not in node.busy]
-        t0 = time.thread_time()
+        t0 = time.thread_time() if self._timing else 0.0
         for peer in chosen:
             await self._start_exchange(i, self.index[peer.address])
-        self._busy_s += time.thread_time() - t0
+        if self._timing:
+            self._busy_s += time.thread_time() - t0
         targets = m.probe_targets(node.busy, self.rng, avoid={p.address for p in chosen})
         for peer in targets:
             self._probe(i, peer)

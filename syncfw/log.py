@@ -215,10 +215,14 @@ def op_hash(op: Op) -> bytes:
     ).digest()
 
 
+OP_SIZE_OVERHEAD = 80
+"""What :func:`op_size` adds to an op's value and key (its other fields, roughly)."""
+
+
 def op_size(op: Op) -> int:
     """What an op counts against ``ops_since``'s ``max_bytes``: value and key plus a
     fixed overhead. Part of the :class:`Replica` contract, so every replica counts alike."""
-    return len(op.value) + len(op.key) + 80
+    return len(op.value) + len(op.key) + OP_SIZE_OVERHEAD
 
 
 def same_op(a: Op, b: Op) -> bool:

@@ -206,7 +206,9 @@ async def test_ops_held_for_a_missing_grant_warn_after_the_age_threshold_rate_li
         await depot.store.retry_pending()
         assert "held back (epoch)" in caplog.text
     status = await depot.status()
-    assert status["pending_by_reason"] == {"gap": 0, "epoch": 3, "clock_skew": 0, "unsigned": 0, "fork": 0}
+    assert status["pending_by_reason"] == {
+        "gap": 0, "epoch": 3, "clock_skew": 0, "unsigned": 0, "fork": 0, "rejected_budget": 0
+    }
     assert status["metrics"]["ops_pending"]["epoch"] == 3
 
 

@@ -189,7 +189,9 @@ def test_verdicts_name_each_outcome() -> None:
         (("n2", 1), Outcome.DUPLICATE),
         (("n3", 2), Outcome.PENDING),
     ]
-    assert plan.pending_counts() == {"gap": 1, "epoch": 2, "clock_skew": 0, "unsigned": 0, "fork": 0}
+    assert plan.pending_counts() == {
+        "gap": 1, "epoch": 2, "clock_skew": 0, "unsigned": 0, "fork": 0, "rejected_budget": 0
+    }
     assert plan.result().applied == 1 and plan.vv == {"n2": 2}
 
 

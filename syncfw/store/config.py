@@ -38,6 +38,11 @@ class StoreConfig:
             and about 128 bytes of overhead each; the same rule past it):
             what a peer can make this node hold for it, apart from the
             node's own data.
+        max_rejected_bytes: most bytes of rejected ops stored (an op rejected by its
+            zone verdict or its key is kept, since it is part of its origin's chain
+            and relayed). Past it, an origin whose next op would be rejected waits
+            (pending ``rejected_budget``, a WARNING, status and metric) instead of
+            growing the file; compaction frees the budget.
         changes_buffer: per-subscriber buffer of the change feed.
         max_value_bytes: largest op payload a local write may produce; larger
             ones raise :class:`~syncfw.errors.ValueTooLargeError` and write
@@ -63,6 +68,7 @@ class StoreConfig:
     max_offset_ms: int = 500
     max_pending: int = 100_000
     max_pending_bytes: int = 32 << 20
+    max_rejected_bytes: int = 64 << 20
     changes_buffer: int = 10_000
     max_value_bytes: int = MAX_VALUE_BYTES
     max_key_bytes: int = MAX_KEY_BYTES

@@ -34,7 +34,16 @@ import msgpack
 from syncfw.crdt import KINDS, LWW, YDOC
 from syncfw.crdt.ydoc import canonical as ydoc_canonical
 from syncfw.errors import CorruptDatabaseError
-from syncfw.log import GENESIS, Op, OpId, VersionVector, decode_value, op_hash, op_size
+from syncfw.log import (
+    GENESIS,
+    OP_SIZE_OVERHEAD,
+    Op,
+    OpId,
+    VersionVector,
+    decode_value,
+    op_hash,
+    op_size,
+)
 from syncfw.store import ydocs
 from syncfw.store.sql import chunks
 from syncfw.zones import Fleet, Grant
@@ -302,6 +311,16 @@ async def rejected(fetch: Fetch) -> list[tuple[str, int, str, str]]:
     """Rejected ops as ``(origin, seq, key, reason)``, by origin and seq."""
     rows = await fetch("SELECT origin, seq, key, reason FROM rejected ORDER BY origin, seq", ())
     return [(str(o), int(s), str(k), str(r)) for o, s, k, r in rows]
+
+
+async def rejected_bytes(fetch: Fetch) -> int:
+    """The bytes the stored rejected ops take, as :func:`~syncfw.log.op_size` counts them."""
+    rows = await fetch(
+        "SELECT count(*), coalesce(sum(length(key) + length(value)), 0) FROM ops WHERE status = 1",
+        (),
+    )
+    n, size = rows[0]
+    return int(size) + int(n) * OP_SIZE_OVERHEAD
 
 
 async def peer_acks(fetch: Fetch) -> dict[str, VersionVector]:

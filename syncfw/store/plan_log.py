@@ -43,6 +43,7 @@ _REASONS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("unsigned_fork", re.compile(r"^discarded op \(")),
     ("fork_pending", re.compile(r"^fork evidence: discarded pending op")),
     ("max_pending", re.compile(r"^held-back ops over max_pending")),
+    ("rejected_budget", re.compile(r"^holding ops of .* rejected-op budget")),
 )
 # a rejected op's verdict (syncfw/zones.py ZoneTable.judge), by the words it ends with
 _VERDICTS: tuple[tuple[str, str], ...] = (

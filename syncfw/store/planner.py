@@ -54,7 +54,7 @@ import msgpack
 from syncfw.clock import LOGICAL_BITS
 from syncfw.crdt import KINDS, lww_wins
 from syncfw.errors import ChainError, ClockSkewError, DecodeError, ForkError, TrustError
-from syncfw.log import GENESIS, ApplyResult, Op, OpId, decode_value, op_hash, same_op
+from syncfw.log import GENESIS, ApplyResult, Op, OpId, decode_value, op_hash, op_size, same_op
 from syncfw.store.sql import INSERT_OP, UPSERT_HEAD, Step
 from syncfw.store.stage import Stage, lww_ok, stage_grant
 from syncfw.trust import (
@@ -97,6 +97,7 @@ Pending = Mapping[str, Mapping[int, tuple[Op, str]]]
 GAP = "gap: waiting for earlier ops of this origin"
 SKEW = "clock skew"
 FORK_HOLD = "fork evidence against this origin: held until the authority acts"
+REJECT_BUDGET = "rejected-op budget full"
 STATEMENT_KINDS = (KEYREG_KIND, REVOKE_KIND, KEEP_KIND)
 LOG_ONLY_KINDS = (KEYREG_KIND, REVOKE_KIND, KEEP_KIND, EVIDENCE_KIND)
 """Kinds with no CRDT state: the op (and, for statements, a ``trust`` row) is the record."""
@@ -150,7 +151,7 @@ class Mirrors:
 
 def pending_counts(pending: Mapping[str, Mapping[int, tuple[Op, str]]]) -> dict[str, int]:
     """Held-back ops by :func:`pending_bucket`, every bucket present."""
-    out = {"gap": 0, "epoch": 0, "clock_skew": 0, "unsigned": 0, "fork": 0}
+    out = dict.fromkeys(("gap", "epoch", "clock_skew", "unsigned", "fork", "rejected_budget"), 0)
     for d in pending.values():
         for _, why in d.values():
             out[pending_bucket(why)] += 1
@@ -159,7 +160,8 @@ def pending_counts(pending: Mapping[str, Mapping[int, tuple[Op, str]]]) -> dict[
 
 def pending_bucket(reason: str) -> str:
     """The metric label of a pending reason: ``gap``, ``clock_skew``, ``epoch``,
-    ``unsigned`` (waiting for a signed head) or ``fork`` (held on fork evidence)."""
+    ``unsigned`` (waiting for a signed head), ``fork`` (held on fork evidence) or
+    ``rejected_budget`` (it would be rejected, and rejected ops are at their budget)."""
     if reason.startswith("gap"):
         return "gap"
     if reason.startswith(SKEW):
@@ -168,6 +170,8 @@ def pending_bucket(reason: str) -> str:
         return "unsigned"
     if reason.startswith("fork"):
         return "fork"
+    if reason.startswith(REJECT_BUDGET):
+        return "rejected_budget"
     return "epoch"
 
 
@@ -345,6 +349,9 @@ class RemoteLimits:
     max_pending: int
     authority: str
     max_pending_bytes: int = 1 << 62
+    rejected_room: int = 1 << 62
+    """Bytes of rejected ops this plan may still store (``StoreConfig.max_rejected_bytes``
+    less what is stored); an op that would be rejected past it waits instead."""
 
 
 PayloadFn = Callable[[Any], bytes]
@@ -384,6 +391,7 @@ class _Run:
         self.waiting: dict[str, str] = {}
         self.accepted: list[Op] = []
         self.rejected: list[tuple[Op, str]] = []
+        self.rejected_bytes = 0
         self.warnings: list[str] = []
         self.discarded: dict[str, int] = {}
         self.contested = t.contested
@@ -579,6 +587,22 @@ class _Run:
                         self.zones = self.zones.copy()  # grants staged on a copy (rollback)
                     reason = _stage(op, self.zones, stage, self.states)
             if reason:
+                size = op_size(op)
+                if self.rejected_bytes + size > lim.rejected_room:
+                    # Stored, a rejected op costs its bytes forever (it is part of its
+                    # origin's chain and relayed); past the budget the origin waits,
+                    # bounded by the pending caps, and says so.
+                    self.waiting[origin] = (
+                        f"{REJECT_BUDGET} (StoreConfig.max_rejected_bytes): op {op.seq} "
+                        f"would be rejected: {reason}"
+                    )
+                    self.warnings.append(
+                        f"holding ops of {origin} from seq {op.seq}: the rejected-op budget "
+                        f"(StoreConfig.max_rejected_bytes, {lim.rejected_room} bytes left) "
+                        f"is full, and it would be rejected: {reason}"
+                    )
+                    break
+                self.rejected_bytes += size
                 self.rejected.append((op, reason))
             else:
                 self.accepted.append(op)

@@ -140,6 +140,7 @@ class Store:
         self._compacted: dict[str, int] = {}
         # Each peer's acknowledged vector, as committed (only moves forward).
         self._acks: dict[str, VersionVector] = {}
+        self._rejected_bytes = 0  # what the stored rejected ops take (op_size)
         self._pending: Pending = {}
         # Mints this node's ops; may run ahead of what is committed (pipelining).
         self._chain = OpChain(node_id, signer=signer)
@@ -240,6 +241,7 @@ class Store:
             self.zones.add_grant(grant)
         self._pending = loaded.pending
         self._acks = await export.peer_acks(self._read)
+        self._rejected_bytes = await export.rejected_bytes(self._read)
         if self.keys is not None:
             await self._load_trust(self.keys)
         # A restart with the wall clock set in the past never issues a smaller timestamp.
@@ -581,6 +583,7 @@ class Store:
             self.config.max_pending,
             self.fleet.authority,
             self.config.max_pending_bytes,
+            self.config.max_rejected_bytes - self._rejected_bytes,
         )
         plan = plan_remote(t, m, stored, states, lim)
         if plan.steps and (plan.applied or plan.rejected):
@@ -600,6 +603,7 @@ class Store:
             # After COMMIT only: the mirrors.
             self._vv.update(plan.vv)
             self._heads.update(plan.heads)
+            self._rejected_bytes += sum(op_size(op) for op, _ in plan.rejected)
             me = self.node_id
             if me in plan.vv:  # our own ops, relayed back (a restore from backup)
                 self._chain.reset(self._vv[me], self._heads[me])
@@ -864,6 +868,7 @@ class Store:
             ]
         )
         self._compacted.update(todo)
+        self._rejected_bytes = await export.rejected_bytes(self._read)
         return removed - len(todo)
 
     # ------------------------------------------------------------------ snapshots

@@ -1,0 +1,362 @@
+"""Rollout benchmark: a yard of trucks and a depot whose uplink is the scarce resource.
+
+One run, four figures (the last line is one JSON object):
+
+* ``p2p_depot_bytes`` / ``p2p_full_s``: a multi-MB model (the project's MLP, exported
+  wide) published on the depot; every truck fetches it with peer-to-peer chunk sharing
+  (adverts, rarest first, the depot asked only for what no peer holds yet). Bytes the
+  depot uploaded, and seconds until every truck holds the verified artifact.
+* ``depot_only_bytes`` / ``depot_only_full_s``: the same for a second release of the
+  same size, with every truck's sources cut down to the depot alone (the same nodes,
+  the same code path, only the sources differ).
+* ``halt_rounds``: gossip rounds (the depot's) from the canary truck's ``rolled_back``
+  record to the halt op held by every truck; the authority's loop
+  (:func:`~syncfw.models.rollout_ops.advance`) runs once per round.
+* ``swap_dropped_requests``: inference calls that failed while a lifecycle activated a
+  new model under a load of back-to-back calls (the hot swap).
+
+The depot's link is rate-limited by the bandwidth budget (``peer_bytes_per_s``: its
+serving bucket, which sync frames and chunk pieces share); trucks are on the yard's LAN
+(no budget). Nodes are real (SQLite files, chunk stores) on the in-memory network.
+
+Targets: ``p2p_depot_bytes`` <= 0.25 x ``depot_only_bytes``; ``p2p_full_s`` <= 0.5 x
+``depot_only_full_s``; ``halt_rounds`` <= 2; ``swap_dropped_requests`` == 0.
+
+    python bench/rollout.py              # 32 trucks, about 4 MB, depot at 8 MB/s
+    python bench/rollout.py --trucks 48 --rate-mb 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from syncfw import Fleet, Node
+from syncfw.mesh import MeshConfig
+from syncfw.models import ArtifactConfig, Artifacts, FetchConfig, ReleaseManifest, Source
+from syncfw.models.lifecycle import Record, lifecycle_key, read_records
+from syncfw.models.rollout import Plan, in_stage, parse_gate
+from syncfw.models.rollout_ops import advance, rollout_key, start_rollout
+from syncfw.testing import SignedFleet, wait_until
+from syncfw.transport.memory import MemoryNetwork
+from syncfw.transport.network import InMemoryNetwork
+
+SF = SignedFleet(Fleet(fleet_id="yard", authority="depot"))
+CHUNK = 128 << 10
+FETCH = FetchConfig(piece_timeout_s=20.0, stall_s=60.0, retry_s=0.05, parallel=4)
+
+
+def wide_model(seed: int, hidden: int) -> bytes:
+    """The project's inspection MLP (its export), ``hidden`` wide: MBs of weights. The
+    weights are drawn, not trained: the transfer does not care what they score."""
+    import numpy as np
+
+    from syncfw.inference import train
+
+    rng = np.random.default_rng(seed)
+    w = {
+        "w1": rng.normal(0, 0.05, (256, hidden)).astype(np.float32),
+        "b1": np.zeros(hidden, np.float32),
+        "w2": rng.normal(0, 0.05, (hidden, 2)).astype(np.float32),
+        "b2": np.zeros(2, np.float32),
+    }
+    return train.export_mlp(w, seed=seed)
+
+
+class Yard:
+    def __init__(self, root: Path, rate: float, interval: float = 0.25) -> None:
+        self.root, self.rate, self.interval = root, rate, interval
+        self.net = MemoryNetwork()
+        self.nodes: dict[str, Node] = {}
+        self.arts: dict[str, Artifacts] = {}
+
+    async def add(self, node_id: str, limited: bool) -> None:
+        node = await Node.open(
+            self.root / f"{node_id}.db", node_id=node_id, fleet=SF.fleet, keys=SF.keys(node_id)
+        )
+        # test tunables at a slower round: 33 nodes gossip in one process on a small box
+        cfg = MeshConfig.test().with_(interval_s=self.interval)
+        if limited:
+            cfg = cfg.with_(peer_bytes_per_s=self.rate, peer_burst_bytes=256 << 10)
+        seeds = [] if node_id == "depot" else ["depot"]
+        mesh = await node.serve(node_id, seeds, config=cfg, network=InMemoryNetwork(self.net))
+        self.nodes[node_id] = node
+        self.arts[node_id] = Artifacts.attach(
+            node, mesh, config=ArtifactConfig(durable=False, fetch=FETCH, advert_every=1)
+        )
+
+    async def meet(self) -> None:
+        """Wait until every node knows every other (the yard's gossip has settled)."""
+        ids = set(self.nodes)
+
+        def met() -> bool:
+            for a in self.arts.values():
+                assert a.mesh is not None
+                seen = {m.node_id for m in a.mesh.membership.members.values()}
+                if not ids - {a.node.node_id} <= seen:
+                    return False
+            return True
+
+        await wait_until(met, what="every node knows every other", timeout_s=120, interval_s=0.2)
+
+    @property
+    def trucks(self) -> list[str]:
+        return [n for n in self.nodes if n != "depot"]
+
+    def depot_out(self) -> int:
+        return sum(self.arts["depot"].status()["bytes_out"].values())
+
+    async def learn(self, version: int) -> ReleaseManifest:
+        async def known() -> bool:
+            for n in self.trucks:
+                if await self.arts[n].release("inspection", version) is None:
+                    return False
+            return True
+
+        await wait_until(
+            known, what=f"every truck learns release {version}", timeout_s=120, interval_s=0.5
+        )
+        m = await self.arts["depot"].release("inspection", version)
+        assert m is not None
+        return m
+
+    async def close(self) -> None:
+        for n in list(self.nodes):
+            await self.arts.pop(n).aclose()
+            await self.nodes.pop(n).close()
+        await self.net.aclose()
+
+
+def depot_only(orig: Callable[[ReleaseManifest], Awaitable[list[Source]]]) -> Any:
+    async def sources(m: ReleaseManifest) -> list[Source]:
+        return [s for s in await orig(m) if s.node_id == "depot"]
+
+    return sources
+
+
+async def distribute(yard: Yard, data: bytes, version: int, *, p2p: bool) -> tuple[int, float]:
+    """Publish ``data`` as ``version``; every truck fetches it. (depot bytes, seconds)."""
+    originals = {}
+    if not p2p:
+        for n in yard.trucks:
+            f = yard.arts[n].fetcher
+            assert f is not None
+            originals[n] = f.sources
+            f.sources = depot_only(f.sources)
+    try:
+        await yard.arts["depot"].publish(
+            data,
+            name="inspection",
+            version=version,
+            key=SF.authority_key,
+            chunk_size=CHUNK,
+            inputs=[("x", "float32", (None, 1, 16, 16))],
+            outputs=[("y", "float32", (None, 2))],
+        )
+        m = await yard.learn(version)
+        before = yard.depot_out()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(yard.arts[n].fetch(m) for n in yard.trucks))
+        took = time.perf_counter() - t0
+        for n in yard.trucks:
+            assert yard.arts[n].held(m)
+        return yard.depot_out() - before, took
+    finally:
+        for n, src in originals.items():
+            f = yard.arts[n].fetcher
+            assert f is not None
+            f.sources = src
+
+
+async def halt_rounds(yard: Yard) -> int:
+    """Rounds from a canary's rolled_back record to the halt held by every truck."""
+    depot = yard.nodes["depot"]
+    # every truck reports v2 committed (as after the last rollout): the fleet the
+    # authority counts; a stage is held until its nodes report
+    for n in yard.trucks:
+        await yard.nodes[n].put(
+            lifecycle_key(n, "inspection"),
+            Record("inspection", "committed", 2, "00" * 32, serving_version=2).value(),
+        )
+
+    async def reported() -> bool:
+        return len(await read_records(depot, "inspection")) == len(yard.trucks)
+
+    await wait_until(reported, what="the depot holds every truck's record", timeout_s=60)
+    stages = (10, 100)
+    plan = Plan("inspection", 3, stages, parse_gate("accuracy>=-0.02"))
+    canary = next((n for n in yard.trucks if in_stage(plan, 0, n)), yard.trucks[0])
+    await start_rollout(depot, "inspection", 3, stages=stages, gate="accuracy>=-0.02")
+    halt = f"{rollout_key('inspection', 3)}/halt"
+    mesh = yard.arts["depot"].mesh
+    assert mesh is not None
+    stop = asyncio.Event()
+
+    async def authority() -> None:
+        last = -1
+        while not stop.is_set():
+            if mesh.rounds != last:  # once per gossip round
+                last = mesh.rounds
+                await advance(depot)
+            await asyncio.sleep(0.005)
+
+    loop = asyncio.create_task(authority())
+    try:
+        r0 = mesh.rounds
+        await yard.nodes[canary].put(
+            lifecycle_key(canary, "inspection"),
+            Record(
+                "inspection",
+                "rolled_back",
+                3,
+                "00" * 32,
+                serving_version=2,
+                reason="validation failed the gate: accuracy -0.2 < -0.02",
+            ).value(),
+        )
+
+        async def everywhere() -> bool:
+            for n in yard.trucks:
+                if await yard.nodes[n].get(halt) is None:
+                    return False
+            return True
+
+        await wait_until(everywhere, what="the halt reaches every truck", timeout_s=60)
+        return mesh.rounds - r0
+    finally:
+        stop.set()
+        await loop
+
+
+async def swap_dropped(root: Path) -> tuple[int, int]:
+    """Calls dropped while a lifecycle activates v2 under load; (dropped, served)."""
+    import numpy as np
+    import onnx
+
+    from syncfw.inference.engine import Engine
+    from syncfw.inference.train import CANARY_PATH, MODEL_PATH
+    from syncfw.models.lifecycle import Lifecycle, LifecycleConfig
+    from syncfw.models.rollout import parse_gate
+
+    node = await Node.open(root / "swap.db", node_id="depot", fleet=SF.fleet, keys=SF.keys("depot"))
+    arts = Artifacts.attach(node, None, config=ArtifactConfig(durable=False))
+    engine = Engine(node)
+    try:
+        good = MODEL_PATH.read_bytes()
+        proto = onnx.load_model_from_string(good)
+        e = proto.metadata_props.add()
+        e.key, e.value = "release_note", "v2"
+        for v, data in ((1, good), (2, proto.SerializeToString())):
+            await arts.publish(
+                data, name="inspection", version=v, key=SF.authority_key, chunk_size=16 << 10
+            )
+        lc = Lifecycle(
+            node,
+            arts,
+            engine,
+            "inspection",
+            LifecycleConfig(gate=parse_gate("accuracy>=-0.02"), window_s=0.2, check_every_s=0.05),
+        )
+        m1 = await arts.release("inspection", 1)
+        m2 = await arts.release("inspection", 2)
+        assert m1 is not None
+        assert m2 is not None
+        await lc.update(m1)
+        x = np.load(CANARY_PATH)["x"][:16].astype(np.float32) / 255.0
+        stop = asyncio.Event()
+        counts = {"ok": 0, "dropped": 0}
+
+        async def load() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    await engine.infer(x[i % 16 : i % 16 + 1])
+                    counts["ok"] += 1
+                except Exception:
+                    counts["dropped"] += 1
+                i += 1
+
+        tasks = [asyncio.create_task(load()) for _ in range(4)]
+        rec = await lc.update(m2)
+        stop.set()
+        await asyncio.gather(*tasks)
+        assert rec.step == "committed", rec
+        return counts["dropped"], counts["ok"]
+    finally:
+        await engine.aclose()
+        await arts.aclose()
+        await node.close()
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    root = Path(tempfile.mkdtemp(prefix="syncfw-rollout-"))
+    yard = Yard(root, args.rate_mb * 1e6)
+    try:
+        t0 = time.perf_counter()
+        v1, v2 = wide_model(1, args.hidden), wide_model(2, args.hidden)
+        print(
+            f"artifact {len(v1) / 1e6:.2f} MB ({math.ceil(len(v1) / CHUNK)} chunks of "
+            f"{CHUNK >> 10} KiB), made in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+        await yard.add("depot", limited=True)
+        for i in range(args.trucks):
+            await yard.add(f"t{i:02d}", limited=False)
+        await yard.meet()
+        p2p_bytes, p2p_s = await distribute(yard, v1, 1, p2p=True)
+        print(
+            f"p2p:        depot sent {p2p_bytes / 1e6:7.2f} MB, every truck held it in "
+            f"{p2p_s:6.2f}s",
+            flush=True,
+        )
+        only_bytes, only_s = await distribute(yard, v2, 2, p2p=False)
+        print(
+            f"depot only: depot sent {only_bytes / 1e6:7.2f} MB, every truck held it in "
+            f"{only_s:6.2f}s (floor at the budget: {args.trucks * len(v2) / (args.rate_mb * 1e6):.2f}s)",
+            flush=True,
+        )
+        rounds = await halt_rounds(yard)
+        print(f"halt: {rounds} gossip rounds from the canary's rollback to every truck", flush=True)
+    finally:
+        await yard.close()
+    dropped, served = await swap_dropped(root)
+    print(f"swap: {dropped} calls dropped of {served + dropped} during activation", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+    out = {
+        "trucks": args.trucks,
+        "artifact_bytes": len(v1),
+        "depot_rate_bytes_per_s": args.rate_mb * 1e6,
+        "p2p_depot_bytes": p2p_bytes,
+        "depot_only_bytes": only_bytes,
+        "bytes_ratio": round(p2p_bytes / only_bytes, 4),
+        "p2p_full_s": round(p2p_s, 3),
+        "depot_only_full_s": round(only_s, 3),
+        "time_ratio": round(p2p_s / only_s, 4),
+        "halt_rounds": rounds,
+        "swap_dropped_requests": dropped,
+        "swap_served_requests": served,
+    }
+    out["targets_met"] = (
+        out["bytes_ratio"] <= 0.25 and out["time_ratio"] <= 0.5 and rounds <= 2 and dropped == 0
+    )
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trucks", type=int, default=32)
+    p.add_argument("--rate-mb", type=float, default=8.0, help="the depot's uplink, MB/s")
+    p.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: about 4 MB)")
+    a = p.parse_args()
+    result = asyncio.run(main(a))
+    print(json.dumps(result, sort_keys=True))
+    sys.exit(0)

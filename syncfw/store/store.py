@@ -58,7 +58,6 @@ from syncfw.log import (
     Signer,
     VersionVector,
     check_node_id,
-    op_hash,
     op_size,
     vv_dominates,
     vv_merge,
@@ -76,11 +75,8 @@ from syncfw.store.lock import FileLock
 from syncfw.store.meter import PendingAlarm, StoreMeter
 from syncfw.store.plan_log import PlanLog
 from syncfw.store.planner import (
-    FORK_STATE,
     HLC_LIMIT,
-    INSERT_STATE_ROW,
     STATEMENT_KINDS,
-    TRUST_STATE,
     Mirrors,
     PayloadFn,
     Pending,
@@ -98,9 +94,10 @@ from syncfw.store.sql import (
     transaction,
     translate_error,
 )
+from syncfw.store.trust import StoreTrust
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
 from syncfw.sync.snapshot import Snapshot
-from syncfw.trust import EVIDENCE_KIND, MAX_BRANCH_OPS, ForkEvidence, KeyRing, verify_fork
+from syncfw.trust import EVIDENCE_KIND, ForkEvidence, KeyRing
 from syncfw.zones import Fleet, ZoneTable
 
 __all__ = ["NODE_ID_RE", "Priority", "Store", "StoreConfig", "StoreStats", "check_node_id"]
@@ -146,15 +143,13 @@ class Store:
         self._chain = OpChain(node_id, signer=signer)
         # A signed fleet's key ring (verified statements) and fork flags (mirrors).
         self.keys: KeyRing | None = fleet.keyring()
-        self.forks: dict[str, int] = {}
-        self.evidence: dict[str, ForkEvidence] = {}
-        self._kept_checked: dict[str, tuple[tuple[int, bytes], bool]] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         # The head lease (.lease): how far this node's own chain is known to have
         # reached, and the seq local writes wait for when the file lost ops.
         self.fenced_until = 0
         self._lease_seq = 0
         self._meter = StoreMeter(metrics)
+        self.trust = StoreTrust(node_id, metrics, self._meter)
         self._plan_log = PlanLog(log, node_id)  # a plan's warnings, rate-limited per reason
         self._peer_bound = PeerBound()  # the peers table's bound (store/budget.py)
         self._alarm = PendingAlarm(
@@ -243,31 +238,13 @@ class Store:
         self._acks = await export.peer_acks(self._read)
         self._rejected_bytes = await export.rejected_bytes(self._read)
         if self.keys is not None:
-            await self._load_trust(self.keys)
+            await self.trust.load(self.keys, self._read)
         # A restart with the wall clock set in the past never issues a smaller timestamp.
         self.clock.advance_to(loaded.high_water)
         me = self.node_id
         self._chain.reset(self._vv.get(me, 0), self._heads.get(me, GENESIS))
         self._meter.set_size(await export.file_bytes(self._read))
         self._meter.pending(pending_counts(loaded.pending))
-
-    async def _load_trust(self, keys: KeyRing) -> None:
-        """The verified statements and fork evidence kept beside the log."""
-        for (value,) in await self._read("SELECT data FROM state WHERE kind = ?", (TRUST_STATE,)):
-            try:
-                keys.learn_value(bytes(value))
-            except TrustError as exc:
-                log.warning("ignoring a stored statement that does not verify: %s", exc)
-        for origin, data in await self._read(
-            "SELECT key, data FROM state WHERE kind = ?", (FORK_STATE,)
-        ):
-            try:
-                ev = ForkEvidence.decode(bytes(data), keys)
-            except TrustError as exc:
-                log.warning("ignoring stored fork evidence against %s: %s", origin, exc)
-                continue
-            self.forks[ev.origin] = ev.seq
-            self.evidence[ev.origin] = ev
 
     def _check_lease(self) -> None:
         """Fence local writes if the file holds less of our own chain than the lease."""
@@ -570,8 +547,8 @@ class Store:
 
     async def _apply_remote(self, incoming: list[Op]) -> ApplyResult:
         m = Mirrors(
-            self._vv, self._heads, self._pending, self.zones, self.keys, self.forks,
-            await self._kept_branches(),
+            self._vv, self._heads, self._pending, self.zones, self.keys, self.trust.forks,
+            await self.trust.kept_branches(self.keys, self._read),
         )
         t = triage(incoming, m)
         stored = await export.stored_ops(self._read, t.held) if t.held else {}
@@ -613,7 +590,7 @@ class Store:
                 self.zones = plan.zones
             if plan.keys is not None:
                 self.keys = plan.keys
-            self.forks.update(plan.forks)
+            self.trust.forks.update(plan.forks)
             self._meter.pending(plan.pending_counts())
         if plan.suspects:
             await self._record_forks(plan.suspects)
@@ -628,7 +605,7 @@ class Store:
         if plan.steps:
             self._feed.committed()  # rejected-only commits advance the vector too
         got = plan.result()
-        if plan.keys is not None and plan.keys.kept and (await self._kept_branches()) - m.kept:
+        if plan.keys is not None and plan.keys.kept and (await self.trust.kept_branches(self.keys, self._read)) - m.kept:
             # The batch carried the authority's ruling on a fork: what it releases moves
             # now, as it would have had the ruling come first (one more plan, no I/O else).
             more = await self._apply_remote([])
@@ -640,72 +617,13 @@ class Store:
             )
         return got
 
-    async def _kept_branches(self) -> frozenset[str]:
-        """Forked origins whose branch here is the one the authority kept (``forkkeep``)."""
-        keys = self.keys
-        if keys is None or not self.forks or not keys.kept:
-            return frozenset()
-        out = set()
-        for origin in self.forks:
-            ruling = keys.kept.get(origin)
-            if ruling is None:
-                continue
-            seq, keep = ruling
-            if origin not in self._kept_checked or self._kept_checked[origin][0] != ruling:
-                rows = await self._read(
-                    f"SELECT {export.OP_COLUMNS} FROM ops WHERE origin = ? AND seq = ?",
-                    (origin, seq),
-                )
-                ours = op_hash(Op(*rows[0])) if rows else None
-                ok = ours == keep
-                self._kept_checked[origin] = (ruling, ok)
-                if not ok:
-                    log.warning(
-                        "the authority kept the other branch of %s's fork at seq %d; this node "
-                        "holds the dropped one: its ops of %s stay held (restore this node "
-                        "from a peer holding the kept branch)", origin, seq, origin,
-                    )
-            if self._kept_checked[origin][1]:
-                out.add(origin)
-        return frozenset(out)
-
     async def _record_forks(self, suspects: Sequence[tuple[str, int, tuple[Op, ...]]]) -> None:
-        """Pair each signed conflicting branch with this store's own signed branch;
-        verified pairs are fork evidence: stored, flagged, reported (DESIGN §3)."""
-        keys = self.keys
-        assert keys is not None
-        for origin, seq, branch in suspects:
-            rows = await self._read(
-                f"SELECT {export.OP_COLUMNS} FROM ops WHERE origin = ? AND seq >= ? "
-                "ORDER BY seq LIMIT ?",
-                (origin, max(1, seq - 1), MAX_BRANCH_OPS),
-            )
-            mine = [Op(*row) for row in rows]
-            found: ForkEvidence | None = None
-            for i, op in enumerate(mine):
-                if op.sig is None:
-                    continue
-                try:
-                    found = verify_fork(keys, mine[: i + 1], branch)
-                    break
-                except TrustError:
-                    continue
-            if found is None:
-                self._meter.discard({"unsigned_fork": 1})
-                log.warning(
-                    "signed ops of %s contradict its chain at seq %d, but this node's own copy "
-                    "is compacted or unsigned: the conflicting ops were discarded", origin, seq,
-                )
-                continue
-            await self._txn([(INSERT_STATE_ROW, [(FORK_STATE, origin, found.encode())])])
-            self.forks[origin] = min(self.forks.get(origin, found.seq), found.seq)
-            self.evidence.setdefault(origin, found)
-            self.metrics.fork_evidence.labels(self.node_id, origin).set(1)
-            log.warning(
-                "FORK EVIDENCE: the key of %s signed two different histories at seq %d; its "
-                "later ops are held until the authority revokes it", origin, found.seq,
-            )
-            task = asyncio.ensure_future(self._gossip_evidence(found))
+        """Verified fork evidence is stored, flagged and reported, then gossiped from this
+        node's own zone (:meth:`.trust.StoreTrust.record`)."""
+        assert self.keys is not None
+        found = await self.trust.record(self.keys, suspects, self._read, self._txn)
+        for ev in found:
+            task = asyncio.ensure_future(self._gossip_evidence(ev))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -717,6 +635,16 @@ class Store:
             await self.write(EVIDENCE_KIND, key, zone, epoch, ev.encode())
         except Exception as exc:  # kept locally either way; say why it was not relayed
             log.warning("fork evidence against %s kept here but not gossiped: %s", ev.origin, exc)
+
+    @property
+    def forks(self) -> dict[str, int]:
+        """Origins with verified fork evidence, and the seq it is at (signed fleets)."""
+        return self.trust.forks
+
+    @property
+    def evidence(self) -> dict[str, ForkEvidence]:
+        """The verified fork evidence, by origin."""
+        return self.trust.evidence
 
     # ------------------------------------------------------------------ reads
 
@@ -742,7 +670,8 @@ class Store:
         so when the answer is cut an alert goes before telemetry.
 
         Ops already compacted away cannot be exported; such an origin is
-        skipped with a warning (a state snapshot transfer is future work).
+        skipped with a warning (a session sends the peer a snapshot first, so it
+        never asks for them: :mod:`syncfw.sync.snapshot`).
 
         Raises:
             CorruptDatabaseError: the rows read have a gap or a broken hash

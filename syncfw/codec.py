@@ -405,6 +405,15 @@ def decode_batch(
         ChainError: in format 2, an op names a ``prev`` although the op just
             before it is its predecessor (which the format implies instead).
     """
+    try:
+        return _decode(data, limits, after)
+    except (DecodeError, ChainError) as exc:
+        # without the frames below: their payload, unpacker and op tuples (tens of MB
+        # for a large batch) would live as long as anyone holds the error
+        raise exc.with_traceback(None) from None
+
+
+def _decode(data: bytes, limits: BatchLimits, after: Mapping[str, int] | None) -> list[Op]:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError("a batch must be bytes")
     if len(data) > limits.max_compressed:

@@ -106,3 +106,18 @@ def test_runs_are_checked_across_slices_and_origins() -> None:
     # and the first op must continue what the receiver holds
     with pytest.raises(DecodeError, match="gap in origin 'b': op 2 after 0; nothing applied"):
         decode_batch(encode_batch(b[1:], elide_prev=True), after={})
+
+
+def test_a_refused_batch_s_error_does_not_keep_the_decoded_tuples_alive() -> None:
+    # Whoever holds the error (a log record, a future) holds its traceback's
+    # frames: those of the decoder would keep the payload and every unpacked
+    # op tuple alive (tens of MB for a large batch).
+    ops = chain("t7", 5000)
+    forged = [*ops[:-1], dataclasses.replace(ops[-1], prev=b"\x01" * 32)]
+    with pytest.raises(ChainError) as info:
+        decode_batch(encode_batch(forged, elide_prev=True))
+    tb, names = info.value.__traceback__, []
+    while tb is not None:
+        names.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    assert names[-1] == "decode_batch" and "_unpack" not in names and "_decode" not in names, names

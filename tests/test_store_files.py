@@ -58,6 +58,35 @@ async def test_foreign_sqlite_file_is_refused_and_left_untouched(tmp_path: Path)
     assert digest(path) == before
 
 
+@pytest.mark.parametrize("had_members", [True, False])
+async def test_a_version_2_file_migrates_to_3_with_the_member_table(
+    tmp_path: Path, had_members: bool
+) -> None:
+    path = tmp_path / "n.db"
+    async with Node.open(path, node_id="t7", fleet=FLEET) as node:
+        await node.put("trucks/t7/x", 1)
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE mesh_members")
+    if had_members:  # a version-2 mesh created it on its first save
+        conn.execute(
+            "CREATE TABLE mesh_members (address TEXT PRIMARY KEY, node_id TEXT NOT NULL, "
+            "last_seen_ms INTEGER NOT NULL) WITHOUT ROWID"
+        )
+        conn.execute("INSERT INTO mesh_members VALUES ('10.0.0.9:7000', 'depot', 5)")
+    conn.execute("PRAGMA user_version = 2")
+    conn.commit()
+    conn.close()
+    async with Node.open(path, node_id="t7", fleet=FLEET) as node:
+        assert await node.get("trucks/t7/x") == 1
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+        rows = conn.execute("SELECT address, node_id FROM mesh_members").fetchall()
+        assert rows == ([("10.0.0.9:7000", "depot")] if had_members else [])
+    finally:
+        conn.close()
+
+
 async def test_newer_schema_is_refused_and_left_untouched(tmp_path: Path) -> None:
     path = tmp_path / "n.db"
     async with Node.open(path, node_id="t7", fleet=FLEET) as node:

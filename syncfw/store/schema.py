@@ -10,7 +10,7 @@ as it was. Migrations are recorded steps, each run in its own transaction.
 from __future__ import annotations
 
 APPLICATION_ID = 0x5359_4E43  # "SYNC"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1. Ops are kept in one table keyed by their id; ``status`` is 0 for
 # applied, 1 for rejected (a rejected op is still part of its origin's chain and
@@ -119,5 +119,16 @@ INSERT INTO ydoc_checkpoints (key, hlc, data) SELECT key, hlc, data FROM state W
 DELETE FROM state WHERE kind = 'ydoc'
 """
 
-MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2}
+# Version 3: the mesh's member table (syncfw.mesh.persist) is part of the schema. A
+# version 2 file may already hold it (the mesh created it on first save), hence
+# IF NOT EXISTS; its rows are the mesh's alone (members ever reached, bounded).
+SCHEMA_V3 = """
+CREATE TABLE IF NOT EXISTS mesh_members (
+    address TEXT PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+
+MIGRATIONS: dict[int, str] = {1: SCHEMA_V1, 2: SCHEMA_V2, 3: SCHEMA_V3}
 """Schema version -> the script that brings version ``n - 1`` to ``n``."""

@@ -217,13 +217,14 @@ def test_refusals_held_before_their_answer_are_bounded_per_host_and_in_all() -> 
 
 
 async def test_streams_reopened_as_they_are_refused_meet_a_held_answer(
-    served: tuple[Node, Node, GrpcServer],
+    served: tuple[Node, Node, GrpcServer], caplog: pytest.LogCaptureFixture
 ) -> None:
     # A peer that reopens every refused stream at once used to cost the node a
     # refusal per round trip (~100 a second from one connection). Refusals of
     # its own quota are held before the answer, keeping its HTTP/2 streams, so
     # it is refused about its stream limit per hold instead.
     node, honest, server = served
+    caplog.set_level(logging.WARNING, logger="syncfw.transport")
     atk = await hostile.RawPeer(
         "127.0.0.1", server.port, source="127.0.0.6", window=65535
     ).connect()
@@ -240,6 +241,14 @@ async def test_streams_reopened_as_they_are_refused_meet_a_held_answer(
         # connection is the stream limit the held ones keep)
         assert 1 <= refused <= 12 * (elapsed / hold + 1), refused
         assert server.admission.held <= 12
+        # the log bound stated in the README: per peer host and reason at most one
+        # line per refusal_log_interval_s, each under 400 bytes
+        lines = [r.getMessage() for r in caplog.records if "127.0.0.6" in r.getMessage()]
+        reasons = {m.split("(")[1].split(")")[0] for m in lines}
+        assert lines and reasons <= {"peer_quota", "no_hello"}, lines
+        assert all(len(m) < 400 for m in lines), lines
+        per_reason = CFG.refusal_log_interval_s
+        assert len(lines) <= len(reasons) * (elapsed / per_reason + 1), lines
         assert await _honest_round(honest, server, 5) == 5
     finally:
         await atk.aclose()

@@ -35,6 +35,11 @@ CASES = {
         {"honest_ok_ratio_min", "honest_p99_ms_worst", "honest_p99_ms_quiet",
          "rss_growth_mb_max", "cpu_ms_per_rejected_frame"},
     ),
+    "snapshot": (
+        ["--keys", "500", "--repeat", "1"],
+        {"replay_join_s", "snapshot_join_s", "install_s", "floor_install_s",
+         "snapshot_bytes_per_key", "snapshot_vs_replay", "install_vs_floor"},
+    ),
     "inference": (
         ["--quick"],
         {"bare_p50_ms", "bare_p99_ms", "engine_p50_ms", "engine_p99_ms", "bare_items_per_s",

@@ -291,17 +291,17 @@ class Aggregator:
             async with self.node.follow({}, include_rejected=True, page_ops=page) as feed:
                 batch: list[FeedItem] = []
                 while True:
-                    room = _FOLD_BATCH - len(batch)
-                    got = feed.take_ready(room)
-                    batch += got
-                    if len(got) == room:  # a full delta, and maybe more ready
-                        folded(batch, feed)
-                        batch = []
-                        continue
-                    if batch:  # nothing more ready without a read
-                        folded(batch, feed)
-                        batch = []
-                    if pending is None:
+                    if pending is None:  # (never beside a read in flight)
+                        room = _FOLD_BATCH - len(batch)
+                        got = feed.take_ready(room)
+                        batch += got
+                        if len(got) == room:  # a full delta, and maybe more ready
+                            folded(batch, feed)
+                            batch = []
+                            continue
+                        if batch:  # nothing more ready without a read
+                            folded(batch, feed)
+                            batch = []
                         pending = asyncio.ensure_future(feed.__anext__())
                     done, _ = await asyncio.wait({pending}, timeout=0.05)
                     if not done:

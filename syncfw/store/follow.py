@@ -285,6 +285,8 @@ class Follow:
 
         The same items, in the same order, as that many ``anext()`` calls
         would return from what is held; :attr:`position` moves past them.
+        Call it between ``anext()`` calls, not beside one in flight (its read
+        may have part of a page ready while it awaits the rest).
         """
         out: list[FeedItem] = []
         ready, pos = self._ready, self._pos

@@ -1,6 +1,7 @@
 """Gossip convergence: rounds to spread writes, heal time over gRPC, neighbour latency.
 
-Usage: ``python bench/convergence.py [--seeds S]`` (< 60 s).
+Usage: ``python bench/convergence.py [--seeds S] [--fd-samples N] [--quick]
+[--fleet-nodes N]`` (about a minute on an idle machine).
 
 - ``rounds_8``, ``rounds_32``, ``rounds_128``: median (over S seeds) of gossip
   rounds until every node holds every node's write, when each of N nodes has
@@ -21,6 +22,15 @@ Usage: ``python bench/convergence.py [--seeds S]`` (< 60 s).
   Scaled down to fit a minute: the backlog is ``--backlog-s`` (default 5) s
   of the link, not 60.
 - ``slow_link_stalls``: runs in which no op moved for 30 s (of the 3).
+
+- ``detect_dead_s``, ``reachable_side_p99_ms``: from ``bench/failure_detection.py``
+  (run here with ``--fd-samples`` writes per phase, default 30, and no heal
+  phase): five nodes over real gRPC on loopback, the ``lan`` preset, each
+  dialing through its own black-hole proxy. ``detect_dead_s``: one node
+  closed, seconds until every other node reports it dead (target <= 5).
+  ``reachable_side_p99_ms``: p99 write-to-visible among the four others while
+  the fifth is cut; ``reachable_side_floor_p99_ms`` the same mesh quiet, and
+  ``reachable_side_ratio`` the one over the other (target <= 2).
 
 - ``rounds_1000``: gossip rounds (intervals of the LAN preset's 1 s) until
   1,000 simulated nodes, each with one fresh write, all hold everything, in
@@ -57,6 +67,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))  # failure_detection.py
 
 from syncfw.log import Op
 from syncfw.mesh import Mesh, MeshConfig
@@ -294,6 +305,20 @@ async def fleet(n: int, seeds: int, small: int = 100) -> dict[str, float]:
     }
 
 
+async def failure_detection(samples: int) -> dict[str, float]:
+    """``bench/failure_detection.py``'s figures, without its heal phase."""
+    import failure_detection as fd  # beside this script (its folder is on sys.path)
+
+    got = await fd.main(samples, heal=False)
+    keys = {
+        "detect_dead_s": "detect_dead_s",
+        "reachable_side_p99_ms": "reachable_side_p99_ms",
+        "reachable_side_floor_p99_ms": "neighbour_p99_ms",
+        "reachable_side_ratio": "reachable_side_ratio",
+    }
+    return {mine: float(str(got[theirs])) for mine, theirs in keys.items()}
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=5)
@@ -301,6 +326,7 @@ async def main() -> None:
     parser.add_argument("--fleet-nodes", type=int, default=None)
     parser.add_argument("--fleet-seeds", type=int, default=1)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fd-samples", type=int, default=30)
     args = parser.parse_args()
     res: dict[str, float] = {}
     # 200 by default keeps the script under a minute; the issue's figures are
@@ -322,6 +348,7 @@ async def main() -> None:
     print(f"slow link: efficiency {[round(e, 3) for e, _ in runs]}")
     res["slow_link_efficiency"] = round(statistics.median(e for e, _ in runs), 3)
     res["slow_link_stalls"] = sum(1 for _, st in runs if st)
+    res.update(await failure_detection(args.fd_samples))
     print(json.dumps(res))
 
 

@@ -3,10 +3,12 @@
 Invariants:
 
 1. One small table, ``mesh_members`` (address, node id, last seen, wall-clock
-   ms), created by the first save if absent (``CREATE TABLE IF NOT EXISTS``: the store's
-   checks at open accept a syncfw file with it); this module reads and
-   replaces its rows and touches nothing else in the file. It is never
-   created in a file that is not already a syncfw store (``application_id``).
+   ms), part of the store's schema since version 3 (``syncfw.store.schema``;
+   a version 2 file got it from its first save, which is why the migration
+   and the save here both say ``CREATE TABLE IF NOT EXISTS`` with the same
+   definition); this module reads and replaces its rows and touches nothing
+   else in the file. It is never created in a file that is not already a
+   syncfw store (``application_id``).
 2. It never fails the mesh: a file that cannot be read or written is a
    WARNING (and the mesh runs on its seeds), never an exception out of
    :meth:`MemberFile.load` or :meth:`MemberFile.save`. Rows are checked again

@@ -212,6 +212,9 @@ async def test_expensive_bad_batches_are_refused_past_the_budget_and_honest_peer
     # decoding (on the worker threads) when it ran into debt
     per_frame = max(0.05, 3 * budget.charged_s / max(1, sent.count("DATA_LOSS")))
     assert budget.charged_s <= SHARE.burst + SHARE.rate * elapsed + 3 * per_frame
+    # a refused batch put its peer further in debt: few were decoded at all
+    assert budget.penalized >= 1
+    assert sent.count("DATA_LOSS") <= 2 + 2 * elapsed * SHARE.rate / SHARE.refused_batch_s + 2, sent
     # loud, but rate-limited: a few lines, never one per refusal
     lines = [r.getMessage() for r in caplog.records]
     lines = [m for m in lines if "cpu_budget" in m or "CPU budget" in m]

@@ -41,6 +41,9 @@ Invariants:
    ``syncfw_refused_streams{reason="cpu_budget"}`` and warns at most once per
    ``FAILED_EXCHANGE_WARN_EVERY_S`` per peer, so a peer sending expensive bad
    batches costs the node a bounded share of one core while the others are served.
+   A batch the codec refuses (malformed, a chain broken inside it) costs its peer
+   ``CpuShare.refused_batch_s`` more: honest peers never send one, so a peer
+   that does is refused for a while instead of having one decoded per burst.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from syncfw.clock import wall_ms as system_wall_ms
-from syncfw.errors import DecodeError
+from syncfw.errors import ChainError, DecodeError
 from syncfw.exchange.performer import OnPeers, Performer
 from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
@@ -405,6 +408,8 @@ class ExchangeRunner:
         self.cpu_s += cpu_s
         if self.cpu is not None:
             self.cpu.charge(self.cpu_key, cpu_s)
+            if isinstance(exc, DecodeError | ChainError):  # only a peer's bytes do that
+                self.cpu.penalize(self.cpu_key, self.cpu.share.refused_batch_s)
         if exc is not None:
             raise exc
         return ops if ops is not None else []

@@ -242,15 +242,24 @@ class CpuShare:
             waits for the debt to be repaid) when that takes at most this
             long, and refused beyond it.
         max_peers: buckets kept at most.
+        refused_batch_s: what a batch the codec refuses (malformed, or a chain
+            broken inside it) costs its peer on top of the CPU it took: honest
+            peers never send one, so a peer that does is in debt for about
+            ``refused_batch_s / rate`` seconds and refused before its next call
+            is read, instead of making the node decode one per burst.
     """
 
     rate: float = 0.1
     burst: float = 0.5
     max_wait_s: float = 1.0
     max_peers: int = 4096
+    refused_batch_s: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.rate <= 0 or self.burst <= 0 or self.max_wait_s < 0 or self.max_peers < 1:
+        if (
+            self.rate <= 0 or self.burst <= 0 or self.max_wait_s < 0 or self.max_peers < 1
+            or self.refused_batch_s < 0
+        ):
             raise ValueError(f"a CpuShare needs rate, burst and max_peers > 0: {self}")
 
 
@@ -279,6 +288,7 @@ class CpuBudget:
         self._level: dict[str, tuple[float, float]] = {}  # key -> (balance, at)
         self.charged_s = 0.0
         self.refused = 0
+        self.penalized = 0
 
     def balance(self, key: str) -> float:
         """CPU seconds ``key`` may still spend (negative: its debt)."""
@@ -306,6 +316,16 @@ class CpuBudget:
         if key not in self._level and len(self._level) >= self.share.max_peers:
             self._evict()
         self._level[key] = (level, self._clock())
+
+    def penalize(self, key: str, cpu_s: float) -> None:
+        """Put ``key`` ``cpu_s`` seconds further in debt for what it sent, not for work done
+        (``CpuShare.refused_batch_s``); not counted in :attr:`charged_s`."""
+        if cpu_s <= 0:
+            return
+        if key not in self._level and len(self._level) >= self.share.max_peers:
+            self._evict()
+        self._level[key] = (self.balance(key) - cpu_s, self._clock())
+        self.penalized += 1
 
     def __len__(self) -> int:
         return len(self._level)

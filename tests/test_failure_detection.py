@@ -445,3 +445,20 @@ async def test_a_member_file_that_cannot_be_used_warns_and_loses_nothing(
     assert any("not a syncfw store" in r.getMessage() for r in caplog.records)
     assert foreign.read_bytes() == before
     assert await MemberFile(tmp_path / "missing.db").load() == []
+
+
+async def test_an_in_memory_node_keeps_no_members_and_says_nothing_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fleet = Fleet(fleet_id="f")
+    net = MemoryNetwork()
+    cfg = MeshConfig.test().with_(gossip=MeshConfig.test().gossip.with_(require_port=False))
+    with caplog.at_level(logging.WARNING, logger="syncfw.mesh"):
+        async with Node.open(":memory:", node_id="a", fleet=fleet) as a:
+            await a.serve("a", config=cfg, network=InMemoryNetwork(net))
+            async with Node.open(":memory:", node_id="b", fleet=fleet) as b:
+                mb = await b.serve("b", ["a"], config=cfg, network=InMemoryNetwork(net))
+                assert (await mb.sync_with("a")).ok
+                assert not await mb.save_members()
+    assert not [r for r in caplog.records if "members of" in r.getMessage()]
+    assert await MemberFile(":memory:").load() == []

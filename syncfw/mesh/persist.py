@@ -15,6 +15,8 @@ Invariants:
    when folded in (:meth:`~syncfw.mesh.membership.Membership.restore`).
 3. Bounded: at most ``limit`` rows are written or read, the most recently
    seen first.
+3a. An in-memory store (``:memory:``, ``file::memory:...``) has no file to keep
+   members in: loading gives none and saving does nothing, without a warning.
 4. Blocking SQLite calls run on a worker thread, each on its own short-lived
    connection that waits for the store's writer (``busy_timeout``) rather
    than failing; the file is in WAL mode, so readers never block it.
@@ -58,6 +60,11 @@ class MemberFile:
     def __init__(self, path: str | Path, *, limit: int = 1024) -> None:
         self.path = str(path)
         self.limit = limit
+
+    @property
+    def in_memory(self) -> bool:
+        """True for an in-memory store's path: nothing is kept (invariant 3a)."""
+        return self.path == ":memory:" or self.path.startswith("file::memory:")
 
     def _connect(self, *, create: bool) -> sqlite3.Connection:
         if not Path(self.path).is_file():
@@ -117,6 +124,8 @@ class MemberFile:
 
     async def load(self) -> list[Saved]:
         """The members saved last (empty, with a WARNING, if the file cannot be read)."""
+        if self.in_memory:
+            return []
         try:
             return await asyncio.to_thread(self._load)
         except sqlite3.Error as exc:
@@ -126,7 +135,10 @@ class MemberFile:
             return []
 
     async def save(self, members: Sequence[Saved]) -> bool:
-        """Replace the saved members; False (with a WARNING) if the file cannot be written."""
+        """Replace the saved members; False (with a WARNING) if the file cannot be written,
+        False (silently) for an in-memory store."""
+        if self.in_memory:
+            return False
         try:
             await asyncio.to_thread(self._save, members)
         except sqlite3.Error as exc:

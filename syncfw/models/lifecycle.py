@@ -62,14 +62,25 @@ __all__ = [
     "LifecycleConfig",
     "Record",
     "lifecycle_key",
+    "member_key",
+    "members_in",
     "read_records",
     "records_of",
 ]
 
 log = logging.getLogger("syncfw.models.lifecycle")
 
-STEPS = ("downloading", "verifying", "loading", "validating", "activating", "active",
-         "committed", "rolled_back", "failed")
+STEPS = (
+    "downloading",
+    "verifying",
+    "loading",
+    "validating",
+    "activating",
+    "active",
+    "committed",
+    "rolled_back",
+    "failed",
+)
 """Every step a record can be in, in the order a good update walks them."""
 PRE_ACTIVE = ("downloading", "verifying", "loading", "validating", "activating")
 """Steps where the previous model still serves and a restart resumes from the download."""
@@ -92,6 +103,31 @@ _SHIPPED_CANARY = Path(__file__).resolve().parent.parent / "inference" / "assets
 def lifecycle_key(node_id: str, name: str) -> str:
     """``fleet/<node>/model/<name>``: where a node's state machine for ``name`` writes."""
     return fleet_key(node_id, f"model/{name}")
+
+
+def member_key(node_id: str, name: str) -> str:
+    """``fleet/<node>/runs/<name>``: a node's enrolment in the rollouts of ``name``
+    (:meth:`Lifecycle.enrol`), what makes it a member a stage counts before it reports."""
+    return fleet_key(node_id, f"runs/{name}")
+
+
+def members_in(state: Mapping[str, Any], name: str) -> set[str]:
+    """The nodes that run ``name`` in a ``scan("fleet/")`` result (pure): every node
+    enrolled (``{"runs": true}`` at :func:`member_key`) and every node holding a
+    lifecycle record of ``name``, less those that left (``{"runs": false}``)."""
+    out = set(records_of(state, name))
+    suffix = f"/runs/{name}"
+    for key, value in state.items():
+        if not key.endswith(suffix):
+            continue
+        nid = key[len("fleet/") : -len(suffix)]
+        if not nid or "/" in nid or not isinstance(value, Mapping):
+            continue
+        if value.get("runs") is True:
+            out.add(nid)
+        elif value.get("runs") is False:
+            out.discard(nid)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,14 +179,23 @@ class Record:
     def value(self) -> dict[str, Any]:
         """The op value."""
         return {
-            "name": self.name, "step": self.step, "state": self.state.value,
-            "version": self.version, "sha256": self.sha256,
-            "serving_version": self.serving_version, "serving_sha256": self.serving_sha256,
+            "name": self.name,
+            "step": self.step,
+            "state": self.state.value,
+            "version": self.version,
+            "sha256": self.sha256,
+            "serving_version": self.serving_version,
+            "serving_sha256": self.serving_sha256,
             "serving_accuracy": self.serving_accuracy,
-            "prev_version": self.prev_version, "prev_sha256": self.prev_sha256,
-            "prev_accuracy": self.prev_accuracy, "accuracy": self.accuracy,
-            "accuracy_delta": self.accuracy_delta, "error_rate": self.error_rate,
-            "p99_ms": self.p99_ms, "reason": self.reason, "attempt": self.attempt,
+            "prev_version": self.prev_version,
+            "prev_sha256": self.prev_sha256,
+            "prev_accuracy": self.prev_accuracy,
+            "accuracy": self.accuracy,
+            "accuracy_delta": self.accuracy_delta,
+            "error_rate": self.error_rate,
+            "p99_ms": self.p99_ms,
+            "reason": self.reason,
+            "attempt": self.attempt,
             "at_ms": self.at_ms,
         }
 
@@ -161,22 +206,38 @@ class Record:
             return None
         try:
             return cls(
-                str(value["name"]), str(value["step"]), int(value["version"]),
-                str(value["sha256"]), int(value.get("serving_version", 0)),
-                str(value.get("serving_sha256", "")), _opt(value.get("serving_accuracy")),
-                int(value.get("prev_version", 0)), str(value.get("prev_sha256", "")),
-                _opt(value.get("prev_accuracy")), _opt(value.get("accuracy")),
-                _opt(value.get("accuracy_delta")), _opt(value.get("error_rate")),
-                _opt(value.get("p99_ms")), str(value.get("reason", "")),
-                int(value.get("attempt", 0)), int(value.get("at_ms", 0)),
+                str(value["name"]),
+                str(value["step"]),
+                int(value["version"]),
+                str(value["sha256"]),
+                int(value.get("serving_version", 0)),
+                str(value.get("serving_sha256", "")),
+                _opt(value.get("serving_accuracy")),
+                int(value.get("prev_version", 0)),
+                str(value.get("prev_sha256", "")),
+                _opt(value.get("prev_accuracy")),
+                _opt(value.get("accuracy")),
+                _opt(value.get("accuracy_delta")),
+                _opt(value.get("error_rate")),
+                _opt(value.get("p99_ms")),
+                str(value.get("reason", "")),
+                int(value.get("attempt", 0)),
+                int(value.get("at_ms", 0)),
             )
         except (KeyError, TypeError, ValueError):
             return None
 
     def report(self, node_id: str) -> Report:
         """What the rollout's rule table reads of this node."""
-        return Report(node_id, self.version, self.state, self.accuracy_delta,
-                      self.error_rate, self.p99_ms, self.reason)
+        return Report(
+            node_id,
+            self.version,
+            self.state,
+            self.accuracy_delta,
+            self.error_rate,
+            self.p99_ms,
+            self.reason,
+        )
 
 
 def _opt(x: Any) -> float | None:
@@ -245,8 +306,14 @@ class Lifecycle:
     """
 
     def __init__(
-        self, node: Node, artifacts: Artifacts, engine: Engine, name: str,
-        config: LifecycleConfig | None = None, *, on_step: StepHook | None = None,
+        self,
+        node: Node,
+        artifacts: Artifacts,
+        engine: Engine,
+        name: str,
+        config: LifecycleConfig | None = None,
+        *,
+        on_step: StepHook | None = None,
     ) -> None:
         self.node = node
         self.artifacts = artifacts
@@ -257,6 +324,7 @@ class Lifecycle:
         self.record: Record | None = None
         self.key = lifecycle_key(node.node_id, name)
         self._lock = asyncio.Lock()
+        self._enrolled = False
         node.add_status_source(f"model_lifecycle:{name}", self.status)
 
     # ------------------------------------------------------------------ records
@@ -265,8 +333,14 @@ class Lifecycle:
         rec = replace(rec, at_ms=self.node.wall_ms())
         await self.node.put(self.key, rec.value())
         self.record = rec
-        log.info("%s %s v%d: %s%s", self.node.node_id, self.name, rec.version, rec.step,
-                 f" ({rec.reason})" if rec.reason else "")
+        log.info(
+            "%s %s v%d: %s%s",
+            self.node.node_id,
+            self.name,
+            rec.version,
+            rec.step,
+            f" ({rec.reason})" if rec.reason else "",
+        )
         if self.on_step is not None:
             got = self.on_step(rec)
             if got is not None:
@@ -275,8 +349,11 @@ class Lifecycle:
 
     async def _view(self, rec: Record, status: str) -> None:
         if rec.serving_version:
-            await publish_model(self.node, self.node.node_id, ModelStatus(
-                self.name, str(rec.serving_version), rec.serving_sha256, status))
+            await publish_model(
+                self.node,
+                self.node.node_id,
+                ModelStatus(self.name, str(rec.serving_version), rec.serving_sha256, status),
+            )
 
     async def _manifest(self, version: int) -> ReleaseManifest | None:
         return await self.artifacts.release(self.name, version)
@@ -289,6 +366,30 @@ class Lifecycle:
             await self.artifacts.fetch(m)
         data = await self.artifacts.read(m)
         await self.engine.load(data, m.model_manifest())
+
+    # ------------------------------------------------------------------ membership
+
+    async def enrol(self) -> None:
+        """Say this node runs ``name`` (``{"runs": true}`` at :func:`member_key`), once:
+        from then on a stage the hash puts it in waits for its report."""
+        if self._enrolled:
+            return
+        key = member_key(self.node.node_id, self.name)
+        got = await self.node.get(key)
+        if not (isinstance(got, Mapping) and got.get("runs") is True):
+            await self.node.put(
+                key, {"name": self.name, "runs": True, "since_ms": self.node.wall_ms()}
+            )
+        self._enrolled = True
+
+    async def leave(self) -> None:
+        """Say this node no longer runs ``name`` (a truck taken out of service): stages
+        stop waiting for it. Its records stay (the log keeps what happened)."""
+        await self.node.put(
+            member_key(self.node.node_id, self.name),
+            {"name": self.name, "runs": False, "since_ms": self.node.wall_ms()},
+        )
+        self._enrolled = False
 
     # ------------------------------------------------------------------ restart
 
@@ -306,8 +407,9 @@ class Lifecycle:
                 await self._serve_recorded(rec)
                 return rec
             if rec.attempt >= self.config.max_resumes:
-                return await self._rollback(rec, (
-                    f"interrupted {rec.attempt + 1} times at {rec.step}: rolled back"))
+                return await self._rollback(
+                    rec, (f"interrupted {rec.attempt + 1} times at {rec.step}: rolled back")
+                )
             if rec.step == "active":
                 rec = await self._write(replace(rec, attempt=rec.attempt + 1))
                 try:
@@ -329,8 +431,13 @@ class Lifecycle:
         try:
             await self._serve(rec.serving_version, rec.serving_sha256)
         except SyncfwError as exc:
-            log.warning("%s: cannot serve %s v%d after restart: %s", self.node.node_id,
-                        self.name, rec.serving_version, exc)
+            log.warning(
+                "%s: cannot serve %s v%d after restart: %s",
+                self.node.node_id,
+                self.name,
+                rec.serving_version,
+                exc,
+            )
 
     # ------------------------------------------------------------------ update
 
@@ -344,8 +451,10 @@ class Lifecycle:
             raise ValueError(f"release of {manifest.name!r}, not {self.name!r}")
         async with self._lock:
             rec = self.record
-            if rec is not None and (manifest.version < rec.version or (
-                    manifest.version == rec.version and rec.step in TERMINAL)):
+            if rec is not None and (
+                manifest.version < rec.version
+                or (manifest.version == rec.version and rec.step in TERMINAL)
+            ):
                 return rec
             return await self._update(manifest, resume=None)
 
@@ -356,11 +465,15 @@ class Lifecycle:
             cur = self.record
             rec = Record(self.name, "downloading", m.version, m.sha256)
             if cur is not None:
-                rec = replace(rec, serving_version=cur.serving_version,
-                              serving_sha256=cur.serving_sha256,
-                              serving_accuracy=cur.serving_accuracy,
-                              prev_version=cur.serving_version, prev_sha256=cur.serving_sha256,
-                              prev_accuracy=cur.serving_accuracy)
+                rec = replace(
+                    rec,
+                    serving_version=cur.serving_version,
+                    serving_sha256=cur.serving_sha256,
+                    serving_accuracy=cur.serving_accuracy,
+                    prev_version=cur.serving_version,
+                    prev_sha256=cur.serving_sha256,
+                    prev_accuracy=cur.serving_accuracy,
+                )
         rec = await self._write(rec)
         try:
             if not self.artifacts.held(m):
@@ -385,8 +498,15 @@ class Lifecycle:
             await self.engine.load(data, mm)
         except SyncfwError as exc:
             return await self._rollback(rec, f"activating: {exc}")
-        rec = await self._write(replace(rec, step="active", serving_version=m.version,
-                                        serving_sha256=m.sha256, serving_accuracy=rec.accuracy))
+        rec = await self._write(
+            replace(
+                rec,
+                step="active",
+                serving_version=m.version,
+                serving_sha256=m.sha256,
+                serving_accuracy=rec.accuracy,
+            )
+        )
         await self._view(rec, "active")
         return await self._watch(rec)
 
@@ -399,12 +519,18 @@ class Lifecycle:
             prev = await self._manifest(rec.prev_version)
             if prev is not None and self.artifacts.held(prev):
                 old = await asyncio.to_thread(
-                    evaluate, await self.artifacts.read(prev), self.config.canary)
+                    evaluate, await self.artifacts.read(prev), self.config.canary
+                )
                 base = old.accuracy
         if base is None:
             base = m.canary_accuracy if m.canary_accuracy is not None else got.accuracy
-        return replace(rec, accuracy=got.accuracy, accuracy_delta=got.accuracy - base,
-                       error_rate=0.0, p99_ms=got.p99_ms)
+        return replace(
+            rec,
+            accuracy=got.accuracy,
+            accuracy_delta=got.accuracy - base,
+            error_rate=0.0,
+            p99_ms=got.p99_ms,
+        )
 
     def _calls(self) -> tuple[int, int]:
         """Finished calls and the ok ones among them. A call still in flight counts in
@@ -429,20 +555,26 @@ class Lifecycle:
                 rate = (n - (ok - ok0)) / n
                 probe = replace(rec, error_rate=rate)
                 fails = probe.report(self.node.node_id).failures(
-                    b for b in cfg.gate if b.figure == "error_rate")
+                    b for b in cfg.gate if b.figure == "error_rate"
+                )
                 if fails:
-                    return await self._rollback(probe, "regression in the watch window: "
-                                                + "; ".join(fails))
+                    return await self._rollback(
+                        probe, "regression in the watch window: " + "; ".join(fails)
+                    )
                 rec = probe
             now = time.monotonic()
             if now >= end or now - measured >= cfg.remeasure_every_s:
                 measured = now
                 probe = await self._remeasure(rec)
                 fails = probe.report(self.node.node_id).failures(
-                    b for b in cfg.gate if b.figure in ("accuracy", "p99_ms"))
+                    b for b in cfg.gate if b.figure in ("accuracy", "p99_ms")
+                )
                 if fails:
-                    return await self._rollback(probe, "regression in the watch window "
-                                                "(canary measured again): " + "; ".join(fails))
+                    return await self._rollback(
+                        probe,
+                        "regression in the watch window "
+                        "(canary measured again): " + "; ".join(fails),
+                    )
                 rec = probe
             if now >= end:
                 break
@@ -461,11 +593,17 @@ class Lifecycle:
             return rec
         data = await self.artifacts.read(m)
         try:
-            got = await asyncio.to_thread(evaluate, data, self.config.canary,
-                                          label=f"v{m.version} window")
+            got = await asyncio.to_thread(
+                evaluate, data, self.config.canary, label=f"v{m.version} window"
+            )
         except SyncfwError as exc:
-            log.warning("%s: %s v%d: the canary could not be run again in the window: %s",
-                        self.node.node_id, self.name, rec.version, exc)
+            log.warning(
+                "%s: %s v%d: the canary could not be run again in the window: %s",
+                self.node.node_id,
+                self.name,
+                rec.version,
+                exc,
+            )
             return rec
         base = None
         if rec.accuracy is not None and rec.accuracy_delta is not None:
@@ -474,14 +612,21 @@ class Lifecycle:
         return replace(rec, accuracy=got.accuracy, accuracy_delta=delta, p99_ms=got.p99_ms)
 
     async def _rollback(self, rec: Record, reason: str) -> Record:
-        out = await self._write(replace(
-            rec, step="rolled_back", reason=reason[:500], serving_version=rec.prev_version,
-            serving_sha256=rec.prev_sha256, serving_accuracy=rec.prev_accuracy))
-        log.warning("%s: %s v%d rolled back: %s", self.node.node_id, self.name, rec.version,
-                    reason)
+        out = await self._write(
+            replace(
+                rec,
+                step="rolled_back",
+                reason=reason[:500],
+                serving_version=rec.prev_version,
+                serving_sha256=rec.prev_sha256,
+                serving_accuracy=rec.prev_accuracy,
+            )
+        )
+        log.warning("%s: %s v%d rolled back: %s", self.node.node_id, self.name, rec.version, reason)
         with contextlib.suppress(SyncfwError):
             if out.serving_version and (
-                    self.engine.model is None or self.engine.model.sha256 != out.serving_sha256):
+                self.engine.model is None or self.engine.model.sha256 != out.serving_sha256
+            ):
                 await self._serve(out.serving_version, out.serving_sha256)
         if not out.serving_version:
             await self._unload(out)
@@ -495,11 +640,19 @@ class Lifecycle:
         gone = None
         if model is not None and model.sha256 == rec.sha256:  # never a model loaded otherwise
             gone = await self.engine.unload()
-        log.warning("%s: %s v%d was the first model of %s: unloaded, no model serves now "
-                    "(%s)", self.node.node_id, self.name, rec.version, self.name,
-                    "it was serving" if gone is not None else "it never served")
-        await publish_model(self.node, self.node.node_id, ModelStatus(
-            self.name, str(rec.version), rec.sha256, "rolled_back"))
+        log.warning(
+            "%s: %s v%d was the first model of %s: unloaded, no model serves now (%s)",
+            self.node.node_id,
+            self.name,
+            rec.version,
+            self.name,
+            "it was serving" if gone is not None else "it never served",
+        )
+        await publish_model(
+            self.node,
+            self.node.node_id,
+            ModelStatus(self.name, str(rec.version), rec.sha256, "rolled_back"),
+        )
 
     async def _fail(self, rec: Record, reason: str) -> Record:
         log.warning("%s: %s v%d failed: %s", self.node.node_id, self.name, rec.version, reason)
@@ -513,9 +666,13 @@ class Lifecycle:
             return {}
         rec = self.record
         model = self.engine.model
-        serving = (f"v{rec.serving_version}" if rec.serving_version else
-                   "none (the first model rolled back: no model serves)"
-                   if rec.step == "rolled_back" else "none")
+        serving = (
+            f"v{rec.serving_version}"
+            if rec.serving_version
+            else "none (the first model rolled back: no model serves)"
+            if rec.step == "rolled_back"
+            else "none"
+        )
         return rec.value() | {
             "serving": serving,
             "engine_sha256": model.sha256 if model is not None else None,

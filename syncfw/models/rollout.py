@@ -21,8 +21,21 @@ Invariants:
    allows two points of loss); ``error_rate`` and ``p99_ms`` are absolute. A report
    missing a gated figure does not pass.
 4. Halting wins over advancing: once ``halt_after`` nodes rolled back, the rollout
-   halts whatever the others report. A halted rollout never advances again; a new
-   version is a new rollout.
+   halts whatever the others report, and whatever the stage: a rollout already
+   ``done`` still halts on a late rollback (a node that caught up after the last stage
+   passed, a regression found late in a watch window), so nodes that have not run
+   the release yet never start it. A halt stops new starts; it does not roll back
+   nodes that committed (each node's own watch window does that). A halted rollout
+   never advances again; a new version is a new rollout.
+5. A stage counts the fleet's *members*, not whoever reported: ``members`` is the
+   authority's list of the nodes that run the model (see
+   :func:`syncfw.models.rollout_ops.members_of`: each node's enrolment op and its
+   lifecycle records), and the hash places each member in or out of the stage. A
+   member in the stage that has not reported holds it back (``min_reports`` lets a
+   share of them be offline). Reports from nodes outside ``members`` never advance a
+   stage; their rollbacks still count towards a halt. With no member known the
+   rollout waits; a stage the hash leaves empty (a 5 % stage of a small fleet) passes
+   with a reason that says so.
 """
 
 from __future__ import annotations
@@ -96,7 +109,9 @@ def parse_gate(text: str) -> tuple[Bound, ...]:
     for term in text.split(","):
         m = _BOUND_RE.fullmatch(term)
         if m is None:
-            raise ValueError(f"gate term {term.strip()!r} is not 'figure<=number' or 'figure>=number'")
+            raise ValueError(
+                f"gate term {term.strip()!r} is not 'figure<=number' or 'figure>=number'"
+            )
         figure, op, limit = m.group(1), m.group(2), float(m.group(3))
         if figure not in GATED:
             raise ValueError(f"gate figure {figure!r} is not one of {', '.join(GATED)}")
@@ -152,12 +167,19 @@ class Report:
 
     def figure(self, name: str) -> float | None:
         """The reported value of a gated figure."""
-        return {"accuracy": self.accuracy_delta, "error_rate": self.error_rate,
-                "p99_ms": self.p99_ms}.get(name)
+        return {
+            "accuracy": self.accuracy_delta,
+            "error_rate": self.error_rate,
+            "p99_ms": self.p99_ms,
+        }.get(name)
 
     def failures(self, gate: Iterable[Bound]) -> list[str]:
         """The gate terms this report does not pass (empty: it passes)."""
-        return [f"{b} (got {self.figure(b.figure)})" for b in gate if not b.passes(self.figure(b.figure))]
+        return [
+            f"{b} (got {self.figure(b.figure)})"
+            for b in gate
+            if not b.passes(self.figure(b.figure))
+        ]
 
 
 def bucket(node_id: str) -> int:
@@ -195,6 +217,7 @@ class _Facts:
     plan: Plan
     stage: int
     halted: bool
+    done: bool
     members: tuple[str, ...]
     in_current: tuple[str, ...]
     reports: Mapping[str, Report]
@@ -221,6 +244,24 @@ def _too_many_rollbacks(f: _Facts) -> Decision | None:
     return None
 
 
+def _done(f: _Facts) -> Decision | None:
+    return (
+        Decision(Verdict.DONE, "the rollout is done (a rollback would still halt it)")
+        if (f.done)
+        else None
+    )
+
+
+def _no_members(f: _Facts) -> Decision | None:
+    if f.members:
+        return None
+    return Decision(
+        Verdict.WAIT,
+        f"no node that runs {f.plan.name} is known yet: a stage "
+        "advances only on its members' reports",
+    )
+
+
 def _not_reported(f: _Facts) -> Decision | None:
     need = math.ceil(f.plan.min_reports * len(f.in_current))
     have = len(f.in_current) - len(f.missing)
@@ -245,24 +286,34 @@ def _gate_fails(f: _Facts) -> Decision | None:
     return None
 
 
+def _passed(f: _Facts) -> str:
+    pct = f.plan.stages[f.stage]
+    if not f.in_current:
+        return f"stage {pct} % holds none of the {len(f.members)} known members"
+    return (
+        f"stage {pct} % passed the gate ({len(f.in_current) - len(f.missing)} of "
+        f"{len(f.in_current)} members reported)"
+    )
+
+
 def _last_stage(f: _Facts) -> Decision | None:
     if f.stage == len(f.plan.stages) - 1:
-        return Decision(Verdict.DONE, "the last stage (100 %) passed the gate")
+        return Decision(Verdict.DONE, f"the last {_passed(f)}")
     return None
 
 
 def _promote(f: _Facts) -> Decision | None:
     nxt = f.stage + 1
     return Decision(
-        Verdict.PROMOTE,
-        f"stage {f.plan.stages[f.stage]} % passed the gate: promote to {f.plan.stages[nxt]} %",
-        next_stage=nxt,
+        Verdict.PROMOTE, f"{_passed(f)}: promote to {f.plan.stages[nxt]} %", next_stage=nxt
     )
 
 
 RULES: tuple[Rule, ...] = (
     ("halted", _halted),
     ("too many rollbacks", _too_many_rollbacks),
+    ("done", _done),
+    ("no members", _no_members),
     ("not reported", _not_reported),
     ("gate fails", _gate_fails),
     ("last stage", _last_stage),
@@ -278,13 +329,16 @@ def decide(
     members: Iterable[str],
     *,
     halted: bool = False,
+    done: bool = False,
 ) -> Decision:
     """What to do next with ``plan`` at stage index ``stage``.
 
     Args:
         reports: each node's latest report (of any version: others are ignored).
-        members: the fleet's nodes (the authority's view: those a stage counts).
+        members: the fleet's nodes that run the model (the authority's view: those a
+            stage counts, invariant 5).
         halted: a halt op for this rollout is already in the log.
+        done: a done op for this rollout is already in the log (it may still halt).
     """
     if not 0 <= stage < len(plan.stages):
         raise ValueError(f"stage {stage} outside the plan's {len(plan.stages)} stages")
@@ -295,9 +349,7 @@ def decide(
     rolled_back = tuple(
         n for n in sorted(mine) if mine[n].state in (State.ROLLED_BACK, State.FAILED)
     )
-    missing = tuple(
-        n for n in in_current if n not in mine or mine[n].state not in done_states
-    )
+    missing = tuple(n for n in in_current if n not in mine or mine[n].state not in done_states)
     failing = tuple(
         (n, fails)
         for n in in_current
@@ -305,8 +357,9 @@ def decide(
         for fails in [mine[n].failures(plan.gate)]
         if fails
     )
-    facts = _Facts(plan, stage, halted, all_members, in_current, mine, rolled_back, missing,
-                   failing)
+    facts = _Facts(
+        plan, stage, halted, done, all_members, in_current, mine, rolled_back, missing, failing
+    )
     for _, rule in RULES:
         got = rule(facts)
         if got is not None:

@@ -6,8 +6,12 @@ Keys (the ``sys/`` zone: only the authority writes there):
 * ``sys/rollouts/<name>/<version>/stage``: the current stage index (a promote op);
 * ``sys/rollouts/<name>/<version>/halt``: the halt op, with its reason.
 
-The authority's loop (:func:`advance`) reads every node's lifecycle record
-(:func:`~syncfw.models.lifecycle.read_records`), asks the pure rule table
+And in each node's own zone: ``fleet/<node>/runs/<name>``, its enrolment (it runs the
+model, so a stage the hash puts it in waits for it), and ``fleet/<node>/model/<name>``,
+its lifecycle record (the report).
+
+The authority's loop (:func:`advance`) reads the members (:func:`members_of`) and every
+node's lifecycle record (:func:`~syncfw.models.lifecycle.read_records`), asks the pure rule table
 (:func:`~syncfw.models.rollout.decide`) and writes what it says. A node (:func:`follow`)
 runs a release only while its rollout is not halted and the node is in the current stage
 (:func:`~syncfw.models.rollout.in_stage`): a halt that reaches a partitioned site stops it
@@ -24,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from syncfw.errors import ChangeFeedLagged
-from syncfw.models.lifecycle import Lifecycle, Record, read_records
+from syncfw.models.lifecycle import Lifecycle, Record, members_in, records_of
 from syncfw.models.manifest import check_name
 from syncfw.models.rollout import Decision, Plan, Verdict, decide, in_stage, parse_gate
 from syncfw.node import Node
@@ -35,6 +39,7 @@ __all__ = [
     "Rollout",
     "advance",
     "follow",
+    "members_of",
     "plan_value",
     "read_rollout",
     "read_rollouts",
@@ -72,9 +77,17 @@ class Rollout:
     def describe(self) -> dict[str, Any]:
         """Plain data (status, the CLI)."""
         p = self.plan
-        return {"name": p.name, "version": p.version, "stages": list(p.stages),
-                "gate": self.gate_text, "stage": self.stage, "stage_pct": p.stages[self.stage],
-                "halted": self.halted, "halt_reason": self.halt_reason, "done": self.done}
+        return {
+            "name": p.name,
+            "version": p.version,
+            "stages": list(p.stages),
+            "gate": self.gate_text,
+            "stage": self.stage,
+            "stage_pct": p.stages[self.stage],
+            "halted": self.halted,
+            "halt_reason": self.halt_reason,
+            "done": self.done,
+        }
 
 
 def plan_value(plan: Plan, gate: str) -> dict[str, Any]:
@@ -83,13 +96,25 @@ def plan_value(plan: Plan, gate: str) -> dict[str, Any]:
 
 
 def _plan_value(plan: Plan, gate: str) -> dict[str, Any]:
-    return {"name": plan.name, "version": plan.version, "stages": list(plan.stages),
-            "gate": gate, "halt_after": plan.halt_after, "min_reports": plan.min_reports}
+    return {
+        "name": plan.name,
+        "version": plan.version,
+        "stages": list(plan.stages),
+        "gate": gate,
+        "halt_after": plan.halt_after,
+        "min_reports": plan.min_reports,
+    }
 
 
 async def start_rollout(
-    node: Node, name: str, version: int, *, stages: tuple[int, ...] = (5, 25, 100),
-    gate: str = "accuracy>=-0.02", halt_after: int = 1, min_reports: float = 1.0,
+    node: Node,
+    name: str,
+    version: int,
+    *,
+    stages: tuple[int, ...] = (5, 25, 100),
+    gate: str = "accuracy>=-0.02",
+    halt_after: int = 1,
+    min_reports: float = 1.0,
 ) -> Rollout:
     """Write a rollout plan (the authority only; the ``sys/`` zone refuses anyone else).
 
@@ -109,9 +134,14 @@ async def start_rollout(
 def _parse(value: Any, stage: Any, halt: Any, done: Any) -> Rollout | None:
     try:
         gate = str(value["gate"])
-        plan = Plan(str(value["name"]), int(value["version"]), tuple(int(s) for s in value["stages"]),
-                    parse_gate(gate), int(value.get("halt_after", 1)),
-                    float(value.get("min_reports", 1.0)))
+        plan = Plan(
+            str(value["name"]),
+            int(value["version"]),
+            tuple(int(s) for s in value["stages"]),
+            parse_gate(gate),
+            int(value.get("halt_after", 1)),
+            float(value.get("min_reports", 1.0)),
+        )
     except (KeyError, TypeError, ValueError):
         return None
     idx = 0
@@ -132,11 +162,12 @@ def rollouts_of(state: Mapping[str, Any]) -> dict[tuple[str, int], Rollout]:
     """Every rollout in a ``scan("sys/rollouts/...")`` result (pure)."""
     out: dict[tuple[str, int], Rollout] = {}
     for key, value in state.items():
-        parts = key[len(ROLLOUT_PREFIX):].split("/")
+        parts = key[len(ROLLOUT_PREFIX) :].split("/")
         if len(parts) != 2 or not parts[1].isdigit():
             continue
-        r = _parse(value, state.get(f"{key}/stage"), state.get(f"{key}/halt"),
-                   state.get(f"{key}/done"))
+        r = _parse(
+            value, state.get(f"{key}/stage"), state.get(f"{key}/halt"), state.get(f"{key}/done")
+        )
         if r is not None and (r.plan.name, r.plan.version) == (parts[0], int(parts[1])):
             out[(r.plan.name, r.plan.version)] = r
     return dict(sorted(out.items()))
@@ -150,45 +181,66 @@ async def read_rollout(node: Node, name: str, version: int | None = None) -> Rol
     return got[max(got)] if got else None
 
 
-async def members_of(node: Node) -> set[str]:
-    """The nodes the authority counts: those reporting anything under ``fleet/<id>/model``."""
-    out: set[str] = set()
-    for key in await node.scan("fleet/"):
-        parts = key.split("/")
-        if len(parts) >= 3 and parts[2] == "model" and parts[1] != node.fleet.authority:
-            out.add(parts[1])
-    return out
+async def members_of(node: Node, name: str) -> set[str]:
+    """The nodes the authority counts in the stages of ``name``'s rollouts.
+
+    A node is a member once its enrolment op (``fleet/<id>/runs/<name>``, written by
+    :meth:`Lifecycle.enrol <syncfw.models.lifecycle.Lifecycle.enrol>` the first time
+    the node looks at its rollouts, before it runs anything) or any lifecycle record
+    of ``name`` reached the authority; it stops being one when it writes that it left.
+    The authority never counts itself. A node that never ran the lifecycle of
+    ``name`` (a relay, the cloud) is no member: it cannot hold a stage back.
+    """
+    authority = node.fleet.authority
+    return {n for n in members_in(await node.scan("fleet/"), name) if n != authority}
 
 
 async def advance(node: Node) -> dict[tuple[str, int], Decision]:
-    """One pass of the authority's loop: decide every open rollout and write promote/halt ops."""
+    """One pass of the authority's loop: decide every rollout and write promote, halt
+    and done ops. A rollout that is done is still decided (a late rollback halts it);
+    a halted one is reported and left alone."""
     out: dict[tuple[str, int], Decision] = {}
-    members = await members_of(node)
+    fleet_state = await node.scan("fleet/")
+    authority = node.fleet.authority
     for (name, version), r in (await read_rollouts(node)).items():
-        if r.done:
+        if r.halted:
+            out[(name, version)] = Decision(
+                Verdict.HALT, f"the rollout was halted: {r.halt_reason}"
+            )
             continue
-        reports = [rec.report(n) for n, rec in (await read_records(node, name)).items()]
-        d = decide(r.plan, r.stage, reports, members, halted=r.halted)
+        members = {n for n in members_in(fleet_state, name) if n != authority}
+        reports = [rec.report(n) for n, rec in records_of(fleet_state, name).items()]
+        d = decide(r.plan, r.stage, reports, members, halted=r.halted, done=r.done)
         out[(name, version)] = d
         key = rollout_key(name, version)
         if d.verdict is Verdict.PROMOTE and d.next_stage is not None:
             await node.put(f"{key}/stage", {"stage": d.next_stage, "reason": d.reason})
-        elif d.verdict is Verdict.HALT and not r.halted:
+        elif d.verdict is Verdict.HALT:
             await node.put(f"{key}/halt", {"reason": d.reason})
-            log.warning("rollout %s %d halted: %s", name, version, d.reason)
-        elif d.verdict is Verdict.DONE:
+            log.warning(
+                "rollout %s %d halted%s: %s",
+                name,
+                version,
+                " after it was done" if r.done else "",
+                d.reason,
+            )
+        elif d.verdict is Verdict.DONE and not r.done:
             await node.put(f"{key}/done", {"reason": d.reason})
     return out
 
 
 async def step(lc: Lifecycle) -> Record | None:
     """The node's side, once: run the current rollout's release if this node is in its stage."""
+    await lc.enrol()
     r = await read_rollout(lc.node, lc.name)
     if r is None or not r.runs(lc.node.node_id):
         return lc.record
     rec = lc.record
-    if rec is not None and rec.version >= r.plan.version and rec.step in ("committed",
-                                                                          "rolled_back", "failed"):
+    if (
+        rec is not None
+        and rec.version >= r.plan.version
+        and rec.step in ("committed", "rolled_back", "failed")
+    ):
         return rec
     m = await lc.artifacts.release(lc.name, r.plan.version)
     if m is None:

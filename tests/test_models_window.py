@@ -21,6 +21,7 @@ from syncfw.inference.errors import EngineStateError
 from syncfw.inference.train import CANARY_PATH
 from syncfw.keys import model_key
 from syncfw.models.lifecycle import Lifecycle
+from syncfw.models.rollout import parse_gate
 from tests.test_models_lifecycle import (
     BAD_PATH,
     NODE,
@@ -154,6 +155,91 @@ async def test_a_first_model_that_fails_validation_never_serves(tmp_path: Path) 
         st = (await node.status())["model_lifecycle:inspection"]
         assert "first model rolled back" in st["serving"]
         assert (await node.get(model_key(NODE)))["status"] == "rolled_back"
+    finally:
+        await engine.aclose()
+        await arts.aclose()
+        await node.close()
+
+
+def conv_model(note: str) -> bytes:
+    """A small conv net over images of any size (``[N, 1, H, W]``, global average pooled
+    to two class scores): its latency grows with the image, its weights stay the same."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array(rng.normal(0, 0.1, (16, 1, 7, 7)).astype(np.float32), "w")
+    fc = numpy_helper.from_array(rng.normal(0, 0.1, (16, 2)).astype(np.float32), "fc")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[3, 3, 3, 3]),
+            helper.make_node("Relu", ["c"], ["r"]),
+            helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+            helper.make_node("Flatten", ["g"], ["f"]),
+            helper.make_node("MatMul", ["f", "fc"], ["y"]),
+        ],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])],
+        [w, fc],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    e = model.metadata_props.add()
+    e.key, e.value = "release_note", note
+    out: bytes = model.SerializeToString()
+    return out
+
+
+def canary_of(path: Path, side: int, n: int = 10) -> None:
+    """``n`` labelled images ``side`` pixels square (the labels do not matter here)."""
+    rng = np.random.default_rng(side)
+    x = rng.integers(0, 256, (n, 1, side, side), dtype=np.uint8)
+    tmp = path.with_name("next.npz")
+    np.savez(tmp, x=x, y=np.arange(n) % 2)
+    tmp.replace(path)
+
+
+async def test_a_latency_regression_in_the_window_rolls_back(tmp_path: Path) -> None:
+    """The window's p99 re-measure: v2 validates well inside the gate's p99, then, once
+    it is active, the canary the window measures again costs ~2000x the work per call
+    (its images grown from 16 to 768 pixels square, the same file validation read),
+    so the p99 measured again is over the gate: v2 rolls back with that reason, and v1
+    serves again."""
+    canary = tmp_path / "canary.npz"
+    canary_of(canary, 16)
+    key = Ed25519PrivateKey.generate()
+    node, arts, engine = await open_node(tmp_path / "n.db", key)
+    try:
+        for v in (1, 2):
+            await arts.publish(
+                conv_model(f"v{v}"), name="inspection", version=v, key=key, chunk_size=16 << 10
+            )
+        gate = parse_gate("p99_ms<=25")
+        lc = Lifecycle(
+            node,
+            arts,
+            engine,
+            "inspection",
+            cfg(canary=canary, gate=gate, window_s=0.3, remeasure_every_s=0.1),
+        )
+        r1 = await lc.update(await release(arts, 1))
+        assert r1.step == "committed", r1
+        v1 = engine.model
+        assert v1 is not None
+
+        def slower_when_active(rec: object) -> None:
+            if getattr(rec, "step", "") == "active":
+                canary_of(canary, 768, n=4)
+
+        lc.on_step = slower_when_active
+        r2 = await lc.update(await release(arts, 2))
+        assert r2.step == "rolled_back", r2
+        assert "canary measured again" in r2.reason and "p99_ms<=25" in r2.reason, r2.reason
+        assert r2.p99_ms is not None and r2.p99_ms > 25
+        assert r2.serving_version == 1
+        assert engine.model is not None and engine.model.sha256 == v1.sha256
+        rec = await node.get(lc.key)
+        assert rec["step"] == "rolled_back" and "p99_ms" in rec["reason"]
     finally:
         await engine.aclose()
         await arts.aclose()

@@ -29,6 +29,7 @@ from syncfw.clock import wall_ms
 from syncfw.codec import decode_batch, encode_batch
 from syncfw.errors import ChainError, DecodeError
 from syncfw.exchange import ExchangeOutcome, SessionPair, run_exchange
+from syncfw.exchange.runner import cpu_budget
 from syncfw.log import MAX_KEY_BYTES, Op
 from syncfw.node import Node
 from syncfw.sync import (
@@ -49,6 +50,7 @@ from syncfw.sync import (
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.ops import OpWriter
 from syncfw.testing.waiting import wait_until
+from syncfw.transport.admission import CpuShare
 from syncfw.transport.base import FrameStream
 from syncfw.transport.memory import memory_pipe
 from syncfw.transport.rpc import ChannelPool, GrpcServer
@@ -316,6 +318,11 @@ def test_no_offset_without_wall_clocks() -> None:
 async def served(tmp_path: Path) -> AsyncIterator[tuple[Node, GrpcServer, list[ExchangeOutcome]]]:
     node = await Node.open(tmp_path / "b.db", node_id="b", fleet=FLEET)
     await node.put("fleet/b/x", 1)
+    # every peer here is one host (loopback, no mTLS): what a refused batch costs its
+    # sender's host (CpuShare.refused_batch_s) is test_hostile_cpu's, not this file's
+    budget = cpu_budget(node)
+    assert budget is not None
+    budget.share = CpuShare(refused_batch_s=0)
     outcomes: list[ExchangeOutcome] = []
 
     async def handler(stream: FrameStream) -> None:

@@ -20,11 +20,13 @@ from conftest import raw_exchange
 
 from syncfw.codec import BATCH_VERSION, COMPRESS_ZSTD, encode_batch
 from syncfw.exchange import run_exchange
+from syncfw.exchange.runner import cpu_budget
 from syncfw.log import Op
 from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Ops, Summary
 from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.ops import OpWriter
+from syncfw.transport.admission import CpuShare
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer
 from syncfw.transport.wire import encode_frame
@@ -111,6 +113,11 @@ async def _raw(address: str, frames: list[bytes]) -> tuple[grpc.StatusCode, str]
 async def server_node(tmp_path: Path) -> AsyncIterator[tuple[Any, GrpcServer]]:
     node = await Node.open(tmp_path / "b.db", node_id="b", fleet=FLEET)
     await node.put("fleet/b/x", 1)
+    # every peer here is one host (loopback, no mTLS): what a refused batch costs its
+    # sender's host (CpuShare.refused_batch_s) is test_hostile_cpu's, not this file's
+    budget = cpu_budget(node)
+    assert budget is not None
+    budget.share = CpuShare(refused_batch_s=0)
 
     async def handler(stream: FrameStream) -> None:
         await run_exchange(node, stream)

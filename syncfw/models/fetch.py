@@ -10,11 +10,18 @@ Invariants:
    goes silent past ``piece_timeout_s`` is *skipped* for the rest of the
    fetch, counted in ``syncfw_artifact_bad_chunks{peer,reason}`` and logged
    once (WARNING); its chunks go back to the pool for the others.
-3. Load is spread so that a yard shares one download: chunks are asked in an
-   order of this node's own (seeded), and among a chunk's holders a peer
-   still fetching (a partial advert) is asked before a complete one (the
-   depot, the publisher), the least busy first; at most ``per_source``
-   requests go to one peer at once.
+3. Load is spread so that a yard shares one download. A *seed* is a source
+   whose advert was complete the whole fetch (the depot, the publisher: its
+   uplink is the scarce one); a *peer* is one seen fetching (a partial advert),
+   complete or not now. Chunks go rarest first across peers, then in an order
+   of this node's own (seeded); a chunk any peer holds is asked of a peer, the
+   least busy first, at most ``per_source`` requests to one at once. A seed is
+   asked one chunk at a time (the others' adverts may not have arrived), and a chunk no
+   peer holds yet only by the ``seed_fanout`` fetchers a rendezvous hash of
+   (chunk, node id) ranks first among those fetching, so each chunk leaves the
+   seed about once and the others take it from that peer once it advertises
+   it. After ``seed_hold_s`` with no peer holding a chunk, anyone may ask a seed
+   for it (a fetcher gone quiet does not stall the rest).
 4. A full disk ends the fetch at once (:class:`StorageFullError`): what was
    stored stays stored. No holder for the remaining chunks for ``stall_s`` is
    a :class:`FetchError` naming how many are missing; both leave the fetch
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -72,6 +80,10 @@ class FetchConfig:
         stall_s: no holder for the missing chunks this long ends the fetch.
         retry_s: how long to wait for adverts when no peer holds what is missing.
         link_failures: link errors after which a peer is skipped for the fetch.
+        seed_fanout: fetchers that may ask a seed for a chunk no peer holds yet
+            (invariant 3; the seed's uplink carries each chunk about this often).
+        seed_hold_s: how long a chunk no peer holds waits for its fetchers before
+            anyone may ask a seed for it (at most half of ``stall_s``).
     """
 
     parallel: int = 4
@@ -81,12 +93,16 @@ class FetchConfig:
     stall_s: float = 30.0
     retry_s: float = 0.1
     link_failures: int = 3
+    seed_fanout: int = 1
+    seed_hold_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch <= MAX_HASHES_PER_FETCH:
             raise ValueError(f"batch must be in [1, {MAX_HASHES_PER_FETCH}]")
-        if self.parallel < 1 or self.per_source < 1:
-            raise ValueError("parallel and per_source must be >= 1")
+        if self.parallel < 1 or self.per_source < 1 or self.seed_fanout < 1:
+            raise ValueError("parallel, per_source and seed_fanout must be >= 1")
+        if self.seed_hold_s < 0:
+            raise ValueError("seed_hold_s must be >= 0")
 
 
 @dataclass(slots=True)
@@ -179,6 +195,11 @@ class Fetcher:
         return await run.go()
 
 
+def _rendezvous(sha256: str, index: int, node_id: str) -> bytes:
+    """The rank key of ``node_id`` for chunk ``index`` (the same on every node)."""
+    return hashlib.sha256(f"{sha256}:{index}:{node_id}".encode()).digest()[:8]
+
+
 class _Run:
     """One fetch of one manifest."""
 
@@ -195,6 +216,10 @@ class _Run:
         self.denied: dict[str, set[int]] = {}
         self.failures: dict[str, int] = {}
         self.backoff: dict[str, float] = {}
+        self.fetching: set[str] = set()
+        """Nodes seen with a partial advert in this fetch: peers, never seeds."""
+        self.started = time.monotonic()
+        self.unheld_since: dict[int, float] = {}
 
     def _report(self) -> None:
         self.p.done = not self.missing
@@ -213,7 +238,9 @@ class _Run:
         try:
             while self.missing:
                 if len(tasks) < self.cfg.parallel:
-                    for src, idx in self._plan(await self.f.sources(self.m), self.cfg.parallel - len(tasks)):
+                    for src, idx in self._plan(
+                        await self.f.sources(self.m), self.cfg.parallel - len(tasks)
+                    ):
                         self.asked.update(idx)
                         self.busy[src.node_id] = self.busy.get(src.node_id, 0) + 1
                         tasks[asyncio.create_task(self._request(src, idx))] = (src, idx)
@@ -247,60 +274,75 @@ class _Run:
 
     def _plan(self, sources: list[Source], slots: int) -> list[tuple[Source, list[int]]]:
         now = time.monotonic()
+        me = self.f.node_id
+        others = [s for s in sources if s.node_id != me]
+        self.fetching.update(s.node_id for s in others if not s.advert.complete)
         usable = [
-            s for s in sources
-            if s.node_id != self.f.node_id
-            and s.node_id not in self.p.skipped
-            and self.backoff.get(s.node_id, 0.0) <= now
+            s
+            for s in others
+            if s.node_id not in self.p.skipped and self.backoff.get(s.node_id, 0.0) <= now
         ]
-        # others fetching too (a partial advert): a complete copy (the depot) is the
-        # scarce one, asked one chunk at a time, for chunks no peer holds yet
-        crowd = any(not s.advert.complete for s in sources if s.node_id != self.f.node_id)
+
+        def is_seed(s: Source) -> bool:
+            return s.advert.complete and s.node_id not in self.fetching
+
+        # who fetches this artifact, this node too (a peer skipped shares nothing)
+        crowd = sorted((self.fetching - self.p.skipped.keys()) | {me})
+        hold_s = min(self.cfg.seed_hold_s, self.cfg.stall_s / 2)
+
+        def mine(i: int) -> bool:
+            """This node is among the seed_fanout first fetchers of chunk i (rendezvous)."""
+            if len(crowd) <= self.cfg.seed_fanout:
+                return True
+            rank = sorted(crowd, key=lambda n: _rendezvous(self.m.sha256, i, n))
+            return me in rank[: self.cfg.seed_fanout]
+
+        batches: dict[str, tuple[Source, list[int]]] = {}
 
         def room(s: Source) -> bool:
-            seed = crowd and s.advert.complete
-            per, size = (1, 1) if seed else (self.cfg.per_source, self.cfg.batch)
+            # a seed, one chunk at a time: at a fetch's start the others' adverts may
+            # not have arrived yet, and a burst of batches would queue copies on its uplink
+            per, size = (1, 1) if is_seed(s) else (self.cfg.per_source, self.cfg.batch)
             return (
                 self.busy.get(s.node_id, 0) < per
                 and (s.node_id in batches or len(batches) < slots)
                 and len(batches.get(s.node_id, (s, []))[1]) < size
             )
 
-        batches: dict[str, tuple[Source, list[int]]] = {}
         rank = {i: r for r, i in enumerate(self.order)}
+        peers = [s for s in usable if not is_seed(s)]
         wanted = [i for i in self.order if i in self.missing and i not in self.asked]
-        # rarest first, then this node's own order
-        wanted.sort(key=lambda i: (sum(1 for s in usable if s.advert.holds(i)), rank[i]))
+        held_by = {i: sum(1 for s in peers if s.advert.holds(i)) for i in wanted}
         for i in wanted:
-            holders = [
-                s for s in usable
-                if s.advert.holds(i)
-                and i not in self.denied.get(s.node_id, ())
-                and room(s)
+            if held_by[i]:
+                self.unheld_since.pop(i, None)
+            else:
+                self.unheld_since.setdefault(i, now)
+        # rarest first across peers (a chunk no peer holds yet first), then this node's order
+        wanted.sort(key=lambda i: (held_by[i], rank[i]))
+        for i in wanted:
+            ok = [
+                s for s in usable if s.advert.holds(i) and i not in self.denied.get(s.node_id, ())
             ]
+            holders = [s for s in ok if not is_seed(s) and room(s)]
+            if not holders and not any(not is_seed(s) for s in ok):
+                # no peer holds it: a seed, if this node is one of the chunk's fetchers
+                # or the chunk has waited seed_hold_s for them
+                waited = now - self.unheld_since.get(i, now) >= hold_s
+                if mine(i) or waited:
+                    holders = [s for s in ok if is_seed(s) and room(s)]
             if not holders:
                 continue
-            if crowd and any(not h.advert.complete for h in holders):
-                holders = [h for h in holders if not h.advert.complete]
             best = min(
                 holders,
                 key=lambda s: (
-                    s.advert.complete,
+                    is_seed(s),
                     self.busy.get(s.node_id, 0) + (s.node_id in batches),
                     self.f._rng.random(),
                 ),
             )
             batches.setdefault(best.node_id, (best, []))[1].append(i)
-        planned = list(batches.values())
-        if crowd:
-            # the complete copy only when no peer has anything for this node now
-            peers = [b for b in planned if not b[0].advert.complete]
-            peer_busy = any(
-                self.busy.get(s.node_id, 0) for s in usable if not s.advert.complete
-            )
-            if peers or peer_busy:
-                return peers
-        return planned
+        return list(batches.values())
 
     async def _request(self, src: Source, idx: list[int]) -> None:
         m, f = self.m, self.f
@@ -308,7 +350,10 @@ class _Run:
         left = dict(want)
         buf: dict[bytes, bytearray] = {}
         pieces = f.network.fetch(
-            src.address, list(want), source=f.node_id, node_id=f.node_id,
+            src.address,
+            list(want),
+            source=f.node_id,
+            node_id=f.node_id,
             timeout_s=max(self.cfg.piece_timeout_s * len(idx), 30.0),
         )
         try:
@@ -316,7 +361,9 @@ class _Run:
                 try:
                     piece = await asyncio.wait_for(anext(pieces), self.cfg.piece_timeout_s)
                 except StopAsyncIteration:
-                    raise _Lie("silent", f"ended the stream with {len(left)} chunks unsent") from None
+                    raise _Lie(
+                        "silent", f"ended the stream with {len(left)} chunks unsent"
+                    ) from None
                 except TimeoutError:
                     raise _Lie("silent", f"sent nothing for {self.cfg.piece_timeout_s}s") from None
                 i = left.get(piece.digest)
@@ -349,7 +396,9 @@ class _Run:
         try:
             await asyncio.to_thread(self.f.store.put, self.m.chunks[i], data)
         except ChunkError:
-            raise _Lie("bad_hash", f"sent chunk {i} with bytes that do not match its hash") from None
+            raise _Lie(
+                "bad_hash", f"sent chunk {i} with bytes that do not match its hash"
+            ) from None
         except StorageFullError:
             raise
         self.missing.discard(i)
@@ -377,7 +426,12 @@ class _Run:
         self.p.skipped[src.node_id] = f"{reason}: {detail}"
         log.warning(
             "%s: skipping peer %s for %s %s (%s): %s; fetching from the others",
-            self.f.node_id, clip(src.node_id), self.m.name, self.m.version, reason, detail,
+            self.f.node_id,
+            clip(src.node_id),
+            self.m.name,
+            self.m.version,
+            reason,
+            detail,
         )
 
     def _link_failed(self, src: Source, exc: LinkError) -> None:

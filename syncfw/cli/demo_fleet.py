@@ -176,7 +176,11 @@ class DemoFleet:
     async def _open_cloud(self) -> None:
         from syncfw.cloud import Aggregator, AggregatorConfig, FeedConfig
 
-        cfg = AggregatorConfig(mesh=DEMO_MESH, feed=FeedConfig.test(), refresh_s=0.25)
+        # the demo attaches the cloud's artifacts and runs the authority's rollout loop
+        # itself (demo_rollout), to print each decision as it is made
+        cfg = AggregatorConfig(
+            mesh=DEMO_MESH, feed=FeedConfig.test(), refresh_s=0.25, models=None
+        )
         agg = await Aggregator.open(
             self.folder / f"{CLOUD}.db", self.keys.get(CLOUD), fleet=self.fleet, config=cfg
         )

@@ -41,6 +41,7 @@ from syncfw.cloud.feed import FeedConfig, FeedServer
 from syncfw.cloud.metrics import FleetMetrics
 from syncfw.cloud.view import VIEW_VERSION, FleetView
 from syncfw.mesh import Mesh, MeshConfig
+from syncfw.models.service import ModelService, ServiceConfig
 from syncfw.node import Node
 from syncfw.node.admin import live_status
 from syncfw.store import StoreConfig
@@ -71,6 +72,12 @@ class AggregatorConfig:
             an aggregator serves a whole fleet, so its exchange quotas are
             larger than an edge's: 256 at once, 64 from one address (edges
             behind one NAT share it).
+        models: the model side, started with the mesh
+            (:class:`~syncfw.models.service.ModelService`, no model served
+            here): the aggregator holds, serves and advertises release chunks
+            like any node, and the authority's promotes and halts its fleet's
+            rollouts from the nodes' reports. None: neither (a caller that runs
+            its own rollout loop).
     """
 
     mesh: MeshConfig = field(default_factory=MeshConfig.lan)
@@ -78,6 +85,7 @@ class AggregatorConfig:
     store: StoreConfig | None = None
     refresh_s: float = 1.0
     updates_queue: int = 256
+    models: ServiceConfig | None = field(default_factory=ServiceConfig)
     transport: TransportConfig = field(
         default_factory=lambda: TransportConfig(
             max_concurrent_exchanges=256, max_exchanges_per_peer=64
@@ -133,6 +141,7 @@ class Aggregator:
         self.feed = FeedServer(node, config.feed, self.fleet_metrics)
         self.fleet = FleetView(node.node_id)
         self.mesh: Mesh | None = None
+        self.models: ModelService | None = None  # started by serve() (AggregatorConfig.models)
         self._listeners: set[ViewUpdates] = set()
         self._seq = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -224,6 +233,8 @@ class Aggregator:
         self.mesh = await self.node.serve(
             listen, peers, config=mesh_cfg, advertise=advertise, network=network, metrics=metrics
         )
+        if self.config.models is not None and self.models is None:
+            self.models = await ModelService.start(self.node, self.mesh, self.config.models)
         return self.mesh
 
     @property
@@ -391,6 +402,8 @@ class Aggregator:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+        if self.models is not None:
+            await self.models.aclose()
         await self.node.close()
 
     async def __aenter__(self) -> Aggregator:

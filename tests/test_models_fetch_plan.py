@@ -24,11 +24,11 @@ def run_for(tmp: Path, me: str, **cfg: float) -> _Run:
     store = ChunkStore(tmp / me, durable=False)
     f = Fetcher(
         store,
-        None,
+        None,  # type: ignore[arg-type]  # planning only: nothing is sent
         node_id=me,
         sources=None,  # type: ignore[arg-type]
-        config=FetchConfig(**cfg),
-    )  # type: ignore[arg-type]
+        config=FetchConfig(**cfg),  # type: ignore[arg-type]
+    )
     return _Run(f, m, None)
 
 

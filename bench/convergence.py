@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import random
 import statistics
@@ -277,7 +278,7 @@ async def fleet(n: int, seeds: int, small: int = 100) -> dict[str, float]:
         rep = await sim.run()
         if not rep.converged or rep.problems:
             raise RuntimeError(f"fleet of {n} (seed {seed}) did not converge: {rep}")
-        runs.append(rep)
+        runs.append(copy.deepcopy(rep))  # as it stood at convergence: idle_rounds adds to it
         print(
             f"fleet of {n}: {rep.rounds} rounds, {rep.wall_s:.1f} s wall ({rep.cpu_s:.1f} s CPU), "
             f"{rep.exchanges} exchanges, {rep.bytes_per_node_round / 1024:.1f} KiB per "

@@ -50,6 +50,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from syncfw.codec import BatchLimits, encode_batch
 from syncfw.exchange import ExchangeOutcome, SessionPair, run_exchange
+from syncfw.keyfiles import NodeKeys
 from syncfw.log import Op
 from syncfw.node import Node
 from syncfw.testing.memory import MemoryReplica
@@ -57,7 +58,6 @@ from syncfw.testing.trust import SignedFleet
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer
 from syncfw.transport.wire import decode_frame, encode_frame
-from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet
 
 FLEET = Fleet(fleet_id="bench")

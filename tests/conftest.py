@@ -10,8 +10,8 @@ import grpc
 import pytest
 
 from syncfw import Fleet, Grant, Node, StoreConfig
+from syncfw.keyfiles import NodeKeys
 from syncfw.testing import FakeClock
-from syncfw.trust.keydir import NodeKeys
 
 __all__ = ["FLEET", "START_MS", "FakeClock", "NodeFactory", "exchange"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from syncfw.cli import main
+from syncfw.keyfiles import load_fleet, load_node
 from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.testing import wait_until
 from syncfw.trust import Revocation, open_statement
-from syncfw.trust.keydir import load_fleet, load_node
 from syncfw.zones import Fleet
 
 ROOT = Path(__file__).resolve().parent.parent

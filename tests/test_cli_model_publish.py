@@ -16,8 +16,8 @@ pytest.importorskip("onnxruntime")
 from syncfw import Fleet, Node
 from syncfw.cli import main
 from syncfw.inference.train import MODEL_PATH
+from syncfw.keyfiles import load_fleet, load_node
 from syncfw.models import ChunkStore
-from syncfw.trust.keydir import load_fleet, load_node
 from tests.test_cli_model_serve import FLEET, _cli, _serve, _stop
 
 

@@ -16,12 +16,12 @@ from syncfw.cloud.export import ExportConfig, Exporter
 from syncfw.cloud.export_check import check_stream, read_stream
 from syncfw.cloud.export_servers import NatsCluster, NatsServerMissing
 from syncfw.errors import ZoneOwnershipError
+from syncfw.keyfiles import add_node, add_subscriber, init_fleet, load_fleet, load_node
 from syncfw.keys import result_key
 from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.testing import wait_until
 from syncfw.transport.rpc import TlsConfig
-from syncfw.trust.keydir import add_node, add_subscriber, init_fleet, load_fleet, load_node
 from syncfw.zones import Fleet
 
 pytestmark = pytest.mark.asyncio

@@ -18,12 +18,12 @@ from syncfw import Fleet, Node
 from syncfw.cli import main
 from syncfw.cli.cloud_cmd import parse_vector
 from syncfw.exchange import run_exchange
+from syncfw.keyfiles import load_fleet, load_node
 from syncfw.mesh import MeshConfig
 from syncfw.sync.frames import Status
 from syncfw.testing import wait_until
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.rpc import ChannelPool, TlsConfig, TransportConfig
-from syncfw.trust.keydir import load_fleet, load_node
 
 FLEET = Fleet(fleet_id="cli-cloud")
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}

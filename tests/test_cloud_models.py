@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from syncfw.cloud import Aggregator, AggregatorConfig
+from syncfw.keyfiles import add_node, init_fleet, load_node
 from syncfw.models.rollout_ops import start_rollout
 from syncfw.testing import wait_until
-from syncfw.trust.keydir import add_node, init_fleet, load_node
 
 pytestmark = pytest.mark.asyncio
 

@@ -16,6 +16,14 @@ import pytest
 from syncfw.clock import wall_ms
 from syncfw.cloud import Aggregator, AggregatorConfig, Consumer, TelemetryPublisher
 from syncfw.exchange import run_exchange
+from syncfw.keyfiles import (
+    NodeKeys,
+    add_node,
+    add_subscriber,
+    init_fleet,
+    load_fleet,
+    load_node,
+)
 from syncfw.keys import mode_key, result_key
 from syncfw.mesh import MeshConfig
 from syncfw.mesh.models import ModelStatus, publish_model
@@ -25,14 +33,6 @@ from syncfw.testing import wait_until
 from syncfw.testing.memory import MemoryReplica
 from syncfw.transport.base import LinkError
 from syncfw.transport.rpc import ChannelPool, TlsConfig, TransportConfig
-from syncfw.trust.keydir import (
-    NodeKeys,
-    add_node,
-    add_subscriber,
-    init_fleet,
-    load_fleet,
-    load_node,
-)
 from syncfw.zones import Fleet
 
 pytestmark = pytest.mark.asyncio

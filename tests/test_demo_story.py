@@ -18,10 +18,10 @@ pytest.importorskip("onnxruntime")
 from syncfw.cli import main
 from syncfw.cli.demo_fleet import CLOUD, DEMO_FLEET, EDGES, MODEL_NAME
 from syncfw.cli.demo_rollout import BAD, GOOD
+from syncfw.keyfiles import load_fleet, load_node
 from syncfw.models.lifecycle import Record, read_records
 from syncfw.models.rollout_ops import Rollout, read_rollout
 from syncfw.node import Node
-from syncfw.trust.keydir import load_fleet, load_node
 
 CHECKS = (
     "all replicas identical",

@@ -11,8 +11,7 @@ import pytest
 from cryptography import x509
 
 from syncfw.errors import KeyFileError
-from syncfw.trust import KeyRing, Registration, Revocation, open_statement, public_key_bytes
-from syncfw.trust.keydir import (
+from syncfw.keyfiles import (
     add_node,
     certificate_identity,
     export_node,
@@ -21,6 +20,7 @@ from syncfw.trust.keydir import (
     load_node,
     revoke,
 )
+from syncfw.trust import KeyRing, Registration, Revocation, open_statement, public_key_bytes
 from syncfw.zones import Fleet, Grant
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from syncfw import Fleet, Node
+from syncfw.keyfiles import add_node, init_fleet, load_fleet, load_node
 from syncfw.mesh import MeshConfig
 from syncfw.models import ArtifactConfig, Artifacts, FetchConfig
 from syncfw.sync.frames import Status
@@ -17,7 +18,6 @@ from syncfw.testing import wait_until
 from syncfw.transport.base import LinkError
 from syncfw.transport.network import GrpcNetwork
 from syncfw.transport.rpc import TlsConfig
-from syncfw.trust.keydir import add_node, init_fleet, load_fleet, load_node
 
 SIG = {"inputs": [("x", "float32", (None, 4))], "outputs": [("y", "float32", (None, 2))]}
 

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from syncfw import Fleet, Node
 from syncfw.inference.engine import Engine
 from syncfw.inference.train import CANARY_PATH, MODEL_PATH
+from syncfw.keyfiles import NodeKeys
 from syncfw.keys import model_key
 from syncfw.mesh.models import read_fleet_models
 from syncfw.models import ArtifactConfig, Artifacts
@@ -38,7 +39,6 @@ from syncfw.models.lifecycle import (
     read_records,
 )
 from syncfw.models.rollout import State, parse_gate
-from syncfw.trust.keydir import NodeKeys
 from syncfw.trust.statements import public_key_bytes
 
 BAD_PATH = MODEL_PATH.with_name("inspection_bad.onnx")

@@ -16,6 +16,7 @@ import pytest
 
 import syncfw.testing
 from syncfw import ForkError, Node
+from syncfw.keyfiles import NodeKeys
 from syncfw.log import ApplyResult, Op, OpChain, op_hash
 from syncfw.testing import (
     REPLICA_CHECKS,
@@ -26,7 +27,6 @@ from syncfw.testing import (
     check_replica,
 )
 from syncfw.trust import NodeSigner
-from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet
 
 

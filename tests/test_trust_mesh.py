@@ -1,6 +1,6 @@
 """Identity bound on both ends, and acks only from authenticated peers, on the real gRPC mesh.
 
-Every node here has real keys from :mod:`syncfw.trust.keydir` (fleet CA, node
+Every node here has real keys from :mod:`syncfw.keyfiles` (fleet CA, node
 certificates naming the node in CN and SAN, registrations). Each attack is
 refused with a clear status, recorded (a metric, a WARNING), and the honest
 nodes keep converging.
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from syncfw.exchange import ExchangeOutcome, run_exchange
+from syncfw.keyfiles import NodeKeys, add_node, init_fleet, load_fleet, load_node
 from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.sync import Status
@@ -22,7 +23,6 @@ from syncfw.testing.memory import MemoryReplica
 from syncfw.testing.waiting import wait_until
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TlsConfig, TransportConfig
-from syncfw.trust.keydir import NodeKeys, add_node, init_fleet, load_fleet, load_node
 from syncfw.zones import Fleet
 
 CFG = TransportConfig.test(connect_timeout_s=1.0)

@@ -91,7 +91,7 @@ def register(sub: Any) -> None:
     t.add_argument("--keys", help="fleet key directory (mutual TLS)")
     t.add_argument("--as", dest="identity", metavar="NAME",
                    help="with --keys: a subscriber (subscribers/NAME, from "
-                   "syncfw.trust.keydir.add_subscriber) or node (nodes/NAME) certificate")
+                   "syncfw.keyfiles.add_subscriber) or node (nodes/NAME) certificate")
     t.set_defaults(func=tail)
 
 
@@ -135,7 +135,7 @@ def _stop_event() -> asyncio.Event:
 
 async def _run(args: argparse.Namespace) -> int:
     from syncfw.cloud import Aggregator, AggregatorConfig
-    from syncfw.trust.keydir import load_fleet, load_node
+    from syncfw.keyfiles import load_fleet, load_node
 
     keys = None
     try:

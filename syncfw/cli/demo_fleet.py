@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from syncfw.keyfiles import NodeKeys, add_node, init_fleet, load_fleet, load_node
 from syncfw.keys import results_prefix
 from syncfw.mesh import MeshConfig
 from syncfw.mesh.models import ModelStatus, publish_model
@@ -35,7 +36,6 @@ from syncfw.node import Node
 from syncfw.testing.partition import EgressProxy, Partition
 from syncfw.transport.network import GrpcNetwork
 from syncfw.transport.rpc import TlsConfig, TransportConfig
-from syncfw.trust.keydir import NodeKeys, add_node, init_fleet, load_fleet, load_node
 from syncfw.zones import Fleet, Grant
 
 if TYPE_CHECKING:

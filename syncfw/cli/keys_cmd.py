@@ -2,7 +2,7 @@
 
 Verbs: ``init-fleet DIR``, ``add-node DIR NODE``, ``add-subscriber DIR NAME``,
 ``export DIR NODE OUT``, ``revoke DIR NODE --after-seq N``, ``show DIR``. The files and their checks are
-:mod:`syncfw.trust.keydir`'s; this module parses and prints. :func:`node_keys`
+:mod:`syncfw.keyfiles`'s; this module parses and prints. :func:`node_keys`
 is what ``syncfw node serve --keys DIR`` (and the demo) build a node from.
 """
 
@@ -20,9 +20,7 @@ from cryptography import x509
 
 from syncfw.cli.common import fail
 from syncfw.errors import KeyFileError, TrustError
-from syncfw.transport.rpc import TlsConfig
-from syncfw.trust import Registration, open_statement
-from syncfw.trust.keydir import (
+from syncfw.keyfiles import (
     NODE_DAYS,
     SUBSCRIBER_PREFIX,
     NodeKeys,
@@ -34,6 +32,8 @@ from syncfw.trust.keydir import (
     load_node,
     revoke,
 )
+from syncfw.transport.rpc import TlsConfig
+from syncfw.trust import Registration, open_statement
 
 if TYPE_CHECKING:
     from syncfw.cli.node_cmd import NodeParts

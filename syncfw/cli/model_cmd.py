@@ -325,9 +325,9 @@ async def _publish_file(
     args: argparse.Namespace, db: str, data: bytes, release: dict[str, Any]
 ) -> dict[str, Any]:
     from syncfw.cli.target import fleet_of_file
+    from syncfw.keyfiles import load_fleet, load_node
     from syncfw.models.artifacts import ArtifactConfig, Artifacts
     from syncfw.node import Node
-    from syncfw.trust.keydir import load_fleet, load_node
 
     node_id, fleet = fleet_of_file(db)
     keys = load_node(args.keys, node_id)
@@ -348,6 +348,7 @@ def _publish_live(
 ) -> dict[str, Any]:
     from syncfw.cli.target import AdminClient
     from syncfw.clock import hlc_pack, wall_ms
+    from syncfw.keyfiles import load_fleet, load_node
     from syncfw.models.chunks import ChunkStore
     from syncfw.models.manifest import (
         MANIFEST_PREFIX,
@@ -356,7 +357,6 @@ def _publish_live(
         open_manifest,
         seal_manifest,
     )
-    from syncfw.trust.keydir import load_fleet, load_node
 
     client = AdminClient(address)
     st = client.call("GET", "/v1/status")
@@ -520,7 +520,7 @@ async def _fetch_file(args: argparse.Namespace, db: str, bar: _Bar) -> dict[str,
     node_id, fleet = fleet_of_file(db)
     keys, tls = None, None
     if args.keys:
-        from syncfw.trust.keydir import load_fleet, load_node
+        from syncfw.keyfiles import load_fleet, load_node
 
         keys = load_node(args.keys, node_id)
         fleet = load_fleet(args.keys).bind(fleet)
@@ -604,9 +604,9 @@ def _rollout(args: argparse.Namespace) -> int:
 
     from syncfw.cli.target import TargetError, fleet_of_file
     from syncfw.errors import DatabaseLockedError
+    from syncfw.keyfiles import load_fleet, load_node
     from syncfw.models.rollout import Plan, parse_gate
     from syncfw.node import Node
-    from syncfw.trust.keydir import load_fleet, load_node
 
     verb = "model rollout"
     try:

@@ -40,6 +40,7 @@ from syncfw.clock import wall_ms
 from syncfw.cloud.feed import FeedConfig, FeedServer
 from syncfw.cloud.metrics import FleetMetrics
 from syncfw.cloud.view import VIEW_VERSION, FleetView
+from syncfw.keyfiles import NodeKeys, is_subscriber
 from syncfw.mesh import Mesh, MeshConfig
 from syncfw.models.service import ModelService, ServiceConfig
 from syncfw.node import Node
@@ -48,7 +49,6 @@ from syncfw.store import StoreConfig
 from syncfw.store.follow import FeedItem, Follow
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
-from syncfw.trust.keydir import NodeKeys, is_subscriber
 from syncfw.zones import Fleet
 
 __all__ = ["Aggregator", "AggregatorConfig", "ViewUpdates"]

@@ -57,7 +57,7 @@ class Consumer:
         prefixes: only keys under one of these (all when empty).
         include_rejected: also ops stored as rejected.
         tls: mutual TLS (a node's or a subscriber's certificate,
-            ``syncfw keys``/:func:`syncfw.trust.keydir.add_subscriber`).
+            ``syncfw keys``/:func:`syncfw.keyfiles.add_subscriber`).
         expect_id: under mTLS, the node id the server's certificate must name
             (None: the one its certificate shows).
         transport: transport tunables (deadlines, keepalive).

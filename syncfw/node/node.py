@@ -29,6 +29,7 @@ import pycrdt
 from syncfw.clock import ClockState, ClockWatch, NtpResult, check_ntp, wall_ms
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import ClockError, NotAuthorityError, ZoneOwnershipError
+from syncfw.keyfiles import NodeKeys
 from syncfw.log import ApplyResult, Op, VersionVector, decode_value, encode_value
 from syncfw.mesh import MemberFile, Mesh, MeshConfig
 from syncfw.metrics import HLC_AHEAD_SOURCE, NTP_SOURCE, MetricsServer, NodeMetrics, serve_metrics
@@ -41,7 +42,6 @@ from syncfw.sync.snapshot import Snapshot
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.trust import STATEMENT_KIND_OF
-from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import GRANT_KIND, SYS_PREFIX, Fleet, ZoneTable
 
 __all__ = ["Node"]
@@ -91,7 +91,7 @@ class Node:
             config: storage tuning (durability, size cap, batching).
             clock: wall clock in milliseconds (injected by tests and the simulator).
             keys: this node's keys in a signed fleet (``syncfw keys add-node``,
-                :func:`syncfw.trust.keydir.load_node`): its chain heads are signed
+                :func:`syncfw.keyfiles.load_node`): its chain heads are signed
                 and its registration is published in its own zone at open. The
                 fleet takes the authority key from them when it has none.
 

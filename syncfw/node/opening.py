@@ -9,10 +9,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from syncfw.keyfiles import NodeKeys
 from syncfw.metrics import NodeMetrics
 from syncfw.store import Store, StoreConfig
 from syncfw.trust import NodeSigner
-from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet
 
 if TYPE_CHECKING:

@@ -58,6 +58,7 @@ from typing import Any, Protocol
 
 from syncfw.crdt.lww import TOMBSTONE, LwwState, lww_wins
 from syncfw.errors import ChainError, ForkError
+from syncfw.keyfiles import NodeKeys
 from syncfw.log import (
     ApplyResult,
     Op,
@@ -78,7 +79,6 @@ from syncfw.trust import (
     ForkResolution,
     seal_statement,
 )
-from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet, Grant
 
 __all__ = ["CHECK_FLEET", "REPLICA_CHECKS", "CheckedReplica", "ReplicaFactory", "check_replica"]
@@ -105,7 +105,7 @@ class ReplicaFactory(Protocol):
     replica with that id in that fleet. Several may be open at once.
 
     The signed-fleet checks call ``factory(node_id, fleet, keys=keys)`` with a fleet
-    that has an authority key and the node's :class:`~syncfw.trust.keydir.NodeKeys`.
+    that has an authority key and the node's :class:`~syncfw.keyfiles.NodeKeys`.
     """
 
     def __call__(

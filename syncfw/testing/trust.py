@@ -11,8 +11,8 @@ import dataclasses
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from syncfw.keyfiles import NodeKeys
 from syncfw.trust import NodeSigner, Registration, Revocation, public_key_bytes, seal_statement
-from syncfw.trust.keydir import NodeKeys
 from syncfw.zones import Fleet
 
 __all__ = ["SignedFleet"]

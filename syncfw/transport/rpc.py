@@ -57,6 +57,7 @@ import grpc
 import grpc.aio
 
 from syncfw.errors import KeyFileError
+from syncfw.keyfiles import certificate_identity, is_subscriber
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices, clip, clip_text
 from syncfw.sync.frames import Status
@@ -66,7 +67,6 @@ from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
 from syncfw.transport.probe import MAX_TARGET_CHARS, ProbeAnswer, ProbeHandler
-from syncfw.trust.keydir import certificate_identity, is_subscriber
 
 __all__ = [
     "ChannelPool",

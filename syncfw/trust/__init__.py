@@ -1,8 +1,9 @@
 """Trust: who may sign which chain, and the proofs that travel with ops.
 
 Pure core, above the log: authority statements (:mod:`.statements`), signed chain
-heads and the key ring (:mod:`.ring`), fork evidence (:mod:`.evidence`). Key files
-on disk and X.509 certificates live in :mod:`.keydir`.
+heads and the key ring (:mod:`.ring`), fork evidence (:mod:`.evidence`). No I/O:
+key files on disk and X.509 certificates live outside the core, in
+:mod:`syncfw.keyfiles`.
 """
 
 from syncfw.trust.evidence import (

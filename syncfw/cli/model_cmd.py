@@ -255,7 +255,8 @@ def _register_publish(verbs: Any) -> None:
     p.add_argument("--version", type=int, required=True, help="release version (above every one before)")
     p.add_argument("--keys", metavar="DIR", required=True, help="the fleet's key directory")
     p.add_argument("--db", metavar="DB", help="the authority's database file")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_BYTES, metavar="BYTES")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_BYTES, metavar="BYTES",
+                   help="the size of each content-addressed chunk")
     p.add_argument("--canary", type=Path, default=None, metavar="NPZ",
                    help="labelled canary set measured into the manifest (default: the shipped one)")
     p.add_argument("--no-canary", action="store_true", help="publish with no canary figures")

@@ -75,13 +75,19 @@ class EgressProxy:
                 b.close()
 
     async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        up: list[asyncio.StreamWriter] = []
         try:
-            await self._tunnel(r, w)
-        except asyncio.CancelledError:
-            w.close()  # the loop is ending: leave no open socket to the collector
-            raise
+            await self._tunnel(r, w, up)
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # the client or the target went away mid-handshake
+        finally:  # whatever ended it (a cut, an error, the loop ending): no socket left open
+            w.close()
+            for uw in up:
+                uw.close()
 
-    async def _tunnel(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def _tunnel(
+        self, r: asyncio.StreamReader, w: asyncio.StreamWriter, up: list[asyncio.StreamWriter]
+    ) -> None:
         try:
             request = await r.readline()
             while (await r.readline()) not in (b"\r\n", b""):
@@ -92,13 +98,12 @@ class EgressProxy:
                 self.refused += 1
                 w.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")
                 await w.drain()
-                w.close()
                 return
             host, port = target.rsplit(":", 1)
             ur, uw = await asyncio.open_connection(host, int(port))
-        except (OSError, IndexError, ValueError):
-            w.close()
+        except (IndexError, ValueError):
             return
+        up.append(uw)
         w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
         await w.drain()
         entry = (dst, w, uw)
@@ -111,8 +116,10 @@ class EgressProxy:
                     await out.drain()
             out.close()
 
-        await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
-        self.tunnels.remove(entry)
+        try:
+            await asyncio.gather(pipe(r, uw), pipe(ur, w), return_exceptions=True)
+        finally:
+            self.tunnels.remove(entry)
 
     async def aclose(self) -> None:
         """Stop listening and close every tunnel."""

@@ -344,3 +344,69 @@ async def test_the_periodic_check_says_when_no_server_answers(
         assert sum("clock not checked" in r.getMessage() for r in caplog.records) >= 2
         with pytest.raises(ValueError, match="interval_s"):
             node.watch_clock(["127.0.0.1"], interval_s=0)
+
+
+async def test_node_serve_checks_its_clock_against_ntp_periodically(
+    responders: Factory, tmp_path: Path
+) -> None:
+    """`syncfw node serve --ntp HOST:PORT --ntp-every S`, a real process: its file's
+    high-water mark is an hour ahead (the RTC ran ahead when it last wrote), said on every
+    check."""
+    import asyncio
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    hour_ms = 3_600_000
+    ahead = lambda: int(time.time() * 1000) + hour_ms  # noqa: E731
+    async with Node.open(
+        tmp_path / "n.db", node_id="n", fleet=Fleet(fleet_id="f"), clock=ahead
+    ) as n:
+        await n.put("fleet/n/x", 1)
+    server = responders("answer")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "syncfw",
+        "node",
+        "serve",
+        str(tmp_path / "n.db"),
+        "--id",
+        "n",
+        "--fleet",
+        "f",
+        "--admin",
+        "none",
+        "--ntp",
+        f"127.0.0.1:{server.port}",
+        "--ntp-every",
+        "0.3",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(30):
+            assert (await proc.stdout.readline()).startswith(b"listening ")
+            while len(server.requests) < 3:  # checked at start, then every 0.3 s  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            _, err = await proc.communicate()
+    text = err.decode()
+    assert proc.returncode == 0, text[-2000:]
+    assert text.count("ahead of NTP-checked time") >= 2, text[-2000:]
+
+
+def test_ntp_settings_name_one_port_and_refuse_two() -> None:
+    from syncfw.cli.settings import ntp_servers
+
+    assert ntp_servers(["a", "b"]) == (["a", "b"], 123)
+    assert ntp_servers(["a:1230", "b"]) == (["a", "b"], 1230)
+    with pytest.raises(ValueError, match="different ports"):
+        ntp_servers(["a:1", "b:2"])
+    with pytest.raises(ValueError, match="1-65535"):
+        ntp_servers(["a:0"])

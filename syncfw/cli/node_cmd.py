@@ -30,7 +30,14 @@ from typing import Any
 from syncfw.cli.common import fail
 from syncfw.cli.logs import configure_logging
 from syncfw.cli.sdnotify import notify
-from syncfw.cli.settings import SERVE_OPTIONS, Option, SettingsError, add_options, resolve
+from syncfw.cli.settings import (
+    SERVE_OPTIONS,
+    Option,
+    SettingsError,
+    add_options,
+    ntp_servers,
+    resolve,
+)
 from syncfw.cli.target import admin_file
 from syncfw.errors import SyncfwError
 from syncfw.mesh import Mesh, MeshConfig
@@ -270,6 +277,9 @@ async def serve(settings: argparse.Namespace) -> int:
         models = await _start_models(node, mesh, settings)
         if isinstance(models, int):
             return models
+        if settings.ntp:  # checked at start (settings), so this cannot raise
+            hosts, port = ntp_servers(settings.ntp)
+            node.watch_clock(hosts, interval_s=settings.ntp_every, port=port)
         admin: AdminServer | None = None
         try:
             if settings.metrics:

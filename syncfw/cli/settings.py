@@ -41,6 +41,7 @@ __all__ = [
     "Option",
     "SettingsError",
     "add_options",
+    "ntp_servers",
     "resolve",
 ]
 
@@ -158,6 +159,38 @@ def _proxy(value: str) -> str | None:
     return None
 
 
+def ntp_servers(values: Sequence[str]) -> tuple[list[str], int]:
+    """``--ntp`` values as hosts and the one UDP port they share (123 when none names one).
+
+    Raises:
+        ValueError: a port that is not 1-65535, or two different ports.
+    """
+    hosts: list[str] = []
+    ports: set[int] = set()
+    for v in values:
+        host, sep, port = v.rpartition(":") if v.count(":") == 1 else ("", "", v)
+        if sep:
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{v!r}: the port must be 1-65535")
+            ports.add(int(port))
+        else:
+            host = v
+        if not host.strip():
+            raise ValueError(f"{v!r}: no host")
+        hosts.append(host)
+    if len(ports) > 1:
+        raise ValueError(f"the NTP servers name different ports {sorted(ports)}: use one")
+    return hosts, ports.pop() if ports else 123
+
+
+def _ntp_servers(values: list[str]) -> str | None:
+    try:
+        ntp_servers(values)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _one_of(allowed: Sequence[str]) -> Check:
     def run(value: str) -> str | None:
         return None if value.upper() in allowed else f"is not one of {', '.join(allowed)}"
@@ -263,6 +296,24 @@ SERVE_OPTIONS: list[Option] = [
         "let --admin bind a non-loopback address (anyone who reaches it can write)",
         kind="bool",
         default=False,
+    ),
+    Option(
+        "ntp",
+        "an NTP server HOST[:PORT] the clock is checked against (repeatable, one port for "
+        "all; 123 if none is given): a high-water mark far ahead of its time is a WARNING, "
+        "status and a metric on every check; none set: no check",
+        kind="list",
+        default=[],
+        check=_ntp_servers,
+        metavar="HOST[:PORT]",
+    ),
+    Option(
+        "ntp-every",
+        "seconds between clock checks (the first one at start)",
+        kind="float",
+        default=600.0,
+        check=_positive,
+        metavar="S",
     ),
     Option("log-level", "", default="INFO", check=_one_of(LOG_LEVELS), flag=False),
     Option("log-format", "", default="text", choices=LOG_FORMATS, flag=False),

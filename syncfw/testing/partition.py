@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 __all__ = ["EgressProxy", "Partition"]
+
+
+UNKNOWN = "?"
+"""The owner of an address no node listens on (:meth:`Partition.allows`)."""
+log = logging.getLogger("syncfw.testing")
 
 
 @dataclass
@@ -39,6 +45,11 @@ class Partition:
         self.blocked.clear()
 
     def allows(self, a: str, b: str) -> bool:
+        """True if ``a`` may reach ``b``. While any pair is cut, an address no node
+        owns (``b`` is ``"?"``) is refused too: a cut that an unknown route could
+        cross would not be a cut."""
+        if b == UNKNOWN:
+            return not self.blocked
         return frozenset((a, b)) not in self.blocked
 
 
@@ -93,7 +104,10 @@ class EgressProxy:
             while (await r.readline()) not in (b"\r\n", b""):
                 pass
             target = request.split()[1].decode()
-            dst = self.partition.owners.get(target, "?")
+            dst = self.partition.owners.get(target, UNKNOWN)
+            if dst == UNKNOWN and self.partition.blocked:
+                log.warning("proxy of %s: refused %s, which no node owns, during a cut",
+                            self.node, target)
             if not self.partition.allows(self.node, dst):
                 self.refused += 1
                 w.write(b"HTTP/1.1 403 Forbidden\r\n\r\n")

@@ -74,8 +74,8 @@ class FleetReplica(MemoryReplica):
         """The fleet bootstrap's digest, computed once (each session's Hello carries it)."""
         return self._fleet_digest
 
-    def _append(self, op: Op) -> None:
-        super()._append(op)
+    def _append(self, op: Op, h: bytes | None = None) -> None:
+        super()._append(op, h)
         self.live.set(op.origin, len(self.chains[op.origin]))
 
     def vv(self) -> VersionVector:

@@ -101,6 +101,7 @@ class MemoryReplica:
         self.base: dict[str, tuple[int, bytes]] = {}  # compacted: (seq, hash) held chains follow
         self.statements: list[bytes] = []  # verified authority statements, as op values
         self.snapshots_installed = 0
+        self._walked: dict[tuple[str, int], bytes] = {}  # hashes _check_chains computed
         self.pending: dict[str, dict[int, Op]] = {}
         self.rejected: dict[tuple[str, int], str] = {}
         self.state: dict[str, tuple[int, str, bytes]] = {}
@@ -192,6 +193,7 @@ class MemoryReplica:
         rejected = 0
         for origin in sorted({op.origin for op in fresh.values()} | set(self.pending)):
             rejected += self._release(origin, applied)
+        self._walked.clear()
         for listener in self.listeners:
             listener(applied)
         return ApplyResult(
@@ -254,6 +256,7 @@ class MemoryReplica:
                     broken.append(op)
                     break
                 n, head = op.seq, op_hash(op)
+                self._walked[op.id] = head  # for _append: each op is hashed once
         for op in broken:
             log.warning("dropping pending op (%s, %d): broken chain", op.origin, op.seq)
             del self.pending[op.origin][op.seq]
@@ -272,7 +275,7 @@ class MemoryReplica:
                 log.warning("holding op (%s, %d) back: %s", origin, nxt.seq, reason)
                 break
             del queue[n + 1]
-            self._append(nxt)
+            self._append(nxt, self._walked.pop(nxt.id, None))
             if verdict is Verdict.REJECT:
                 log.warning("rejected op (%s, %d) on %r: %s", origin, nxt.seq, nxt.key, reason)
                 self.rejected[nxt.id] = reason
@@ -401,20 +404,22 @@ class MemoryReplica:
             ):
                 return False, 0
         run: list[Op] = []
+        run_hashes: list[bytes] = []
         h = head
         while (op := queue.get(n + 1 + len(run))) is not None and op.prev == h:
             run.append(op)
             h = op_hash(op)
+            run_hashes.append(h)
         c = cover(keys, run)
         rejected = 0
         moved = False
-        for op in run[: max(0, c.upto - n)]:
+        for i, op in enumerate(run[: max(0, c.upto - n)]):
             verdict, reason = self.zones.judge(op)
             if verdict is Verdict.WAIT:
                 break
             del queue[op.seq]
             kept = op if op.seq in c.verified else dataclasses.replace(op, sig=None)
-            self._append(kept)
+            self._append(kept, run_hashes[i])  # op_hash takes no part of sig
             moved = True
             reason = reason or keys.op_reason(op)
             if not reason and op.kind in (KEYREG_KIND, REVOKE_KIND, KEEP_KIND):
@@ -595,9 +600,9 @@ class MemoryReplica:
     def _pending_op(self, op: Op) -> Op | None:
         return self.pending.get(op.origin, {}).get(op.seq)
 
-    def _append(self, op: Op) -> None:
+    def _append(self, op: Op, h: bytes | None = None) -> None:
         self.chains.setdefault(op.origin, []).append(op)
-        self.hashes.setdefault(op.origin, []).append(op_hash(op))
+        self.hashes.setdefault(op.origin, []).append(op_hash(op) if h is None else h)
 
     def _merge(self, op: Op) -> None:
         self.apply_count[op.id] = self.apply_count.get(op.id, 0) + 1

@@ -62,12 +62,16 @@ def _bounded(field: str, text: str, limit: int) -> str:
 
 
 def _vv_from(entries: Iterable[pb.VvEntry]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for e in entries:
-        if not e.origin or e.origin in out:
-            raise DecodeError("version vector with an empty or repeated origin")
-        _bounded("version vector origin", e.origin, MAX_NODE_ID_CHARS)
-        out[e.origin] = int(e.seq)
+    """A vector's entries, checked in bulk (a 1,000-node Summary has 1,000 of them)."""
+    pairs = [(e.origin, e.seq) for e in entries]
+    out = dict(pairs)
+    if len(out) != len(pairs) or "" in out:
+        raise DecodeError("version vector with an empty or repeated origin")
+    longest = max(map(len, out), default=0)
+    if longest > MAX_NODE_ID_CHARS:
+        raise DecodeError(
+            f"version vector origin of {longest} chars exceeds {MAX_NODE_ID_CHARS}"
+        )
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -676,3 +677,22 @@ def test_batches_start_small_grow_on_fast_acks_and_shrink_on_slow_ones() -> None
     for _ in range(10):
         s.acked(1, 0.0)
     assert s.size == 65536
+
+
+@pytest.mark.parametrize(
+    ("vv", "ok"),
+    [
+        ({}, True),
+        ({"a": 0, "b": 5}, True),
+        ({"": 1}, False),
+        ({1: 1}, False),
+        ({"a": -1}, False),
+        ({"a": 1.0}, False),
+        ({"a": True}, False),
+        ({"a": 1, "b": None}, False),
+    ],
+)
+def test_a_vector_from_a_peer_is_checked_whole(vv: dict[Any, Any], ok: bool) -> None:
+    from syncfw.sync.session import _well_formed
+
+    assert _well_formed(vv) is ok

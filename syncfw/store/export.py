@@ -314,9 +314,14 @@ async def rejected(fetch: Fetch) -> list[tuple[str, int, str, str]]:
 
 
 async def rejected_bytes(fetch: Fetch) -> int:
-    """The bytes the stored rejected ops take, as :func:`~syncfw.log.op_size` counts them."""
+    """The bytes the stored rejected ops take, as :func:`~syncfw.log.op_size` counts them.
+
+    Read through ``rejected`` (one row per rejected op, kept beside it), so the cost is
+    the rejected ops', not a scan of the whole log at every open (CROSS JOIN keeps
+    ``rejected`` the outer loop); ops compacted away drop out of the join."""
     rows = await fetch(
-        "SELECT count(*), coalesce(sum(length(key) + length(value)), 0) FROM ops WHERE status = 1",
+        "SELECT count(*), coalesce(sum(length(o.key) + length(o.value)), 0) "
+        "FROM rejected AS r CROSS JOIN ops AS o ON o.origin = r.origin AND o.seq = r.seq",
         (),
     )
     n, size = rows[0]

@@ -584,8 +584,9 @@ async def _signed_conflicts_never_refuse(factory: ReplicaFactory) -> None:
         assert got.applied == 3, f"the genuine chain must go on after them, got {got}"
 
 
-async def _signed_fork_holds_origin(factory: ReplicaFactory) -> None:
-    sf = SignedFleet(CHECK_FLEET)
+def _forked_n2(sf: SignedFleet) -> tuple[list[Op], Op, Op]:
+    """n2's signed ops 1-3, a signed twin of op 3 (another history), and op 4 after the
+    first branch."""
     ops = _signed_chain(sf, "n2", 3, {3})
     other = OpChain("n2", 2, op_hash(ops[1]))
     twin = other.mint(3, "fleet/n2/", 0, "fleet/n2/k3", "lww", encode_value("twin"))
@@ -593,6 +594,12 @@ async def _signed_fork_holds_origin(factory: ReplicaFactory) -> None:
     later = _signed_chain(sf, "n2", 4, {4})[3]
     later = dataclasses.replace(later, prev=op_hash(ops[2]))
     later = dataclasses.replace(later, sig=sf.signer("n2")(later))
+    return ops, twin, later
+
+
+async def _signed_fork_holds_origin(factory: ReplicaFactory) -> None:
+    sf = SignedFleet(CHECK_FLEET)
+    ops, twin, later = _forked_n2(sf)
     n3 = _signed_chain(sf, "n3", 2, {2})
     async with factory("r1", sf.fleet, keys=sf.keys("r1")) as r:
         await r.apply_remote(ops)
@@ -607,13 +614,7 @@ async def _signed_fork_holds_origin(factory: ReplicaFactory) -> None:
 
 async def _fork_resolution_keeps_a_branch(factory: ReplicaFactory) -> None:
     sf = SignedFleet(CHECK_FLEET)
-    ops = _signed_chain(sf, "n2", 3, {3})
-    other = OpChain("n2", 2, op_hash(ops[1]))
-    twin = other.mint(3, "fleet/n2/", 0, "fleet/n2/k3", "lww", encode_value("twin"))
-    twin = dataclasses.replace(twin, sig=sf.signer("n2")(twin))
-    later = _signed_chain(sf, "n2", 4, {4})[3]
-    later = dataclasses.replace(later, prev=op_hash(ops[2]))
-    later = dataclasses.replace(later, sig=sf.signer("n2")(later))
+    ops, twin, later = _forked_n2(sf)
     ruling = ForkResolution(sf.fleet.fleet_id, "n2", op_hash(ops[2]), 3)
     auth = OpChain("cloud")
     keep = auth.mint(

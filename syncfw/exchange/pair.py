@@ -109,7 +109,6 @@ class SessionPair:
             side: Session(
                 r.node_id,
                 r.fleet_id,
-                hlc=r.hlc_now(),
                 config=cfg,
                 wall_ms=replica_wall_ms(r),
                 fleet_digest=r.fleet_digest,

@@ -581,7 +581,6 @@ async def run_exchange(
     session = Session(
         replica.node_id,
         replica.fleet_id,
-        hlc=replica.hlc_now(),
         config=config,
         peers=peers,
         expect_peer=expect_peer if expect_peer is not None else stream.peer_identity,

@@ -83,7 +83,8 @@ class Hello:
         protocol: protocol version spoken by the sender.
         fleet_id: the sender's fleet.
         node_id: the sender's node id.
-        hlc: the sender's hybrid clock when it said hello.
+        hlc: the sender's hybrid clock when it said hello; informational (no
+            receiver reads it) and 0, unsent, from syncfw's own sessions.
         features: capabilities, e.g. ``("zstd",)``.
         max_batch_bytes: largest ``Ops.batch`` the sender accepts.
         fleet_digest: 16-byte digest of the sender's fleet bootstrap

@@ -285,7 +285,9 @@ class Session:
     Args:
         node_id: this replica's id.
         fleet_id: this replica's fleet; a peer of another fleet is refused.
-        hlc: this replica's clock reading, sent in ``Hello``.
+        hlc: this replica's clock reading, sent in ``Hello``; informational, no
+            receiver reads it (offsets come from wall clocks), so the runner, the
+            pair and the simulators leave it 0, which costs no bytes on the wire.
         config: tunables.
         peers: a member list to gossip to the peer (after ``Hello``), if any.
         expect_peer: when set, a peer that says hello under another id is refused.

@@ -435,7 +435,6 @@ class FleetSim:
             session = Session(
                 node.replica.node_id,
                 FLEET.fleet_id,
-                hlc=node.replica.hlc_now(),
                 config=session_cfg,
                 peers=self._gossip_list(node),
                 wall_ms=self._wall_ms(),

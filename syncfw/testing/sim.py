@@ -391,7 +391,6 @@ class Simulation:
             session = Session(
                 node.node_id,
                 FLEET.fleet_id,
-                hlc=node.replica.hlc_now(),
                 config=self.cfg.session,
                 wall_ms=replica_wall_ms(node.replica),
                 fleet_digest=node.replica.fleet_digest,

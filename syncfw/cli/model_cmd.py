@@ -250,15 +250,29 @@ def _register_publish(verbs: Any) -> None:
         "endpoint; the chunk folder must be on this machine). Prints the manifest as JSON.",
     )
     p.add_argument("model", help="the .onnx file")
-    p.add_argument("address", nargs="?", metavar="ADDR", help="the running authority's admin endpoint")
+    p.add_argument(
+        "address", nargs="?", metavar="ADDR", help="the running authority's admin endpoint"
+    )
     p.add_argument("--name", required=True, help="model name")
-    p.add_argument("--version", type=int, required=True, help="release version (above every one before)")
+    p.add_argument(
+        "--version", type=int, required=True, help="release version (above every one before)"
+    )
     p.add_argument("--keys", metavar="DIR", required=True, help="the fleet's key directory")
     p.add_argument("--db", metavar="DB", help="the authority's database file")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_BYTES, metavar="BYTES",
-                   help="the size of each content-addressed chunk")
-    p.add_argument("--canary", type=Path, default=None, metavar="NPZ",
-                   help="labelled canary set measured into the manifest (default: the shipped one)")
+    p.add_argument(
+        "--chunk-size",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES,
+        metavar="BYTES",
+        help="the size of each content-addressed chunk",
+    )
+    p.add_argument(
+        "--canary",
+        type=Path,
+        default=None,
+        metavar="NPZ",
+        help="labelled canary set measured into the manifest (default: the shipped one)",
+    )
     p.add_argument("--no-canary", action="store_true", help="publish with no canary figures")
     p.add_argument("--note", default="", help="why this release")
     p.set_defaults(func=_publish)
@@ -281,8 +295,10 @@ def _publish(args: argparse.Namespace) -> int:
     try:
         release = _release_of(args, data)
     except ImportError as exc:
-        return fail(verb, f"needs the inference extra ({exc.name} is missing): "
-                    "pip install 'syncfw[inference]'")
+        return fail(
+            verb,
+            f"needs the inference extra ({exc.name} is missing): pip install 'syncfw[inference]'",
+        )
     except SyncfwError as exc:
         return fail(verb, str(exc))
     try:
@@ -316,9 +332,14 @@ def _release_of(args: argparse.Namespace, data: bytes) -> dict[str, Any]:
         try:
             rep = evaluate(data, canary, label=f"{args.name} v{args.version}")
         except SyncfwError as exc:
-            raise SyncfwError(f"canary set {canary}: {exc} (--canary NPZ, or --no-canary)") from None
-        out |= {"canary_accuracy": rep.accuracy, "canary_p50_ms": rep.p50_ms,
-                "canary_p99_ms": rep.p99_ms}
+            raise SyncfwError(
+                f"canary set {canary}: {exc} (--canary NPZ, or --no-canary)"
+            ) from None
+        out |= {
+            "canary_accuracy": rep.accuracy,
+            "canary_p50_ms": rep.p50_ms,
+            "canary_p99_ms": rep.p99_ms,
+        }
     return out
 
 
@@ -336,9 +357,15 @@ async def _publish_file(
     async with Node.open(db, node_id=node_id, fleet=fleet, keys=keys) as node:
         arts = Artifacts.attach(node, None, config=ArtifactConfig())
         try:
-            m = await arts.publish(data, name=args.name, version=args.version,
-                                   key=keys.signing_key, chunk_size=args.chunk_size,
-                                   note=args.note, **release)
+            m = await arts.publish(
+                data,
+                name=args.name,
+                version=args.version,
+                key=keys.signing_key,
+                chunk_size=args.chunk_size,
+                note=args.note,
+                **release,
+            )
         finally:
             await arts.aclose()
     return m.describe() | {"key": m.key, "chunk_folder": str(arts.store.root)}
@@ -371,8 +398,10 @@ def _publish_live(
     if not folder:
         raise ValueError(f"{address} runs no chunk store (a node without the model side)")
     if not Path(folder).is_dir():
-        raise ValueError(f"{address}'s chunk folder {folder} is not on this machine: run "
-                         "publish where the node runs, or on its file with --db")
+        raise ValueError(
+            f"{address}'s chunk folder {folder} is not on this machine: run "
+            "publish where the node runs, or on its file with --db"
+        )
     manifests: list[Any] = []
     for value in _admin_scan(address, f"{MANIFEST_PREFIX}{args.name}/").values():
         try:
@@ -386,8 +415,15 @@ def _publish_live(
             f"{latest.version}: versions only move forward (a rollback is a new, higher version)"
         )
     issued = max(hlc_pack(wall_ms()), int(st.get("hlc") or 0) + 1)
-    m = build_manifest(data, name=args.name, version=args.version, chunk_size=args.chunk_size,
-                       issued=issued, note=args.note, **release)
+    m = build_manifest(
+        data,
+        name=args.name,
+        version=args.version,
+        chunk_size=args.chunk_size,
+        issued=issued,
+        note=args.note,
+        **release,
+    )
     store = ChunkStore(folder, sweep=False)  # beside a running node: never sweep its tmp/
     for i, digest in enumerate(m.chunks):
         store.put(digest, data[i * m.chunk_size : (i + 1) * m.chunk_size])
@@ -413,9 +449,13 @@ def _register_fetch(verbs: Any) -> None:
     p.add_argument("version", nargs="?", help="default: the latest release")
     p.add_argument("address", nargs="?", metavar="ADDR", help="a running node's admin endpoint")
     p.add_argument("--db", metavar="DB", help="the node's database file (not while it runs)")
-    p.add_argument("--seed", action="append", default=[], metavar="HOST:PORT", help="a peer (repeatable)")
+    p.add_argument(
+        "--seed", action="append", default=[], metavar="HOST:PORT", help="a peer (repeatable)"
+    )
     p.add_argument("--keys", metavar="DIR", help="this node's key directory (a signed fleet)")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, metavar="S", help="give up after S seconds"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_fetch)
 
@@ -476,10 +516,14 @@ class _Bar:
             )
 
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("chunks {task.fields[mib]:.1f} MiB"), TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("chunks {task.fields[mib]:.1f} MiB"),
+                TimeElapsedColumn(),
                 TextColumn("{task.fields[peers]}"),
-                console=Console(stderr=True), transient=False,
+                console=Console(stderr=True),
+                transient=False,
             )
             self._progress.start()
         return self
@@ -488,25 +532,43 @@ class _Bar:
         if self._progress is not None:
             self._progress.stop()
 
-    def show(self, what: str, held: int, total: int, bytes_in: int, by_peer: dict[str, int],
-             skipped: dict[str, str]) -> None:
+    def show(
+        self,
+        what: str,
+        held: int,
+        total: int,
+        bytes_in: int,
+        by_peer: dict[str, int],
+        skipped: dict[str, str],
+    ) -> None:
         if self._progress is None:
             return
-        peers = "from " + (", ".join(f"{p} {n / bytes_in:.0%}" for p, n in sorted(
-            by_peer.items())) if bytes_in else "-")
+        peers = "from " + (
+            ", ".join(f"{p} {n / bytes_in:.0%}" for p, n in sorted(by_peer.items()))
+            if bytes_in
+            else "-"
+        )
         if skipped:
             peers += f" (skipped: {', '.join(sorted(skipped))})"
         fields = {"peers": peers, "mib": bytes_in / (1 << 20)}
         if self._task is None:
             self._task = self._progress.add_task(what, total=total, **fields)
-        self._progress.update(self._task, description=what, completed=held, total=total,
-                              **fields)
+        self._progress.update(self._task, description=what, completed=held, total=total, **fields)
 
 
 def _summary(p: Any) -> dict[str, Any]:
-    return {"name": p.name, "version": p.version, "sha256": p.sha256, "chunks": p.total,
-            "held": p.held, "resumed": p.resumed, "bytes_in": p.bytes_in,
-            "by_peer": dict(p.by_peer), "skipped": dict(p.skipped), "done": p.done}
+    return {
+        "name": p.name,
+        "version": p.version,
+        "sha256": p.sha256,
+        "chunks": p.total,
+        "held": p.held,
+        "resumed": p.resumed,
+        "bytes_in": p.bytes_in,
+        "by_peer": dict(p.by_peer),
+        "skipped": dict(p.skipped),
+        "done": p.done,
+    }
 
 
 async def _fetch_file(args: argparse.Namespace, db: str, bar: _Bar) -> dict[str, Any]:
@@ -532,14 +594,18 @@ async def _fetch_file(args: argparse.Namespace, db: str, bar: _Bar) -> dict[str,
             arts = Artifacts.attach(node, mesh)
             try:
                 while True:
-                    m = (await arts.release(args.name, args.version) if args.version is not None
-                         else await arts.latest(args.name))
+                    m = (
+                        await arts.release(args.name, args.version)
+                        if args.version is not None
+                        else await arts.latest(args.name)
+                    )
                     if m is not None:
                         break
                     await asyncio.sleep(0.2)
                 what = f"{m.name} v{m.version}"
-                got = await arts.fetch(m, lambda p: bar.show(
-                    what, p.held, p.total, p.bytes_in, p.by_peer, p.skipped))
+                got = await arts.fetch(
+                    m, lambda p: bar.show(what, p.held, p.total, p.bytes_in, p.by_peer, p.skipped)
+                )
             finally:
                 await arts.aclose()
     return _summary(got)
@@ -559,21 +625,45 @@ async def _follow_fetch(args: argparse.Namespace, address: str, bar: _Bar) -> di
             ours = {k: v for k, v in fetches.items() if k.partition(":")[0] == args.name}
             rec = models.get(f"model_lifecycle:{args.name}") or {}
             version = args.version or max(
-                [int(k.partition(":")[2]) for k in ours] + [int(rec.get("version") or 0)])
+                [int(k.partition(":")[2]) for k in ours] + [int(rec.get("version") or 0)]
+            )
             f = ours.get(f"{args.name}:{version}")
             if f is not None:
-                bar.show(f"{args.name} v{version}", f["held"], f["total"], f["bytes_in"],
-                         f["by_peer"], f["skipped"])
+                bar.show(
+                    f"{args.name} v{version}",
+                    f["held"],
+                    f["total"],
+                    f["bytes_in"],
+                    f["by_peer"],
+                    f["skipped"],
+                )
                 if f["done"]:
-                    return {"name": args.name, "version": version, "chunks": f["total"],
-                            "held": f["held"], "resumed": f["resumed"],
-                            "bytes_in": f["bytes_in"], "by_peer": f["by_peer"],
-                            "skipped": f["skipped"], "done": True}
-            elif version and rec.get("version") == version and rec.get("step") not in (
-                    None, "downloading"):
+                    return {
+                        "name": args.name,
+                        "version": version,
+                        "chunks": f["total"],
+                        "held": f["held"],
+                        "resumed": f["resumed"],
+                        "bytes_in": f["bytes_in"],
+                        "by_peer": f["by_peer"],
+                        "skipped": f["skipped"],
+                        "done": True,
+                    }
+            elif (
+                version
+                and rec.get("version") == version
+                and rec.get("step") not in (None, "downloading")
+            ):
                 # held before this process started: nothing was fetched
-                return {"name": args.name, "version": version, "done": True, "bytes_in": 0,
-                        "by_peer": {}, "held_before": True, "step": rec.get("step")}
+                return {
+                    "name": args.name,
+                    "version": version,
+                    "done": True,
+                    "bytes_in": 0,
+                    "by_peer": {},
+                    "held_before": True,
+                    "step": rec.get("step"),
+                }
             await asyncio.sleep(0.25)
 
 
@@ -593,8 +683,12 @@ def _register_rollout(verbs: Any) -> None:
     p.add_argument("--stages", default="5,25,100", help="percentages, increasing, ending at 100")
     p.add_argument("--gate", default="accuracy>=-0.02", help='e.g. "accuracy>=-0.02,p99_ms<=45"')
     p.add_argument("--halt-after", type=int, default=1, help="rolled-back nodes that halt it")
-    p.add_argument("address", nargs="?", metavar="ADDR",
-                   help="the running authority's admin endpoint (instead of --db)")
+    p.add_argument(
+        "address",
+        nargs="?",
+        metavar="ADDR",
+        help="the running authority's admin endpoint (instead of --db)",
+    )
     p.add_argument("--keys", metavar="DIR", help="the fleet's key directory (with --db)")
     p.add_argument("--db", metavar="DB", help="the authority's database file")
     p.set_defaults(func=_rollout)
@@ -633,8 +727,14 @@ def _rollout(args: argparse.Namespace) -> int:
         keys = load_node(args.keys, node_id)
         fleet = load_fleet(args.keys).bind(fleet)
         async with Node.open(args.db, node_id=node_id, fleet=fleet, keys=keys) as node:
-            r = await start_rollout(node, args.name, args.version, stages=stages,
-                                    gate=args.gate, halt_after=args.halt_after)
+            r = await start_rollout(
+                node,
+                args.name,
+                args.version,
+                stages=stages,
+                gate=args.gate,
+                halt_after=args.halt_after,
+            )
             return r.describe()
 
     try:
@@ -647,7 +747,9 @@ def _rollout(args: argparse.Namespace) -> int:
     return 0
 
 
-def _rollout_live(args: argparse.Namespace, address: str, stages: tuple[int, ...]) -> dict[str, Any]:
+def _rollout_live(
+    args: argparse.Namespace, address: str, stages: tuple[int, ...]
+) -> dict[str, Any]:
     from syncfw.cli.target import AdminClient
     from syncfw.models.rollout import Plan, parse_gate
     from syncfw.models.rollout_ops import Rollout, plan_value, rollout_key
@@ -672,8 +774,12 @@ def _register_status(verbs: Any) -> None:
         "from a node's database file.",
     )
     p.add_argument("name")
-    p.add_argument("address", nargs="?", metavar="ADDR",
-                   help="a running node's admin endpoint (instead of --db)")
+    p.add_argument(
+        "address",
+        nargs="?",
+        metavar="ADDR",
+        help="a running node's admin endpoint (instead of --db)",
+    )
     p.add_argument("--db", metavar="DB", help="any node's database file")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_status)
@@ -724,16 +830,23 @@ def _status_live(name: str, address: str) -> dict[str, Any]:
 
     recs = records_of(_admin_scan(address, "fleet/"), name)
     ros = rollouts_of(_admin_scan(address, f"{ROLLOUT_PREFIX}{name}/"))
-    return {"name": name, "rollouts": [r.describe() for r in ros.values()],
-            "nodes": {n: r.value() for n, r in recs.items()}}
+    return {
+        "name": name,
+        "rollouts": [r.describe() for r in ros.values()],
+        "nodes": {n: r.value() for n, r in recs.items()},
+    }
 
 
 def _print_status(got: dict[str, Any]) -> None:
     for r in got["rollouts"]:
         state = "HALTED: " + r["halt_reason"] if r["halted"] else ("done" if r["done"] else "open")
-        print(f"rollout {r['name']} v{r['version']} stages {r['stages']} at {r['stage_pct']} % "
-              f"gate {r['gate']}: {state}")
+        print(
+            f"rollout {r['name']} v{r['version']} stages {r['stages']} at {r['stage_pct']} % "
+            f"gate {r['gate']}: {state}"
+        )
     print(f"{'node':<16}{'serving':>8}{'target':>8}  {'step':<12}reason")
     for n, v in got["nodes"].items():
-        print(f"{n:<16}{v['serving_version'] or '-':>8}{v['version']:>8}  {v['step']:<12}"
-              f"{v['reason']}")
+        print(
+            f"{n:<16}{v['serving_version'] or '-':>8}{v['version']:>8}  {v['step']:<12}"
+            f"{v['reason']}"
+        )

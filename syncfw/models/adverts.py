@@ -81,7 +81,11 @@ class Advert:
         if self.complete:
             return 0 <= index < self.n
         byte = index // 8
-        return 0 <= index < self.n and byte < len(self.have) and bool(self.have[byte] >> (index % 8) & 1)
+        return (
+            0 <= index < self.n
+            and byte < len(self.have)
+            and bool(self.have[byte] >> (index % 8) & 1)
+        )
 
     def count(self) -> int:
         """How many chunks it claims."""

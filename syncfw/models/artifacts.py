@@ -63,6 +63,7 @@ def _quiet(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.warning("an advert write failed: %s", fut.exception())
 
+
 log = logging.getLogger("syncfw.models")
 
 _FLEET_SCAN = "fleet/"
@@ -124,8 +125,13 @@ class Artifacts:
                 raise ValueError(f"the mesh's transport {type(net).__name__} carries no artifacts")
             net.artifacts.serve_with(self._serve)
             self.fetcher = Fetcher(
-                store, net, node_id=node.node_id, sources=self._sources, config=config.fetch,
-                metrics=self.metrics, on_chunk=self._fetched_chunk,
+                store,
+                net,
+                node_id=node.node_id,
+                sources=self._sources,
+                config=config.fetch,
+                metrics=self.metrics,
+                on_chunk=self._fetched_chunk,
             )
 
     @classmethod
@@ -215,17 +221,31 @@ class Artifacts:
             outputs = [(t.name, t.dtype, t.shape) for t in mm.outputs]
             labels = mm.labels if labels is None else labels
         manifest = build_manifest(
-            data, name=name, version=version, chunk_size=chunk_size, inputs=inputs,
-            outputs=outputs, labels=labels, canary_accuracy=canary_accuracy,
-            canary_p50_ms=canary_p50_ms, canary_p99_ms=canary_p99_ms,
-            issued=self.node.hlc_now(), note=note,
+            data,
+            name=name,
+            version=version,
+            chunk_size=chunk_size,
+            inputs=inputs,
+            outputs=outputs,
+            labels=labels,
+            canary_accuracy=canary_accuracy,
+            canary_p50_ms=canary_p50_ms,
+            canary_p99_ms=canary_p99_ms,
+            issued=self.node.hlc_now(),
+            note=note,
         )
         await asyncio.to_thread(self._put_all, manifest, data)
         sealed = seal_manifest(manifest, key, fleet.fleet_id)
         await self.node.put(manifest.key, sealed)
         await self._advertise(manifest)
-        log.info("%s published %s %s (%d bytes, %d chunks)", self.node.node_id, name, version,
-                 manifest.size, len(manifest.chunks))
+        log.info(
+            "%s published %s %s (%d bytes, %d chunks)",
+            self.node.node_id,
+            name,
+            version,
+            manifest.size,
+            len(manifest.chunks),
+        )
         return open_manifest(sealed, self.authority_key, fleet.fleet_id)
 
     def _put_all(self, manifest: ReleaseManifest, data: bytes) -> None:
@@ -269,13 +289,21 @@ class Artifacts:
         return out
 
     def _refusal(self, key: str, value: Any, reason: str, message: str) -> None:
-        tag = (key, hashlib.sha256(value if isinstance(value, bytes) else repr(value).encode()).digest())
+        tag = (
+            key,
+            hashlib.sha256(value if isinstance(value, bytes) else repr(value).encode()).digest(),
+        )
         if tag in self._warned:
             return
         self._warned.add(tag)
         self.metrics.refused.labels(self.metrics.node_id, reason).inc()
-        log.warning("%s: refused release manifest %s (%s): %s; the current model keeps serving",
-                    self.node.node_id, clip(key), reason, message)
+        log.warning(
+            "%s: refused release manifest %s (%s): %s; the current model keeps serving",
+            self.node.node_id,
+            clip(key),
+            reason,
+            message,
+        )
 
     async def latest(self, name: str) -> ReleaseManifest | None:
         """The highest accepted release of ``name``, or None."""
@@ -395,9 +423,15 @@ class Artifacts:
         budget = self.mesh.serve_budget if self.mesh is not None else None
         for digest in request.hashes:
             try:
-                data = await asyncio.to_thread(self.store.get, digest) if self.store.has(digest) else None
+                data = (
+                    await asyncio.to_thread(self.store.get, digest)
+                    if self.store.has(digest)
+                    else None
+                )
             except (KeyError, SyncfwError) as exc:
-                log.warning("%s: not serving chunk %s: %s", self.node.node_id, digest.hex()[:12], exc)
+                log.warning(
+                    "%s: not serving chunk %s: %s", self.node.node_id, digest.hex()[:12], exc
+                )
                 data = None
             if data is None:
                 yield ChunkPiece(digest, missing=True)
@@ -418,7 +452,9 @@ class Artifacts:
         each as soon as its manifest and a peer holding it arrive (an offline node
         catches up from the first peer it meets). Runs until :meth:`aclose`."""
         if self._watch is None:
-            self._watch = asyncio.create_task(self._watch_loop(tuple(names)), name="artifacts-watch")
+            self._watch = asyncio.create_task(
+                self._watch_loop(tuple(names)), name="artifacts-watch"
+            )
 
     async def _watch_loop(self, names: tuple[str, ...]) -> None:
         feed_task = asyncio.create_task(self._follow_changes())
@@ -432,8 +468,9 @@ class Artifacts:
                     self.watch_error = ""
                 except SyncfwError as exc:
                     self.watch_error = str(exc)
-                    log.warning("%s: catching up on releases failed: %s (retrying)",
-                                self.node.node_id, exc)
+                    log.warning(
+                        "%s: catching up on releases failed: %s (retrying)", self.node.node_id, exc
+                    )
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), self.config.retry_s)
                     continue
@@ -472,9 +509,13 @@ class Artifacts:
             },
             "fetches": {
                 k: {
-                    "held": p.held, "total": p.total, "resumed": p.resumed,
-                    "bytes_in": p.bytes_in, "by_peer": dict(p.by_peer),
-                    "skipped": dict(p.skipped), "done": p.done,
+                    "held": p.held,
+                    "total": p.total,
+                    "resumed": p.resumed,
+                    "bytes_in": p.bytes_in,
+                    "by_peer": dict(p.by_peer),
+                    "skipped": dict(p.skipped),
+                    "done": p.done,
                 }
                 for k, p in self.fetches.items()
             },

@@ -31,24 +31,34 @@ class ArtifactMetrics:
         self._m = metrics
         r, n = metrics.registry, ("node",)
         self.bytes = Counter(
-            "syncfw_artifact_bytes", "Chunk bytes fetched from (in) or served to (out) each peer.",
-            (*n, "peer", "direction"), registry=r,
+            "syncfw_artifact_bytes",
+            "Chunk bytes fetched from (in) or served to (out) each peer.",
+            (*n, "peer", "direction"),
+            registry=r,
         )
         self.chunks = Counter(
-            "syncfw_artifact_chunks", "Chunks fetched from (in) or served to (out) each peer.",
-            (*n, "peer", "direction"), registry=r,
+            "syncfw_artifact_chunks",
+            "Chunks fetched from (in) or served to (out) each peer.",
+            (*n, "peer", "direction"),
+            registry=r,
         )
         self.bad = Counter(
-            "syncfw_artifact_bad_chunks", "Chunks refused from a peer, by reason.",
-            (*n, "peer", "reason"), registry=r,
+            "syncfw_artifact_bad_chunks",
+            "Chunks refused from a peer, by reason.",
+            (*n, "peer", "reason"),
+            registry=r,
         )
         self.progress = Gauge(
-            "syncfw_artifact_fetch_chunks", "A fetch's chunks: held and total.",
-            (*n, "artifact", "kind"), registry=r,
+            "syncfw_artifact_fetch_chunks",
+            "A fetch's chunks: held and total.",
+            (*n, "artifact", "kind"),
+            registry=r,
         )
         self.refused = Counter(
-            "syncfw_model_manifests_refused", "Release manifests refused, by reason.",
-            (*n, "reason"), registry=r,
+            "syncfw_model_manifests_refused",
+            "Release manifests refused, by reason.",
+            (*n, "reason"),
+            registry=r,
         )
 
     @classmethod

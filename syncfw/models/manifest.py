@@ -175,12 +175,20 @@ class ReleaseManifest:
         }
         return msgpack.packb(
             [
-                MODEL_TAG, fleet_id, self.name, self.version, self.issued,
-                bytes.fromhex(self.sha256), self.size, self.chunk_size, b"".join(self.chunks),
+                MODEL_TAG,
+                fleet_id,
+                self.name,
+                self.version,
+                self.issued,
+                bytes.fromhex(self.sha256),
+                self.size,
+                self.chunk_size,
+                b"".join(self.chunks),
                 [[n, d, list(s)] for n, d, s in self.inputs],
                 [[n, d, list(s)] for n, d, s in self.outputs],
                 None if self.labels is None else list(self.labels),
-                canary, self.note,
+                canary,
+                self.note,
             ],
             use_bin_type=True,
         )
@@ -251,11 +259,20 @@ def build_manifest(
         hashlib.sha256(mv[i : i + chunk_size]).digest() for i in range(0, len(data), chunk_size)
     )
     return ReleaseManifest(
-        name, version, hashlib.sha256(data).hexdigest(), len(data), chunk_size, chunks,
+        name,
+        version,
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+        chunk_size,
+        chunks,
         tuple((n, d, tuple(s)) for n, d, s in inputs),
         tuple((n, d, tuple(s)) for n, d, s in outputs),
         None if labels is None else tuple(labels),
-        canary_accuracy, canary_p50_ms, canary_p99_ms, issued, note[:_MAX_NOTE],
+        canary_accuracy,
+        canary_p50_ms,
+        canary_p99_ms,
+        issued,
+        note[:_MAX_NOTE],
     )
 
 
@@ -331,13 +348,20 @@ def _decode_body(body: bytes, fleet_id: str) -> ReleaseManifest:
         ok = (
             all(type(x) is int and x >= 0 for x in (version, issued, size, chunk_size))
             and version >= 1
-            and isinstance(sha, bytes) and len(sha) == 32
-            and isinstance(blob, bytes) and len(blob) % 32 == 0
+            and isinstance(sha, bytes)
+            and len(sha) == 32
+            and isinstance(blob, bytes)
+            and len(blob) % 32 == 0
             and MIN_CHUNK_BYTES <= chunk_size <= MAX_CHUNK_BYTES
             and size > 0
             and len(blob) // 32 == math.ceil(size / chunk_size)
-            and isinstance(canary, dict) and isinstance(note, str) and len(note) <= _MAX_NOTE
-            and (labels is None or (isinstance(labels, list) and all(isinstance(x, str) for x in labels)))
+            and isinstance(canary, dict)
+            and isinstance(note, str)
+            and len(note) <= _MAX_NOTE
+            and (
+                labels is None
+                or (isinstance(labels, list) and all(isinstance(x, str) for x in labels))
+            )
         )
         if not ok:
             raise ValueError
@@ -346,10 +370,20 @@ def _decode_body(body: bytes, fleet_id: str) -> ReleaseManifest:
     except (ValueError, TypeError, ManifestError):
         raise _refuse("malformed", f"manifest of {str(name)[:64]!r} has malformed fields") from None
     return ReleaseManifest(
-        name, version, sha.hex(), size, chunk_size,
+        name,
+        version,
+        sha.hex(),
+        size,
+        chunk_size,
         tuple(blob[i : i + 32] for i in range(0, len(blob), 32)),
-        tensors[0], tensors[1], None if labels is None else tuple(labels),
-        accuracy, p50, p99, issued, note,
+        tensors[0],
+        tensors[1],
+        None if labels is None else tuple(labels),
+        accuracy,
+        p50,
+        p99,
+        issued,
+        note,
     )
 
 
@@ -406,16 +440,28 @@ def judge_releases(releases: Iterable[ReleaseManifest]) -> Judgement:
         same = accepted.get(m.version)
         if same is not None:
             if same._body != m._body:
-                refused.append((m, "reused_version", (
-                    f"{m.name} version {m.version} was already released with other contents "
-                    f"(sha256 {same.sha256[:12]}…); a new release needs a new version"
-                )))
+                refused.append(
+                    (
+                        m,
+                        "reused_version",
+                        (
+                            f"{m.name} version {m.version} was already released with other contents "
+                            f"(sha256 {same.sha256[:12]}…); a new release needs a new version"
+                        ),
+                    )
+                )
             continue
         if m.version <= top:
-            refused.append((m, "backwards", (
-                f"{m.name} version {m.version} was issued after version {top}: "
-                "versions only move forward (a rollback is a new, higher version)"
-            )))
+            refused.append(
+                (
+                    m,
+                    "backwards",
+                    (
+                        f"{m.name} version {m.version} was issued after version {top}: "
+                        "versions only move forward (a rollback is a new, higher version)"
+                    ),
+                )
+            )
             continue
         accepted[m.version] = m
         top = m.version

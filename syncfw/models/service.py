@@ -111,9 +111,14 @@ class ModelService:
                 lc = Lifecycle(node, arts, engine, name, config.lifecycle)
                 self.lifecycles[name] = lc
                 rec = await lc.recover()
-                log.info("%s: model %s: %s", node.node_id, name,
-                         "no release run yet" if rec is None else
-                         f"{rec.step} v{rec.version}, serving v{rec.serving_version or '-'}")
+                log.info(
+                    "%s: model %s: %s",
+                    node.node_id,
+                    name,
+                    "no release run yet"
+                    if rec is None
+                    else f"{rec.step} v{rec.version}, serving v{rec.serving_version or '-'}",
+                )
             if not config.names:
                 arts.watch()
             for lc in self.lifecycles.values():
@@ -137,8 +142,9 @@ class ModelService:
         while True:
             try:
                 got = await advance(self.node)
-                self.advanced = {f"{n}:{v}": f"{d.verdict.value}: {d.reason}"
-                                 for (n, v), d in got.items()}
+                self.advanced = {
+                    f"{n}:{v}": f"{d.verdict.value}: {d.reason}" for (n, v), d in got.items()
+                }
                 self.advance_error = ""
             except Exception as exc:  # logged, in status, retried: the node keeps serving
                 self.advance_error = str(exc)

@@ -207,11 +207,7 @@ async def memory_fetch(
     """
     wanted = check_hashes(hashes)
     slot = _MEMORY_SLOTS.get(net, {}).get(address)
-    if (
-        slot is None
-        or not net.listening(address)
-        or frozenset((source, address)) in net.blocked
-    ):
+    if slot is None or not net.listening(address) or frozenset((source, address)) in net.blocked:
         raise LinkError(Status.UNAVAILABLE, f"{address} is unreachable")
     handler = slot.handler
     if handler is None:

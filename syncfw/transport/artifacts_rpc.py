@@ -66,8 +66,12 @@ class _ArtifactServicer:
 
     def _refused(self, peer: str, reason: str, detail: str) -> None:
         self.refusals.warn(
-            f"{peer_host(peer)}|{reason}", 1, "refused a fetch from %s (%s): %s",
-            clip(peer), reason, detail,
+            f"{peer_host(peer)}|{reason}",
+            1,
+            "refused a fetch from %s (%s): %s",
+            clip(peer),
+            reason,
+            detail,
         )
         if self._metrics is not None:
             self._metrics.refused_streams.labels(self._metrics.node_id, reason).inc()
@@ -100,8 +104,11 @@ class _ArtifactServicer:
             async with asyncio.timeout(self._config.exchange_timeout_s):
                 async for piece in handler(req):
                     yield artifacts_pb2.ChunkPiece(
-                        hash=piece.digest, offset=piece.offset, data=piece.data,
-                        last=piece.last, missing=piece.missing,
+                        hash=piece.digest,
+                        offset=piece.offset,
+                        data=piece.data,
+                        last=piece.last,
+                        missing=piece.missing,
                     )
         except TimeoutError:
             await context.abort(

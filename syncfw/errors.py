@@ -97,6 +97,7 @@ __all__ = [
     "SignatureError",
     "StorageError",
     "StorageFullError",
+    "SnapshotTooLargeError",
     "StoreClosedError",
     "TrustError",
     "SyncfwError",
@@ -190,6 +191,10 @@ class ForeignDatabaseError(StorageError):
 
 class SchemaVersionError(StorageError):
     """The file was written by a schema version this syncfw does not know."""
+
+
+class SnapshotTooLargeError(StorageError):
+    """The state is larger than the largest snapshot a peer takes: none was built."""
 
 
 class StoreClosedError(StorageError):

@@ -119,7 +119,8 @@ class NodeMetrics:
         self.snapshots = Counter(
             "syncfw_snapshots",
             "State snapshots sent to peers below this node's compaction point, and "
-            "installed from peers (direction: sent, installed).",
+            "installed from peers, and snapshots a peer needed but that were larger than "
+            "max_snapshot_bytes (direction: sent, installed, too_large).",
             (*n, "direction"),
             registry=r,
         )

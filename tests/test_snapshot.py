@@ -19,7 +19,7 @@ import pytest
 from conftest import NodeFactory
 
 from syncfw.crdt import COUNTER
-from syncfw.errors import ChainFencedError, DecodeError
+from syncfw.errors import ChainFencedError, DecodeError, SnapshotTooLargeError
 from syncfw.exchange import run_exchange
 from syncfw.exchange.pair import SessionPair
 from syncfw.mesh import MeshConfig
@@ -155,12 +155,28 @@ def test_a_snapshot_larger_than_the_receivers_cap_ends_the_exchange_and_changes_
     assert fresh.vv() == {} and fresh.scan("") == {}
 
 
+def test_a_sender_builds_no_snapshot_larger_than_its_cap_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    src, fresh = _compacted_pair(400)
+    with pytest.raises(SnapshotTooLargeError, match="max_snapshot_bytes"):
+        asyncio.run(src.snapshot(max_bytes=512))
+    with caplog.at_level(logging.WARNING, logger="syncfw"):
+        res = SessionPair(fresh, src, config_b=SessionConfig(max_snapshot_bytes=512)).run()
+    assert res.a is not None and res.a[0] is Status.OUT_OF_RANGE, res.a
+    assert "larger than the largest snapshot" in res.a[1], res.a
+    assert any("needs a snapshot, but the state" in r.getMessage() for r in caplog.records)
+    assert fresh.vv() == {} and fresh.scan("") == {}
+    assert SessionPair(fresh, src).run().a[0] is Status.OK  # type: ignore[index]
+    assert fresh.vv() == src.vv()
+
+
 def test_a_malformed_snapshot_is_refused_and_changes_nothing() -> None:
     src, fresh = _compacted_pair()
 
     class Liar(MemoryReplica):
-        async def snapshot(self) -> Snapshot:
-            snap = await super().snapshot()
+        async def snapshot(self, *, max_bytes: int = 1 << 30) -> Snapshot:
+            snap = await super().snapshot(max_bytes=max_bytes)
             return dataclasses.replace(snap, states=[("lww", "fleet/t1/k0", 1, "nobody", b"")])
 
     liar = Liar("src", FLEET)

@@ -51,7 +51,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
 from syncfw.codec import decode_batch
-from syncfw.errors import ChainError, DecodeError, ForkError, SyncfwError
+from syncfw.errors import ChainError, DecodeError, ForkError, SnapshotTooLargeError, SyncfwError
 from syncfw.log import Op, Replica
 from syncfw.metrics import NodeMetrics
 from syncfw.notices import Notices, clip
@@ -311,8 +311,19 @@ class Performer:
             return self.session.snapshot_unavailable("this replica builds no snapshots")
         peer = clip(self.session.peer_id or "?")
         try:
-            snap = await replica.snapshot()
+            snap = await replica.snapshot(max_bytes=self.session.config.max_snapshot_bytes)
             data = await self._cpu(lambda: encode_snapshot(snap))
+        except SnapshotTooLargeError as exc:
+            log.warning(
+                "%s: peer %s lacks ops compacted here (%s) and needs a snapshot, but %s",
+                replica.node_id,
+                peer,
+                _named(effect.below),
+                exc,
+            )
+            if self._metrics is not None:
+                self._metrics.snapshots.labels(self._metrics.node_id, "too_large").inc()
+            return self.session.snapshot_unavailable(str(exc))
         except Exception as exc:
             _log_unexpected(exc, "building a snapshot")
             return self.session.snapshot_unavailable(f"could not build one: {exc}")

@@ -38,7 +38,7 @@ from syncfw.node.handles import Counter, ORSet, Register
 from syncfw.node.opening import Opening
 from syncfw.store import ChangeFeed, Store, StoreConfig
 from syncfw.store.follow import Follow
-from syncfw.sync.snapshot import Snapshot
+from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES, Snapshot
 from syncfw.transport.network import GrpcNetwork, Network
 from syncfw.transport.rpc import TlsConfig, TransportConfig
 from syncfw.trust import STATEMENT_KIND_OF
@@ -338,9 +338,13 @@ class Node:
         """Each compacted origin's compaction point (a peer below it gets a snapshot)."""
         return self._store.compacted()
 
-    async def snapshot(self) -> Snapshot:
-        """This node's state and the vector it stands for (:mod:`syncfw.sync.snapshot`)."""
-        return await self._store.snapshot()
+    async def snapshot(self, *, max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES) -> Snapshot:
+        """This node's state and the vector it stands for (:mod:`syncfw.sync.snapshot`).
+
+        Raises:
+            SnapshotTooLargeError: the state exceeds ``max_bytes`` (nothing read).
+        """
+        return await self._store.snapshot(max_bytes=max_bytes)
 
     async def install_snapshot(self, snap: Snapshot, *, source: str) -> None:
         """Join a peer's snapshot (the performer calls it; see ``Store.install_snapshot``)."""

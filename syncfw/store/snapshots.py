@@ -33,7 +33,7 @@ from syncfw.errors import ForkError
 from syncfw.store import export, ydocs
 from syncfw.store.planner import TRUST_STATE
 from syncfw.store.sql import UPSERT_LWW, UPSERT_STATE, Step
-from syncfw.sync.snapshot import Snapshot, StateRow
+from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES, Snapshot, StateRow, check_size
 from syncfw.zones import Grant
 
 __all__ = ["Install", "build", "plan_install"]
@@ -52,9 +52,26 @@ SET_HEAD = (
 )
 
 
-async def build(fetch: Fetch, vv: Mapping[str, int], heads: Mapping[str, bytes]) -> Snapshot:
-    """The store's state now (call on the writer: invariant 1)."""
+async def build(
+    fetch: Fetch,
+    vv: Mapping[str, int],
+    heads: Mapping[str, bytes],
+    max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES,
+) -> Snapshot:
+    """The store's state now (call on the writer: invariant 1).
+
+    Raises:
+        SnapshotTooLargeError: the stored state exceeds ``max_bytes``; measured with
+            SQL before any row is read, so a sender never holds more than a receiver takes.
+    """
     marks = ",".join("?" * len(_CRDT_KINDS))
+    ((count, stored),) = await fetch(
+        "SELECT count(*), coalesce(sum(length(key) + length(data)), 0) FROM ("
+        "SELECT key, data FROM state UNION ALL SELECT key, data FROM ydoc_checkpoints "
+        "UNION ALL SELECT key, data FROM ydoc_updates)",
+        (),
+    )
+    check_size(int(count), int(stored), max_bytes)
     rows: list[StateRow] = [
         (str(k), str(key), int(h), str(o), bytes(d))
         for k, key, h, o, d in await fetch(

@@ -96,7 +96,7 @@ from syncfw.store.sql import (
 )
 from syncfw.store.trust import StoreTrust
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
-from syncfw.sync.snapshot import Snapshot
+from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES, Snapshot
 from syncfw.trust import EVIDENCE_KIND, ForkEvidence, KeyRing
 from syncfw.zones import Fleet, ZoneTable
 
@@ -806,12 +806,18 @@ class Store:
         """Each compacted origin's compaction point (its ops at or below are only in state)."""
         return {o: c for o, c in self._compacted.items() if c > 0}
 
-    async def snapshot(self) -> Snapshot:
+    async def snapshot(self, *, max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES) -> Snapshot:
         """The state now, the vector it stands for and every origin's chain head
-        (:mod:`syncfw.sync.snapshot`), read on the writer so no commit interleaves."""
+        (:mod:`syncfw.sync.snapshot`), read on the writer so no commit interleaves.
+
+        Raises:
+            SnapshotTooLargeError: the stored state exceeds ``max_bytes`` (nothing read).
+        """
 
         async def run() -> Snapshot:
-            return await snapshots.build(self._read, dict(self._vv), dict(self._heads))
+            return await snapshots.build(
+                self._read, dict(self._vv), dict(self._heads), max_bytes
+            )
 
         return await self._call(run, Priority.MAINTENANCE)
 

@@ -50,7 +50,7 @@ import msgpack
 import zstandard
 
 from syncfw.crdt import KINDS
-from syncfw.errors import DecodeError
+from syncfw.errors import DecodeError, SnapshotTooLargeError
 from syncfw.log import MAX_KEY_BYTES, MAX_KIND_BYTES, MAX_ORIGIN_CHARS
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "Snapshot",
     "SnapshotReplica",
     "StateRow",
+    "check_size",
     "decode_snapshot",
     "encode_snapshot",
 ]
@@ -213,6 +214,25 @@ def _text(s: Any, limit: int, what: str) -> None:
         raise DecodeError(f"snapshot {what} {str(s)[:40]!r} is empty, not text or too long")
 
 
+ROW_BYTES = 48
+"""What one state row adds to a snapshot beyond its key and data (kind, hlc, origin, framing)."""
+
+
+def check_size(rows: int, stored: int, max_bytes: int) -> None:
+    """Refuse to build a snapshot of ``rows`` state rows holding ``stored`` bytes of keys and
+    data past ``max_bytes`` (the sender's bound: the same cap a receiver applies).
+
+    Raises:
+        SnapshotTooLargeError: naming both sizes.
+    """
+    size = stored + rows * ROW_BYTES
+    if size > max_bytes:
+        raise SnapshotTooLargeError(
+            f"the state ({rows} rows, about {size} bytes) is larger than the largest "
+            f"snapshot a peer takes ({max_bytes} bytes, SessionConfig.max_snapshot_bytes)"
+        )
+
+
 @runtime_checkable
 class SnapshotReplica(Protocol):
     """A replica that compacts, and so sends and takes snapshots (invariant 3)."""
@@ -221,8 +241,13 @@ class SnapshotReplica(Protocol):
         """Each compacted origin's compaction point (the log holds only ops after it)."""
         ...
 
-    async def snapshot(self) -> Snapshot:
-        """This replica's state and the vector it stands for, read at one instant."""
+    async def snapshot(self, *, max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES) -> Snapshot:
+        """This replica's state and the vector it stands for, read at one instant.
+
+        Raises:
+            SnapshotTooLargeError: the state's stored bytes exceed ``max_bytes``
+                (checked before anything is read into memory).
+        """
         ...
 
     async def install_snapshot(self, snap: Snapshot, *, source: str) -> None:

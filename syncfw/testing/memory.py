@@ -60,7 +60,7 @@ from syncfw.log import (
     op_size,
     same_op,
 )
-from syncfw.sync.snapshot import Snapshot
+from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES, Snapshot, check_size
 from syncfw.trust import (
     EVIDENCE_KIND,
     KEEP_KIND,
@@ -482,8 +482,14 @@ class MemoryReplica:
         """Each compacted origin's compaction point."""
         return {o: b for o, (b, _) in self.base.items() if b}
 
-    async def snapshot(self) -> Snapshot:
-        """The lww state, the vector it stands for and each origin's chain head."""
+    async def snapshot(self, *, max_bytes: int = DEFAULT_MAX_SNAPSHOT_BYTES) -> Snapshot:
+        """The lww state, the vector it stands for and each origin's chain head.
+
+        Raises:
+            SnapshotTooLargeError: the state exceeds ``max_bytes``.
+        """
+        stored = sum(len(k) + len(v) for k, (_, _, v) in self.state.items())
+        check_size(len(self.state), stored, max_bytes)
         vv = self.vv()
         return Snapshot(
             vv,

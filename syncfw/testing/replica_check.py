@@ -45,7 +45,9 @@ run it, so what one does the other does. What it asserts:
    vector, releases ops held behind its heads, and the origins' chains go
    on from its heads; ops at or below it are duplicates; installing it twice
    changes nothing; a snapshot whose head contradicts a held one raises
-   :class:`~syncfw.errors.ForkError` and changes nothing.
+   :class:`~syncfw.errors.ForkError` and changes nothing. A state larger
+   than ``snapshot(max_bytes=...)`` raises
+   :class:`~syncfw.errors.SnapshotTooLargeError`, naming the cap.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from syncfw.crdt.lww import TOMBSTONE, LwwState, lww_wins
-from syncfw.errors import ChainError, ForkError
+from syncfw.errors import ChainError, ForkError, SnapshotTooLargeError
 from syncfw.keyfiles import NodeKeys
 from syncfw.log import (
     ApplyResult,
@@ -697,6 +699,23 @@ async def _snapshot_below_compaction(factory: ReplicaFactory) -> None:
         assert await _snapshot(other, keys) == keep, "a refused snapshot changed the replica"
 
 
+async def _snapshot_bounded(factory: ReplicaFactory) -> None:
+    w = OpWriter("n2")
+    async with factory("r1", CHECK_FLEET) as src:
+        await src.apply_remote([w.write(f"k{i}", "v" * 200) for i in range(20)])
+        await src.acknowledge("p1", await src.version_vector())
+        await src.compact()  # type: ignore[attr-defined]
+        refusal = ""
+        try:
+            await src.snapshot(max_bytes=1024)  # type: ignore[attr-defined]
+        except SnapshotTooLargeError as exc:
+            refusal = str(exc)
+        assert refusal, "a snapshot of about 4 KB was built under a 1 KB cap"
+        assert "1024" in refusal, f"the refusal does not name the cap: {refusal}"
+        snap = await src.snapshot(max_bytes=1 << 20)  # type: ignore[attr-defined]
+        assert len(snap.states) == 20, f"under a cap it holds, the snapshot has {len(snap.states)}"
+
+
 REPLICA_CHECKS: dict[str, Check] = {
     "acks_move_forward": _acks_move_forward,
     "idempotence": _idempotence,
@@ -718,5 +737,6 @@ REPLICA_CHECKS: dict[str, Check] = {
     "revoked_key_rejected": _revoked_key_rejected,
     "fork_resolution_keeps_a_branch": _fork_resolution_keeps_a_branch,
     "snapshot_below_compaction": _snapshot_below_compaction,
+    "snapshot_bounded": _snapshot_bounded,
 }
 """Every check of the contract, by name (``check_replica(factory, only=[name])``)."""

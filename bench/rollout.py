@@ -10,8 +10,9 @@ One run, four figures (the last line is one JSON object):
   same size, with every truck's sources cut down to the depot alone (the same nodes,
   the same code path, only the sources differ).
 * ``halt_rounds``: gossip rounds (the depot's) from the canary truck's ``rolled_back``
-  record to the halt op held by every truck; the authority's loop
-  (:func:`~syncfw.models.rollout_ops.advance`) runs once per round.
+  record to the halt op held by every truck; the authority runs its own loop
+  (:func:`~syncfw.models.rollout_ops.authority_loop`, as ``ModelService`` does): it
+  decides as soon as the record arrives.
 * ``swap_dropped_requests``: inference calls that failed while a lifecycle activated a
   new model under a load of back-to-back calls (the hot swap).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import shutil
@@ -37,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,7 @@ from syncfw.mesh import MeshConfig
 from syncfw.models import ArtifactConfig, Artifacts, FetchConfig, ReleaseManifest, Source
 from syncfw.models.lifecycle import Record, lifecycle_key, read_records
 from syncfw.models.rollout import Plan, in_stage, parse_gate
-from syncfw.models.rollout_ops import advance, rollout_key, start_rollout
+from syncfw.models.rollout_ops import authority_loop, rollout_key, start_rollout
 from syncfw.testing import SignedFleet, wait_until
 from syncfw.transport.memory import MemoryNetwork
 from syncfw.transport.network import InMemoryNetwork
@@ -146,7 +149,10 @@ def depot_only(orig: Callable[[ReleaseManifest], Awaitable[list[Source]]]) -> An
 async def distribute(yard: Yard, data: bytes, version: int, *, p2p: bool) -> tuple[int, float]:
     """Publish ``data`` as ``version``; every truck fetches it. (depot bytes, seconds)."""
     originals = {}
-    if not p2p:
+    depot = yard.arts["depot"]
+    fanout = depot.config
+    if not p2p:  # the floor: the depot serves every truck every chunk (no fan-out limit)
+        depot.config = replace(fanout, serve_fanout=0)
         for n in yard.trucks:
             f = yard.arts[n].fetcher
             assert f is not None
@@ -171,6 +177,7 @@ async def distribute(yard: Yard, data: bytes, version: int, *, p2p: bool) -> tup
             assert yard.arts[n].held(m)
         return yard.depot_out() - before, took
     finally:
+        depot.config = fanout
         for n, src in originals.items():
             f = yard.arts[n].fetcher
             assert f is not None
@@ -199,17 +206,8 @@ async def halt_rounds(yard: Yard) -> int:
     halt = f"{rollout_key('inspection', 3)}/halt"
     mesh = yard.arts["depot"].mesh
     assert mesh is not None
-    stop = asyncio.Event()
-
-    async def authority() -> None:
-        last = -1
-        while not stop.is_set():
-            if mesh.rounds != last:  # once per gossip round
-                last = mesh.rounds
-                await advance(depot)
-            await asyncio.sleep(0.005)
-
-    loop = asyncio.create_task(authority())
+    # the authority's own loop (ModelService runs it): decides as soon as a record arrives
+    loop = asyncio.create_task(authority_loop(depot, every_s=mesh.config.interval_s))
     try:
         r0 = mesh.rounds
         await yard.nodes[canary].put(
@@ -233,8 +231,9 @@ async def halt_rounds(yard: Yard) -> int:
         await wait_until(everywhere, what="the halt reaches every truck", timeout_s=60)
         return mesh.rounds - r0
     finally:
-        stop.set()
-        await loop
+        loop.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop
 
 
 async def swap_dropped(root: Path) -> tuple[int, int]:

@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +54,9 @@ from syncfw.models.manifest import (
 )
 from syncfw.node import Node
 from syncfw.notices import clip, clip_text
+from syncfw.sync.frames import Status
 from syncfw.transport.artifacts import MAX_PIECE_BYTES, ArtifactNetwork, ChunkPiece, ChunkRequest
+from syncfw.transport.base import LinkError
 from syncfw.transport.budget import Priority
 from syncfw.trust import public_key_bytes
 
@@ -81,6 +85,14 @@ class ArtifactConfig:
         authority_key: the key manifests must verify against; default the
             fleet's :attr:`~syncfw.zones.Fleet.authority_key`.
         retry_s: how long :meth:`Artifacts.watch` waits before retrying a failed catch-up.
+        serve_fanout: on a metered uplink (the mesh's serving budget is set: a depot),
+            each chunk goes to at most this many callers per ``serve_hold_s``; a
+            further caller is refused it ``RESOURCE_EXHAUSTED`` ("busy": take it
+            from the peers that have it, or ask again later). 0: no limit. An
+            unmetered node (a truck on the yard's LAN) serves everyone.
+        serve_hold_s: how long after a chunk's last copy left a further caller is
+            refused it (the takers' adverts reach the others meanwhile); then it is
+            served again, so a lone node is never stalled.
     """
 
     max_bytes: int | None = None
@@ -89,6 +101,12 @@ class ArtifactConfig:
     advert_every: int = 4
     authority_key: bytes | None = None
     retry_s: float = 2.0
+    serve_fanout: int = 2
+    serve_hold_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.serve_fanout < 0 or self.serve_hold_s < 0:
+            raise ValueError("serve_fanout and serve_hold_s must be >= 0")
 
 
 class Artifacts:
@@ -116,6 +134,8 @@ class Artifacts:
         self._warned: set[tuple[str, bytes]] = set()
         self._since_advert: dict[str, int] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._served: dict[bytes, dict[str, float]] = {}
+        """Per chunk, the callers it went to lately: when its last piece left (inf: going)."""
         self._wake = asyncio.Event()
         self.watch_error: str = ""
         self.fetcher: Fetcher | None = None
@@ -421,6 +441,8 @@ class Artifacts:
 
     async def _serve(self, request: ChunkRequest) -> AsyncIterator[ChunkPiece]:
         budget = self.mesh.serve_budget if self.mesh is not None else None
+        limit = self.config.serve_fanout if budget is not None else 0
+        caller = clip_text(request.node_id) or "?"
         for digest in request.hashes:
             try:
                 data = (
@@ -436,14 +458,47 @@ class Artifacts:
             if data is None:
                 yield ChunkPiece(digest, missing=True)
                 continue
-            for off in range(0, len(data), MAX_PIECE_BYTES):
-                piece = data[off : off + MAX_PIECE_BYTES]
-                last = off + len(piece) >= len(data)
-                if budget is not None:
-                    await budget.spend(len(piece), Priority.BULK)
-                if last:  # counted before the caller, done, may close the stream
-                    self.metrics.moved(clip_text(request.node_id) or "?", "out", len(data))
-                yield ChunkPiece(digest, off, piece, last=last)
+            if limit and not self._may_serve(digest, caller, limit):
+                self.metrics.deferred.labels(self.metrics.node_id, caller).inc()
+                raise LinkError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"busy: chunk {digest.hex()[:12]} just went to {limit} peers on this "
+                    f"metered uplink; take it from them (served again after "
+                    f"{self.config.serve_hold_s}s)",
+                )
+            takers = self._served.setdefault(digest, {}) if limit else {}
+            takers[caller] = math.inf
+            sent = False
+            try:
+                for off in range(0, len(data), MAX_PIECE_BYTES):
+                    piece = data[off : off + MAX_PIECE_BYTES]
+                    last = off + len(piece) >= len(data)
+                    if budget is not None:
+                        await budget.spend(len(piece), Priority.BULK)
+                    if last:  # counted before the caller, done, may close the stream
+                        self.metrics.moved(caller, "out", len(data))
+                        sent = True
+                        takers[caller] = time.monotonic()
+                    yield ChunkPiece(digest, off, piece, last=last)
+            finally:
+                if not sent and takers.get(caller) == math.inf:
+                    del takers[caller]  # it never left: it does not count
+
+    def _may_serve(self, digest: bytes, caller: str, limit: int) -> bool:
+        """True if ``caller`` may have ``digest`` now (the per-chunk fan-out, above)."""
+        now = time.monotonic()
+        hold = self.config.serve_hold_s
+        if len(self._served) > 4096:  # forget chunks whose hold is over
+            self._served = {
+                d: t for d, t in self._served.items() if any(now - x < hold for x in t.values())
+            }
+        takers = self._served.get(digest)
+        if not takers:
+            return True
+        for who, at in list(takers.items()):
+            if now - at >= hold:
+                del takers[who]
+        return caller in takers or len(takers) < limit
 
     # ------------------------------------------------------------------ watching
 
@@ -515,6 +570,7 @@ class Artifacts:
                     "bytes_in": p.bytes_in,
                     "by_peer": dict(p.by_peer),
                     "skipped": dict(p.skipped),
+                    "seed_fallbacks": p.fallbacks,
                     "done": p.done,
                 }
                 for k, p in self.fetches.items()

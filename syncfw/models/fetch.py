@@ -22,6 +22,15 @@ Invariants:
    seed about once and the others take it from that peer once it advertises
    it. After ``seed_hold_s`` with no peer holding a chunk, anyone may ask a seed
    for it (a fetcher gone quiet does not stall the rest).
+   A source that answers ``RESOURCE_EXHAUSTED`` ("busy": a depot's metered uplink
+   sent that chunk to enough peers lately, see
+   :attr:`~syncfw.models.artifacts.ArtifactConfig.serve_fanout`) is not asked for
+   those chunks again for a while (doubling from ``busy_s``, at most ``seed_hold_s``)
+   and is never skipped for it: the chunks are taken from the peers that advertise
+   them, or from the seed once it serves them again. A chunk deferred that way and
+   taken from the seed in the end is a *fallback*: counted in
+   ``syncfw_artifact_seed_fallbacks{peer}``, in the progress, and logged once per
+   fetch (WARNING).
 4. A full disk ends the fetch at once (:class:`StorageFullError`): what was
    stored stays stored. No holder for the remaining chunks for ``stall_s`` is
    a :class:`FetchError` naming how many are missing; both leave the fetch
@@ -45,6 +54,7 @@ from syncfw.models.chunks import ChunkStore
 from syncfw.models.figures import ArtifactMetrics
 from syncfw.models.manifest import ReleaseManifest
 from syncfw.notices import clip
+from syncfw.sync.frames import Status
 from syncfw.transport.artifacts import MAX_HASHES_PER_FETCH, ArtifactNetwork
 from syncfw.transport.base import LinkError
 
@@ -84,6 +94,8 @@ class FetchConfig:
             (invariant 3; the seed's uplink carries each chunk about this often).
         seed_hold_s: how long a chunk no peer holds waits for its fetchers before
             anyone may ask a seed for it (at most half of ``stall_s``).
+        busy_s: how long a chunk a source refused as busy is not asked of it again
+            (doubling per refusal of that chunk, at most ``seed_hold_s``).
     """
 
     parallel: int = 4
@@ -95,14 +107,15 @@ class FetchConfig:
     link_failures: int = 3
     seed_fanout: int = 1
     seed_hold_s: float = 5.0
+    busy_s: float = 0.25
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch <= MAX_HASHES_PER_FETCH:
             raise ValueError(f"batch must be in [1, {MAX_HASHES_PER_FETCH}]")
         if self.parallel < 1 or self.per_source < 1 or self.seed_fanout < 1:
             raise ValueError("parallel, per_source and seed_fanout must be >= 1")
-        if self.seed_hold_s < 0:
-            raise ValueError("seed_hold_s must be >= 0")
+        if self.seed_hold_s < 0 or self.busy_s <= 0:
+            raise ValueError("seed_hold_s must be >= 0 and busy_s > 0")
 
 
 @dataclass(slots=True)
@@ -117,6 +130,7 @@ class FetchProgress:
         bytes_in: bytes fetched in this fetch.
         by_peer: bytes fetched from each peer.
         skipped: peers skipped, with why.
+        fallbacks: chunks a source deferred as busy that came from it in the end.
         done: every chunk is held.
     """
 
@@ -129,6 +143,7 @@ class FetchProgress:
     bytes_in: int = 0
     by_peer: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    fallbacks: int = 0
     done: bool = False
 
 
@@ -220,6 +235,9 @@ class _Run:
         """Nodes seen with a partial advert in this fetch: peers, never seeds."""
         self.started = time.monotonic()
         self.unheld_since: dict[int, float] = {}
+        self.deferred: dict[tuple[str, int], float] = {}
+        """(source, chunk) refused as busy: not asked of that source before this time."""
+        self.deferrals: dict[tuple[str, int], int] = {}
 
     def _report(self) -> None:
         self.p.done = not self.missing
@@ -233,7 +251,7 @@ class _Run:
 
     async def go(self) -> FetchProgress:
         self._report()
-        tasks: dict[asyncio.Task[None], tuple[Source, list[int]]] = {}
+        tasks: dict[asyncio.Task[bool], tuple[Source, list[int]]] = {}
         last = time.monotonic()
         try:
             while self.missing:
@@ -261,8 +279,9 @@ class _Run:
                     src, idx = tasks.pop(t)
                     self.busy[src.node_id] -= 1
                     self.asked.difference_update(idx)
-                    t.result()  # StorageFullError ends the fetch; everything else is handled inside
-                    last = time.monotonic()
+                    # StorageFullError ends the fetch; everything else is handled inside
+                    if not t.result():  # a "busy" answer alone is no progress
+                        last = time.monotonic()
         finally:
             for t in tasks:
                 t.cancel()
@@ -322,7 +341,11 @@ class _Run:
         wanted.sort(key=lambda i: (held_by[i], rank[i]))
         for i in wanted:
             ok = [
-                s for s in usable if s.advert.holds(i) and i not in self.denied.get(s.node_id, ())
+                s
+                for s in usable
+                if s.advert.holds(i)
+                and i not in self.denied.get(s.node_id, ())
+                and self.deferred.get((s.node_id, i), 0.0) <= now
             ]
             holders = [s for s in ok if not is_seed(s) and room(s)]
             if not holders and not any(not is_seed(s) for s in ok):
@@ -344,8 +367,10 @@ class _Run:
             batches.setdefault(best.node_id, (best, []))[1].append(i)
         return list(batches.values())
 
-    async def _request(self, src: Source, idx: list[int]) -> None:
+    async def _request(self, src: Source, idx: list[int]) -> bool:
+        """Ask ``src`` for chunks ``idx``; True if it answered "busy" and sent none."""
         m, f = self.m, self.f
+        stored = 0
         want = {m.chunks[i]: i for i in idx}
         left = dict(want)
         buf: dict[bytes, bytearray] = {}
@@ -383,14 +408,28 @@ class _Run:
                     left.pop(piece.digest)
                     data = bytes(buf.pop(piece.digest))
                     await self._store(src, i, data)
+                    stored += 1
         except _Lie as lie:
             self._skip(src, lie.reason, lie.detail)
         except LinkError as exc:
+            if exc.status is Status.RESOURCE_EXHAUSTED:
+                self._defer(src, list(left.values()))
+                return stored == 0
             self._link_failed(src, exc)
         finally:
             closer = getattr(pieces, "aclose", None)  # an async generator's
             if closer is not None:
                 await closer()
+        return False
+
+    def _defer(self, src: Source, idx: list[int]) -> None:
+        """``src`` said busy for ``idx``: not asked of it for a while (doubling)."""
+        now = time.monotonic()
+        cap = max(self.cfg.seed_hold_s, self.cfg.busy_s)
+        for i in idx:
+            key = (src.node_id, i)
+            n = self.deferrals[key] = self.deferrals.get(key, 0) + 1
+            self.deferred[key] = now + min(self.cfg.busy_s * 2 ** (n - 1), cap)
 
     async def _store(self, src: Source, i: int, data: bytes) -> None:
         try:
@@ -407,9 +446,27 @@ class _Run:
         self.p.by_peer[src.node_id] = self.p.by_peer.get(src.node_id, 0) + len(data)
         if self.f.metrics is not None:
             self.f.metrics.moved(src.node_id, "in", len(data))
+        if (src.node_id, i) in self.deferrals:
+            self._fell_back(src, i)
         if self.f.on_chunk is not None:
             await self.f.on_chunk(self.m, i)
         self._report()
+
+    def _fell_back(self, src: Source, i: int) -> None:
+        self.p.fallbacks += 1
+        if self.f.metrics is not None:
+            self.f.metrics.fallbacks.labels(self.f.metrics.node_id, src.node_id).inc()
+        if self.p.fallbacks == 1:
+            log.warning(
+                "%s: chunk %d of %s %s came from %s after it deferred it as busy: no peer "
+                "shared it in time (counted in syncfw_artifact_seed_fallbacks; logged once "
+                "per fetch)",
+                self.f.node_id,
+                i,
+                self.m.name,
+                self.m.version,
+                clip(src.node_id),
+            )
 
     def _denied(self, src: Source, i: int) -> None:
         self.denied.setdefault(src.node_id, set()).add(i)

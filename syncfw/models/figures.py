@@ -5,6 +5,8 @@
 | ``syncfw_artifact_bytes_total`` | ``peer``, ``direction`` (``in``/``out``) | chunk bytes fetched from / served to each peer |
 | ``syncfw_artifact_chunks_total`` | ``peer``, ``direction`` | chunks fetched / served |
 | ``syncfw_artifact_bad_chunks_total`` | ``peer``, ``reason`` | chunks refused: ``bad_hash``, ``malformed``, ``denied``, ``silent``, ``link`` |
+| ``syncfw_artifact_deferred_total`` | ``peer`` | chunks this node refused a caller "busy" (its metered uplink's per-chunk fan-out) |
+| ``syncfw_artifact_seed_fallbacks_total`` | ``peer`` | chunks a seed deferred that came from that seed in the end (no peer shared them in time) |
 | ``syncfw_artifact_fetch_chunks`` | ``artifact``, ``kind`` (``held``/``total``) | a fetch's progress |
 | ``syncfw_model_manifests_refused_total`` | ``reason`` | release manifests refused (see :class:`~syncfw.errors.ManifestError`) |
 """
@@ -46,6 +48,18 @@ class ArtifactMetrics:
             "syncfw_artifact_bad_chunks",
             "Chunks refused from a peer, by reason.",
             (*n, "peer", "reason"),
+            registry=r,
+        )
+        self.deferred = Counter(
+            "syncfw_artifact_deferred",
+            "Chunks refused to a caller as busy (the metered uplink's per-chunk fan-out).",
+            (*n, "peer"),
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "syncfw_artifact_seed_fallbacks",
+            "Chunks a seed deferred that came from it in the end (no peer shared them in time).",
+            (*n, "peer"),
             registry=r,
         )
         self.progress = Gauge(
@@ -97,6 +111,8 @@ class ArtifactMetrics:
             "bytes_out": {k[:-4]: v for k, v in moved.items() if k.endswith("/out")},
             "chunks_in": chunks.get("in", 0),
             "chunks_out": chunks.get("out", 0),
+            "deferred": by("syncfw_artifact_deferred_total", "peer"),
+            "seed_fallbacks": by("syncfw_artifact_seed_fallbacks_total", "peer"),
             "bad_chunks": by("syncfw_artifact_bad_chunks_total", "peer", "reason"),
             "manifests_refused": by("syncfw_model_manifests_refused_total", "reason"),
         }

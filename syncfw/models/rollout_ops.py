@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "ROLLOUT_PREFIX",
     "Rollout",
     "advance",
+    "authority_loop",
     "follow",
     "members_of",
     "plan_value",
@@ -227,6 +228,61 @@ async def advance(node: Node) -> dict[tuple[str, int], Decision]:
         elif d.verdict is Verdict.DONE and not r.done:
             await node.put(f"{key}/done", {"reason": d.reason})
     return out
+
+
+async def authority_loop(
+    node: Node,
+    *,
+    every_s: float = 2.0,
+    on_decisions: Callable[[dict[tuple[str, int], Decision]], None] | None = None,
+    on_error: Callable[[Exception], None] | None = None,
+) -> None:
+    """The authority's loop: :func:`advance` as soon as a node's lifecycle record or a
+    rollout op arrives (a canary's rollback is halted at once, not at the next poll),
+    and every ``every_s`` besides. Runs until cancelled.
+
+    Args:
+        node: the fleet authority.
+        every_s: the poll with no record arriving.
+        on_decisions: called with each pass's decisions.
+        on_error: called with a pass's error (logged and retried either way).
+    """
+    wake = asyncio.Event()
+
+    async def feed() -> None:
+        while True:
+            changes = node.changes()
+            try:
+                async for ch in changes:
+                    if ch.key.startswith(ROLLOUT_PREFIX) or (
+                        ch.key.startswith("fleet/") and "/model/" in ch.key
+                    ):
+                        wake.set()
+            except ChangeFeedLagged:
+                wake.set()
+                continue
+            finally:
+                await changes.aclose()
+            return
+
+    task = asyncio.create_task(feed())
+    try:
+        while True:
+            wake.clear()
+            try:
+                got = await advance(node)
+                if on_decisions is not None:
+                    on_decisions(got)
+            except Exception as exc:  # logged and retried: the node keeps serving
+                log.warning("%s: deciding rollouts failed: %s (retrying)", node.node_id, exc)
+                if on_error is not None:
+                    on_error(exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), every_s)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def step(lc: Lifecycle) -> Record | None:

@@ -52,7 +52,9 @@ class ServiceConfig:
         artifacts: the chunk store and fetch tunables.
         lifecycle: the state machine's tunables (the gate is each rollout's own).
         follow_every_s: how often a node looks at its rollouts with no op arriving.
-        advance_every_s: how often the authority decides its open rollouts (0: never).
+        advance_every_s: how often the authority decides its open rollouts with no
+            record arriving (0: never); a node's lifecycle record or a rollout op
+            arriving decides them at once.
         engine: an :class:`~syncfw.inference.config.EngineConfig` (None: the edge preset).
     """
 
@@ -137,19 +139,20 @@ class ModelService:
         await follow(lc, every_s=self.config.follow_every_s)
 
     async def _advance(self) -> None:
-        from syncfw.models.rollout_ops import advance
+        from syncfw.models.rollout_ops import authority_loop
 
-        while True:
-            try:
-                got = await advance(self.node)
-                self.advanced = {
-                    f"{n}:{v}": f"{d.verdict.value}: {d.reason}" for (n, v), d in got.items()
-                }
-                self.advance_error = ""
-            except Exception as exc:  # logged, in status, retried: the node keeps serving
-                self.advance_error = str(exc)
-                log.warning("%s: deciding rollouts failed: %s (retrying)", self.node.node_id, exc)
-            await asyncio.sleep(self.config.advance_every_s)
+        def decided(got: dict[tuple[str, int], Any]) -> None:
+            self.advanced = {
+                f"{n}:{v}": f"{d.verdict.value}: {d.reason}" for (n, v), d in got.items()
+            }
+            self.advance_error = ""
+
+        def failed(exc: Exception) -> None:
+            self.advance_error = str(exc)
+
+        await authority_loop(
+            self.node, every_s=self.config.advance_every_s, on_decisions=decided, on_error=failed
+        )
 
     def status(self) -> dict[str, Any]:
         """The ``models`` entry of ``node.status()``: each name's record and engine."""

@@ -76,8 +76,11 @@ def wide_model(seed: int, hidden: int) -> bytes:
 
 
 class Yard:
-    def __init__(self, root: Path, rate: float, interval: float = 0.25) -> None:
+    def __init__(
+        self, root: Path, rate: float, interval: float = 0.25, advert_every: int = 4
+    ) -> None:
         self.root, self.rate, self.interval = root, rate, interval
+        self.advert_every = advert_every
         self.net = MemoryNetwork()
         self.nodes: dict[str, Node] = {}
         self.arts: dict[str, Artifacts] = {}
@@ -94,7 +97,9 @@ class Yard:
         mesh = await node.serve(node_id, seeds, config=cfg, network=InMemoryNetwork(self.net))
         self.nodes[node_id] = node
         self.arts[node_id] = Artifacts.attach(
-            node, mesh, config=ArtifactConfig(durable=False, fetch=FETCH, advert_every=1)
+            node,
+            mesh,
+            config=ArtifactConfig(durable=False, fetch=FETCH, advert_every=self.advert_every),
         )
 
     async def meet(self) -> None:
@@ -184,8 +189,9 @@ async def distribute(yard: Yard, data: bytes, version: int, *, p2p: bool) -> tup
             f.sources = src
 
 
-async def halt_rounds(yard: Yard) -> int:
-    """Rounds from a canary's rolled_back record to the halt held by every truck."""
+async def halt_rounds(yard: Yard) -> tuple[int, float]:
+    """Rounds (and seconds) from a canary's rolled_back record to the halt held by every
+    truck."""
     depot = yard.nodes["depot"]
     # every truck reports v2 committed (as after the last rollout): the fleet the
     # authority counts; a stage is held until its nodes report
@@ -209,7 +215,19 @@ async def halt_rounds(yard: Yard) -> int:
     # the authority's own loop (ModelService runs it): decides as soon as a record arrives
     loop = asyncio.create_task(authority_loop(depot, every_s=mesh.config.interval_s))
     try:
-        r0 = mesh.rounds
+        # the rollout runs everywhere before its canary rolls back (a truck runs a
+        # release only once it holds the plan), and the yard's gossip has settled
+        plan_key = rollout_key("inspection", 3)
+
+        async def planned() -> bool:
+            for n in yard.trucks:
+                if await yard.nodes[n].get(plan_key) is None:
+                    return False
+            return True
+
+        await wait_until(planned, what="every truck holds the rollout plan", timeout_s=60)
+        await asyncio.sleep(4 * mesh.config.interval_s)
+        r0, t0 = mesh.rounds, time.perf_counter()
         await yard.nodes[canary].put(
             lifecycle_key(canary, "inspection"),
             Record(
@@ -229,7 +247,7 @@ async def halt_rounds(yard: Yard) -> int:
             return True
 
         await wait_until(everywhere, what="the halt reaches every truck", timeout_s=60)
-        return mesh.rounds - r0
+        return mesh.rounds - r0, time.perf_counter() - t0
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -298,7 +316,8 @@ async def swap_dropped(root: Path) -> tuple[int, int]:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="syncfw-rollout-"))
-    yard = Yard(root, args.rate_mb * 1e6)
+    yard = Yard(root, args.rate_mb * 1e6, advert_every=args.advert_every)
+    t_start = time.perf_counter()
     try:
         t0 = time.perf_counter()
         v1, v2 = wide_model(1, args.hidden), wide_model(2, args.hidden)
@@ -311,6 +330,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.trucks):
             await yard.add(f"t{i:02d}", limited=False)
         await yard.meet()
+        print(f"{len(yard.nodes)} nodes met in {time.perf_counter() - t_start:.1f}s", flush=True)
         p2p_bytes, p2p_s = await distribute(yard, v1, 1, p2p=True)
         print(
             f"p2p:        depot sent {p2p_bytes / 1e6:7.2f} MB, every truck held it in "
@@ -323,14 +343,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             f"{only_s:6.2f}s (floor at the budget: {args.trucks * len(v2) / (args.rate_mb * 1e6):.2f}s)",
             flush=True,
         )
-        rounds = await halt_rounds(yard)
-        print(f"halt: {rounds} gossip rounds from the canary's rollback to every truck", flush=True)
+        rounds, halt_s = await halt_rounds(yard)
+        print(
+            f"halt: {rounds} gossip rounds ({halt_s:.2f}s) from the canary's rollback to "
+            "every truck",
+            flush=True,
+        )
     finally:
         await yard.close()
     dropped, served = await swap_dropped(root)
     print(f"swap: {dropped} calls dropped of {served + dropped} during activation", flush=True)
     shutil.rmtree(root, ignore_errors=True)
     out = {
+        "wall_s": round(time.perf_counter() - t_start, 1),
         "trucks": args.trucks,
         "artifact_bytes": len(v1),
         "depot_rate_bytes_per_s": args.rate_mb * 1e6,
@@ -341,6 +366,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "depot_only_full_s": round(only_s, 3),
         "time_ratio": round(p2p_s / only_s, 4),
         "halt_rounds": rounds,
+        "halt_s": round(halt_s, 3),
+        "round_s": yard.interval,
         "swap_dropped_requests": dropped,
         "swap_served_requests": served,
     }
@@ -355,6 +382,9 @@ if __name__ == "__main__":
     p.add_argument("--trucks", type=int, default=32)
     p.add_argument("--rate-mb", type=float, default=8.0, help="the depot's uplink, MB/s")
     p.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: about 4 MB)")
+    p.add_argument(
+        "--advert-every", type=int, default=4, help="chunks between adverts (the default's)"
+    )
     a = p.parse_args()
     result = asyncio.run(main(a))
     print(json.dumps(result, sort_keys=True))

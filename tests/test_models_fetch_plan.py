@@ -7,11 +7,12 @@ stores; no transfer."""
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 
 from syncfw.models.adverts import Advert, bitmap
 from syncfw.models.chunks import ChunkStore
-from syncfw.models.fetch import FetchConfig, Fetcher, Source, _Run
+from syncfw.models.fetch import FetchConfig, Fetcher, Source, _Run, busy_reason, busy_takers
 from syncfw.models.manifest import MIN_CHUNK_BYTES, build_manifest
 
 N = 24
@@ -79,3 +80,43 @@ def test_a_chunk_held_back_too_long_is_asked_of_the_seed_by_anyone(tmp_path: Pat
     mine = r2._plan(sources, 64)
     # the chunks the rendezvous gives this truck, and none it holds back for the others
     assert len(mine) <= 1
+
+
+def test_a_busy_seed_names_its_takers_and_they_are_asked_before_they_advertise(
+    tmp_path: Path,
+) -> None:
+    r = run_for(tmp_path, "t00", parallel=8, batch=4)
+    sha = r.m.sha256
+    r.f.locate = lambda node: node if node in TRUCKS else None
+    named = busy_takers(
+        "busy: chunk 0a1b just went to 2 peers; take it from them "
+        + busy_reason(["t05", "t03", "not an id", "t00"])
+    )
+    assert named == ["t00", "t03", "t05"]  # sorted; a malformed id is dropped
+    takers = [t for t in named if t != "t00"]  # the fetcher never asks itself
+    # what the fetcher does with a busy answer for chunk 7 (see Fetcher._request)
+    depot = src("depot", None, sha)
+    r._defer(depot, [7])
+    r.refused_busy.add(("depot", 7))
+    r.hints[7] = set(takers)
+    r.fetching.update(takers)
+    plan = r._plan([depot], 8)  # no advert of t03 or t05 has arrived yet
+    to = {s.node_id: idx for s, idx in plan}
+    assert any(7 in to.get(t, []) for t in takers), to  # a taker is asked for chunk 7
+    assert 7 not in to.get("depot", [])  # and the seed is not, while it defers it
+    # every other chunk no peer holds: the seed, one at a time
+    assert len(to.get("depot", [])) <= 1
+
+
+def test_a_deferral_doubles_and_ends(tmp_path: Path) -> None:
+    r = run_for(tmp_path, "t00", busy_s=0.1, seed_hold_s=0.3)
+    depot = src("depot", None, r.m.sha256)
+    waits = []
+    for _ in range(4):
+        r._defer(depot, [2])
+        waits.append(r.deferred[("depot", 2)] - time.monotonic())
+    assert 0.05 < waits[0] <= 0.1 < waits[1] <= 0.2 < waits[2] <= 0.3
+    assert waits[3] <= 0.3  # at most seed_hold_s
+    r.deferred[("depot", 2)] = time.monotonic() - 1  # over: the seed is asked again
+    plan = r._plan([depot], 4)
+    assert 2 in [i for _, idx in plan for i in idx] or len(plan) == 1

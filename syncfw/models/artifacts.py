@@ -38,7 +38,14 @@ from syncfw.errors import (
 from syncfw.mesh import MemberState, Mesh
 from syncfw.models.adverts import advert_key, advert_value, parse_adverts
 from syncfw.models.chunks import ChunkStore
-from syncfw.models.fetch import FetchConfig, Fetcher, FetchProgress, ProgressHook, Source
+from syncfw.models.fetch import (
+    FetchConfig,
+    Fetcher,
+    FetchProgress,
+    ProgressHook,
+    Source,
+    busy_reason,
+)
 from syncfw.models.figures import ArtifactMetrics
 from syncfw.models.manifest import (
     DEFAULT_CHUNK_BYTES,
@@ -147,6 +154,7 @@ class Artifacts:
             self.fetcher = Fetcher(
                 store,
                 net,
+                locate=self._locate,
                 node_id=node.node_id,
                 sources=self._sources,
                 config=config.fetch,
@@ -422,6 +430,15 @@ class Artifacts:
             await self._advertise(manifest)
         self._since_advert[manifest.sha256] = n
 
+    def _locate(self, node_id: str) -> str | None:
+        """Where to dial ``node_id`` (a live member), or None."""
+        if self.mesh is None:
+            return None
+        for m in self.mesh.membership.members.values():
+            if m.node_id == node_id and m.state is not MemberState.DEAD:
+                return m.address
+        return None
+
     async def _sources(self, manifest: ReleaseManifest) -> list[Source]:
         mesh = self.mesh
         if mesh is None:
@@ -455,6 +472,8 @@ class Artifacts:
                     "%s: not serving chunk %s: %s", self.node.node_id, digest.hex()[:12], exc
                 )
                 data = None
+            if data is None and await self._landed(digest):
+                data = await asyncio.to_thread(self.store.get, digest)
             if data is None:
                 yield ChunkPiece(digest, missing=True)
                 continue
@@ -464,7 +483,7 @@ class Artifacts:
                     Status.RESOURCE_EXHAUSTED,
                     f"busy: chunk {digest.hex()[:12]} just went to {limit} peers on this "
                     f"metered uplink; take it from them (served again after "
-                    f"{self.config.serve_hold_s}s)",
+                    f"{self.config.serve_hold_s}s) {busy_reason(self._served[digest])}",
                 )
             takers = self._served.setdefault(digest, {}) if limit else {}
             takers[caller] = math.inf
@@ -483,6 +502,18 @@ class Artifacts:
             finally:
                 if not sent and takers.get(caller) == math.inf:
                     del takers[caller]  # it never left: it does not count
+
+    async def _landed(self, digest: bytes) -> bool:
+        """True if ``digest``, not held, was on its way here (this node's own fetch) and
+        has landed within half a piece timeout: a peer the depot named as its taker is
+        asked before the chunk arrives."""
+        fetcher = self.fetcher
+        ev = fetcher.inflight.get(digest) if fetcher is not None else None
+        if ev is None:
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ev.wait(), self.config.fetch.piece_timeout_s / 2)
+        return self.store.has(digest)
 
     def _may_serve(self, digest: bytes, caller: str, limit: int) -> bool:
         """True if ``caller`` may have ``digest`` now (the per-chunk fan-out, above)."""

@@ -30,7 +30,11 @@ Invariants:
    them, or from the seed once it serves them again. A chunk deferred that way and
    taken from the seed in the end is a *fallback*: counted in
    ``syncfw_artifact_seed_fallbacks{peer}``, in the progress, and logged once per
-   fetch (WARNING).
+   fetch (WARNING). A busy answer names the chunk's takers (:func:`busy_reason`):
+   they are asked for it at once, as peers, before their adverts arrive; a taker
+   asked for a chunk still on its way waits for it to land (``Fetcher.inflight``),
+   and one that says "missing" for a chunk it never advertised is deferred, not
+   skipped (it was named by the seed, it claimed nothing).
 4. A full disk ends the fetch at once (:class:`StorageFullError`): what was
    stored stays stored. No holder for the remaining chunks for ``stall_s`` is
    a :class:`FetchError` naming how many are missing; both leave the fetch
@@ -45,10 +49,11 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from syncfw.errors import ChunkError, FetchError, StorageFullError
+from syncfw.log import NODE_ID_RE
 from syncfw.models.adverts import Advert
 from syncfw.models.chunks import ChunkStore
 from syncfw.models.figures import ArtifactMetrics
@@ -58,9 +63,25 @@ from syncfw.sync.frames import Status
 from syncfw.transport.artifacts import MAX_HASHES_PER_FETCH, ArtifactNetwork
 from syncfw.transport.base import LinkError
 
-__all__ = ["FetchConfig", "FetchProgress", "Fetcher", "Source"]
+__all__ = ["FetchConfig", "FetchProgress", "Fetcher", "Source", "busy_reason", "busy_takers"]
 
 log = logging.getLogger("syncfw.models")
+
+_TAKERS = "takers: "
+_MAX_TAKERS = 16
+
+
+def busy_reason(takers: Iterable[str]) -> str:
+    """The tail of a "busy" refusal that names the chunk's recent takers."""
+    return _TAKERS + ",".join(sorted(takers)[:_MAX_TAKERS])
+
+
+def busy_takers(reason: str) -> list[str]:
+    """The takers a "busy" refusal names (:func:`busy_reason`); malformed ids are dropped."""
+    _, found, tail = reason.rpartition(_TAKERS)
+    if not found:
+        return []
+    return [n for n in tail.strip().split(",")[:_MAX_TAKERS] if NODE_ID_RE.fullmatch(n)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,6 +192,11 @@ class Fetcher:
         metrics: the node's artifact figures.
         on_chunk: awaited after each chunk is stored (the node's advert).
         seed: seeds this node's chunk order.
+        locate: where to dial a node (the takers a busy seed names), or None.
+
+    Attributes:
+        inflight: the chunks being fetched now, each with an event set when its
+            request ends (stored or not): the serving side waits on it.
     """
 
     def __init__(
@@ -184,6 +210,7 @@ class Fetcher:
         metrics: ArtifactMetrics | None = None,
         on_chunk: ChunkHook | None = None,
         seed: int | None = None,
+        locate: Callable[[str], str | None] | None = None,
     ) -> None:
         self.store = store
         self.network = network
@@ -193,6 +220,8 @@ class Fetcher:
         self.metrics = metrics
         self.on_chunk = on_chunk
         self._rng = random.Random(seed if seed is not None else node_id)
+        self.locate = locate
+        self.inflight: dict[bytes, asyncio.Event] = {}
 
     async def fetch(
         self, manifest: ReleaseManifest, progress: ProgressHook | None = None
@@ -238,6 +267,10 @@ class _Run:
         self.deferred: dict[tuple[str, int], float] = {}
         """(source, chunk) refused as busy: not asked of that source before this time."""
         self.deferrals: dict[tuple[str, int], int] = {}
+        self.refused_busy: set[tuple[str, int]] = set()
+        self.hints: dict[int, set[str]] = {}
+        """Per chunk, the takers a busy seed named (asked as peers before they advertise)."""
+        self.hinted: dict[str, Source] = {}
 
     def _report(self) -> None:
         self.p.done = not self.missing
@@ -328,10 +361,19 @@ class _Run:
                 and len(batches.get(s.node_id, (s, []))[1]) < size
             )
 
+        by_id = {s.node_id: s for s in usable}
+        for node in {n for ns in self.hints.values() for n in ns} - by_id.keys():
+            hinted = self._hinted(node)
+            if hinted is not None and self.backoff.get(node, 0.0) <= now:
+                usable.append(hinted)
+
+        def claims(s: Source, i: int) -> bool:
+            return s.advert.holds(i) or s.node_id in self.hints.get(i, ())
+
         rank = {i: r for r, i in enumerate(self.order)}
         peers = [s for s in usable if not is_seed(s)]
         wanted = [i for i in self.order if i in self.missing and i not in self.asked]
-        held_by = {i: sum(1 for s in peers if s.advert.holds(i)) for i in wanted}
+        held_by = {i: sum(1 for s in peers if claims(s, i)) for i in wanted}
         for i in wanted:
             if held_by[i]:
                 self.unheld_since.pop(i, None)
@@ -343,7 +385,7 @@ class _Run:
             ok = [
                 s
                 for s in usable
-                if s.advert.holds(i)
+                if claims(s, i)
                 and i not in self.denied.get(s.node_id, ())
                 and self.deferred.get((s.node_id, i), 0.0) <= now
             ]
@@ -367,6 +409,20 @@ class _Run:
             batches.setdefault(best.node_id, (best, []))[1].append(i)
         return list(batches.values())
 
+    def _hinted(self, node: str) -> Source | None:
+        """A source for a taker a busy seed named, claiming nothing (the hints do)."""
+        if node == self.f.node_id or node in self.p.skipped:
+            return None
+        got = self.hinted.get(node)
+        if got is None and self.f.locate is not None:
+            address = self.f.locate(node)
+            if address:
+                n = len(self.m.chunks)
+                got = self.hinted[node] = Source(
+                    node, address, Advert(node, self.m.sha256, n, bytes((n + 7) // 8))
+                )
+        return got
+
     async def _request(self, src: Source, idx: list[int]) -> bool:
         """Ask ``src`` for chunks ``idx``; True if it answered "busy" and sent none."""
         m, f = self.m, self.f
@@ -381,6 +437,10 @@ class _Run:
             node_id=f.node_id,
             timeout_s=max(self.cfg.piece_timeout_s * len(idx), 30.0),
         )
+        mine: dict[bytes, asyncio.Event] = {}  # what this node's server may wait for
+        for digest in want:
+            if digest not in f.inflight:
+                mine[digest] = f.inflight[digest] = asyncio.Event()
         try:
             while left:
                 try:
@@ -396,7 +456,10 @@ class _Run:
                     raise _Lie("malformed", "sent a chunk that was not asked for")
                 if piece.missing:
                     left.pop(piece.digest)
-                    self._denied(src, i)
+                    if src.advert.holds(i):
+                        self._denied(src, i)
+                    else:  # a taker the seed named, the chunk not landed there yet
+                        self._defer(src, [i])
                     continue
                 b = buf.setdefault(piece.digest, bytearray())
                 if piece.offset != len(b):
@@ -414,9 +477,19 @@ class _Run:
         except LinkError as exc:
             if exc.status is Status.RESOURCE_EXHAUSTED:
                 self._defer(src, list(left.values()))
+                self.refused_busy.update((src.node_id, i) for i in left.values())
+                takers = [n for n in busy_takers(exc.reason) if n != f.node_id]
+                if takers:
+                    self.fetching.update(takers)  # peers, not seeds
+                    for i in left.values():
+                        self.hints.setdefault(i, set()).update(takers)
                 return stored == 0
             self._link_failed(src, exc)
         finally:
+            for digest, ev in mine.items():
+                if f.inflight.get(digest) is ev:
+                    del f.inflight[digest]
+                ev.set()
             closer = getattr(pieces, "aclose", None)  # an async generator's
             if closer is not None:
                 await closer()
@@ -446,7 +519,10 @@ class _Run:
         self.p.by_peer[src.node_id] = self.p.by_peer.get(src.node_id, 0) + len(data)
         if self.f.metrics is not None:
             self.f.metrics.moved(src.node_id, "in", len(data))
-        if (src.node_id, i) in self.deferrals:
+        ev = self.f.inflight.pop(self.m.chunks[i], None)
+        if ev is not None:  # this node's server, asked for it early, sends it now
+            ev.set()
+        if (src.node_id, i) in self.refused_busy:
             self._fell_back(src, i)
         if self.f.on_chunk is not None:
             await self.f.on_chunk(self.m, i)

@@ -9,12 +9,16 @@ loopback addresses (127.0.0.2 and up, as other hosts would):
 - ``slowloris``: streams that open and send nothing, reopened as they end;
 - ``flood``: a sender that ignores HTTP/2 flow control and streams DATA as
   fast as the socket takes it;
-- ``bad_batches``: well-formed Ops frames of many chained ops whose last op
-  breaks the chain, sent again and again (each is refused).
+- ``bad_batches``: well-formed Ops frames of as many chained ops as the node
+  takes in one batch (``BatchLimits.max_ops``) whose last op breaks the chain,
+  sent again and again (each is refused).
 
 Prints one line per phase, then one JSON object (the last line): the
 honest peer's ok ratio under the worst attack over its quiet rate, p99
-latencies, the node's RSS growth, and the CPU spent per rejected frame.
+latencies, the node's RSS growth, and the CPU spent per rejected frame
+(measured over a window in which the bad-batch attack runs alone, as the
+node's CPU beyond its idle rate, so the honest exchanges' CPU need not be
+estimated and subtracted).
 ``--quick`` runs short phases with small batches (the smoke test).
 
 The raw HTTP/2 attacker (:class:`RawPeer`) is importable: the hostile-serving
@@ -46,7 +50,7 @@ import h2.settings
 from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
 
-from syncfw.codec import encode_batch
+from syncfw.codec import DEFAULT_LIMITS, encode_batch
 from syncfw.exchange import run_exchange
 from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Ops, Summary
@@ -391,14 +395,27 @@ async def attack_main(name: str, port: int, source: str, batch_ops: int) -> None
         await slowloris(port, source, 16)
     elif name == "flood":
         await flood(port, source, {})
+    elif name == "flood_rig":  # the same flood into a sink of this process: the rig's cost
+        sink = await asyncio.start_server(_discard, "127.0.0.1", 0)
+        async with sink:
+            await flood(sink.sockets[0].getsockname()[1], source, {})
     elif name == "bad_batches":
         await bad_batches(port, source, broken_chain_batch(batch_ops), {})
     else:
         raise SystemExit(f"unknown attack {name!r}")
 
 
+async def _discard(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError, OSError):
+        while await reader.read(1 << 20):
+            pass
+    writer.close()
+
+
 ATTACKS = {"zero_window": "127.0.0.2", "slowloris": "127.0.0.3", "flood": "127.0.0.4",
            "bad_batches": "127.0.0.5"}
+RIGS = {"flood_rig": "127.0.0.6"}
+"""Not attacks on the node: what an attacker process costs this machine by itself."""
 
 
 def _refused_by_chain(node: Node) -> int:
@@ -455,10 +472,10 @@ class Honest:
         await self.proc.wait()
 
 
-async def main(quick: bool) -> dict[str, float]:
+async def main(quick: bool) -> dict[str, Any]:
     logging.basicConfig(level=logging.ERROR)
-    phase_s = 2.0 if quick else 8.0
-    batch_ops = 5_000 if quick else 50_000
+    phase_s = 2.0 if quick else 7.0
+    batch_ops = 2_000 if quick else DEFAULT_LIMITS.max_ops  # the largest batch the node takes
     tmp = Path(tempfile.mkdtemp(prefix="syncfw-hostile-"))
     server_node = await Node.open(tmp / "a.db", node_id="a", fleet=FLEET)
     budget = cpu_budget_of(server_node.metrics)  # the one the server and its runners share
@@ -472,14 +489,18 @@ async def main(quick: bool) -> dict[str, float]:
     server = await GrpcServer.start("127.0.0.1:0", handler, config=cfg, metrics=server_node.metrics)
     honest = await Honest.start(server.port, tmp / "b.db")
     await honest.run(phase_s / 4)  # warm-up: channels, caches
+    alone_s = phase_s / 2
+    cpu0 = time.process_time()
+    await asyncio.sleep(alone_s)  # the node serving no one: its timers' CPU
+    idle_cpu_per_s = (time.process_time() - cpu0) / alone_s
     rss0 = rss_mb()
     results: dict[str, dict[str, float]] = {}
-    for name in ["quiet", *ATTACKS]:
+    for name in ["quiet", *ATTACKS, *RIGS]:
         proc = None
         if name != "quiet":
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, __file__, "--attack", name, "--port", str(server.port),
-                "--source", ATTACKS[name], "--batch-ops", str(batch_ops),
+                "--source", {**ATTACKS, **RIGS}[name], "--batch-ops", str(batch_ops),
             )
             await asyncio.sleep(0.5 if quick else 1.5)  # let it take hold (and build its batch)
         refused0 = _refused_by_chain(server_node)
@@ -488,6 +509,14 @@ async def main(quick: bool) -> dict[str, float]:
         cpu0, wall0 = time.process_time(), time.monotonic()
         ok, tried, lat = await honest.run(phase_s)
         cpu, wall = time.process_time() - cpu0, time.monotonic() - wall0
+        alone: dict[str, float] = {}
+        if name == "bad_batches":  # the attack alone: all the node's CPU beyond idle is its
+            refused1, cpu1 = _refused_by_chain(server_node) + _cpu_refusals(server_node), time.process_time()
+            await asyncio.sleep(alone_s)
+            alone = {
+                "alone_extra_cpu_s": time.process_time() - cpu1 - idle_cpu_per_s * alone_s,
+                "alone_rejected": _refused_by_chain(server_node) + _cpu_refusals(server_node) - refused1,
+            }
         if proc is not None:
             if proc.returncode is None:
                 proc.kill()
@@ -505,20 +534,33 @@ async def main(quick: bool) -> dict[str, float]:
             "refused_cpu_budget": _cpu_refusals(server_node) - unread0,
             "decode_cpu_s": budget.charged_s - charged0,
             "rss_growth_mb": rss_mb() - rss0,
+            **alone,
         }
         print(name, json.dumps({k: round(v, 3) for k, v in results[name].items()}), flush=True)
     quiet, bad = results["quiet"], results["bad_batches"]
-    attacked = [r for n, r in results.items() if n != "quiet"]
+    attacked = [r for n, r in results.items() if n in ATTACKS]
     # the node's CPU beyond what serving the honest peer alone costs (the honest
     # peer runs in a process of its own, so the node's process is not saturated)
     extra_cpu = bad["cpu_s"] - quiet["cpu_s"] / quiet["wall_s"] * bad["wall_s"]
-    figures = {
+    figures: dict[str, Any] = {
         "honest_ok_ratio_min": min(r["ok_per_s"] for r in attacked) / max(quiet["ok_per_s"], 1e-9),
+        "worst_attack": min((n for n in ATTACKS), key=lambda n: results[n]["ok_per_s"]),
+        # the flood's sender running into a sink instead of the node: how much of the
+        # honest peer's loss under the flood is this machine's CPU, not the node's
+        "honest_ok_ratio_flood_rig": results["flood_rig"]["ok_per_s"] / max(quiet["ok_per_s"], 1e-9),
+        "honest_ok_ratio_flood_vs_rig": results["flood"]["ok_per_s"]
+        / max(results["flood_rig"]["ok_per_s"], 1e-9),
+        "node_cpu_per_s_flood": results["flood"]["cpu_s"] / results["flood"]["wall_s"],
+        "node_cpu_per_s_quiet": quiet["cpu_s"] / quiet["wall_s"],
         "honest_p99_ms_worst": max(r["p99_ms"] for r in attacked),
         "honest_p99_ms_quiet": quiet["p99_ms"],
         "rss_growth_mb_max": max(0.0, *(r["rss_growth_mb"] for r in results.values())),
-        "cpu_ms_per_rejected_frame": max(0.0, extra_cpu) * 1000 / max(1.0, bad["rejected"]),
-        "rejected_frames": bad["rejected"],
+        # measured while the attack runs alone (no honest exchanges whose CPU would
+        # have to be subtracted): the node's CPU beyond idle, per frame it refused
+        "cpu_ms_per_rejected_frame": max(0.0, bad["alone_extra_cpu_s"]) * 1000
+        / max(1.0, bad["alone_rejected"]),
+        "rejected_frames": bad["alone_rejected"],
+        "idle_cpu_ms_per_s": idle_cpu_per_s * 1000,
         # what decoding one bad batch costs when it is decoded (not refused for the budget)
         "decode_ms_per_decoded_bad_frame": bad["decode_cpu_s"] * 1000 / max(1.0, bad["decoded_bad"]),
         "attacker_cpu_share": max(0.0, extra_cpu) / bad["wall_s"],
@@ -527,16 +569,16 @@ async def main(quick: bool) -> dict[str, float]:
     await honest.aclose()
     await server.aclose(grace_s=0)
     await server_node.close()
-    return {k: round(v, 3) for k, v in figures.items()}
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in figures.items()}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short phases, small batches (smoke test)")
-    ap.add_argument("--attack", choices=sorted(ATTACKS), help="run one attack until killed")
+    ap.add_argument("--attack", choices=sorted({**ATTACKS, **RIGS}), help="run one attack until killed")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--source", default="127.0.0.2")
-    ap.add_argument("--batch-ops", type=int, default=50_000)
+    ap.add_argument("--batch-ops", type=int, default=DEFAULT_LIMITS.max_ops)
     ap.add_argument("--honest", action="store_true", help="be the honest peer (reads seconds on stdin)")
     ap.add_argument("--db", type=Path)
     args = ap.parse_args()

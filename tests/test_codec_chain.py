@@ -12,7 +12,8 @@ import msgpack
 import pytest
 import zstandard
 
-from syncfw.codec import decode_batch, encode_batch
+import syncfw.codec
+from syncfw.codec import DEFAULT_LIMITS, decode_batch, encode_batch
 from syncfw.errors import ChainError, DecodeError
 from syncfw.testing.ops import OpWriter, chain
 
@@ -68,11 +69,12 @@ def test_a_batch_broken_at_its_last_op_is_refused_for_a_fraction_of_a_good_decod
     # same run against decoding the good batch of the same size, and against
     # msgpack's own unpacking of the payload (the floor any check must pay).
     w = OpWriter("evil")
-    ops = [w.write(f"fleet/evil/k{i}", i) for i in range(20_000)]
+    n = DEFAULT_LIMITS.max_ops
+    ops = [w.write(f"fleet/evil/k{i}", i) for i in range(n)]
     forged = [*ops[:-1], dataclasses.replace(ops[-1], prev=b"\x66" * 32)]
     good = encode_batch(ops, zstd=True, elide_prev=True)
     bad = encode_batch(forged, zstd=True, elide_prev=True)
-    with pytest.raises(ChainError, match="'evil', 20000"):
+    with pytest.raises(ChainError, match=f"'evil', {n}"):
         decode_batch(bad)
     assert decode_batch(good) == ops
     payload = zstandard.ZstdDecompressor().decompress(bad[2:])
@@ -84,10 +86,16 @@ def test_a_batch_broken_at_its_last_op_is_refused_for_a_fraction_of_a_good_decod
     assert bad_ms < 0.3 * good_ms, (bad_ms, good_ms, floor_ms)
 
 
-def test_runs_are_checked_across_slices_and_origins() -> None:
+@pytest.mark.parametrize("whole", [True, False], ids=["one_unpack", "op_by_op"])
+def test_runs_are_checked_across_slices_and_origins(
+    whole: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # runs that cross the decoder's slice boundary, interleaved origins, and a
-    # gap or a misplaced prev just after a boundary are found wherever they are
-    a, b = chain("a", 5000), chain("b", 4000)
+    # gap or a misplaced prev just after a boundary are found wherever they are,
+    # whether the payload is unpacked in one call or op by op (a large one)
+    if not whole:
+        monkeypatch.setattr(syncfw.codec, "_WHOLE_BYTES", 0)
+    a, b = chain("a", 5000), chain("b", 3000)
     mixed = [*a[:3000], *b, *a[3000:]]
     assert decode_batch(encode_batch(mixed, elide_prev=True)) == mixed
     assert decode_batch(encode_batch(mixed)) == mixed

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from conftest import raw_exchange
 
 import syncfw.codec
 from syncfw.clock import wall_ms
-from syncfw.codec import decode_batch, encode_batch
+from syncfw.codec import DEFAULT_LIMITS, decode_batch, encode_batch
 from syncfw.errors import ChainError, DecodeError
 from syncfw.exchange import ExchangeOutcome, SessionPair, run_exchange
 from syncfw.exchange.runner import cpu_budget
@@ -66,7 +67,7 @@ def _end(effects: list[Any]) -> End:
     return effects[-1]
 
 
-def _bad_chain(n: int = 50_000) -> list[Op]:
+def _bad_chain(n: int = DEFAULT_LIMITS.max_ops) -> list[Op]:
     """``n`` chained ops of one origin whose last op breaks the chain."""
     w = OpWriter("evil")
     ops = [w.write(f"k{i}", i) for i in range(n)]
@@ -172,16 +173,29 @@ def test_a_batch_with_a_huge_key_ends_the_exchange_and_applies_nothing() -> None
 # -- CPU per batch ---------------------------------------------------------------------
 
 
-def test_a_chain_broken_at_the_end_of_50k_ops_is_refused_before_any_hash_or_op(
+def test_a_chain_broken_at_the_end_of_the_largest_batch_is_refused_before_any_hash_or_op(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = encode_batch(_bad_chain(), zstd=True, elide_prev=True)
     hashed: list[Op] = []
     real = syncfw.codec.op_hash
     monkeypatch.setattr(syncfw.codec, "op_hash", lambda op: hashed.append(op) or real(op))
-    with pytest.raises(ChainError, match=r"'evil', 50000"):
+    with pytest.raises(ChainError, match=rf"'evil', {DEFAULT_LIMITS.max_ops}"):
         decode_batch(data)
     assert hashed == []  # the explicit prev was found from the tuple headers alone
+
+
+def test_a_batch_of_more_ops_than_the_cap_is_refused_from_its_header() -> None:
+    data = encode_batch(
+        _bad_chain(DEFAULT_LIMITS.max_ops + 1),
+        zstd=True,
+        elide_prev=True,
+        limits=dataclasses.replace(DEFAULT_LIMITS, max_ops=DEFAULT_LIMITS.max_ops + 1),
+    )
+    t0 = time.thread_time()
+    with pytest.raises(DecodeError, match=f"exceed the batch cap of {DEFAULT_LIMITS.max_ops}"):
+        decode_batch(data)
+    assert time.thread_time() - t0 < 0.05  # one inflate, no op unpacked
 
 
 def test_a_gap_in_a_batch_is_refused_from_the_headers() -> None:
@@ -374,7 +388,7 @@ async def test_a_real_node_refuses_hostile_hellos_and_batches_and_keeps_serving(
                 encode_frame(Ops(encode_batch(_bad_chain(), zstd=True, elide_prev=True))),
             ],
             grpc.StatusCode.DATA_LOSS,
-            "'evil', 50000",
+            f"'evil', {DEFAULT_LIMITS.max_ops}",
         ),
     ]
     with caplog.at_level(logging.DEBUG, logger="syncfw"):

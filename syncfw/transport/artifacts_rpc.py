@@ -170,9 +170,13 @@ async def grpc_fetch(
     except grpc.aio.AioRpcError as exc:
         if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
             raise LinkError(Status.FAILED_PRECONDITION, f"{address} serves no artifacts") from None
-        raise LinkError(
-            _status_of(exc.code()), f"{address}: {clip(exc.details() or exc.code().name)}"
-        ) from None
+        detail = exc.details() or exc.code().name
+        if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            # a busy refusal names who took the chunk: kept whole (bounded, printable)
+            shown = "".join(c if c.isprintable() else "?" for c in clip_text(detail, 1000))
+        else:
+            shown = clip(detail)
+        raise LinkError(_status_of(exc.code()), f"{address}: {shown}") from None
     except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
         raise LinkError(Status.ABORTED, f"{address}: fetch failed: {exc!r}") from None
     finally:

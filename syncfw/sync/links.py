@@ -7,7 +7,11 @@ Invariants:
 2. Batch sizes adapt per link (:class:`BatchSizer`): the first batch is small;
    the size doubles while acks come back within ``fast_s`` of the one before,
    halves when one takes longer than ``slow_s`` and drops to the floor on a
-   timeout. What a link learned is kept for its next exchange.
+   timeout. Between the two, the size is probed upwards while a doubled batch
+   moves bytes markedly faster than the one before it (a cost per batch, not
+   the link's rate, bounds it: a loaded receiver, a round trip), so a link
+   shrunk to the floor by a cut grows again under load. What a link learned
+   is kept for its next exchange.
 3. Clock offsets are NTP-style intervals (:class:`ClockEstimate`): an
    initiator's Hello round trip bounds a peer's offset on both sides, a
    responder's one-way Hello from below only. :class:`ClockFilter` intersects
@@ -105,6 +109,9 @@ class ClockFilter:
         return best
 
 
+_SETTLE_ACKS = 16  # acks a link's size stays put after a doubling that did not pay
+
+
 @dataclass(slots=True)
 class BatchSizer:
     """The adaptive batch size of one link (invariant 2).
@@ -124,10 +131,15 @@ class BatchSizer:
     fast_s: float = 0.5
     slow_s: float = 2.0
     rate_bps: float | None = None
+    probe: tuple[int, float] | None = None
+    """A doubling under test: the batch size and delivery rate before it."""
+    settled: int = 0
+    """Middle-band acks left before the size is probed upwards again."""
 
     def acked(self, nbytes: int, service_s: float | None) -> None:
         """A batch of ``nbytes`` was acknowledged ``service_s`` after the previous ack
         (or its own send); None: no clock, count it as fast."""
+        rate = None
         if service_s is not None and service_s > 0:
             rate = nbytes / service_s
             self.rate_bps = rate if self.rate_bps is None else 0.7 * self.rate_bps + 0.3 * rate
@@ -135,18 +147,51 @@ class BatchSizer:
             self.size = min(self.cap, self.size * 2)
         elif service_s > self.slow_s:
             self.size = max(self.floor, self.size // 2)
+            self.probe = None
+        elif rate is not None:
+            self._probe_up(nbytes, rate)
+
+    def _probe_up(self, nbytes: int, rate: float) -> None:
+        """An ack between ``fast_s`` and ``slow_s``: try a larger batch, keep it if it pays.
+
+        A cost per batch (a loaded receiver's commit, a round trip) makes every
+        ack slow, whatever the size, and the doubling rule alone would then keep
+        the size where a cut or a timeout left it. A doubled batch that moves
+        bytes at least 1.25x as fast as the one before shows that cost, and the
+        size goes on doubling; one that does not shows the link's own rate, and
+        the size goes back and stays for ``_SETTLE_ACKS`` acks.
+        """
+        probe = self.probe
+        if probe is not None:
+            if nbytes * 2 < probe[0] * 3:
+                return  # an ack of a batch sent before the doubling
+            self.probe = None
+            if rate >= 1.25 * probe[1] and self.size < self.cap:
+                self.probe = (nbytes, rate)
+                self.size = min(self.cap, self.size * 2)
+            elif rate < 1.25 * probe[1]:
+                self.size = max(self.floor, self.size // 2)
+                self.settled = _SETTLE_ACKS
+            return
+        if self.settled > 0:
+            self.settled -= 1
+        elif self.size < self.cap:
+            self.probe = (nbytes, rate)
+            self.size = min(self.cap, self.size * 2)
 
     def timed_out(self) -> None:
         """No ack came in time: start again from the floor."""
         self.size = self.floor
+        self.probe = None
 
     def target(self, cap: int) -> int:
         """The next batch's size, within ``cap``, and never more than the link carries in
-        about ``2 * fast_s`` at its measured rate (so no one batch outlasts a peer's idle
-        deadline on a thin link, however fast its acks came before)."""
+        about ``slow_s`` at its measured rate (so no one batch outlasts a peer's idle
+        deadline on a thin link, however fast its acks came before; an ack slower
+        than ``slow_s`` halves the size anyway)."""
         size = min(self.size, cap, self.cap)
         if self.rate_bps is not None:
-            size = min(size, max(self.floor, int(self.rate_bps * 2 * self.fast_s)))
+            size = min(size, max(self.floor, int(self.rate_bps * self.slow_s)))
         return max(64, size)
 
 

@@ -1,0 +1,92 @@
+"""Liveness after a cut: what a cut leaves behind must not slow the mesh for good.
+
+A cut times exchanges out, and each timeout drops the link's batch size to
+the floor. Under load every ack then comes slowly whatever the batch's size
+(a receiver's commit, a round trip): the sizer must grow again, or the
+burst's sender crawls at a floor-sized batch per ack for as long as the load
+lasts (the five-process test's heal once took over 90 s this way).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from syncfw.mesh.config import GossipBounds
+from syncfw.mesh.guard import GossipGuard
+from syncfw.mesh.membership import Membership
+from syncfw.metrics import NodeMetrics
+from syncfw.sync.links import BatchSizer
+
+CAP = 768 * 1024
+
+
+def _run(sizer: BatchSizer, per_batch_s: float, rate_bps: float, acks: int) -> list[int]:
+    """Batches sized by ``sizer`` over a link that costs ``per_batch_s`` plus the bytes
+    at ``rate_bps``; returns the sizes sent."""
+    sizes = []
+    for _ in range(acks):
+        size = sizer.target(CAP)
+        sizer.acked(size, per_batch_s + size / rate_bps)
+        sizes.append(size)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    ("per_batch_s", "grown"), [(0.6, 256 * 1024), (0.8, 256 * 1024), (1.5, 32 * 1024)]
+)
+def test_a_link_shrunk_by_a_cut_grows_again_when_a_cost_per_batch_slows_every_ack(
+    per_batch_s: float, grown: int
+) -> None:
+    s = BatchSizer(size=8192, floor=2048, cap=CAP)
+    s.timed_out()  # the cut
+    sizes = _run(s, per_batch_s, rate_bps=10e6, acks=40)
+    # a floor-sized batch per ack would move 2 KiB per ack for as long as the load lasts
+    # (slower growth past 1 s per batch: a batch is held to slow_s at the measured rate)
+    assert sizes[0] == 2048
+    assert max(sizes[-10:]) >= grown, sizes
+    assert min(sizes[-10:]) >= grown // 4, sizes
+
+
+@pytest.mark.parametrize(("per_batch_s", "rate_bps"), [(0.05, 8e3), (0.2, 48e3), (0.0, 8e3)])
+def test_on_a_thin_link_no_batch_outlasts_a_couple_of_seconds(
+    per_batch_s: float, rate_bps: float
+) -> None:
+    s = BatchSizer(size=8192, floor=2048, cap=CAP)
+    sizes = _run(s, per_batch_s, rate_bps, acks=80)
+    slowest = max(per_batch_s + n / rate_bps for n in sizes[5:])
+    assert slowest <= 2.5, (slowest, sizes)
+    # and it still fills the link: the last batches take at least a third of a second
+    assert min(per_batch_s + n / rate_bps for n in sizes[-20:]) >= 0.3, sizes
+
+
+def test_a_doubling_that_does_not_pay_goes_back_and_settles() -> None:
+    s = BatchSizer(size=16384, floor=2048, cap=CAP)
+    s.acked(16384, 1.0)  # middle band: probe upwards
+    assert s.size == 32768 and s.probe is not None
+    s.acked(16384, 1.0)  # an ack of a batch sent before the doubling: no verdict
+    assert s.size == 32768
+    s.acked(32768, 1.9)  # twice the bytes in about twice the time: the link's rate
+    assert s.size == 16384 and s.probe is None and s.settled > 0
+    for _ in range(s.settled):
+        s.acked(16384, 1.0)
+        assert s.size == 16384
+    s.acked(16384, 1.0)  # settled long enough: probe again
+    assert s.size == 32768
+
+
+def test_a_round_pays_new_dials_only_for_peers_it_dials() -> None:
+    """A member already in an exchange is skipped by the round: no token, no count."""
+    mb = Membership("me", "me:1", bounds=GossipBounds(require_port=False))
+    from syncfw.sync.frames import PeerInfo
+
+    mb.learn([PeerInfo("a", "a:1", 1), PeerInfo("b", "b:1", 1)], 0.0)
+    metrics = NodeMetrics("me")
+    guard = GossipGuard("me", GossipBounds(require_port=False), metrics)
+    busy = {"a:1", "b:1"}
+    before = guard.dials.available()
+    choice = guard.choose(mb, 3, random.Random(1), 1.0, skip=busy)
+    assert choice.chosen == [] and choice.new == 0
+    assert guard.dials.available() >= before - 1e-6
+    assert metrics.value("syncfw_gossip_dials_total", outcome="new") == 0

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Collection
 from typing import Any
 
 from syncfw.mesh.budget import TokenBucket
@@ -57,7 +58,14 @@ class GossipGuard:
         self.dials = dials or TokenBucket(bounds.dials_per_s, bounds.dial_burst)
         self.notices = Notices(log, bounds.warn_every_s)
 
-    def choose(self, membership: Membership, fanout: int, rng: random.Random, now: float) -> Choice:
+    def choose(
+        self,
+        membership: Membership,
+        fanout: int,
+        rng: random.Random,
+        now: float,
+        skip: Collection[str] = (),
+    ) -> Choice:
         """A round's peers, with no more new dials than the bucket holds (tokens taken).
 
         Args:
@@ -65,11 +73,15 @@ class GossipGuard:
             fanout: live members to choose.
             rng: the mesh's seeded randomness.
             now: the caller's clock.
+            skip: addresses the round will not dial (already in an exchange):
+                never chosen, so never paid or counted as new dials.
 
         Returns:
             The choice; its new dials have been paid for.
         """
-        choice = membership.choose(fanout, rng, now, new_dials=max(0, int(self.dials.available())))
+        choice = membership.choose(
+            fanout, rng, now, new_dials=max(0, int(self.dials.available())), skip=skip
+        )
         if choice.new:
             self.dials.take(choice.new)
             self.metrics.gossip_dial("new", choice.new)

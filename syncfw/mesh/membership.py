@@ -579,7 +579,12 @@ class Membership:
         return self.choose(fanout, rng, now).chosen
 
     def choose(
-        self, fanout: int, rng: random.Random, now: float, new_dials: int | None = None
+        self,
+        fanout: int,
+        rng: random.Random,
+        now: float,
+        new_dials: int | None = None,
+        skip: Collection[str] = (),
     ) -> Choice:
         """The peers of one round: ``fanout`` random live members, plus one dead one due a retry.
 
@@ -591,6 +596,8 @@ class Membership:
                 (:meth:`is_new`); None for no limit. Members left out for it
                 are replaced by seeds or members reached before, where any
                 are left.
+            skip: addresses not to choose (peers already in an exchange), so
+                the fanout goes to others and no new dial is counted for them.
 
         Returns:
             The choice, with how many new dials it holds and how many it deferred.
@@ -599,6 +606,8 @@ class Membership:
         due: list[Member] = []
         dead = MemberState.DEAD
         for m in self._ordered():
+            if m.address in skip:
+                continue
             if m.state is not dead:
                 live.append(m)
             elif m.last_try is None or now - m.last_try >= self.dead_retry_s:

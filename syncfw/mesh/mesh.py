@@ -287,8 +287,11 @@ class Mesh:
         self.membership.tick(now)
         self._changed()
         self.rounds += 1
-        choice = self.guard.choose(self.membership, self.config.fanout, self._rng, now)
-        chosen = [m for m in choice.chosen if not self._in_exchange(m)]
+        # peers mid-exchange are left out before choosing (invariant 1), so the fanout
+        # goes to others and no new dial is paid or counted for a peer not dialed
+        skip = {m.address for m in self.membership.members.values() if self._in_exchange(m)}
+        choice = self.guard.choose(self.membership, self.config.fanout, self._rng, now, skip)
+        chosen = choice.chosen
         exchanges = [self._spawn(self.sync_with(m.address), "syncfw-mesh-exchange") for m in chosen]
         # a chosen peer may be probed too: a dial that hangs (a peer taking the TCP
         # handshake, never the Hello) waits connect_timeout_s, a probe only probe_timeout_s

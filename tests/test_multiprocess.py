@@ -173,10 +173,15 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
                 and len({s["state_digest"] for s in sts if s}) == 1
             )
 
-        # usually 5-20 s; one run in a few takes 60-90 s, a liveness problem after heal
-        # (dead members revived slowly, exchanges with the burst's sender cancelled) noted
-        # for the mesh: the deadline bounds a hang, it is not the figure
-        await wait_until(converged, timeout_s=180, what="convergence after heal")
+        # usually 5-20 s. Under load the burst's sender once crawled for minutes: the
+        # cut had dropped its links' batch size to the floor, and with every ack slow
+        # (a loaded receiver) the size never grew back (tests/test_mesh_liveness.py).
+        # On a miss every worker writes its tasks' await chains to its log.
+        try:
+            await wait_until(converged, timeout_s=120, what="convergence after heal")
+        except AssertionError:
+            await _dump_tasks(procs.values())
+            raise
         final = vv("n0")
         assert final.get("n0", 0) > burst
         for n in names:
@@ -188,6 +193,49 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
             await p.stop()
         for px in proxies.values():
             await px.aclose()
+
+
+async def _dump_tasks(procs: Any) -> None:
+    """Ask every live worker to write its asyncio tasks' stacks to its log (a failed wait)."""
+    for p in procs:
+        if p.proc is not None and p.proc.returncode is None:
+            p.proc.send_signal(signal.SIGUSR1)
+    await asyncio.sleep(1.0)
+
+
+def _print_tasks() -> None:
+    """Each task's await chain (innermost last), and what its sessions hold (diagnosis)."""
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}", file=sys.stderr)
+        coro: Any = task.get_coro()
+        while coro is not None:
+            frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+            if frame is not None:
+                print(
+                    f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}",
+                    file=sys.stderr,
+                )
+                sess = frame.f_locals.get("session")
+                if sess is not None and hasattr(sess, "bytes_unacked"):
+                    print(
+                        f"    session peer={getattr(sess, 'peer_id', None)} "
+                        f"state={getattr(sess, 'state', None)} "
+                        f"unacked={sess.bytes_unacked} inflight={getattr(sess, '_inflight', None)} "
+                        f"rate={getattr(getattr(sess, '_sizer', None), 'rate_bps', None)} "
+                        f"sent_last={getattr(sess, '_sent_last', None)} "
+                        f"recv_last={getattr(sess, '_recv_last', None)} "
+                        f"fetching={getattr(sess, '_fetching', None)} "
+                        f"rx={len(getattr(sess, '_rx', ()))} "
+                        f"applying={getattr(sess, '_applying', None) is not None} "
+                        f"decoding={getattr(sess, '_decoding', None) is not None} "
+                        f"patience={frame.f_locals.get('patience')}",
+                        file=sys.stderr,
+                    )
+            coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+        if coro is None:
+            fut = getattr(task, "_fut_waiter", None)
+            print(f"  waiting on {fut!r}"[:300], file=sys.stderr)
+    sys.stderr.flush()
 
 
 # -- the worker ---------------------------------------------------------------------------
@@ -203,6 +251,7 @@ async def _worker(args: Any) -> int:
 
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _print_tasks)
     cfg = MeshConfig.test().with_(
         interval_s=0.1, peer_bytes_per_s=600_000.0, peer_burst_bytes=64_000
     )

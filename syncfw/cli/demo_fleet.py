@@ -178,9 +178,7 @@ class DemoFleet:
 
         # the demo attaches the cloud's artifacts and runs the authority's rollout loop
         # itself (demo_rollout), to print each decision as it is made
-        cfg = AggregatorConfig(
-            mesh=DEMO_MESH, feed=FeedConfig.test(), refresh_s=0.25, models=None
-        )
+        cfg = AggregatorConfig(mesh=DEMO_MESH, feed=FeedConfig.test(), refresh_s=0.25, models=None)
         agg = await Aggregator.open(
             self.folder / f"{CLOUD}.db", self.keys.get(CLOUD), fleet=self.fleet, config=cfg
         )
@@ -258,9 +256,10 @@ class DemoFleet:
             "127.0.0.1:0",
             seeds,
             config=DEMO_MESH,
+            # the mesh's dial timings (connect, capped reconnect backoff), as the cloud's
             network=GrpcNetwork(
-                TransportConfig(
-                    http_proxy=self.proxies[n].url, connect_timeout_s=1.0, tls=self._tls(n)
+                DEMO_MESH.transport(
+                    TransportConfig(http_proxy=self.proxies[n].url, tls=self._tls(n))
                 ),
                 metrics=node.metrics,
             ),

@@ -9,15 +9,23 @@ lasts (the five-process test's heal once took over 90 s this way).
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
+from syncfw.mesh import MemberState, Mesh, MeshConfig
 from syncfw.mesh.config import GossipBounds
 from syncfw.mesh.guard import GossipGuard
 from syncfw.mesh.membership import Membership
 from syncfw.metrics import NodeMetrics
+from syncfw.sync import Status
 from syncfw.sync.links import BatchSizer
+from syncfw.testing import MemoryReplica, wait_until
+from syncfw.transport.base import FrameStream
+from syncfw.transport.memory import MemoryNetwork
+from syncfw.transport.network import InMemoryNetwork
 
 CAP = 768 * 1024
 
@@ -90,3 +98,73 @@ def test_a_round_pays_new_dials_only_for_peers_it_dials() -> None:
     assert choice.chosen == [] and choice.new == 0
     assert guard.dials.available() >= before - 1e-6
     assert metrics.value("syncfw_gossip_dials_total", outcome="new") == 0
+
+
+# -- a link gone black mid-exchange ---------------------------------------------------
+
+
+class _Freezing(InMemoryNetwork):
+    """Streams to "x" stop delivering once ``frozen`` is set (a black hole mid-exchange)."""
+
+    frozen = False
+
+    async def connect(
+        self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
+    ) -> FrameStream:
+        stream = await super().connect(address, source=source, timeout_s=timeout_s)
+        net = self
+
+        class Frozen:
+            peer_address = stream.peer_address
+            peer_identity = stream.peer_identity
+
+            async def send(self, data: bytes) -> None:
+                if not net.frozen:
+                    await stream.send(data)
+
+            async def recv(self) -> bytes | None:
+                got = await stream.recv()
+                if net.frozen:
+                    await asyncio.Event().wait()  # never set: nothing arrives any more
+                return got
+
+            async def close(self, status: Status, reason: str) -> None:
+                await stream.close(status, reason)
+
+        return Frozen()
+
+
+async def test_a_peer_whose_exchange_goes_black_is_found_dead_in_seconds() -> None:
+    """The exchange's own deadline (30 s here) must not hide the peer from the probes."""
+    net = MemoryNetwork()
+    cfg = MeshConfig.test().with_(
+        interval_s=0.05, exchange_timeout_s=30.0, indirect_probes=0, dead_after_s=0.3
+    )
+    rx = MemoryReplica("x")
+    for i in range(3000):  # a backlog: the exchange is still running when the link goes black
+        rx.put(f"fleet/x/k{i}", "v" * 200)
+    x = await Mesh.start(rx, listen="x", network=InMemoryNetwork(net), config=cfg, seed=2)
+    freezing = _Freezing(net)
+    a = await Mesh.start(
+        MemoryReplica("a"), listen="a", seeds=["x"], network=freezing, config=cfg, seed=1
+    )
+    try:
+        await wait_until(
+            lambda: "x" in a._busy and a.replica.vv().get("x", 0) > 0,  # type: ignore[attr-defined]
+            timeout_s=10.0,
+            what="an exchange with x under way",
+        )
+        freezing.frozen = True
+        net.unlisten("x")  # and x answers no probe
+        t0 = time.monotonic()
+        await wait_until(
+            lambda: a.membership.members["x"].state is MemberState.DEAD,
+            timeout_s=10.0,
+            what="x declared dead",
+        )
+        took = time.monotonic() - t0
+        assert "x" in a._busy  # the exchange itself has not given up (its deadline is 30 s)
+        assert took < 5.0, took
+    finally:
+        await a.aclose()
+        await x.aclose()

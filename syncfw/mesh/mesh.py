@@ -19,6 +19,11 @@ Invariants:
    and one peer alone never makes that peer suspect. Each round also probes
    one member round-robin and every suspect one. A member this node probes on
    another's behalf and fails to reach is probed by this node itself next round.
+   A peer this node is exchanging with is left unprobed only while that
+   exchange hears from it (a frame within ``probe_timeout_s + interval_s``): a
+   link gone black mid-exchange is found by the probes in seconds, and the
+   peer's channel dropped when it is dead ends the exchange, instead of the
+   exchange's own deadline hiding the peer for ``exchange_timeout_s``.
 2b. Every state transition the table records is handled once (the loop takes
    them from :meth:`Membership.drain` after every change): to dead, the pooled
    connection is dropped, "is dead" logged and
@@ -100,10 +105,13 @@ class _HelloDeadline:
     deadline.
     """
 
-    def __init__(self, stream: FrameStream, limit_s: float) -> None:
+    def __init__(
+        self, stream: FrameStream, limit_s: float, heard: Callable[[], None] | None = None
+    ) -> None:
         self._stream = stream
         self._limit = limit_s
         self._first = True
+        self._heard = heard  # called on every frame received (the exchange is alive)
 
     @property
     def peer_address(self) -> str:
@@ -118,15 +126,19 @@ class _HelloDeadline:
 
     async def recv(self) -> bytes | None:
         if not self._first:
-            return await self._stream.recv()
-        self._first = False
-        try:
-            async with asyncio.timeout(self._limit):
-                return await self._stream.recv()
-        except TimeoutError:
-            raise LinkError(
-                Status.DEADLINE_EXCEEDED, f"no Hello within {self._limit}s of dialing"
-            ) from None
+            got = await self._stream.recv()
+        else:
+            self._first = False
+            try:
+                async with asyncio.timeout(self._limit):
+                    got = await self._stream.recv()
+            except TimeoutError:
+                raise LinkError(
+                    Status.DEADLINE_EXCEEDED, f"no Hello within {self._limit}s of dialing"
+                ) from None
+        if self._heard is not None:
+            self._heard()
+        return got
 
     async def close(self, status: Status, reason: str) -> None:
         await self._stream.close(status, reason)
@@ -159,6 +171,7 @@ class Mesh:
         self._rng = rng
         self.guard = GossipGuard(replica.node_id, config.gossip, self.metrics)
         self._busy: set[str] = set()  # addresses dialed and not done
+        self._heard_at: dict[str, float] = {}  # of those: when their exchange last heard a frame
         self._serving: dict[str, int] = {}  # node ids of named callers being served
         self._probing: set[str] = set()  # addresses being probed (directly or not)
         self._probes_served = 0
@@ -295,8 +308,11 @@ class Mesh:
         exchanges = [self._spawn(self.sync_with(m.address), "syncfw-mesh-exchange") for m in chosen]
         # a chosen peer may be probed too: a dial that hangs (a peer taking the TCP
         # handshake, never the Hello) waits connect_timeout_s, a probe only probe_timeout_s
+        # a peer mid-exchange is not probed while its exchange hears from it; one whose
+        # exchange has gone quiet is (a black-holed link would otherwise hide it from
+        # failure detection for the exchange's whole deadline)
         targets = self.membership.probe_targets(
-            self._busy | self._probing, self._rng, avoid={m.address for m in chosen}
+            self._busy_heard(now) | self._probing, self._rng, avoid={m.address for m in chosen}
         )
         probes = [self._spawn(self.probe(m.address), "syncfw-mesh-probe") for m in targets]
         if (
@@ -350,7 +366,12 @@ class Mesh:
         if address in self._busy or (m is not None and self._in_exchange(m)):
             return ExchangeOutcome(Status.ABORTED, "already syncing with that peer")
         self._busy.add(address)
+        self._heard_at[address] = time.monotonic()
         out = ExchangeOutcome(Status.CANCELLED, "exchange not run")
+
+        def heard() -> None:
+            self._heard_at[address] = time.monotonic()
+
         try:
             try:
                 stream = await self._dial(address)
@@ -359,7 +380,7 @@ class Mesh:
             else:
                 out = await run_exchange(
                     self.replica,
-                    _HelloDeadline(stream, self.config.probe_timeout_s),
+                    _HelloDeadline(stream, self.config.probe_timeout_s, heard),
                     config=self.config.session,
                     peers=self._gossip_list(),
                     budget=self._budget(address),
@@ -372,6 +393,7 @@ class Mesh:
             return out
         finally:
             self._busy.discard(address)
+            self._heard_at.pop(address, None)
             self._follow_up(address, out)
 
     async def probe(self, address: str) -> None:
@@ -411,6 +433,12 @@ class Mesh:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("%s: %s failed", self.replica.node_id, task.get_name(), exc_info=exc)
+
+    def _busy_heard(self, now: float) -> set[str]:
+        """Peers dialed whose exchange heard a frame within ``probe_timeout_s + interval_s``
+        (or began that recently): their exchange is the evidence, no probe is needed."""
+        quiet = self.config.probe_timeout_s + self.config.interval_s
+        return {a for a in self._busy if now - self._heard_at.get(a, now) <= quiet}
 
     def _in_exchange(self, m: Member) -> bool:
         """Whether an exchange with ``m`` runs now, dialed or served."""

@@ -1,8 +1,11 @@
 """Failure detection on a real gRPC mesh on loopback, ``lan`` preset.
 
 Five nodes, each dialing its peers through its own HTTP CONNECT proxy, so one
-node can be cut off as a black hole (its tunnels stop carrying bytes; new
-ones are accepted and never answered: what a dropping firewall does).
+node can be cut off as a black hole (what a dropping firewall does): its
+tunnels stop carrying bytes and new ones are accepted and not answered. What
+was in flight is held, not lost, and goes on at the heal, as TCP resends it:
+a proxy that dropped it broke the HTTP/2 state of the connections it resumed
+(``Invalid HPACK index``), which a real link never does.
 
 Figures:
 
@@ -42,9 +45,26 @@ class Holes:
 
     owners: dict[str, str] = field(default_factory=dict)  # address -> node id
     cut: set[str] = field(default_factory=set)
+    healed: asyncio.Event = field(default_factory=asyncio.Event)  # set while nothing is cut
+
+    def __post_init__(self) -> None:
+        self.healed.set()
+
+    def cut_off(self, node: str) -> None:
+        self.cut.add(node)
+        self.healed.clear()
+
+    def heal(self) -> None:
+        self.cut.clear()
+        self.healed.set()
 
     def blocked(self, a: str, b: str) -> bool:
         return a in self.cut or b in self.cut
+
+    async def passable(self, a: str, b: str) -> None:
+        """Wait until ``a`` may reach ``b`` (held, not lost: TCP resends after the heal)."""
+        while self.blocked(a, b):
+            await self.healed.wait()
 
 
 @dataclass
@@ -71,24 +91,21 @@ class HoleProxy:
                 pass
             target = request.split()[1].decode()
             dst = self.holes.owners.get(target, "?")
-            if self.holes.blocked(self.node, dst):
-                with contextlib.suppress(OSError, asyncio.CancelledError):
-                    while await r.read(65536):  # a black hole: take everything, answer nothing
-                        pass
-                return
+            # a black hole answers nothing: the handshake waits (as a SYN is resent)
+            # until the heal, or until the dialer gives up and closes
+            await self.holes.passable(self.node, dst)
             host, port = target.rsplit(":", 1)
             ur, uw = await asyncio.open_connection(host, int(port))
-        except (OSError, IndexError, ValueError):
+            w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await w.drain()
+        except (OSError, IndexError, ValueError, asyncio.CancelledError):
             w.close()
             return
-        w.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-        await w.drain()
 
         async def pipe(src: asyncio.StreamReader, out: asyncio.StreamWriter) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
-                    if self.holes.blocked(self.node, dst):
-                        continue  # the cut swallows what was in flight, too
+                    await self.holes.passable(self.node, dst)
                     out.write(data)
                     await out.drain()
             out.close()
@@ -171,7 +188,7 @@ async def main(samples: int, *, heal: bool = True) -> dict[str, object]:
         floor = p99(quiet)
         print(f"neighbour_p99_ms {floor:.1f} (median {statistics.median(quiet):.1f})")
 
-        holes.cut.add("n4")  # a black hole from now on
+        holes.cut_off("n4")  # a black hole from now on
         reachable = await sample(nodes, list(range(N - 1)), samples, "cut", rng)
         side = p99(reachable)
         print(
@@ -183,7 +200,7 @@ async def main(samples: int, *, heal: bool = True) -> dict[str, object]:
             await asyncio.sleep(0.02)
             if time.monotonic() - t_cut > 30:
                 raise RuntimeError("the cut node never declared dead")
-        holes.cut.clear()
+        holes.heal()
         heal_s: float | None = None
         t_heal = time.monotonic()
         while heal and views(nodes, [0, 1, 2, 3], addr[4]) != {MemberState.ALIVE}:

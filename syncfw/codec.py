@@ -58,7 +58,7 @@ import msgpack
 import zstandard
 
 from syncfw.errors import ChainError, DecodeError
-from syncfw.log import Op, op_hash
+from syncfw.log import Op, op_hash, ops_from_tuples
 from syncfw.notices import PEER_TEXT_CHARS, clip_text
 
 __all__ = [
@@ -191,14 +191,43 @@ def encode_batch(
     return data
 
 
+def _frame_length(data: bytes) -> int | None:
+    """The length of the zstd frame ``data`` opens with (header, blocks, checksum), walked
+    from its block headers; None if they run past the end (a truncated frame)."""
+    at = zstandard.frame_header_size(data)
+    checksum = 4 if data[4] & 0x04 else 0
+    n = len(data)
+    while at + 3 <= n:
+        head = int.from_bytes(data[at : at + 3], "little")
+        last, kind, size = head & 1, (head >> 1) & 3, head >> 3
+        at += 3 + (1 if kind == 1 else size)  # an RLE block holds one byte
+        if last:
+            return at + checksum if at + checksum <= n else None
+    return None
+
+
 def _inflate(data: bytes, cap: int) -> bytes:
     try:
         params = zstandard.get_frame_parameters(data)
     except zstandard.ZstdError as exc:
         raise DecodeError(f"malformed zstd frame: {exc}") from None
     declared = params.content_size
-    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > cap:
-        raise DecodeError(f"zstd frame declares {declared} bytes, over the cap of {cap}")
+    if declared != zstandard.CONTENTSIZE_UNKNOWN:
+        if declared > cap:
+            raise DecodeError(f"zstd frame declares {declared} bytes, over the cap of {cap}")
+        # the size it declares bounds what one call writes (zstd refuses more)
+        try:
+            out = _decompressor().decompress(data)
+        except zstandard.ZstdError as exc:
+            raise DecodeError(f"corrupt zstd data: {exc}") from None
+        if len(out) != declared:
+            raise DecodeError(f"zstd frame declares {declared} bytes but holds {len(out)}")
+        length = _frame_length(data)
+        if length is None:
+            raise DecodeError("corrupt zstd data: a truncated frame")
+        if length != len(data):
+            raise DecodeError("zstd frame longer than its stream")
+        return out
     try:
         with _decompressor().stream_reader(io.BytesIO(data), read_across_frames=False) as reader:
             out = reader.read(cap + 1)
@@ -211,8 +240,6 @@ def _inflate(data: bytes, cap: int) -> bytes:
         raise DecodeError(f"zstd payload inflates beyond the cap of {cap} bytes")
     if tail:
         raise DecodeError("zstd frame longer than its stream")
-    if declared != zstandard.CONTENTSIZE_UNKNOWN and declared != len(out):
-        raise DecodeError(f"zstd frame declares {declared} bytes but holds {len(out)}")
     return out
 
 
@@ -259,7 +286,7 @@ def _unpack(
             f"a batch of {len(body)} bytes cannot hold the {n} ops it declares "
             f"(an op takes at least {_MIN_OP_BYTES} bytes)"
         )
-    caps = {
+    caps: dict[str, Any] = {
         "raw": False,
         "use_list": False,  # tuples: cheaper to build, and untracked by the collector
         "strict_map_key": True,
@@ -273,7 +300,7 @@ def _unpack(
         try:
             whole = msgpack.unpackb(body, **caps)
         except msgpack.ExtraData as extra:  # the ops' own faults are named first
-            whole, trailing = extra.unpacked, True
+            whole, trailing = extra.unpacked, True  # type: ignore[attr-defined]
         except Exception as exc:  # msgpack raises several unrelated types
             raise DecodeError(f"malformed batch msgpack: {exc}") from None
         for lo in range(0, n, _SLICE):
@@ -470,11 +497,5 @@ def _decode(data: bytes, limits: BatchLimits, after: Mapping[str, int] | None) -
     elif len(body) > limits.max_decompressed:
         raise DecodeError(f"batch payload exceeds the cap of {limits.max_decompressed}")
     items = _unpack(body, limits, version, after)
-    if version == 1:
-        return [Op.from_tuple(item) for item in items]
-    ops: list[Op] = []
-    for item in items:
-        if item[8] is None:  # _unpack checked that the op before is its predecessor
-            item = (*item[:8], op_hash(ops[-1]), item[9])
-        ops.append(Op.from_tuple(item))
-    return ops
+    # in format 2, _unpack checked that an op leaving out prev follows its predecessor
+    return ops_from_tuples(items, elided=version == 2)

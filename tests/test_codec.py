@@ -196,3 +196,50 @@ def test_batches_encode_and_decode_on_many_threads_at_once() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+# -- one rule for building ops: ops_from_tuples accepts exactly what from_tuple does ----
+
+_FIELD = {
+    0: st.one_of(st.sampled_from(["n1", "n2", ""]), st.text(max_size=3), st.just("o" * 257), st.integers()),
+    1: st.one_of(st.integers(-1, 5), st.booleans(), st.text(max_size=1)),
+    2: st.one_of(st.integers(-1, 5), st.just(1 << 64), st.just((1 << 64) - 1), st.floats()),
+    3: st.one_of(st.just("fleet/n1/"), st.text(max_size=4), st.just("z" * 300), st.none()),
+    4: st.one_of(st.integers(-1, 3), st.booleans()),
+    5: st.one_of(st.just("fleet/n1/k"), st.just("k" * 257), st.just("é" * 300), st.just("😀" * 256),
+                 st.binary(max_size=2)),
+    6: st.one_of(st.just("lww"), st.just("k" * 9), st.just("é" * 17), st.just("€" * 11), st.integers()),
+    7: st.one_of(st.binary(max_size=3), st.text(max_size=1)),
+    8: st.one_of(st.just(b"\x01" * 32), st.binary(max_size=33), st.none()),
+    9: st.one_of(st.none(), st.just(b"s" * 64), st.just(b"s" * 65), st.just(b""), st.text(max_size=1)),
+}
+_GOOD = ("n1", 1, 5, "fleet/n1/", 0, "fleet/n1/k", "lww", b"v", b"\x01" * 32, None)
+
+
+@st.composite
+def _tuples(draw: st.DrawFn) -> tuple[object, ...]:
+    t = list(_GOOD)
+    for i in draw(st.sets(st.integers(0, 9), max_size=2)):
+        t[i] = draw(_FIELD[i])
+    return tuple(t) if draw(st.integers(0, 20)) else tuple(t[:9])
+
+
+@given(st.lists(_tuples(), min_size=1, max_size=6))
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow])
+def test_ops_from_tuples_accepts_and_refuses_exactly_what_from_tuple_does(
+    items: list[tuple[object, ...]],
+) -> None:
+    from syncfw.log import Op, ops_from_tuples
+
+    try:
+        want: list[Op] | str = [Op.from_tuple(t) for t in items]
+    except DecodeError as exc:
+        want = str(exc)
+    try:
+        got: list[Op] | str = ops_from_tuples(items)
+    except DecodeError as exc:
+        got = str(exc)
+    assert got == want
+    if isinstance(got, list):
+        assert [hash(o) for o in got] == [hash(o) for o in want]  # type: ignore[union-attr]
+        assert all(type(o) is Op for o in got)

@@ -81,9 +81,9 @@ def test_a_batch_broken_at_its_last_op_is_refused_for_a_fraction_of_a_good_decod
     floor_ms = _cpu_ms(lambda: msgpack.unpackb(payload, use_list=False), 5)
     good_ms = _cpu_ms(lambda: decode_batch(good), 3)
     bad_ms = _cpu_ms(lambda: decode_batch(bad), 5)
-    # measured 0.13-0.17 of a good decode, 1.4-1.8 x msgpack's own unpack (the
-    # floor); building or hashing ops before the run checks would be ~1
-    assert bad_ms < 0.3 * good_ms, (bad_ms, good_ms, floor_ms)
+    # measured 0.18-0.21 of a good decode of 8,192 ops, 1.6-1.9 x msgpack's own
+    # unpack (the floor); building or hashing ops before the run checks would be ~1
+    assert bad_ms < 0.4 * good_ms, (bad_ms, good_ms, floor_ms)
 
 
 @pytest.mark.parametrize("whole", [True, False], ids=["one_unpack", "op_by_op"])

@@ -26,6 +26,7 @@ import pytest
 from conftest import raw_exchange
 
 import syncfw.codec
+import syncfw.log
 from syncfw.clock import wall_ms
 from syncfw.codec import DEFAULT_LIMITS, decode_batch, encode_batch
 from syncfw.errors import ChainError, DecodeError
@@ -177,9 +178,12 @@ def test_a_chain_broken_at_the_end_of_the_largest_batch_is_refused_before_any_ha
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     data = encode_batch(_bad_chain(), zstd=True, elide_prev=True)
-    hashed: list[Op] = []
-    real = syncfw.codec.op_hash
-    monkeypatch.setattr(syncfw.codec, "op_hash", lambda op: hashed.append(op) or real(op))
+    hashed: list[Any] = []
+    real = syncfw.log.tuple_hash
+    monkeypatch.setattr(syncfw.log, "tuple_hash", lambda t: hashed.append(t) or real(t))
+    assert len(decode_batch(encode_batch(_bad_chain(3)[:2], elide_prev=True))) == 2
+    assert len(hashed) == 1, "the patched hash is not the one decoding uses"
+    hashed.clear()
     with pytest.raises(ChainError, match=rf"'evil', {DEFAULT_LIMITS.max_ops}"):
         decode_batch(data)
     assert hashed == []  # the explicit prev was found from the tuple headers alone

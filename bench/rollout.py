@@ -43,9 +43,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from syncfw import Fleet, Node
+from syncfw import ChangeFeedLagged, Fleet, Node
 from syncfw.mesh import MeshConfig
 from syncfw.models import ArtifactConfig, Artifacts, FetchConfig, ReleaseManifest, Source
+from syncfw.models.adverts import parse_adverts
 from syncfw.models.lifecycle import Record, lifecycle_key, read_records
 from syncfw.models.rollout import Plan, in_stage, parse_gate
 from syncfw.models.rollout_ops import authority_loop, rollout_key, start_rollout
@@ -76,11 +77,25 @@ def wide_model(seed: int, hidden: int) -> bytes:
 
 
 class Yard:
+    """The depot and its trucks on one in-memory network.
+
+    ``star`` (the default): state (manifests, adverts, lifecycle records, rollout ops)
+    goes through the depot, each truck gossiping with it alone (the depot lists no
+    peers); chunks go truck to truck, each truck dialling another by its in-memory
+    address (its id). Else a full mesh: every truck gossips with every other (33 of
+    them are CPU-bound in one process).
+    """
+
     def __init__(
-        self, root: Path, rate: float, interval: float = 0.25, advert_every: int = 4
+        self,
+        root: Path,
+        rate: float,
+        interval: float = 0.25,
+        advert_every: int = 4,
+        star: bool = True,
     ) -> None:
         self.root, self.rate, self.interval = root, rate, interval
-        self.advert_every = advert_every
+        self.advert_every, self.star = advert_every, star
         self.net = MemoryNetwork()
         self.nodes: dict[str, Node] = {}
         self.arts: dict[str, Artifacts] = {}
@@ -93,24 +108,45 @@ class Yard:
         cfg = MeshConfig.test().with_(interval_s=self.interval)
         if limited:
             cfg = cfg.with_(peer_bytes_per_s=self.rate, peer_burst_bytes=256 << 10)
+        if self.star and node_id == "depot":  # the hub lists no peers: trucks meet it alone
+            cfg = cfg.with_(gossip=replace(cfg.gossip, gossip_members=0))
         seeds = [] if node_id == "depot" else ["depot"]
         mesh = await node.serve(node_id, seeds, config=cfg, network=InMemoryNetwork(self.net))
         self.nodes[node_id] = node
-        self.arts[node_id] = Artifacts.attach(
+        arts = self.arts[node_id] = Artifacts.attach(
             node,
             mesh,
             config=ArtifactConfig(durable=False, fetch=FETCH, advert_every=self.advert_every),
         )
+        if self.star and arts.fetcher is not None:
+            arts.fetcher.sources = self._sources(node)
+            arts.fetcher.locate = lambda n: n if n in self.nodes else None
+
+    def _sources(self, node: Node) -> Callable[[ReleaseManifest], Awaitable[list[Source]]]:
+        """Artifacts._sources with each node's in-memory address its id (a star's trucks
+        never gossip with one another, so their member tables hold the depot alone)."""
+
+        async def sources(m: ReleaseManifest) -> list[Source]:
+            adverts = parse_adverts(await node.scan("fleet/"), m.sha256)
+            return [
+                Source(a.node_id, a.node_id, a)
+                for a in adverts
+                if a.node_id in self.nodes and a.n == len(m.chunks)
+            ]
+
+        return sources
 
     async def meet(self) -> None:
-        """Wait until every node knows every other (the yard's gossip has settled)."""
+        """Wait until every node knows every other (a star: the depot knows every truck
+        and every truck the depot)."""
         ids = set(self.nodes)
 
         def met() -> bool:
             for a in self.arts.values():
                 assert a.mesh is not None
                 seen = {m.node_id for m in a.mesh.membership.members.values()}
-                if not ids - {a.node.node_id} <= seen:
+                want = ids if not self.star or a.node.node_id == "depot" else {"depot"}
+                if not want - {a.node.node_id} <= seen:
                     return False
             return True
 
@@ -227,6 +263,29 @@ async def halt_rounds(yard: Yard) -> tuple[int, float]:
 
         await wait_until(planned, what="every truck holds the rollout plan", timeout_s=60)
         await asyncio.sleep(4 * mesh.config.interval_s)
+        # each truck notes the depot's round and the time as the halt op is applied
+        # there (its change feed), not when a poll of 32 stores gets round to it
+        arrived: dict[str, tuple[int, float]] = {}
+
+        async def note(n: str, feed: Any) -> None:
+            try:
+                async for ch in feed:
+                    if ch.key == halt:
+                        arrived[n] = (mesh.rounds, time.perf_counter())
+                        return
+            except ChangeFeedLagged:  # dropped in a burst: poll instead (later, never sooner)
+                pass
+            finally:
+                await feed.aclose()
+
+            async def held() -> bool:
+                return await yard.nodes[n].get(halt) is not None
+
+            await wait_until(held, what=f"{n} holds the halt", timeout_s=60)
+            arrived[n] = (mesh.rounds, time.perf_counter())
+
+        notes = [asyncio.create_task(note(n, yard.nodes[n].changes())) for n in yard.trucks]
+        await asyncio.sleep(0)
         r0, t0 = mesh.rounds, time.perf_counter()
         await yard.nodes[canary].put(
             lifecycle_key(canary, "inspection"),
@@ -247,7 +306,9 @@ async def halt_rounds(yard: Yard) -> tuple[int, float]:
             return True
 
         await wait_until(everywhere, what="the halt reaches every truck", timeout_s=60)
-        return mesh.rounds - r0, time.perf_counter() - t0
+        await asyncio.wait_for(asyncio.gather(*notes), 10)
+        last_round, last_t = max(arrived.values())
+        return last_round - r0, last_t - t0
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -316,7 +377,7 @@ async def swap_dropped(root: Path) -> tuple[int, int]:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="syncfw-rollout-"))
-    yard = Yard(root, args.rate_mb * 1e6, advert_every=args.advert_every)
+    yard = Yard(root, args.rate_mb * 1e6, advert_every=args.advert_every, star=not args.full_mesh)
     t_start = time.perf_counter()
     try:
         t0 = time.perf_counter()
@@ -357,6 +418,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     out = {
         "wall_s": round(time.perf_counter() - t_start, 1),
         "trucks": args.trucks,
+        "topology": "full mesh" if args.full_mesh else "star",
         "artifact_bytes": len(v1),
         "depot_rate_bytes_per_s": args.rate_mb * 1e6,
         "p2p_depot_bytes": p2p_bytes,
@@ -384,6 +446,11 @@ if __name__ == "__main__":
     p.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: about 4 MB)")
     p.add_argument(
         "--advert-every", type=int, default=4, help="chunks between adverts (the default's)"
+    )
+    p.add_argument(
+        "--full-mesh",
+        action="store_true",
+        help="every truck gossips with every other (not a star through the depot)",
     )
     a = p.parse_args()
     result = asyncio.run(main(a))

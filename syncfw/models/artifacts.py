@@ -109,7 +109,7 @@ class ArtifactConfig:
     authority_key: bytes | None = None
     retry_s: float = 2.0
     serve_fanout: int = 2
-    serve_hold_s: float = 3.0
+    serve_hold_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.serve_fanout < 0 or self.serve_hold_s < 0:

@@ -271,6 +271,7 @@ class _Run:
         self.hints: dict[int, set[str]] = {}
         """Per chunk, the takers a busy seed named (asked as peers before they advertise)."""
         self.hinted: dict[str, Source] = {}
+        self._mine: tuple[tuple[str, ...], dict[int, bool]] = ((), {})
 
     def _report(self) -> None:
         self.p.done = not self.missing
@@ -334,46 +335,54 @@ class _Run:
             for s in others
             if s.node_id not in self.p.skipped and self.backoff.get(s.node_id, 0.0) <= now
         ]
-
-        def is_seed(s: Source) -> bool:
-            return s.advert.complete and s.node_id not in self.fetching
-
-        # who fetches this artifact, this node too (a peer skipped shares nothing)
-        crowd = sorted((self.fetching - self.p.skipped.keys()) | {me})
-        hold_s = min(self.cfg.seed_hold_s, self.cfg.stall_s / 2)
-
-        def mine(i: int) -> bool:
-            """This node is among the seed_fanout first fetchers of chunk i (rendezvous)."""
-            if len(crowd) <= self.cfg.seed_fanout:
-                return True
-            rank = sorted(crowd, key=lambda n: _rendezvous(self.m.sha256, i, n))
-            return me in rank[: self.cfg.seed_fanout]
-
-        batches: dict[str, tuple[Source, list[int]]] = {}
-
-        def room(s: Source) -> bool:
-            # a seed, one chunk at a time: at a fetch's start the others' adverts may
-            # not have arrived yet, and a burst of batches would queue copies on its uplink
-            per, size = (1, 1) if is_seed(s) else (self.cfg.per_source, self.cfg.batch)
-            return (
-                self.busy.get(s.node_id, 0) < per
-                and (s.node_id in batches or len(batches) < slots)
-                and len(batches.get(s.node_id, (s, []))[1]) < size
-            )
-
         by_id = {s.node_id: s for s in usable}
         for node in {n for ns in self.hints.values() for n in ns} - by_id.keys():
             hinted = self._hinted(node)
             if hinted is not None and self.backoff.get(node, 0.0) <= now:
                 usable.append(hinted)
+        seeds = {s.node_id for s in usable if s.advert.complete and s.node_id not in self.fetching}
 
-        def claims(s: Source, i: int) -> bool:
-            return s.advert.holds(i) or s.node_id in self.hints.get(i, ())
+        # who fetches this artifact, this node too (a peer skipped shares nothing)
+        crowd = tuple(sorted((self.fetching - self.p.skipped.keys()) | {me}))
+        hold_s = min(self.cfg.seed_hold_s, self.cfg.stall_s / 2)
+        if self._mine[0] != crowd:
+            self._mine = (crowd, {})
+        memo = self._mine[1]
+
+        def mine(i: int) -> bool:
+            """This node is among the seed_fanout first fetchers of chunk i (rendezvous)."""
+            got = memo.get(i)
+            if got is None:
+                if len(crowd) <= self.cfg.seed_fanout:
+                    got = True
+                else:
+                    rank = sorted(crowd, key=lambda n: _rendezvous(self.m.sha256, i, n))
+                    got = me in rank[: self.cfg.seed_fanout]
+                memo[i] = got
+            return got
+
+        batches: dict[str, tuple[Source, list[int]]] = {}
+
+        def size(s: Source) -> int:
+            # a seed, one chunk at a time: at a fetch's start the others' adverts may
+            # not have arrived yet, and a burst of batches would queue copies on its uplink
+            return 1 if s.node_id in seeds else self.cfg.batch
+
+        def room(s: Source) -> bool:
+            per = 1 if s.node_id in seeds else self.cfg.per_source
+            return (
+                self.busy.get(s.node_id, 0) < per
+                and (s.node_id in batches or len(batches) < slots)
+                and len(batches.get(s.node_id, (s, []))[1]) < size(s)
+            )
 
         rank = {i: r for r, i in enumerate(self.order)}
-        peers = [s for s in usable if not is_seed(s)]
         wanted = [i for i in self.order if i in self.missing and i not in self.asked]
-        held_by = {i: sum(1 for s in peers if claims(s, i)) for i in wanted}
+        claimants = {
+            i: [s for s in usable if s.advert.holds(i) or s.node_id in self.hints.get(i, ())]
+            for i in wanted
+        }
+        held_by = {i: sum(1 for s in claimants[i] if s.node_id not in seeds) for i in wanted}
         for i in wanted:
             if held_by[i]:
                 self.unheld_since.pop(i, None)
@@ -382,26 +391,27 @@ class _Run:
         # rarest first across peers (a chunk no peer holds yet first), then this node's order
         wanted.sort(key=lambda i: (held_by[i], rank[i]))
         for i in wanted:
+            if len(batches) >= slots and all(len(idx) >= size(s) for s, idx in batches.values()):
+                break  # every request this plan may start is full
             ok = [
                 s
-                for s in usable
-                if claims(s, i)
-                and i not in self.denied.get(s.node_id, ())
+                for s in claimants[i]
+                if i not in self.denied.get(s.node_id, ())
                 and self.deferred.get((s.node_id, i), 0.0) <= now
             ]
-            holders = [s for s in ok if not is_seed(s) and room(s)]
-            if not holders and not any(not is_seed(s) for s in ok):
+            holders = [s for s in ok if s.node_id not in seeds and room(s)]
+            if not holders and all(s.node_id in seeds for s in ok):
                 # no peer holds it: a seed, if this node is one of the chunk's fetchers
                 # or the chunk has waited seed_hold_s for them
                 waited = now - self.unheld_since.get(i, now) >= hold_s
                 if mine(i) or waited:
-                    holders = [s for s in ok if is_seed(s) and room(s)]
+                    holders = [s for s in ok if room(s)]
             if not holders:
                 continue
             best = min(
                 holders,
                 key=lambda s: (
-                    is_seed(s),
+                    s.node_id in seeds,
                     self.busy.get(s.node_id, 0) + (s.node_id in batches),
                     self.f._rng.random(),
                 ),

@@ -96,6 +96,8 @@ class Yard:
     ) -> None:
         self.root, self.rate, self.interval = root, rate, interval
         self.advert_every, self.star = advert_every, star
+        self.fallbacks = 0
+        """Chunks of the last pass the depot deferred and sent in the end (no peer in time)."""
         self.net = MemoryNetwork()
         self.nodes: dict[str, Node] = {}
         self.arts: dict[str, Artifacts] = {}
@@ -212,10 +214,11 @@ async def distribute(yard: Yard, data: bytes, version: int, *, p2p: bool) -> tup
         m = await yard.learn(version)
         before = yard.depot_out()
         t0 = time.perf_counter()
-        await asyncio.gather(*(yard.arts[n].fetch(m) for n in yard.trucks))
+        got = await asyncio.gather(*(yard.arts[n].fetch(m) for n in yard.trucks))
         took = time.perf_counter() - t0
         for n in yard.trucks:
             assert yard.arts[n].held(m)
+        yard.fallbacks = sum(p.fallbacks for p in got)
         return yard.depot_out() - before, took
     finally:
         depot.config = fanout
@@ -392,9 +395,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await yard.meet()
         print(f"{len(yard.nodes)} nodes met in {time.perf_counter() - t_start:.1f}s", flush=True)
         p2p_bytes, p2p_s = await distribute(yard, v1, 1, p2p=True)
+        fallbacks = yard.fallbacks
+        deferred = sum(yard.arts["depot"].status()["deferred"].values())
         print(
             f"p2p:        depot sent {p2p_bytes / 1e6:7.2f} MB, every truck held it in "
-            f"{p2p_s:6.2f}s",
+            f"{p2p_s:6.2f}s ({deferred} chunk requests deferred as busy, {fallbacks} "
+            "fallbacks to the depot)",
             flush=True,
         )
         only_bytes, only_s = await distribute(yard, v2, 2, p2p=False)
@@ -424,6 +430,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "depot_only_bytes": only_bytes,
         "bytes_ratio": round(p2p_bytes / only_bytes, 4),
         "p2p_full_s": round(p2p_s, 3),
+        "p2p_depot_deferred": deferred,
+        "p2p_seed_fallbacks": fallbacks,
+        "depot_floor_s": round(args.trucks * len(v2) / (args.rate_mb * 1e6), 3),
         "depot_only_full_s": round(only_s, 3),
         "time_ratio": round(p2p_s / only_s, 4),
         "halt_rounds": rounds,

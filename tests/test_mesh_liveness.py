@@ -30,26 +30,39 @@ from syncfw.transport.network import InMemoryNetwork
 CAP = 768 * 1024
 
 
-def _run(sizer: BatchSizer, per_batch_s: float, rate_bps: float, acks: int) -> list[int]:
+def _run(
+    sizer: BatchSizer, per_batch_s: float, rate_bps: float, acks: int, squeeze: float = 1.0
+) -> list[int]:
     """Batches sized by ``sizer`` over a link that costs ``per_batch_s`` plus the bytes
-    at ``rate_bps``; returns the sizes sent."""
+    at ``rate_bps``; returns the sizes asked for. ``squeeze``: a batch takes
+    ``1/squeeze`` of the bytes asked for on the wire (zstd), and acks count wire bytes."""
     sizes = []
     for _ in range(acks):
         size = sizer.target(CAP)
-        sizer.acked(size, per_batch_s + size / rate_bps)
+        wire = max(1, int(size / squeeze))
+        sizer.acked(wire, per_batch_s + wire / rate_bps)
         sizes.append(size)
     return sizes
 
 
 @pytest.mark.parametrize(
-    ("per_batch_s", "grown"), [(0.6, 256 * 1024), (0.8, 256 * 1024), (1.5, 32 * 1024)]
+    ("per_batch_s", "squeeze", "grown"),
+    [
+        (0.6, 1.0, 256 * 1024),
+        (0.8, 1.0, 256 * 1024),
+        (1.5, 1.0, 32 * 1024),
+        # the five-process test's ops: 4x smaller on the wire, so the rate acks show
+        # is a quarter of the bytes asked for (a probe held to it would never be sent)
+        (0.6, 4.0, 256 * 1024),
+        (1.2, 4.0, 128 * 1024),
+    ],
 )
 def test_a_link_shrunk_by_a_cut_grows_again_when_a_cost_per_batch_slows_every_ack(
-    per_batch_s: float, grown: int
+    per_batch_s: float, squeeze: float, grown: int
 ) -> None:
     s = BatchSizer(size=8192, floor=2048, cap=CAP)
     s.timed_out()  # the cut
-    sizes = _run(s, per_batch_s, rate_bps=10e6, acks=40)
+    sizes = _run(s, per_batch_s, rate_bps=10e6, acks=40, squeeze=squeeze)
     # a floor-sized batch per ack would move 2 KiB per ack for as long as the load lasts
     # (slower growth past 1 s per batch: a batch is held to slow_s at the measured rate)
     assert sizes[0] == 2048
@@ -69,19 +82,25 @@ def test_on_a_thin_link_no_batch_outlasts_a_couple_of_seconds(
     assert min(per_batch_s + n / rate_bps for n in sizes[-20:]) >= 0.3, sizes
 
 
-def test_a_doubling_that_does_not_pay_goes_back_and_settles() -> None:
+def test_a_step_up_that_does_not_pay_goes_back_and_settles() -> None:
     s = BatchSizer(size=16384, floor=2048, cap=CAP)
-    s.acked(16384, 1.0)  # middle band: probe upwards
-    assert s.size == 32768 and s.probe is not None
-    s.acked(16384, 1.0)  # an ack of a batch sent before the doubling: no verdict
-    assert s.size == 32768
+    assert s.target(CAP) == 16384
+    s.acked(16384, 1.0)  # middle band: step up by min(2, slow_s / 1.0) = 2
+    assert s.probe is not None and s.target(CAP) == 32768
+    s.acked(16384, 1.0)  # an ack of a batch sent before the step: no verdict
+    assert s.probe is not None and s.size == 32768
     s.acked(32768, 1.9)  # twice the bytes in about twice the time: the link's rate
-    assert s.size == 16384 and s.probe is None and s.settled > 0
+    assert s.probe is None and s.size == 16384 and s.settled > 0
     for _ in range(s.settled):
         s.acked(16384, 1.0)
-        assert s.size == 16384
-    s.acked(16384, 1.0)  # settled long enough: probe again
-    assert s.size == 32768
+        assert s.target(CAP) == 16384
+    s.acked(16384, 1.0)  # settled long enough: step up again
+    assert s.target(CAP) == 32768
+    s.acked(16384, 1.9)  # a step near slow_s would be too small to tell: none
+    s.probe = None
+    s.size = s.sent = 16384
+    s.acked(16384, 1.9)
+    assert s.probe is None and s.size == 16384
 
 
 def test_a_round_pays_new_dials_only_for_peers_it_dials() -> None:

@@ -7,11 +7,14 @@ Invariants:
 2. Batch sizes adapt per link (:class:`BatchSizer`): the first batch is small;
    the size doubles while acks come back within ``fast_s`` of the one before,
    halves when one takes longer than ``slow_s`` and drops to the floor on a
-   timeout. Between the two, the size is probed upwards while a doubled batch
-   moves bytes markedly faster than the one before it (a cost per batch, not
-   the link's rate, bounds it: a loaded receiver, a round trip), so a link
-   shrunk to the floor by a cut grows again under load. What a link learned
-   is kept for its next exchange.
+   timeout. Between the two, the size is stepped up (by at most 2x, and so
+   that the step stays within ``slow_s``) while a larger batch moves bytes
+   markedly faster than the one before it (a cost per batch, not the link's
+   rate, bounds it: a loaded receiver, a round trip), so a link shrunk to the
+   floor by a cut grows again under load; a step that does not pay goes back.
+   The measured rate caps a batch to about ``2 * fast_s`` of the link, but
+   never below a size acked within ``slow_s / 2``. What a link learned is kept
+   for its next exchange.
 3. Clock offsets are NTP-style intervals (:class:`ClockEstimate`): an
    initiator's Hello round trip bounds a peer's offset on both sides, a
    responder's one-way Hello from below only. :class:`ClockFilter` intersects
@@ -109,7 +112,7 @@ class ClockFilter:
         return best
 
 
-_SETTLE_ACKS = 16  # acks a link's size stays put after a doubling that did not pay
+_SETTLE_ACKS = 16  # acks a link's size stays put after a step up that did not pay
 
 
 @dataclass(slots=True)
@@ -131,68 +134,87 @@ class BatchSizer:
     fast_s: float = 0.5
     slow_s: float = 2.0
     rate_bps: float | None = None
-    probe: tuple[int, float] | None = None
-    """A doubling under test: the batch size and delivery rate before it."""
+    probe: tuple[float, float, float] | None = None
+    """A step up under test: the wire bytes and delivery rate of the acks before it,
+    and the step's factor."""
     settled: int = 0
     """Middle-band acks left before the size is probed upwards again."""
+    sent: int = 0
+    """The last size :meth:`target` gave (what the acks now coming are of, about)."""
+    ok: int = 0
+    """A size sent when an ack came within ``slow_s / 2``: the rate cap keeps it."""
+    recent: float = 0.0
+    """The largest batch lately acked, in wire bytes (decaying)."""
 
     def acked(self, nbytes: int, service_s: float | None) -> None:
         """A batch of ``nbytes`` was acknowledged ``service_s`` after the previous ack
         (or its own send); None: no clock, count it as fast."""
         rate = None
+        self.recent = max(float(nbytes), 0.8 * self.recent)
         if service_s is not None and service_s > 0:
             rate = nbytes / service_s
             self.rate_bps = rate if self.rate_bps is None else 0.7 * self.rate_bps + 0.3 * rate
+        if service_s is None or service_s <= self.slow_s / 2:
+            self.ok = self.sent
         if service_s is None or service_s <= self.fast_s:
             self.size = min(self.cap, self.size * 2)
         elif service_s > self.slow_s:
             self.size = max(self.floor, self.size // 2)
             self.probe = None
-        elif rate is not None:
-            self._probe_up(nbytes, rate)
+        elif rate is not None and service_s is not None:
+            self._probe_up(nbytes, rate, service_s)
 
-    def _probe_up(self, nbytes: int, rate: float) -> None:
+    def _probe_up(self, nbytes: int, rate: float, service_s: float) -> None:
         """An ack between ``fast_s`` and ``slow_s``: try a larger batch, keep it if it pays.
 
         A cost per batch (a loaded receiver's commit, a round trip) makes every
         ack slow, whatever the size, and the doubling rule alone would then keep
-        the size where a cut or a timeout left it. A doubled batch that moves
-        bytes at least 1.25x as fast as the one before shows that cost, and the
-        size goes on doubling; one that does not shows the link's own rate, and
-        the size goes back and stays for ``_SETTLE_ACKS`` acks.
+        the size where a cut or a timeout left it. The step is ``f = min(2,
+        slow_s / service_s)``, so the larger batch stays within ``slow_s`` even
+        where the link's rate bounds it. Where a cost per batch bounds it, the
+        rate grows by about ``f``; where the link does, not at all: a step whose
+        rate grew by at least half of ``f - 1`` is kept and stepped again, one
+        that did not goes back and stays for ``_SETTLE_ACKS`` acks.
         """
         probe = self.probe
         if probe is not None:
-            if nbytes * 2 < probe[0] * 3:
-                return  # an ack of a batch sent before the doubling
+            base, before, f = probe
+            if nbytes < base * (1 + f) / 2:
+                return  # an ack of a batch sent before the step
             self.probe = None
-            if rate >= 1.25 * probe[1] and self.size < self.cap:
-                self.probe = (nbytes, rate)
-                self.size = min(self.cap, self.size * 2)
-            elif rate < 1.25 * probe[1]:
-                self.size = max(self.floor, self.size // 2)
+            if rate < before * (1 + (f - 1) / 2):
+                self.size = max(self.floor, int(self.sent / f))
+                self.ok = min(self.ok, self.size)
                 self.settled = _SETTLE_ACKS
-            return
-        if self.settled > 0:
+                return
+        elif self.settled > 0:
             self.settled -= 1
-        elif self.size < self.cap:
-            self.probe = (nbytes, rate)
-            self.size = min(self.cap, self.size * 2)
+            return
+        f = min(2.0, self.slow_s / service_s)
+        if f >= 1.25 and self.sent < self.cap:
+            self.probe = (max(float(nbytes), self.recent), rate, f)
+            self.size = min(self.cap, int(f * max(self.sent, self.floor)))
 
     def timed_out(self) -> None:
         """No ack came in time: start again from the floor."""
         self.size = self.floor
         self.probe = None
+        self.ok = 0
 
     def target(self, cap: int) -> int:
         """The next batch's size, within ``cap``, and never more than the link carries in
-        about ``slow_s`` at its measured rate (so no one batch outlasts a peer's idle
-        deadline on a thin link, however fast its acks came before; an ack slower
-        than ``slow_s`` halves the size anyway)."""
+        about ``2 * fast_s`` at its measured rate (so no one batch outlasts a peer's idle
+        deadline on a thin link, however fast its acks came before), unless a batch
+        that size was acked within ``slow_s / 2`` (:attr:`ok`) or it is a probe."""
         size = min(self.size, cap, self.cap)
-        if self.rate_bps is not None:
-            size = min(size, max(self.floor, int(self.rate_bps * self.slow_s)))
-        return max(64, size)
+        if self.rate_bps is not None and self.probe is None:
+            # The rate counts wire bytes (zstd makes them fewer than the bytes asked
+            # for) and any cost per batch, so a cap of it alone shrinks the batches,
+            # whose acks then show a lower rate, down to the floor: a size acked in
+            # good time stays allowed.
+            size = min(size, max(self.floor, self.ok, int(self.rate_bps * 2 * self.fast_s)))
+        self.sent = max(64, size)
+        return self.sent
 
 
 class PeerLink:

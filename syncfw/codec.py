@@ -51,7 +51,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import compress, repeat
-from operator import add, and_, eq, is_not, itemgetter, not_
+from operator import add, and_, eq, is_not, itemgetter, le, not_, sub
 from typing import Any
 
 import msgpack
@@ -368,12 +368,23 @@ class _Runs:
                 if type(o) is not str or type(s) is not int or s < 1
             )
             raise DecodeError(f"op {lo + i} has a malformed origin or seq")
+        t_origin, t_seq = self.tail
+        follows = list(
+            map(
+                and_,
+                map(eq, origins, [t_origin, *origins[:-1]]),
+                map(eq, seqs, map(add, [t_seq if t_seq is not None else -1, *seqs[:-1]], repeat(1))),
+            )
+        )
         if self.version == 2:
-            starts = list(compress(range(len(chunk)), map(is_not, map(_PREV, chunk), repeat(None))))
-            wrong = self._misplaced(origins, seqs, starts)
-            if wrong is not None:
-                self._runs(origins[:wrong], seqs[:wrong], [s for s in starts if s < wrong], lo)
-                if wrong in starts:
+            # an explicit prev must start a run (not follow the op before), and an
+            # elided one must follow it: the first op where both or neither hold is wrong
+            explicit = list(map(is_not, map(_PREV, chunk), repeat(None)))
+            misplaced = list(map(eq, follows, explicit))
+            if True in misplaced:
+                wrong = misplaced.index(True)
+                self._runs(origins[:wrong], seqs[:wrong], list(compress(range(wrong), explicit)), lo)
+                if explicit[wrong]:
                     raise ChainError(
                         f"op ({clip_text(origins[wrong])!r}, {seqs[wrong]}) names a prev "
                         "other than the op before it"
@@ -381,43 +392,11 @@ class _Runs:
                 raise DecodeError(
                     f"op {lo + wrong} leaves out prev but does not follow its predecessor"
                 )
+            starts = list(compress(range(len(chunk)), explicit))
         else:
-            t_origin, t_seq = self.tail
-            follows = map(
-                and_,
-                map(eq, origins, [t_origin, *origins[:-1]]),
-                map(
-                    eq, seqs, map(add, [t_seq if t_seq is not None else -1, *seqs[:-1]], repeat(1))
-                ),
-            )
             starts = list(compress(range(len(chunk)), map(not_, follows)))
         self._runs(origins, seqs, starts, lo)
         self.tail = (origins[-1], seqs[-1])
-
-    def _follows(self, origins: list[Any], seqs: list[Any], i: int) -> bool:
-        """True if op ``i`` of the slice is the next op of the op before it."""
-        before = self.tail if i == 0 else (origins[i - 1], seqs[i - 1])
-        return before[0] == origins[i] and before[1] is not None and before[1] + 1 == seqs[i]
-
-    def _misplaced(self, origins: list[Any], seqs: list[Any], starts: list[int]) -> int | None:
-        """Format 2: the first op whose explicit or elided ``prev`` contradicts the op before it.
-
-        An op with a ``prev`` must not follow the op before it (the format
-        would have left it out); every op of the stretch it starts must.
-        """
-        n = len(origins)
-        inside = not starts or starts[0] != 0  # the slice opens inside the last one's run
-        bounds = [0, *starts] if inside else starts
-        for j, (a, b) in enumerate(zip(bounds, [*bounds[1:], n], strict=True)):
-            if j == 0 and inside:
-                if not self._follows(origins, seqs, 0):
-                    return 0
-            elif self._follows(origins, seqs, a):
-                return a
-            first, k = seqs[a], b - a
-            if origins[a:b].count(origins[a]) != k or seqs[a:b] != list(range(first, first + k)):
-                return next(i for i in range(a + 1, b) if not self._follows(origins, seqs, i))
-        return None
 
     def _runs(self, origins: list[Any], seqs: list[Any], starts: list[int], lo: int) -> None:
         """Each run's first op continues its origin (``after``, or its last run in the batch)."""
@@ -428,7 +407,20 @@ class _Runs:
             last[origins[0]] = seqs[starts[0] - 1 if starts else -1]
             if not starts:
                 return
-        for s, e in zip(starts, [*starts[1:], len(origins)], strict=True):
+        ends = [*starts[1:], len(origins)]
+        firsts = list(map(origins.__getitem__, starts))
+        # each run a new origin of the batch: only ``after`` can be contradicted
+        if (
+            len(set(firsts)) == len(firsts)
+            and not any(map(last.__contains__, firsts))
+            and (
+                after is None
+                or all(map(le, map(seqs.__getitem__, starts), map(add, map(after.get, firsts, repeat(0)), repeat(1))))
+            )
+        ):
+            last.update(zip(firsts, map(seqs.__getitem__, map(sub, ends, repeat(1))), strict=True))
+            return
+        for s, e in zip(starts, ends, strict=True):
             origin, seq = origins[s], seqs[s]
             prior = last.get(origin)
             if prior is None:

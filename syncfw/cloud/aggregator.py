@@ -156,6 +156,7 @@ class Aggregator:
         self._rebuilt = asyncio.Event()
         self._closed = False
         self._ro: aiosqlite.Connection | None = None  # the refresh's reads (invariant 2)
+        self._models_seen = -1  # FleetView.models_changed when the rollout series were set
         self._ro_uri = Path(node.store.path).resolve().as_uri() + "?mode=ro"
         node.add_status_source("cloud", self._status)
 
@@ -279,15 +280,18 @@ class Aggregator:
         if not changed:
             return
         self._seq += 1
-        now = self.node.wall_ms()
-        delta = {
-            "version": VIEW_VERSION,
-            "seq": self._seq,
-            "nodes": {n: self.fleet.node_dict(n, now) for n in sorted(changed)},
-        }
-        for sub in list(self._listeners):
-            sub._put(delta)
-        self.fleet_metrics.set_rollout(self.fleet.rollout_counts())
+        if self._listeners:  # a delta's entries cost a node_dict each: only when heard
+            now = self.node.wall_ms()
+            delta = {
+                "version": VIEW_VERSION,
+                "seq": self._seq,
+                "nodes": {n: self.fleet.node_dict(n, now) for n in sorted(changed)},
+            }
+            for sub in list(self._listeners):
+                sub._put(delta)
+        if self.fleet.models_changed != self._models_seen:
+            self._models_seen = self.fleet.models_changed
+            self.fleet_metrics.set_rollout(self.fleet.rollout_counts())
 
     async def _follow(self) -> None:
         """Invariant 1: fold the whole log, then follow it.

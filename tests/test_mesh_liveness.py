@@ -187,3 +187,23 @@ async def test_a_peer_whose_exchange_goes_black_is_found_dead_in_seconds() -> No
     finally:
         await a.aclose()
         await x.aclose()
+
+
+def test_a_member_heard_from_is_no_new_dial_and_is_probed_when_news_comes() -> None:
+    """A peer whose exchanges keep failing after its Hello is a verified address."""
+    from syncfw.sync.frames import PeerInfo
+
+    mb = Membership("me", "me:1", bounds=GossipBounds(require_port=False))
+    mb.learn([PeerInfo("a", "a:1", 1)], 0.0)
+    a = mb.members["a:1"]
+    assert mb.is_new(a)
+    assert mb.probe_targets(set(), random.Random(1)) == []  # never probed while unverified
+    mb.heard("a:1", "a", 1.0)  # its Hello came; the exchange then failed
+    assert not mb.is_new(a)
+    mb.failed("a:1", 2.0)
+    mb.failed("a:1", 2.0)  # suspect (suspect_after=2), dead 10 s later
+    mb.tick(13.0)
+    assert a.state is MemberState.DEAD
+    mb.learn([PeerInfo("a", "a:1", 5)], 14.0)  # fresher news of it: a probe decides
+    assert a.recheck and a in mb.probe_targets(set(), random.Random(1))
+    assert mb.choose(3, random.Random(1), 30.0, new_dials=0).chosen == [a]  # a due retry

@@ -82,6 +82,8 @@ class Member:
         last_try: when it was last dialed.
         recheck: fresher gossip came while it was suspect or dead: probe it.
         vouched: when an indirect probe last reached it (this node could not).
+        heard_at: when it last answered this node itself (a Hello, a probe,
+            an exchange); a member heard from is no new dial.
     """
 
     node_id: str
@@ -94,6 +96,7 @@ class Member:
     last_try: float | None = None
     recheck: bool = False
     vouched: float | None = None
+    heard_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -442,6 +445,7 @@ class Membership:
             m.node_id = node_id
         m.last_ok = now
         m.last_try = now
+        m.heard_at = now
         self._alive(m, now)
 
     def _alive(self, m: Member, now: float) -> None:
@@ -458,6 +462,7 @@ class Membership:
         if node_id and not m.node_id and check_node_id(node_id) is None:
             m.node_id = node_id
         m.last_try = now
+        m.heard_at = now
         self._alive(m, now)
 
     def vouched(self, address: str, now: float) -> None:
@@ -571,8 +576,14 @@ class Membership:
         return [m for m in self.members.values() if m.state is not MemberState.DEAD]
 
     def is_new(self, m: Member) -> bool:
-        """Whether dialing ``m`` is a new dial: a learned member never reached."""
-        return m.last_ok is None and m.address not in self.seeds
+        """Whether dialing ``m`` is a new dial: a learned member never reached or heard.
+
+        A member that answered this node itself (its Hello on an exchange that
+        then failed, a direct probe) is a verified address: it is probed and
+        retried like any other, so one whose exchanges keep failing (a crawl
+        cut by deadlines, a peer restarting) is not left to the new-dial rate.
+        """
+        return m.last_ok is None and m.heard_at is None and m.address not in self.seeds
 
     def pick(self, fanout: int, rng: random.Random, now: float) -> list[Member]:
         """Up to ``fanout`` random live members, plus one dead member due a retry."""

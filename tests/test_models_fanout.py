@@ -27,7 +27,7 @@ from syncfw.transport.network import InMemoryNetwork
 SF = SignedFleet(Fleet(fleet_id="fanout", authority="depot"))
 SIG = {"inputs": [("x", "float32", (None, 4))], "outputs": [("y", "float32", (None, 2))]}
 CHUNK = 16 << 10
-FETCH = FetchConfig(piece_timeout_s=2.0, stall_s=30.0, retry_s=0.02, busy_s=0.05)
+FETCH = FetchConfig(piece_timeout_s=5.0, stall_s=30.0, retry_s=0.02, busy_s=0.05, seed_hold_s=1.0)
 
 
 class Yard:

@@ -58,8 +58,8 @@ async def test_a_fetch_over_mtls_grpc_names_the_caller_by_its_certificate(tmp_pa
             version=1,
             key=load_node(root, "depot").signing_key,
             chunk_size=64 << 10,
-            **SIG,
-        )  # type: ignore[arg-type]
+            **SIG,  # type: ignore[arg-type]
+        )
         for n in ("t1", "t2"):
 
             async def knows(n: str = n) -> bool:
@@ -74,10 +74,10 @@ async def test_a_fetch_over_mtls_grpc_names_the_caller_by_its_certificate(tmp_pa
         # a request out of bounds never reaches the handler
         net = arts["t1"].mesh.network  # type: ignore[union-attr]
         with pytest.raises(LinkError) as err:
-            async for _ in net.fetch(
-                arts["depot"].mesh.address,
+            async for _ in net.fetch(  # type: ignore[union-attr]
+                arts["depot"].mesh.address,  # type: ignore[union-attr]
                 [b"short"],
-                source="t1",  # type: ignore[union-attr]
+                source="t1",
                 node_id="t1",
                 timeout_s=5.0,
             ):

@@ -123,9 +123,11 @@ def test_a_round_pays_new_dials_only_for_peers_it_dials() -> None:
 
 
 class _Freezing(InMemoryNetwork):
-    """Streams to "x" stop delivering once ``frozen`` is set (a black hole mid-exchange)."""
+    """Streams to "x" stop delivering once ``frozen`` is set (a black hole mid-exchange);
+    with ``pace_s``, each frame from it comes that long after the one before (a loaded peer)."""
 
     frozen = False
+    pace_s = 0.0
 
     async def connect(
         self, address: str, *, source: str, timeout_s: float, expect_id: str | None = None
@@ -143,6 +145,8 @@ class _Freezing(InMemoryNetwork):
 
             async def recv(self) -> bytes | None:
                 got = await stream.recv()
+                if net.pace_s:
+                    await asyncio.sleep(net.pace_s)
                 if net.frozen:
                     await asyncio.Event().wait()  # never set: nothing arrives any more
                 return got
@@ -207,3 +211,34 @@ def test_a_member_heard_from_is_no_new_dial_and_is_probed_when_news_comes() -> N
     mb.learn([PeerInfo("a", "a:1", 5)], 14.0)  # fresher news of it: a probe decides
     assert a.recheck and a in mb.probe_targets(set(), random.Random(1))
     assert mb.choose(3, random.Random(1), 30.0, new_dials=0).chosen == [a]  # a due retry
+
+
+async def test_a_loaded_peer_mid_catch_up_that_answers_no_probe_is_not_declared_dead() -> None:
+    """Its frames are the evidence: a suspicion is refuted by the next one, and the
+    exchange (which a death would cut) goes on."""
+    net = MemoryNetwork()
+    cfg = MeshConfig.test().with_(
+        interval_s=0.05, exchange_timeout_s=30.0, indirect_probes=0, dead_after_s=0.3
+    )
+    rx = MemoryReplica("x")
+    for i in range(3000):
+        rx.put(f"fleet/x/k{i}", "v" * 200)
+    x = await Mesh.start(rx, listen="x", network=InMemoryNetwork(net), config=cfg, seed=2)
+    slow = _Freezing(net)
+    a = await Mesh.start(
+        MemoryReplica("a"), listen="a", seeds=["x"], network=slow, config=cfg, seed=1
+    )
+    try:
+        await wait_until(lambda: "x" in a._busy, timeout_s=10.0, what="an exchange with x")
+        # a frame every 0.5 s: past probe_timeout_s + interval_s (0.35 s), within
+        # the window with dead_after_s (0.65 s); and x answers no probe at all
+        slow.pace_s = 0.5
+        net.unlisten("x")
+        await asyncio.sleep(3.0)
+        m = a.membership.members["x"]
+        assert "x" in a._busy, "the exchange was cut"
+        assert m.state is MemberState.ALIVE, m
+        assert a.metrics.value("syncfw_peer_transitions_total", state="dead") == 0
+    finally:
+        await a.aclose()
+        await x.aclose()

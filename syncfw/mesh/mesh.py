@@ -20,10 +20,13 @@ Invariants:
    one member round-robin and every suspect one. A member this node probes on
    another's behalf and fails to reach is probed by this node itself next round.
    A peer this node is exchanging with is left unprobed only while that
-   exchange hears from it (a frame within ``probe_timeout_s + interval_s``): a
-   link gone black mid-exchange is found by the probes in seconds, and the
-   peer's channel dropped when it is dead ends the exchange, instead of the
-   exchange's own deadline hiding the peer for ``exchange_timeout_s``.
+   exchange hears from it (a frame within ``probe_timeout_s + interval_s +
+   dead_after_s``), and every frame from a suspect refutes the suspicion: a
+   loaded peer mid-catch-up is not declared dead (which would cut the
+   exchange), and a link gone black mid-exchange is found by the probes in
+   seconds, the peer's channel dropped when it is dead ending the exchange,
+   instead of the exchange's own deadline hiding the peer for
+   ``exchange_timeout_s``.
 2b. Every state transition the table records is handled once (the loop takes
    them from :meth:`Membership.drain` after every change): to dead, the pooled
    connection is dropped, "is dead" logged and
@@ -370,7 +373,11 @@ class Mesh:
         out = ExchangeOutcome(Status.CANCELLED, "exchange not run")
 
         def heard() -> None:
-            self._heard_at[address] = time.monotonic()
+            now = self._heard_at[address] = time.monotonic()
+            m = self.membership.members.get(address)
+            if m is not None and m.state is not MemberState.ALIVE:
+                self.membership.heard(address, None, now)  # a frame from it refutes suspicion
+                self._changed()
 
         try:
             try:
@@ -435,9 +442,12 @@ class Mesh:
             log.error("%s: %s failed", self.replica.node_id, task.get_name(), exc_info=exc)
 
     def _busy_heard(self, now: float) -> set[str]:
-        """Peers dialed whose exchange heard a frame within ``probe_timeout_s + interval_s``
-        (or began that recently): their exchange is the evidence, no probe is needed."""
-        quiet = self.config.probe_timeout_s + self.config.interval_s
+        """Peers dialed whose exchange heard a frame within ``probe_timeout_s +
+        interval_s + dead_after_s`` (or began that recently): their exchange is the
+        evidence, no probe is needed (a loaded peer answers a probe late, and its
+        death would cut the very exchange that shows it alive)."""
+        c = self.config
+        quiet = c.probe_timeout_s + c.interval_s + c.dead_after_s
         return {a for a in self._busy if now - self._heard_at.get(a, now) <= quiet}
 
     def _in_exchange(self, m: Member) -> bool:

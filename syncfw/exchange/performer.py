@@ -48,7 +48,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from syncfw.codec import decode_batch
 from syncfw.errors import ChainError, DecodeError, ForkError, SnapshotTooLargeError, SyncfwError
@@ -119,6 +119,19 @@ def _log_unexpected(exc: BaseException, doing: str) -> None:
 def _named(below: Mapping[str, int]) -> str:
     shown = ", ".join(f"{clip(o)} up to {c}" for o, c in sorted(below.items())[:5])
     return shown + (f" and {len(below) - 5} more" if len(below) > 5 else "")
+
+
+_SNAPSHOTS: dict[type, bool] = {}
+
+
+def _snapshots(replica: object) -> SnapshotReplica | None:
+    """``replica`` if it is a :class:`SnapshotReplica`, known per class (a protocol check
+    walks every member of the protocol: tens of microseconds, once per exchange)."""
+    kind = type(replica)
+    known = _SNAPSHOTS.get(kind)
+    if known is None:
+        known = _SNAPSHOTS[kind] = isinstance(replica, SnapshotReplica)
+    return cast(SnapshotReplica, replica) if known else None
 
 
 class Performer:
@@ -225,8 +238,8 @@ class Performer:
         """
         try:
             vv = await self.replica.version_vector()
-            replica = self.replica
-            floor = replica.compacted() if isinstance(replica, SnapshotReplica) else None
+            compacts = _snapshots(self.replica)
+            floor = compacts.compacted() if compacts is not None else None
         except Exception as exc:
             _log_unexpected(exc, "reading the version vector")
             await self.perform(self.session.abort(Status.INTERNAL, f"could not read vector: {exc}"))
@@ -306,8 +319,8 @@ class Performer:
         return self.session.ops_applied(vv)
 
     async def _fetch_snapshot(self, effect: FetchSnapshot) -> list[Effect]:
-        replica = self.replica
-        if not isinstance(replica, SnapshotReplica):  # it sent a floor, so it compacts
+        replica = _snapshots(self.replica)
+        if replica is None:  # it sent a floor, so it compacts
             return self.session.snapshot_unavailable("this replica builds no snapshots")
         peer = clip(self.session.peer_id or "?")
         try:
@@ -316,7 +329,7 @@ class Performer:
         except SnapshotTooLargeError as exc:
             log.warning(
                 "%s: peer %s lacks ops compacted here (%s) and needs a snapshot, but %s",
-                replica.node_id,
+                self.replica.node_id,
                 peer,
                 _named(effect.below),
                 exc,
@@ -330,7 +343,7 @@ class Performer:
         log.warning(
             "%s: peer %s lacks ops compacted here (%s); sending a state snapshot of %d "
             "states (%d bytes) standing for %d origins",
-            replica.node_id,
+            self.replica.node_id,
             peer,
             _named(effect.below),
             len(snap.states),
@@ -342,8 +355,8 @@ class Performer:
         return self.session.snapshot_fetched(data, snap.vv)
 
     async def _install_snapshot(self, effect: InstallSnapshot) -> list[Effect]:
-        replica, peer = self.replica, self.session.peer_id or ""
-        if not isinstance(replica, SnapshotReplica):
+        replica, peer = _snapshots(self.replica), self.session.peer_id or ""
+        if replica is None:
             return self.session.snapshot_failed(
                 Status.FAILED_PRECONDITION, "this replica takes no snapshots"
             )
@@ -357,7 +370,7 @@ class Performer:
         try:
             snap: Snapshot = await self._cpu(lambda: decode_snapshot(effect.data, max_bytes=cap))
             await replica.install_snapshot(snap, source=peer)
-            vv = await replica.version_vector()
+            vv = await self.replica.version_vector()
         except DecodeError as exc:
             return self.session.snapshot_failed(Status.INVALID_ARGUMENT, str(exc))
         except (ChainError, ForkError) as exc:
@@ -368,7 +381,7 @@ class Performer:
         log.warning(
             "%s: installed a state snapshot from %s (%d states, %d bytes): it stands for "
             "%d origins, the ops before it are not held here",
-            replica.node_id,
+            self.replica.node_id,
             clip(peer),
             len(snap.states),
             len(effect.data),

@@ -97,6 +97,8 @@ class Yard:
         self.root, self.rate, self.interval = root, rate, interval
         self.advert_every, self.star = advert_every, star
         self.fallbacks = 0
+        self.cpu_s = 0.0
+        """The process's CPU seconds in the last pass (all nodes: what bounds its time)."""
         """Chunks of the last pass the depot deferred and sent in the end (no peer in time)."""
         self.net = MemoryNetwork()
         self.nodes: dict[str, Node] = {}
@@ -213,12 +215,13 @@ async def distribute(yard: Yard, data: bytes, version: int, *, p2p: bool) -> tup
         )
         m = await yard.learn(version)
         before = yard.depot_out()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         got = await asyncio.gather(*(yard.arts[n].fetch(m) for n in yard.trucks))
         took = time.perf_counter() - t0
         for n in yard.trucks:
             assert yard.arts[n].held(m)
         yard.fallbacks = sum(p.fallbacks for p in got)
+        yard.cpu_s = time.process_time() - c0  # every node's, all threads: one process
         return yard.depot_out() - before, took
     finally:
         depot.config = fanout
@@ -395,18 +398,20 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await yard.meet()
         print(f"{len(yard.nodes)} nodes met in {time.perf_counter() - t_start:.1f}s", flush=True)
         p2p_bytes, p2p_s = await distribute(yard, v1, 1, p2p=True)
-        fallbacks = yard.fallbacks
+        fallbacks, p2p_cpu = yard.fallbacks, yard.cpu_s
         deferred = sum(yard.arts["depot"].status()["deferred"].values())
         print(
             f"p2p:        depot sent {p2p_bytes / 1e6:7.2f} MB, every truck held it in "
             f"{p2p_s:6.2f}s ({deferred} chunk requests deferred as busy, {fallbacks} "
-            "fallbacks to the depot)",
+            f"fallbacks to the depot; {p2p_cpu:.1f} CPU-s)",
             flush=True,
         )
         only_bytes, only_s = await distribute(yard, v2, 2, p2p=False)
+        only_cpu = yard.cpu_s
         print(
             f"depot only: depot sent {only_bytes / 1e6:7.2f} MB, every truck held it in "
-            f"{only_s:6.2f}s (floor at the budget: {args.trucks * len(v2) / (args.rate_mb * 1e6):.2f}s)",
+            f"{only_s:6.2f}s (floor at the budget: "
+            f"{args.trucks * len(v2) / (args.rate_mb * 1e6):.2f}s; {only_cpu:.1f} CPU-s)",
             flush=True,
         )
         rounds, halt_s = await halt_rounds(yard)
@@ -432,6 +437,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "p2p_full_s": round(p2p_s, 3),
         "p2p_depot_deferred": deferred,
         "p2p_seed_fallbacks": fallbacks,
+        "p2p_cpu_s": round(p2p_cpu, 2),
+        "depot_only_cpu_s": round(only_cpu, 2),
         "depot_floor_s": round(args.trucks * len(v2) / (args.rate_mb * 1e6), 3),
         "depot_only_full_s": round(only_s, 3),
         "time_ratio": round(p2p_s / only_s, 4),

@@ -353,7 +353,7 @@ class Aggregator:
         if self._ro is None:
             self._ro = await aiosqlite.connect(self._ro_uri, uri=True)
         acks = await node.store.peer_acks()
-        return await peer_lags(self._ro, node.store.version_vector, acks, node.wall_ms())
+        return await peer_lags(self._ro, dict(node.store.version_vector), acks, node.wall_ms())
 
     def _peer_clock_offsets(self) -> dict[str, float]:
         """Peers' clock offsets, read from the one gauge (not the whole registry)."""

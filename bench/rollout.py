@@ -96,6 +96,7 @@ class Yard:
     ) -> None:
         self.root, self.rate, self.interval = root, rate, interval
         self.advert_every, self.star = advert_every, star
+        self.truck_interval = interval
         self.fallbacks = 0
         self.cpu_s = 0.0
         """The process's CPU seconds in the last pass (all nodes: what bounds its time)."""
@@ -109,7 +110,8 @@ class Yard:
             self.root / f"{node_id}.db", node_id=node_id, fleet=SF.fleet, keys=SF.keys(node_id)
         )
         # test tunables at a slower round: 33 nodes gossip in one process on a small box
-        cfg = MeshConfig.test().with_(interval_s=self.interval)
+        interval = self.interval if node_id == "depot" else self.truck_interval
+        cfg = MeshConfig.test().with_(interval_s=interval)
         if limited:
             cfg = cfg.with_(peer_bytes_per_s=self.rate, peer_burst_bytes=256 << 10)
         if self.star and node_id == "depot":  # the hub lists no peers: trucks meet it alone
@@ -383,6 +385,7 @@ async def swap_dropped(root: Path) -> tuple[int, int]:
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="syncfw-rollout-"))
     yard = Yard(root, args.rate_mb * 1e6, advert_every=args.advert_every, star=not args.full_mesh)
+    yard.truck_interval = args.truck_round_s
     t_start = time.perf_counter()
     try:
         t0 = time.perf_counter()
@@ -461,6 +464,12 @@ if __name__ == "__main__":
     p.add_argument("--hidden", type=int, default=4096, help="MLP width (4096: about 4 MB)")
     p.add_argument(
         "--advert-every", type=int, default=4, help="chunks between adverts (the default's)"
+    )
+    p.add_argument(
+        "--truck-round-s",
+        type=float,
+        default=0.25,
+        help="the trucks' gossip interval (the depot's is 0.25 s, the unit of halt_rounds)",
     )
     p.add_argument(
         "--full-mesh",

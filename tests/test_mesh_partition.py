@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-import syncfw.testing.partition as partition_mod
 from syncfw.testing.partition import EgressProxy, Partition
 
 _open = asyncio.open_connection  # the test's own dials, whatever the proxy's are patched to
@@ -87,14 +86,14 @@ async def test_a_cut_while_the_upstream_connects_refuses_the_tunnel(
         part.split(["a"], ["b"])  # the cut lands after the check, before the tunnel is listed
         return got
 
-    monkeypatch.setattr(partition_mod.asyncio, "open_connection", connect_then_cut)
+    monkeypatch.setattr(asyncio, "open_connection", connect_then_cut)  # the proxy's too
     try:
         status, r, w = await _connect(proxy, echo)
         assert status.startswith(b"HTTP/1.1 403"), status
         assert cuts == 1  # the upstream was dialed: the first check had let it through
         assert proxy.refused == 1 and not proxy.tunnels
         w.close()
-        monkeypatch.setattr(partition_mod.asyncio, "open_connection", real)
+        monkeypatch.setattr(asyncio, "open_connection", real)
         part.heal()
         status, r, w = await _connect(proxy, echo)
         assert status.startswith(b"HTTP/1.1 200")

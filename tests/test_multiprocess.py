@@ -102,8 +102,8 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
     names = [f"n{i}" for i in range(5)]
     partition = Partition()
     proxies = {n: EgressProxy(n, partition) for n in names}
-    for p in proxies.values():
-        await p.start()
+    for proxy in proxies.values():
+        await proxy.start()
     procs = {n: Proc(n, tmp_path / f"{n}.db", tmp_path / f"{n}.json", proxies[n]) for n in names}
     burst = 20_000
     try:

@@ -12,6 +12,7 @@ never dropped) use :meth:`syncfw.Node.follow` (:mod:`syncfw.store.follow`).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
@@ -47,26 +48,42 @@ class Change:
     local: bool
 
 
+class _Subscription:
+    """One live subscriber's pending changes: whole commits appended, read one by one."""
+
+    __slots__ = ("ended", "items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: collections.deque[Change] = collections.deque()
+        self.ended = False
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
 class ChangeFeed:
     """An async iterator over applied changes; ``aclose()`` unsubscribes.
 
     Lossy by design (see the module): for a resumable stream with values, use
     :meth:`syncfw.Node.follow`.
 
-    The store puts ``None`` in the queue to end the feed: because it closed
-    (``closed()`` is then true), or because the subscriber fell a whole buffer
-    behind (:class:`ChangeFeedLagged`).
+    The store ends the feed because it closed (``closed()`` is then true), or
+    because the subscriber fell a whole buffer behind (:class:`ChangeFeedLagged`),
+    once the subscriber has read what came before.
     """
 
     def __init__(
         self,
-        queue: asyncio.Queue[Change | None],
+        sub: _Subscription,
         *,
         unsubscribe: Callable[[], None],
         closed: Callable[[], bool],
         buffer: int,
     ) -> None:
-        self._queue = queue
+        self._sub = sub
         self._unsubscribe = unsubscribe
         self._closed = closed
         self._buffer = buffer
@@ -75,13 +92,19 @@ class ChangeFeed:
         return self
 
     async def __anext__(self) -> Change:
-        ch = await self._queue.get()
-        if ch is None:
-            self._unsubscribe()
-            if self._closed():
-                raise StopAsyncIteration
-            raise ChangeFeedLagged(f"change subscriber fell {self._buffer} changes behind")
-        return ch
+        sub = self._sub
+        while not sub.items:
+            if sub.ended:
+                self._unsubscribe()
+                if self._closed():
+                    raise StopAsyncIteration
+                raise ChangeFeedLagged(f"change subscriber fell {self._buffer} changes behind")
+            sub.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await sub.waiter
+            finally:
+                sub.waiter = None
+        return sub.items.popleft()
 
     async def aclose(self) -> None:
         """Stop receiving changes."""
@@ -105,7 +128,7 @@ class Notifier:
         self._closed = closed
         self._listeners: list[Listener] = []
         self._commit_listeners: list[CommitListener] = []
-        self._subscribers: set[asyncio.Queue[Change | None]] = set()
+        self._subscribers: set[_Subscription] = set()
 
     def add_listener(self, fn: Listener) -> None:
         self._listeners.append(fn)
@@ -141,24 +164,28 @@ class Notifier:
         if not self._subscribers:
             return
         changes = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
-        for q in list(self._subscribers):
-            if q.maxsize and q.qsize() + len(changes) >= q.maxsize:
+        for sub in list(self._subscribers):
+            if len(sub.items) + len(changes) > self._buffer:
                 # Too far behind: end this subscription rather than grow without bound.
-                self._subscribers.discard(q)
-                q.put_nowait(None)
-                continue
-            for ch in changes:
-                q.put_nowait(ch)
+                self._subscribers.discard(sub)
+                sub.ended = True
+            else:
+                sub.items.extend(changes)  # one commit's changes at once, not op by op
+            sub.wake()
 
     def changes(self) -> ChangeFeed:
         """A new live subscription (see :meth:`Store.changes`)."""
-        q: asyncio.Queue[Change | None] = asyncio.Queue(self._buffer + 1)
-        self._subscribers.add(q)
+        sub = _Subscription()
+        self._subscribers.add(sub)
         return ChangeFeed(
-            q, unsubscribe=lambda: self._subscribers.discard(q), closed=self._closed, buffer=self._buffer
+            sub,
+            unsubscribe=lambda: self._subscribers.discard(sub),
+            closed=self._closed,
+            buffer=self._buffer,
         )
 
     def close(self) -> None:
         """End every live subscription (the store closed)."""
-        for q in self._subscribers:
-            q.put_nowait(None)
+        for sub in self._subscribers:
+            sub.ended = True
+            sub.wake()

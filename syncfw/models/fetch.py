@@ -287,12 +287,17 @@ class _Run:
         self._report()
         tasks: dict[asyncio.Task[bool], tuple[Source, list[int]]] = {}
         last = time.monotonic()
+        known: list[Source] | None = None
+        known_at = 0.0
         try:
             while self.missing:
                 if len(tasks) < self.cfg.parallel:
-                    for src, idx in self._plan(
-                        await self.f.sources(self.m), self.cfg.parallel - len(tasks)
-                    ):
+                    now = time.monotonic()
+                    if known is None or now - known_at >= min(self.cfg.retry_s, 0.05):
+                        # adverts change at gossip pace: a burst of finished requests
+                        # plans on one read of them, not one read each
+                        known, known_at = await self.f.sources(self.m), now
+                    for src, idx in self._plan(known, self.cfg.parallel - len(tasks)):
                         self.asked.update(idx)
                         self.busy[src.node_id] = self.busy.get(src.node_id, 0) + 1
                         tasks[asyncio.create_task(self._request(src, idx))] = (src, idx)

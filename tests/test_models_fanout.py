@@ -7,6 +7,7 @@ rollout as soon as a canary's rollback arrives, not at its next poll."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -210,3 +211,42 @@ async def test_the_authority_halts_as_soon_as_a_canary_rollback_arrives(yard: Ya
         loop.cancel()
         with pytest.raises(asyncio.CancelledError):
             await loop
+
+
+async def test_a_taker_asked_for_a_chunk_on_its_way_sends_it_once_it_lands(yard: Yard) -> None:
+    data = random.Random(4).randbytes(6 * CHUNK)
+    # a slow metered depot: past its 32 KiB burst, each 16 KiB chunk takes half a second
+    await yard.add("depot", rate=32e3, serve_fanout=1, serve_hold_s=120.0)
+    await yard.add("t0")
+    await yard.add("t1")
+    await yard.meet()
+    await yard.arts["depot"].publish(
+        data,
+        name="inspection",
+        version=1,
+        key=SF.authority_key,
+        chunk_size=CHUNK,
+        **SIG,  # type: ignore[arg-type]
+    )
+    m = await yard.learn("t0")
+    fetching = asyncio.create_task(yard.arts["t0"].fetch(m))
+    f0 = yard.arts["t0"].fetcher
+    assert f0 is not None
+
+    def on_its_way() -> bool:  # past the burst: a chunk being metered out of the depot
+        return len(list(yard.arts["t0"].store.held(m))) >= 2 and any(
+            d in f0.inflight for d in m.chunks
+        )
+
+    await wait_until(on_its_way, timeout_s=20, what="t0 fetching a chunk from the depot")
+    digest = next(d for d in m.chunks if d in f0.inflight)
+    assert not yard.arts["t0"].store.has(digest)
+    net = yard.arts["t1"].mesh.network  # type: ignore[union-attr]
+    got = b""
+    async for piece in net.fetch(  # type: ignore[union-attr]
+        "t0", [digest], source="t1", node_id="t1", timeout_s=20.0
+    ):
+        assert not piece.missing  # it waited for the chunk to land, then sent it
+        got += piece.data
+    assert hashlib.sha256(got).digest() == digest
+    await asyncio.wait_for(fetching, 30)

@@ -20,6 +20,7 @@ and never leak::
     │   ├── CorruptDatabaseError      the file is not a readable SQLite database
     │   ├── ForeignDatabaseError      a SQLite file that syncfw did not create, or another node's
     │   ├── SchemaVersionError        written by a newer/unknown schema version
+    │   ├── SnapshotTooLargeError     the state is larger than a peer takes; none built
     │   ├── StoreClosedError          the store was closed
     │   ├── DatabaseLockedError       the file is open in another store (names the holder)
     │   └── ChainFencedError          the file lost this node's own ops: writes wait for them

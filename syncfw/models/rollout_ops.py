@@ -230,6 +230,24 @@ async def advance(node: Node) -> dict[tuple[str, int], Decision]:
     return out
 
 
+async def _wake_on(node: Node, wanted: Callable[[str], bool], wake: asyncio.Event) -> None:
+    """Set ``wake`` on every change to a key ``wanted`` accepts (and once a lagging
+    subscription is renewed, as changes may have been missed); returns when the node
+    closes."""
+    while True:
+        changes = node.changes()
+        try:
+            async for ch in changes:
+                if wanted(ch.key):
+                    wake.set()
+        except ChangeFeedLagged:
+            wake.set()
+            continue
+        finally:
+            await changes.aclose()
+        return
+
+
 async def authority_loop(
     node: Node,
     *,
@@ -248,24 +266,14 @@ async def authority_loop(
         on_error: called with a pass's error (logged and retried either way).
     """
     wake = asyncio.Event()
-
-    async def feed() -> None:
-        while True:
-            changes = node.changes()
-            try:
-                async for ch in changes:
-                    if ch.key.startswith(ROLLOUT_PREFIX) or (
-                        ch.key.startswith("fleet/") and "/model/" in ch.key
-                    ):
-                        wake.set()
-            except ChangeFeedLagged:
-                wake.set()
-                continue
-            finally:
-                await changes.aclose()
-            return
-
-    task = asyncio.create_task(feed())
+    task = asyncio.create_task(
+        _wake_on(
+            node,
+            lambda key: key.startswith(ROLLOUT_PREFIX)
+            or (key.startswith("fleet/") and "/model/" in key),
+            wake,
+        )
+    )
     try:
         while True:
             wake.clear()
@@ -310,22 +318,7 @@ async def step(lc: Lifecycle) -> Record | None:
 async def follow(lc: Lifecycle, *, every_s: float = 2.0) -> None:
     """Run :func:`step` whenever rollout, release or chunk ops arrive (and every ``every_s``)."""
     wake = asyncio.Event()
-
-    async def feed() -> None:
-        while True:
-            changes = lc.node.changes()
-            try:
-                async for ch in changes:
-                    if ch.key.startswith(SYS_PREFIX):
-                        wake.set()
-            except ChangeFeedLagged:
-                wake.set()
-                continue
-            finally:
-                await changes.aclose()
-            return
-
-    task = asyncio.create_task(feed())
+    task = asyncio.create_task(_wake_on(lc.node, lambda key: key.startswith(SYS_PREFIX), wake))
     try:
         while True:
             try:

@@ -23,6 +23,7 @@ from syncfw.errors import ChainFencedError, DecodeError, SnapshotTooLargeError
 from syncfw.exchange import run_exchange
 from syncfw.exchange.pair import SessionPair
 from syncfw.mesh import MeshConfig
+from syncfw.metrics import NodeMetrics
 from syncfw.node import Node
 from syncfw.sync import SessionConfig, Snapshot, Status, decode_snapshot, encode_snapshot
 from syncfw.sync.session import SNAPSHOT, Session
@@ -161,9 +162,13 @@ def test_a_sender_builds_no_snapshot_larger_than_its_cap_and_says_why(
     src, fresh = _compacted_pair(400)
     with pytest.raises(SnapshotTooLargeError, match="max_snapshot_bytes"):
         asyncio.run(src.snapshot(max_bytes=512))
+    pair = SessionPair(fresh, src, config_b=SessionConfig(max_snapshot_bytes=512))
+    metrics = NodeMetrics("src")
+    pair.performers["b"]._metrics = metrics  # what a node's runner hands its performer
     with caplog.at_level(logging.WARNING, logger="syncfw"):
-        res = SessionPair(fresh, src, config_b=SessionConfig(max_snapshot_bytes=512)).run()
+        res = pair.run()
     assert res.a is not None and res.a[0] is Status.OUT_OF_RANGE, res.a
+    assert metrics.snapshot()["snapshots"] == {"too_large": 1}
     assert "larger than the largest snapshot" in res.a[1], res.a
     assert any("needs a snapshot, but the state" in r.getMessage() for r in caplog.records)
     assert fresh.vv() == {} and fresh.scan("") == {}

@@ -55,6 +55,13 @@ class Yard:
         self.nodes[nid], self.arts[nid] = node, arts
         return arts
 
+    async def publish(self, data: bytes, version: int = 1) -> ReleaseManifest:
+        """The depot publishes ``data`` as release ``version`` of ``inspection``."""
+        return await self.arts["depot"].publish(
+            data, name="inspection", version=version, key=SF.authority_key, chunk_size=CHUNK,
+            **SIG,  # type: ignore[arg-type]
+        )
+
     async def learn(self, nid: str, version: int = 1) -> ReleaseManifest:
         async def known() -> bool:
             return await self.arts[nid].release("inspection", version) is not None
@@ -104,14 +111,7 @@ async def test_each_chunk_leaves_a_metered_depot_once_and_the_trucks_share_it(
     for i in range(n):
         await yard.add(f"t{i}")
     await yard.meet()
-    m = await yard.arts["depot"].publish(
-        data,
-        name="inspection",
-        version=1,
-        key=SF.authority_key,
-        chunk_size=CHUNK,
-        **SIG,  # type: ignore[arg-type]
-    )
+    m = await yard.publish(data)
     ms = [await yard.learn(f"t{i}") for i in range(n)]
     got = await asyncio.wait_for(
         asyncio.gather(*(yard.arts[f"t{i}"].fetch(mm) for i, mm in enumerate(ms))), 60
@@ -138,14 +138,7 @@ async def test_a_truck_no_peer_can_help_falls_back_to_the_depot_after_the_hold(
     await yard.add("t0")
     await yard.add("t1")
     await yard.meet()
-    await yard.arts["depot"].publish(
-        data,
-        name="inspection",
-        version=1,
-        key=SF.authority_key,
-        chunk_size=CHUNK,
-        **SIG,  # type: ignore[arg-type]
-    )
+    await yard.publish(data)
     m0, m1 = await yard.learn("t0"), await yard.learn("t1")
     yard.net.partition("t0", "t1")  # t1 cannot reach the truck that took every chunk
     assert (await yard.arts["t0"].fetch(m0)).by_peer == {"depot": len(data)}
@@ -168,14 +161,7 @@ async def test_an_unmetered_node_serves_every_caller(yard: Yard) -> None:
     for i in range(3):
         await yard.add(f"t{i}")
     await yard.meet()
-    await yard.arts["depot"].publish(
-        data,
-        name="inspection",
-        version=1,
-        key=SF.authority_key,
-        chunk_size=CHUNK,
-        **SIG,  # type: ignore[arg-type]
-    )
+    await yard.publish(data)
     for i in range(3):
         yard.net.partition(f"t{i}", f"t{(i + 1) % 3}")  # no truck can reach another
         yard.net.partition(f"t{i}", f"t{(i + 2) % 3}")
@@ -220,14 +206,7 @@ async def test_a_taker_asked_for_a_chunk_on_its_way_sends_it_once_it_lands(yard:
     await yard.add("t0")
     await yard.add("t1")
     await yard.meet()
-    await yard.arts["depot"].publish(
-        data,
-        name="inspection",
-        version=1,
-        key=SF.authority_key,
-        chunk_size=CHUNK,
-        **SIG,  # type: ignore[arg-type]
-    )
+    await yard.publish(data)
     m = await yard.learn("t0")
     fetching = asyncio.create_task(yard.arts["t0"].fetch(m))
     f0 = yard.arts["t0"].fetcher

@@ -124,7 +124,8 @@ def test_a_round_pays_new_dials_only_for_peers_it_dials() -> None:
 
 class _Freezing(InMemoryNetwork):
     """Streams to "x" stop delivering once ``frozen`` is set (a black hole mid-exchange);
-    with ``pace_s``, each frame from it comes that long after the one before (a loaded peer)."""
+    with ``pace_s``, each frame from it after the Hello comes that long after the one before
+    (a loaded peer)."""
 
     frozen = False
     pace_s = 0.0
@@ -143,9 +144,12 @@ class _Freezing(InMemoryNetwork):
                 if not net.frozen:
                     await stream.send(data)
 
+            seen = 0
+
             async def recv(self) -> bytes | None:
                 got = await stream.recv()
-                if net.pace_s:
+                self.seen += 1
+                if net.pace_s and self.seen > 1:  # the Hello comes on time
                     await asyncio.sleep(net.pace_s)
                 if net.frozen:
                     await asyncio.Event().wait()  # never set: nothing arrives any more
@@ -221,19 +225,22 @@ async def test_a_loaded_peer_mid_catch_up_that_answers_no_probe_is_not_declared_
         interval_s=0.05, exchange_timeout_s=30.0, indirect_probes=0, dead_after_s=0.3
     )
     rx = MemoryReplica("x")
-    for i in range(3000):
+    # 1.6 MB: at least 8 batches from an 8 KiB start, so the catch-up outlasts the
+    # 3 s below however late this test's first look at it comes
+    for i in range(8000):
         rx.put(f"fleet/x/k{i}", "v" * 200)
     x = await Mesh.start(rx, listen="x", network=InMemoryNetwork(net), config=cfg, seed=2)
     slow = _Freezing(net)
+    # a frame every 0.5 s after the Hello: past probe_timeout_s + interval_s (0.35 s),
+    # within the window with dead_after_s (0.65 s). Paced from the outset, the exchange
+    # cannot finish before the pace applies (on a loaded machine it did).
+    slow.pace_s = 0.5
     a = await Mesh.start(
         MemoryReplica("a"), listen="a", seeds=["x"], network=slow, config=cfg, seed=1
     )
     try:
         await wait_until(lambda: "x" in a._busy, timeout_s=10.0, what="an exchange with x")
-        # a frame every 0.5 s: past probe_timeout_s + interval_s (0.35 s), within
-        # the window with dead_after_s (0.65 s); and x answers no probe at all
-        slow.pace_s = 0.5
-        net.unlisten("x")
+        net.unlisten("x")  # and from now on x answers no probe at all
         await asyncio.sleep(3.0)
         m = a.membership.members["x"]
         assert "x" in a._busy, "the exchange was cut"

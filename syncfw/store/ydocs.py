@@ -85,13 +85,25 @@ class Pile:
 
 
 async def pile(fetch: Fetch, key: str) -> Pile:
-    """Read everything stored for ``key`` (an empty document when absent)."""
-    rows = await fetch("SELECT hlc, data FROM ydoc_checkpoints WHERE key = ?", (key,))
-    hlc, data = (int(rows[0][0]), bytes(rows[0][1])) if rows else (0, EMPTY_UPDATE)
-    updates = await fetch(
-        "SELECT origin, seq, hlc, data FROM ydoc_updates WHERE key = ?", (key,)
+    """Read everything stored for ``key`` (an empty document when absent).
+
+    One statement, so one snapshot: a fold committing between a read of the
+    checkpoint and a read of the updates would otherwise lose the updates it
+    folded (the old checkpoint without them, the update rows already gone).
+    """
+    rows = await fetch(
+        "SELECT 0, '', 0, hlc, data FROM ydoc_checkpoints WHERE key = ? "
+        "UNION ALL SELECT 1, origin, seq, hlc, data FROM ydoc_updates WHERE key = ?",
+        (key, key),
     )
-    return Pile(data, hlc, tuple((o, int(s), int(h), bytes(d)) for o, s, h, d in updates))
+    hlc, data = 0, EMPTY_UPDATE
+    updates = []
+    for is_update, o, s, h, d in rows:
+        if is_update:
+            updates.append((str(o), int(s), int(h), bytes(d)))
+        else:
+            hlc, data = int(h), bytes(d)
+    return Pile(data, hlc, tuple(updates))
 
 
 async def read(fetch: Fetch, key: str) -> bytes:

@@ -3,6 +3,11 @@ real SQLite-backed nodes."""
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -98,3 +103,53 @@ async def raw_exchange(
         except grpc.aio.AioRpcError:
             pass
         return await call.code(), await call.details() or ""
+
+
+# Threads a test left running. The interpreter waits for every non-daemon thread
+# before it exits (an aiosqlite connection nobody closed is one), so one left behind
+# hangs the run after its summary, until CI's own limit. Each is put down to the test
+# after which it was first seen. Once the run is over a watchdog (a daemon thread, gone
+# with a normal exit) waits EXIT_GRACE_S; if the interpreter is still waiting then, it
+# lists the threads with their stacks and exits with the run's own status.
+EXIT_GRACE_S = float(os.environ.get("SYNCFW_TEST_EXIT_GRACE_S", "60"))
+_FIRST_SEEN: dict[int, str] = {}
+_EXIT_STATUS = [0]
+
+
+def _lingering() -> list[threading.Thread]:
+    main = threading.main_thread()
+    return [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logfinish(nodeid: str, location: object) -> None:
+    for t in _lingering():
+        if t.ident is not None:
+            _FIRST_SEEN.setdefault(t.ident, nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS[0] = int(exitstatus)
+
+
+def _watchdog() -> None:
+    time.sleep(EXIT_GRACE_S)
+    left = _lingering()
+    frames = sys._current_frames()
+    out = [
+        f"WARNING: the run ended {EXIT_GRACE_S:.0f} s ago and the interpreter still waits "
+        f"for {len(left)} non-daemon thread(s); exiting without them"
+    ]
+    for t in left:
+        seen = _FIRST_SEEN.get(t.ident or -1, "before any test ended")
+        out.append(f"--- {t.name}, first seen after {seen}")
+        frame = frames.get(t.ident or -1)
+        out.append("".join(traceback.format_stack(frame)) if frame else "(no stack)")
+    sys.stderr.write("\n".join(out) + "\n")
+    sys.stderr.flush()
+    os._exit(_EXIT_STATUS[0])
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    threading.Thread(target=_watchdog, name="syncfw-test-exit-watchdog", daemon=True).start()

@@ -126,8 +126,14 @@ class WallClock(Protocol):
 
 
 def replica_wall_ms(replica: Replica) -> int:
-    """The wall clock a replica's ``Hello`` reports: its own if it has one, else the system's."""
-    return replica.wall_ms() if isinstance(replica, WallClock) else system_wall_ms()
+    """The wall clock a replica's ``Hello`` reports: its own if it has one, else the system's.
+
+    Whether it is a :class:`WallClock` is looked up as an attribute: the protocol's
+    own ``isinstance`` walks the protocol's members on every call, and this runs on
+    every Hello and every clock reading of an exchange.
+    """
+    wall = getattr(replica, "wall_ms", None)
+    return int(wall()) if callable(wall) else system_wall_ms()
 
 
 _books: weakref.WeakKeyDictionary[Replica, PeerBook] = weakref.WeakKeyDictionary()

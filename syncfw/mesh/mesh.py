@@ -189,6 +189,7 @@ class Mesh:
         self._closed = False
         self._exchanges = 0
         self._labelled: set[str] = set()  # peer ids with per-peer series
+        self._published: dict[str, int] | None = None  # the member counts the gauges show
         self._warned: set[str] = set()
         self.rounds = 0
 
@@ -671,6 +672,9 @@ class Mesh:
             counts[m.state.value] = counts.get(m.state.value, 0) + 1
             if m.node_id:
                 ids.add(m.node_id)
+        if counts == self._published and ids >= self._labelled:
+            return  # every exchange's end lands here; the gauges already say this
+        self._published = counts
         self.metrics.set_peers(counts, _STATES)
         self.metrics.set_members(len(self.membership.members))
         for gone in self._labelled - ids:

@@ -137,8 +137,9 @@ async def _edges_main(address: str, folder: str, n_edges: int, backlog: int) -> 
         if not line or line[0] == "quit":
             break
         if line[0] == "go":
+            c0 = time.process_time()
             oks = await asyncio.gather(*(sync(n) for n in nodes))
-            print(f"synced {sum(oks)}", flush=True)
+            print(f"synced {sum(oks)} cpu {time.process_time() - c0:.3f}", flush=True)
         elif line[0] == "steady":
             rate, seconds = float(line[1]), float(line[2])
             await _steady(nodes, sync, rate, seconds)
@@ -239,7 +240,7 @@ class Commits:
         return at
 
 
-async def _floor(agg: Node, folder: Path) -> float:
+async def _floor(agg: Node, folder: Path, batch: int = 2000) -> float:
     ops = []
     vv: dict[str, int] = {}
     while True:
@@ -252,8 +253,8 @@ async def _floor(agg: Node, folder: Path) -> float:
     node = await Node.open(folder / "floor.db", node_id="floor", fleet=FLEET, config=STORE)
     try:
         t = time.perf_counter()
-        for i in range(0, len(ops), 2000):
-            await node.apply_remote(ops[i : i + 2000])
+        for i in range(0, len(ops), batch):
+            await node.apply_remote(ops[i : i + batch])
         return len(ops) / (time.perf_counter() - t)
     finally:
         await node.close()
@@ -335,6 +336,9 @@ async def main() -> None:
     p.add_argument("--rate", type=float, default=10_000, help="steady ops/s, all edges together")
     p.add_argument("--seconds", type=float, default=15.0, help="steady phase length")
     p.add_argument("--soak", type=float, default=0.0, metavar="MINUTES")
+    p.add_argument("--floor-batch", type=int, default=2000,
+                   help="ops per apply_remote in the floor (the ingest's own batches are "
+                        "~70 ops: each exchange's batches start at 8 KiB)")
     p.add_argument("--quick", action="store_true", help="8 edges, small figures (smoke test)")
     p.add_argument("--feed-only", action="store_true",
                    help="the feed's latency with ops applied in this process (no edges)")
@@ -380,20 +384,25 @@ async def main() -> None:
         try:
             await said("ready")
             total = args.edges * args.backlog
-            t = time.perf_counter()
+            t, c0, edges_cpu = time.perf_counter(), time.process_time(), 0.0
             for _ in range(5):  # an exchange cut on a busy machine is retried, as a mesh would
                 proc.stdin.write(b"go\n")
-                print(f"edges: {(await said('synced')).strip()}", flush=True)
+                synced = (await said("synced")).strip()
+                edges_cpu += float(synced.rsplit(" ", 1)[1])
+                print(f"edges: {synced}", flush=True)
                 if sum(agg.node.store.version_vector.values()) >= total:
                     break
             else:
                 raise RuntimeError("the edges could not sync their backlog")
-            ingest = total / (time.perf_counter() - t)
+            ingest_s = time.perf_counter() - t
+            ingest, agg_cpu = total / ingest_s, time.process_time() - c0
             print(flush=True)
             print(f"ingest: {total} ops from {args.edges} edges in "
-                  f"{total / ingest:.2f} s = {ingest:,.0f} ops/s")
-            floor = await _floor(agg.node, folder)
-            print(f"floor (apply_remote of the same ops, 2k batches): {floor:,.0f} ops/s; "
+                  f"{total / ingest:.2f} s = {ingest:,.0f} ops/s; CPU-s: aggregator "
+                  f"{agg_cpu:.2f}, edges {edges_cpu:.2f} (of {2 * ingest_s:.2f} on 2 cores)")
+            floor = await _floor(agg.node, folder, args.floor_batch)
+            print(f"floor (apply_remote of the same ops, {args.floor_batch}-op batches): "
+                  f"{floor:,.0f} ops/s; "
                   f"ingest ratio {ingest / floor:.2f}")
 
             consumer = Consumer(local, since=agg.node.store.version_vector,
@@ -456,6 +465,9 @@ async def main() -> None:
         "edges": args.edges,
         "ingest_ops": total,
         "ingest_ops_per_s": round(ingest),
+        "ingest_cpu_s_aggregator": round(agg_cpu, 3),
+        "ingest_cpu_s_edges": round(edges_cpu, 3),
+        "ingest_s": round(ingest_s, 3),
         "floor_ops_per_s": round(floor),
         "ingest_ratio": round(ingest / floor, 3),
         "feed_asked_ops_per_s": args.rate,

@@ -8,21 +8,37 @@ an ephemeral ordered pull (nothing is left behind on the server);
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import nats
+import nats.errors
 from nats.js import api
 
 from syncfw.cloud.export_subjects import ExportedOp, op_from_message
 
 __all__ = ["StreamReport", "check_stream", "read_stream"]
 
+log = logging.getLogger("syncfw.cloud")
+
 
 async def read_stream(
-    servers: Sequence[str], stream: str, *, batch: int = 1000, timeout_s: float = 5.0
+    servers: Sequence[str],
+    stream: str,
+    *,
+    batch: int = 1000,
+    timeout_s: float = 5.0,
+    settle_s: float = 30.0,
 ) -> list[ExportedOp]:
-    """Every op message of ``stream``, in stream order."""
+    """Every op message of ``stream``, in stream order.
+
+    Creating the reading consumer is retried for up to ``settle_s`` when it times
+    out (with a WARNING each time): just after a cluster's servers restart, its
+    JetStream leader may still be elected and answers no API request until then.
+    """
     nc = await nats.connect(servers=list(servers), connect_timeout=2, max_reconnect_attempts=3)
     try:
         js = nc.jetstream(timeout=timeout_s)
@@ -31,17 +47,23 @@ async def read_stream(
         out: list[ExportedOp] = []
         if not total:
             return out
-        sub = await js.pull_subscribe(
-            "",
-            stream=stream,
-            config=api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE,
-                deliver_policy=api.DeliverPolicy.ALL,
-                inactive_threshold=30.0,
-                mem_storage=True,
-                num_replicas=1,
-            ),
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.ALL,
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
         )
+        give_up = time.monotonic() + settle_s
+        while True:
+            try:
+                sub = await js.pull_subscribe("", stream=stream, config=config)
+                break
+            except nats.errors.TimeoutError:
+                if time.monotonic() >= give_up:
+                    raise
+                log.warning("reading stream %s: no answer to creating a consumer; retrying", stream)
+                await asyncio.sleep(0.5)
         try:
             while len(out) < total:
                 msgs = await sub.fetch(min(batch, total - len(out)), timeout=timeout_s)

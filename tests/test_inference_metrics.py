@@ -92,7 +92,9 @@ async def test_timeouts_and_failed_writes_are_outcomes_too() -> None:
 
     x, _ = canary()
     try:
-        async with Engine(sink, EngineConfig(timeout_s=0.1), preprocess=pre) as engine:
+        # 1 s: the hung call passes it, and a loaded machine's ordinary calls do not
+        # (at 0.1 s one did, in CI)
+        async with Engine(sink, EngineConfig(timeout_s=1.0), preprocess=pre) as engine:
             info = await engine.load(MODEL_PATH)
             with pytest.raises(InferenceTimeoutError):
                 await engine.infer("hang")

@@ -76,16 +76,14 @@ class Advert:
         """True if it claims every chunk."""
         return self.have == b""
 
+    def mask(self) -> int:
+        """The claimed chunks as an int, bit ``i`` for chunk ``i`` (all bits if complete);
+        bits at ``n`` and beyond mean nothing: test ``0 <= i < n`` first, as :meth:`holds`."""
+        return -1 if self.complete else int.from_bytes(self.have, "little")
+
     def holds(self, index: int) -> bool:
         """True if it claims chunk ``index``."""
-        if self.complete:
-            return 0 <= index < self.n
-        byte = index // 8
-        return (
-            0 <= index < self.n
-            and byte < len(self.have)
-            and bool(self.have[byte] >> (index % 8) & 1)
-        )
+        return 0 <= index < self.n and bool(self.mask() >> index & 1)
 
     def count(self) -> int:
         """How many chunks it claims."""

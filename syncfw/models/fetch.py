@@ -384,12 +384,12 @@ class _Run:
         rank = {i: r for r, i in enumerate(self.order)}
         wanted = [i for i in self.order if i in self.missing and i not in self.asked]
         # who claims each wanted chunk, in the order of ``usable`` (Advert.holds, with
-        # each advert's bitmap read once as an int: this runs on every step of a fetch)
+        # each advert's mask read once: this runs on every step of a fetch)
         claimants: dict[int, list[Source]] = {i: [] for i in wanted}
         hints = self.hints
         for s in usable:
             a, node = s.advert, s.node_id
-            bits = -1 if a.complete else int.from_bytes(a.have, "little")
+            bits = a.mask()
             for i in wanted:
                 if (0 <= i < a.n and bits >> i & 1) or node in hints.get(i, ()):
                     claimants[i].append(s)

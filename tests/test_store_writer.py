@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from typing import Any
 
 from conftest import NodeFactory
 from test_store_remote import chain
 
+import syncfw
 from syncfw.log import Op
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
 
@@ -103,3 +105,100 @@ async def test_a_put_cancelled_while_it_commits_never_kills_the_writer(
     op = await asyncio.wait_for(node.put("fleet/t7/after", 1), 5)  # the writer lives on
     assert await node.get("fleet/t7/after") == 1 and op.seq > 1
     await asyncio.wait_for(node.close(), 5)
+
+
+# -- remote groups (writer invariant 4a) ---------------------------------------------
+
+
+_holding: set[asyncio.Future[Any]] = set()
+
+
+async def _held_writer(node: Any) -> asyncio.Event:
+    """Keep the writer busy until the returned event is set, so what is queued meanwhile
+    waits together."""
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def hold() -> None:
+        started.set()
+        await release.wait()
+
+    _holding.add(asyncio.ensure_future(node.store._call(hold, Priority.REMOTE)))
+    await started.wait()
+    return release
+
+
+def _count_plans(node: Any) -> list[int]:
+    """Wrap the store's planner entry: the number of ops of each plan it makes."""
+    store = node.store
+    sizes: list[int] = []
+    inner = store._apply_planned
+
+    async def counted(incoming: list[Op]) -> Any:
+        sizes.append(len(incoming))
+        return await inner(incoming)
+
+    store._apply_planned = counted
+    return sizes
+
+
+async def test_remote_batches_waiting_together_commit_as_one_each_with_its_own_result(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node("depot")
+    sizes = _count_plans(node)
+    batches = [chain(f"t{i}", 5 + i) for i in range(8)]
+    release = await _held_writer(node)
+    calls = [asyncio.ensure_future(node.apply_remote(b)) for b in batches]
+    await asyncio.sleep(0)
+    release.set()
+    results = await asyncio.gather(*calls)
+    assert sizes == [sum(len(b) for b in batches)]  # one plan for all eight
+    assert [(r.applied, r.duplicates, r.rejected) for r in results] == [
+        (len(b), 0, 0) for b in batches
+    ]
+    assert await node.version_vector() == {f"t{i}": 5 + i for i in range(8)}
+
+
+async def test_a_bad_batch_in_a_group_fails_alone(make_node: NodeFactory) -> None:
+    node = await make_node("depot")
+    good_a, good_b = chain("t1", 4), chain("t2", 3)
+    bad = chain("t3", 4)
+    bad[-1] = dataclasses.replace(bad[-1], prev=b"\x66" * 32)  # breaks t3's chain
+    release = await _held_writer(node)
+    calls = [asyncio.ensure_future(node.apply_remote(b)) for b in (good_a, bad, good_b)]
+    await asyncio.sleep(0)
+    release.set()
+    got = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(got[1], syncfw.ChainError)
+    assert [(r.applied, r.duplicates) for r in (got[0], got[2])] == [(4, 0), (3, 0)]
+    vv = await node.version_vector()
+    assert vv == {"t1": 4, "t2": 3}  # nothing of the bad batch, all of the others
+
+
+async def test_overlapping_batches_in_a_group_count_each_op_once(make_node: NodeFactory) -> None:
+    node = await make_node("depot")
+    ops = chain("t1", 10)
+    await node.apply_remote(ops[:2])
+    release = await _held_writer(node)
+    # two peers relaying the same origin: 1-6 and 4-10 (1-2 already held); then a gap-closer
+    calls = [asyncio.ensure_future(node.apply_remote(b)) for b in (ops[:6], ops[3:])]
+    await asyncio.sleep(0)
+    release.set()
+    first, second = await asyncio.gather(*calls)
+    assert (first.applied, first.duplicates) == (4, 2)
+    assert (second.applied, second.duplicates) == (4, 3)
+    assert first.applied + second.applied == 8
+    assert (await node.version_vector())["t1"] == 10
+
+
+async def test_remote_groups_keep_to_their_op_cap(make_node: NodeFactory) -> None:
+    node = await make_node("depot", config=syncfw.StoreConfig(max_remote_group_ops=10))
+    sizes = _count_plans(node)
+    batches = [chain(f"t{i}", n) for i, n in enumerate((4, 4, 4, 12, 1))]
+    release = await _held_writer(node)
+    calls = [asyncio.ensure_future(node.apply_remote(b)) for b in batches]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(*calls)
+    assert sizes == [8, 4, 12, 1]  # 4+4 fit, a third 4 would not; 12 goes alone

@@ -31,6 +31,12 @@ class StoreConfig:
             within them, so peers can never fill the space a node's own writes need.
             None: 1/8 of ``max_bytes``. Only with ``max_bytes``.
         max_batch: most local writes grouped into one transaction.
+        max_remote_group_ops: remote batches waiting for the writer together
+            (several peers' exchanges landing at once) are planned and committed
+            as one transaction while their ops add up to at most this many; a
+            group that fails is applied batch by batch, so each peer's batch is
+            still applied whole or not at all, and only the failing one fails.
+            1 applies every batch alone.
         max_offset_ms: how far ahead of local time a remote op may be.
         max_pending: most ops held back at once (the farthest ahead are
             dropped beyond it; they are resent by the next exchange).
@@ -65,6 +71,7 @@ class StoreConfig:
     max_bytes: int | None = None
     local_reserve_bytes: int | None = None
     max_batch: int = 2048
+    max_remote_group_ops: int = 4096
     max_offset_ms: int = 500
     max_pending: int = 100_000
     max_pending_bytes: int = 32 << 20

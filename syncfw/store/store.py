@@ -81,6 +81,7 @@ from syncfw.store.planner import (
     PayloadFn,
     Pending,
     RemoteLimits,
+    RemotePlan,
     has_work,
     pending_counts,
     plan_remote,
@@ -95,7 +96,7 @@ from syncfw.store.sql import (
     translate_error,
 )
 from syncfw.store.trust import StoreTrust
-from syncfw.store.writer import Priority, WriteJob, WriterQueue
+from syncfw.store.writer import Priority, RemoteJob, WriteJob, WriterQueue
 from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES, Snapshot
 from syncfw.trust import EVIDENCE_KIND, ForkEvidence, KeyRing
 from syncfw.zones import Fleet, ZoneTable
@@ -157,7 +158,12 @@ class Store:
             int(config.pending_warn_age_s * 1000),
             int(config.pending_warn_every_s * 1000),
         )
-        self._writer = WriterQueue(self._commit_local, max_batch=config.max_batch)
+        self._writer = WriterQueue(
+            self._commit_local,
+            max_batch=config.max_batch,
+            apply_group=self._apply_group,
+            max_remote_ops=config.max_remote_group_ops,
+        )
         self._closed = False
         self._feed = Notifier(config.changes_buffer, lambda: self._closed)
         self._lock = FileLock(None)
@@ -525,7 +531,40 @@ class Store:
         """
         if not ops:
             return ApplyResult()
-        return await self._call(lambda: self._apply_remote(list(ops)), Priority.REMOTE)
+        self._check_open()
+        fut: asyncio.Future[ApplyResult] = asyncio.get_running_loop().create_future()
+        self._writer.put(RemoteJob(list(ops), fut), Priority.REMOTE)
+        return await fut
+
+    async def _apply_group(self, jobs: list[RemoteJob]) -> None:
+        """Apply remote batches that waited together as one plan and transaction
+        (``StoreConfig.max_remote_group_ops``), settling each caller's future with
+        its own batch's result.
+
+        If the group fails (one batch breaks a chain, forks, is malformed, or
+        there is no room), each batch is applied alone, so a batch is still
+        applied whole or not at all and only a faulty one fails.
+        """
+        if len(jobs) > 1:
+            try:
+                got, plan = await self._apply_planned([op for job in jobs for op in job.ops])
+            except Exception:
+                pass  # one batch is at fault, or the store: find out batch by batch
+            else:
+                parts = _split_result(got, plan, [job.ops for job in jobs])
+                for job, res in zip(jobs, parts, strict=True):
+                    if not job.future.done():
+                        job.future.set_result(res)
+                return
+        for job in jobs:
+            try:
+                res = await self._apply_remote(job.ops)
+            except Exception as exc:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            else:
+                if not job.future.done():
+                    job.future.set_result(res)
 
     async def retry_pending(self) -> ApplyResult:
         """Re-judge held-back ops (after a grant, or once local time caught up)."""
@@ -546,6 +585,11 @@ class Store:
             )
 
     async def _apply_remote(self, incoming: list[Op]) -> ApplyResult:
+        got, _ = await self._apply_planned(incoming)
+        return got
+
+    async def _apply_planned(self, incoming: list[Op]) -> tuple[ApplyResult, RemotePlan]:
+        """Plan, commit and account for one batch; its result, and the plan it ran."""
         m = Mirrors(
             self._vv, self._heads, self._pending, self.zones, self.keys, self.trust.forks,
             await self.trust.kept_branches(self.keys, self._read),
@@ -615,7 +659,7 @@ class Store:
                 pending=more.pending,
                 rejected=got.rejected + more.rejected,
             )
-        return got
+        return got, plan
 
     async def _record_forks(self, suspects: Sequence[tuple[str, int, tuple[Op, ...]]]) -> None:
         """Verified fork evidence is stored, flagged and reported, then gossiped from this
@@ -931,3 +975,41 @@ async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) 
         )
     elif found:
         raise CorruptDatabaseError(f"{path!r} is damaged (quick_check): " + "; ".join(found))
+
+
+def _split_result(got: ApplyResult, plan: RemotePlan, parts: list[list[Op]]) -> list[ApplyResult]:
+    """Each batch's share of a group's result (:meth:`Store._apply_group`).
+
+    An op is counted applied or rejected in the first batch that carried it, and a
+    duplicate in any later one. What no batch carried (held-back ops the group
+    released, or what a fork ruling released) is counted in the first batch, as
+    a single batch counts what it releases. ``pending`` is the store's, as ever.
+    """
+    applied = {op.id for op in plan.applied}
+    rejected = {op.id for op, _ in plan.rejected}
+    dups = {op.id for op in plan.duplicates}
+    claimed: set[tuple[str, int]] = set()
+    out: list[ApplyResult] = []
+    for ops in parts:
+        a = r = d = 0
+        for op in ops:
+            i = op.id
+            if i in claimed:
+                d += 1
+            elif i in applied:
+                a += 1
+                claimed.add(i)
+            elif i in rejected:
+                r += 1
+                claimed.add(i)
+            elif i in dups:
+                d += 1
+        out.append(ApplyResult(applied=a, duplicates=d, pending=got.pending, rejected=r))
+    first = out[0]
+    out[0] = ApplyResult(
+        applied=first.applied + got.applied - sum(x.applied for x in out),
+        duplicates=first.duplicates,
+        pending=got.pending,
+        rejected=first.rejected + got.rejected - sum(x.rejected for x in out),
+    )
+    return out

@@ -17,6 +17,12 @@ Invariants:
    returns only after that COMMIT.
 4. Pipelining: a group is planned while the one before it commits on the
    database thread; a call waits for the group in flight to land first.
+4a. Remote groups: remote batches (:class:`RemoteJob`) queued one behind the
+   other at the head of the remote queue are handed to the store together,
+   while their ops add up to at most ``max_remote_ops`` (a batch larger than
+   that goes alone). Many peers' exchanges landing at once then cost one plan
+   and one transaction, not one each; the store answers each caller with its
+   own batch's result (:data:`ApplyGroupFn`).
 5. On close, every queued job runs; jobs queued again behind the close (a
    re-planned group) fail with :class:`StoreClosedError`, never silently.
 """
@@ -34,7 +40,7 @@ from syncfw.errors import StoreClosedError
 from syncfw.log import Op
 from syncfw.store.planner import PayloadFn
 
-__all__ = ["CallJob", "Priority", "WriteJob", "WriterQueue"]
+__all__ = ["CallJob", "Priority", "RemoteJob", "WriteJob", "WriterQueue"]
 
 T = TypeVar("T")
 
@@ -67,7 +73,18 @@ class CallJob:
     future: asyncio.Future[Any]
 
 
-Job = WriteJob | CallJob
+@dataclass(slots=True)
+class RemoteJob:
+    """One remote batch to apply, and its caller's future (see invariant 4a)."""
+
+    ops: list[Op]
+    future: asyncio.Future[Any]
+
+
+Job = WriteJob | CallJob | RemoteJob
+ApplyGroupFn = Callable[[list[RemoteJob]], Awaitable[None]]
+"""Applies a group of remote batches and settles each job's future with that
+batch's own result or error."""
 CommitFn = Callable[[list[WriteJob]], Awaitable[tuple["asyncio.Future[bool] | None", bool]]]
 """Plans a group of writes and starts its transaction. Returns what finishes
 it (None when nothing was started) and whether later groups must wait for it
@@ -81,10 +98,23 @@ class WriterQueue:
         commit: plans and starts one group of local writes (see :data:`CommitFn`).
         max_batch: most local writes in one group.
         max_skips: how many times in a row a lower-priority job may be passed over.
+        apply_group: applies a group of remote batches (see :data:`ApplyGroupFn`);
+            needed only if :class:`RemoteJob` s are queued.
+        max_remote_ops: most ops of one remote group (invariant 4a).
     """
 
-    def __init__(self, commit: CommitFn, *, max_batch: int, max_skips: int = 16) -> None:
+    def __init__(
+        self,
+        commit: CommitFn,
+        *,
+        max_batch: int,
+        max_skips: int = 16,
+        apply_group: ApplyGroupFn | None = None,
+        max_remote_ops: int = 4096,
+    ) -> None:
         self._commit = commit
+        self._apply_group = apply_group
+        self._max_remote_ops = max_remote_ops
         self._max_batch = max_batch
         self._max_skips = max_skips
         self._queues: tuple[collections.deque[Job], ...] = tuple(
@@ -187,6 +217,12 @@ class WriterQueue:
                         inflight = None
                     await self._run_call(job)
                     continue
+                if isinstance(job, RemoteJob):
+                    if inflight is not None:
+                        await inflight
+                        inflight = None
+                    await self._run_remote(self._remote_group(job))
+                    continue
                 batch = [job]
                 # Group commit: let every writer that is ready to run enqueue its
                 # write before the group is planned (one loop turn, no timer).
@@ -210,6 +246,29 @@ class WriterQueue:
                     left = q.popleft()
                     if not left.future.done():
                         left.future.set_exception(StoreClosedError("the store was closed"))
+
+    def _remote_group(self, first: RemoteJob) -> list[RemoteJob]:
+        """``first`` and the remote batches queued right behind it, within the op cap."""
+        group = [first]
+        total = len(first.ops)
+        remote = self._queues[Priority.REMOTE]
+        cap = self._max_remote_ops
+        while remote and total < cap:
+            nxt = remote[0]
+            if not isinstance(nxt, RemoteJob) or total + len(nxt.ops) > cap:
+                break
+            group.append(remote.popleft())  # type: ignore[arg-type]
+            total += len(nxt.ops)
+        return group
+
+    async def _run_remote(self, group: list[RemoteJob]) -> None:
+        assert self._apply_group is not None, "RemoteJob queued without apply_group"
+        try:
+            await self._apply_group(group)
+        except BaseException as exc:  # delivered to the callers, never kills the writer
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(exc)
 
     @staticmethod
     async def _run_call(job: CallJob) -> None:

@@ -122,11 +122,17 @@ class Summary:
             sender last recorded for the receiver; empty for a whole vector.
         want_full: a request for the receiver's whole vector (the delta it
             sent could not be used); ``vv`` is then empty.
+        columns: ``vv`` goes on the wire in columns (``vv_origins`` and packed
+            ``vv_seqs``), which only a peer that advertised ``vv_cols``
+            reads; decoding sets it from what arrived (False for an empty
+            vector). How the vector travels, not what it is: frames that
+            differ only in it are equal.
     """
 
     vv: Mapping[str, int] = field(default_factory=dict)
     base_digest: bytes = b""
     want_full: bool = False
+    columns: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +164,15 @@ class SnapshotPart:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """The receiver's version vector after applying a batch."""
+    """The receiver's version vector after applying a batch.
+
+    Attributes:
+        vv: the entries (the origins the batch moved).
+        columns: ``vv`` goes on the wire in columns, as :attr:`Summary.columns`.
+    """
 
     vv: Mapping[str, int] = field(default_factory=dict)
+    columns: bool = field(default=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,9 @@
 
 Invariants:
 
-1. ``decode_frame(encode_frame(f)) == f`` for every well-formed frame.
+1. ``decode_frame(encode_frame(f)) == f`` for every well-formed frame; the
+   form a non-empty vector travelled in (``Summary.columns``, ``Ack.columns``:
+   ``VvEntry`` rows or columns) survives too, though equality ignores it.
 2. :func:`decode_frame` raises only :class:`DecodeError`, for anything that is
    not exactly one well-formed frame of this protocol (protobuf errors never leak).
 3. Every string a peer sends is bounded here, before any session, log line or
@@ -54,6 +56,16 @@ def _add_vv(field: Any, vv: Mapping[str, int]) -> None:
         add(origin=o, seq=s)
 
 
+def _add_columns(origins: Any, seqs: Any, vv: Mapping[str, int]) -> None:
+    """Write ``vv``, sorted by origin, into the repeated ``vv_origins`` and packed
+    ``vv_seqs`` fields: two bulk extends, no Python step per entry (for 280
+    entries about 4x faster to encode than ``VvEntry`` rows, 2x to decode, and
+    a fifth smaller)."""
+    keys = sorted(vv)
+    origins.extend(keys)
+    seqs.extend(map(vv.__getitem__, keys))
+
+
 def _bounded(field: str, text: str, limit: int) -> str:
     """``text`` if it has at most ``limit`` chars; else a DecodeError naming the field."""
     if len(text) > limit:
@@ -61,18 +73,43 @@ def _bounded(field: str, text: str, limit: int) -> str:
     return text
 
 
-def _vv_from(entries: Iterable[pb.VvEntry]) -> dict[str, int]:
-    """A vector's entries, checked in bulk (a 1,000-node Summary has 1,000 of them)."""
-    pairs = [(e.origin, e.seq) for e in entries]
-    out = dict(pairs)
-    if len(out) != len(pairs) or "" in out:
+def _checked(out: dict[str, int], n: int) -> dict[str, int]:
+    """``out``, built from ``n`` entries, if every origin is non-empty, distinct
+    and within :data:`MAX_NODE_ID_CHARS`; checked in bulk, not per entry."""
+    if len(out) != n or "" in out:
         raise DecodeError("version vector with an empty or repeated origin")
     longest = max(map(len, out), default=0)
     if longest > MAX_NODE_ID_CHARS:
-        raise DecodeError(
-            f"version vector origin of {longest} chars exceeds {MAX_NODE_ID_CHARS}"
-        )
+        raise DecodeError(f"version vector origin of {longest} chars exceeds {MAX_NODE_ID_CHARS}")
     return out
+
+
+def _vv_from(entries: Iterable[pb.VvEntry]) -> dict[str, int]:
+    """A vector's entries, checked in bulk (a 1,000-node Summary has 1,000 of them)."""
+    pairs = [(e.origin, e.seq) for e in entries]
+    return _checked(dict(pairs), len(pairs))
+
+
+def _vv_of(msg: pb.Summary | pb.Ack, where: str) -> tuple[dict[str, int], bool]:
+    """The vector a ``Summary`` or ``Ack`` carries, in rows or in columns, and
+    whether it came in columns.
+
+    Raises:
+        DecodeError: both forms in one frame, columns of different lengths, or
+            an origin empty, repeated or too long.
+    """
+    origins, seqs = msg.vv_origins, msg.vv_seqs
+    if not origins and not seqs:
+        return _vv_from(msg.vv), False
+    if msg.vv:
+        raise DecodeError(f"{where} carries its version vector both as entries and in columns")
+    if len(origins) != len(seqs):
+        raise DecodeError(
+            f"{where} version vector columns differ in length: "
+            f"{len(origins)} origins, {len(seqs)} seqs"
+        )
+    # list() first: zip over the repeated fields themselves steps them about 1.6x slower
+    return _checked(dict(zip(list(origins), list(seqs), strict=True)), len(origins)), True
 
 
 def frame_to_pb(frame: Frame) -> pb.Frame:
@@ -94,7 +131,10 @@ def frame_to_pb(frame: Frame) -> pb.Frame:
         return pb.Frame(digest=pb.Digest(vv_digest=frame.digest))
     if isinstance(frame, Summary):
         msg = pb.Frame(summary=pb.Summary(base_digest=frame.base_digest, want_full=frame.want_full))
-        _add_vv(msg.summary.vv, frame.vv)
+        if frame.columns:
+            _add_columns(msg.summary.vv_origins, msg.summary.vv_seqs, frame.vv)
+        else:
+            _add_vv(msg.summary.vv, frame.vv)
         return msg
     if isinstance(frame, Ops):
         return pb.Frame(ops=pb.Ops(batch=frame.batch, last=frame.last))
@@ -102,7 +142,10 @@ def frame_to_pb(frame: Frame) -> pb.Frame:
         return pb.Frame(snapshot=pb.SnapshotPart(data=frame.data, last=frame.last))
     if isinstance(frame, Ack):
         msg = pb.Frame(ack=pb.Ack())
-        _add_vv(msg.ack.vv, frame.vv)
+        if frame.columns:
+            _add_columns(msg.ack.vv_origins, msg.ack.vv_seqs, frame.vv)
+        else:
+            _add_vv(msg.ack.vv, frame.vv)
         return msg
     if isinstance(frame, Peers):
         return pb.Frame(
@@ -135,13 +178,15 @@ def pb_to_frame(msg: pb.Frame) -> Frame:
         base = msg.summary.base_digest
         if base and len(base) != 16:
             raise DecodeError("a summary's base digest is 16 bytes")
-        return Summary(_vv_from(msg.summary.vv), base, msg.summary.want_full)
+        vv, columns = _vv_of(msg.summary, "Summary")
+        return Summary(vv, base, msg.summary.want_full, columns)
     if kind == "ops":
         return Ops(batch=msg.ops.batch, last=msg.ops.last)
     if kind == "snapshot":
         return SnapshotPart(data=msg.snapshot.data, last=msg.snapshot.last)
     if kind == "ack":
-        return Ack(_vv_from(msg.ack.vv))
+        vv, columns = _vv_of(msg.ack, "Ack")
+        return Ack(vv, columns)
     if kind == "peers":
         return Peers(
             tuple(

@@ -61,14 +61,18 @@ class Digest(_message.Message):
     def __init__(self, vv_digest: _Optional[bytes] = ...) -> None: ...
 
 class Summary(_message.Message):
-    __slots__ = ("vv", "base_digest", "want_full")
+    __slots__ = ("vv", "base_digest", "want_full", "vv_origins", "vv_seqs")
     VV_FIELD_NUMBER: _ClassVar[int]
     BASE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     WANT_FULL_FIELD_NUMBER: _ClassVar[int]
+    VV_ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    VV_SEQS_FIELD_NUMBER: _ClassVar[int]
     vv: _containers.RepeatedCompositeFieldContainer[VvEntry]
     base_digest: bytes
     want_full: bool
-    def __init__(self, vv: _Optional[_Iterable[_Union[VvEntry, _Mapping]]] = ..., base_digest: _Optional[bytes] = ..., want_full: _Optional[bool] = ...) -> None: ...
+    vv_origins: _containers.RepeatedScalarFieldContainer[str]
+    vv_seqs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vv: _Optional[_Iterable[_Union[VvEntry, _Mapping]]] = ..., base_digest: _Optional[bytes] = ..., want_full: _Optional[bool] = ..., vv_origins: _Optional[_Iterable[str]] = ..., vv_seqs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Ops(_message.Message):
     __slots__ = ("batch", "last")
@@ -87,10 +91,14 @@ class SnapshotPart(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., last: _Optional[bool] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("vv",)
+    __slots__ = ("vv", "vv_origins", "vv_seqs")
     VV_FIELD_NUMBER: _ClassVar[int]
+    VV_ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    VV_SEQS_FIELD_NUMBER: _ClassVar[int]
     vv: _containers.RepeatedCompositeFieldContainer[VvEntry]
-    def __init__(self, vv: _Optional[_Iterable[_Union[VvEntry, _Mapping]]] = ...) -> None: ...
+    vv_origins: _containers.RepeatedScalarFieldContainer[str]
+    vv_seqs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vv: _Optional[_Iterable[_Union[VvEntry, _Mapping]]] = ..., vv_origins: _Optional[_Iterable[str]] = ..., vv_seqs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Peer(_message.Message):
     __slots__ = ("node_id", "address", "heartbeat")

@@ -33,6 +33,11 @@ Invariants (everything that affects the state machine lives in this file):
    elsewhere, or less: held pending); that peer reads the rest from the batch.
    The vectors a session is handed may be immutable
    :class:`~syncfw.sync.vectors.Vector` s: held without copying, digest cached.
+2b. A session sends its Summaries and Acks with ``columns`` set (the vector
+   as origins and packed seqs on the wire) only to a peer whose Hello
+   advertised ``vv_cols``, and only when its own config speaks it: an
+   older peer reads only the rows and would take an empty vector. Either
+   form is read from any peer.
 3. At most ``window`` batches are un-acknowledged at once, so a slow receiver
    bounds the sender's memory (backpressure end to end).
 4. A batch is applied whole or not at all: anything wrong with it (malformed,
@@ -132,6 +137,7 @@ CHAIN = "chain"  # reads batch format 2 (prev hashes implied by the op before ar
 REPLY_DELTA = "reply_delta"  # takes a Summary given as a delta against its own (invariant 2a)
 IMPLIED_ACK = "implied_ack"  # reads an Ack as the batch's own entries, unless it names others
 SNAPSHOT = "snapshot"  # takes a state snapshot below the sender's compaction point (invariant 11)
+VV_COLUMNS = "vv_cols"  # reads a Summary's or Ack's vector in columns (invariant 2b)
 
 
 # -- configuration and state ---------------------------------------------------
@@ -146,6 +152,8 @@ class SessionConfig:
         batch_ops: most ops fetched per batch.
         window: most un-acknowledged batches in flight.
         zstd: this side speaks zstd (advertised in ``Hello``).
+        vv_columns: this side reads vectors in columns (advertised in
+            ``Hello``), and sends them so to a peer that advertised it too.
         delta_summary: send summaries as deltas against the last recorded vector.
         limits: codec caps; ``max_compressed`` is raised to ``max_batch_bytes``.
         decode_effect_bytes: a received batch this large or larger is decoded
@@ -163,6 +171,7 @@ class SessionConfig:
     batch_ops: int = 2_000
     window: int = 4
     zstd: bool = True
+    vv_columns: bool = True
     delta_summary: bool = True
     limits: BatchLimits = field(default_factory=BatchLimits)
     decode_effect_bytes: int = 4096
@@ -336,6 +345,7 @@ class Session:
         self._start_vv: Mapping[str, int] = {}  # the vector this side's Digest and Summary named
         self._peer_vv: VersionVector | None = None
         self._peer_digest = b""
+        self._columns = False  # send vectors in columns (invariant 2b)
         self._replying = False  # waiting for the peer's Summary to answer it as a delta
         # delta summaries
         self._record: VersionVector | None = None  # what this side last recorded of the peer
@@ -448,6 +458,8 @@ class Session:
             if self.config.zstd
             else (CHAIN, IMPLIED_ACK, SNAPSHOT)
         )
+        if self.config.vv_columns:
+            base = (*base, VV_COLUMNS)
         return (*base, REPLY_DELTA) if self.config.delta_summary else base
 
     def receive(self, frame: Frame) -> list[Effect]:
@@ -637,7 +649,7 @@ class Session:
             entries = {o: vv.get(o, 0) for o in sorted(tops) if vv.get(o, 0) != tops[o]}
         else:
             entries = {o: vv[o] for o in sorted(tops) if vv.get(o, 0) > 0}
-        out: list[Effect] = [Send(Ack(entries))]
+        out: list[Effect] = [Send(Ack(entries, self._columns))]
         return out + self._drain()
 
     def apply_failed(self, error: BaseException) -> list[Effect]:
@@ -690,6 +702,7 @@ class Session:
             return self._fail(Status.INVALID_ARGUMENT, "peer batch cap is below 64 bytes")
         self.peer = hello
         self.state = SessionState.DIGEST
+        self._columns = self.config.vv_columns and VV_COLUMNS in hello.features
         self._measure_clock(hello)
         if self._book is not None:
             self.link = self._book.link(hello.node_id)
@@ -739,8 +752,8 @@ class Session:
             delta = {o: s for o, s in vv.items() if base.get(o, 0) != s}
             delta.update({o: 0 for o in base if o not in vv})
             if len(delta) + 1 < len(vv):  # the digest costs about one entry
-                return Summary(delta, digest_of(base))
-        return Summary(vv)
+                return Summary(delta, digest_of(base), columns=self._columns)
+        return Summary(vv, columns=self._columns)
 
     def _on_summary(self, summary: Summary) -> list[Effect]:
         assert self.peer is not None
@@ -751,7 +764,7 @@ class Session:
                 )
             self._answered_full = True
             self.summary_entries_sent += len(self._vv)
-            return [Send(Summary(self._vv))]
+            return [Send(Summary(self._vv, columns=self._columns))]
         if self.state is not SessionState.SUMMARY:
             return self._fail(Status.INVALID_ARGUMENT, "a second Summary")
         if not _well_formed(summary.vv):
@@ -797,7 +810,11 @@ class Session:
         if len(theirs) + len(delta) > len(mine):  # origins only the peer holds: seq 0
             delta.update({o: 0 for o in theirs if o not in mine})
         small = len(delta) + 1 < len(mine)  # the base digest costs about one entry
-        summary = Summary(delta, self._peer_digest) if small else Summary(mine)
+        summary = (
+            Summary(delta, self._peer_digest, columns=self._columns)
+            if small
+            else Summary(mine, columns=self._columns)
+        )
         self.summary_entries_sent += len(summary.vv)
         return [Send(summary)]
 

@@ -122,12 +122,15 @@ async def _edges_main(address: str, folder: str, n_edges: int, backlog: int) -> 
         out = await run_exchange(edges[node.node_id], stream, timeout_s=120.0)  # type: ignore[arg-type]
         return out.ok
 
-    for node in nodes:
-        for i in range(0, backlog, 500):
-            await node.put_many(
-                [(f"telemetry/{node.node_id}/m{j % 64}", {"j": j, "v": f"{j:016x}"})
-                 for j in range(i, min(i + 500, backlog))]
-            )
+    async def write_backlog(start: int, n: int) -> None:
+        for node in nodes:
+            for i in range(start, start + n, 500):
+                await node.put_many(
+                    [(f"telemetry/{node.node_id}/m{j % 64}", {"j": j, "v": f"{j:016x}"})
+                     for j in range(i, min(i + 500, start + n))]
+                )
+
+    await write_backlog(0, backlog)
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -140,6 +143,9 @@ async def _edges_main(address: str, folder: str, n_edges: int, backlog: int) -> 
             c0 = time.process_time()
             oks = await asyncio.gather(*(sync(n) for n in nodes))
             print(f"synced {sum(oks)} cpu {time.process_time() - c0:.3f}", flush=True)
+        elif line[0] == "backlog":  # an outage: the same backlog again, not yet synced
+            await write_backlog(backlog, backlog)
+            print("written", flush=True)
         elif line[0] == "steady":
             rate, seconds = float(line[1]), float(line[2])
             await _steady(nodes, sync, rate, seconds)
@@ -381,29 +387,34 @@ async def main() -> None:
                 if line.startswith(word):
                     return line
 
-        try:
-            await said("ready")
-            total = args.edges * args.backlog
+        async def ingest(label: str, goal: int) -> tuple[float, float, float, float]:
+            """Every edge syncs its backlog at once: (ops/s, seconds, CPU-s here, CPU-s
+            of the edges' process) until the aggregator holds ``goal`` ops in all."""
+            assert proc.stdin is not None
             t, c0, edges_cpu = time.perf_counter(), time.process_time(), 0.0
             for _ in range(5):  # an exchange cut on a busy machine is retried, as a mesh would
                 proc.stdin.write(b"go\n")
                 synced = (await said("synced")).strip()
                 edges_cpu += float(synced.rsplit(" ", 1)[1])
                 print(f"edges: {synced}", flush=True)
-                if sum(agg.node.store.version_vector.values()) >= total:
+                if sum(agg.node.store.version_vector.values()) >= goal:
                     break
             else:
                 raise RuntimeError("the edges could not sync their backlog")
-            ingest_s = time.perf_counter() - t
-            ingest, agg_cpu = total / ingest_s, time.process_time() - c0
-            print(flush=True)
-            print(f"ingest: {total} ops from {args.edges} edges in "
-                  f"{total / ingest:.2f} s = {ingest:,.0f} ops/s; CPU-s: aggregator "
-                  f"{agg_cpu:.2f}, edges {edges_cpu:.2f} (of {2 * ingest_s:.2f} on 2 cores)")
+            took = time.perf_counter() - t
+            rate, cpu = total / took, time.process_time() - c0
+            print(f"ingest ({label}): {total} ops from {args.edges} edges in {took:.2f} s = "
+                  f"{rate:,.0f} ops/s; CPU-s: aggregator {cpu:.2f}, edges {edges_cpu:.2f} "
+                  f"(of {2 * took:.2f} on 2 cores)", flush=True)
+            return rate, took, cpu, edges_cpu
+
+        try:
+            await said("ready")
+            total = args.edges * args.backlog
+            cold, cold_s, cold_cpu, cold_edges_cpu = await ingest("first contact", total)
             floor = await _floor(agg.node, folder, args.floor_batch)
             print(f"floor (apply_remote of the same ops, {args.floor_batch}-op batches): "
-                  f"{floor:,.0f} ops/s; "
-                  f"ingest ratio {ingest / floor:.2f}")
+                  f"{floor:,.0f} ops/s; first-contact ingest ratio {cold / floor:.2f}")
 
             consumer = Consumer(local, since=agg.node.store.version_vector,
                                 prefixes=["results/"])
@@ -438,6 +449,14 @@ async def main() -> None:
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             await consumer.aclose()
+            # An outage: every edge holds the same backlog again, over the links the
+            # steady phase used (each link's batch size as it learned it).
+            proc.stdin.write(b"backlog\n")
+            await said("written")
+            goal = sum(agg.node.store.version_vector.values()) + total
+            ingest, ingest_s, agg_cpu, edges_cpu = await ingest("after an outage", goal)
+            print(f"ingest ratio {ingest / floor:.2f} after an outage, {cold / floor:.2f} "
+                  "at first contact")
             proc.stdin.write(b"quit\n")
             await proc.wait()
         finally:
@@ -470,6 +489,11 @@ async def main() -> None:
         "ingest_s": round(ingest_s, 3),
         "floor_ops_per_s": round(floor),
         "ingest_ratio": round(ingest / floor, 3),
+        "ingest_cold_ops_per_s": round(cold),
+        "ingest_cold_cpu_s_aggregator": round(cold_cpu, 3),
+        "ingest_cold_cpu_s_edges": round(cold_edges_cpu, 3),
+        "ingest_cold_s": round(cold_s, 3),
+        "ingest_cold_ratio": round(cold / floor, 3),
         "feed_asked_ops_per_s": args.rate,
         "feed_rate_ops_per_s": round(rate),
         "feed_delivered": delivered,

@@ -716,7 +716,8 @@ class Session:
     def _on_digest(self, digest: Digest) -> list[Effect]:
         assert self.peer is not None
         if digest.digest == digest_of(self._vv):
-            self._peer_vv = dict(self._vv)
+            # held as it is (no copy per in-sync exchange): a Vector never changes
+            self._peer_vv = self._vv if isinstance(self._vv, Vector) else dict(self._vv)
             return [
                 Acknowledge(self.peer.node_id, self._vv),
                 *self._end(Status.OK, "in sync", tell=False),

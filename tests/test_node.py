@@ -224,6 +224,23 @@ async def test_slow_change_subscriber_is_told_it_lagged(make_node: NodeFactory) 
     await fresh.aclose()
 
 
+async def test_a_filtered_change_subscriber_sees_only_its_keys_and_never_lags_on_others(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node("t7", config=syncfw.StoreConfig(changes_buffer=10))
+    feed = node.changes(keys=lambda k: k.startswith("trucks/t7/model"))
+    everything = node.changes()
+    for i in range(50):  # five times the buffer of other keys
+        await node.put(f"trucks/t7/k{i}", i)
+    await node.put("trucks/t7/model", "v2")
+    got = await asyncio.wait_for(feed.__anext__(), 5)
+    assert (got.key, got.local) == ("trucks/t7/model", True)
+    with pytest.raises(syncfw.ChangeFeedLagged):  # the unfiltered one fell behind
+        async for _ in everything:
+            pass
+    await feed.aclose()
+
+
 async def test_expire_telemetry_via_node(make_node: NodeFactory, clock: FakeClock) -> None:
     node = await make_node("t7")
     await node.put("telemetry/t7/temp", 80)

@@ -568,12 +568,10 @@ class Artifacts:
 
     async def _follow_changes(self) -> None:
         while True:
-            feed = self.node.changes()
+            feed = self.node.changes(keys=_artifact_key)
             try:
                 async for ch in feed:
-                    if ch.key.startswith(MANIFEST_PREFIX) or (
-                        not ch.local and "/artifacts/" in ch.key
-                    ):
+                    if ch.key.startswith(MANIFEST_PREFIX) or not ch.local:
                         self._wake.set()
             except ChangeFeedLagged:
                 self._wake.set()
@@ -620,3 +618,8 @@ class Artifacts:
             self._watch = None
         if self.mesh is not None and isinstance(self.mesh.network, ArtifactNetwork):
             self.mesh.network.artifacts.serve_with(None)
+
+
+def _artifact_key(key: str) -> bool:
+    """The keys a change of which may start or feed a fetch: manifests and adverts."""
+    return key.startswith(MANIFEST_PREFIX) or "/artifacts/" in key

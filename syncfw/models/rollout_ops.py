@@ -235,11 +235,10 @@ async def _wake_on(node: Node, wanted: Callable[[str], bool], wake: asyncio.Even
     subscription is renewed, as changes may have been missed); returns when the node
     closes."""
     while True:
-        changes = node.changes()
+        changes = node.changes(keys=wanted)
         try:
-            async for ch in changes:
-                if wanted(ch.key):
-                    wake.set()
+            async for _ in changes:
+                wake.set()
         except ChangeFeedLagged:
             wake.set()
             continue

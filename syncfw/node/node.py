@@ -542,14 +542,20 @@ class Node:
 
     # ----------------------------------------------------------------- feed, status, upkeep
 
-    def changes(self) -> ChangeFeed:
+    def changes(self, keys: Callable[[str], bool] | None = None) -> ChangeFeed:
         """Every change applied from now on, local and remote, in commit order.
 
         The lossy live view: a change carries no value, and a subscriber that
         falls behind is dropped (:class:`ChangeFeedLagged`). To consume the
         log as a stream, use :meth:`follow`.
+
+        Args:
+            keys: only changes to keys it accepts (e.g. ``lambda k:
+                k.startswith("models/")``), filtered as each commit lands, so a
+                subscriber that wants a few keys pays nothing for the rest and
+                never lags behind them.
         """
-        return self._store.changes()
+        return self._store.changes(keys)
 
     def follow(
         self,

@@ -51,12 +51,13 @@ class Change:
 class _Subscription:
     """One live subscriber's pending changes: whole commits appended, read one by one."""
 
-    __slots__ = ("ended", "items", "waiter")
+    __slots__ = ("ended", "items", "keys", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, keys: Callable[[str], bool] | None = None) -> None:
         self.items: collections.deque[Change] = collections.deque()
         self.ended = False
         self.waiter: asyncio.Future[None] | None = None
+        self.keys = keys  # only changes to keys this accepts (None: all)
 
     def wake(self) -> None:
         w = self.waiter
@@ -163,8 +164,21 @@ class Notifier:
                 log.exception("store listener failed")
         if not self._subscribers:
             return
-        changes = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
+        every: list[Change] | None = None
         for sub in list(self._subscribers):
+            keys = sub.keys
+            if keys is None:
+                if every is None:
+                    every = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
+                changes = every
+            else:  # filtered here: no Change built, queued or iterated for other keys
+                changes = [
+                    Change(op.key, op.kind, op.origin, op.seq, op.hlc, local)
+                    for op in ops
+                    if keys(op.key)
+                ]
+                if not changes:
+                    continue
             if len(sub.items) + len(changes) > self._buffer:
                 # Too far behind: end this subscription rather than grow without bound.
                 self._subscribers.discard(sub)
@@ -173,9 +187,9 @@ class Notifier:
                 sub.items.extend(changes)  # one commit's changes at once, not op by op
             sub.wake()
 
-    def changes(self) -> ChangeFeed:
+    def changes(self, keys: Callable[[str], bool] | None = None) -> ChangeFeed:
         """A new live subscription (see :meth:`Store.changes`)."""
-        sub = _Subscription()
+        sub = _Subscription(keys)
         self._subscribers.add(sub)
         return ChangeFeed(
             sub,

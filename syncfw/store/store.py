@@ -952,14 +952,16 @@ class Store:
         """Stop calling ``fn`` (no error if it was not added)."""
         self._feed.remove_commit_listener(fn)
 
-    def changes(self) -> ChangeFeed:
+    def changes(self, keys: Callable[[str], bool] | None = None) -> ChangeFeed:
         """Every change applied from now on (from this call, not from the first
         ``__anext__``), local and remote, in commit order: the lossy live view.
 
+        ``keys``: only changes to keys it accepts, filtered as each commit lands
+        (the others cost the subscriber nothing and never count towards its lag).
         Iterating raises :class:`ChangeFeedLagged` if the subscriber falls
         ``changes_buffer`` changes behind; it ends when the store closes.
         """
-        return self._feed.changes()
+        return self._feed.changes(keys)
 
 
 async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) -> None:
@@ -985,6 +987,10 @@ def _split_result(got: ApplyResult, plan: RemotePlan, parts: list[list[Op]]) -> 
     released, or what a fork ruling released) is counted in the first batch, as
     a single batch counts what it releases. ``pending`` is the store's, as ever.
     """
+    total = sum(map(len, parts))
+    if got.applied == len(plan.applied) == total and not plan.rejected and not plan.duplicates:
+        # the common case, every op new and applied: no per-op accounting
+        return [ApplyResult(applied=len(ops), pending=got.pending) for ops in parts]
     applied = {op.id for op in plan.applied}
     rejected = {op.id for op, _ in plan.rejected}
     dups = {op.id for op in plan.duplicates}

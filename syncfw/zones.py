@@ -193,6 +193,10 @@ class Fleet:
         return hashlib.blake2b(msgpack.packb(body, use_bin_type=True), digest_size=16).digest()
 
 
+_STATIC_MEMO_KEYS = 8192
+"""Keys whose static zone a :class:`ZoneTable` remembers (at about 200 bytes each)."""
+
+
 class Verdict(enum.Enum):
     """What to do with a remote op, as far as zones are concerned."""
 
@@ -221,6 +225,8 @@ class ZoneTable:
         )
         # Longest prefix first: the first match is the most specific declaration.
         self._kinds = tuple(sorted(self.fleet.kinds, key=lambda pk: -len(pk[0])))
+        # key -> its static zone: they never change, and keys repeat (bounded: cleared when full)
+        self._static_memo: dict[str, str | None] = {}
 
     def kind_of(self, key: str) -> str | None:
         """The kind the fleet bootstrap declares for ``key`` (None: undeclared)."""
@@ -244,6 +250,17 @@ class ZoneTable:
 
     def _static_zone(self, key: str) -> str | None:
         """The most specific zone known to every replica from the start that covers ``key``."""
+        memo = self._static_memo
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        if len(memo) >= _STATIC_MEMO_KEYS:
+            memo.clear()
+        best = memo[key] = self._find_static_zone(key)
+        return best
+
+    def _find_static_zone(self, key: str) -> str | None:
         best: str | None = None
         static = self._static
         for n in self._static_lens:

@@ -20,7 +20,9 @@ def test_aggregator_bench_quick() -> None:
     )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"ingest_ops_per_s", "floor_ops_per_s", "ingest_ratio", "feed_p99_ms",
-            "feed_rate_ops_per_s", "rss_growth_mb"} <= set(figures)
+            "feed_rate_ops_per_s", "rss_growth_mb", "ingest_cold_ops_per_s",
+            "ingest_cold_ratio"} <= set(figures)
+    assert figures["ingest_ops_per_s"] > 0 and figures["ingest_cold_ops_per_s"] > 0
     assert figures["feed_delivered"] == figures["feed_applied"] > 0
 
 

@@ -110,7 +110,7 @@ class WriterQueue:
         max_batch: int,
         max_skips: int = 16,
         apply_group: ApplyGroupFn | None = None,
-        max_remote_ops: int = 4096,
+        max_remote_ops: int = 512,
     ) -> None:
         self._commit = commit
         self._apply_group = apply_group

@@ -319,7 +319,6 @@ def ops_from_tuples(items: Sequence[tuple[Any, ...]], *, elided: bool = False) -
 
 
 OP_SIZE_OVERHEAD = 80
-OP_SIZE_OVERHEAD = 80
 """What :func:`op_size` adds to an op's value and key (its other fields, roughly)."""
 
 

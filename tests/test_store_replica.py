@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 from conftest import NodeFactory
 from test_store_remote import chain
 
-from syncfw.log import op_size, same_op
+from syncfw.log import OP_SIZE_OVERHEAD, Op, op_size, same_op
+from syncfw.store import export
 
 
 async def test_acks_only_move_forward_and_persist(make_node: NodeFactory) -> None:
@@ -58,6 +60,31 @@ async def test_ops_since_is_contiguous_and_bounded(make_node: NodeFactory) -> No
     capped = await node.ops_since({}, max_bytes=cap)
     assert 1 <= len(capped) <= 5 and sum(op_size(op) for op in capped) <= cap
     assert len(await node.ops_since({}, max_bytes=1)) == 1  # always some progress
+
+
+async def test_a_small_batch_of_a_long_backlog_reads_only_what_can_fit(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node("depot")
+    ops = chain("t7", 2000)
+    await node.apply_remote(ops)
+    hashed = 0
+    real = export.op_hash
+
+    def counting(op: Op) -> bytes:
+        nonlocal hashed
+        hashed += 1
+        return real(op)
+
+    monkeypatch.setattr(export, "op_hash", counting)
+    cap = 20 * op_size(ops[0])
+    got = await node.ops_since({"t7": 100}, limit=2000, max_bytes=cap)
+    assert [op.seq for op in got] == list(range(101, 121))  # contiguous, within the cap
+    # each op counts at least OP_SIZE_OVERHEAD bytes, so no more than cap // that is read
+    assert hashed <= cap // OP_SIZE_OVERHEAD + 2, hashed
+    # the whole rest, unbounded, is still read and verified to the chain head
+    hashed = 0
+    assert len(await node.ops_since({"t7": 100}, limit=5000)) == 1900 == hashed - 1
 
 
 async def test_store_metrics_are_recorded_after_commit(make_node: NodeFactory) -> None:

@@ -146,6 +146,12 @@ async def ops_since(
             break
         start = vv.get(origin, 0)
         want = min(limit - len(out), have[origin] - start)
+        if max_bytes is not None:
+            if out and size >= max_bytes:  # any further op (>= OP_SIZE_OVERHEAD) is past it
+                break
+            # No more rows than can fit: each op counts at least OP_SIZE_OVERHEAD. Read (and
+            # hashed) whole, a small batch out of a long backlog read it all every time.
+            want = min(want, max(1, (max_bytes - size) // OP_SIZE_OVERHEAD + 1))
         # From the op at ``start`` too (when held): the first link is checked.
         rows = await fetch(
             f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq >= ? ORDER BY seq LIMIT ?",

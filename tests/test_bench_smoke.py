@@ -30,6 +30,11 @@ CASES = {
         ["--seeds", "1"],
         {"rounds_8", "rounds_32", "rounds_128", "grpc16_heal_s", "neighbour_p99_ms"},
     ),
+    "feed_remote": (
+        ["--edges", "8", "--rate", "500", "--seconds", "3"],
+        {"feed_remote_p50_ms", "feed_remote_p99_ms", "feed_remote_rate_ops_per_s",
+         "feed_remote_delivered", "aggregator_cpu_per_s"},
+    ),
     "hostile": (
         ["--quick"],
         {"honest_ok_ratio_min", "honest_p99_ms_worst", "honest_p99_ms_quiet",

@@ -498,3 +498,15 @@ def test_an_origin_that_is_no_node_id_cannot_write_inside_another_nodes_zone() -
     assert "not a valid node id" in reason
     genuine = Op("n1", 1, 1, "fleet/n1/", 0, "fleet/n1/x/k", "lww", b"\x01")
     assert table.judge(genuine)[0] is Verdict.ACCEPT
+
+
+def test_the_static_zone_memo_is_bounded_and_gives_the_same_answers() -> None:
+    from syncfw.zones import _STATIC_MEMO_KEYS
+
+    t, fresh = table(), table()
+    keys = [f"trucks/t7/cam/{i}" if i % 3 == 0 else f"site/x{i}" for i in range(3 * _STATIC_MEMO_KEYS)]
+    for k in keys + keys[:100]:  # the first keys again, after the memo was cleared
+        assert t._static_zone(k) == fresh._find_static_zone(k)
+        assert len(t._static_memo) <= _STATIC_MEMO_KEYS
+    assert t._static_zone("trucks/t7/cam/0") == "trucks/t7/cam/"
+    assert t._static_zone("site/gate/g") == "site/gate/"

@@ -541,13 +541,19 @@ class Store:
         (``StoreConfig.max_remote_group_ops``), settling each caller's future with
         its own batch's result.
 
-        If the group fails (one batch breaks a chain, forks, is malformed, or
-        there is no room), each batch is applied alone, so a batch is still
-        applied whole or not at all and only a faulty one fails.
+        If the group fails (one batch breaks a chain, forks or is malformed),
+        each batch is applied alone, so a batch is still applied whole or not at
+        all and only a faulty one fails. No room is no batch's fault: every
+        caller gets that refusal, warned about and counted once, for the group.
         """
         if len(jobs) > 1:
             try:
                 got, plan = await self._apply_planned([op for job in jobs for op in job.ops])
+            except StorageFullError as exc:
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+                return
             except Exception:
                 pass  # one batch is at fault, or the store: find out batch by batch
             else:

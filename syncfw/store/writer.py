@@ -211,17 +211,14 @@ class WriterQueue:
                     if inflight is not None and inflight.done():
                         inflight = None
                     continue
-                if isinstance(job, CallJob):
+                if not isinstance(job, WriteJob):  # a call or a remote group: after the group in flight
                     if inflight is not None:
                         await inflight
                         inflight = None
-                    await self._run_call(job)
-                    continue
-                if isinstance(job, RemoteJob):
-                    if inflight is not None:
-                        await inflight
-                        inflight = None
-                    await self._run_remote(self._remote_group(job))
+                    if isinstance(job, CallJob):
+                        await self._run_call(job)
+                    else:
+                        await self._run_remote(self._remote_group(job))
                     continue
                 batch = [job]
                 # Group commit: let every writer that is ready to run enqueue its

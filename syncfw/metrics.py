@@ -196,6 +196,20 @@ class NodeMetrics:
             (*n, "reason"),
             registry=r,
         )
+        self.refused_connections = Counter(
+            "syncfw_refused_connections",
+            "Incoming connections the front door closed at once (over the per-host or the "
+            "overall connection limit), by reason.",
+            (*n, "reason"),
+            registry=r,
+        )
+        self.inbound_throttled = Counter(
+            "syncfw_inbound_throttled_seconds",
+            "Seconds the front door left hosts unread for sending over their byte rate, "
+            "all hosts together.",
+            n,
+            registry=r,
+        )
         # -- clock
         self.clock_offset_ms = Gauge(
             "syncfw_clock_offset_ms",
@@ -306,6 +320,10 @@ class NodeMetrics:
             "gossip_evicted": ints(self.by_label("syncfw_gossip_evicted_total", "reason")),
             "gossip_dials": ints(self.by_label("syncfw_gossip_dials_total", "outcome")),
             "refused_streams": ints(self.by_label("syncfw_refused_streams_total", "reason")),
+            "refused_connections": ints(
+                self.by_label("syncfw_refused_connections_total", "reason")
+            ),
+            "inbound_throttled_s": self.value("syncfw_inbound_throttled_seconds_total"),
             "clock_offset_ms": self.by_label("syncfw_clock_offset_ms", "source"),
             "trust_mode": ints(self.by_label("syncfw_trust_mode", "mode")),
             "fork_evidence": ints(self.by_label("syncfw_fork_evidence", "origin")),

@@ -3,6 +3,7 @@ real SQLite-backed nodes."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import threading
@@ -10,6 +11,7 @@ import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 
 import grpc
 import pytest
@@ -18,7 +20,7 @@ from syncfw import Fleet, Grant, Node, StoreConfig
 from syncfw.keyfiles import NodeKeys
 from syncfw.testing import FakeClock
 
-__all__ = ["FLEET", "START_MS", "FakeClock", "NodeFactory", "exchange"]
+__all__ = ["FLEET", "START_MS", "FakeClock", "NodeFactory", "exchange", "load_bench"]
 
 START_MS = 1_790_000_000_000
 
@@ -34,6 +36,21 @@ FLEET = Fleet(
 )
 
 NodeFactory = Callable[..., Awaitable[Node]]
+
+
+def load_bench(name: str) -> ModuleType:
+    """``bench/<name>.py`` as module ``bench_<name>`` (loaded once), for its peers and rigs."""
+    key = f"bench_{name}"
+    got = sys.modules.get(key)
+    if got is not None:
+        return got
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(key, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[key] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 
 import grpc
 import pytest
+from conftest import load_bench
 
 from syncfw.exchange import run_exchange
 from syncfw.node import Node
@@ -39,22 +37,7 @@ from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
 from syncfw.transport.wire import encode_frame
 
-
-def _load_bench() -> ModuleType:
-    got = sys.modules.get("bench_hostile")
-    if got is not None:
-        return got
-    path = Path(__file__).resolve().parent.parent / "bench" / "hostile.py"
-    spec = importlib.util.spec_from_file_location("bench_hostile", path)
-    assert spec is not None
-    assert spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_hostile"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hostile = _load_bench()
+hostile = load_bench("hostile")
 CFG = TransportConfig.test(exchange_timeout_s=3.0, hello_timeout_s=1.0)
 SHARE = CpuShare(rate=0.02, burst=0.05, max_wait_s=0.2)  # 2 % of a core, 50 ms at once
 

@@ -11,17 +11,15 @@ refusal is a clear status, a WARNING and a count.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import resource
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import load_bench
 
 from syncfw.exchange import run_exchange
 from syncfw.node import Node
@@ -30,18 +28,7 @@ from syncfw.transport.admission import Admission, Quotas, Refusal
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
 
-
-def _load_bench() -> ModuleType:
-    path = Path(__file__).resolve().parent.parent / "bench" / "hostile.py"
-    spec = importlib.util.spec_from_file_location("bench_hostile", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_hostile"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-hostile = _load_bench()
+hostile = load_bench("hostile")
 CFG = TransportConfig.test(
     exchange_timeout_s=1.5,
     hello_timeout_s=0.5,

@@ -31,6 +31,7 @@ from syncfw.transport.artifacts import (
 )
 from syncfw.transport.base import LinkError
 from syncfw.transport.config import TransportConfig
+from syncfw.transport.front import source_of
 
 __all__ = ["SERVICE", "artifact_service", "grpc_fetch"]
 
@@ -79,7 +80,7 @@ class _ArtifactServicer:
     async def Fetch(
         self, request: artifacts_pb2.FetchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[artifacts_pb2.ChunkPiece]:
-        peer, identity = context.peer(), _identity(context)
+        peer, identity = source_of(context.peer()), _identity(context)
         handler = self._slot.handler
         if handler is None:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED, "this node serves no artifacts")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from syncfw.transport.admission import Quotas
+from syncfw.transport.front import FrontLimits
 from syncfw.transport.wire import MAX_FRAME_BYTES
 
 __all__ = ["TlsConfig", "TransportConfig"]
@@ -102,6 +103,17 @@ class TransportConfig:
             ``keepalive_s / 2`` before closing the connection (ping floods).
         refusal_log_interval_s: at most one WARNING per peer host and reason
             this often; the next line counts what was held back.
+        front_door: serve through the front door (:mod:`syncfw.transport.front`),
+            which reads each source host no faster than ``inbound_rate``; off
+            only where something in front of the node limits each source.
+        inbound_rate: bytes a second the front door reads from one host, all
+            its connections together (32 MiB/s: far above what sync and
+            artifact pushes need, far below what grpc can be made to read).
+        inbound_burst: bytes a host may send at once before ``inbound_rate``
+            applies.
+        max_connections_per_host: connections at once from one host; more are
+            closed at once.
+        max_connections: connections at once, all hosts together.
         http_proxy: dial peers through this HTTP CONNECT proxy (``http://host:port``).
         tls: mutual TLS; None serves and dials in plaintext (loopback, tests).
     """
@@ -126,6 +138,11 @@ class TransportConfig:
     max_pings_without_data: int = 0
     max_ping_strikes: int = 2
     refusal_log_interval_s: float = 10.0
+    front_door: bool = True
+    inbound_rate: int = 32 << 20
+    inbound_burst: int = 8 << 20
+    max_connections_per_host: int = 32
+    max_connections: int = 1024
     http_proxy: str | None = None
     tls: TlsConfig | None = None
 
@@ -156,6 +173,16 @@ class TransportConfig:
             per_identity=self.max_exchanges_per_identity,
             per_connection=self.max_exchanges_per_connection,
             stall_hold_s=self.max_connection_age_s + self.max_connection_age_grace_s,
+        )
+
+    def front_limits(self) -> FrontLimits:
+        """What the front door allows each source host."""
+        return FrontLimits(
+            rate=self.inbound_rate,
+            burst=self.inbound_burst,
+            per_source=self.max_connections_per_host,
+            max_connections=self.max_connections,
+            log_interval_s=self.refusal_log_interval_s,
         )
 
     def channel_options(self) -> list[tuple[str, Any]]:

@@ -45,6 +45,7 @@ from syncfw.notices import Notices, clip, clip_text
 from syncfw.sync.frames import Status
 from syncfw.transport._pb import feed_pb2
 from syncfw.transport.base import LinkError
+from syncfw.transport.front import source_of
 
 __all__ = [
     "FEED_SERVICE",
@@ -230,7 +231,7 @@ def feed_service(
     async def serve(
         request: feed_pb2.SubscribeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
-        peer = context.peer()
+        peer = source_of(context.peer())
         names = list(context.auth_context().get("x509_common_name") or [])
         identity = names[0].decode("utf-8", "replace") if names else None
         try:

@@ -65,6 +65,7 @@ from syncfw.transport._pb import health_pb2, health_pb2_grpc, sync_pb2
 from syncfw.transport.admission import Admission, Refusal, cpu_budget_of, peer_host
 from syncfw.transport.base import FrameStream, LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
+from syncfw.transport.front import FrontDoor, source_of
 from syncfw.transport.health import SERVICE, HealthServicer, check_health
 from syncfw.transport.probe import MAX_TARGET_CHARS, ProbeAnswer, ProbeHandler
 
@@ -337,7 +338,7 @@ class _SyncServicer:
         request_iterator: AsyncIterator[bytes],
         context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> None:
-        peer, identity = context.peer(), _identity(context)
+        peer, identity = source_of(context.peer()), _identity(context)
         if identity is not None and is_subscriber(identity):
             # a subscriber certificate reads the change feed and never writes
             self.refusals.warn(
@@ -471,12 +472,15 @@ class GrpcServer:
         host: str,
         health: HealthServicer,
         servicer: _SyncServicer,
+        front: FrontDoor | None = None,
     ) -> None:
         self._server = server
         self.port = port
         self.host = host
         self._health = health
         self._servicer = servicer
+        self.front = front
+        """The front door the port is served through (None when ``config.front_door`` is off)."""
 
     @property
     def admission(self) -> Admission:
@@ -535,28 +539,43 @@ class GrpcServer:
             server.add_generic_rpc_handlers(tuple(services))
         health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health, server)  # type: ignore[no-untyped-call]
-        host = listen.rsplit(":", 1)[0] or "127.0.0.1"
+        host, _, wanted = listen.rpartition(":")
+        host = host or "127.0.0.1"
+        # Behind the front door, grpc listens on a loopback port of its own.
+        bind = "127.0.0.1:0" if cfg.front_door else listen
         try:
             if cfg.tls is None:
-                port = server.add_insecure_port(listen)
+                port = server.add_insecure_port(bind)
             else:
                 creds = grpc.ssl_server_credentials(
                     [(cfg.tls.key_pem, cfg.tls.cert_pem)],
                     root_certificates=cfg.tls.ca_pem,
                     require_client_auth=True,
                 )
-                port = server.add_secure_port(listen, creds)
+                port = server.add_secure_port(bind, creds)
         except RuntimeError as exc:
             raise LinkError(Status.UNAVAILABLE, f"cannot listen on {listen}: {exc}") from None
         if port == 0:
             raise LinkError(Status.UNAVAILABLE, f"cannot listen on {listen}")
         await server.start()
-        return cls(server, port, host, health, servicer)
+        front = None
+        if cfg.front_door:
+            try:
+                front = await FrontDoor.start(
+                    host.strip("[]"), int(wanted or 0), port, cfg.front_limits(), metrics
+                )
+            except (OSError, ValueError) as exc:
+                await server.stop(0)
+                raise LinkError(Status.UNAVAILABLE, f"cannot listen on {listen}: {exc}") from None
+            port = front.port
+        return cls(server, port, host, health, servicer, front)
 
     async def aclose(self, grace_s: float = 1.0) -> None:
         """Report NOT_SERVING, let running exchanges finish for ``grace_s``, stop."""
         self._health.set(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(grace_s)
+        if self.front is not None:
+            await self.front.aclose()
 
 
 class ChannelPool:

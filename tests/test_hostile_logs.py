@@ -130,3 +130,27 @@ async def test_a_flood_of_rejected_ops_costs_a_few_log_lines_and_the_honest_peer
     rejected_lines = [m for m in store_lines if m.startswith("a: rejected op")]
     assert "199 more like it in this batch" in rejected_lines[0]
     assert len(caplog.text) < 20_000
+
+
+def test_grpcs_traceback_for_a_call_already_ended_is_one_rate_limited_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from grpc._cython import cygrpc
+
+    from syncfw.transport import rpc
+
+    caplog.set_level(logging.DEBUG)
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    before = rpc._ENDED_CALLS.dropped
+    for _ in range(50):  # as a peer stalling call after call would cause
+        try:
+            raise cygrpc.ExecuteBatchError("Failed grpc_call_start_batch")
+        except cygrpc.ExecuteBatchError:
+            grpc_log.exception("ExecuteBatchError raised in core by servicer method [/x]")
+    grpc_log.error("something else grpc says")
+    assert rpc._ENDED_CALLS.dropped - before == 50
+    from_grpc = [r for r in caplog.records if r.name == "grpc._cython.cygrpc"]
+    assert [r.getMessage() for r in from_grpc] == ["something else grpc says"]
+    ours = [r for r in caplog.records if "could not finish a call" in r.getMessage()]
+    assert len(ours) == 1 and ours[0].levelno == logging.WARNING
+    assert "Traceback" not in ours[0].getMessage()

@@ -82,6 +82,38 @@ __all__ = [
 
 log = logging.getLogger("syncfw.transport")
 
+
+class _EndedCallFilter(logging.Filter):
+    """grpc's own ERROR-with-traceback when it cannot finish a call the node already
+    ended (a cut at the deadline, a peer gone mid-write), as one rate-limited line.
+
+    grpc-python logs ``ExecuteBatchError raised in core by servicer method`` on
+    logger ``grpc._cython.cygrpc`` each time; the call's end is already counted
+    and warned about by the server (invariant 5), so the traceback says nothing
+    new, and a peer could make it repeat without bound.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notices = Notices(log, 10.0, max_keys=4)
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ != "ExecuteBatchError":
+            return True
+        self.dropped += 1
+        self.notices.warn(
+            "grpc_ended_call", 1,
+            "grpc could not finish a call this node had already ended (peer gone or "
+            "cut at its deadline): %s", clip(str(exc), 120),
+        )
+        return False
+
+
+_ENDED_CALLS = _EndedCallFilter()
+logging.getLogger("grpc._cython.cygrpc").addFilter(_ENDED_CALLS)
+
 EXCHANGE = "/syncfw.v1.Sync/Exchange"
 PROBE = "/syncfw.v1.Sync/Probe"
 # Frames cross gRPC as the bytes wire.encode_frame makes (identity

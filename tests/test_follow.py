@@ -444,3 +444,98 @@ async def test_a_crowded_page_still_holds_one_op_per_origin_and_loses_nothing(
     assert [(it.hlc, it.origin, it.seq) for it in items] == sorted(
         (op.hlc, op.origin, op.seq) for op in ops
     )
+
+
+# -- from memory when caught up (invariant 5a) ----------------------------------------
+
+
+async def test_a_caught_up_follower_takes_each_commit_from_memory(make_node: NodeFactory) -> None:
+    rogue_fleet = Fleet(fleet_id=FLEET.fleet_id, authority="cloud", grants=(Grant.of(T7, "rogue"),))
+    t7, t9 = await make_node("t7"), await make_node("t9")
+    rogue = await make_node("rogue", fleet=rogue_fleet)
+    await t7.put_many({T7 + f"k{i}": i for i in range(5)})
+    async with t7.follow() as feed:
+        assert len(await take(feed, 5)) == 5
+        reads = feed.pages_read
+        for i in range(10):
+            await t7.put(T7 + "live", i)
+            (it,) = await take(feed, 1)
+            assert (it.origin, it.seq, it.value, it.local) == ("t7", 6 + i, i, True)
+        await t9.put_many({T9 + f"r{i}": i for i in range(3)})
+        await exchange(t9, t7)  # a remote commit
+        await rogue.put(T7 + "forged", 1)
+        # a commit of one rejected op (one way: the rogue's fleet holds t9's ops back)
+        await t7.apply_remote(await rogue.ops_since(await t7.version_vector()))
+        got = await take(feed, 3)
+        assert [(i.origin, i.seq, i.value, i.local) for i in got] == [
+            ("t9", s, s - 1, False) for s in (1, 2, 3)
+        ]
+        await t7.put(T7 + "after", "x")
+        (it,) = await take(feed, 1)  # the rejected op was passed over, as from SQLite
+        assert (it.key, it.value) == (T7 + "after", "x")
+        assert feed.position == {"t7": 16, "t9": 3, "rogue": 1}
+        assert feed.pages_read == reads  # nothing was read back from SQLite
+        assert feed.memo_pages >= 12  # the rogue commit and the next may make one page
+
+
+async def test_a_commit_larger_than_a_page_is_read_from_sqlite(make_node: NodeFactory) -> None:
+    t7 = await make_node("t7")
+    async with t7.follow(page_ops=4) as feed:
+        await t7.put(T7 + "a", 0)
+        assert [it.value for it in await take(feed, 1)] == [0]
+        reads = feed.pages_read
+        await t7.put_many({T7 + f"k{i}": i for i in range(10)})  # 10 rows: over the memo's 4
+        got = await take(feed, 10)
+        assert [it.seq for it in got] == list(range(2, 12))
+        assert feed.pages_read > reads
+        assert feed.max_held <= 4
+        await t7.put(T7 + "b", 1)  # caught up again: memory again
+        reads = feed.pages_read
+        assert [it.value for it in await take(feed, 1)] == [1]
+        assert feed.pages_read == reads
+
+
+async def test_commits_racing_reads_are_each_delivered_once_in_order(
+    make_node: NodeFactory,
+) -> None:
+    """Local and remote commits land while the follower reads, pages, and waits."""
+    a, b, c = await make_node("a"), await make_node("b"), await make_node("c")
+    rng = random.Random(7)
+    done = asyncio.Event()
+
+    async def local() -> None:
+        for i in range(120):
+            n = rng.choice([1, 1, 2, 5, 9])
+            await a.put_many({f"site/a/{i}/{j}": j for j in range(n)})
+            if i % 7 == 0:
+                await asyncio.sleep(0)
+
+    async def remote() -> None:
+        for i in range(60):
+            src = rng.choice([b, c])
+            await src.put_many({f"site/{src.node_id}/{i}/{j}": j for j in range(rng.randint(1, 6))})
+            await exchange(src, a)
+
+    delivered: list[tuple[str, int]] = []
+
+    async def consume(feed: Follow) -> None:
+        while not (done.is_set() and sum((await a.version_vector()).values()) == len(delivered)):
+            try:
+                item = await asyncio.wait_for(anext(feed), 0.5)
+            except TimeoutError:
+                continue
+            delivered.append((item.origin, item.seq))
+
+    async with a.follow(page_ops=8) as feed:
+        consumer = asyncio.create_task(consume(feed))
+        await asyncio.gather(local(), remote())
+        done.set()
+        await asyncio.wait_for(consumer, 30)
+        assert feed.memo_pages > 0 and feed.pages_read > 1  # both paths were taken
+        assert feed.max_held <= 8
+    vv = await a.version_vector()
+    assert len(delivered) == len(set(delivered))
+    assert sorted(delivered) == sorted((o, s) for o, top in vv.items() for s in range(1, top + 1))
+    for origin in vv:
+        seqs = [s for o, s in delivered if o == origin]
+        assert seqs == sorted(seqs)

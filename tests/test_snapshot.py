@@ -18,6 +18,7 @@ import pycrdt
 import pytest
 from conftest import NodeFactory
 
+import syncfw
 from syncfw.crdt import COUNTER
 from syncfw.errors import ChainFencedError, DecodeError, SnapshotTooLargeError
 from syncfw.exchange import run_exchange
@@ -310,3 +311,28 @@ async def test_a_restored_node_whose_peer_compacted_its_ops_learns_its_head_from
     assert op.seq == 61
     await _sync(t7, mesh.address)
     assert await depot.get("fleet/t7/k") == "after the restore"
+
+
+async def test_a_caught_up_follower_of_a_node_installing_a_snapshot_is_told_of_the_hole(
+    make_node: NodeFactory,
+) -> None:
+    # A snapshot commits no op rows a follower could take from memory: it must read
+    # the heads again and say which ops it can never deliver, not idle on.
+    depot, truck = await make_node("depot"), await make_node("t1")
+    for i in range(10):
+        await truck.put(f"fleet/t1/k{i}", i)
+    mesh = await depot.serve("127.0.0.1:0", config=MeshConfig.test())
+    await _sync(truck, mesh.address)
+    await depot.acknowledge("t1", await truck.version_vector())
+    assert await depot.compact() > 0
+    late = await make_node("t9")
+    await late.put("fleet/t9/own", 1)
+    async with late.follow() as feed:
+        assert (await asyncio.wait_for(anext(feed), 5)).key == "fleet/t9/own"
+        waiting = asyncio.ensure_future(anext(feed))
+        await asyncio.sleep(0.05)  # caught up, idle, its memory whole
+        await _sync(late, mesh.address)
+        assert (await late.status())["metrics"]["snapshots"] == {"installed": 1}
+        with pytest.raises(syncfw.FeedPositionError) as err:
+            await asyncio.wait_for(waiting, 5)
+        assert err.value.missing["t1"] == (1, 10)

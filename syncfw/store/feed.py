@@ -15,8 +15,9 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from syncfw.errors import ChangeFeedLagged
 from syncfw.log import Op
@@ -26,7 +27,9 @@ __all__ = ["Change", "ChangeFeed", "ChangeFeedLagged", "Notifier"]
 log = logging.getLogger("syncfw.store")
 
 Listener = Callable[[list[Op], bool], None]
-CommitListener = Callable[[], None]
+CommitRows = Sequence[Sequence[Any]]
+"""The ``ops`` rows one commit inserted (``store.sql.inserted_ops``)."""
+CommitListener = Callable[[CommitRows | None], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,8 +120,10 @@ class Notifier:
 
     - listeners: ``fn(ops, local)`` after every commit that applied ops (the
       node's live documents, the mesh's eager push);
-    - commit listeners: ``fn()`` after every commit that wrote ops (applied,
-      rejected or held back) and once at close (``follow()`` wakes on it);
+    - commit listeners: ``fn(rows)`` after every commit that wrote ops (applied,
+      rejected or held back) with the ``ops`` rows it inserted (maybe none), and
+      ``fn(None)`` after a commit whose rows are not at hand (a snapshot
+      installed) and once at close (``follow()`` wakes on it);
     - live change subscribers (:meth:`changes`), each bounded by ``buffer``.
 
     A listener's exception is logged and never reaches the writer.
@@ -145,11 +150,11 @@ class Notifier:
         with contextlib.suppress(ValueError):
             self._commit_listeners.remove(fn)
 
-    def committed(self) -> None:
-        """A commit wrote ops (or the store closed)."""
+    def committed(self, rows: CommitRows | None) -> None:
+        """A commit wrote ops, inserting ``rows`` into ``ops``; None: rows unknown (or the store closed)."""
         for fn in list(self._commit_listeners):
             try:
-                fn()
+                fn(rows)
             except Exception:  # a listener's bug must not break the writer
                 log.exception("store commit listener failed")
 

@@ -27,8 +27,20 @@ Invariants:
    ops to serve, one op per such origin. To read more of the origin the merge
    waits on, it drops the buffered ops that sort last (they are read again).
 5. Reads only, on its own read-only connection (WAL allows readers beside the
-   writer). The store's commit listener only sets an :class:`asyncio.Event`;
-   the follower then reads the next page beyond its position itself.
+   writer). The store's commit listener hands each live follower the ``ops``
+   rows the commit inserted (the same tuples, never copied) and sets an
+   :class:`asyncio.Event`; the follower then takes the next page itself.
+5a. From memory when caught up. A follower keeps the rows of every commit
+   since its last SQLite read *began* (``_memo``, at most ``page_ops`` rows; one
+   more commit, or one whose rows are unknown, e.g. a snapshot installed,
+   drops the memo until the next read from SQLite). When its last read reached
+   every head it saw and nothing is left buffered, it takes the next page from
+   the memo instead of SQLite: rows it already read are skipped, and each
+   origin's rows must go on from the seq it has (``fetched + 1``) one by one,
+   else the page is read from SQLite after all. The rows are those SQLite would
+   return (``store.sql.inserted_ops``) and go through the same :meth:`_take`
+   and :meth:`_merge`, so invariants 1-4 hold as for a page read; ops compacted
+   after they were committed are still delivered (they were never a hole).
 6. No silent hole: a position ahead of the node, below a compaction point, or
    ops vanishing under a live follower raise :class:`FeedPositionError`
    naming the missing seqs; the feed then ends.
@@ -123,6 +135,11 @@ class FeedItem:
         return self.op.kind
 
 
+Rows = Sequence[Sequence[Any]]
+"""``ops`` rows as one commit inserted them (origin, seq, hlc, zone, epoch, key,
+kind, value, prev, sig, status): the columns :data:`_OPS_TERM` selects."""
+
+
 class FeedSource(Protocol):
     """What a follower needs of a store (``syncfw.store.Store`` provides it)."""
 
@@ -138,7 +155,7 @@ class FeedSource(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def add_commit_listener(self, fn: Callable[[], None]) -> None: ...
+    def add_commit_listener(self, fn: Callable[[Rows | None], None]) -> None: ...
 
 
 def _tags(raw: Any) -> list[tuple[str, int]]:
@@ -181,8 +198,9 @@ class _Hub:
     def __init__(self) -> None:
         self.followers: weakref.WeakSet[Follow] = weakref.WeakSet()
 
-    def on_commit(self) -> None:
+    def on_commit(self, rows: Rows | None) -> None:
         for f in list(self.followers):
+            f._offer(rows)
             f._wake.set()
 
 
@@ -260,11 +278,17 @@ class Follow:
         self._fetched: VersionVector = dict(self._pos)  # highest seq read, per origin
         self._known: VersionVector = {}  # the node's vector at the last read
         self._conn: aiosqlite.Connection | None = None
+        # Commits' rows since the last SQLite read began (invariant 5a).
+        self._memo: list[Rows] = []
+        self._memo_rows = 0
+        self._memo_whole = False  # it holds every commit since that read began
         self._done = False
         self.max_held = 0
         """The most ops this follower held at once (invariant 4; for tests)."""
         self.pages_read = 0
         """Pages read from SQLite so far (for tests and benchmarks)."""
+        self.memo_pages = 0
+        """Pages taken from commits' rows in memory instead (invariant 5a)."""
         self.refills = 0
         """Extra reads of one origin the merge ran dry (invariant 3; for tests)."""
 
@@ -363,11 +387,60 @@ class Follow:
             async with asyncio.timeout(IDLE_RECHECK_S):
                 await self._wake.wait()
 
+    def _offer(self, rows: Rows | None) -> None:
+        """A commit inserted ``rows`` (None: rows not at hand); see invariant 5a."""
+        if not self._memo_whole:
+            return
+        if rows is None or self._memo_rows + len(rows) > self._page:
+            self._memo_whole = False
+            self._memo.clear()
+            self._memo_rows = 0
+        elif rows:
+            self._memo.append(rows)
+            self._memo_rows += len(rows)
+
+    def _from_memo(self) -> list[Sequence[Any]] | None:
+        """The next page's rows from the memo, or None: read SQLite (invariant 5a)."""
+        if not self._memo_whole or self._bufs:
+            return None
+        fetched = self._fetched
+        if any(fetched.get(o, 0) < s for o, s in self._known.items()):
+            return None  # the last read stopped short of a head: SQLite has more
+        nxt: dict[str, int] = {}
+        page: list[Sequence[Any]] = []
+        for part in self._memo:
+            for row in part:
+                origin, seq = row[0], row[1]
+                want = nxt.get(origin) or fetched.get(origin, 0) + 1
+                if seq < want:
+                    continue  # read from SQLite already (it committed during that read)
+                if seq > want:
+                    return None  # not the next op of its origin: let SQLite say why
+                page.append(row)
+                nxt[origin] = seq + 1
+        self._memo.clear()
+        self._memo_rows = 0
+        return page
+
     async def _read(self) -> bool:
         """Read the next page beyond the position. Returns False when caught up."""
         conn = await self._connect()
         # Cleared before the read: a commit landing after our snapshot sets it again.
         self._wake.clear()
+        page = self._from_memo()
+        if page is not None:
+            if page:
+                self.memo_pages += 1
+                self._take(page, {})
+                known, fetched = self._known, self._fetched
+                for origin in {row[0] for row in page}:
+                    known[origin] = fetched[origin]  # the heads this page reached
+                await self._merge(conn)
+            return bool(self._ready)
+        # Every commit from here on is kept until this read is used (invariant 5a).
+        self._memo.clear()
+        self._memo_rows = 0
+        self._memo_whole = True
         self.pages_read += 1
         # No read transaction around the page: every read is bounded by the
         # heads read first (``seq <= upto``), and the log below a head only

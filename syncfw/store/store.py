@@ -68,7 +68,7 @@ from syncfw.store import export, snapshots, ydocs
 from syncfw.store.budget import PeerBound
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
-from syncfw.store.feed import ChangeFeed, Notifier
+from syncfw.store.feed import ChangeFeed, CommitListener, Notifier
 from syncfw.store.lease import LEASE_EVERY, read_lease, write_lease
 from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
@@ -91,6 +91,7 @@ from syncfw.store.sql import (
     StaleTip,
     Step,
     check_and_migrate,
+    inserted_ops,
     quick_check,
     transaction,
     translate_error,
@@ -308,7 +309,7 @@ class Store:
             await self._conn.close()
         finally:
             self._lock.release()
-        self._feed.committed()  # followers see the close at once
+        self._feed.committed(None)  # followers see the close at once
 
     # ------------------------------------------------------------------ properties
 
@@ -487,7 +488,7 @@ class Store:
         self._meter.local(len(plan.ops))
         self._note_own()
         self._feed.applied(list(plan.ops), local=True)
-        self._feed.committed()
+        self._feed.committed(inserted_ops(plan.steps))
         return True
 
     def _hlc_step(self) -> Step:
@@ -653,7 +654,8 @@ class Store:
             self._meter.discard(plan.discarded)
         self._feed.applied(list(plan.applied), local=False)
         if plan.steps:
-            self._feed.committed()  # rejected-only commits advance the vector too
+            # rejected-only commits advance the vector too
+            self._feed.committed(inserted_ops(plan.steps))
         got = plan.result()
         if plan.keys is not None and plan.keys.kept and (await self.trust.kept_branches(self.keys, self._read)) - m.kept:
             # The batch carried the authority's ruling on a fork: what it releases moves
@@ -914,7 +916,7 @@ class Store:
                 self._chain.reset(self._vv[me], self._heads[me])
                 self._note_own()
             self._meter.pending(self.pending_counts())
-            self._feed.committed()
+            self._feed.committed(None)  # a snapshot's rows: followers read them back
             await self._apply_remote([])  # what waited behind the snapshot's heads
 
         await self._call(run, Priority.REMOTE)
@@ -949,12 +951,14 @@ class Store:
         """Stop calling ``fn`` (no error if it was not added)."""
         self._feed.remove_listener(fn)
 
-    def add_commit_listener(self, fn: Callable[[], None]) -> None:
-        """Call ``fn()`` synchronously after every commit that wrote ops (applied,
-        rejected or held back), and once when the store closes."""
+    def add_commit_listener(self, fn: CommitListener) -> None:
+        """Call ``fn(rows)`` synchronously after every commit that wrote ops (applied,
+        rejected or held back), with the ``ops`` rows it inserted; ``fn(None)``
+        where those are not at hand (a snapshot installed) and once when the store
+        closes."""
         self._feed.add_commit_listener(fn)
 
-    def remove_commit_listener(self, fn: Callable[[], None]) -> None:
+    def remove_commit_listener(self, fn: CommitListener) -> None:
         """Stop calling ``fn`` (no error if it was not added)."""
         self._feed.remove_commit_listener(fn)
 

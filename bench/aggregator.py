@@ -229,7 +229,8 @@ class Commits:
         self._last: dict[str, int] = {}
         node.store.add_commit_listener(self.on_commit)
 
-    def on_commit(self) -> None:
+    def on_commit(self, rows: object = None) -> None:
+        del rows  # the vector says what moved; the rows are not needed here
         now = time.monotonic()
         for o, s in self._node.store.version_vector.items():
             if s != self._last.get(o):

@@ -5,7 +5,10 @@ the loss. A crash never fences."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from conftest import NodeFactory, exchange
 
 from syncfw import ChainFencedError
 from syncfw.cli import main as cli_main
+from syncfw.log import op_hash
 from syncfw.store.lease import lease_path, read_lease
 
 pytestmark = pytest.mark.asyncio
@@ -58,26 +62,61 @@ async def test_an_older_backup_is_fenced_until_a_peer_relays_the_lost_ops(
     assert await b.get("fleet/t7/k") == "after the restore"
 
 
-async def test_a_lost_wal_is_fenced(make_node: NodeFactory, tmp_path: Path) -> None:
+def _checkpoint(path: Path) -> None:
+    """Copy what the WAL holds into the main file (another connection, as SQLite allows)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        busy, frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames == copied > 0
+
+
+async def test_a_lost_wal_is_fenced_until_a_peer_relays_the_lost_ops(
+    make_node: NodeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     path = tmp_path / "t7.db"
     a = await make_node("t7", path=path)
+    b = await make_node("depot")
     for i in range(100):
+        await a.put("fleet/t7/k", i)
+    _checkpoint(path)  # the first 100 ops move into the main file
+    for i in range(100, 150):
         await a.put("fleet/t7/k", i)
     # The main file alone, without the WAL that holds the recent commits.
     shutil.copyfile(path, tmp_path / "main-only.db")
-    for i in range(100, 200):
+    for i in range(150, 200):
         await a.put("fleet/t7/k", i)
+    await exchange(a, b)  # the depot holds t7's ops up to 200
     await a.close()
     lease = read_lease(str(path), "t7")
     assert lease == 200
     shutil.copyfile(tmp_path / "main-only.db", path)
     for suffix in ("-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
-    a = await make_node("t7", path=path)
+    with caplog.at_level(logging.WARNING, logger="syncfw.store"):
+        a = await make_node("t7", path=path)
     have = (await a.version_vector()).get("t7", 0)
-    assert have < 200
-    with pytest.raises(ChainFencedError):
+    assert have == 100
+    assert f"own chain up to seq {have}, but it once held seq 200" in caplog.text
+    with pytest.raises(ChainFencedError, match=rf"own ops {have + 1}\.\.200 ") as info:
         await a.put("fleet/t7/k", "x")
+    assert "--accept-lost-ops" in str(info.value)
+    assert (await a.version_vector()).get("t7", 0) == have  # the refused write wrote nothing
+    assert (await a.status())["metrics"]["chain_fenced"] == 200
+    assert a.metrics.value("syncfw_chain_fenced") == 200
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="syncfw.store"):
+        await exchange(a, b)  # the depot relays t7's own ops back; the fence lifts
+    assert "own chain is back to seq 200; local writes resume" in caplog.text
+    assert (await a.version_vector())["t7"] == 200
+    assert await a.get("fleet/t7/k") == 199
+    assert (await a.status())["metrics"]["chain_fenced"] == 0
+    op = await a.put("fleet/t7/k", "after the lost WAL")
+    assert op.seq == 201
+    assert op.prev == op_hash((await b.ops_since({"t7": 199}))[0])  # continues the chain
+    await exchange(a, b)  # no fork: the depot applies it, nothing held or discarded
+    assert (await b.version_vector())["t7"] == 201
+    assert await b.get("fleet/t7/k") == "after the lost WAL"
+    assert b.store.pending() == {} and b.store.discarded() == {}
+    assert await a.state_digest() == await b.state_digest()
 
 
 async def test_a_crash_never_fences(make_node: NodeFactory, tmp_path: Path) -> None:

@@ -46,6 +46,12 @@ Invariants (everything that affects the state machine lives in this file):
    every applied batch is durable and every ack is a version vector, a cut at
    any frame leaves both replicas consistent, and the next exchange resumes
    from their version vectors.
+4a. An op larger than any batch the peer takes (stored before the value limit,
+   or a peer with a smaller cap) is not sent, nor are the later ops of its
+   origin (the peer would find a gap); every other origin, and the peer's
+   stream, go on. Once both streams are done the exchange ends
+   ``RESOURCE_EXHAUSTED`` naming the op (:attr:`Session.unsendable`), never
+   ``OK``, and the next exchange tries it again.
 5. The session ends exactly once, with one :class:`End` effect as the last
    effect it ever emits; after that every input returns no effects.
 6. ``OK`` means the vectors were compared: equal digests, or summaries
@@ -255,6 +261,14 @@ def _well_formed(vv: Mapping[str, int]) -> bool:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _TooLarge:
+    """An op whose batch alone exceeds the peer's cap, and that batch's size."""
+
+    op: Op
+    size: int
+
+
 class _After(Mapping[str, int]):
     """What the receiving side holds or has been sent, per origin, read lazily.
 
@@ -364,6 +378,9 @@ class Session:
         self._sizer = self.config.sizer()
         self._inflight = 0
         self._sent_last = False
+        self.unsendable: dict[str, tuple[int, int]] = {}
+        """Origins held back by an op larger than the peer's batch cap: origin -> (that
+        op's seq, its encoded size) (invariant 4a)."""
         self._floor: Mapping[str, int] = {}  # where this side's log of each origin begins
         self._snapshotting = False  # a FetchSnapshot is outstanding
         self._snapshot_sent = False
@@ -520,13 +537,10 @@ class Session:
             return out + self._maybe_done()
         out = []
         now = self._now()
-        for part in self._split(list(ops)):
-            if part is None:
-                return self._fail(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"an op is larger than the peer's batch cap of {self._peer_cap()} bytes",
-                )
-            batch, n, tops = part
+        parts = self._parts(list(ops))
+        if not parts:  # nothing but ops held back by one too large (invariant 4a)
+            return self._pump()
+        for batch, n, tops in parts:
             out.append(Send(Ops(batch)))
             self._flights.append((n, len(batch), now, tops))
             self.bytes_unacked += len(batch)
@@ -534,7 +548,7 @@ class Session:
                 self.link.lease(self, set(tops))
             self._inflight += 1
             self.batches_sent += 1
-        self.ops_sent += len(ops)
+            self.ops_sent += n
         return out + self._pump()
 
     def snapshot_fetched(self, data: bytes, vv: Mapping[str, int]) -> list[Effect]:
@@ -945,6 +959,8 @@ class Session:
                     start[origin] = seq
             for origin in link.leased_by_others(self):
                 start[origin] = _SKIP
+        for origin in self.unsendable:  # invariant 4a
+            start[origin] = _SKIP
         self._fetch_from = start
         return [FetchOps(dict(start), self.config.batch_ops, max_bytes)]
 
@@ -982,8 +998,28 @@ class Session:
         cap = self.peer.max_batch_bytes if self.peer else self.config.max_batch_bytes
         return min(cap, self.config.max_batch_bytes)
 
-    def _split(self, ops: list[Op]) -> list[tuple[bytes, int, dict[str, int]] | None]:
-        """Encode ``ops`` into batches under the peer's cap (None: one op is too big)."""
+    def _parts(self, ops: list[Op]) -> list[tuple[bytes, int, dict[str, int]]]:
+        """``ops`` as batches under the peer's cap, less any op too large for one and
+        the later ops of its origin (invariant 4a: recorded in :attr:`unsendable`)."""
+        while True:
+            parts = self._split(ops)
+            big = [p for p in parts if isinstance(p, _TooLarge)]
+            if not big:
+                return [p for p in parts if not isinstance(p, _TooLarge)]
+            for p in big:
+                had = self.unsendable.get(p.op.origin)
+                if had is None or p.op.seq < had[0]:
+                    self.unsendable[p.op.origin] = (p.op.seq, p.size)
+            cut = self.unsendable
+            ops = [op for op in ops if op.seq < cut.get(op.origin, (_SKIP, 0))[0]]
+            for origin, (seq, _) in cut.items():
+                if self._cursor.get(origin, 0) >= seq:
+                    self._cursor[origin] = seq - 1
+            if not ops:
+                return []
+
+    def _split(self, ops: list[Op]) -> list[tuple[bytes, int, dict[str, int]] | _TooLarge]:
+        """Encode ``ops`` into batches under the peer's cap (:class:`_TooLarge`: one op is)."""
         zstd = self.config.zstd and self.peer is not None and ZSTD in self.peer.features
         cap = self._peer_cap()
         limits = BatchLimits(
@@ -998,7 +1034,7 @@ class Session:
         if len(data) <= cap:
             return [(data, len(ops), {op.origin: op.seq for op in ops})]
         if len(ops) == 1:
-            return [None]
+            return [_TooLarge(ops[0], len(data))]
         # estimate a split point from packed sizes rather than halving blindly
         half = len(ops) // 2
         if not zstd:
@@ -1023,6 +1059,17 @@ class Session:
             and not self._snapshotting
             and not self._rx
         ):
+            if self.unsendable:  # invariant 4a: everything else was exchanged
+                named = ", ".join(
+                    f"op ({clip(o)}, {seq}) of {size} bytes"
+                    for o, (seq, size) in sorted(self.unsendable.items())[:5]
+                )
+                return self._fail(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"{named} is larger than the peer's batch cap of {self._peer_cap()} "
+                    "bytes: its origin's ops from that one on were not sent (everything "
+                    "else was); raise SessionConfig.max_batch_bytes on both sides to carry it",
+                )
             return self._end(Status.OK, "synced", tell=False)
         return []
 

@@ -249,6 +249,44 @@ async def stored_ops(fetch: Fetch, held: Iterable[Op]) -> dict[OpId, Op]:
     return out
 
 
+async def present_kinds(fetch: Fetch) -> set[str]:
+    """The CRDT kinds some key of this store holds (one indexed probe per kind)."""
+    present: set[str] = set()
+    for kind in KINDS:
+        if kind == YDOC.name:
+            rows = await fetch(
+                "SELECT 1 FROM ydoc_checkpoints UNION ALL SELECT 1 FROM ydoc_updates LIMIT 1", ()
+            )
+        else:
+            rows = await fetch("SELECT 1 FROM state WHERE kind = ? LIMIT 1", (kind,))
+        if rows:
+            present.add(kind)
+    return present
+
+
+async def held_kinds(
+    fetch: Fetch, keys: Iterable[str], kinds: Iterable[str]
+) -> dict[str, set[str]]:
+    """The kinds among ``kinds`` that each of ``keys`` holds (absent: holds none)."""
+    held: dict[str, set[str]] = defaultdict(set)
+    klist = sorted(set(keys))
+    for kind in sorted(set(kinds)):
+        for chunk in chunks(klist):
+            marks = ",".join("?" * len(chunk))
+            if kind == YDOC.name:
+                sql = (
+                    f"SELECT key FROM ydoc_checkpoints WHERE key IN ({marks}) UNION "
+                    f"SELECT DISTINCT key FROM ydoc_updates WHERE key IN ({marks})"
+                )
+                params: tuple[Any, ...] = (*chunk, *chunk)
+            else:
+                sql = f"SELECT key FROM state WHERE kind = ? AND key IN ({marks})"
+                params = (kind, *chunk)
+            for (key,) in await fetch(sql, params):
+                held[key].add(kind)
+    return held
+
+
 async def load_states(fetch: Fetch, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], Any]:
     """Decoded states of non-lww ``(kind, key)`` pairs, empty where absent.
 

@@ -141,6 +141,8 @@ class Store:
         self._acks: dict[str, VersionVector] = {}
         self._rejected_bytes = 0  # what the stored rejected ops take (op_size)
         self._pending: Pending = {}
+        # The CRDT kinds some key holds (None: ask the file); a superset is harmless.
+        self._kinds_present: set[str] | None = None
         # Mints this node's ops; may run ahead of what is committed (pipelining).
         self._chain = OpChain(node_id, signer=signer)
         # A signed fleet's key ring (verified statements) and fork flags (mirrors).
@@ -424,6 +426,7 @@ class Store:
     async def _commit_local(self, batch: list[WriteJob]) -> tuple[asyncio.Future[bool] | None, bool]:
         """Plan a group of local writes and start its transaction (see :data:`CommitFn`)."""
         try:
+            await self._refuse_other_kinds(batch)
             states = await export.load_states(
                 self._read, {(w.kind, w.key) for w in batch if w.kind in KINDS and w.kind != "lww"}
             )
@@ -441,11 +444,53 @@ class Store:
                 batch[i].future.set_exception(failure)
         if not plan.ops:
             return None, False
+        if self._kinds_present is not None:  # before it commits: the next group is planned meanwhile
+            self._kinds_present.update(op.kind for op in plan.ops if op.kind in KINDS)
         txn = asyncio.ensure_future(
             self._txn([*plan.steps, self._hlc_step()], expect=(self.node_id, plan.start[0]))
         )
         done = [batch[i] for i in plan.taken]
         return asyncio.ensure_future(self._finish_local(txn, done, plan)), plan.zones is not None
+
+    async def _refuse_other_kinds(self, batch: list[WriteJob]) -> None:
+        """A key holds one kind: fail each write of a CRDT kind at a key that holds
+        others (and a group's second kind at a new key), before anything is planned.
+
+        Only kinds some key of the store holds are looked up, so a store of one
+        kind pays nothing. Remote ops are judged by the fleet's declared kinds
+        alone (:meth:`ZoneTable.judge`): what a key held when an op arrived differs
+        between replicas, so it cannot decide identically everywhere.
+        """
+        writes = [w for w in batch if w.kind in KINDS and not w.future.done()]
+        if not writes:
+            return
+        if self._kinds_present is None:
+            self._kinds_present = await export.present_kinds(self._read)
+        kinds = {w.kind for w in writes}
+        if len(kinds) == 1 and self._kinds_present <= kinds:
+            return  # every key here holds this kind or nothing
+        held: dict[str, set[str]] = {}
+        if self._kinds_present:
+            held = dict(await export.held_kinds(
+                self._read, {w.key for w in writes}, self._kinds_present
+            ))
+        for w in writes:
+            have = held.setdefault(w.key, {w.kind})  # a new key: the group's first write says
+            if w.kind not in have:
+                w.future.set_exception(
+                    OpError(
+                        f"key {clip(w.key)!r} holds {' and '.join(sorted(have))} values, "
+                        f"not {w.kind}; nothing was written"
+                    )
+                )
+
+    def _committed(self, rows: list[Sequence[Any]] | None) -> None:
+        """After a commit: note the kinds its ops brought, then tell the followers."""
+        if rows is None:
+            self._kinds_present = None  # a snapshot's rows: ask the file again
+        elif self._kinds_present is not None:
+            self._kinds_present.update(r[6] for r in rows if r[6] in KINDS)
+        self._feed.committed(rows)
 
     async def _finish_local(
         self, txn: asyncio.Future[int], done: list[WriteJob], plan: LocalPlan
@@ -488,7 +533,7 @@ class Store:
         self._meter.local(len(plan.ops))
         self._note_own()
         self._feed.applied(list(plan.ops), local=True)
-        self._feed.committed(inserted_ops(plan.steps))
+        self._committed(inserted_ops(plan.steps))
         return True
 
     def _hlc_step(self) -> Step:
@@ -655,7 +700,7 @@ class Store:
         self._feed.applied(list(plan.applied), local=False)
         if plan.steps:
             # rejected-only commits advance the vector too
-            self._feed.committed(inserted_ops(plan.steps))
+            self._committed(inserted_ops(plan.steps))
         got = plan.result()
         if plan.keys is not None and plan.keys.kept and (await self.trust.kept_branches(self.keys, self._read)) - m.kept:
             # The batch carried the authority's ruling on a fork: what it releases moves
@@ -916,7 +961,7 @@ class Store:
                 self._chain.reset(self._vv[me], self._heads[me])
                 self._note_own()
             self._meter.pending(self.pending_counts())
-            self._feed.committed(None)  # a snapshot's rows: followers read them back
+            self._committed(None)  # a snapshot's rows: followers read them back
             await self._apply_remote([])  # what waited behind the snapshot's heads
 
         await self._call(run, Priority.REMOTE)

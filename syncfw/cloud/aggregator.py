@@ -77,9 +77,10 @@ class AggregatorConfig:
         refresh_s: how often the live figures are read.
         updates_queue: deltas a view listener may fall behind before a reset.
         transport: the gRPC transport's base (TLS is filled in from the keys);
-            an aggregator serves a whole fleet, so its exchange quotas are
-            larger than an edge's: 256 at once, 64 from one address (edges
-            behind one NAT share it).
+            an aggregator serves a whole fleet, so its quotas are larger than
+            an edge's: 256 exchanges at once, 64 from one address, and up to
+            256 connections from one address (edges behind one NAT share it;
+            the front door's default of 32 would refuse the 33rd).
         models: the model side, started with the mesh
             (:class:`~syncfw.models.service.ModelService`, no model served
             here): the aggregator holds, serves and advertises release chunks
@@ -96,7 +97,8 @@ class AggregatorConfig:
     models: ServiceConfig | None = field(default_factory=ServiceConfig)
     transport: TransportConfig = field(
         default_factory=lambda: TransportConfig(
-            max_concurrent_exchanges=256, max_exchanges_per_peer=64
+            max_concurrent_exchanges=256, max_exchanges_per_peer=64,
+            max_connections_per_host=256,
         )
     )
 

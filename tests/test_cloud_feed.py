@@ -207,3 +207,27 @@ async def test_below_a_compaction_point_on_a_node_serving_the_feed(tmp_path: Pat
     finally:
         await peer.close()
         await edge.close()
+
+
+async def test_an_aggregator_serves_more_edges_from_one_address_than_an_edge_would(
+    agg: Aggregator,
+) -> None:
+    """Edges behind one NAT share an address: the aggregator's front door takes
+    more than a node's default of 32 connections from it (40 here, each answered
+    with the server's HTTP/2 SETTINGS), and refuses none."""
+    assert agg.address is not None
+    port = int(agg.address.rsplit(":", 1)[1])
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+    conns = []
+    try:
+        for _ in range(40):
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            w.write(preface)
+            conns.append((r, w))
+        for r, _ in conns:
+            head = await asyncio.wait_for(r.readexactly(9), 5.0)
+            assert head[3] == 4  # a SETTINGS frame: grpc is talking to this one
+        assert not agg.node.metrics.snapshot().get("refused_connections")
+    finally:
+        for _, w in conns:
+            w.close()

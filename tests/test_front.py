@@ -71,8 +71,10 @@ async def _dial(port: int, source: str) -> tuple[asyncio.StreamReader, asyncio.S
 
 
 async def _closed_by_peer(reader: asyncio.StreamReader, timeout_s: float = 2.0) -> bool:
+    """Whether the door closed this connection (after at most its GOAWAY's bytes)."""
     try:
-        return await asyncio.wait_for(reader.read(1), timeout_s) == b""
+        said = await asyncio.wait_for(reader.read(), timeout_s)  # to EOF
+        return len(said) < 512 and (not said or said[9 + 3] == 7)
     except ConnectionError:
         return True
     except TimeoutError:
@@ -307,5 +309,31 @@ async def test_without_the_front_door_grpc_owns_the_port(node: tuple[Node, Node]
     try:
         assert server.front is None
         assert len(await _sync(b, cfg, server.address, 2)) == 2
+    finally:
+        await server.aclose(grace_s=0)
+
+
+async def test_a_refused_client_is_told_why(node: tuple[Node, Node]) -> None:
+    """A connection over its host's limit gets an HTTP/2 GOAWAY naming the limit
+    before the close, and a syncfw peer's exchange reports it."""
+    a, b = node
+    cfg = TransportConfig.test(max_connections_per_host=1)
+    server = await _serve(a, cfg)
+    try:
+        held = await _dial(server.port, "127.0.0.1")  # takes the host's one slot
+        r, w = await _dial(server.port, "127.0.0.1")
+        got = await asyncio.wait_for(r.read(), 2.0)
+        w.close()
+        assert got[3] == 4 and got[9 + 3] == 7, got  # SETTINGS, then GOAWAY
+        assert int.from_bytes(got[9 + 13 : 9 + 17], "big") == 0xB  # ENHANCE_YOUR_CALM
+        assert b"source_connections: 1 connections from this host already" in got
+        pool = ChannelPool(cfg)
+        try:
+            out = await run_exchange(b, await pool.open(server.address), timeout_s=3.0)
+        finally:
+            await pool.aclose()
+        assert not out.ok
+        assert "syncfw front door: source_connections" in out.reason, out
+        held[1].close()
     finally:
         await server.aclose(grace_s=0)

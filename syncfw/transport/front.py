@@ -20,7 +20,8 @@ Invariants:
    A connection of a host in debt is not read at all, so its close too is
    seen only once the debt is repaid.
 2. At most ``per_source`` connections from one host at once, ``max_connections``
-   in all; a connection beyond either is closed at once, counted
+   in all; a connection beyond either is closed at once (after an HTTP/2
+   GOAWAY, ``ENHANCE_YOUR_CALM``, whose debug text names the limit), counted
    (``syncfw_refused_connections{reason}``) and warned about, at most once per
    ``log_interval_s`` per host and reason.
 3. Bounded buffers both ways: a side whose outgoing buffer passes
@@ -113,6 +114,16 @@ class FrontLimits:
         if self.per_source < 1 or self.max_connections < 1:
             raise ValueError("the front door must allow at least one connection")
 
+
+_SETTINGS = bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))
+_ENHANCE_YOUR_CALM = 0xB
+
+
+def _goaway(text: str) -> bytes:
+    """An empty SETTINGS frame then a GOAWAY (last stream 0) carrying ``text``."""
+    debug = text.encode()[:256]
+    body = (0).to_bytes(4, "big") + _ENHANCE_YOUR_CALM.to_bytes(4, "big") + debug
+    return _SETTINGS + len(body).to_bytes(3, "big") + bytes((7, 0)) + bytes(4) + body
 
 class _Source:
     """One host: its connections and its token bucket (invariant 1)."""
@@ -340,7 +351,10 @@ class FrontDoor:
         return relay
 
     def _refuse(self, transport: asyncio.Transport, host: str, reason: str, detail: str) -> None:
-        transport.abort()
+        # Say why before closing: an HTTP/2 server preface (empty SETTINGS) and a
+        # GOAWAY with ENHANCE_YOUR_CALM, whose debug text the client reports.
+        transport.write(_goaway(f"syncfw front door: {reason}: {detail}"))
+        transport.close()
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self._notices.warn(f"{host}|{reason}", 1, "front door refused a connection from %s (%s): %s",
                            clip(host), reason, detail)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ import grpc
 import pytest
 from conftest import load_bench
 
+from syncfw.codec import DEFAULT_LIMITS
 from syncfw.exchange import run_exchange
 from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Digest, Hello, Summary
@@ -115,9 +117,11 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Node, Node, GrpcServer]]
     await node.close()
 
 
-async def _attack(port: int, frame: bytes, stop: asyncio.Event, sent: list[str]) -> None:
-    """Send the opening and one bad batch per call, two calls at a time, until ``stop``."""
-    relay, relay_port = await hostile.forwarder(port, "127.0.0.5")
+async def _attack(
+    port: int, frame: bytes, stop: asyncio.Event, sent: list[str], source: str = "127.0.0.5"
+) -> None:
+    """From ``source``, the opening and one bad batch per call, two calls at a time, until ``stop``."""
+    relay, relay_port = await hostile.forwarder(port, source)
     frames = [
         encode_frame(f)
         for f in (
@@ -203,3 +207,85 @@ async def test_expensive_bad_batches_are_refused_past_the_budget_and_honest_peer
     lines = [m for m in lines if "cpu_budget" in m or "CPU budget" in m]
     print(f"{tried} honest, attacker {len(sent)} calls, {budget.charged_s:.3f} s charged")
     assert 1 <= len(lines) <= 6, lines
+
+
+HOSTS = [f"127.0.0.{i}" for i in range(2, 10)]  # eight attacking hosts, as in the issue's case
+
+
+async def test_eight_hosts_sending_expensive_bad_batches_leave_honest_syncs_fast(
+    served: tuple[Node, Node, GrpcServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The issue's case: eight senders of expensive bad batches pushed an honest
+    # peer's exchanges from 0.02 s to 9.9 s, their batches decoded in turn on the
+    # decoder thread the honest peer's batches share. Each host has a budget of
+    # its own, so all of them together cost at most eight bursts, eight rates and
+    # the batches already decoding when each ran into debt. Measured here, honest
+    # median quiet -> attacked: idle 5 -> 7 ms (worst 92 - 228 ms), under four busy
+    # loops 25 -> 26 ms (worst 352 ms); with no budget (the attackers' batches always
+    # decoded) 5 -> 174 - 196 ms (worst 360 ms) and a seventh of the syncs.
+    node, honest, server = served
+    caplog.set_level(logging.WARNING, logger="syncfw")
+    budget = cpu_budget_of(node.metrics)
+    frame = hostile.broken_chain_batch(DEFAULT_LIMITS.max_ops)  # the largest batch taken
+    pool = ChannelPool(CFG)
+    quiet: list[float] = []
+    took: list[float] = []
+    stop = asyncio.Event()
+    sent: dict[str, list[str]] = {h: [] for h in HOSTS}
+    attackers: list[asyncio.Task[None]] = []
+
+    async def sync(i: int) -> float:
+        await honest.put("fleet/b/n", i)
+        t = time.monotonic()
+        out = await run_exchange(honest, await pool.open(server.address), timeout_s=5.0)
+        assert out.ok, out
+        return time.monotonic() - t
+
+    try:
+        for i in range(10):  # the same syncs with no one attacking: how slow the box is now
+            quiet.append(await sync(i))
+        t0 = time.monotonic()
+        attackers = [
+            asyncio.create_task(_attack(server.port, frame, stop, sent[h], h)) for h in HOSTS
+        ]
+        while time.monotonic() - t0 < 4.0:
+            took.append(await sync(len(quiet) + len(took)))
+            await asyncio.sleep(0.02)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.gather(*attackers, return_exceptions=True), 10)
+        await pool.aclose()
+    elapsed = time.monotonic() - t0
+    quiet_median = statistics.median(quiet)
+    median, worst = statistics.median(took), max(took)
+    lines = [r.getMessage() for r in caplog.records]
+    lines = [m for m in lines if "cpu_budget" in m or "CPU budget" in m]
+    print(
+        f"quiet median {quiet_median * 1000:.0f} ms; attacked: {len(took)} syncs, median "
+        f"{median * 1000:.0f} ms, worst {worst * 1000:.0f} ms; {budget.charged_s:.3f} s "
+        f"charged; calls per host {[len(v) for v in sent.values()]}; {len(lines)} lines"
+    )
+    # every honest exchange succeeded (asserted in sync), and fast: nowhere near 9.9 s
+    assert len(took) >= 10
+    assert worst < 2.0, took
+    assert median < max(0.1, 5 * quiet_median), (quiet_median, took)
+    assert await honest.get("fleet/a/k19") == "x" * 100
+    # every host had a bad batch decoded and refused, then was refused for its budget
+    for host, got in sent.items():
+        assert "DATA_LOSS" in got, (host, got)
+        assert "RESOURCE_EXHAUSTED" in got, (host, got)
+    refused = node.metrics.snapshot()["refused_streams"].get("cpu_budget", 0)
+    assert refused >= len(HOSTS)
+    # each host's two calls are refused about twice per hold, not once per round trip
+    hold = CFG.quotas().refusal_hold_s
+    assert refused <= len(HOSTS) * 2 * (elapsed / hold + 2), refused
+    # what all of them cost: per host at most its burst, its rate over the time and
+    # the frames already decoding when it ran into debt
+    decoded = sum(v.count("DATA_LOSS") for v in sent.values())
+    per_frame = max(0.05, 3 * budget.charged_s / max(1, decoded))
+    assert budget.charged_s <= len(HOSTS) * (SHARE.burst + SHARE.rate * elapsed + 3 * per_frame)
+    assert decoded <= len(HOSTS) * (4 + 2 * elapsed * SHARE.rate / SHARE.refused_batch_s), sent
+    # loud, but rate-limited per host: a few lines each, never one per refusal
+    per_host = elapsed / CFG.refusal_log_interval_s + 2
+    assert len(HOSTS) <= len(lines) <= 2 * len(HOSTS) * per_host, lines

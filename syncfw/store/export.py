@@ -13,7 +13,8 @@ Invariants:
    order, so replicas holding the same ops have the same digest.
 4. What :func:`ops_since` serves is verified as it is read: each origin's
    rows are contiguous from the asked seq, each names the hash of the one
-   before as ``prev`` (the first, the op at the asked seq, read too), and
+   before as ``prev`` (the first, the op at the asked seq, read too), the
+   last one served is named by the one after it (read too, when held), and
    the origin's last op hashes to its chain head. A gap or a broken link is
    a :class:`CorruptDatabaseError`, never a silent skip: a damaged file
    must not tell a peer "synced" while it holds less than its vector says.
@@ -152,10 +153,11 @@ async def ops_since(
             # No more rows than can fit: each op counts at least OP_SIZE_OVERHEAD. Read (and
             # hashed) whole, a small batch out of a long backlog read it all every time.
             want = min(want, max(1, (max_bytes - size) // OP_SIZE_OVERHEAD + 1))
-        # From the op at ``start`` too (when held): the first link is checked.
+        # From the op at ``start`` too (when held): the first link is checked; and the
+        # op after the last one served, whose ``prev`` checks that one.
         rows = await fetch(
             f"SELECT {OP_COLUMNS} FROM ops WHERE origin = ? AND seq >= ? ORDER BY seq LIMIT ?",
-            (origin, start, want + 1),
+            (origin, start, want + 2),
         )
         ops = verified(
             origin, start, want, [Op(*row) for row in rows], heads, have[origin],
@@ -191,6 +193,7 @@ def verified(
     elif start > compacted:
         raise _damaged(origin, f"op {start} is missing")
     # ``prev`` None: the op at ``start`` is compacted away; its link was checked at apply.
+    after = rows[want : want + 1]  # the op after the last one served (when read and held)
     rows = rows[:want]
     expect = start + 1
     for op in rows:
@@ -202,6 +205,10 @@ def verified(
         expect += 1
     if len(rows) < want:
         raise _damaged(origin, f"ops {expect}..{have} are missing")
+    # The last op served is checked too: by the next op's ``prev`` (its own link only
+    # checks the op before it), else by the chain head below.
+    if after and after[0].seq == expect and after[0].prev != prev:
+        raise _damaged(origin, f"op {expect} does not name op {expect - 1}'s hash")
     head = heads.get(origin) if heads is not None else None
     if head is not None and rows and rows[-1].seq == have and prev != head:
         raise _damaged(origin, f"op {have} does not hash to the recorded chain head")

@@ -21,7 +21,11 @@ Invariants:
    and, with ``metrics``, one record in the node's registry; failures of the
    peer, the link or the batch never raise out of :func:`run_exchange` (only
    cancellation does), so a node keeps serving its other peers. Ops count as
-   sent once the peer acknowledged them; the rest are "queued".
+   sent once the peer acknowledged them; the rest are "queued". An exchange
+   that ended ``OK`` closes its side first and reads on until the peer ends the
+   call (``_SEND_FAILED_WAIT_S`` at most): a gRPC client that stops reading
+   cancels the call, and a peer still persisting the last ack would record its
+   exchange ``CANCELLED``.
 5. Deadlines scale with the bytes in flight: the exchange ends
    ``DEADLINE_EXCEEDED`` only when no frame came from the peer for
    ``timeout_s`` plus the unacknowledged bytes at the link's measured rate
@@ -377,15 +381,25 @@ class ExchangeRunner:
                     await performer.abort(Status.DEADLINE_EXCEEDED, reason)
             status = Status.DEADLINE_EXCEEDED
         finally:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
             if status is None:
                 if session.status is None:  # cancelled from outside
                     session.abort(Status.CANCELLED, "exchange cancelled")
                 status = session.status if session.status is not None else Status.CANCELLED
                 reason = session.reason
-            await self.stream.close(status, reason)
+            task = asyncio.current_task()
+            try:
+                if status is Status.OK and not (task is not None and task.cancelling()):
+                    # In sync, but the peer may still be finishing (persisting the last
+                    # ack): say this side is done and let the peer end the call (invariant 4).
+                    await self.stream.close(status, reason)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_SEND_FAILED_WAIT_S):
+                            await asyncio.shield(self._reader)
+            finally:
+                self._reader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reader
+                await self.stream.close(status, reason)
         return self._outcome(status, reason)
 
     def _outcome(self, status: Status, reason: str) -> ExchangeOutcome:

@@ -397,15 +397,7 @@ def _states_log_rate(items: dict[str, str]) -> bool:
     "bound",
     [
         pytest.param(_states_rss, id="rss-per-peer"),
-        pytest.param(
-            _states_bytes_per_rejection,
-            id="bytes-per-rejection",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="README.md gives no size for one refusal yet (a held call's unread bytes "
-                "are 'bounded by its HTTP/2 window', with no number); drop this mark once it does",
-            ),
-        ),
+        pytest.param(_states_bytes_per_rejection, id="bytes-per-rejection"),
         pytest.param(_states_log_rate, id="log-bytes-per-second-per-peer"),
     ],
 )

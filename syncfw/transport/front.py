@@ -21,7 +21,8 @@ Invariants:
    seen only once the debt is repaid.
 2. At most ``per_source`` connections from one host at once, ``max_connections``
    in all; a connection beyond either is closed at once (after an HTTP/2
-   GOAWAY, ``ENHANCE_YOUR_CALM``, whose debug text names the limit), counted
+   GOAWAY, ``ENHANCE_YOUR_CALM``, whose debug text names the limit, and
+   0.2 s for the client to read it; at most 256 wait so), counted
    (``syncfw_refused_connections{reason}``) and warned about, at most once per
    ``log_interval_s`` per host and reason.
 3. Bounded buffers both ways: a side whose outgoing buffer passes
@@ -115,6 +116,8 @@ class FrontLimits:
             raise ValueError("the front door must allow at least one connection")
 
 
+_CLOSING = 256  # refused connections waiting _CLOSE_AFTER_S to close, at most
+_CLOSE_AFTER_S = 0.2
 _SETTINGS = bytes((0, 0, 0, 4, 0, 0, 0, 0, 0))
 _ENHANCE_YOUR_CALM = 0xB
 
@@ -283,6 +286,7 @@ class FrontDoor:
         self.clock = clock
         self._sources: dict[str, _Source] = {}
         self._relays: set[_Relay] = set()
+        self._closing: set[asyncio.Transport] = set()  # refused, told why, closing
         self._server: asyncio.Server | None = None
         self._notices = Notices(log, limits.log_interval_s, max_keys=1024)
         self.port = 0
@@ -352,14 +356,25 @@ class FrontDoor:
 
     def _refuse(self, transport: asyncio.Transport, host: str, reason: str, detail: str) -> None:
         # Say why before closing: an HTTP/2 server preface (empty SETTINGS) and a
-        # GOAWAY with ENHANCE_YOUR_CALM, whose debug text the client reports.
+        # GOAWAY with ENHANCE_YOUR_CALM, whose debug text the client reports. The
+        # close waits a moment (nothing more is read), so a client applies the
+        # GOAWAY before it sees the socket go; at most _CLOSING such sockets wait.
+        transport.pause_reading()
         transport.write(_goaway(f"syncfw front door: {reason}: {detail}"))
-        transport.close()
+        if len(self._closing) < _CLOSING:
+            self._closing.add(transport)
+            asyncio.get_running_loop().call_later(_CLOSE_AFTER_S, self._close, transport)
+        else:
+            transport.close()
         self.refused[reason] = self.refused.get(reason, 0) + 1
         self._notices.warn(f"{host}|{reason}", 1, "front door refused a connection from %s (%s): %s",
                            clip(host), reason, detail)
         if self._metrics is not None:
             self._metrics.refused_connections.labels(self._metrics.node_id, reason).inc()
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        self._closing.discard(transport)
+        transport.close()
 
     def throttled(self, relay: _Relay, wait_s: float) -> None:
         """A source ran over its rate: it is not read for ``wait_s``."""
@@ -399,5 +414,7 @@ class FrontDoor:
             self._server.close()
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
+        for transport in list(self._closing):
+            self._close(transport)
         for relay in list(self._relays):
             relay.close()

@@ -48,7 +48,8 @@ def test_the_demo_runs_insecure_only_when_asked_and_prints_no_grpc_core_lines(
     assert "[SKIP] the JetStream stream complete: export skipped (--no-nats)" in out
     assert "all checks passed" in out
     assert proc.stderr == ""  # the story on stdout, log lines in the folder, nothing else
-    assert "exchange" in (tmp_path / "demo.log").read_text()
+    # the nodes' log lines went to the folder's log instead (an insecure fleet warns)
+    assert "WARNING syncfw.node: fleet 'demo-mine' runs UNSIGNED" in (tmp_path / "demo.log").read_text()
     assert not (tmp_path / "keys").exists()
 
 

@@ -3,8 +3,10 @@ real SQLite-backed nodes."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import sqlite3
 import sys
 import threading
 import time
@@ -17,8 +19,11 @@ import grpc
 import pytest
 
 from syncfw import Fleet, Grant, Node, StoreConfig
+from syncfw.exchange import run_exchange
 from syncfw.keyfiles import NodeKeys
 from syncfw.testing import FakeClock
+from syncfw.transport.base import FrameStream
+from syncfw.transport.rpc import GrpcServer, TransportConfig
 
 __all__ = ["FLEET", "START_MS", "FakeClock", "NodeFactory", "exchange", "load_bench"]
 
@@ -170,3 +175,26 @@ def _watchdog() -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     threading.Thread(target=_watchdog, name="syncfw-test-exit-watchdog", daemon=True).start()
+
+
+async def serve_node(node: Node, cfg: TransportConfig) -> GrpcServer:
+    """A real gRPC server on loopback whose every call is an exchange with ``node``."""
+
+    async def handler(stream: FrameStream) -> None:
+        await run_exchange(node, stream, timeout_s=cfg.exchange_timeout_s, metrics=node.metrics)
+
+    return await GrpcServer.start("127.0.0.1:0", handler, config=cfg, metrics=node.metrics)
+
+
+def ops_leaf(path: Path) -> tuple[int, int]:
+    """The offset of a middle leaf page of the ``ops`` table, and the page size."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        pages = [
+            r[0]
+            for r in conn.execute(
+                "SELECT pageno FROM dbstat WHERE name = 'ops' AND pagetype = 'leaf' ORDER BY pageno"
+            )
+        ]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+    assert len(pages) > 4
+    return (pages[len(pages) // 2] - 1) * size, size

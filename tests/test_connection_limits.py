@@ -35,7 +35,7 @@ from pathlib import Path
 
 import hpack
 import pytest
-from conftest import load_bench
+from conftest import load_bench, serve_node
 from hyperframe.frame import (
     ContinuationFrame,
     DataFrame,
@@ -52,8 +52,7 @@ from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.sync import Digest
 from syncfw.testing.waiting import wait_until
-from syncfw.transport.base import FrameStream
-from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
+from syncfw.transport.rpc import ChannelPool, TransportConfig
 from syncfw.transport.wire import decode_frame, encode_frame
 
 hostile = load_bench("hostile")
@@ -220,13 +219,6 @@ async def nodes(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
     await a.close()
 
 
-async def _serve(node: Node, cfg: TransportConfig) -> GrpcServer:
-    async def handler(stream: FrameStream) -> None:
-        await run_exchange(node, stream, timeout_s=cfg.exchange_timeout_s, metrics=node.metrics)
-
-    return await GrpcServer.start("127.0.0.1:0", handler, config=cfg, metrics=node.metrics)
-
-
 async def _sync(honest: Node, cfg: TransportConfig, address: str, n: int) -> None:
     pool = ChannelPool(cfg)
     try:
@@ -272,7 +264,7 @@ async def test_one_connection_over_its_exchange_quota_is_refused_and_others_are_
         exchange_timeout_s=8.0,  # the held calls outlive the test's checks
         refusal_log_interval_s=60.0,  # one line for the whole test
     )
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     assert server.front is not None  # the default path: through the front door
     atk = await Wire(server.port, "127.0.0.2").connect()
     other: Wire | None = None
@@ -328,7 +320,7 @@ async def test_the_server_advertises_its_stream_limit_and_resets_streams_past_it
         hello_timeout_s=5.0,
         exchange_timeout_s=8.0,
     )
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     atk = await Wire(server.port, "127.0.0.3").connect()
     try:
         assert atk.settings[SettingsFrame.MAX_CONCURRENT_STREAMS] == limit
@@ -355,7 +347,7 @@ async def test_an_idle_connection_is_sent_goaway_and_closed_after_the_idle_limit
     a, _ = nodes
     idle = 1.5
     cfg = TransportConfig.test(front_door=front_door, max_connection_idle_s=idle)
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     assert (server.front is not None) is front_door
     w = await Wire(server.port, "127.0.0.4").connect()
     try:
@@ -388,7 +380,7 @@ async def test_an_old_connection_is_sent_goaway_and_its_calls_get_the_grace_peri
         hello_timeout_s=5.0,
         exchange_timeout_s=8.0,  # the node never cuts the calls itself in this test
     )
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     w = await Wire(server.port, "127.0.0.5").connect()
     try:
         done, cut = w.open(_hello()), w.open(_hello())

@@ -17,15 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import load_bench
+from conftest import load_bench, serve_node
 
 from syncfw.exchange import run_exchange
 from syncfw.metrics import NodeMetrics
 from syncfw.node import Node
 from syncfw.testing.waiting import wait_until
-from syncfw.transport.base import FrameStream
 from syncfw.transport.front import FrontDoor, FrontLimits, source_of
-from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
+from syncfw.transport.rpc import ChannelPool, TransportConfig
 
 hostile = load_bench("hostile")
 
@@ -249,13 +248,6 @@ async def node(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
     await a.close()
 
 
-async def _serve(node: Node, cfg: TransportConfig) -> GrpcServer:
-    async def handler(stream: FrameStream) -> None:
-        await run_exchange(node, stream, timeout_s=cfg.exchange_timeout_s, metrics=node.metrics)
-
-    return await GrpcServer.start("127.0.0.1:0", handler, config=cfg, metrics=node.metrics)
-
-
 async def _sync(honest: Node, cfg: TransportConfig, address: str, n: int) -> list[float]:
     pool = ChannelPool(cfg)
     took = []
@@ -276,7 +268,7 @@ async def test_an_http2_flood_is_throttled_before_grpc_and_honest_syncs_go_on(
 ) -> None:
     a, b = node
     cfg = TransportConfig.test(inbound_rate=2 << 20, inbound_burst=1 << 20)
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     assert server.front is not None
     stats: dict[str, int] = {}
     flood = asyncio.create_task(hostile.flood(server.port, "127.0.0.2", stats))
@@ -305,7 +297,7 @@ async def test_an_http2_flood_is_throttled_before_grpc_and_honest_syncs_go_on(
 async def test_without_the_front_door_grpc_owns_the_port(node: tuple[Node, Node]) -> None:
     a, b = node
     cfg = TransportConfig.test(front_door=False)
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     try:
         assert server.front is None
         assert len(await _sync(b, cfg, server.address, 2)) == 2
@@ -318,7 +310,7 @@ async def test_a_refused_client_is_told_why(node: tuple[Node, Node]) -> None:
     before the close, and a syncfw peer's exchange reports it."""
     a, b = node
     cfg = TransportConfig.test(max_connections_per_host=1)
-    server = await _serve(a, cfg)
+    server = await serve_node(a, cfg)
     try:
         held = await _dial(server.port, "127.0.0.1")  # takes the host's one slot
         r, w = await _dial(server.port, "127.0.0.1")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pycrdt
 import pytest
-from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange
+from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange, ops_leaf
 
 import syncfw
 from syncfw import Node, StoreConfig
@@ -235,20 +235,6 @@ async def _file_with_ops(path: Path, n: int = 400) -> None:
         await node.put_many({f"trucks/t7/k{i}": "x" * 200 for i in range(n)})
 
 
-def _ops_leaf(path: Path) -> tuple[int, int]:
-    """The offset of a middle leaf page of the ``ops`` table, and the page size."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        pages = [
-            r[0]
-            for r in conn.execute(
-                "SELECT pageno FROM dbstat WHERE name = 'ops' AND pagetype = 'leaf' ORDER BY pageno"
-            )
-        ]
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-    assert len(pages) > 4
-    return (pages[len(pages) // 2] - 1) * size, size
-
-
 def _overwrite(path: Path, offset: int, data: bytes) -> None:
     raw = bytearray(path.read_bytes())
     raw[offset : offset + len(data)] = data
@@ -260,7 +246,7 @@ async def test_values_damaged_under_sqlite_are_never_served(
 ) -> None:
     path = tmp_path / "t7.db"
     await _file_with_ops(path)
-    offset, size = _ops_leaf(path)
+    offset, size = ops_leaf(path)
     _overwrite(path, offset + size - 150, b"Y" * 20)  # inside an op's value: pages stay valid
     async with Node.open(path, node_id="t7", fleet=FLEET) as node:
         with pytest.raises(syncfw.CorruptDatabaseError, match=r"does not name op \d+'s hash"):
@@ -278,7 +264,7 @@ async def test_a_damaged_page_is_refused_at_open_by_quick_check(
 ) -> None:
     path = tmp_path / "t7.db"
     await _file_with_ops(path)
-    offset, _ = _ops_leaf(path)
+    offset, _ = ops_leaf(path)
     _overwrite(path, offset + 3, b"\x00\x00")  # the page's cell count
     with pytest.raises(syncfw.CorruptDatabaseError, match="damaged"):
         await Node.open(path, node_id="t7", fleet=FLEET)

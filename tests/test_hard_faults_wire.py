@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FLEET, NodeFactory, raw_exchange
+from conftest import FLEET, NodeFactory, ops_leaf, raw_exchange
 
 from syncfw import ChainFencedError
 from syncfw.exchange import ExchangeOutcome, run_exchange
@@ -79,20 +79,6 @@ def warnings_of(caplog: pytest.LogCaptureFixture, start: str) -> list[str]:
 # ------------------------------------------------------------------ 1. a damaged file
 
 
-def _ops_leaf(path: Path) -> tuple[int, int]:
-    """The offset of a middle leaf page of the ``ops`` table, and the page size."""
-    with contextlib.closing(sqlite3.connect(path)) as conn:
-        pages = [
-            r[0]
-            for r in conn.execute(
-                "SELECT pageno FROM dbstat WHERE name = 'ops' AND pagetype = 'leaf' ORDER BY pageno"
-            )
-        ]
-        size = conn.execute("PRAGMA page_size").fetchone()[0]
-    assert len(pages) > 4
-    return (pages[len(pages) // 2] - 1) * size, size
-
-
 async def test_a_peer_syncing_from_a_damaged_file_is_never_told_it_is_in_sync(
     make_node: NodeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -100,7 +86,7 @@ async def test_a_peer_syncing_from_a_damaged_file_is_never_told_it_is_in_sync(
     t7 = await make_node("t7", path=path)
     await t7.put_many({f"trucks/t7/k{i:03}": VALUE for i in range(400)})
     await t7.close()
-    offset, size = _ops_leaf(path)
+    offset, size = ops_leaf(path)
     raw = bytearray(path.read_bytes())
     raw[offset + size - 150 : offset + size - 130] = b"Y" * 20  # inside a value: pages stay valid
     path.write_bytes(bytes(raw))

@@ -4,6 +4,7 @@ real SQLite-backed nodes."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import sqlite3
@@ -21,6 +22,7 @@ import pytest
 from syncfw import Fleet, Grant, Node, StoreConfig
 from syncfw.exchange import run_exchange
 from syncfw.keyfiles import NodeKeys
+from syncfw.log import encode_value
 from syncfw.testing import FakeClock
 from syncfw.transport.base import FrameStream
 from syncfw.transport.rpc import GrpcServer, TransportConfig
@@ -198,3 +200,15 @@ def ops_leaf(path: Path) -> tuple[int, int]:
         size = conn.execute("PRAGMA page_size").fetchone()[0]
     assert len(pages) > 4
     return (pages[len(pages) // 2] - 1) * size, size
+
+
+async def hold_a_forged_op(t9: Node, depot: Node) -> None:
+    """``t9`` writes five ops; ``depot`` takes the first, then a forged op 4 (another
+    value, a bogus ``prev``) that it holds behind the gap at 2..3."""
+    for i in range(5):
+        await t9.put(f"trucks/t9/k{i}", i)
+    ops = await t9.ops_since({})
+    await depot.apply_remote(ops[:1])
+    forged = dataclasses.replace(ops[3], value=encode_value("forged"), prev=b"\x07" * 32)
+    await depot.apply_remote([forged])
+    assert depot.store.pending() == {"t9": {4: "gap: waiting for earlier ops of this origin"}}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import sqlite3
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pycrdt
 import pytest
-from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange, ops_leaf
+from conftest import FLEET, START_MS, FakeClock, NodeFactory, exchange, hold_a_forged_op, ops_leaf
 
 import syncfw
 from syncfw import Node, StoreConfig
@@ -155,13 +154,7 @@ async def test_a_forged_pending_op_never_locks_out_the_genuine_chain(
     make_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     t9, depot = await make_node("t9"), await make_node("depot")
-    for i in range(5):
-        await t9.put(f"trucks/t9/k{i}", i)
-    ops = await t9.ops_since({})
-    await depot.apply_remote(ops[:1])
-    forged = dataclasses.replace(ops[3], value=encode_value("forged"), prev=b"\x07" * 32)
-    await depot.apply_remote([forged])  # held behind the gap at 2..3
-    assert depot.store.pending() == {"t9": {4: "gap: waiting for earlier ops of this origin"}}
+    await hold_a_forged_op(t9, depot)
     with caplog.at_level(logging.WARNING, logger="syncfw.store"):
         await exchange(t9, depot)  # carries the genuine 2..5
     assert (await depot.version_vector())["t9"] == 5

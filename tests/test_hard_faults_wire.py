@@ -24,11 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FLEET, NodeFactory, ops_leaf, raw_exchange
+from conftest import FLEET, NodeFactory, hold_a_forged_op, ops_leaf, raw_exchange
 
 from syncfw import ChainFencedError
 from syncfw.exchange import ExchangeOutcome, run_exchange
-from syncfw.log import decode_value, encode_value, op_hash
+from syncfw.log import decode_value, op_hash
 from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.sync import PROTOCOL_VERSION, Close, Digest, Hello, SessionConfig, Status, Summary
@@ -179,13 +179,7 @@ async def test_a_forged_pending_op_never_turns_a_genuine_exchange_into_data_loss
     make_node: NodeFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     t9, depot = await make_node("t9"), await make_node("depot")
-    for i in range(5):
-        await t9.put(f"trucks/t9/k{i}", i)
-    ops = await t9.ops_since({})
-    await depot.apply_remote(ops[:1])
-    forged = dataclasses.replace(ops[3], value=encode_value("forged"), prev=b"\x07" * 32)
-    await depot.apply_remote([forged])  # held behind the gap at 2..3
-    assert depot.store.pending() == {"t9": {4: "gap: waiting for earlier ops of this origin"}}
+    await hold_a_forged_op(t9, depot)
     mesh = await depot.serve("127.0.0.1:0", config=MeshConfig.test())
 
     with caplog.at_level(logging.WARNING, logger="syncfw"):

@@ -28,7 +28,8 @@ log = logging.getLogger("syncfw.store")
 
 Listener = Callable[[list[Op], bool], None]
 CommitRows = Sequence[Sequence[Any]]
-"""The ``ops`` rows one commit inserted (``store.sql.inserted_ops``)."""
+"""The ``ops`` rows one commit inserted (``store.sql.inserted_ops``): origin, seq,
+hlc, zone, epoch, key, kind, value, prev, sig, status, the columns ``follow()`` reads."""
 CommitListener = Callable[[CommitRows | None], None]
 
 

@@ -67,6 +67,7 @@ from syncfw.crdt import COUNTER, LWW, MVREG, ORSET, YDOC
 from syncfw.crdt.lww import TOMBSTONE
 from syncfw.errors import DecodeError, FeedPositionError
 from syncfw.log import Op, VersionVector, decode_value
+from syncfw.store.feed import CommitRows
 from syncfw.store.sql import translate_error
 from syncfw.zones import GRANT_KIND
 
@@ -135,11 +136,6 @@ class FeedItem:
         return self.op.kind
 
 
-Rows = Sequence[Sequence[Any]]
-"""``ops`` rows as one commit inserted them (origin, seq, hlc, zone, epoch, key,
-kind, value, prev, sig, status): the columns :data:`_OPS_TERM` selects."""
-
-
 class FeedSource(Protocol):
     """What a follower needs of a store (``syncfw.store.Store`` provides it)."""
 
@@ -155,7 +151,7 @@ class FeedSource(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def add_commit_listener(self, fn: Callable[[Rows | None], None]) -> None: ...
+    def add_commit_listener(self, fn: Callable[[CommitRows | None], None]) -> None: ...
 
 
 def _tags(raw: Any) -> list[tuple[str, int]]:
@@ -198,7 +194,7 @@ class _Hub:
     def __init__(self) -> None:
         self.followers: weakref.WeakSet[Follow] = weakref.WeakSet()
 
-    def on_commit(self, rows: Rows | None) -> None:
+    def on_commit(self, rows: CommitRows | None) -> None:
         for f in list(self.followers):
             f._offer(rows)
             f._wake.set()
@@ -279,7 +275,7 @@ class Follow:
         self._known: VersionVector = {}  # the node's vector at the last read
         self._conn: aiosqlite.Connection | None = None
         # Commits' rows since the last SQLite read began (invariant 5a).
-        self._memo: list[Rows] = []
+        self._memo: list[CommitRows] = []
         self._memo_rows = 0
         self._memo_whole = False  # it holds every commit since that read began
         self._done = False
@@ -387,7 +383,7 @@ class Follow:
             async with asyncio.timeout(IDLE_RECHECK_S):
                 await self._wake.wait()
 
-    def _offer(self, rows: Rows | None) -> None:
+    def _offer(self, rows: CommitRows | None) -> None:
         """A commit inserted ``rows`` (None: rows not at hand); see invariant 5a."""
         if not self._memo_whole:
             return

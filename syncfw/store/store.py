@@ -68,7 +68,7 @@ from syncfw.store import export, snapshots, ydocs
 from syncfw.store.budget import PeerBound
 from syncfw.store.config import StoreConfig
 from syncfw.store.export import StoreStats
-from syncfw.store.feed import ChangeFeed, CommitListener, Notifier
+from syncfw.store.feed import ChangeFeed, CommitListener, CommitRows, Notifier
 from syncfw.store.lease import LEASE_EVERY, read_lease, write_lease
 from syncfw.store.local import LocalPlan, check_size, plan_local
 from syncfw.store.lock import FileLock
@@ -484,7 +484,7 @@ class Store:
                     )
                 )
 
-    def _committed(self, rows: list[Sequence[Any]] | None) -> None:
+    def _committed(self, rows: CommitRows | None) -> None:
         """After a commit: note the kinds its ops brought, then tell the followers."""
         if rows is None:
             self._kinds_present = None  # a snapshot's rows: ask the file again

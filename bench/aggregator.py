@@ -40,6 +40,9 @@ origins' batches every 20 ms, as edges' syncs land) at up to ``--rate`` for
 ``--seconds``, and the same gRPC consumer follows; keys ``feed_only_*``. It
 shows what the feed path costs apart from 64 concurrent gRPC exchanges.
 
+``--profile FILE`` (cProfile) and ``--spy FILE`` (py-spy, sampling every thread)
+profile this process during the ingest after an outage.
+
 The last line printed is one JSON object.
 """
 
@@ -53,6 +56,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -359,6 +363,11 @@ async def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 edges, small figures (smoke test)")
     p.add_argument("--feed-only", action="store_true",
                    help="the feed's latency with ops applied in this process (no edges)")
+    p.add_argument("--profile", metavar="FILE",
+                   help="write a cProfile of this process during the ingest after an outage")
+    p.add_argument("--spy", metavar="FILE",
+                   help="write a py-spy sampling profile (raw, every thread) of this process "
+                        "during the ingest after an outage (pip install '.[profile]')")
     p.add_argument("--edges-proc", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.edges_proc:
@@ -402,6 +411,19 @@ async def main() -> None:
             """Every edge syncs its backlog at once: (ops/s, seconds, CPU-s here, CPU-s
             of the edges' process) until the aggregator holds ``goal`` ops in all."""
             assert proc.stdin is not None
+            profile = None
+            spy = None
+            if args.spy and label == "after an outage":  # a sampling profile of this process
+                spy = await asyncio.create_subprocess_exec(
+                    "py-spy", "record", "-p", str(os.getpid()), "-r", "1000", "--threads",
+                    "--nonblocking", "-f", "raw", "-o", args.spy,
+                )
+                await asyncio.sleep(1.0)  # py-spy attaches
+            if args.profile and label == "after an outage":
+                import cProfile
+
+                profile = cProfile.Profile()
+                profile.enable()
             t, c0, edges_cpu = time.perf_counter(), time.process_time(), 0.0
             for _ in range(5):  # an exchange cut on a busy machine is retried, as a mesh would
                 proc.stdin.write(b"go\n")
@@ -414,6 +436,12 @@ async def main() -> None:
                 raise RuntimeError("the edges could not sync their backlog")
             took = time.perf_counter() - t
             rate, cpu = total / took, time.process_time() - c0
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file and ends
+                await spy.wait()
+            if profile is not None:
+                profile.disable()
+                profile.dump_stats(args.profile)
             print(f"ingest ({label}): {total} ops from {args.edges} edges in {took:.2f} s = "
                   f"{rate:,.0f} ops/s; CPU-s: aggregator {cpu:.2f}, edges {edges_cpu:.2f} "
                   f"(of {2 * took:.2f} on 2 cores)", flush=True)

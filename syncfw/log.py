@@ -229,8 +229,9 @@ _SET = tuple(
 _NEW = object.__new__
 
 
-def _built(t: tuple[Any, ...]) -> Op:
-    """An op from a tuple :func:`ops_from_tuples` checked: its fields set through the slots
+def built_op(t: Sequence[Any]) -> Op:
+    """An op from a checked tuple of its ten fields: one :func:`ops_from_tuples` checked,
+    or a row read back from this node's own file. Its fields are set through the slots
     (what the frozen dataclass's ``__init__`` does, at about a third of its cost)."""
     op = _NEW(Op)
     s0, s1, s2, s3, s4, s5, s6, s7, s8, s9 = _SET
@@ -305,7 +306,7 @@ def ops_from_tuples(items: Sequence[tuple[Any, ...]], *, elided: bool = False) -
         for t in items:  # the error the first bad op raises; nothing is hashed
             Op.from_tuple(t if t[8] is not None else (*t[:8], GENESIS, t[9]))
     if not elided:
-        return list(map(_built, items))
+        return list(map(built_op, items))
     out: list[Op] = []
     append, before = out.append, None
     for t in items:
@@ -313,7 +314,7 @@ def ops_from_tuples(items: Sequence[tuple[Any, ...]], *, elided: bool = False) -
             if before is None:
                 raise DecodeError("the first op of a batch leaves out its prev")
             t = (*t[:8], tuple_hash(before), t[9])
-        append(_built(t))
+        append(built_op(t))
         before = t
     return out
 

@@ -71,6 +71,27 @@ async def test_other_kinds_are_decoded_as_their_crdt_defines(make_node: NodeFact
     ]
 
 
+async def test_a_follower_item_decodes_its_value_when_read_and_equals_an_eager_one(
+    make_node: NodeFactory,
+) -> None:
+    t7 = await make_node("t7")
+    await t7.put(T7 + "x", {"i": 1})
+    await t7.delete(T7 + "x")
+    async with t7.follow() as feed:
+        put, gone = await take(feed, 2)
+    assert put._value is follow_mod._UNDECODED  # nothing decoded before it is read
+    assert (put.value, put.deleted) == ({"i": 1}, False)
+    assert (gone.deleted, gone.value) == (True, None)  # either attribute decodes both
+    eager = FeedItem(put.op, {"i": 1}, False, True, False)
+    assert eager == put and hash(eager) == hash(put) and repr(eager) == repr(put)
+    assert FeedItem.of(put.op, True, False) == put != gone
+    with pytest.raises(AttributeError, match="immutable"):
+        put.local = False  # type: ignore[misc]
+    # a payload that does not decode (only a rejected op can hold one) comes back raw
+    bad = FeedItem.of(Op("t9", 1, 0, T9, 1, T9 + "k", "lww", b"\xc1"), False, True)
+    assert (bad.value, bad.deleted) == (b"\xc1", False)
+
+
 async def test_backlog_then_live_tail_with_remote_ops(make_node: NodeFactory) -> None:
     t7, t9 = await make_node("t7"), await make_node("t9")
     await t7.put_many({T7 + f"k{i}": i for i in range(5)})

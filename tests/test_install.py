@@ -238,7 +238,10 @@ def test_the_wheel_ships_protos_and_declares_the_extras(tmp_path: Path) -> None:
     assert "grpcio-tools" in extra("dev")
     assert extra("cloud") == {"starlette", "uvicorn", "nats-py"}
     assert not base & {"starlette", "uvicorn", "nats-py"}  # the cloud is an extra
-    assert set(meta.get_all("Provides-Extra")) == {"inference", "inference-gpu", "cloud", "dev"}
+    assert extra("profile") == {"py-spy"}  # the benches' sampling profiler
+    assert set(meta.get_all("Provides-Extra")) == {
+        "inference", "inference-gpu", "cloud", "dev", "profile"
+    }
     static = {n for n in names if n.startswith("syncfw/cloud/static/")}
     assert {"syncfw/cloud/static/index.html", "syncfw/cloud/static/dashboard.js"} <= static
 

@@ -197,6 +197,31 @@ async def test_junk_sig_on_a_relayed_op_is_stripped_never_stored(make_node, sf) 
     assert res.applied == len(ops)
 
 
+async def test_a_caught_up_follower_delivers_each_op_as_stored_without_its_junk_sig(
+    make_node, sf
+) -> None:
+    """The memo path (follow.py invariant 5a) hands on the op the commit stored: a
+    junk sig stripped, as a follower reading the file back sees it."""
+    a = await open_signed(make_node, sf, "t1")
+    b = await open_signed(make_node, sf, "t2")
+    await a.put_many({f"fleet/t1/k{i}": i for i in range(5)})
+    ops = [op for op in await a.ops_since({}) if op.origin == "t1"]
+    junk = [dataclasses.replace(op, sig=b"j" * 64) if op.sig is None else op for op in ops]
+    await b.put("fleet/t2/x", 0)
+    async with b.follow(prefixes=["fleet/t1/", "fleet/t2/x"]) as live:
+        assert (await anext(live)).key == "fleet/t2/x"  # read back: caught up
+        await b.apply_remote(junk)
+        got = [await anext(live) for _ in ops]
+        assert live.memo_pages >= 1  # from the commit, not read back
+    async with b.follow(prefixes=["fleet/t1/"]) as fresh:  # from SQLite
+        again = [await anext(fresh) for _ in ops]
+        assert fresh.memo_pages == 0
+    assert got == again
+    assert [it.op.sig is not None for it in got] == [False] * (len(ops) - 1) + [True]
+    values = {it.key: it.value for it in got}
+    assert [values[f"fleet/t1/k{i}"] for i in range(5)] == list(range(5))
+
+
 async def test_unsigned_fork_is_discarded_without_lock_out(make_node, sf) -> None:
     a = await open_signed(make_node, sf, "t1")
     b = await open_signed(make_node, sf, "t2")

@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from types import TracebackType
 
 from syncfw.notices import clip
-from syncfw.store.follow import FeedItem, decode_payload
+from syncfw.store.follow import FeedItem
 from syncfw.sync.frames import Status
 from syncfw.transport.base import LinkError
 from syncfw.transport.config import TlsConfig, TransportConfig
@@ -178,6 +178,4 @@ def _with_tls(cfg: TransportConfig, tls: TlsConfig) -> TransportConfig:
 
 
 def _item(event: FeedRecord) -> FeedItem:
-    op = event.op
-    value, deleted = decode_payload(op.kind, op.value)
-    return FeedItem(op, value, deleted, event.local, event.rejected)
+    return FeedItem.of(event.op, event.local, event.rejected)  # decoded when read

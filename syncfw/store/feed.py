@@ -17,7 +17,6 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from syncfw.errors import ChangeFeedLagged
 from syncfw.log import Op
@@ -27,9 +26,10 @@ __all__ = ["Change", "ChangeFeed", "ChangeFeedLagged", "Notifier"]
 log = logging.getLogger("syncfw.store")
 
 Listener = Callable[[list[Op], bool], None]
-CommitRows = Sequence[Sequence[Any]]
-"""The ``ops`` rows one commit inserted (``store.sql.inserted_ops``): origin, seq,
-hlc, zone, epoch, key, kind, value, prev, sig, status, the columns ``follow()`` reads."""
+CommitRows = Sequence[tuple[Op, int]]
+"""The ``ops`` rows one commit inserted, in order, each as ``(op, status)``: the op as
+stored (its ``sig`` as stored too) and the row's status (1: rejected). ``follow()``
+reads the same from SQLite."""
 CommitListener = Callable[[CommitRows | None], None]
 
 

@@ -28,8 +28,9 @@ Invariants:
    waits on, it drops the buffered ops that sort last (they are read again).
 5. Reads only, on its own read-only connection (WAL allows readers beside the
    writer). The store's commit listener hands each live follower the ``ops``
-   rows the commit inserted (the same tuples, never copied) and sets an
-   :class:`asyncio.Event`; the follower then takes the next page itself.
+   rows the commit inserted, as ``(op, status)`` (``store.feed.CommitRows``:
+   the ops the commit holds, never copied), and sets an :class:`asyncio.Event`;
+   the follower then takes the next page itself.
 5a. From memory when caught up. A follower keeps the rows of every commit
    since its last SQLite read *began* (``_memo``, at most ``page_ops`` rows; one
    more commit, or one whose rows are unknown, e.g. a snapshot installed,
@@ -38,9 +39,10 @@ Invariants:
    the memo instead of SQLite: rows it already read are skipped, and each
    origin's rows must go on from the seq it has (``fetched + 1``) one by one,
    else the page is read from SQLite after all. The rows are those SQLite would
-   return (``store.sql.inserted_ops``) and go through the same :meth:`_take`
-   and :meth:`_merge`, so invariants 1-4 hold as for a page read; ops compacted
-   after they were committed are still delivered (they were never a hole).
+   return (the planner's ``RemotePlan.inserted``, a local commit's ops) and go
+   through the same :meth:`_take_ops` and :meth:`_merge`, so invariants 1-4 hold
+   as for a page read; ops compacted after they were committed are still
+   delivered (they were never a hole).
 6. No silent hole: a position ahead of the node, below a compaction point, or
    ops vanishing under a live follower raise :class:`FeedPositionError`
    naming the missing seqs; the feed then ends.
@@ -56,7 +58,6 @@ import logging
 import sqlite3
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol
@@ -65,8 +66,8 @@ import aiosqlite
 
 from syncfw.crdt import COUNTER, LWW, MVREG, ORSET, YDOC
 from syncfw.crdt.lww import TOMBSTONE
-from syncfw.errors import DecodeError, FeedPositionError
-from syncfw.log import Op, VersionVector, decode_value
+from syncfw.errors import FeedPositionError
+from syncfw.log import Op, VersionVector, built_op, decode_value
 from syncfw.store.feed import CommitRows
 from syncfw.store.sql import translate_error
 from syncfw.zones import GRANT_KIND
@@ -90,9 +91,11 @@ Missing = dict[str, tuple[int, int]]
 _Entry = tuple[int, int, "FeedItem | None"]  # (hlc, seq, item; None when passed over)
 
 
-@dataclass(frozen=True, slots=True)
+_UNDECODED: Any = object()  # FeedItem's value before its first read
+
+
 class FeedItem:
-    """One op of the log as :meth:`Node.follow` delivers it.
+    """One op of the log as :meth:`Node.follow` delivers it. Immutable.
 
     Attributes:
         op: the op itself (origin, seq, hlc, zone, epoch, key, kind, payload).
@@ -107,13 +110,80 @@ class FeedItem:
         local: written by this node.
         rejected: stored as rejected (its origin did not own the zone); such
             ops are delivered only with ``include_rejected=True``.
+
+    An item a follower builds (:meth:`of`) decodes ``value`` and ``deleted`` from
+    ``op`` when first read (:func:`decode_payload`), so a consumer that never
+    reads them, or reads them for a few keys, never pays the decode.
     """
 
+    __slots__ = ("_deleted", "_value", "local", "op", "rejected")
+
     op: Op
-    value: Any
-    deleted: bool
     local: bool
     rejected: bool
+    _value: Any
+    _deleted: bool
+
+    def __init__(self, op: Op, value: Any, deleted: bool, local: bool, rejected: bool) -> None:
+        _SET_OP(self, op)
+        _SET_VALUE(self, value)
+        _SET_DELETED(self, deleted)
+        _SET_LOCAL(self, local)
+        _SET_REJECTED(self, rejected)
+
+    @classmethod
+    def of(cls, op: Op, local: bool, rejected: bool) -> FeedItem:
+        """The item for ``op``, its value decoded when first read."""
+        item = _NEW(cls)
+        _SET_OP(item, op)
+        _SET_VALUE(item, _UNDECODED)
+        _SET_LOCAL(item, local)
+        _SET_REJECTED(item, rejected)
+        return item
+
+    def _decode(self) -> None:
+        value, deleted = decode_payload(self.op.kind, self.op.value)
+        _SET_VALUE(self, value)
+        _SET_DELETED(self, deleted)
+
+    @property
+    def value(self) -> Any:
+        if self._value is _UNDECODED:
+            self._decode()
+        return self._value
+
+    @property
+    def deleted(self) -> bool:
+        if self._value is _UNDECODED:
+            self._decode()
+        return self._deleted
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"FeedItem is immutable: cannot set {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"FeedItem is immutable: cannot delete {name!r}")
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.op, self.value, self.deleted, self.local, self.rejected)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not FeedItem:
+            return NotImplemented
+        assert isinstance(other, FeedItem)
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:  # the value follows from the op (and may be unhashable)
+        return hash((self.op, self.local, self.rejected))
+
+    def __repr__(self) -> str:
+        return (
+            f"FeedItem(op={self.op!r}, value={self.value!r}, deleted={self.deleted!r}, "
+            f"local={self.local!r}, rejected={self.rejected!r})"
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (FeedItem, self._fields())
 
     @property
     def origin(self) -> str:
@@ -134,6 +204,12 @@ class FeedItem:
     @property
     def kind(self) -> str:
         return self.op.kind
+
+
+_NEW = object.__new__
+_SLOT: dict[str, Any] = {name: vars(FeedItem)[name].__set__ for name in FeedItem.__slots__}
+_SET_OP, _SET_LOCAL, _SET_REJECTED = _SLOT["op"], _SLOT["local"], _SLOT["rejected"]
+_SET_VALUE, _SET_DELETED = _SLOT["_value"], _SLOT["_deleted"]
 
 
 class FeedSource(Protocol):
@@ -395,7 +471,7 @@ class Follow:
             self._memo.append(rows)
             self._memo_rows += len(rows)
 
-    def _from_memo(self) -> list[Sequence[Any]] | None:
+    def _from_memo(self) -> list[tuple[Op, int]] | None:
         """The next page's rows from the memo, or None: read SQLite (invariant 5a)."""
         if not self._memo_whole or self._bufs:
             return None
@@ -403,10 +479,10 @@ class Follow:
         if any(fetched.get(o, 0) < s for o, s in self._known.items()):
             return None  # the last read stopped short of a head: SQLite has more
         nxt: dict[str, int] = {}
-        page: list[Sequence[Any]] = []
+        page: list[tuple[Op, int]] = []
         for part in self._memo:
             for row in part:
-                origin, seq = row[0], row[1]
+                origin, seq = row[0].origin, row[0].seq
                 want = nxt.get(origin) or fetched.get(origin, 0) + 1
                 if seq < want:
                     continue  # read from SQLite already (it committed during that read)
@@ -427,9 +503,9 @@ class Follow:
         if page is not None:
             if page:
                 self.memo_pages += 1
-                self._take(page, {})
+                self._take_ops(page, {})
                 known, fetched = self._known, self._fetched
-                for origin in {row[0] for row in page}:
+                for origin in {op.origin for op, _ in page}:
                     known[origin] = fetched[origin]  # the heads this page reached
                 await self._merge(conn)
             return bool(self._ready)
@@ -488,36 +564,34 @@ class Follow:
         each = max(room // (2 * len(need)), 1)
         return [(o, self._fetched.get(o, 0), have[o], each) for o in sorted(need)]
 
-    def _take(self, rows: Iterable[Any], expect: dict[str, int]) -> None:
-        """Decode a page of rows into the per-origin buffers, checking contiguity.
+    def _take(self, rows: Iterable[Sequence[Any]], expect: dict[str, int]) -> None:
+        """:meth:`_take_ops` of rows read from SQLite (origin, seq, ..., sig, status)."""
+        self._take_ops(((built_op(r[:10]), r[10]) for r in rows), expect)
+
+    def _take_ops(self, rows: Iterable[tuple[Op, int]], expect: dict[str, int]) -> None:
+        """Add a page of ``(op, status)`` rows to the per-origin buffers, checking contiguity.
 
         ``expect`` is, per origin read, the last seq the read must reach.
         """
         me, prefixes, with_rejected = self._me, self._prefixes, self._include_rejected
         fetched = self._fetched
         bufs = self._bufs
+        of = FeedItem.of
         gone: Missing = {}
-        for origin, seq, hlc, zone, epoch, key, kind, value, prev, sig, status in rows:
+        for op, status in rows:
+            origin, seq = op.origin, op.seq
             nxt = fetched.get(origin, 0) + 1
             if seq != nxt:  # compacted away after the heads were read: not servable
                 gone.setdefault(origin, (nxt, seq - 1))
                 continue
             fetched[origin] = seq
             item: FeedItem | None = None
-            if (with_rejected or not status) and (not prefixes or key.startswith(prefixes)):
-                op = Op(origin, seq, hlc, zone, epoch, key, kind, value, prev, sig)
-                if kind == "lww" and value:  # the hot path: a set lww key
-                    try:
-                        decoded, deleted = decode_value(value), False
-                    except DecodeError:  # only a rejected op can hold one: delivered raw
-                        decoded, deleted = value, False
-                else:
-                    decoded, deleted = decode_payload(kind, value)
-                item = FeedItem(op, decoded, deleted, origin == me, bool(status))
+            if (with_rejected or not status) and (not prefixes or op.key.startswith(prefixes)):
+                item = of(op, origin == me, bool(status))
             buf = bufs.get(origin)
             if buf is None:
                 buf = bufs[origin] = collections.deque()
-            buf.append((hlc, seq, item))
+            buf.append((op.hlc, seq, item))
         for origin, last in expect.items():
             if fetched.get(origin, 0) < last and origin not in gone:
                 gone[origin] = (fetched.get(origin, 0) + 1, last)

@@ -43,6 +43,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -290,6 +291,9 @@ class RemotePlan:
         suspects: conflicting branches a verified head covers, ``(origin, seq,
             ops)``: the store pairs each with its own signed branch as
             :class:`~syncfw.trust.ForkEvidence`.
+        inserted: the ``ops`` rows the transaction inserts, in order, as
+            ``(op as stored, status)`` (``store.feed.CommitRows``): the accepted
+            ops (status 0), then the rejected ones (1).
     """
 
     applied: tuple[Op, ...] = ()
@@ -306,6 +310,7 @@ class RemotePlan:
     keys: KeyRing | None = None
     forks: Mapping[str, int] = field(default_factory=dict)
     suspects: tuple[tuple[str, int, tuple[Op, ...]], ...] = ()
+    inserted: tuple[tuple[Op, int], ...] = ()
 
     def result(self) -> ApplyResult:
         """The caller's summary."""
@@ -755,15 +760,14 @@ def plan_remote(
     progressed = [o for o in run.origins if run.nxt[o] != m.vv.get(o, 0) + 1]
     vv = {o: run.nxt[o] - 1 for o in progressed}
     heads = {o: run.heads[o] for o in progressed}
-    if m.keys is None:
-        rows = [(*op.to_tuple(), 0) for op in run.accepted]
-        rows += [(*op.to_tuple(), 1) for op, _ in run.rejected]
-    else:  # only verified heads keep their sig (a junk one is never stored or relayed)
+    inserted = [(op, 0) for op in run.accepted] + [(op, 1) for op, _ in run.rejected]
+    if m.keys is not None:  # only verified heads keep their sig (a junk one is never stored or relayed)
         ok = run.verified
-        rows = [(*op.to_tuple()[:9], op.sig if op.id in ok else None, 0) for op in run.accepted]
-        rows += [
-            (*op.to_tuple()[:9], op.sig if op.id in ok else None, 1) for op, _ in run.rejected
+        inserted = [
+            (op if op.sig is None or op.id in ok else dataclasses.replace(op, sig=None), status)
+            for op, status in inserted
         ]
+    rows = [(*op.to_tuple(), status) for op, status in inserted]
     steps: list[Step] = [
         (INSERT_OP, rows),
         (INSERT_REJECTED, [(op.origin, op.seq, op.key, why) for op, why in run.rejected]),
@@ -791,4 +795,5 @@ def plan_remote(
         keys=None if run.keys is m.keys else run.keys,
         forks=run.new_forks,
         suspects=tuple(run.suspects),
+        inserted=tuple(inserted),
     )

@@ -65,12 +65,6 @@ class StaleTip(Exception):
 TIP_SQL = "SELECT seq FROM heads WHERE origin = ?"
 
 
-def inserted_ops(steps: Iterable[Step]) -> list[Sequence[Any]]:
-    """The ``ops`` rows a transaction's ``steps`` insert, in order: the parameters of
-    :data:`INSERT_OP`, the same columns a ``SELECT origin, seq, ..., status`` reads back."""
-    return [row for sql, rows in steps if sql == INSERT_OP for row in rows]
-
-
 def run_steps(
     db: sqlite3.Connection,
     steps: Sequence[Step],

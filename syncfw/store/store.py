@@ -91,7 +91,6 @@ from syncfw.store.sql import (
     StaleTip,
     Step,
     check_and_migrate,
-    inserted_ops,
     quick_check,
     transaction,
     translate_error,
@@ -489,7 +488,7 @@ class Store:
         if rows is None:
             self._kinds_present = None  # a snapshot's rows: ask the file again
         elif self._kinds_present is not None:
-            self._kinds_present.update(r[6] for r in rows if r[6] in KINDS)
+            self._kinds_present.update(op.kind for op, _ in rows if op.kind in KINDS)
         self._feed.committed(rows)
 
     async def _finish_local(
@@ -533,7 +532,7 @@ class Store:
         self._meter.local(len(plan.ops))
         self._note_own()
         self._feed.applied(list(plan.ops), local=True)
-        self._committed(inserted_ops(plan.steps))
+        self._committed([(op, 0) for op in plan.ops])
         return True
 
     def _hlc_step(self) -> Step:
@@ -700,7 +699,7 @@ class Store:
         self._feed.applied(list(plan.applied), local=False)
         if plan.steps:
             # rejected-only commits advance the vector too
-            self._committed(inserted_ops(plan.steps))
+            self._committed(plan.inserted)
         got = plan.result()
         if plan.keys is not None and plan.keys.kept and (await self.trust.kept_branches(self.keys, self._read)) - m.kept:
             # The batch carried the authority's ruling on a fork: what it releases moves

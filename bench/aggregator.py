@@ -40,8 +40,8 @@ origins' batches every 20 ms, as edges' syncs land) at up to ``--rate`` for
 ``--seconds``, and the same gRPC consumer follows; keys ``feed_only_*``. It
 shows what the feed path costs apart from 64 concurrent gRPC exchanges.
 
-``--profile FILE`` (cProfile) and ``--spy FILE`` (py-spy, sampling every thread)
-profile this process during the ingest after an outage.
+``--profile FILE`` (cProfile of this process) and ``--spy FILE`` (py-spy, sampling
+every thread of both processes) profile the ingest after an outage.
 
 The last line printed is one JSON object.
 """
@@ -366,8 +366,9 @@ async def main() -> None:
     p.add_argument("--profile", metavar="FILE",
                    help="write a cProfile of this process during the ingest after an outage")
     p.add_argument("--spy", metavar="FILE",
-                   help="write a py-spy sampling profile (raw, every thread) of this process "
-                        "during the ingest after an outage (pip install '.[profile]')")
+                   help="write py-spy sampling profiles (raw, every thread) of this process to "
+                        "FILE and of the edges' to FILE.edges during the ingest after an "
+                        "outage (pip install '.[profile]')")
     p.add_argument("--edges-proc", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.edges_proc:
@@ -412,12 +413,13 @@ async def main() -> None:
             of the edges' process) until the aggregator holds ``goal`` ops in all."""
             assert proc.stdin is not None
             profile = None
-            spy = None
-            if args.spy and label == "after an outage":  # a sampling profile of this process
-                spy = await asyncio.create_subprocess_exec(
-                    "py-spy", "record", "-p", str(os.getpid()), "-r", "1000", "--threads",
-                    "--nonblocking", "-f", "raw", "-o", args.spy,
-                )
+            spies = []
+            if args.spy and label == "after an outage":  # sampling profiles of both processes
+                for pid, out in ((os.getpid(), args.spy), (proc.pid, args.spy + ".edges")):
+                    spies.append(await asyncio.create_subprocess_exec(
+                        "py-spy", "record", "-p", str(pid), "-r", "1000", "--threads",
+                        "--nonblocking", "-f", "raw", "-o", out,
+                    ))
                 await asyncio.sleep(1.0)  # py-spy attaches
             if args.profile and label == "after an outage":
                 import cProfile
@@ -436,7 +438,7 @@ async def main() -> None:
                 raise RuntimeError("the edges could not sync their backlog")
             took = time.perf_counter() - t
             rate, cpu = total / took, time.process_time() - c0
-            if spy is not None:
+            for spy in spies:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file and ends
                 await spy.wait()
             if profile is not None:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NewType, Protocol
 
 import msgpack
@@ -149,6 +149,9 @@ class Op:
     value: bytes
     prev: bytes = GENESIS
     sig: bytes | None = None
+    _hash: bytes | None = field(default=None, init=False, repr=False, compare=False, hash=False)
+    """:func:`op_hash`, kept once computed (never compared, copied or sent: an op
+    made with ``dataclasses.replace`` computes its own)."""
 
     @property
     def id(self) -> OpId:
@@ -209,12 +212,20 @@ class Op:
 
 
 def op_hash(op: Op) -> bytes:
-    """SHA-256 over every field of ``op`` but ``sig``: the next op's ``prev``."""
-    return hashlib.sha256(
-        _HASH_PACKER.pack(
-            (op.origin, op.seq, op.hlc, op.zone, op.epoch, op.key, op.kind, op.value, op.prev)
-        )
-    ).digest()
+    """SHA-256 over every field of ``op`` but ``sig``: the next op's ``prev``.
+
+    Computed once per op object (an op is immutable): the sender's read-back check,
+    its batch encoder and the receiver's decoder and planner each need it.
+    """
+    h = op._hash
+    if h is None:
+        h = hashlib.sha256(
+            _HASH_PACKER.pack(
+                (op.origin, op.seq, op.hlc, op.zone, op.epoch, op.key, op.kind, op.value, op.prev)
+            )
+        ).digest()
+        _SET_HASH(op, h)
+    return h
 
 
 def tuple_hash(t: Sequence[Any]) -> bytes:
@@ -226,6 +237,7 @@ _SET = tuple(
     getattr(Op, f).__set__
     for f in ("origin", "seq", "hlc", "zone", "epoch", "key", "kind", "value", "prev", "sig")
 )
+_SET_HASH: Callable[[Op, bytes | None], None] = vars(Op)["_hash"].__set__
 _NEW = object.__new__
 
 
@@ -246,6 +258,7 @@ def built_op(t: Sequence[Any]) -> Op:
     s7(op, value)
     s8(op, prev)
     s9(op, sig)
+    _SET_HASH(op, None)
     return op
 
 
@@ -313,7 +326,9 @@ def ops_from_tuples(items: Sequence[tuple[Any, ...]], *, elided: bool = False) -
         if t[8] is None:
             if before is None:
                 raise DecodeError("the first op of a batch leaves out its prev")
-            t = (*t[:8], tuple_hash(before), t[9])
+            h = tuple_hash(before)
+            _SET_HASH(out[-1], h)  # the op before's own hash: kept (op_hash)
+            t = (*t[:8], h, t[9])
         append(built_op(t))
         before = t
     return out

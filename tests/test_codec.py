@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import msgpack
 import pytest
@@ -19,6 +20,7 @@ from syncfw.codec import (
     encode_batch,
 )
 from syncfw.errors import ChainError, DecodeError
+from syncfw.log import Op, op_hash
 from syncfw.testing.ops import chain
 
 
@@ -31,6 +33,25 @@ def test_round_trip_plain_and_compressed() -> None:
     assert len(packed) < len(plain)
     assert decode_batch(plain) == ops
     assert decode_batch(packed) == ops
+
+
+def test_each_op_keeps_its_hash_and_an_elided_batch_brings_it_decoded() -> None:
+    """op_hash is computed once per op object; a format-2 decoder already computed it
+    for every op whose successor it rebuilt, and the value is the hash of the op."""
+    ops = chain("a", 50, value_size=16)
+    got = decode_batch(encode_batch(ops, elide_prev=True))
+    assert got == ops
+    assert [op._hash for op in got[:-1]] == [_fresh_hash(op) for op in ops[:-1]]
+    assert got[-1]._hash is None  # no successor in the batch: computed when asked
+    assert op_hash(got[-1]) == _fresh_hash(ops[-1]) == got[-1]._hash
+    forged = dataclasses.replace(got[0], value=b"other")
+    assert forged._hash is None and op_hash(forged) != op_hash(got[0])
+    assert op_hash(dataclasses.replace(got[0], sig=b"s" * 64)) == op_hash(got[0])
+
+
+def _fresh_hash(op: Op) -> bytes:
+    """op_hash of a copy that holds no cached hash."""
+    return op_hash(Op(*op.to_tuple()))
 
 
 def test_small_batches_stay_uncompressed_even_with_zstd() -> None:

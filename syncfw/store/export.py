@@ -41,6 +41,7 @@ from syncfw.log import (
     Op,
     OpId,
     VersionVector,
+    built_op,
     decode_value,
     op_hash,
     op_size,
@@ -160,7 +161,7 @@ async def ops_since(
             (origin, start, want + 2),
         )
         ops = verified(
-            origin, start, want, [Op(*row) for row in rows], heads, have[origin],
+            origin, start, want, list(map(built_op, rows)), heads, have[origin],
             compacted.get(origin, 0),
         )
         for op in ops:

@@ -40,6 +40,16 @@ origins' batches every 20 ms, as edges' syncs land) at up to ``--rate`` for
 ``--seconds``, and the same gRPC consumer follows; keys ``feed_only_*``. It
 shows what the feed path costs apart from 64 concurrent gRPC exchanges.
 
+``--breakdown`` measures the ingest's parts alone, with the default sizes: the
+same ops (``--edges`` origins x ``--backlog``, in 250-op batches, every origin's
+submitted at once as the exchanges do) applied in this process to a plain node
+and to an aggregator (``inproc_*``: what the fleet view and the aggregator's
+services add to ``apply_remote``); and one edge's exchanges with an aggregator
+over real gRPC, one after another, of 1 op and of ``--backlog`` ops
+(``exchange_cpu_ms_1_op``, ``exchange_cpu_ms_backlog``: both sides' CPU in this process: the fixed cost of an
+exchange, and ``exchange_cpu_us_per_op``, the wire's cost per op: read back,
+encode, decode, apply).
+
 ``--profile FILE`` (cProfile of this process) and ``--spy FILE`` (py-spy, sampling
 every thread of both processes) profile the ingest after an outage.
 
@@ -350,6 +360,99 @@ async def _feed_only(args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+async def _breakdown(args: argparse.Namespace) -> dict[str, object]:
+    """Where the ingest's cost per op goes, each part measured alone (see the module)."""
+    from syncfw.testing.ops import OpWriter
+
+    batch = 250  # about what each warm link's batch carries in the default ingest
+    writers = [OpWriter(f"e{i:03}", zone=f"telemetry/e{i:03}/") for i in range(args.edges)]
+    per = [
+        [w.write(f"m{j % 64}", {"j": j, "v": f"{j:016x}"}, hlc=(1_700_000_000_000 + j) << 16)
+         for j in range(args.backlog)]
+        for w in writers
+    ]
+    total = args.edges * args.backlog
+
+    async def drive(node: Node) -> tuple[float, float]:
+        """Every origin's batches submitted at once, as the ingest's exchanges do: (s, CPU-s)."""
+        async def one(ops: list[object]) -> None:
+            for i in range(0, len(ops), batch):
+                await node.apply_remote(ops[i : i + batch])  # type: ignore[arg-type]
+
+        t, c = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(one(ops) for ops in per))  # type: ignore[arg-type]
+        return time.perf_counter() - t, time.process_time() - c
+
+    runs: dict[str, list[tuple[float, float]]] = {"node": [], "aggregator": []}
+    exchange: dict[int, list[float]] = {1: [], args.backlog: []}
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        for run in range(FLOOR_RUNS):
+            node = await Node.open(folder / f"n{run}.db", node_id="floor", fleet=FLEET,
+                                   config=STORE)
+            try:
+                runs["node"].append(await drive(node))
+            finally:
+                await node.close()
+            agg = await Aggregator.open(
+                folder / f"a{run}.db", fleet=FLEET,
+                config=AggregatorConfig(mesh=MeshConfig.lan(), store=STORE),
+            )
+            try:
+                runs["aggregator"].append(await drive(agg.node))
+            finally:
+                await agg.aclose()
+        # One edge's exchanges with an aggregator over real gRPC (front door on), one
+        # after the other in this process: CPU per exchange, both sides together.
+        agg = await Aggregator.open(folder / "x.db", fleet=FLEET,
+                                    config=AggregatorConfig(mesh=MeshConfig.lan(), store=STORE))
+        edge = await Node.open(folder / "x-edge.db", node_id="e000", fleet=FLEET, config=STORE)
+        pool = ChannelPool(TransportConfig(exchange_timeout_s=60.0))
+        try:
+            mesh = await agg.serve("127.0.0.1:0")
+            for n, cpus in exchange.items():
+                for i in range(25):
+                    await edge.put_many([(f"telemetry/e000/m{j % 64}", {"j": j}) for j in range(n)])
+                    c = time.process_time()
+                    out = await run_exchange(edge, await pool.open(mesh.address), timeout_s=60.0)
+                    if not out.ok:
+                        raise RuntimeError(f"exchange failed: {out}")
+                    if i >= 5:  # warm links
+                        cpus.append(time.process_time() - c)
+        finally:
+            await pool.aclose()
+            await edge.close()
+            await agg.aclose()
+
+    def rate(k: str) -> float:
+        return total / statistics.median(s for s, _ in runs[k])
+
+    def us(k: str) -> float:
+        return statistics.median(c for _, c in runs[k]) * 1e6 / total
+
+    one_ms = statistics.median(exchange[1]) * 1e3
+    many_ms = statistics.median(exchange[args.backlog]) * 1e3
+    wire_us = (many_ms - one_ms) * 1e3 / (args.backlog - 1)
+    print(f"in-process, {args.edges} origins x {args.backlog} ops in {batch}-op batches "
+          f"submitted at once: a node {rate('node'):,.0f} ops/s ({us('node'):.1f} CPU-us/op), "
+          f"an aggregator {rate('aggregator'):,.0f} ops/s ({us('aggregator'):.1f} CPU-us/op)")
+    print(f"one edge's exchange with the aggregator over gRPC, both sides' CPU: "
+          f"{one_ms:.2f} ms for 1 op, {many_ms:.2f} ms for {args.backlog} ops: "
+          f"{wire_us:.1f} CPU-us per op more")
+    return {
+        "edges": args.edges,
+        "breakdown_batch_ops": batch,
+        "inproc_node_ops_per_s": round(rate("node")),
+        "inproc_node_cpu_us_per_op": round(us("node"), 2),
+        "inproc_aggregator_ops_per_s": round(rate("aggregator")),
+        "inproc_aggregator_cpu_us_per_op": round(us("aggregator"), 2),
+        "exchange_cpu_ms_1_op": round(one_ms, 3),
+        "exchange_backlog_ops": args.backlog,
+        "exchange_cpu_ms_backlog": round(many_ms, 3),
+        "exchange_cpu_us_per_op": round(wire_us, 2),
+    }
+
+
 async def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--edges", type=int, default=64)
@@ -363,6 +466,9 @@ async def main() -> None:
     p.add_argument("--quick", action="store_true", help="8 edges, small figures (smoke test)")
     p.add_argument("--feed-only", action="store_true",
                    help="the feed's latency with ops applied in this process (no edges)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="measure the ingest's parts alone (in-process apply, a node and an "
+                        "aggregator; CPU per exchange over gRPC)")
     p.add_argument("--profile", metavar="FILE",
                    help="write a cProfile of this process during the ingest after an outage")
     p.add_argument("--spy", metavar="FILE",
@@ -379,6 +485,9 @@ async def main() -> None:
         args.edges, args.backlog, args.rate, args.seconds = 8, 100, 500, 3.0
     if args.feed_only:
         print(json.dumps(await _feed_only(args)))
+        return
+    if args.breakdown:
+        print(json.dumps(await _breakdown(args)))
         return
     steady_s = args.soak * 60 if args.soak else args.seconds
     with tempfile.TemporaryDirectory() as d:

@@ -35,3 +35,16 @@ def test_aggregator_bench_feed_only() -> None:
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"feed_only_p50_ms", "feed_only_p99_ms", "feed_only_rate_ops_per_s"} <= set(figures)
     assert figures["feed_only_delivered"] == figures["feed_only_applied"] > 0
+
+
+def test_aggregator_bench_breakdown() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--breakdown", "--edges", "4",
+         "--backlog", "60"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    figures = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"inproc_node_ops_per_s", "inproc_aggregator_ops_per_s", "exchange_cpu_ms_1_op",
+            "exchange_cpu_ms_backlog", "exchange_cpu_us_per_op"} <= set(figures)
+    assert figures["exchange_backlog_ops"] == 60
+    assert figures["inproc_node_ops_per_s"] > 0 and figures["inproc_aggregator_ops_per_s"] > 0

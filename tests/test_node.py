@@ -241,6 +241,28 @@ async def test_a_filtered_change_subscriber_sees_only_its_keys_and_never_lags_on
     await feed.aclose()
 
 
+async def test_a_change_subscriber_by_prefixes_sees_only_keys_under_them_that_it_accepts(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node("t7", config=syncfw.StoreConfig(changes_buffer=10))
+    asked: list[str] = []
+
+    def wanted(key: str) -> bool:
+        asked.append(key)
+        return key.endswith("/model")
+
+    feed = node.changes(keys=wanted, prefixes=("trucks/t7/m", "trucks/t7/x"))
+    only = node.changes(prefixes=["trucks/t7/x"])
+    await node.put_many({f"trucks/t7/k{i}": i for i in range(50)})  # under neither prefix
+    await node.put_many({"trucks/t7/misc": 1, "trucks/t7/model": "v2", "trucks/t7/x": 0})
+    got = await asyncio.wait_for(feed.__anext__(), 5)
+    assert got.key == "trucks/t7/model"
+    assert sorted(asked) == ["trucks/t7/misc", "trucks/t7/model", "trucks/t7/x"]  # none of k*
+    assert (await asyncio.wait_for(only.__anext__(), 5)).key == "trucks/t7/x"
+    await feed.aclose()
+    await only.aclose()
+
+
 async def test_expire_telemetry_via_node(make_node: NodeFactory, clock: FakeClock) -> None:
     node = await make_node("t7")
     await node.put("telemetry/t7/temp", 80)

@@ -568,7 +568,7 @@ class Artifacts:
 
     async def _follow_changes(self) -> None:
         while True:
-            feed = self.node.changes(keys=_artifact_key)
+            feed = self.node.changes(keys=_artifact_key, prefixes=_ARTIFACT_PREFIXES)
             try:
                 async for ch in feed:
                     if ch.key.startswith(MANIFEST_PREFIX) or not ch.local:
@@ -618,6 +618,10 @@ class Artifacts:
             self._watch = None
         if self.mesh is not None and isinstance(self.mesh.network, ArtifactNetwork):
             self.mesh.network.artifacts.serve_with(None)
+
+
+_ARTIFACT_PREFIXES = (MANIFEST_PREFIX, "fleet/")
+"""Where :func:`_artifact_key`'s keys lie (``fleet/<node>/artifacts/...``)."""
 
 
 def _artifact_key(key: str) -> bool:

@@ -230,12 +230,17 @@ async def advance(node: Node) -> dict[tuple[str, int], Decision]:
     return out
 
 
-async def _wake_on(node: Node, wanted: Callable[[str], bool], wake: asyncio.Event) -> None:
-    """Set ``wake`` on every change to a key ``wanted`` accepts (and once a lagging
-    subscription is renewed, as changes may have been missed); returns when the node
-    closes."""
+async def _wake_on(
+    node: Node,
+    prefixes: tuple[str, ...],
+    wake: asyncio.Event,
+    wanted: Callable[[str], bool] | None = None,
+) -> None:
+    """Set ``wake`` on every change to a key under ``prefixes`` that ``wanted`` (if
+    given) accepts, and once a lagging subscription is renewed, as changes may have
+    been missed; returns when the node closes."""
     while True:
-        changes = node.changes(keys=wanted)
+        changes = node.changes(keys=wanted, prefixes=prefixes)
         try:
             async for _ in changes:
                 wake.set()
@@ -268,9 +273,9 @@ async def authority_loop(
     task = asyncio.create_task(
         _wake_on(
             node,
-            lambda key: key.startswith(ROLLOUT_PREFIX)
-            or (key.startswith("fleet/") and "/model/" in key),
+            (ROLLOUT_PREFIX, "fleet/"),
             wake,
+            lambda key: key.startswith(ROLLOUT_PREFIX) or "/model/" in key,
         )
     )
     try:
@@ -317,7 +322,7 @@ async def step(lc: Lifecycle) -> Record | None:
 async def follow(lc: Lifecycle, *, every_s: float = 2.0) -> None:
     """Run :func:`step` whenever rollout, release or chunk ops arrive (and every ``every_s``)."""
     wake = asyncio.Event()
-    task = asyncio.create_task(_wake_on(lc.node, lambda key: key.startswith(SYS_PREFIX), wake))
+    task = asyncio.create_task(_wake_on(lc.node, (SYS_PREFIX,), wake))
     try:
         while True:
             try:

@@ -542,7 +542,9 @@ class Node:
 
     # ----------------------------------------------------------------- feed, status, upkeep
 
-    def changes(self, keys: Callable[[str], bool] | None = None) -> ChangeFeed:
+    def changes(
+        self, keys: Callable[[str], bool] | None = None, *, prefixes: Sequence[str] = ()
+    ) -> ChangeFeed:
         """Every change applied from now on, local and remote, in commit order.
 
         The lossy live view: a change carries no value, and a subscriber that
@@ -554,8 +556,11 @@ class Node:
                 k.startswith("models/")``), filtered as each commit lands, so a
                 subscriber that wants a few keys pays nothing for the rest and
                 never lags behind them.
+            prefixes: only keys under one of these, checked first and in C: give
+                them (with ``keys`` for any finer test) where the keys wanted
+                share prefixes, as on an aggregator every op of the fleet passes.
         """
-        return self._store.changes(keys)
+        return self._store.changes(keys, prefixes=prefixes)
 
     def follow(
         self,

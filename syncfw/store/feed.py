@@ -55,13 +55,16 @@ class Change:
 class _Subscription:
     """One live subscriber's pending changes: whole commits appended, read one by one."""
 
-    __slots__ = ("ended", "items", "keys", "waiter")
+    __slots__ = ("ended", "items", "keys", "prefixes", "waiter")
 
-    def __init__(self, keys: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self, keys: Callable[[str], bool] | None = None, prefixes: tuple[str, ...] = ()
+    ) -> None:
         self.items: collections.deque[Change] = collections.deque()
         self.ended = False
         self.waiter: asyncio.Future[None] | None = None
         self.keys = keys  # only changes to keys this accepts (None: all)
+        self.prefixes = prefixes  # and under one of these (checked first; empty: any)
 
     def wake(self) -> None:
         w = self.waiter
@@ -172,19 +175,18 @@ class Notifier:
             return
         every: list[Change] | None = None
         for sub in list(self._subscribers):
-            keys = sub.keys
-            if keys is None:
+            keys, prefixes = sub.keys, sub.prefixes
+            if keys is None and not prefixes:
                 if every is None:
                     every = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in ops]
                 changes = every
             else:  # filtered here: no Change built, queued or iterated for other keys
-                changes = [
-                    Change(op.key, op.kind, op.origin, op.seq, op.hlc, local)
-                    for op in ops
-                    if keys(op.key)
-                ]
-                if not changes:
+                wanted = [op for op in ops if op.key.startswith(prefixes)] if prefixes else ops
+                if keys is not None and wanted:
+                    wanted = [op for op in wanted if keys(op.key)]
+                if not wanted:
                     continue
+                changes = [Change(op.key, op.kind, op.origin, op.seq, op.hlc, local) for op in wanted]
             if len(sub.items) + len(changes) > self._buffer:
                 # Too far behind: end this subscription rather than grow without bound.
                 self._subscribers.discard(sub)
@@ -193,9 +195,11 @@ class Notifier:
                 sub.items.extend(changes)  # one commit's changes at once, not op by op
             sub.wake()
 
-    def changes(self, keys: Callable[[str], bool] | None = None) -> ChangeFeed:
+    def changes(
+        self, keys: Callable[[str], bool] | None = None, prefixes: Sequence[str] = ()
+    ) -> ChangeFeed:
         """A new live subscription (see :meth:`Store.changes`)."""
-        sub = _Subscription(keys)
+        sub = _Subscription(keys, tuple(prefixes))
         self._subscribers.add(sub)
         return ChangeFeed(
             sub,

@@ -1006,16 +1006,20 @@ class Store:
         """Stop calling ``fn`` (no error if it was not added)."""
         self._feed.remove_commit_listener(fn)
 
-    def changes(self, keys: Callable[[str], bool] | None = None) -> ChangeFeed:
+    def changes(
+        self, keys: Callable[[str], bool] | None = None, *, prefixes: Sequence[str] = ()
+    ) -> ChangeFeed:
         """Every change applied from now on (from this call, not from the first
         ``__anext__``), local and remote, in commit order: the lossy live view.
 
         ``keys``: only changes to keys it accepts, filtered as each commit lands
         (the others cost the subscriber nothing and never count towards its lag).
+        ``prefixes``: only keys under one of them, checked before ``keys`` and
+        without a Python call per op (so a fleet's other keys cost next to nothing).
         Iterating raises :class:`ChangeFeedLagged` if the subscriber falls
         ``changes_buffer`` changes behind; it ends when the store closes.
         """
-        return self._feed.changes(keys)
+        return self._feed.changes(keys, prefixes)
 
 
 async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) -> None:

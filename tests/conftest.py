@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+import shutil
 import sqlite3
 import sys
 import threading
@@ -212,3 +213,43 @@ async def hold_a_forged_op(t9: Node, depot: Node) -> None:
     forged = dataclasses.replace(ops[3], value=encode_value("forged"), prev=b"\x07" * 32)
     await depot.apply_remote([forged])
     assert depot.store.pending() == {"t9": {4: "gap: waiting for earlier ops of this origin"}}
+
+
+def copy_db(src: Path, dst: Path) -> None:
+    """Copy a closed node's SQLite file with its ``-wal`` and ``-shm`` beside it; a side
+    file the source lacks is removed at the destination."""
+    for suffix in ("", "-wal", "-shm"):
+        s, d = Path(f"{src}{suffix}"), Path(f"{dst}{suffix}")
+        if s.exists():
+            shutil.copyfile(s, d)
+        elif d.exists():
+            d.unlink()
+
+
+async def restore_older_backup(
+    make_node: NodeFactory,
+    path: Path,
+    node_id: str,
+    *,
+    backed_up: int,
+    written: int,
+    after_writes: Callable[[Node], Awaitable[None]],
+) -> Node:
+    """The operator's mistake: ``node_id`` writes ``fleet/<id>/k`` = 0.. ``backed_up - 1``,
+    a backup of its file is taken, it writes on to ``written - 1`` and runs
+    ``after_writes`` (a sync that hands those ops to a peer), and then the backup is
+    restored over its file. Returns the node reopened on the restored file."""
+    key = f"fleet/{node_id}/k"
+    backup = path.with_name(f"{path.name}.backup")
+    node = await make_node(node_id, path=path)
+    for i in range(backed_up):
+        await node.put(key, i)
+    await node.close()
+    copy_db(path, backup)
+    node = await make_node(node_id, path=path)
+    for i in range(backed_up, written):
+        await node.put(key, i)
+    await after_writes(node)
+    await node.close()
+    copy_db(backup, path)
+    return await make_node(node_id, path=path)

@@ -17,14 +17,20 @@ import contextlib
 import dataclasses
 import logging
 import re
-import shutil
 import sqlite3
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import FLEET, NodeFactory, hold_a_forged_op, ops_leaf, raw_exchange
+from conftest import (
+    FLEET,
+    NodeFactory,
+    hold_a_forged_op,
+    ops_leaf,
+    raw_exchange,
+    restore_older_backup,
+)
 
 from syncfw import ChainFencedError
 from syncfw.exchange import ExchangeOutcome, run_exchange
@@ -211,34 +217,22 @@ async def test_a_forged_pending_op_never_turns_a_genuine_exchange_into_data_loss
 # ------------------------------------------------------------------ 3. an older backup restored
 
 
-def _copy_db(src: Path, dst: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        s, d = Path(f"{src}{suffix}"), Path(f"{dst}{suffix}")
-        if s.exists():
-            shutil.copyfile(s, d)
-        elif d.exists():
-            d.unlink()
-
-
 @pytest.mark.parametrize("restored_serves", [False, True], ids=["restored-dials", "depot-dials"])
 async def test_an_older_backup_restored_is_fenced_until_a_real_exchange_relays_its_ops(
     make_node: NodeFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture, restored_serves: bool
 ) -> None:
     path = tmp_path / "t7.db"
-    t7, depot = await make_node("t7", path=path), await make_node("depot")
-    for i in range(10):
-        await t7.put("fleet/t7/k", i)
-    await t7.close()
-    _copy_db(path, tmp_path / "backup.db")  # the operator's backup, taken at seq 10
-    t7 = await make_node("t7", path=path)
-    for i in range(10, 150):
-        await t7.put("fleet/t7/k", i)
+    depot = await make_node("depot")
     depot_mesh = await depot.serve("127.0.0.1:0", config=MeshConfig.test())
-    assert (await dial(t7, depot_mesh.address)).status is Status.OK
-    assert (await depot.version_vector())["t7"] == 150
-    await t7.close()
-    _copy_db(tmp_path / "backup.db", path)  # restored: the file is back at seq 10
-    t7 = await make_node("t7", path=path)
+
+    async def hand_to_depot(t7: Node) -> None:
+        assert (await dial(t7, depot_mesh.address)).status is Status.OK
+        assert (await depot.version_vector())["t7"] == 150
+
+    # the operator's backup is taken at seq 10 and restored after seq 150
+    t7 = await restore_older_backup(
+        make_node, path, "t7", backed_up=10, written=150, after_writes=hand_to_depot
+    )
     with pytest.raises(ChainFencedError, match=r"11\.\.150"):
         await t7.put("fleet/t7/k", "after the restore")
     assert (await t7.status())["metrics"]["chain_fenced"] == 150

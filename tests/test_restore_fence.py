@@ -12,9 +12,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import NodeFactory, exchange
+from conftest import NodeFactory, copy_db, exchange, restore_older_backup
 
-from syncfw import ChainFencedError
+from syncfw import ChainFencedError, Node
 from syncfw.cli import main as cli_main
 from syncfw.log import op_hash
 from syncfw.store.lease import lease_path, read_lease
@@ -22,34 +22,20 @@ from syncfw.store.lease import lease_path, read_lease
 pytestmark = pytest.mark.asyncio
 
 
-def _copy_db(src: Path, dst: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        s = Path(str(src) + suffix)
-        d = Path(str(dst) + suffix)
-        if s.exists():
-            shutil.copyfile(s, d)
-        elif d.exists():
-            d.unlink()
-
-
 async def test_an_older_backup_is_fenced_until_a_peer_relays_the_lost_ops(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:
     path = tmp_path / "t7.db"
-    a = await make_node("t7", path=path)
     b = await make_node("depot")
-    for i in range(10):
-        await a.put("fleet/t7/k", i)
-    await a.close()
-    _copy_db(path, tmp_path / "backup.db")  # the operator's backup, taken at seq 10
-    a = await make_node("t7", path=path)
-    for i in range(10, 150):
-        await a.put("fleet/t7/k", i)
-    await exchange(a, b)  # the depot holds t7's ops up to 150
-    await a.close()
-    assert read_lease(str(path), "t7") == 150
-    _copy_db(tmp_path / "backup.db", path)  # restored: the file is back at seq 10
-    a = await make_node("t7", path=path)
+
+    async def hand_to_depot(a: Node) -> None:
+        await exchange(a, b)  # the depot holds t7's ops up to 150
+
+    # the operator's backup is taken at seq 10 and restored after seq 150
+    a = await restore_older_backup(
+        make_node, path, "t7", backed_up=10, written=150, after_writes=hand_to_depot
+    )
+    assert read_lease(str(path), "t7") == 150  # the lease outlives the restored file
     with pytest.raises(ChainFencedError, match=r"11\.\.150"):
         await a.put("fleet/t7/k", "after the restore")
     st = await a.status()
@@ -126,7 +112,7 @@ async def test_a_crash_never_fences(make_node: NodeFactory, tmp_path: Path) -> N
         await a.put("fleet/t7/k", i)
     # What a SIGKILL leaves: the file and its WAL as committed, the lease as last written.
     crash = tmp_path / "crash.db"
-    _copy_db(path, crash)
+    copy_db(path, crash)
     shutil.copyfile(lease_path(str(path)), lease_path(str(crash)))
     assert 0 < read_lease(str(crash), "t7") <= 300
     c = await make_node("t7", path=crash)
@@ -139,12 +125,12 @@ async def test_the_operator_can_accept_the_loss(make_node: NodeFactory, tmp_path
     a = await make_node("t7", path=path)
     await a.put("fleet/t7/k", 1)
     await a.close()
-    _copy_db(path, tmp_path / "backup.db")
+    copy_db(path, tmp_path / "backup.db")
     a = await make_node("t7", path=path)
     for i in range(100):
         await a.put("fleet/t7/k", i)
     await a.close()
-    _copy_db(tmp_path / "backup.db", path)
+    copy_db(tmp_path / "backup.db", path)
     rc = await asyncio.to_thread(cli_main, ["inspect", str(path), "--accept-lost-ops"])
     assert rc == 0
     a = await make_node("t7", path=path)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pycrdt
 import pytest
-from conftest import NodeFactory
+from conftest import NodeFactory, restore_older_backup
 
 import syncfw
 from syncfw.crdt import COUNTER
@@ -276,32 +276,19 @@ async def _sync(node: Node, address: str) -> None:
 async def test_a_restored_node_whose_peer_compacted_its_ops_learns_its_head_from_a_snapshot(
     make_node: NodeFactory, tmp_path: Path
 ) -> None:
-    import shutil
-
     path = tmp_path / "t7.db"
-    t7, depot = await make_node("t7", path=path), await make_node("depot")
-    for i in range(10):
-        await t7.put("fleet/t7/k", i)
-    await t7.close()
-    for suffix in ("", "-wal"):  # the operator's backup, taken at seq 10
-        if Path(f"{path}{suffix}").exists():
-            shutil.copyfile(f"{path}{suffix}", f"{tmp_path / 'backup.db'}{suffix}")
-    t7 = await make_node("t7", path=path)
-    for i in range(10, 60):
-        await t7.put("fleet/t7/k", i)
+    depot = await make_node("depot")
     mesh = await depot.serve("127.0.0.1:0", config=MeshConfig.test())
-    await _sync(t7, mesh.address)
-    await depot.acknowledge("t7", await t7.version_vector())
-    assert await depot.compact() == 60  # t7's own ops are now only in the depot's state
-    await t7.close()
-    for suffix in ("", "-wal"):
-        dst = Path(f"{path}{suffix}")
-        src = Path(f"{tmp_path / 'backup.db'}{suffix}")
-        if src.exists():
-            shutil.copyfile(src, dst)
-        elif dst.exists():
-            dst.unlink()
-    t7 = await make_node("t7", path=path)
+
+    async def hand_to_depot(t7: Node) -> None:
+        await _sync(t7, mesh.address)
+        await depot.acknowledge("t7", await t7.version_vector())
+        assert await depot.compact() == 60  # t7's own ops are now only in the depot's state
+
+    # the operator's backup is taken at seq 10 and restored after seq 60
+    t7 = await restore_older_backup(
+        make_node, path, "t7", backed_up=10, written=60, after_writes=hand_to_depot
+    )
     with pytest.raises(ChainFencedError):
         await t7.put("fleet/t7/k", "after the restore")
     await _sync(t7, mesh.address)  # the depot cannot relay the ops: it sends a snapshot

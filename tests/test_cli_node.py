@@ -135,8 +135,12 @@ async def test_operator_verbs_against_running_nodes_and_their_files(
             assert code == 0
 
             async def c2_has_it() -> bool:
+                # both writes: an exchange between the two puts may carry the first alone
                 code, out, _ = await asyncio.to_thread(_run, ["get", c2.admin, "site/mode"], capsys)
-                return code == 0 and json.loads(out) == "night"
+                if code != 0 or json.loads(out) != "night":
+                    return False
+                code, _, _ = await asyncio.to_thread(_run, ["get", c2.admin, "fleet/c1/blob"], capsys)
+                return code == 0
 
             await wait_until(c2_has_it, timeout_s=20, what="c2 to receive c1's write")
             code, out, _ = await asyncio.to_thread(_run, ["scan", c2.admin, "fleet/c1/"], capsys)

@@ -15,6 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 CASES = {
+    "acks": (
+        ["--rounds", "3"],
+        {f"{m}_{k}" for m in ("full", "normal")
+         for k in ("acks_64_ms", "floor_one_txn_ms", "floor_64_txns_ms", "ratio")},
+    ),
     "local_write": (
         ["--ops", "5000", "--repeat", "1", "--writers", "32", "--per-writer", "10"],
         {"floor_ops_per_s", "apply_ops_per_s", "put_ops_per_s", "put_p99_ms",

@@ -21,7 +21,12 @@ edges do in a fleet. Figures:
 - The ingest is measured twice: at first contact (``ingest_cold_*``: the
   links' batches start at 8 KiB), and after the steady phase, with the same
   backlog again (an outage) synced over links that learned their batch size
-  (``ingest_*``). Each time ``ingest_cpu_s_*`` is the CPU of each process.
+  (``ingest_*``). Each time ``ingest_cpu_s_*`` is the CPU of each process;
+  after the outage also ``ingest_cpu_s_aggregator_main`` / ``..._edges_main``
+  (each process's main thread, its event loop) and ``ingest_writer_busy_s``
+  (the aggregator's one writer, from ``syncfw_writer_busy_seconds``): a writer
+  busy for nearly all of ``ingest_s`` while the main threads are not is what
+  bounds the ingest.
 - ``feed_p50_ms`` / ``feed_p99_ms``: the edges then write at ``--rate`` ops/s
   in all (every second each writes its share and syncs), and a gRPC
   :class:`~syncfw.cloud.Consumer` in this process follows the feed; latency
@@ -91,6 +96,18 @@ SYNC_EVERY_S = 1.0  # each edge syncs once a second, as a LAN mesh round does
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _main_thread_cpu_s(pid: int) -> float:
+    """CPU seconds of process ``pid``'s main thread (its event loop), from /proc."""
+    with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _writer_busy_s(node: Node) -> float:
+    """Seconds the node's writer has been busy, all kinds of work together."""
+    return sum(node.metrics.by_label("syncfw_writer_busy_seconds_total", "work").values())
 
 
 # ------------------------------------------------------------------ the edges' process
@@ -461,8 +478,9 @@ async def main() -> None:
     p.add_argument("--seconds", type=float, default=15.0, help="steady phase length")
     p.add_argument("--soak", type=float, default=0.0, metavar="MINUTES")
     p.add_argument("--floor-batch", type=int, default=2000,
-                   help="ops per apply_remote in the floor (the ingest's own batches are "
-                        "~70 ops: each exchange's batches start at 8 KiB)")
+                   help="ops per apply_remote in the floor (after the outage the ingest's "
+                        "own batches are each edge's whole backlog, 500 ops by default; at "
+                        "first contact they start at 8 KiB)")
     p.add_argument("--quick", action="store_true", help="8 edges, small figures (smoke test)")
     p.add_argument("--feed-only", action="store_true",
                    help="the feed's latency with ops applied in this process (no edges)")
@@ -536,6 +554,8 @@ async def main() -> None:
                 profile = cProfile.Profile()
                 profile.enable()
             t, c0, edges_cpu = time.perf_counter(), time.process_time(), 0.0
+            main0, edges_main0 = _main_thread_cpu_s(os.getpid()), _main_thread_cpu_s(proc.pid)
+            busy0 = _writer_busy_s(agg.node)
             for _ in range(5):  # an exchange cut on a busy machine is retried, as a mesh would
                 proc.stdin.write(b"go\n")
                 synced = (await said("synced")).strip()
@@ -547,6 +567,9 @@ async def main() -> None:
                 raise RuntimeError("the edges could not sync their backlog")
             took = time.perf_counter() - t
             rate, cpu = total / took, time.process_time() - c0
+            busy = _writer_busy_s(agg.node) - busy0
+            mains[label] = (_main_thread_cpu_s(os.getpid()) - main0,
+                            _main_thread_cpu_s(proc.pid) - edges_main0, busy)
             for spy in spies:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file and ends
                 await spy.wait()
@@ -555,9 +578,12 @@ async def main() -> None:
                 profile.dump_stats(args.profile)
             print(f"ingest ({label}): {total} ops from {args.edges} edges in {took:.2f} s = "
                   f"{rate:,.0f} ops/s; CPU-s: aggregator {cpu:.2f}, edges {edges_cpu:.2f} "
-                  f"(of {2 * took:.2f} on 2 cores)", flush=True)
+                  f"(of {2 * took:.2f} on 2 cores); main threads: aggregator "
+                  f"{mains[label][0]:.2f}, edges {mains[label][1]:.2f}; the aggregator's "
+                  f"writer busy {busy:.2f} s ({busy / took:.0%} of the ingest)", flush=True)
             return rate, took, cpu, edges_cpu
 
+        mains: dict[str, tuple[float, float, float]] = {}
         try:
             await said("ready")
             total = args.edges * args.backlog
@@ -637,6 +663,9 @@ async def main() -> None:
         "ingest_cpu_s_aggregator": round(agg_cpu, 3),
         "ingest_cpu_s_edges": round(edges_cpu, 3),
         "ingest_s": round(ingest_s, 3),
+        "ingest_cpu_s_aggregator_main": round(mains["after an outage"][0], 3),
+        "ingest_cpu_s_edges_main": round(mains["after an outage"][1], 3),
+        "ingest_writer_busy_s": round(mains["after an outage"][2], 3),
         "floor_ops_per_s": round(floor),
         "ingest_ratio": round(ingest / floor, 3),
         "ingest_cold_ops_per_s": round(cold),

@@ -86,6 +86,14 @@ class NodeMetrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.writer_busy = Counter(
+            "syncfw_writer_busy_seconds",
+            "Wall seconds the store's one writer spent on each kind of work (remote: a "
+            "remote group's plan and commit; call; local: a local group's plan). Near one "
+            "second a second, the writer bounds the node's ingest.",
+            (*n, "work"),
+            registry=r,
+        )
         self.storage_bytes = Gauge(
             "syncfw_storage_bytes", "Size of the node's SQLite file.", n, registry=r
         )
@@ -310,6 +318,7 @@ class NodeMetrics:
             "ops_duplicate": int(self.value("syncfw_ops_duplicate_total")),
             "ops_pending": ints(self.by_label("syncfw_ops_pending", "reason")),
             "storage_bytes": int(self.value("syncfw_storage_bytes")),
+            "writer_busy_s": self.by_label("syncfw_writer_busy_seconds_total", "work"),
             "exchanges": ints(self.by_label("syncfw_exchanges_total", "outcome")),
             "wire_bytes": ints(self.by_label("syncfw_wire_bytes_total", "direction")),
             "exchange_ops": ints(self.by_label("syncfw_exchange_ops_total", "direction")),

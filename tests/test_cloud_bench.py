@@ -21,8 +21,11 @@ def test_aggregator_bench_quick() -> None:
     figures = json.loads(out.stdout.strip().splitlines()[-1])
     assert {"ingest_ops_per_s", "floor_ops_per_s", "ingest_ratio", "feed_p99_ms",
             "feed_rate_ops_per_s", "rss_growth_mb", "ingest_cold_ops_per_s",
-            "ingest_cold_ratio"} <= set(figures)
+            "ingest_cold_ratio", "ingest_cpu_s_aggregator_main", "ingest_cpu_s_edges_main",
+            "ingest_writer_busy_s"} <= set(figures)
     assert figures["ingest_ops_per_s"] > 0 and figures["ingest_cold_ops_per_s"] > 0
+    # one writer: busy at most the ingest (and a job that began before it)
+    assert 0 < figures["ingest_writer_busy_s"] <= figures["ingest_s"] + 0.5
     assert figures["feed_delivered"] == figures["feed_applied"] > 0
 
 

@@ -99,6 +99,12 @@ async def test_a_scrape_of_two_meshed_sqlite_nodes_shows_what_happened(tmp_path:
             assert st["mesh"]["lag_ops"] == {peer: 0}
             assert st["file_bytes"] == storage == st["metrics"]["storage_bytes"]
             assert st["pending"] == 0
+            # the writer planned local groups and applied remote ones, and timed each
+            busy = st["metrics"]["writer_busy_s"]
+            assert busy["local"] > 0 and busy["remote"] > 0
+            assert _value(got, "syncfw_writer_busy_seconds_total", node=me, work="remote") == (
+                busy["remote"]
+            )
     finally:
         await a.close()
         await b.close()

@@ -167,6 +167,7 @@ class Store:
             max_batch=config.max_batch,
             apply_group=self._apply_group,
             max_remote_ops=config.max_remote_group_ops,
+            on_busy=lambda work, s: metrics.writer_busy.labels(node_id, work).inc(s),
         )
         self._closed = False
         self._feed = Notifier(config.changes_buffer, lambda: self._closed)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -101,6 +102,11 @@ class WriterQueue:
         apply_group: applies a group of remote batches (see :data:`ApplyGroupFn`);
             needed only if :class:`RemoteJob` s are queued.
         max_remote_ops: most ops of one remote group (invariant 4a).
+        on_busy: told ``(work, seconds)`` after each job: the wall time the writer
+            spent on it (``"remote"``: a remote group's plan and commit; ``"call"``;
+            ``"local"``: a local group's plan and the start of its commit, which
+            then runs beside the next group's plan). A writer busy nearly all the
+            time is what bounds the node's ingest.
     """
 
     def __init__(
@@ -111,8 +117,10 @@ class WriterQueue:
         max_skips: int = 16,
         apply_group: ApplyGroupFn | None = None,
         max_remote_ops: int = 512,
+        on_busy: Callable[[str, float], None] | None = None,
     ) -> None:
         self._commit = commit
+        self._on_busy = on_busy
         self._apply_group = apply_group
         self._max_remote_ops = max_remote_ops
         self._max_batch = max_batch
@@ -215,10 +223,14 @@ class WriterQueue:
                     if inflight is not None:
                         await inflight
                         inflight = None
+                    t = time.perf_counter()
                     if isinstance(job, CallJob):
                         await self._run_call(job)
                     else:
                         await self._run_remote(self._remote_group(job))
+                    if self._on_busy is not None:
+                        self._on_busy("call" if isinstance(job, CallJob) else "remote",
+                                      time.perf_counter() - t)
                     continue
                 batch = [job]
                 # Group commit: let every writer that is ready to run enqueue its
@@ -226,7 +238,10 @@ class WriterQueue:
                 await asyncio.sleep(0)
                 while local and len(batch) < self._max_batch and isinstance(local[0], WriteJob):
                     batch.append(local.popleft())  # type: ignore[arg-type]
+                t = time.perf_counter()
                 nxt, drain = await self._commit(batch)
+                if self._on_busy is not None:
+                    self._on_busy("local", time.perf_counter() - t)
                 if inflight is not None:
                     await inflight
                 inflight = nxt

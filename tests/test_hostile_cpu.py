@@ -96,6 +96,21 @@ def test_admission_refuses_a_peer_in_debt_before_reading_its_call() -> None:
     assert budget.refused == 2
 
 
+def test_the_transport_config_sets_how_refusals_are_held() -> None:
+    """An operator tunes the hold of self-inflicted refusals in TransportConfig."""
+    held = Admission(
+        TransportConfig(refusal_hold_s=2.5, max_held_refusals_per_host=2, max_held_refusals=3).quotas()
+    )
+    assert held.quotas.refusal_hold_s == 2.5
+    assert [held.hold("ipv4:127.0.0.5:1") for _ in range(3)] == [True, True, False]  # per host
+    assert held.hold("ipv4:127.0.0.6:1") is True
+    assert held.hold("ipv4:127.0.0.7:1") is False  # all hosts together
+    held.unhold("ipv4:127.0.0.5:1")
+    assert held.hold("ipv4:127.0.0.7:1") is True
+    # 0 answers every refusal at once
+    assert Admission(TransportConfig(refusal_hold_s=0.0).quotas()).hold("ipv4:127.0.0.5:1") is False
+
+
 # -- against a real node on loopback ------------------------------------------------------
 
 

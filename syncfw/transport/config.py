@@ -103,6 +103,14 @@ class TransportConfig:
             ``keepalive_s / 2`` before closing the connection (ping floods).
         refusal_log_interval_s: at most one WARNING per peer host and reason
             this often; the next line counts what was held back.
+        refusal_hold_s: a refusal the peer brought on itself (over its quota,
+            out of CPU budget) is answered this long after the call came, so a
+            peer retrying at once meets about its stream limit of refusals per
+            ``refusal_hold_s`` per connection; 0 answers at once (admission,
+            invariant 2).
+        max_held_refusals_per_host: refusals held so at once for one host;
+            beyond it they are answered at once.
+        max_held_refusals: refusals held at once, all hosts together.
         front_door: serve through the front door (:mod:`syncfw.transport.front`),
             which reads each source host no faster than ``inbound_rate``; off
             only where something in front of the node limits each source.
@@ -138,6 +146,9 @@ class TransportConfig:
     max_pings_without_data: int = 0
     max_ping_strikes: int = 2
     refusal_log_interval_s: float = 10.0
+    refusal_hold_s: float = 1.0
+    max_held_refusals_per_host: int = 16
+    max_held_refusals: int = 256
     front_door: bool = True
     inbound_rate: int = 32 << 20
     inbound_burst: int = 8 << 20
@@ -173,6 +184,9 @@ class TransportConfig:
             per_identity=self.max_exchanges_per_identity,
             per_connection=self.max_exchanges_per_connection,
             stall_hold_s=self.max_connection_age_s + self.max_connection_age_grace_s,
+            refusal_hold_s=self.refusal_hold_s,
+            held_per_peer=self.max_held_refusals_per_host,
+            max_held=self.max_held_refusals,
         )
 
     def front_limits(self) -> FrontLimits:

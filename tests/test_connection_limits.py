@@ -52,7 +52,7 @@ from syncfw.mesh import MeshConfig
 from syncfw.node import Node
 from syncfw.sync import Digest
 from syncfw.testing.waiting import wait_until
-from syncfw.transport.rpc import ChannelPool, TransportConfig
+from syncfw.transport.rpc import ChannelPool, GrpcServer, TransportConfig
 from syncfw.transport.wire import decode_frame, encode_frame
 
 hostile = load_bench("hostile")
@@ -413,3 +413,21 @@ async def test_an_old_connection_is_sent_goaway_and_its_calls_get_the_grace_peri
     finally:
         await w.aclose()
         await server.aclose(grace_s=0)
+
+
+async def test_node_serve_takes_the_transport_settings_and_tls_over_them(tmp_path: Path) -> None:
+    """An operator sets connection limits and refusal holds through Node.serve itself."""
+    node = await Node.open(tmp_path / "a.db", node_id="a", fleet=hostile.FLEET)
+    try:
+        cfg = TransportConfig.test(max_connections_per_host=3, refusal_hold_s=0.25)
+        mesh = await node.serve("127.0.0.1:0", config=MeshConfig.test(), transport=cfg)
+        server = mesh.listener
+        assert isinstance(server, GrpcServer) and server.front is not None
+        assert server.front.limits.per_source == 3
+        assert server.admission.quotas.refusal_hold_s == 0.25
+        await mesh.aclose()
+        plain = await node.serve("127.0.0.1:0", config=MeshConfig.test())
+        assert isinstance(plain.listener, GrpcServer) and plain.listener.front is not None
+        assert plain.listener.front.limits.per_source == TransportConfig().max_connections_per_host
+    finally:
+        await node.close()

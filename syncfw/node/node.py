@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -364,6 +365,7 @@ class Node:
         config: MeshConfig | None = None,
         advertise: str | None = None,
         tls: TlsConfig | None = None,
+        transport: TransportConfig | None = None,
         network: Network | None = None,
         metrics: str | None = None,
     ) -> Mesh:
@@ -381,7 +383,12 @@ class Node:
                 (``.metered_link()``, ``.test()`` are the other presets).
             advertise: the address other nodes should dial, if not ``listen``.
             tls: mutual TLS (the peer's node id comes from its certificate).
-            network: another transport (the in-memory one, in tests).
+            transport: the gRPC server's and channels' settings (connection and
+                exchange limits, the front door's rates, refusal holds):
+                ``TransportConfig()`` by default; ``tls``, when given, replaces
+                its ``tls``. The mesh config's dial timings apply over it.
+            network: another transport (the in-memory one, in tests); then
+                ``transport`` and ``tls`` are not used.
             metrics: ``host:port`` to serve ``/metrics`` on as well (see
                 :meth:`serve_metrics`); None serves none.
 
@@ -395,6 +402,9 @@ class Node:
             OSError: the metrics port cannot be bound (no mesh is left running).
         """
         config = config or MeshConfig.lan()
+        base = transport or TransportConfig()
+        if tls is not None:
+            base = dataclasses.replace(base, tls=tls)
         server = self.serve_metrics(metrics) if metrics is not None else None
         try:
             mesh = await Mesh.start(
@@ -404,7 +414,7 @@ class Node:
                 seeds=list(peers),
                 config=config,
                 network=network
-                or GrpcNetwork(config.transport(TransportConfig(tls=tls)), metrics=self.metrics),
+                or GrpcNetwork(config.transport(base), metrics=self.metrics),
                 changes=self.changes,
                 metrics=self.metrics,
                 member_file=MemberFile(self._store.path),

@@ -110,6 +110,69 @@ def _writer_busy_s(node: Node) -> float:
     return sum(node.metrics.by_label("syncfw_writer_busy_seconds_total", "work").values())
 
 
+class Phases:
+    """Wall time of the writer's steps for each remote group (``--phases``): the whole
+    apply (``Store._apply_planned``), its transaction as the loop awaits it
+    (``Store._txn``), and the statements themselves on the database thread
+    (``sql.run_steps``); apply less transaction is the plan on the event loop.
+    Bench instrumentation only: it wraps the three in place."""
+
+    def __init__(self) -> None:
+        from syncfw.store import sql, store
+
+        self.on = False
+        self.applying = 0  # the writer is serial: a transaction meanwhile is the apply's
+        self.times: dict[str, list[float]] = {"apply": [], "txn": [], "steps": []}
+        self.ops = 0
+
+        def timed(owner: object, name: str, key: str, is_async: bool) -> None:
+            real = getattr(owner, name)
+            times = self.times[key]
+            if is_async:
+                async def wrapped(*args: object, **kwargs: object) -> object:
+                    t = time.perf_counter()
+                    try:
+                        return await real(*args, **kwargs)
+                    finally:
+                        if self.on and (key == "apply" or self.applying):
+                            times.append(time.perf_counter() - t)
+            else:
+                def wrapped(*args: object, **kwargs: object) -> object:  # type: ignore[misc]
+                    t = time.perf_counter()
+                    try:
+                        return real(*args, **kwargs)
+                    finally:
+                        if self.on and self.applying:
+                            times.append(time.perf_counter() - t)
+            setattr(owner, name, wrapped)
+
+        real_apply = store.Store._apply_planned
+
+        async def counted(st: object, incoming: list[object]) -> object:
+            if self.on:
+                self.ops += len(incoming)
+            self.applying += 1
+            try:
+                return await real_apply(st, incoming)  # type: ignore[arg-type]
+            finally:
+                self.applying -= 1
+
+        store.Store._apply_planned = counted  # type: ignore[assignment,method-assign]
+        timed(store.Store, "_apply_planned", "apply", True)
+        timed(store.Store, "_txn", "txn", True)
+        timed(sql, "run_steps", "steps", False)
+
+    def take(self) -> dict[str, float]:
+        """Microseconds per op of each step since the last take (and the group count)."""
+        ops = max(self.ops, 1)
+        got = {f"{k}_us_per_op": round(sum(v) * 1e6 / ops, 2) for k, v in self.times.items()}
+        got["groups"] = len(self.times["apply"])
+        for v in self.times.values():
+            v.clear()
+        self.ops = 0
+        return got
+
+
 # ------------------------------------------------------------------ the edges' process
 
 
@@ -284,7 +347,8 @@ class Commits:
         return at
 
 
-async def _floor(agg: Node, folder: Path, batch: int = 2000) -> float:
+async def _floor(agg: Node, folder: Path, batch: int = 2000,
+                 phases: Phases | None = None) -> float:
     ops = []
     vv: dict[str, int] = {}
     while True:
@@ -300,9 +364,13 @@ async def _floor(agg: Node, folder: Path, batch: int = 2000) -> float:
                                config=STORE)
         try:
             t = time.perf_counter()
+            if phases is not None:
+                phases.on = run == 0  # one run's steps
             for i in range(0, len(ops), batch):
                 await node.apply_remote(ops[i : i + batch])
             rates.append(len(ops) / (time.perf_counter() - t))
+            if phases is not None:
+                phases.on = False
         finally:
             await node.close()
     return statistics.median(rates)
@@ -493,6 +561,10 @@ async def main() -> None:
                    help="write py-spy sampling profiles (raw, every thread) of this process to "
                         "FILE and of the edges' to FILE.edges during the ingest after an "
                         "outage (pip install '.[profile]')")
+    p.add_argument("--phases", action="store_true",
+                   help="time the writer's steps per op (apply, its transaction awaited, "
+                        "the statements on the database thread) in the ingest after an "
+                        "outage and in one floor run: keys phase_*")
     p.add_argument("--edges-proc", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.edges_proc:
@@ -548,6 +620,9 @@ async def main() -> None:
                         "--nonblocking", "-f", "raw", "-o", out,
                     ))
                 await asyncio.sleep(1.0)  # py-spy attaches
+            if phases is not None:
+                phases.take()
+                phases.on = label == "after an outage"
             if args.profile and label == "after an outage":
                 import cProfile
 
@@ -568,6 +643,9 @@ async def main() -> None:
             took = time.perf_counter() - t
             rate, cpu = total / took, time.process_time() - c0
             busy = _writer_busy_s(agg.node) - busy0
+            if phases is not None and phases.on:
+                phases.on = False
+                phase["ingest"] = phases.take()
             mains[label] = (_main_thread_cpu_s(os.getpid()) - main0,
                             _main_thread_cpu_s(proc.pid) - edges_main0, busy)
             for spy in spies:
@@ -584,11 +662,15 @@ async def main() -> None:
             return rate, took, cpu, edges_cpu
 
         mains: dict[str, tuple[float, float, float]] = {}
+        phases = Phases() if args.phases else None
+        phase: dict[str, dict[str, float]] = {}
         try:
             await said("ready")
             total = args.edges * args.backlog
             cold, cold_s, cold_cpu, cold_edges_cpu = await ingest("first contact", total)
-            floor = await _floor(agg.node, folder, args.floor_batch)
+            floor = await _floor(agg.node, folder, args.floor_batch, phases)
+            if phases is not None:
+                phase["floor"] = phases.take()
             print(f"floor (apply_remote of the same ops, {args.floor_batch}-op batches): "
                   f"{floor:,.0f} ops/s; first-contact ingest ratio {cold / floor:.2f}")
 
@@ -656,6 +738,10 @@ async def main() -> None:
     print(f"feed latency (applied at the aggregator -> yielded by a gRPC consumer): "
           f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,.0f} ops/s")
     print(f"RSS growth {growth:+.1f} MB ({window})")
+    for where, got in phase.items():
+        print(f"writer steps, {where}: {got['groups']} groups; per op: apply "
+              f"{got['apply_us_per_op']:.1f} us, its transaction awaited {got['txn_us_per_op']:.1f}"
+              f" us, the statements on the database thread {got['steps_us_per_op']:.1f} us")
     print(json.dumps({
         "edges": args.edges,
         "ingest_ops": total,
@@ -682,6 +768,7 @@ async def main() -> None:
         "rss_growth_mb": round(growth, 1),
         "rss_window": window,
         "steady_s": round(elapsed, 1),
+        **{f"phase_{where}_{k}": v for where, got in phase.items() for k, v in got.items()},
     }))
 
 

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_aggregator_bench_quick() -> None:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--quick"],
+        [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--quick", "--phases"],
         capture_output=True, text=True, timeout=180, check=True,
     )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
@@ -27,6 +27,10 @@ def test_aggregator_bench_quick() -> None:
     # one writer: busy at most the ingest (and a job that began before it)
     assert 0 < figures["ingest_writer_busy_s"] <= figures["ingest_s"] + 0.5
     assert figures["feed_delivered"] == figures["feed_applied"] > 0
+    for where in ("ingest", "floor"):  # --phases: the writer's steps, per op
+        assert figures[f"phase_{where}_groups"] >= 1
+        steps = [figures[f"phase_{where}_{k}_us_per_op"] for k in ("apply", "txn", "steps")]
+        assert steps[0] >= steps[1] >= steps[2] > 0  # each step holds the next
 
 
 def test_aggregator_bench_feed_only() -> None:

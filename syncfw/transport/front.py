@@ -416,5 +416,13 @@ class FrontDoor:
                 await self._server.wait_closed()
         for transport in list(self._closing):
             self._close(transport)
-        for relay in list(self._relays):
+        relays = list(self._relays)
+        for relay in relays:
             relay.close()
+        # a loopback leg still connecting closes itself once connected; then one loop
+        # turn lets each closed transport drop its socket (else a loop closed right
+        # after this finds the transports unclosed)
+        pending = [r.task for r in relays if not r.task.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        await asyncio.sleep(0)

@@ -1,10 +1,10 @@
 """Acknowledgements landing together: ``Store.acknowledge`` from 64 peers at once.
 
 An aggregator ends many exchanges at about the same moment, and each records what
-its peer holds (``Store.acknowledge``, the ``peers`` table). Acks that wait for the
-writer together commit as one transaction. This measures 64 concurrent acks against
-two floors in raw ``sqlite3`` on a file of the same mode: the 64 rows upserted in one
-transaction (what the store now does), and in 64 transactions (what it did before).
+its peer holds (``Store.acknowledge``, the ``peers`` table), each in a transaction
+of its own. This measures 64 concurrent acks against two floors in raw ``sqlite3``
+on a file of the same mode: the 64 rows upserted in one transaction (what coalescing
+them could reach), and in 64 transactions (what the store does).
 
     .venv/bin/python bench/acks.py            # ~10 s
     .venv/bin/python bench/acks.py --rounds 50

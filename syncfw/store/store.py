@@ -96,7 +96,7 @@ from syncfw.store.sql import (
     translate_error,
 )
 from syncfw.store.trust import StoreTrust
-from syncfw.store.writer import CallJob, Priority, RemoteJob, WriteJob, WriterQueue
+from syncfw.store.writer import Priority, RemoteJob, WriteJob, WriterQueue
 from syncfw.sync.snapshot import DEFAULT_MAX_SNAPSHOT_BYTES, Snapshot
 from syncfw.trust import EVIDENCE_KIND, ForkEvidence, KeyRing
 from syncfw.zones import Fleet, ZoneTable
@@ -138,8 +138,6 @@ class Store:
         self._compacted: dict[str, int] = {}
         # Each peer's acknowledged vector, as committed (only moves forward).
         self._acks: dict[str, VersionVector] = {}
-        self._ack_wanted: dict[str, VersionVector] = {}  # waiting for the next flush
-        self._ack_flush: asyncio.Future[None] | None = None
         self._rejected_bytes = 0  # what the stored rejected ops take (op_size)
         self._pending: Pending = {}
         # The CRDT kinds some key holds (None: ask the file); a superset is harmless.
@@ -818,66 +816,40 @@ class Store:
 
     async def acknowledge(self, peer: str, vv: Mapping[str, int]) -> None:
         """Durably record that ``peer`` holds ``vv``, merged into what it acknowledged
-        before (pointwise max: an ack never moves backwards).
+        before (pointwise max: an ack never moves backwards)."""
 
-        Acknowledgements that wait for the writer together are recorded in one
-        transaction (:meth:`_flush_acks`): an aggregator ending 64 exchanges at once
-        commits once for them, not 64 times, and its writer meanwhile applies
-        batches. Each caller returns once its own vector is committed."""
         known = self._acks.get(peer)
         if known is not None and vv_dominates(known, vv):
             return  # nothing new: no transaction, no hop to the writer
-        self._check_open()
-        wanted = self._ack_wanted.get(peer)
-        self._ack_wanted[peer] = vv_merge(wanted, vv) if wanted is not None else dict(vv)
-        flush = self._ack_flush
-        if flush is None:
-            flush = self._ack_flush = asyncio.get_running_loop().create_future()
-            # retrieved here too, so a flush whose callers all went away logs nothing
-            flush.add_done_callback(lambda f: f.cancelled() or f.exception())
-            self._writer.put(CallJob(self._flush_acks, flush), Priority.REMOTE)
-        await asyncio.shield(flush)
 
-    async def _flush_acks(self) -> None:
-        """Record every acknowledgement waiting now in one transaction (on the writer)."""
-        wanted, self._ack_wanted = self._ack_wanted, {}
-        self._ack_flush = None  # an ack from now on waits for the next flush
-        acks = dict(self._acks)  # the least recently heard first (store/budget.py)
-        evicted: list[str] = []
-        for peer, vv in wanted.items():
-            before = acks.get(peer)
+        async def run() -> None:
+            before = self._acks.get(peer)
             merged = vv_merge(before or {}, vv)
             if before is not None and merged == before:
-                continue
-            for p in self._peer_evictions(peer, acks):
-                acks.pop(p, None)
-                evicted.append(p)
-            acks.pop(peer, None)
-            acks[peer] = merged
-        written = [p for p in acks if acks[p] is not self._acks.get(p)]
-        gone = [p for p in evicted if p not in acks]
-        if not written and not gone:
-            return
-        steps: list[Step] = []
-        if gone:
-            steps.append(("DELETE FROM peers WHERE peer = ?", [(p,) for p in gone]))
-        if written:
-            steps.append((
-                "INSERT OR REPLACE INTO peers (peer, vv) VALUES (?, ?)",
-                [(p, msgpack.packb(acks[p])) for p in written],
-            ))
-        await self._txn(steps)
-        self._acks = acks  # after COMMIT only
-        self._peer_bound.note(self.node_id, gone, len(acks))
-        if gone:
-            self.metrics.peers_evicted.labels(self.node_id).inc(len(gone))
+                return
+            evict = self._peer_evictions(peer)
+            steps: list[Step] = [
+                ("INSERT OR REPLACE INTO peers (peer, vv) VALUES (?, ?)", [(peer, msgpack.packb(merged))])
+            ]
+            if evict:
+                steps.append(("DELETE FROM peers WHERE peer = ?", [(p,) for p in evict]))
+            await self._txn(steps)
+            for p in evict:  # after COMMIT only
+                self._acks.pop(p, None)
+            self._acks.pop(peer, None)
+            self._acks[peer] = merged  # the most recently heard last (store/budget.py)
+            self._peer_bound.note(self.node_id, evict, len(self._acks))
+            if evict:
+                self.metrics.peers_evicted.labels(self.node_id).inc(len(evict))
 
-    def _peer_evictions(self, peer: str, acks: Mapping[str, VersionVector]) -> list[str]:
+        await self._call(run, Priority.REMOTE)
+
+    def _peer_evictions(self, peer: str) -> list[str]:
         """Who makes room for ``peer`` in the peers table (store/budget.py, invariants 1-2)."""
         if self.keys is not None:  # a signed fleet records authenticated acks only
             return []
         owners = {o for g in self.zones.grants() for o in g.owners}
-        return self._peer_bound.evictions(acks, peer, owners)
+        return self._peer_bound.evictions(self._acks, peer, owners)
 
     async def forget_peer(self, peer: str) -> None:
         """Stop counting ``peer`` as a replica (it no longer holds back compaction)."""

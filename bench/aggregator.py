@@ -468,6 +468,8 @@ async def _breakdown(args: argparse.Namespace) -> dict[str, object]:
         await asyncio.gather(*(one(ops) for ops in per))  # type: ignore[arg-type]
         return time.perf_counter() - t, time.process_time() - c
 
+    phases = Phases() if args.phases else None
+    inproc_phases: dict[str, float] = {}
     runs: dict[str, list[tuple[float, float]]] = {"node": [], "aggregator": []}
     exchange: dict[int, list[float]] = {1: [], args.backlog: []}
     with tempfile.TemporaryDirectory() as d:
@@ -484,7 +486,12 @@ async def _breakdown(args: argparse.Namespace) -> dict[str, object]:
                 config=AggregatorConfig(mesh=MeshConfig.lan(), store=STORE),
             )
             try:
+                if phases is not None:
+                    phases.on = run == 0  # one run's steps (--phases)
                 runs["aggregator"].append(await drive(agg.node))
+                if phases is not None and run == 0:
+                    phases.on = False
+                    inproc_phases = phases.take()
             finally:
                 await agg.aclose()
         # One edge's exchanges with an aggregator over real gRPC (front door on), one
@@ -535,6 +542,7 @@ async def _breakdown(args: argparse.Namespace) -> dict[str, object]:
         "exchange_backlog_ops": args.backlog,
         "exchange_cpu_ms_backlog": round(many_ms, 3),
         "exchange_cpu_us_per_op": round(wire_us, 2),
+        **{f"phase_inproc_{k}": v for k, v in inproc_phases.items()},
     }
 
 
@@ -564,7 +572,8 @@ async def main() -> None:
     p.add_argument("--phases", action="store_true",
                    help="time the writer's steps per op (apply, its transaction awaited, "
                         "the statements on the database thread) in the ingest after an "
-                        "outage and in one floor run: keys phase_*")
+                        "outage and in one floor run (keys phase_ingest_*, phase_floor_*); "
+                        "with --breakdown, in the in-process aggregator (phase_inproc_*)")
     p.add_argument("--edges-proc", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.edges_proc:

@@ -47,7 +47,7 @@ def test_aggregator_bench_feed_only() -> None:
 def test_aggregator_bench_breakdown() -> None:
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "aggregator.py"), "--breakdown", "--edges", "4",
-         "--backlog", "60"],
+         "--backlog", "60", "--phases"],
         capture_output=True, text=True, timeout=120, check=True,
     )
     figures = json.loads(out.stdout.strip().splitlines()[-1])
@@ -55,3 +55,5 @@ def test_aggregator_bench_breakdown() -> None:
             "exchange_cpu_ms_backlog", "exchange_cpu_us_per_op"} <= set(figures)
     assert figures["exchange_backlog_ops"] == 60
     assert figures["inproc_node_ops_per_s"] > 0 and figures["inproc_aggregator_ops_per_s"] > 0
+    assert figures["phase_inproc_groups"] >= 1  # --phases: the in-process aggregator's writer
+    assert figures["phase_inproc_apply_us_per_op"] >= figures["phase_inproc_steps_us_per_op"] > 0

@@ -77,6 +77,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -124,43 +125,39 @@ class Phases:
         self.applying = 0  # the writer is serial: a transaction meanwhile is the apply's
         self.times: dict[str, list[float]] = {"apply": [], "txn": [], "steps": []}
         self.ops = 0
+        real_apply, real_txn, real_steps = store.Store._apply_planned, store.Store._txn, sql.run_steps
 
-        def timed(owner: object, name: str, key: str, is_async: bool) -> None:
-            real = getattr(owner, name)
-            times = self.times[key]
-            if is_async:
-                async def wrapped(*args: object, **kwargs: object) -> object:
-                    t = time.perf_counter()
-                    try:
-                        return await real(*args, **kwargs)
-                    finally:
-                        if self.on and (key == "apply" or self.applying):
-                            times.append(time.perf_counter() - t)
-            else:
-                def wrapped(*args: object, **kwargs: object) -> object:  # type: ignore[misc]
-                    t = time.perf_counter()
-                    try:
-                        return real(*args, **kwargs)
-                    finally:
-                        if self.on and self.applying:
-                            times.append(time.perf_counter() - t)
-            setattr(owner, name, wrapped)
+        def record(key: str, t: float) -> None:
+            if self.on and self.applying:
+                self.times[key].append(time.perf_counter() - t)
 
-        real_apply = store.Store._apply_planned
-
-        async def counted(st: object, incoming: list[object]) -> object:
-            if self.on:
-                self.ops += len(incoming)
+        async def apply(st: object, incoming: list[object]) -> object:
             self.applying += 1
+            self.ops += len(incoming) if self.on else 0
+            t = time.perf_counter()
             try:
                 return await real_apply(st, incoming)  # type: ignore[arg-type]
             finally:
+                record("apply", t)
                 self.applying -= 1
 
-        store.Store._apply_planned = counted  # type: ignore[assignment,method-assign]
-        timed(store.Store, "_apply_planned", "apply", True)
-        timed(store.Store, "_txn", "txn", True)
-        timed(sql, "run_steps", "steps", False)
+        async def txn(*args: Any, **kwargs: Any) -> int:
+            t = time.perf_counter()
+            try:
+                return await real_txn(*args, **kwargs)
+            finally:
+                record("txn", t)
+
+        def steps(*args: Any, **kwargs: Any) -> tuple[int, int | None]:
+            t = time.perf_counter()
+            try:
+                return real_steps(*args, **kwargs)
+            finally:
+                record("steps", t)
+
+        store.Store._apply_planned = apply  # type: ignore[assignment,method-assign]
+        store.Store._txn = txn  # type: ignore[method-assign]
+        sql.run_steps = steps
 
     def take(self) -> dict[str, float]:
         """Microseconds per op of each step since the last take (and the group count)."""

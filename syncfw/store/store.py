@@ -160,12 +160,13 @@ class Store:
             int(config.pending_warn_age_s * 1000),
             int(config.pending_warn_every_s * 1000),
         )
+        busy = {w: metrics.writer_busy.labels(node_id, w) for w in ("local", "remote", "call")}
         self._writer = WriterQueue(
             self._commit_local,
             max_batch=config.max_batch,
             apply_group=self._apply_group,
             max_remote_ops=config.max_remote_group_ops,
-            on_busy=lambda work, s: metrics.writer_busy.labels(node_id, work).inc(s),
+            on_busy=lambda work, s: busy[work].inc(s),
         )
         self._closed = False
         self._feed = Notifier(config.changes_buffer, lambda: self._closed)

@@ -225,12 +225,13 @@ class WriterQueue:
                         inflight = None
                     t = time.perf_counter()
                     if isinstance(job, CallJob):
+                        work = "call"
                         await self._run_call(job)
                     else:
+                        work = "remote"
                         await self._run_remote(self._remote_group(job))
                     if self._on_busy is not None:
-                        self._on_busy("call" if isinstance(job, CallJob) else "remote",
-                                      time.perf_counter() - t)
+                        self._on_busy(work, time.perf_counter() - t)
                     continue
                 batch = [job]
                 # Group commit: let every writer that is ready to run enqueue its

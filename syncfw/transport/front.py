@@ -409,7 +409,8 @@ class FrontDoor:
                 self._sources.pop(h, None)
 
     async def aclose(self) -> None:
-        """Stop accepting and close every relayed connection."""
+        """Stop accepting and close every relayed connection (waiting at most 1 s for
+        loopback legs still connecting)."""
         if self._server is not None:
             self._server.close()
             with contextlib.suppress(Exception):

@@ -149,6 +149,10 @@ async def test_a_subscriber_certificate_from_keys_add_subscriber_tails_but_never
         intruder.put("fleet/sub:dash/x", "forged")
         pool = ChannelPool(TransportConfig(tls=tls))
         result = await run_exchange(intruder, await pool.open(address), timeout_s=30.0)
+        if result.status is Status.INTERNAL and "from Core" in result.reason:
+            # grpc can report the server's refusal racing the client's first write as
+            # its own internal error; the refusal itself is what is asserted, so ask again
+            result = await run_exchange(intruder, await pool.open(address), timeout_s=30.0)
         assert not result.ok
         assert result.status is Status.FAILED_PRECONDITION, result
         assert "subscriber" in result.reason

@@ -109,15 +109,32 @@ class NoLog:
         return Op("bench", self.seq, self.seq, "results/bench/", 0, key, "lww", b"")
 
 
-async def bench_conv(node: Node, model: Path, *, rounds: int, per_round: int) -> dict[str, Any]:
+CPU = "CPUExecutionProvider"
+
+
+def bare_session(model: Path, provider: str) -> ort.InferenceSession:
+    """The floor: a plain session on ``provider``, refusing to run anywhere else."""
+    sess = ort.InferenceSession(str(model), providers=[provider])
+    if sess.get_providers()[0] != provider:
+        raise SystemExit(f"onnxruntime did not start {provider}: {sess.get_providers()}")
+    return sess
+
+
+def engine_config(provider: str, status_name: str | None) -> EngineConfig:
+    return EngineConfig(status_name=status_name, providers=(provider,), allow_fallback=False)
+
+
+async def bench_conv(
+    node: Node, model: Path, *, rounds: int, per_round: int, provider: str = CPU
+) -> dict[str, Any]:
     rng = np.random.default_rng(1)
     inputs = [rng.random((1, 3, 128, 128), dtype=np.float32) for _ in range(32)]
-    bare = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    bare = bare_session(model, provider)
     lat: dict[str, list[float]] = {"bare": [], "engine": [], "nolog": []}
     busy: dict[str, float] = {"bare": 0.0, "engine": 0.0, "nolog": 0.0}
     async with (
-        Engine(node, EngineConfig(status_name="inference_conv"), name="conv") as engine,
-        Engine(NoLog(), EngineConfig(status_name=None), name="conv") as nolog,
+        Engine(node, engine_config(provider, "inference_conv"), name="conv") as engine,
+        Engine(NoLog(), engine_config(provider, None), name="conv") as nolog,
     ):
         await engine.load(model)
         await nolog.load(model)
@@ -192,14 +209,16 @@ async def bench_process(node: Node, model: Path, *, n: int) -> dict[str, float]:
     }
 
 
-async def bench_small(node: Node, *, rounds: int, items: int, callers: int) -> dict[str, float]:
+async def bench_small(
+    node: Node, *, rounds: int, items: int, callers: int, provider: str = CPU
+) -> dict[str, float]:
     x, _ = load_canary()
     inputs = [x[i : i + 1] for i in range(len(x))]
-    bare = ort.InferenceSession(str(MODEL_PATH), providers=["CPUExecutionProvider"])
+    bare = bare_session(MODEL_PATH, provider)
     bare_rates: list[float] = []
     eng_rates: list[float] = []
     batches: list[int] = []
-    async with Engine(node, EngineConfig(status_name="inference_small")) as engine:
+    async with Engine(node, engine_config(provider, "inference_small")) as engine:
         await engine.load(MODEL_PATH)
 
         async def caller(c: int, n: int) -> None:
@@ -284,15 +303,23 @@ def bench_int8(*, repeat: int) -> dict[str, float]:
     }
 
 
-async def main_async(quick: bool) -> dict[str, Any]:
+async def main_async(quick: bool, provider: str) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         model = conv_net(Path(tmp) / "conv.onnx")
         async with Node.open(Path(tmp) / "bench.db", node_id="bench", fleet=Fleet()) as node:
             conv = await bench_conv(
-                node, model, rounds=2 if quick else 6, per_round=30 if quick else 150
+                node,
+                model,
+                rounds=2 if quick else 6,
+                per_round=30 if quick else 150,
+                provider=provider,
             )
             small = await bench_small(
-                node, rounds=1 if quick else 5, items=640 if quick else 6400, callers=64
+                node,
+                rounds=1 if quick else 5,
+                items=640 if quick else 6400,
+                callers=64,
+                provider=provider,
             )
             put = await bench_node_put(node, n=200 if quick else 1000, callers=64)
             proc = await bench_process(node, model, n=60 if quick else 300)
@@ -303,13 +330,23 @@ async def main_async(quick: bool) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description="bare session.run vs Engine.infer")
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument(
+        "--provider",
+        default=CPU,
+        help="the execution provider of the bare session and the engine alike in the conv"
+        " and inspection-model runs (e.g. CUDAExecutionProvider); the process-isolation and"
+        " INT8 runs stay on CPU",
+    )
     args = parser.parse_args()
+    if args.provider not in ort.get_available_providers():
+        parser.error(f"{args.provider} is not in {ort.get_available_providers()}")
     t0 = time.perf_counter()
-    res = asyncio.run(main_async(args.quick))
+    res = asyncio.run(main_async(args.quick, args.provider))
     stages = res.pop("_stages")
     mean_batch = res.pop("_mean_batch")
     print(
-        f"onnxruntime {ort.__version__}, CPU, {sys.platform}; wall {time.perf_counter() - t0:.1f} s"
+        f"onnxruntime {ort.__version__}, {args.provider}, {sys.platform};"
+        f" wall {time.perf_counter() - t0:.1f} s"
     )
     print()
     print("conv net 1x3x128x128, one caller      bare        engine      ratio / delta")
@@ -370,7 +407,11 @@ def main() -> int:
         f"  bad INT8 variant accuracy                    {res['bad_int8_accuracy']:8.4f}    (the gate refuses it)"
     )
     print(f"  quantize + measure both (s)      {res['int8_optimize_s']:8.3f}")
-    print(json.dumps({k: round(v, 4) if k.startswith(("int8", "fp32", "bad")) else round(v, 3) for k, v in res.items()}))
+    figures: dict[str, Any] = {
+        k: round(v, 4) if k.startswith(("int8", "fp32", "bad")) else round(v, 3)
+        for k, v in res.items()
+    }
+    print(json.dumps(figures | {"provider": args.provider}))
     return 0
 
 

@@ -239,6 +239,13 @@ class NodeMetrics:
             (*n, "model_sha256", "provider", "outcome"),
             registry=r,
         )
+        self.inference_provider_fallbacks = Counter(
+            "syncfw_inference_provider_fallbacks",
+            "Model loads that ONNX Runtime runs on a provider other than the first one "
+            "wanted (a GPU provider whose libraries or device are missing, say).",
+            (*n, "model_sha256", "wanted", "running"),
+            registry=r,
+        )
 
     # -- reading back (status() uses these, so it shows what /metrics shows)
 

@@ -17,6 +17,7 @@ from conftest_inference import (
     identity_model,
     linear_model,
     node,
+    ort_may_warn_of_missing_providers,
     result_keys,
     wrong_output_model,
 )
@@ -478,7 +479,8 @@ async def test_latency_histograms_are_in_node_status(node: Node) -> None:
 
 
 async def test_strict_provider_refuses_a_silent_fallback(node: Node) -> None:
-    # Pretend CUDA is available: ONNX Runtime will warn and fall back to the CPU.
+    # Pretend CUDA is available (or have a GPU build on a machine without the GPU's
+    # libraries): ONNX Runtime falls back to the CPU.
     async with Engine(
         node,
         EngineConfig(
@@ -488,27 +490,45 @@ async def test_strict_provider_refuses_a_silent_fallback(node: Node) -> None:
         ),
     ) as engine:
         with (
-            pytest.warns(UserWarning, match="CUDAExecutionProvider"),
+            ort_may_warn_of_missing_providers(),
             pytest.raises(ProviderError, match="fell back to CPUExecutionProvider"),
         ):
             await engine.load(MODEL_PATH)
         assert engine.model is None
 
 
-async def test_fallback_is_recorded_when_allowed(node: Node) -> None:
-    async with Engine(
-        node,
-        EngineConfig(
-            providers=("CUDAExecutionProvider", "CPUExecutionProvider"),
-            available=("CUDAExecutionProvider", "CPUExecutionProvider"),
-        ),
-    ) as engine:
-        with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+async def test_fallback_is_recorded_when_allowed(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    async with Engine(node, EngineConfig(providers=(cuda, cpu), available=(cuda, cpu))) as engine:
+        with ort_may_warn_of_missing_providers(), caplog.at_level("WARNING", "syncfw.inference"):
             info = await engine.load(MODEL_PATH)
-        assert info.plan.preferred == "CUDAExecutionProvider"
-        assert info.provider == "CPUExecutionProvider"  # what actually runs, not what was asked
+        assert info.plan.preferred == cuda
+        assert info.provider == cpu  # what actually runs, not what was asked
+        # Said three ways, whatever the ONNX Runtime build says or does not say itself.
+        (warning,) = [r for r in caplog.records if r.name == "syncfw.inference"]
+        assert warning.levelname == "WARNING"
+        assert f"runs on {cpu}, not {cuda}" in warning.getMessage()
+        assert f"could not start {cuda}" in warning.getMessage()
+        model = (await node.status())["inference"]["model"]
+        assert (model["provider"], model["fell_back"]) == (cpu, True)
+        fallbacks = node.metrics.value(
+            "syncfw_inference_provider_fallbacks_total",
+            model_sha256=info.sha256,
+            wanted=cuda,
+            running=cpu,
+        )
+        assert fallbacks == 1
         r = await engine.infer(_image(0))
-    assert (await node.get(r.key))["provider"] == "CPUExecutionProvider"
+    assert (await node.get(r.key))["provider"] == cpu
+
+
+async def test_a_model_on_its_wanted_provider_did_not_fall_back(node: Node) -> None:
+    async with Engine(node, EngineConfig(providers=("CPUExecutionProvider",))) as engine:
+        info = await engine.load(MODEL_PATH)
+        assert info.provider == info.plan.preferred == "CPUExecutionProvider"
+        assert (await node.status())["inference"]["model"]["fell_back"] is False
 
 
 async def test_no_wanted_provider_available(node: Node) -> None:

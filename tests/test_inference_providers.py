@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest_inference import MODEL_PATH, canary, node
+from conftest_inference import MODEL_PATH, canary, node, ort_may_warn_of_missing_providers
 
 from syncfw import Node
 from syncfw.inference import (
@@ -98,14 +98,27 @@ def test_detect_accelerator_never_raises() -> None:
     assert info.gpu_name is None or isinstance(info.gpu_name, str)
 
 
-def _has(provider: str) -> bool:
-    return provider in ort.get_available_providers()
+def _usable(provider: str) -> bool:
+    """``provider`` is in this ONNX Runtime build and really starts here.
+
+    A GPU build lists its GPU providers on any machine, also one without the GPU or
+    its libraries (CUDA, cuDNN, TensorRT); there a session falls back to the CPU.
+    """
+    if provider not in ort.get_available_providers():
+        return False
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4  # the probe's failure is the answer, not a log line
+    try:
+        sess = ort.InferenceSession(str(MODEL_PATH), sess_options=opts, providers=[provider])
+    except Exception:  # ORT's own pybind errors: any failure means not usable
+        return False
+    return bool(sess.get_providers()[0] == provider)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
-    not _has(CUDA),
-    reason="onnxruntime has no CUDAExecutionProvider here (CPU-only build or no GPU)",
+    not _usable(CUDA),
+    reason="no usable CUDAExecutionProvider here (a CPU-only build, or no GPU or CUDA libraries)",
 )
 async def test_cuda_is_used_and_recorded(node: Node) -> None:
     x, _ = canary()
@@ -120,8 +133,8 @@ async def test_cuda_is_used_and_recorded(node: Node) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(
-    not _has(TENSORRT),
-    reason="onnxruntime has no TensorrtExecutionProvider here (no TensorRT build or no GPU)",
+    not _usable(TENSORRT),
+    reason="no usable TensorrtExecutionProvider here (no TensorRT build, GPU or TensorRT libraries)",
 )
 async def test_tensorrt_builds_and_reuses_its_cached_engine(node: Node, tmp_path: Path) -> None:
     x, _ = canary()
@@ -153,8 +166,9 @@ async def test_engine_wires_the_tensorrt_cache_and_records_the_fallback(
     async with Engine(
         node, EngineConfig(available=(TENSORRT, CPU), accelerator=H100, trt_cache_dir=tmp_path)
     ) as engine:
-        with pytest.warns(UserWarning, match="TensorrtExecutionProvider"):
+        with ort_may_warn_of_missing_providers():
             info = await engine.load(MODEL_PATH)
+        assert info.fell_back and info.provider == CPU
     assert info.plan.providers == (TENSORRT, CPU)
     assert info.plan.trt_cache_dir == tmp_path / trt_cache_key(info.sha256, H100)
     assert info.plan.trt_cache_dir.is_dir()

@@ -29,6 +29,7 @@ The node is reached only through :class:`~syncfw.inference.sink.ResultSink`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,8 @@ from syncfw.inference.results import EscalateFn, EscalationRequest, InferenceRes
 from syncfw.inference.signature import ModelInfo
 from syncfw.inference.sink import ResultSink, StatusHost
 from syncfw.inference.worker import Worker
+
+log = logging.getLogger("syncfw.inference")
 
 __all__ = [
     "DEFAULT_SESSION_CONFIG",
@@ -212,8 +215,26 @@ class Engine:
             TypeError: bytes without a manifest.
 
         On any error the previously loaded model keeps serving.
+
+        A model that ONNX Runtime runs on a provider other than the first one wanted
+        (fallback allowed) is logged as a WARNING, counted in
+        ``syncfw_inference_provider_fallbacks`` and shown as ``fell_back`` in status.
         """
-        return await self._loader.swap(model, manifest, self._worker.retire)
+        info = await self._loader.swap(model, manifest, self._worker.retire)
+        if info.fell_back:
+            log.warning(
+                "model %r %s (sha256 %s) runs on %s, not %s as wanted: ONNX Runtime could "
+                "not start %s here (session providers %s)",
+                info.name,
+                info.version,
+                info.sha256[:12],
+                info.provider,
+                info.plan.preferred,
+                ", ".join(p for p in info.plan.providers if p not in info.session_providers),
+                list(info.session_providers),
+            )
+            self._recorder.fell_back(info)
+        return info
 
     async def unload(self) -> ModelInfo | None:
         """Stop serving the current model and serve none (a first model that rolled back

@@ -70,6 +70,15 @@ class CallRecorder:
         m = self._metrics
         m.inference_calls.labels(m.node_id, sha, provider, outcome).inc()
 
+    def fell_back(self, info: ModelInfo) -> None:
+        """A model loaded on a provider other than the first wanted one."""
+        if self._metrics is None:
+            return
+        m = self._metrics
+        m.inference_provider_fallbacks.labels(
+            m.node_id, info.sha256, info.plan.preferred, info.provider
+        ).inc()
+
     def _for(self, sha: str, provider: str) -> tuple[Any, ...]:
         got = self._children.get((sha, provider))
         if got is None:

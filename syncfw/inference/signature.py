@@ -107,6 +107,11 @@ class ModelInfo:
     load_s: float
     warmup_s: float
 
+    @property
+    def fell_back(self) -> bool:
+        """ONNX Runtime runs the model on a provider other than the first one wanted."""
+        return self.provider != self.plan.preferred
+
     def as_dict(self) -> dict[str, Any]:
         """Plain data for node status."""
         return {
@@ -117,6 +122,7 @@ class ModelInfo:
             "provider": self.provider,
             "session_providers": list(self.session_providers),
             "requested_providers": list(self.plan.providers),
+            "fell_back": self.fell_back,
             "inputs": [[s.name, s.dtype, s.display_shape] for s in self.inputs],
             "outputs": [[s.name, s.dtype, s.display_shape] for s in self.outputs],
             "batchable": self.batchable,

@@ -112,50 +112,52 @@ def _writer_busy_s(node: Node) -> float:
 
 
 class Phases:
-    """Wall time of the writer's steps for each remote group (``--phases``): the whole
-    apply (``Store._apply_planned``), its transaction as the loop awaits it
-    (``Store._txn``), and the statements themselves on the database thread
-    (``sql.run_steps``); apply less transaction is the plan on the event loop.
-    Bench instrumentation only: it wraps the three in place."""
+    """Wall time of the writer's steps for each remote batch or group (``--phases``):
+    its plan on the event loop (``Store._stage_remote``, which also starts the
+    transaction), the transaction as the loop awaits it (``Store._txn``), and the
+    statements themselves on the database thread (``sql.run_steps``). With remote
+    groups pipelined (``StoreConfig.pipeline_remote``) a plan runs while the group
+    before commits, so the writer's time per group is about the larger of plan and
+    transaction, not their sum. Bench instrumentation only: it wraps the three in
+    place, counting only the transactions of remote batches (those with a guard)."""
 
     def __init__(self) -> None:
         from syncfw.store import sql, store
 
         self.on = False
-        self.applying = 0  # the writer is serial: a transaction meanwhile is the apply's
-        self.times: dict[str, list[float]] = {"apply": [], "txn": [], "steps": []}
+        self.times: dict[str, list[float]] = {"plan": [], "txn": [], "steps": []}
         self.ops = 0
-        real_apply, real_txn, real_steps = store.Store._apply_planned, store.Store._txn, sql.run_steps
+        real_stage, real_txn, real_steps = store.Store._stage_remote, store.Store._txn, sql.run_steps
 
         def record(key: str, t: float) -> None:
-            if self.on and self.applying:
+            if self.on:
                 self.times[key].append(time.perf_counter() - t)
 
-        async def apply(st: object, incoming: list[object]) -> object:
-            self.applying += 1
+        async def stage(st: object, incoming: list[object]) -> object:
             self.ops += len(incoming) if self.on else 0
             t = time.perf_counter()
             try:
-                return await real_apply(st, incoming)  # type: ignore[arg-type]
+                return await real_stage(st, incoming)  # type: ignore[arg-type]
             finally:
-                record("apply", t)
-                self.applying -= 1
+                record("plan", t)
 
         async def txn(*args: Any, **kwargs: Any) -> int:
             t = time.perf_counter()
             try:
                 return await real_txn(*args, **kwargs)
             finally:
-                record("txn", t)
+                if kwargs.get("guard") is not None:
+                    record("txn", t)
 
         def steps(*args: Any, **kwargs: Any) -> tuple[int, int | None]:
             t = time.perf_counter()
             try:
                 return real_steps(*args, **kwargs)
             finally:
-                record("steps", t)
+                if len(args) > 4 and args[4] is not None:  # the guard: a remote batch's
+                    record("steps", t)
 
-        store.Store._apply_planned = apply  # type: ignore[assignment,method-assign]
+        store.Store._stage_remote = stage  # type: ignore[assignment,method-assign]
         store.Store._txn = txn  # type: ignore[method-assign]
         sql.run_steps = steps
 
@@ -163,7 +165,7 @@ class Phases:
         """Microseconds per op of each step since the last take (and the group count)."""
         ops = max(self.ops, 1)
         got = {f"{k}_us_per_op": round(sum(v) * 1e6 / ops, 2) for k, v in self.times.items()}
-        got["groups"] = len(self.times["apply"])
+        got["groups"] = len(self.times["plan"])
         for v in self.times.values():
             v.clear()
         self.ops = 0
@@ -745,8 +747,8 @@ async def main() -> None:
           f"p50 {p50:.1f} ms, p99 {p99:.1f} ms at {rate:,.0f} ops/s")
     print(f"RSS growth {growth:+.1f} MB ({window})")
     for where, got in phase.items():
-        print(f"writer steps, {where}: {got['groups']} groups; per op: apply "
-              f"{got['apply_us_per_op']:.1f} us, its transaction awaited {got['txn_us_per_op']:.1f}"
+        print(f"writer steps, {where}: {got['groups']} groups; per op: plan "
+              f"{got['plan_us_per_op']:.1f} us, the transaction awaited {got['txn_us_per_op']:.1f}"
               f" us, the statements on the database thread {got['steps_us_per_op']:.1f} us")
     print(json.dumps({
         "edges": args.edges,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 from typing import Any
 
+import pytest
 from conftest import NodeFactory
 from test_store_remote import chain
 
 import syncfw
 from syncfw.log import Op
+from syncfw.store import sql
 from syncfw.store.writer import Priority, WriteJob, WriterQueue
 
 
@@ -132,13 +135,13 @@ def _count_plans(node: Any) -> list[int]:
     """Wrap the store's planner entry: the number of ops of each plan it makes."""
     store = node.store
     sizes: list[int] = []
-    inner = store._apply_planned
+    inner = store._stage_remote
 
     async def counted(incoming: list[Op]) -> Any:
         sizes.append(len(incoming))
         return await inner(incoming)
 
-    store._apply_planned = counted
+    store._stage_remote = counted
     return sizes
 
 
@@ -202,3 +205,145 @@ async def test_remote_groups_keep_to_their_op_cap(make_node: NodeFactory) -> Non
     release.set()
     await asyncio.gather(*calls)
     assert sizes == [8, 4, 12, 1]  # 4+4 fit, a third 4 would not; 12 goes alone
+
+
+# -- pipelined remote groups (writer invariant 4b) ------------------------------------
+
+
+class _HeldCommit:
+    """Holds the store's next transaction on the database thread until released, and
+    counts the remote batches the store plans (``Store._stage_remote``) meanwhile.
+
+    With ``fail=True`` the held transaction then fails inside SQLite (a statement on
+    a table that is not there), so the store's real rollback path runs."""
+
+    def __init__(self, node: Any, monkeypatch: pytest.MonkeyPatch, *, fail: bool = False) -> None:
+        self.go = threading.Event()
+        self.staged: list[int] = []
+        self._planned = asyncio.Event()
+        self._want = 0
+        real_steps, held = sql.run_steps, [False]
+
+        def steps(db: Any, todo: Any, *args: Any) -> Any:
+            if held[0]:
+                return real_steps(db, todo, *args)
+            held[0] = True
+            assert self.go.wait(10), "the test never released the held commit"
+            extra = [("INSERT INTO no_such_table VALUES (?)", [(1,)])] if fail else []
+            return real_steps(db, [*todo, *extra], *args)
+
+        monkeypatch.setattr(sql, "run_steps", steps)
+        store, stage = node.store, node.store._stage_remote
+
+        async def counted(incoming: list[Op]) -> Any:
+            got = await stage(incoming)
+            self.staged.append(len(incoming))
+            if len(self.staged) >= self._want:
+                self._planned.set()
+            return got
+
+        monkeypatch.setattr(store, "_stage_remote", counted)
+
+    async def planned(self, n: int) -> None:
+        """Wait until the store has planned ``n`` batches."""
+        self._want = n
+        if len(self.staged) < n:
+            self._planned.clear()
+            await asyncio.wait_for(self._planned.wait(), 10)
+
+
+async def test_the_next_remote_group_is_planned_while_one_commits_and_nobody_hears_first(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node("depot")
+    held = _HeldCommit(node, monkeypatch)
+    a, b = chain("t1", 5), chain("t2", 3)
+    fa = asyncio.ensure_future(node.apply_remote(a))
+    await held.planned(1)  # a's commit is held on the database thread
+    fb = asyncio.ensure_future(node.apply_remote(b))
+    await held.planned(2)  # b was planned while a's commit is held
+    assert not (fa.done() or fb.done())  # nobody answered before COMMIT
+    assert await node.version_vector() == {}  # nor told: the committed vector
+    held.go.set()
+    ra, rb = await asyncio.wait_for(asyncio.gather(fa, fb), 10)
+    assert (ra.applied, rb.applied) == (5, 3)
+    assert await node.version_vector() == {"t1": 5, "t2": 3}
+    assert await node.get("fleet/t2/k3") == 3
+
+
+async def test_a_group_that_fails_to_commit_voids_the_one_planned_on_it(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node("depot")
+    held = _HeldCommit(node, monkeypatch, fail=True)
+    a, b = chain("t1", 5), chain("t2", 3)
+    fa = asyncio.ensure_future(node.apply_remote(a))
+    await held.planned(1)
+    fb = asyncio.ensure_future(node.apply_remote(b))
+    await held.planned(2)  # b planned on top of a, which then fails to commit
+    held.go.set()
+    got = await asyncio.wait_for(asyncio.gather(fa, fb, return_exceptions=True), 10)
+    assert isinstance(got[0], syncfw.StorageError), got[0]
+    assert got[1].applied == 3  # b's first transaction wrote nothing; planned again, it did
+    assert held.staged == [5, 3, 3]
+    assert await node.version_vector() == {"t2": 3}  # nothing of a
+    assert (await node.apply_remote(a)).applied == 5  # a, sent again, lands whole
+    assert await node.version_vector() == {"t1": 5, "t2": 3}
+
+
+async def test_pipeline_remote_off_plans_each_group_after_the_one_before_commits(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node("depot", config=syncfw.StoreConfig(pipeline_remote=False))
+    held = _HeldCommit(node, monkeypatch)
+    fa = asyncio.ensure_future(node.apply_remote(chain("t1", 5)))
+    await held.planned(1)
+    fb = asyncio.ensure_future(node.apply_remote(chain("t2", 3)))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(held.planned(2), 0.3)  # waits for a's commit
+    held.go.set()
+    await asyncio.wait_for(asyncio.gather(fa, fb), 10)
+    assert held.staged == [5, 3]
+
+
+async def test_copies_planned_as_duplicates_of_a_group_that_failed_are_planned_again(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    node = await make_node("depot")
+    held = _HeldCommit(node, monkeypatch, fail=True)
+    a = chain("t1", 5)
+    fa = asyncio.ensure_future(node.apply_remote(a))
+    await held.planned(1)
+    # Another peer relays the same ops: planned against a's uncommitted ops they are
+    # duplicates, which must not stand once a fails to commit.
+    copy = asyncio.ensure_future(node.apply_remote(list(a)))
+    await asyncio.sleep(0.05)  # its plan is reading a's stored copies, behind a's commit
+    held.go.set()
+    got = await asyncio.wait_for(asyncio.gather(fa, copy, return_exceptions=True), 10)
+    assert isinstance(got[0], syncfw.StorageError), got[0]
+    assert (got[1].applied, got[1].duplicates) == (5, 0), got[1]
+    assert held.staged == [5, 5, 5]  # the copy: planned on a, then again on what committed
+    assert await node.version_vector() == {"t1": 5}
+
+
+async def test_a_group_planned_during_a_commit_reads_the_state_that_commit_leaves(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One counter, its ops in two batches: the second batch's plan reads the counter's
+    # state, which must be the one the first batch's commit leaves (the read queues
+    # behind that commit, never before it).
+    edge = await make_node("t1")
+    for i in range(6):
+        await edge.counter("fleet/t1/hits").add(i + 1)
+    ops = await edge.ops_since({})
+    node = await make_node("depot", config=syncfw.StoreConfig(max_remote_group_ops=3))
+    held = _HeldCommit(node, monkeypatch)
+    # Both queued at once, two groups: b is planned right after a's transaction starts.
+    fa = asyncio.ensure_future(node.apply_remote(ops[:3]))
+    fb = asyncio.ensure_future(node.apply_remote(ops[3:]))
+    await held.planned(1)
+    await asyncio.sleep(0.05)  # b's plan reads the counter's state: behind a's commit
+    assert held.staged == [3]
+    held.go.set()
+    await asyncio.wait_for(asyncio.gather(fa, fb), 10)
+    assert await node.counter("fleet/t1/hits").value() == 21

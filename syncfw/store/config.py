@@ -40,6 +40,9 @@ class StoreConfig:
             second but land more ops at once, which a live feed then delivers
             as one burst: 512 kept the change feed's p99 where single batches
             had it, where 4,096 doubled it (``bench/aggregator.py``).
+        pipeline_remote: plan the next remote group while the one before it
+            commits (the writer's invariant 4b); False plans each only after the
+            one before has committed.
         max_offset_ms: how far ahead of local time a remote op may be.
         max_pending: most ops held back at once (the farthest ahead are
             dropped beyond it; they are resent by the next exchange).
@@ -75,6 +78,7 @@ class StoreConfig:
     local_reserve_bytes: int | None = None
     max_batch: int = 2048
     max_remote_group_ops: int = 512
+    pipeline_remote: bool = True
     max_offset_ms: int = 500
     max_pending: int = 100_000
     max_pending_bytes: int = 32 << 20

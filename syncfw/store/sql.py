@@ -59,7 +59,22 @@ UPSERT_HEAD = (
 
 
 class StaleTip(Exception):
-    """A pipelined batch found the log not ending where it was planned to start."""
+    """A pipelined batch found the log not ending where it was planned to start, or
+    a transaction it was planned on top of failed (:class:`TxnGuard`)."""
+
+
+class TxnGuard:
+    """Ties pipelined transactions together: once one of them fails, every later one
+    holding the same guard raises :class:`StaleTip` before writing anything, since
+    each was planned on the assumption that the ones before it commit.
+
+    Set and read only on the database thread, in the order the transactions run.
+    """
+
+    __slots__ = ("failed",)
+
+    def __init__(self) -> None:
+        self.failed = False
 
 
 TIP_SQL = "SELECT seq FROM heads WHERE origin = ?"
@@ -70,12 +85,15 @@ def run_steps(
     steps: Sequence[Step],
     expect: tuple[str, int] | None = None,
     measure: bool = False,
+    guard: TxnGuard | None = None,
 ) -> tuple[int, int | None]:
     """Run on the database thread: one transaction, all or nothing.
 
     Returns the rows changed and, with ``measure``, the file size after
     COMMIT (page count times page size, read in the same hop).
     """
+    if guard is not None and guard.failed:
+        raise StaleTip("a transaction this one was planned on top of failed")
     changed = 0
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -87,6 +105,8 @@ def run_steps(
             changed += max(db.executemany(sql, params).rowcount, 0)
         db.execute("COMMIT")
     except BaseException:
+        if guard is not None:
+            guard.failed = True
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
@@ -102,6 +122,7 @@ async def transaction(
     *,
     expect: tuple[str, int] | None = None,
     measure: bool = False,
+    guard: TxnGuard | None = None,
 ) -> tuple[int, int | None]:
     """Run ``steps`` in one transaction, in one hop to the database thread.
 
@@ -119,9 +140,9 @@ async def transaction(
     try:
         run = getattr(conn, "_execute", None)
         if run is not None:
-            changed, size = await run(run_steps, conn._conn, steps, expect, measure)
+            changed, size = await run(run_steps, conn._conn, steps, expect, measure, guard)
             return int(changed), size
-        return await _transaction_stepwise(conn, steps, expect)  # pragma: no cover
+        return await _transaction_stepwise(conn, steps, expect, guard)  # pragma: no cover
     except sqlite3.Error as exc:
         raise translate_error(exc) from None
     except OverflowError as exc:  # the planner keeps every int in range; never leak it
@@ -129,9 +150,14 @@ async def transaction(
 
 
 async def _transaction_stepwise(
-    conn: aiosqlite.Connection, steps: Sequence[Step], expect: tuple[str, int] | None
+    conn: aiosqlite.Connection,
+    steps: Sequence[Step],
+    expect: tuple[str, int] | None,
+    guard: TxnGuard | None,
 ) -> tuple[int, int | None]:  # pragma: no cover
     """The same through public aiosqlite calls, should its internals change."""
+    if guard is not None and guard.failed:
+        raise StaleTip("a transaction this one was planned on top of failed")
     changed = 0
     await conn.execute("BEGIN IMMEDIATE")
     try:
@@ -144,6 +170,8 @@ async def _transaction_stepwise(
             changed += max(cur.rowcount, 0)
         await conn.execute("COMMIT")
     except BaseException:
+        if guard is not None:
+            guard.failed = True
         with contextlib.suppress(sqlite3.Error):
             await conn.execute("ROLLBACK")
         raise

@@ -30,6 +30,7 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -90,6 +91,7 @@ from syncfw.store.planner import (
 from syncfw.store.sql import (
     StaleTip,
     Step,
+    TxnGuard,
     check_and_migrate,
     quick_check,
     transaction,
@@ -106,6 +108,44 @@ __all__ = ["NODE_ID_RE", "Priority", "Store", "StoreConfig", "StoreStats", "chec
 log = logging.getLogger("syncfw.store")
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """The mirrors as a remote batch staged but not yet committed will leave them.
+
+    The next remote group is planned against these (writer invariant 4b); everyone
+    else (version vectors, heads and pending held in status, summaries, acks) reads
+    the committed mirrors, so nothing is told of an op before its COMMIT.
+    """
+
+    vv: dict[str, int]
+    heads: dict[str, bytes]
+    pending: Pending
+    zones: ZoneTable
+    keys: KeyRing | None
+    forks: dict[str, int]
+    rejected_bytes: int
+
+
+@dataclass(slots=True)
+class _Staged:
+    """A remote batch planned and its transaction started (:meth:`Store._stage_remote`)."""
+
+    incoming: list[Op]
+    m: Mirrors
+    plan: RemotePlan
+    before: asyncio.Future[None] | None
+    """The landing of the batch staged before this one (landings keep that order)."""
+    on: TxnGuard | None
+    """The guard of the batch in flight this one was planned on top of, if any."""
+    txn: asyncio.Future[int] | None = None
+    ahead: _Ahead | None = None
+    drain: bool = False
+    """Plan the next group only once this one landed (see Store._start_group)."""
+    landed: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
 
 class Store:
@@ -140,6 +180,12 @@ class Store:
         self._acks: dict[str, VersionVector] = {}
         self._rejected_bytes = 0  # what the stored rejected ops take (op_size)
         self._pending: Pending = {}
+        # Remote groups are planned while the one before commits (writer invariant 4b):
+        # the mirrors as the group in flight leaves them, for planning only; its
+        # guard; and the landing the next staged batch waits for.
+        self._ahead: _Ahead | None = None
+        self._guard = TxnGuard()
+        self._landed: asyncio.Future[None] | None = None
         # The CRDT kinds some key holds (None: ask the file); a superset is harmless.
         self._kinds_present: set[str] | None = None
         # Mints this node's ops; may run ahead of what is committed (pipelining).
@@ -164,7 +210,7 @@ class Store:
         self._writer = WriterQueue(
             self._commit_local,
             max_batch=config.max_batch,
-            apply_group=self._apply_group,
+            start_group=self._start_group,
             max_remote_ops=config.max_remote_group_ops,
             on_busy=lambda work, s: busy[work].inc(s),
         )
@@ -447,8 +493,8 @@ class Store:
             return None, False
         if self._kinds_present is not None:  # before it commits: the next group is planned meanwhile
             self._kinds_present.update(op.kind for op in plan.ops if op.kind in KINDS)
-        txn = asyncio.ensure_future(
-            self._txn([*plan.steps, self._hlc_step()], expect=(self.node_id, plan.start[0]))
+        txn = await self._start_txn(
+            [*plan.steps, self._hlc_step()], expect=(self.node_id, plan.start[0])
         )
         done = [batch[i] for i in plan.taken]
         return asyncio.ensure_future(self._finish_local(txn, done, plan)), plan.zones is not None
@@ -546,7 +592,12 @@ class Store:
         )
 
     async def _txn(
-        self, steps: Sequence[Step], *, expect: tuple[str, int] | None = None, grow: int = 0
+        self,
+        steps: Sequence[Step],
+        *,
+        expect: tuple[str, int] | None = None,
+        grow: int = 0,
+        guard: TxnGuard | None = None,
     ) -> int:
         """One transaction (:func:`.sql.transaction`), measuring the file now and then.
 
@@ -557,7 +608,7 @@ class Store:
             self.config.local_reserve_bytes or cap // 8
         )  # near the cap: measure every commit
         changed, size = await transaction(
-            self._conn, steps, expect=expect, measure=near or self._meter.size_due()
+            self._conn, steps, expect=expect, measure=near or self._meter.size_due(), guard=guard
         )
         if size is None:
             self._meter.size += grow  # an estimate until the next measurement
@@ -583,32 +634,54 @@ class Store:
         self._writer.put(RemoteJob(list(ops), fut), Priority.REMOTE)
         return await fut
 
-    async def _apply_group(self, jobs: list[RemoteJob]) -> None:
-        """Apply remote batches that waited together as one plan and transaction
-        (``StoreConfig.max_remote_group_ops``), settling each caller's future with
-        its own batch's result.
+    async def _start_group(
+        self, jobs: list[RemoteJob]
+    ) -> tuple[asyncio.Future[None] | None, bool]:
+        """Plan remote batches that waited together as one group and start its
+        transaction (``StoreConfig.max_remote_group_ops``; writer invariant 4b).
 
-        If the group fails (one batch breaks a chain, forks or is malformed),
-        each batch is applied alone, so a batch is still applied whole or not at
-        all and only a faulty one fails. No room is no batch's fault: every
-        caller gets that refusal, warned about and counted once, for the group.
+        Returns what lands it (it settles each caller's future with its own batch's
+        result) and whether the next group must wait for it to land before it is
+        planned (it changes the zone table, the key ring, fork flags or this node's
+        own chain). Nothing is pipelined with ``StoreConfig.pipeline_remote`` off.
+
+        If the group cannot be planned (one batch breaks a chain, forks or is
+        malformed), each batch is applied alone, so a batch is still applied whole
+        or not at all and only a faulty one fails. No room is no batch's fault:
+        every caller gets that refusal, warned about and counted once, for the group;
+        so does a failed commit.
         """
-        if len(jobs) > 1:
-            try:
-                got, plan = await self._apply_planned([op for job in jobs for op in job.ops])
-            except StorageFullError as exc:
+        try:
+            staged = await self._stage_remote([op for job in jobs for op in job.ops])
+        except Exception as exc:
+            if len(jobs) == 1 or isinstance(exc, StorageFullError):
                 for job in jobs:
                     if not job.future.done():
                         job.future.set_exception(exc)
-                return
-            except Exception:
-                pass  # one batch is at fault, or the store: find out batch by batch
-            else:
-                parts = _split_result(got, plan, [job.ops for job in jobs])
-                for job, res in zip(jobs, parts, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(res)
-                return
+                return None, False
+            await self._apply_alone(jobs)  # one batch is at fault: find it, batch by batch
+            return None, False
+        landing = asyncio.ensure_future(self._land_group(staged, jobs))
+        return landing, staged.drain or not self.config.pipeline_remote
+
+    async def _land_group(self, staged: _Staged, jobs: list[RemoteJob]) -> None:
+        try:
+            got, plan = await self._land_remote(staged)
+        except StaleTip:
+            # A group this one was planned on top of failed to commit: plan it again.
+            self._writer.requeue_remote(jobs)
+            return
+        except Exception as exc:  # the writer must outlive any failure of one group
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
+            return
+        parts = _split_result(got, plan, [job.ops for job in jobs])
+        for job, res in zip(jobs, parts, strict=True):
+            if not job.future.done():
+                job.future.set_result(res)
+
+    async def _apply_alone(self, jobs: list[RemoteJob]) -> None:
         for job in jobs:
             try:
                 res = await self._apply_remote(job.ops)
@@ -643,9 +716,27 @@ class Store:
 
     async def _apply_planned(self, incoming: list[Op]) -> tuple[ApplyResult, RemotePlan]:
         """Plan, commit and account for one batch; its result, and the plan it ran."""
+        while True:
+            staged = await self._stage_remote(incoming)
+            try:
+                return await self._land_remote(staged)
+            except StaleTip:  # planned on top of a group that failed to commit: again
+                continue
+
+    async def _stage_remote(self, incoming: list[Op]) -> _Staged:
+        """Plan one batch and start its transaction, against the mirrors as the
+        remote group in flight leaves them (:class:`_Ahead`)."""
+        a = self._ahead
+        if a is None:
+            vv, heads, pending, zones, keys = (
+                self._vv, self._heads, self._pending, self.zones, self.keys
+            )
+            forks, rejected_bytes = self.trust.forks, self._rejected_bytes
+        else:
+            vv, heads, pending, zones, keys = a.vv, a.heads, a.pending, a.zones, a.keys
+            forks, rejected_bytes = a.forks, a.rejected_bytes
         m = Mirrors(
-            self._vv, self._heads, self._pending, self.zones, self.keys, self.trust.forks,
-            await self.trust.kept_branches(self.keys, self._read),
+            vv, heads, pending, zones, keys, forks, await self.trust.kept_branches(keys, self._read)
         )
         t = triage(incoming, m)
         stored = await export.stored_ops(self._read, t.held) if t.held else {}
@@ -657,7 +748,7 @@ class Store:
             self.config.max_pending,
             self.fleet.authority,
             self.config.max_pending_bytes,
-            self.config.max_rejected_bytes - self._rejected_bytes,
+            self.config.max_rejected_bytes - rejected_bytes,
         )
         plan = plan_remote(t, m, stored, states, lim)
         if plan.steps and (plan.applied or plan.rejected):
@@ -667,13 +758,92 @@ class Store:
                 self._meter.discard({"local_reserve": len(incoming)})
                 self._plan_log.emit([f"refused a remote batch of {len(incoming)} ops: {exc}"])
                 raise
+        staged = _Staged(incoming, m, plan, self._landed, self._guard if a is not None else None)
         if plan.steps:
             if plan.observe_hlc is not None:
                 self.clock.observe(plan.observe_hlc)
-            grow = sum(op_size(op) for op in plan.applied) + sum(
-                op_size(op) for op, _ in plan.rejected
+            rejected = sum(op_size(op) for op, _ in plan.rejected)
+            grow = sum(op_size(op) for op in plan.applied) + rejected
+            staged.txn = await self._start_txn(
+                [*plan.steps, self._hlc_step()], grow=2 * grow, guard=self._guard
             )
-            await self._txn([*plan.steps, self._hlc_step()], grow=2 * grow)
+            staged.ahead = self._ahead = _Ahead(
+                {**vv, **plan.vv},
+                {**heads, **plan.heads},
+                plan.pending,
+                plan.zones if plan.zones is not None else zones,
+                plan.keys if plan.keys is not None else keys,
+                {**forks, **plan.forks},
+                rejected_bytes + rejected,
+            )
+            staged.drain = bool(
+                plan.zones is not None
+                or plan.keys is not None
+                or plan.forks
+                or plan.suspects
+                or self.node_id in plan.vv
+            )
+        self._landed = staged.landed
+        return staged
+
+    async def _start_txn(
+        self,
+        steps: Sequence[Step],
+        *,
+        expect: tuple[str, int] | None = None,
+        grow: int = 0,
+        guard: TxnGuard | None = None,
+    ) -> asyncio.Future[int]:
+        """Start a transaction (:meth:`_txn`); return once it is queued on the
+        database thread, for a pipelined group (local or remote).
+
+        aiosqlite runs requests in the order they are queued, so every read the next
+        plan makes (states, stored ops) then runs after this commit and sees what it
+        wrote. A task only queues its request once the loop runs it; without this
+        wait a read issued meanwhile would overtake the commit.
+        """
+        queued: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def run() -> int:
+            queued.set_result(None)  # nothing suspends from here to aiosqlite's queue
+            return await self._txn(steps, expect=expect, grow=grow, guard=guard)
+
+        txn = asyncio.ensure_future(run())
+        await queued
+        return txn
+
+    async def _land_remote(self, staged: _Staged) -> tuple[ApplyResult, RemotePlan]:
+        """Wait for a staged batch's commit (after those staged before it), then
+        move the committed mirrors and tell everyone: its result, and its plan.
+
+        Raises:
+            StaleTip: a batch it was planned on top of failed to commit; nothing of
+                this one was written (plan it again).
+        """
+        try:
+            if staged.before is not None:
+                await staged.before  # land in the order they were planned
+            if staged.on is not None and staged.on.failed:
+                # Planned on ops that never committed (its transaction, if any, finds
+                # the same guard failed; one without, all duplicates say, must not stand).
+                raise StaleTip("planned on top of a batch that failed to commit")
+            if staged.txn is not None:
+                try:
+                    await staged.txn
+                except StaleTip:
+                    raise
+                except BaseException:
+                    # Everything planned on top of this batch is void (their
+                    # transactions find the guard failed): plan from what committed.
+                    self._guard = TxnGuard()
+                    self._ahead = None
+                    raise
+        finally:
+            staged.landed.set_result(None)
+        plan, m = staged.plan, staged.m
+        if staged.txn is not None:
+            if self._ahead is staged.ahead:
+                self._ahead = None  # nothing was planned on top of it
             # After COMMIT only: the mirrors.
             self._vv.update(plan.vv)
             self._heads.update(plan.heads)
@@ -1040,7 +1210,7 @@ async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) 
 
 
 def _split_result(got: ApplyResult, plan: RemotePlan, parts: list[list[Op]]) -> list[ApplyResult]:
-    """Each batch's share of a group's result (:meth:`Store._apply_group`).
+    """Each batch's share of a group's result (:meth:`Store._start_group`).
 
     An op is counted applied or rejected in the first batch that carried it, and a
     duplicate in any later one. What no batch carried (held-back ops the group

@@ -22,7 +22,13 @@ Invariants:
    while their ops add up to at most ``max_remote_ops`` (a batch larger than
    that goes alone). Many peers' exchanges landing at once then cost one plan
    and one transaction, not one each; the store answers each caller with its
-   own batch's result (:data:`ApplyGroupFn`).
+   own batch's result (:data:`StartGroupFn`).
+4b. Remote groups are pipelined too: the next remote group is planned while the
+   one before it commits (the store plans it against the mirrors as that one
+   will leave them, and answers nobody before its COMMIT). A local group or a
+   call waits for the remote group in flight to land first, and a remote group
+   for the local group in flight. A group that failed to commit voids the one
+   planned on top of it, which is queued again at the front (:meth:`requeue_remote`).
 5. On close, every queued job runs; jobs queued again behind the close (a
    re-planned group) fail with :class:`StoreClosedError`, never silently.
 """
@@ -83,9 +89,12 @@ class RemoteJob:
 
 
 Job = WriteJob | CallJob | RemoteJob
-ApplyGroupFn = Callable[[list[RemoteJob]], Awaitable[None]]
-"""Applies a group of remote batches and settles each job's future with that
-batch's own result or error."""
+StartGroupFn = Callable[
+    [list[RemoteJob]], Awaitable[tuple["asyncio.Future[None] | None", bool]]
+]
+"""Plans a group of remote batches and starts its transaction. Returns what lands
+it (settling each job's future with that batch's own result or error; None when
+it is already settled) and whether the next group must wait for it to land."""
 CommitFn = Callable[[list[WriteJob]], Awaitable[tuple["asyncio.Future[bool] | None", bool]]]
 """Plans a group of writes and starts its transaction. Returns what finishes
 it (None when nothing was started) and whether later groups must wait for it
@@ -99,14 +108,13 @@ class WriterQueue:
         commit: plans and starts one group of local writes (see :data:`CommitFn`).
         max_batch: most local writes in one group.
         max_skips: how many times in a row a lower-priority job may be passed over.
-        apply_group: applies a group of remote batches (see :data:`ApplyGroupFn`);
-            needed only if :class:`RemoteJob` s are queued.
+        start_group: plans and starts a group of remote batches (see
+            :data:`StartGroupFn`); needed only if :class:`RemoteJob` s are queued.
         max_remote_ops: most ops of one remote group (invariant 4a).
         on_busy: told ``(work, seconds)`` after each job: the wall time the writer
-            spent on it (``"remote"``: a remote group's plan and commit; ``"call"``;
-            ``"local"``: a local group's plan and the start of its commit, which
-            then runs beside the next group's plan). A writer busy nearly all the
-            time is what bounds the node's ingest.
+            spent on it (``"call"``; ``"local"`` and ``"remote"``: a group's plan and
+            the start of its commit, which then runs beside the next group's plan).
+            A writer busy nearly all the time is what bounds the node's ingest.
     """
 
     def __init__(
@@ -115,13 +123,13 @@ class WriterQueue:
         *,
         max_batch: int,
         max_skips: int = 16,
-        apply_group: ApplyGroupFn | None = None,
+        start_group: StartGroupFn | None = None,
         max_remote_ops: int = 512,
         on_busy: Callable[[str, float], None] | None = None,
     ) -> None:
         self._commit = commit
         self._on_busy = on_busy
-        self._apply_group = apply_group
+        self._start_group = start_group
         self._max_remote_ops = max_remote_ops
         self._max_batch = max_batch
         self._max_skips = max_skips
@@ -161,6 +169,11 @@ class WriterQueue:
     def requeue(self, jobs: Sequence[WriteJob]) -> None:
         """Put writes back at the front of the local queue (a group to plan again)."""
         self._queues[Priority.LOCAL].extendleft(reversed(jobs))
+        self._wake()
+
+    def requeue_remote(self, jobs: Sequence[RemoteJob]) -> None:
+        """Put remote batches back at the front of the remote queue (a group to plan again)."""
+        self._queues[Priority.REMOTE].extendleft(reversed(jobs))
         self._wake()
 
     async def call(self, fn: Callable[[], Awaitable[T]], priority: Priority) -> T:
@@ -203,7 +216,9 @@ class WriterQueue:
             self._wakeup = None
 
     async def _run(self) -> None:
-        inflight: asyncio.Future[bool] | None = None
+        # The group in flight (local or remote: invariants 4 and 4b) and which kind.
+        inflight: asyncio.Future[Any] | None = None
+        remote_inflight = False
         local = self._queues[Priority.LOCAL]
         try:
             while True:
@@ -219,19 +234,26 @@ class WriterQueue:
                     if inflight is not None and inflight.done():
                         inflight = None
                     continue
-                if not isinstance(job, WriteJob):  # a call or a remote group: after the group in flight
+                if isinstance(job, CallJob):  # after the group in flight
                     if inflight is not None:
                         await inflight
                         inflight = None
                     t = time.perf_counter()
-                    if isinstance(job, CallJob):
-                        work = "call"
-                        await self._run_call(job)
-                    else:
-                        work = "remote"
-                        await self._run_remote(self._remote_group(job))
+                    await self._run_call(job)
                     if self._on_busy is not None:
-                        self._on_busy(work, time.perf_counter() - t)
+                        self._on_busy("call", time.perf_counter() - t)
+                    continue
+                if inflight is not None and remote_inflight != isinstance(job, RemoteJob):
+                    await inflight  # a group of the other kind: let it land first
+                    inflight = None
+                if isinstance(job, RemoteJob):
+                    t = time.perf_counter()
+                    nxt_remote = await self._run_remote(self._remote_group(job))
+                    if self._on_busy is not None:
+                        self._on_busy("remote", time.perf_counter() - t)
+                    if inflight is not None:
+                        await inflight
+                    inflight, remote_inflight = nxt_remote, True
                     continue
                 batch = [job]
                 # Group commit: let every writer that is ready to run enqueue its
@@ -245,7 +267,7 @@ class WriterQueue:
                     self._on_busy("local", time.perf_counter() - t)
                 if inflight is not None:
                     await inflight
-                inflight = nxt
+                inflight, remote_inflight = nxt, False
                 if inflight is not None and drain:
                     # A grant changes the zone table later groups are planned
                     # against: let it land first.
@@ -274,14 +296,20 @@ class WriterQueue:
             total += len(nxt.ops)
         return group
 
-    async def _run_remote(self, group: list[RemoteJob]) -> None:
-        assert self._apply_group is not None, "RemoteJob queued without apply_group"
+    async def _run_remote(self, group: list[RemoteJob]) -> asyncio.Future[None] | None:
+        """Start ``group``; what lands it, unless it must land before the next is planned."""
+        assert self._start_group is not None, "RemoteJob queued without start_group"
         try:
-            await self._apply_group(group)
+            landing, drain = await self._start_group(group)
         except BaseException as exc:  # delivered to the callers, never kills the writer
             for job in group:
                 if not job.future.done():
                     job.future.set_exception(exc)
+            return None
+        if landing is not None and drain:
+            await landing
+            return None
+        return landing
 
     @staticmethod
     async def _run_call(job: CallJob) -> None:

@@ -347,3 +347,29 @@ async def test_a_group_planned_during_a_commit_reads_the_state_that_commit_leave
     held.go.set()
     await asyncio.wait_for(asyncio.gather(fa, fb), 10)
     assert await node.counter("fleet/t1/hits").value() == 21
+
+
+async def test_a_plan_made_across_the_failed_commit_it_built_on_never_commits(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # b's plan starts on a's uncommitted ops and reads state behind a's commit, which
+    # then fails: b must be planned again on what committed (its ops then wait on the
+    # gap a leaves), never committed as planned on a.
+    edge = await make_node("t1")
+    for i in range(6):
+        await edge.counter("fleet/t1/hits").add(i + 1)
+    ops = await edge.ops_since({})
+    node = await make_node("depot", config=syncfw.StoreConfig(max_remote_group_ops=3))
+    held = _HeldCommit(node, monkeypatch, fail=True)
+    fa = asyncio.ensure_future(node.apply_remote(ops[:3]))
+    fb = asyncio.ensure_future(node.apply_remote(ops[3:]))
+    await held.planned(1)
+    await asyncio.sleep(0.05)  # b's plan is reading the counter's state, behind a's commit
+    held.go.set()
+    got = await asyncio.wait_for(asyncio.gather(fa, fb, return_exceptions=True), 10)
+    assert isinstance(got[0], syncfw.StorageError), got[0]
+    assert (got[1].applied, got[1].pending) == (0, 3), got[1]  # held on the gap a left
+    assert await node.version_vector() == {}
+    assert (await node.apply_remote(ops[:3])).applied == 6  # a again: it and b's three
+    assert await node.version_vector() == {"t1": 6}
+    assert await node.counter("fleet/t1/hits").value() == 21

@@ -726,7 +726,9 @@ class Store:
     async def _stage_remote(self, incoming: list[Op]) -> _Staged:
         """Plan one batch and start its transaction, against the mirrors as the
         remote group in flight leaves them (:class:`_Ahead`)."""
-        a = self._ahead
+        # Taken together before anything awaits: a group in flight that fails to
+        # commit meanwhile replaces the guard, and this plan, made on its ops, is void.
+        a, guard = self._ahead, self._guard
         if a is None:
             vv, heads, pending, zones, keys = (
                 self._vv, self._heads, self._pending, self.zones, self.keys
@@ -758,16 +760,16 @@ class Store:
                 self._meter.discard({"local_reserve": len(incoming)})
                 self._plan_log.emit([f"refused a remote batch of {len(incoming)} ops: {exc}"])
                 raise
-        staged = _Staged(incoming, m, plan, self._landed, self._guard if a is not None else None)
+        staged = _Staged(incoming, m, plan, self._landed, guard if a is not None else None)
         if plan.steps:
             if plan.observe_hlc is not None:
                 self.clock.observe(plan.observe_hlc)
             rejected = sum(op_size(op) for op, _ in plan.rejected)
             grow = sum(op_size(op) for op in plan.applied) + rejected
             staged.txn = await self._start_txn(
-                [*plan.steps, self._hlc_step()], grow=2 * grow, guard=self._guard
+                [*plan.steps, self._hlc_step()], grow=2 * grow, guard=guard
             )
-            staged.ahead = self._ahead = _Ahead(
+            staged.ahead = _Ahead(
                 {**vv, **plan.vv},
                 {**heads, **plan.heads},
                 plan.pending,
@@ -776,6 +778,8 @@ class Store:
                 {**forks, **plan.forks},
                 rejected_bytes + rejected,
             )
+            if self._guard is guard:  # nothing failed meanwhile: the next plan builds on it
+                self._ahead = staged.ahead
             staged.drain = bool(
                 plan.zones is not None
                 or plan.keys is not None

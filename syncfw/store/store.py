@@ -1221,6 +1221,8 @@ def _split_result(got: ApplyResult, plan: RemotePlan, parts: list[list[Op]]) -> 
     released, or what a fork ruling released) is counted in the first batch, as
     a single batch counts what it releases. ``pending`` is the store's, as ever.
     """
+    if len(parts) == 1:
+        return [got]
     total = sum(map(len, parts))
     if got.applied == len(plan.applied) == total and not plan.rejected and not plan.duplicates:
         # the common case, every op new and applied: no per-op accounting

@@ -42,21 +42,22 @@ runpy.run_path(args[0], run_name="__main__")
 '
 py() { $PY -c "$PY_PRELOAD" "$@"; }
 
-TESTS="tests/test_inference_providers.py tests/test_inference_engine.py"
-for pre in "" 1; do
-    PRELOAD=$pre timeout 300 bash -c "$(declare -p PY PY_PRELOAD; declare -f py); py -m pytest -q -p no:cacheprovider -rs $TESTS" \
-        > "$LOGS/pytest$pre.log" 2>&1
-    rc=$?
-    echo "pytest (PRELOAD=$pre) rc=$rc"; tail -25 "$LOGS/pytest$pre.log"
-    [ $rc = 0 ] && break
-done
-for p in CUDAExecutionProvider CPUExecutionProvider; do
-    name=$([ $p = CPUExecutionProvider ] && echo cpu || echo cuda)
+# twice LOG ARGS...: py ARGS..., logged to $LOGS/LOG.log; once more with PRELOAD=1
+# (to LOG1.log) if it fails. Prints each try's exit status and the log's last lines.
+twice() {
+    local log=$1 pre rc
+    shift
     for pre in "" 1; do
-        PRELOAD=$pre timeout 200 bash -c "$(declare -p PY PY_PRELOAD; declare -f py); py bench/inference.py --quick --provider $p" \
-            > "$LOGS/bench_$name$pre.log" 2>&1
+        PRELOAD=$pre timeout 300 bash -c "$(declare -p PY PY_PRELOAD; declare -f py); py $*" \
+            > "$LOGS/$log$pre.log" 2>&1
         rc=$?
-        echo "bench $p (PRELOAD=$pre) rc=$rc"; tail -3 "$LOGS/bench_$name$pre.log"
-        [ $rc = 0 ] && break
+        echo "$log (PRELOAD=$pre) rc=$rc"; tail -25 "$LOGS/$log$pre.log"
+        [ $rc = 0 ] && return 0
     done
-done
+    return 1
+}
+
+twice pytest -m pytest -q -p no:cacheprovider -rs \
+    tests/test_inference_providers.py tests/test_inference_engine.py
+twice bench_cuda bench/inference.py --quick --provider CUDAExecutionProvider
+twice bench_cpu bench/inference.py --quick --provider CPUExecutionProvider

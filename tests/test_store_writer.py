@@ -326,17 +326,23 @@ async def test_copies_planned_as_duplicates_of_a_group_that_failed_are_planned_a
     assert await node.version_vector() == {"t1": 5}
 
 
+async def _counter_in_two_groups(make_node: NodeFactory) -> tuple[list[Op], Any]:
+    """Six ops of one counter (t1's, adding 1..6: 21) and a depot whose remote groups
+    hold three ops at most, so the first three and the last three are two groups."""
+    edge = await make_node("t1")
+    for i in range(6):
+        await edge.counter("fleet/t1/hits").add(i + 1)
+    ops = await edge.ops_since({})
+    return ops, await make_node("depot", config=syncfw.StoreConfig(max_remote_group_ops=3))
+
+
 async def test_a_group_planned_during_a_commit_reads_the_state_that_commit_leaves(
     make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # One counter, its ops in two batches: the second batch's plan reads the counter's
     # state, which must be the one the first batch's commit leaves (the read queues
     # behind that commit, never before it).
-    edge = await make_node("t1")
-    for i in range(6):
-        await edge.counter("fleet/t1/hits").add(i + 1)
-    ops = await edge.ops_since({})
-    node = await make_node("depot", config=syncfw.StoreConfig(max_remote_group_ops=3))
+    ops, node = await _counter_in_two_groups(make_node)
     held = _HeldCommit(node, monkeypatch)
     # Both queued at once, two groups: b is planned right after a's transaction starts.
     fa = asyncio.ensure_future(node.apply_remote(ops[:3]))
@@ -355,11 +361,7 @@ async def test_a_plan_made_across_the_failed_commit_it_built_on_never_commits(
     # b's plan starts on a's uncommitted ops and reads state behind a's commit, which
     # then fails: b must be planned again on what committed (its ops then wait on the
     # gap a leaves), never committed as planned on a.
-    edge = await make_node("t1")
-    for i in range(6):
-        await edge.counter("fleet/t1/hits").add(i + 1)
-    ops = await edge.ops_since({})
-    node = await make_node("depot", config=syncfw.StoreConfig(max_remote_group_ops=3))
+    ops, node = await _counter_in_two_groups(make_node)
     held = _HeldCommit(node, monkeypatch, fail=True)
     fa = asyncio.ensure_future(node.apply_remote(ops[:3]))
     fb = asyncio.ensure_future(node.apply_remote(ops[3:]))

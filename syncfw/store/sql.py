@@ -76,6 +76,11 @@ class TxnGuard:
     def __init__(self) -> None:
         self.failed = False
 
+    def check(self) -> None:
+        """Raise :class:`StaleTip` if a transaction before this one failed."""
+        if self.failed:
+            raise StaleTip("a transaction this one was planned on top of failed")
+
 
 TIP_SQL = "SELECT seq FROM heads WHERE origin = ?"
 
@@ -92,8 +97,8 @@ def run_steps(
     Returns the rows changed and, with ``measure``, the file size after
     COMMIT (page count times page size, read in the same hop).
     """
-    if guard is not None and guard.failed:
-        raise StaleTip("a transaction this one was planned on top of failed")
+    if guard is not None:
+        guard.check()
     changed = 0
     db.execute("BEGIN IMMEDIATE")
     try:
@@ -156,8 +161,8 @@ async def _transaction_stepwise(
     guard: TxnGuard | None,
 ) -> tuple[int, int | None]:  # pragma: no cover
     """The same through public aiosqlite calls, should its internals change."""
-    if guard is not None and guard.failed:
-        raise StaleTip("a transaction this one was planned on top of failed")
+    if guard is not None:
+        guard.check()
     changed = 0
     await conn.execute("BEGIN IMMEDIATE")
     try:

@@ -132,7 +132,6 @@ class _Ahead:
 class _Staged:
     """A remote batch planned and its transaction started (:meth:`Store._stage_remote`)."""
 
-    incoming: list[Op]
     m: Mirrors
     plan: RemotePlan
     before: asyncio.Future[None] | None
@@ -141,6 +140,8 @@ class _Staged:
     """The guard of the batch in flight this one was planned on top of, if any."""
     txn: asyncio.Future[int] | None = None
     ahead: _Ahead | None = None
+    rejected_bytes: int = 0
+    """What the plan's rejected ops add to the stored rejected ops (op_size)."""
     drain: bool = False
     """Plan the next group only once this one landed (see Store._start_group)."""
     landed: asyncio.Future[None] = field(
@@ -655,9 +656,7 @@ class Store:
             staged = await self._stage_remote([op for job in jobs for op in job.ops])
         except Exception as exc:
             if len(jobs) == 1 or isinstance(exc, StorageFullError):
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                _fail(jobs, exc)
                 return None, False
             await self._apply_alone(jobs)  # one batch is at fault: find it, batch by batch
             return None, False
@@ -672,9 +671,7 @@ class Store:
             self._writer.requeue_remote(jobs)
             return
         except Exception as exc:  # the writer must outlive any failure of one group
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+            _fail(jobs, exc)
             return
         parts = _split_result(got, plan, [job.ops for job in jobs])
         for job, res in zip(jobs, parts, strict=True):
@@ -686,8 +683,7 @@ class Store:
             try:
                 res = await self._apply_remote(job.ops)
             except Exception as exc:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                _fail([job], exc)
             else:
                 if not job.future.done():
                     job.future.set_result(res)
@@ -760,11 +756,11 @@ class Store:
                 self._meter.discard({"local_reserve": len(incoming)})
                 self._plan_log.emit([f"refused a remote batch of {len(incoming)} ops: {exc}"])
                 raise
-        staged = _Staged(incoming, m, plan, self._landed, guard if a is not None else None)
+        staged = _Staged(m, plan, self._landed, guard if a is not None else None)
         if plan.steps:
             if plan.observe_hlc is not None:
                 self.clock.observe(plan.observe_hlc)
-            rejected = sum(op_size(op) for op, _ in plan.rejected)
+            rejected = staged.rejected_bytes = sum(op_size(op) for op, _ in plan.rejected)
             grow = sum(op_size(op) for op in plan.applied) + rejected
             staged.txn = await self._start_txn(
                 [*plan.steps, self._hlc_step()], grow=2 * grow, guard=guard
@@ -851,7 +847,7 @@ class Store:
             # After COMMIT only: the mirrors.
             self._vv.update(plan.vv)
             self._heads.update(plan.heads)
-            self._rejected_bytes += sum(op_size(op) for op, _ in plan.rejected)
+            self._rejected_bytes += staged.rejected_bytes
             me = self.node_id
             if me in plan.vv:  # our own ops, relayed back (a restore from backup)
                 self._chain.reset(self._vv[me], self._heads[me])
@@ -1211,6 +1207,13 @@ async def _check_at_open(conn: aiosqlite.Connection, path: str, seconds: float) 
         )
     elif found:
         raise CorruptDatabaseError(f"{path!r} is damaged (quick_check): " + "; ".join(found))
+
+
+def _fail(jobs: list[RemoteJob], exc: BaseException) -> None:
+    """Settle each job not yet settled (its caller may have gone) with ``exc``."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(exc)
 
 
 def _split_result(got: ApplyResult, plan: RemotePlan, parts: list[list[Op]]) -> list[ApplyResult]:

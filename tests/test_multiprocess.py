@@ -126,17 +126,24 @@ async def test_five_processes_kill_partition_heal_converge(tmp_path: Path) -> No
         assert procs["n4"].proc is not None
         await procs["n4"].proc.wait()
         written_n4 = before_kill.get("n4", 0)  # writes n4 acknowledged before dying
+        procs["n4"].status.unlink()  # what is read next is the new process's own status
         await procs["n4"].start([procs["n0"].address], listen=procs["n4"].address)  # same port
-        # restarted from its file: nothing it had is lost
-        await wait_until(
-            lambda: (
-                procs["n4"].read() is not None
-                and vv("n4").get("n4", 0) >= written_n4
+        # restarted from its file: nothing it had is lost. It has synced once it received
+        # ops in its new life (its file alone may hold more of n0 than its last status
+        # before the kill said) and knows n3, its only peer once the partition comes.
+        def restarted_and_synced() -> bool:
+            st = procs["n4"].read()
+            if st is None:
+                return False
+            mesh = st["mesh"]
+            return (
+                vv("n4").get("n4", 0) >= written_n4
                 and vv("n4").get("n0", 0) > before_kill.get("n0", 0)
-            ),
-            timeout_s=20,
-            what="n4 to restart and sync",
-        )
+                and mesh["ops_received"] > 0
+                and any(m["node_id"] == "n3" for m in mesh["members"].values())
+            )
+
+        await wait_until(restarted_and_synced, timeout_s=20, what="n4 to restart and sync")
 
         # 2. partition {n0, n1, n2} | {n3, n4}; writes go on on both sides
         left, right = names[:3], names[3:]
